@@ -1,0 +1,5 @@
+import sys
+
+from vmsd.cli import main
+
+sys.exit(main())

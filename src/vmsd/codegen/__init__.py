@@ -1,0 +1,1 @@
+"""The compiler: resolved model, Jinja templates, and the files it writes."""

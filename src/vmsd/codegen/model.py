@@ -1,0 +1,727 @@
+"""Resolved model of one generated module: every string the templates print.
+
+The model turns checked AST declarations into Python names, annotations,
+defaults, precompiled ``struct`` formats (consecutive fixed-size scalars are
+fused into one format) and the statement lists of ``_load_fields`` and
+``_save_fields``.  Templates only loop over what is built here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+
+import attrs
+
+from vmsd.grammar import ast
+from vmsd.grammar.semantic import FLOAT_TYPES, Resolved, python_attr_name, walk_fields, walk_subsections
+
+# struct format letter and wire size of each scalar type
+SCALAR_FORMAT: dict[str, tuple[str, int]] = {
+    "bool": ("?", 1),
+    "int8": ("b", 1),
+    "int16": ("h", 2),
+    "int32": ("i", 4),
+    "int64": ("q", 8),
+    "uint8": ("B", 1),
+    "uint16": ("H", 2),
+    "uint32": ("I", 4),
+    "uint64": ("Q", 8),
+    "timer": ("q", 8),
+    "float64": ("d", 8),
+    "cpudouble": ("d", 8),
+}
+# QEMU's JSON type name of each scalar (VMStateInfo names)
+SCALAR_INFO = {t: t for t in SCALAR_FORMAT} | {"cpudouble": "CPU_Double_U", "float64": "float64"}
+PY_TYPE = {t: "int" for t in SCALAR_FORMAT} | {"bool": "bool", "float64": "float", "cpudouble": "float"}
+
+_C_OPS = {"&&": "and", "||": "or"}
+_BOOL_OPS = frozenset({"&&", "||", "==", "!=", "<", "<=", ">", ">="})
+
+
+def module_name(part: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]", "_", part)
+    return "v" + name if not name or name[0].isdigit() else name
+
+
+@attrs.frozen
+class AttrModel:
+    name: str
+    annotation: str
+    default: str  # source after '=' in the class body
+    doc: str | None
+
+
+@attrs.frozen
+class SubsectionModel:
+    name: str
+    parent: str
+    method: str  # loader method for this subsection
+    save_method: str
+    version: int
+    minimum: int
+    needed: str | None  # predicate method name
+    load: list[str]
+    save: list[str]
+
+
+@attrs.frozen
+class ClassModel:
+    name: str
+    vmsd_name: str
+    version: int
+    minimum: int
+    doc: str | None
+    attrs: list[AttrModel]
+    abstract_methods: list[str]
+    predicates: list[tuple[str, str]]  # (method, expression source)
+    load: list[str]
+    save: list[str]
+    subsections: list[SubsectionModel]
+    table: str  # source of the VmsdSpec expression
+
+    @property
+    def sub_tables(self) -> list[tuple[str, list[SubsectionModel]]]:
+        """Subsection loaders grouped by the vmsd or subsection that holds them."""
+        groups: dict[str, list[SubsectionModel]] = {}
+        for s in self.subsections:
+            groups.setdefault(s.parent, []).append(s)
+        return list(groups.items())
+
+
+@attrs.frozen
+class EnumModel:
+    name: str
+    base: str  # IntEnum | IntFlag
+    members: list[tuple[str, int, str | None]]
+    doc: str | None
+
+
+@attrs.frozen
+class ModuleModel:
+    spec_path: str
+    spec_hash: str
+    tool_version: str
+    imports: list[str]
+    structs: list[tuple[str, str]]  # (constant, format)
+    enums: list[EnumModel]
+    classes: list[ClassModel]
+
+    @property
+    def uses_abc(self) -> bool:
+        return any(c.abstract_methods for c in self.classes)
+
+
+class _Formats:
+    """Module-level precompiled ``struct.Struct`` constants, deduplicated."""
+
+    def __init__(self) -> None:
+        self.by_format: dict[str, str] = {}
+
+    def get(self, fmt: str) -> str:
+        if fmt not in self.by_format:
+            self.by_format[fmt] = f"_S{len(self.by_format)}"
+        return self.by_format[fmt]
+
+
+@attrs.frozen
+class _Ctx:
+    """What expression and step code needs to know about the enclosing class."""
+
+    attrs_: dict[str, ast.Field]
+    optional: frozenset[str]
+
+
+class ModuleBuilder:
+    def __init__(self, resolved: Resolved, path: str, module_of: dict[str, tuple[str, ...]], tool_version: str) -> None:
+        self.r = resolved
+        self.path = path
+        self.spec = resolved.program.files[path]
+        self.module_of = module_of
+        self.tool_version = tool_version
+        self.formats = _Formats()
+        self.imports: dict[tuple[str, ...], set[str]] = {}
+
+    # -- names ---------------------------------------------------------------
+    def class_ref(self, v: ast.Vmsd) -> str:
+        name = self.r.class_name(v)
+        self.note_import(self.r.vmsd_file[id(v)], name)
+        return name
+
+    def enum_ref(self, f: ast.Field) -> str:
+        e = self.r.enum_target[id(f)]
+        self.note_import(self.r.enum_file[id(f)], e.name)
+        return e.name
+
+    def note_import(self, file: str, name: str) -> None:
+        if file != self.path:
+            self.imports.setdefault(self.module_of[file], set()).add(name)
+
+    def import_lines(self) -> list[str]:
+        here = self.module_of[self.path]
+        lines = []
+        for target, names in sorted(self.imports.items()):
+            common = 0
+            while common < min(len(here), len(target)) - 0 and common < len(here) - 1 and here[common] == target[common]:
+                common += 1
+            dots = "." * (len(here) - common)
+            mod = ".".join(target[common:])
+            lines.append(f"from {dots}{mod} import {', '.join(sorted(names))}")
+        return lines
+
+    # -- module ----------------------------------------------------------------
+    def build(self) -> ModuleModel:
+        enums = [self.enum_model(e) for e in self.spec.enums]
+        classes = [self.class_model(v) for v in self.spec.vmsds]
+        return ModuleModel(
+            spec_path=self.path,
+            spec_hash=hashlib.sha256(self.spec.source.encode()).hexdigest(),
+            tool_version=self.tool_version,
+            imports=self.import_lines(),
+            structs=[(const, fmt) for fmt, const in self.formats.by_format.items()],
+            enums=enums,
+            classes=classes,
+        )
+
+    def enum_model(self, e: ast.Enum) -> EnumModel:
+        return EnumModel(e.name, "IntFlag" if e.flags else "IntEnum", [(m.name, m.value, m.doc) for m in e.members], e.doc)
+
+    def class_model(self, v: ast.Vmsd) -> ClassModel:
+        known = self.r.attrs_of[id(v)]
+        optional = frozenset(
+            name for name, a in known.items() if not a.in_subsection and (a.field.since or a.field.exists is not None)
+        )
+        ctx = _Ctx({n: a.field for n, a in known.items()}, optional)
+        attr_models = [self.attr_model(a.field, a.field.name in optional) for a in known.values() if a.field.name]
+        predicates: list[tuple[str, str]] = []
+        abstract: list[str] = []
+        for f, _ in walk_fields(v.fields, v.subsections):
+            if isinstance(f.exists, ast.Custom) and f.exists.method not in abstract:
+                abstract.append(f.exists.method)
+        for s in walk_subsections(v.subsections):
+            if isinstance(s.needed, ast.Custom) and s.needed.method not in abstract:
+                abstract.append(s.needed.method)
+        load, save, table_fields = self.steps(v.fields, ctx, predicates)
+        if v.subsections:
+            load.append(f"_rt.load_subsections(self, r, {v.name!r}, self._SUBSECTIONS[{v.name!r}])")
+        subs, sub_tables = self.subsections(v.subsections, v.name, ctx, predicates, save)
+        table = (
+            f"_schema.VmsdSpec({v.name!r}, {v.version}, {v.minimum}, (\n"
+            + "".join(f"    {t},\n" for t in table_fields)
+            + "), ("
+            + "".join(f"\n    {t}," for t in sub_tables)
+            + ("\n" if sub_tables else "")
+            + "))"
+        )
+        return ClassModel(
+            name=self.r.class_name(v),
+            vmsd_name=v.name,
+            version=v.version,
+            minimum=v.minimum,
+            doc=v.doc,
+            attrs=attr_models,
+            abstract_methods=abstract,
+            predicates=predicates,
+            load=load,
+            save=save,
+            subsections=subs,
+            table=table,
+        )
+
+    def subsections(
+        self, subs: tuple[ast.Subsection, ...], parent: str, ctx: _Ctx, predicates: list[tuple[str, str]], parent_save: list[str]
+    ) -> tuple[list[SubsectionModel], list[str]]:
+        models: list[SubsectionModel] = []
+        tables: list[str] = []
+        for s in subs:
+            slug = module_name(s.name.split("/")[-1]).lower()
+            method = f"_load_sub_{slug}"
+            needed: str | None = None
+            if isinstance(s.needed, ast.Custom):
+                needed = s.needed.method
+            elif s.needed is not None:
+                needed = f"_needed_{slug}"
+                predicates.append((needed, self.expr(s.needed, ctx)))
+            load, save, table_fields = self.steps(s.fields, ctx, predicates)
+            nested_models, nested_tables = self.subsections(s.subsections, s.name, ctx, predicates, save)
+            if s.subsections:
+                load.append(f"_rt.load_subsections(self, r, {s.name!r}, self._SUBSECTIONS[{s.name!r}])")
+            models.append(SubsectionModel(s.name, parent, method, f"_save_sub_{slug}", s.version, s.minimum, needed, load, save))
+            models.extend(nested_models)
+            emit = [
+                f"_rt.write_subsection_header(w, {s.name.encode()!r}, {s.version})",
+                f"self._save_sub_{slug}(w, {s.version})",
+            ]
+            if needed:
+                parent_save.append(f"if self.{needed}(version_id):")
+                emit = ["    " + line for line in emit]
+            parent_save.extend(emit)
+            tables.append(
+                f"_schema.SubsectionSpec({s.name!r}, {s.version}, {s.minimum}, {needed!r}, ("
+                + "".join(f"\n        {t}," for t in table_fields)
+                + ("\n    " if table_fields else "")
+                + "), ("
+                + "".join(f"\n        {t}," for t in nested_tables)
+                + "))"
+            )
+        return models, tables
+
+    # -- attributes ---------------------------------------------------------------
+    def attr_model(self, f: ast.Field, optional: bool) -> AttrModel:
+        assert f.name is not None
+        ann, default = self.annotation_and_default(f)
+        if optional:
+            ann = f"{ann} | None"
+        return AttrModel(python_attr_name(f.name), ann, default, f.doc)
+
+    def annotation_and_default(self, f: ast.Field) -> tuple[str, str]:
+        if f.kind == "scalar":
+            base = self.enum_ref(f) if id(f) in self.r.enum_target else PY_TYPE[f.type]
+            zero = _scalar_default(f)
+            if id(f) in self.r.enum_target:
+                zero = f"{base}({zero})"
+            if not f.dims:
+                return base, zero
+            fixed = [d.value for d in f.dims if isinstance(d, ast.IntLit)]
+            if len(f.dims) == 2:
+                return f"list[list[{base}]]", f"attrs.field(factory=lambda: [[{zero}] * {fixed[-1]} for _ in range({f.dims[0].value if isinstance(f.dims[0], ast.IntLit) else 0})])"
+            if isinstance(f.dims[0], ast.IntLit):
+                return f"list[{base}]", f"attrs.field(factory=lambda: [{zero}] * {f.dims[0].value})"
+            return f"list[{base}]", "attrs.field(factory=list)"
+        if f.kind == "bytes":
+            d = f.dims[0]
+            return "bytes", f"bytes({d.value})" if isinstance(d, ast.IntLit) else 'b""'
+        if f.kind == "bitmap":
+            return "int", "0"
+        target = self.r.struct_target[id(f)]
+        cls = self.class_ref(target)
+        if f.kind == "struct":
+            if not f.dims:
+                return cls, f"attrs.field(factory=lambda: _rt.impl({cls})())"
+            if f.nullable:
+                n = _int_dim(f.dims[0])
+                return f"list[{cls} | None]", f"attrs.field(factory=lambda: [None] * {n})"
+            if isinstance(f.dims[0], ast.IntLit):
+                return f"list[{cls}]", f"attrs.field(factory=lambda: [_rt.impl({cls})() for _ in range({f.dims[0].value})])"
+            return f"list[{cls}]", "attrs.field(factory=list)"
+        if f.kind == "list":
+            return f"list[{cls}]", "attrs.field(factory=list)"
+        # map: GTree entries in stream order
+        key_target = self.r.key_target.get(id(f))
+        key = self.class_ref(key_target) if key_target is not None else "int"
+        return f"list[tuple[{key}, {cls}]]", "attrs.field(factory=list)"
+
+    # -- expressions ----------------------------------------------------------------
+    def expr(self, e: ast.Condition, ctx: _Ctx) -> str:
+        if isinstance(e, ast.Custom):
+            return f"self.{e.method}(version_id)"
+        src = self._expr(e, ctx)
+        if isinstance(e, ast.BinOp) and e.op not in ("/", "%"):
+            src = src[1:-1]  # drop the outermost parentheses
+            if e.op in _BOOL_OPS:
+                return src
+        if isinstance(e, ast.UnOp) and e.op == "!":
+            return src[1:-1]
+        return f"bool({src})"
+
+    def _expr(self, e: ast.Expr, ctx: _Ctx) -> str:
+        if isinstance(e, ast.IntLit):
+            return str(e.value)
+        if isinstance(e, ast.VersionRef):
+            return "version_id"
+        if isinstance(e, ast.LenCall):
+            return f"len({self._ref(e.ref, ctx)})"
+        if isinstance(e, ast.Ref):
+            return self._ref(e, ctx)
+        if isinstance(e, ast.UnOp):
+            inner = self._expr(e.operand, ctx)
+            return f"(not {inner})" if e.op == "!" else f"({e.op}{inner})"
+        left, right = self._expr(e.left, ctx), self._expr(e.right, ctx)
+        if e.op in _C_OPS:
+            return f"({_truth(e.left, left)} {_C_OPS[e.op]} {_truth(e.right, right)})"
+        if e.op == "/":
+            return f"_rt.c_div({left}, {right})"
+        if e.op == "%":
+            return f"_rt.c_mod({left}, {right})"
+        return f"({left} {e.op} {right})"
+
+    def _ref(self, ref: ast.Ref, ctx: _Ctx) -> str:
+        head = ref.parts[0]
+        src = f"self.{python_attr_name(head)}"
+        if head in ctx.optional:
+            src = f"_rt.opt({src}, {head!r})"
+        field = ctx.attrs_.get(head)
+        for part in ref.parts[1:]:
+            assert field is not None
+            target = self.r.struct_target[id(field)]
+            inner = self.r.attrs_of[id(target)]
+            src += f".{python_attr_name(part)}"
+            a = inner[part]
+            if not a.in_subsection and (a.field.since or a.field.exists is not None):
+                src = f"_rt.opt({src}, {part!r})"
+            field = a.field
+        return src
+
+    # -- load and save statements ---------------------------------------------------
+    def steps(
+        self, fields: tuple[ast.Field, ...], ctx: _Ctx, predicates: list[tuple[str, str]]
+    ) -> tuple[list[str], list[str], list[str]]:
+        load: list[str] = []
+        save: list[str] = ["out = w.buf"]
+        tables: list[str] = []
+        run: list[ast.Field] = []
+        names = _qemu_names(fields)
+
+        def flush() -> None:
+            if run:
+                self.fused(run, load, save)
+                run.clear()
+
+        for f in fields:
+            tables.append(self.table_entry(f, names[id(f)], ctx))
+            if self.fusable(f):
+                run.append(f)
+                continue
+            flush()
+            self.field_steps(f, ctx, predicates, load, save)
+        flush()
+        if not any(line.lstrip().startswith("out +=") for line in save):
+            save.remove("out = w.buf")
+        return load, save, tables
+
+    def fusable(self, f: ast.Field) -> bool:
+        if f.since or f.exists is not None:
+            return False
+        if f.kind == "scalar":
+            return f.enum is None and f.check is None and all(isinstance(d, ast.IntLit) for d in f.dims)
+        return f.kind in ("bytes", "unused") and all(isinstance(d, ast.IntLit) for d in f.dims)
+
+    def fused(self, run: list[ast.Field], load: list[str], save: list[str]) -> None:
+        fmt = ">"
+        size = 0
+        targets: list[str] = []  # per value-producing field: how to assign from _v
+        values: list[str] = []
+        checks: list[str] = []
+        index = 0
+        simple = True
+        for f in run:
+            attr = f"self.{python_attr_name(f.name)}" if f.name else ""
+            if f.kind == "unused":
+                fmt += f"{f.size}x"
+                size += f.size
+                continue
+            if f.kind == "bytes":
+                n = _int_dim(f.dims[0])
+                fmt += f"{n}s"
+                size += n
+                targets.append(f"{attr} = _v[{index}]")
+                values.append(attr)
+                checks.append(f"_rt.check_len({attr}, {n}, {f.name!r})")
+                index += 1
+                continue
+            code, width = SCALAR_FORMAT[f.type]
+            dims = [_int_dim(d) for d in f.dims]
+            total = 1
+            for d in dims:
+                total *= d
+            fmt += f"{total}{code}" if dims else code
+            size += total * width
+            if not dims:
+                targets.append(f"{attr} = _v[{index}]")
+                values.append(attr)
+            elif len(dims) == 1:
+                simple = False
+                targets.append(f"{attr} = list(_v[{index}:{index + total}])")
+                values.append(f"*{attr}")
+                checks.append(f"_rt.check_len({attr}, {total}, {f.name!r})")
+            else:
+                simple = False
+                rows, cols = dims
+                targets.append(f"{attr} = [list(_v[i:i + {cols}]) for i in range({index}, {index + total}, {cols})]")
+                values.append(f"*_rt.flat({attr}, {rows}, {cols}, {f.name!r})")
+            index += total
+        const = self.formats.get(fmt)
+        first = next((f.name for f in run if f.name), "unused")
+        load.append(f"_at = {first!r}")
+        if index == 0:
+            load.append(f"r.take({size})")
+        elif simple:
+            names = [t.split(" = ")[0] for t in targets]
+            load.append(f"buf, p = r.take({size})")
+            load.append(f"({', '.join(names)},) = {const}.unpack_from(buf, p)")
+        else:
+            load.append(f"buf, p = r.take({size})")
+            load.append(f"_v = {const}.unpack_from(buf, p)")
+            load.extend(targets)
+        save.append(f"_at = {first!r}")
+        save.extend(checks)
+        save.append(f"out += {const}.pack({', '.join(values)})")
+
+    def field_steps(self, f: ast.Field, ctx: _Ctx, predicates: list[tuple[str, str]], load: list[str], save: list[str]) -> None:
+        label = f.name or f.wire_name or "unused"
+        attr = f"self.{python_attr_name(f.name)}" if f.name else ""
+        conds = []
+        if f.since:
+            conds.append(f"version_id >= {f.since}")
+        if f.exists is not None:
+            if isinstance(f.exists, ast.Custom):
+                conds.append(f"self.{f.exists.method}(version_id)")
+            else:
+                method = f"_has_{python_attr_name(f.name or 'field')}"
+                predicates.append((method, self.expr(f.exists, ctx)))
+                conds.append(f"self.{method}(version_id)")
+        value = f"_rt.present({attr}, {f.name!r})" if conds and f.name else attr
+        local = f"_v_{python_attr_name(f.name)}" if f.name else ""
+        inner_load = self.load_field(f, attr, ctx)
+        inner_save = self.save_field(f, local if conds and f.name else attr, ctx)
+        load.append(f"_at = {label!r}")
+        save.append(f"_at = {label!r}")
+        if not conds:
+            load.extend(inner_load)
+            save.extend(inner_save)
+            return
+        cond = " and ".join(conds)
+        load.append(f"if {cond}:")
+        load.extend("    " + line for line in inner_load)
+        if f.name:
+            load.append("else:")
+            load.append(f"    {attr} = None")
+        save.append(f"if {cond}:")
+        if f.name:
+            save.append(f"    {local} = {value}")
+        save.extend("    " + line for line in inner_save)
+
+    def count_src(self, d: ast.Expr, ctx: _Ctx) -> str:
+        if isinstance(d, ast.IntLit):
+            return str(d.value)
+        if isinstance(d, ast.Ref):
+            return f"_rt.count({self._ref(d, ctx)})"
+        assert isinstance(d, ast.BinOp)
+        return f"_rt.count({self._expr(d, ctx)})"
+
+    def load_field(self, f: ast.Field, attr: str, ctx: _Ctx) -> list[str]:
+        if f.kind == "unused":
+            return [f"r.take({f.size})"]
+        if f.kind == "validate":
+            assert f.expr is not None
+            return [f"if not ({self.expr(f.expr, ctx)}):", f"    raise _rt.CheckFailed('validation {f.wire_name} failed', offset=r.tell())"]
+        if f.kind == "bytes":
+            return [f"{attr} = r.read({self.count_src(f.dims[0], ctx)})"]
+        if f.kind == "bitmap":
+            return [f"{attr} = _rt.load_bitmap(r, {self.count_src(f.dims[0], ctx)})"]
+        if f.kind in ("struct", "list", "map"):
+            target = self.r.struct_target[id(f)]
+            cls = self.class_ref(target)
+            version = f.struct_version if f.struct_version is not None else target.version
+            if f.kind == "list":
+                return [f"{attr} = _rt.load_qlist(r, {cls}, {f.since or target.version})"]
+            if f.kind == "map":
+                key_t = self.r.key_target.get(id(f))
+                key = self.class_ref(key_t) if key_t is not None else "None"
+                return [f"{attr} = _rt.load_gtree(r, {key}, {cls}, {f.since or target.version})"]
+            if not f.dims:
+                lines = []
+                if f.since or f.exists is not None:
+                    lines += [f"if {attr} is None:", f"    {attr} = _rt.impl({cls})()"]
+                return [*lines, f"{attr}._load_nested(r, {version})"]
+            n = self.count_src(f.dims[0], ctx)
+            existing = f"{attr} or []" if f.since or f.exists is not None else attr
+            if f.nullable:
+                return [f"{attr} = _rt.load_nullable_array(r, {n}, {version}, {existing})"]
+            return [f"{attr} = _rt.load_struct_array(r, {cls}, {n}, {version}, {existing})"]
+        # scalars that are not fused: enums, checks, conditional or variable arrays
+        code, width = SCALAR_FORMAT[f.type]
+        conv = self.enum_ref(f) if id(f) in self.r.enum_target else ""
+        if not f.dims:
+            const = self.formats.get(">" + code)
+            lines = [f"buf, p = r.take({width})", f"_t = {const}.unpack_from(buf, p)[0]"]
+            if f.check == "equal":
+                lines += [f"if _t != {attr}:", f"    raise _rt.CheckFailed(f'{{_t:#x}} != {{{attr}:#x}}', offset=r.tell() - {width})"]
+            elif f.check == "le":
+                lines += [
+                    f"if not 0 <= _t <= {attr}:",
+                    f"    raise _rt.CheckFailed(f'Invalid value {{_t}} expecting positive value <= {{{attr}}}', offset=r.tell() - {width})",
+                ]
+            lines.append(f"{attr} = {conv}(_t)" if conv else f"{attr} = _t")
+            return lines
+        dims = f.dims
+        n = self.count_src(dims[0], ctx)
+        cols = _int_dim(dims[1]) if len(dims) == 2 else 1
+        total = f"{n} * {cols}" if cols != 1 else n
+        lines = [f"_n = {total}", f"buf, p = r.take(_n * {width})", f"_v = struct.unpack_from(f'>{{_n}}{code}', buf, p)"]
+        items = f"[{conv}(x) for x in _v]" if conv else "list(_v)"
+        if cols != 1:
+            tmp = f"_items_{python_attr_name(f.name or '')}"
+            lines.append(f"{tmp} = {items}")
+            lines.append(f"{attr} = [{tmp}[i:i + {cols}] for i in range(0, _n, {cols})]")
+        else:
+            lines.append(f"{attr} = {items}")
+        return lines
+
+    def save_field(self, f: ast.Field, value: str, ctx: _Ctx) -> list[str]:
+        if f.kind == "unused":
+            return [f"out += bytes({f.size})"]
+        if f.kind == "validate":
+            assert f.expr is not None
+            return [f"if not ({self.expr(f.expr, ctx)}):", f"    raise _rt.SaveError('validation {f.wire_name} fails for this state')"]
+        if f.kind == "bytes":
+            return [f"_rt.check_len({value}, {self.count_src(f.dims[0], ctx)}, {f.name!r})", f"out += {value}"]
+        if f.kind == "bitmap":
+            return [f"_rt.save_bitmap(w, {value}, {self.count_src(f.dims[0], ctx)}, {f.name!r})"]
+        if f.kind in ("struct", "list", "map"):
+            target = self.r.struct_target[id(f)]
+            version = f.struct_version if f.struct_version is not None else target.version
+            if f.kind == "list":
+                return [f"_rt.save_qlist(w, {value}, {target.version})"]
+            if f.kind == "map":
+                direct = id(f) not in self.r.key_target
+                return [f"_rt.save_gtree(w, {value}, {target.version}, {direct})"]
+            if not f.dims:
+                return [f"{value}._save_nested(w, {version})"]
+            n = self.count_src(f.dims[0], ctx)
+            fn = "save_nullable_array" if f.nullable else "save_struct_array"
+            return [f"_rt.{fn}(w, {value}, {n}, {version}, {f.name!r})"]
+        code, _ = SCALAR_FORMAT[f.type]
+        if not f.dims:
+            const = self.formats.get(">" + code)
+            return [f"out += {const}.pack({value})"]
+        n = self.count_src(f.dims[0], ctx)
+        if len(f.dims) == 2:
+            cols = _int_dim(f.dims[1])
+            return [
+                f"_n = {n}",
+                f"_flat = _rt.flat({value}, _n, {cols}, {f.name!r})",
+                f"out += struct.pack(f'>{{len(_flat)}}{code}', *_flat)",
+            ]
+        return [f"_rt.check_len({value}, {n}, {f.name!r})", f"out += struct.pack(f'>{{len({value})}}{code}', *{value})"]
+
+    # -- description tables ------------------------------------------------------------
+    def table_entry(self, f: ast.Field, qemu_name: str, ctx: _Ctx) -> str:
+        args = [repr(qemu_name), repr(python_attr_name(f.name) if f.name else None)]
+        kw: dict[str, str] = {}
+        flags: list[str] = []
+        if f.kind == "scalar":
+            info = SCALAR_INFO[f.type]
+            if f.check == "equal":
+                info = "int64 equal" if f.type == "uint64" else f"{f.type} equal"
+            elif f.check == "le":
+                info = "int32 le"
+            kw["elem_size"] = str(SCALAR_FORMAT[f.type][1])
+        elif f.kind == "bytes":
+            info = "buffer"
+            flags.append("VMS_BUFFER" if isinstance(f.dims[0], ast.IntLit) else "VMS_VBUFFER")
+        elif f.kind == "unused":
+            info = "unused_buffer"
+            kw["elem_size"] = str(f.size)
+            flags.append("VMS_BUFFER")
+        elif f.kind == "bitmap":
+            info = "bitmap"
+            flags.append("VMS_VBUFFER")
+        elif f.kind == "struct":
+            info = "vstruct" if f.struct_version is not None else "struct"
+            flags.append("VMS_VSTRUCT" if f.struct_version is not None else "VMS_STRUCT")
+            if f.nullable:
+                flags.append("VMS_ARRAY_OF_POINTER")
+                kw["nullable"] = "True"
+            if f.struct_version is not None:
+                kw["struct_version"] = str(f.struct_version)
+        elif f.kind == "list":
+            info = "qlist" if f.list_kind == "qlist" else "qtailq"
+        elif f.kind == "map":
+            info = "gtree"
+            key_t = self.r.key_target.get(id(f))
+            if key_t is not None:
+                kw["key"] = self.class_ref(key_t)
+        else:
+            info = "validate"
+            flags += ["VMS_ARRAY", "VMS_MUST_EXIST"]
+        args += [repr(info), repr(f.kind)]
+        if f.kind in ("struct", "list", "map"):
+            kw["struct"] = self.class_ref(self.r.struct_target[id(f)])
+        dims: list[int] = []
+        for i, d in enumerate(f.dims):
+            if isinstance(d, ast.IntLit):
+                dims.append(d.value)
+            elif i == 0:
+                counter, mult = _counter(d)
+                kw["count_attr"] = repr(python_attr_name(counter))
+                ctype = ctx.attrs_[counter].type
+                if f.kind in ("bytes", "bitmap"):
+                    kw["elem_size"] = "1" if f.kind == "bytes" else "0"
+                else:
+                    flags.append(f"VMS_VARRAY_{ctype.upper()}")
+                if mult != 1:
+                    kw["multiply"] = str(mult)
+                    flags.append("VMS_MULTIPLY_ELEMENTS" if f.kind not in ("bytes",) else "VMS_MULTIPLY")
+        if dims and f.kind not in ("bytes",):
+            kw["dims"] = repr(tuple(dims))
+            flags.insert(0, "VMS_ARRAY")
+        elif f.kind == "bytes" and dims:
+            kw["elem_size"] = str(dims[0])
+        if f.since:
+            kw["since"] = str(f.since)
+        if f.exists is not None:
+            kw["test"] = repr(f.exists.method if isinstance(f.exists, ast.Custom) else f"_has_{python_attr_name(f.name or 'field')}")
+        if f.kind == "scalar" and not dims and "count_attr" not in kw:
+            flags.insert(0, "VMS_SINGLE")
+        if flags:
+            kw["flags"] = repr(tuple(flags))
+        return f"_schema.FieldSpec({', '.join(args + [f'{k}={v}' for k, v in kw.items()])})"
+
+
+def _truth(e: ast.Expr, src: str) -> str:
+    """``src`` as a bool, without a redundant ``bool()`` around comparisons."""
+    if (isinstance(e, ast.BinOp) and e.op in _BOOL_OPS) or (isinstance(e, ast.UnOp) and e.op == "!"):
+        return src
+    return f"bool({src})"
+
+
+def _qemu_names(fields: Iterable[ast.Field]) -> dict[int, str]:
+    """QEMU numbers repeated field names ``name[0]``, ``name[1]`` in its JSON."""
+    base: dict[int, str] = {}
+    for f in fields:
+        if f.wire_name is not None and f.kind != "validate":
+            base[id(f)] = f.wire_name
+        elif f.kind == "unused":
+            base[id(f)] = "unused"
+        elif f.kind == "validate":
+            base[id(f)] = f.wire_name or "validate"
+        else:
+            base[id(f)] = f.name or ""
+    totals: dict[str, int] = {}
+    for name in base.values():
+        totals[name] = totals.get(name, 0) + 1
+    seen: dict[str, int] = {}
+    out: dict[int, str] = {}
+    for key, name in base.items():
+        if totals[name] > 1:
+            out[key] = f"{name}[{seen.get(name, 0)}]"
+            seen[name] = seen.get(name, 0) + 1
+        else:
+            out[key] = name
+    return out
+
+
+def _counter(d: ast.Expr) -> tuple[str, int]:
+    if isinstance(d, ast.Ref):
+        return d.parts[0], 1
+    assert isinstance(d, ast.BinOp)
+    if isinstance(d.left, ast.Ref):
+        assert isinstance(d.right, ast.IntLit)
+        return d.left.parts[0], d.right.value
+    assert isinstance(d.right, ast.Ref) and isinstance(d.left, ast.IntLit)
+    return d.right.parts[0], d.left.value
+
+
+def _int_dim(d: ast.Expr) -> int:
+    assert isinstance(d, ast.IntLit)
+    return d.value
+
+
+def _scalar_default(f: ast.Field) -> str:
+    if f.type == "bool":
+        return "True" if f.default else "False"
+    if f.type in FLOAT_TYPES:
+        return repr(float(f.default)) if f.default is not None else "0.0"
+    return str(int(f.default)) if f.default is not None else "0"

@@ -1,0 +1,1 @@
+"""The .vmsd language: grammar, parser, AST and semantic checks."""

@@ -1,0 +1,448 @@
+"""Name resolution and semantic checks over a loaded :class:`Program`.
+
+Everything a later stage needs to know about names (which vmsd a ``struct``
+refers to, which enum a field uses, which attributes a class has) is decided
+here once; the code generator only reads the answers.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from collections.abc import Iterator
+
+import attrs
+
+from vmsd.grammar import ast
+from vmsd.grammar.diagnostics import Diagnostic, SpecError
+from vmsd.grammar.loader import Program
+
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "bool": (0, 1),
+    "int8": (-(1 << 7), (1 << 7) - 1),
+    "int16": (-(1 << 15), (1 << 15) - 1),
+    "int32": (-(1 << 31), (1 << 31) - 1),
+    "int64": (-(1 << 63), (1 << 63) - 1),
+    "uint8": (0, (1 << 8) - 1),
+    "uint16": (0, (1 << 16) - 1),
+    "uint32": (0, (1 << 32) - 1),
+    "uint64": (0, (1 << 64) - 1),
+    "timer": (-(1 << 63), (1 << 63) - 1),
+}
+FLOAT_TYPES = frozenset({"float64", "cpudouble"})
+# QEMU can count variable arrays and buffers only with these field types.
+COUNTER_TYPES = frozenset({"uint8", "uint16", "uint32", "int32"})
+# Names the generated classes use themselves.
+RESERVED = frozenset(
+    {
+        "load", "load_into", "save", "to_bytes", "from_bytes", "pre_load", "post_load",
+        "pre_save", "post_save", "vmdesc", "VMSD", "VMSD_NAME", "VERSION_ID",
+        "MINIMUM_VERSION_ID", "version_id", "version",
+    }
+)
+
+
+def python_class_name(vmsd_name: str) -> str:
+    parts = [p for p in re.split(r"[^A-Za-z0-9]+", vmsd_name) if p]
+    name = "".join(p[0].upper() + p[1:] for p in parts) or "Vmsd"
+    return "V" + name if name[0].isdigit() else name
+
+
+def python_attr_name(name: str) -> str:
+    return name + "_" if keyword.iskeyword(name) or keyword.issoftkeyword(name) else name
+
+
+@attrs.frozen
+class Attr:
+    """One attribute of a generated class (a field of the vmsd or of a subsection)."""
+
+    field: ast.Field
+    index: int  # position in stream order within the whole class
+    in_subsection: bool
+
+
+@attrs.define
+class Resolved:
+    program: Program
+    vmsd_file: dict[int, str] = attrs.Factory(dict)
+    class_names: dict[int, str] = attrs.Factory(dict)
+    struct_target: dict[int, ast.Vmsd] = attrs.Factory(dict)  # id(field) -> vmsd (struct/list/map value)
+    key_target: dict[int, ast.Vmsd] = attrs.Factory(dict)  # id(field) -> key vmsd of a map
+    enum_target: dict[int, ast.Enum] = attrs.Factory(dict)  # id(field) -> enum
+    enum_file: dict[int, str] = attrs.Factory(dict)
+    attrs_of: dict[int, dict[str, Attr]] = attrs.Factory(dict)  # id(vmsd) -> attributes by name
+
+    def vmsd_of_struct(self, f: ast.Field) -> ast.Vmsd:
+        return self.struct_target[id(f)]
+
+    def class_name(self, v: ast.Vmsd) -> str:
+        return self.class_names[id(v)]
+
+
+def walk_fields(fields: tuple[ast.Field, ...], subs: tuple[ast.Subsection, ...]) -> Iterator[tuple[ast.Field, bool]]:
+    for f in fields:
+        yield f, False
+    for s in subs:
+        for f, _ in walk_fields(s.fields, s.subsections):
+            yield f, True
+
+
+def walk_subsections(subs: tuple[ast.Subsection, ...]) -> Iterator[ast.Subsection]:
+    for s in subs:
+        yield s
+        yield from walk_subsections(s.subsections)
+
+
+class _Checker:
+    def __init__(self, program: Program) -> None:
+        self.p = program
+        self.r = Resolved(program)
+        self.diags: list[Diagnostic] = []
+
+    def error(self, pos: ast.Pos, msg: str) -> None:
+        self.diags.append(Diagnostic(pos, msg))
+
+    # -- scopes ------------------------------------------------------------
+    def visible_files(self, path: str) -> list[str]:
+        spec = self.p.files[path]
+        out = [path]
+        for imp in spec.imports:
+            target = self.p.import_targets.get((path, imp.path))
+            if target in self.p.files and target not in out:
+                out.append(target)
+        return out
+
+    def find_vmsd(self, path: str, name: str) -> ast.Vmsd | None:
+        cands = [(v, f) for f in self.visible_files(path) for v in self.p.files[f].vmsds]
+        for test in (
+            lambda v: v.name == name,
+            lambda v: self.r.class_names[id(v)] == name,
+            lambda v: name.lower() in (v.name.lower(), self.r.class_names[id(v)].lower()),
+        ):
+            hits = [v for v, _ in cands if test(v)]
+            if len(hits) == 1:
+                return hits[0]
+            if hits:
+                return None
+        return None
+
+    def find_enum(self, path: str, name: str) -> tuple[ast.Enum, str] | None:
+        for f in self.visible_files(path):
+            for e in self.p.files[f].enums:
+                if e.name == name:
+                    return e, f
+        return None
+
+    # -- entry ---------------------------------------------------------------
+    def run(self) -> Resolved:
+        seen_vmsd: dict[str, ast.Vmsd] = {}
+        seen_class: dict[str, ast.Vmsd] = {}
+        for path, spec in self.p.files.items():
+            names: dict[str, ast.Pos] = {}
+            for e in spec.enums:
+                self.check_enum(e)
+                if e.name in names:
+                    self.error(e.pos, f"duplicate declaration '{e.name}'")
+                names[e.name] = e.pos
+            for v in spec.vmsds:
+                cname = v.class_name or python_class_name(v.name)
+                self.r.class_names[id(v)] = cname
+                self.r.vmsd_file[id(v)] = path
+                if v.name in seen_vmsd:
+                    other = seen_vmsd[v.name].pos
+                    self.error(v.pos, f"duplicate vmsd '{v.name}' (first declared at {other.path}:{other.line})")
+                seen_vmsd[v.name] = v
+                if cname in seen_class:
+                    self.error(v.pos, f"vmsd '{v.name}' would generate class '{cname}', already used by vmsd '{seen_class[cname].name}'; pick another with 'class'")
+                seen_class[cname] = v
+                if cname in names:
+                    self.error(v.pos, f"duplicate declaration '{cname}'")
+                names[cname] = v.pos
+        for path, spec in self.p.files.items():
+            for v in spec.vmsds:
+                self.collect_attrs(v)
+                for f, _ in walk_fields(v.fields, v.subsections):
+                    if f.kind in ("struct", "list", "map"):
+                        self.check_struct_ref(path, f)
+        for path, spec in self.p.files.items():
+            for v in spec.vmsds:
+                self.check_vmsd(path, v)
+        self.check_struct_cycles()
+        return self.r
+
+    def check_enum(self, e: ast.Enum) -> None:
+        if e.base not in INT_RANGES or e.base in ("bool", "timer"):
+            self.error(e.pos, f"enum '{e.name}' must have an integer base type, not '{e.base}'")
+            return
+        lo, hi = INT_RANGES[e.base]
+        seen: set[str] = set()
+        for m in e.members:
+            if m.name in seen:
+                self.error(m.pos, f"duplicate member '{m.name}' in enum '{e.name}'")
+            seen.add(m.name)
+            if not lo <= m.value <= hi:
+                self.error(m.pos, f"value {m.value} of '{e.name}.{m.name}' is out of range for {e.base} ({lo}..{hi})")
+
+    def collect_attrs(self, v: ast.Vmsd) -> None:
+        attrs_by_name: dict[str, Attr] = {}
+        order = 0
+        for f, in_sub in walk_fields(v.fields, v.subsections):
+            if f.name is not None:
+                if f.name in attrs_by_name:
+                    first = attrs_by_name[f.name].field.pos
+                    self.error(f.pos, f"duplicate field '{f.name}' in vmsd '{v.name}' (first at line {first.line})")
+                    continue
+                if f.name in RESERVED:
+                    self.error(f.pos, f"field name '{f.name}' is reserved by the generated class; keep the QEMU name with 'as \"{f.name}\"' and rename the field")
+                elif f.name.startswith("_"):
+                    self.error(f.pos, f"field name '{f.name}' must not start with '_'")
+                attrs_by_name[f.name] = Attr(f, order, in_sub)
+            order += 1
+        self.r.attrs_of[id(v)] = attrs_by_name
+
+    def check_vmsd(self, path: str, v: ast.Vmsd) -> None:
+        if not 0 <= v.version <= 0x7FFFFFFF:
+            self.error(v.version_pos, f"version {v.version} is out of range (0..2147483647)")
+        if v.minimum > v.version:
+            self.error(v.minimum_pos, f"minimum version {v.minimum} is above version {v.version}")
+        attrs_by_name = self.r.attrs_of[id(v)]
+        customs = self.custom_methods(v)
+        for name, pos in customs.items():
+            if name in attrs_by_name or name in RESERVED:
+                self.error(pos, f"custom predicate '{name}' clashes with a field or generated name")
+        self.check_fields(path, v, v.fields, [], v.version)
+        seen_subs: dict[str, ast.Pos] = {}
+        self.check_subsections(path, v, v.subsections, v.name, list(v.fields), seen_subs)
+
+    def custom_methods(self, v: ast.Vmsd) -> dict[str, ast.Pos]:
+        out: dict[str, ast.Pos] = {}
+        conds: list[ast.Condition | None] = [f.exists for f, _ in walk_fields(v.fields, v.subsections)]
+        conds += [s.needed for s in walk_subsections(v.subsections)]
+        for c in conds:
+            if isinstance(c, ast.Custom):
+                out.setdefault(c.method, c.pos)
+        return out
+
+    def check_subsections(
+        self, path: str, v: ast.Vmsd, subs: tuple[ast.Subsection, ...], parent: str,
+        earlier: list[ast.Field], seen: dict[str, ast.Pos],
+    ) -> None:
+        for s in subs:
+            if s.name in seen:
+                self.error(s.pos, f"duplicate subsection '{s.name}'")
+            seen[s.name] = s.pos
+            if not s.name.startswith(parent) or s.name == parent:
+                self.error(s.pos, f"subsection name '{s.name}' must start with its parent's name '{parent}' (QEMU matches subsections by that prefix)")
+            if len(s.name.encode()) > 255:
+                self.error(s.pos, "subsection name is longer than 255 bytes")
+            if not 1 <= s.version <= 255:
+                self.error(s.pos, f"subsection version {s.version} is out of range (1..255: QEMU's loader keeps only the low 8 bits)")
+            if s.minimum > s.version:
+                self.error(s.pos, f"minimum version {s.minimum} is above version {s.version}")
+            if s.needed is not None:
+                self.check_condition(v, s.needed, None, None, "needed")
+            self.check_fields(path, v, s.fields, list(earlier), s.version)
+            self.check_subsections(path, v, s.subsections, s.name, earlier + list(s.fields), seen)
+
+    # -- fields ----------------------------------------------------------------
+    def check_fields(self, path: str, v: ast.Vmsd, fields: tuple[ast.Field, ...], earlier: list[ast.Field], version: int) -> None:
+        for f in fields:
+            what = f"'{f.name}'" if f.name else (f"validate '{f.wire_name}'" if f.kind == "validate" else "unused")
+            if f.since > version:
+                self.error(f.since_pos or f.pos, f"field {what} has 'since {f.since}' above the version {version} it belongs to")
+            if f.exists is not None:
+                self.check_condition(v, f.exists, earlier, f, "condition")
+            if f.kind == "scalar":
+                self.check_scalar(path, f, earlier, v)
+            elif f.kind in ("bytes", "bitmap"):
+                self.check_length(v, f, f.dims[0], earlier, what)
+            elif f.kind == "unused":
+                if f.size <= 0:
+                    self.error(f.pos, "unused size must be positive")
+            elif f.kind in ("struct", "list", "map"):
+                if f.kind == "struct":
+                    if len(f.dims) > 1:
+                        self.error(f.pos, f"struct arrays have one dimension; '{f.name}' has {len(f.dims)}")
+                    for d in f.dims:
+                        self.check_length(v, f, d, earlier, what)
+                    if f.nullable and (not f.dims or not isinstance(f.dims[0], ast.IntLit)):
+                        self.error(f.pos, f"nullable struct '{f.name}' must be a fixed-size array (VMSTATE_ARRAY_OF_POINTER_TO_STRUCT)")
+            elif f.kind == "validate":
+                assert f.expr is not None
+                self.check_expr(v, f.expr, earlier, f, "validation")
+            earlier.append(f)
+
+    def check_scalar(self, path: str, f: ast.Field, earlier: list[ast.Field], v: ast.Vmsd) -> None:
+        if len(f.dims) > 2:
+            self.error(f.pos, f"arrays have at most two dimensions; '{f.name}' has {len(f.dims)}")
+        for i, d in enumerate(f.dims):
+            if i and not isinstance(d, ast.IntLit):
+                self.error(_pos(d), "only the first dimension of an array may be variable")
+            self.check_length(v, f, d, earlier, f"'{f.name}'")
+        is_int = f.type in INT_RANGES and f.type != "timer"
+        if f.enum is not None:
+            found = self.find_enum(path, f.enum)
+            if found is None:
+                self.error(f.enum_pos or f.pos, f"unknown enum '{f.enum}'")
+            else:
+                self.r.enum_target[id(f)] = found[0]
+                self.r.enum_file[id(f)] = found[1]
+                if not is_int or f.type == "bool":
+                    self.error(f.enum_pos or f.pos, f"enum '{f.enum}' needs an integer field, not {f.type}")
+        if f.check is not None:
+            if not is_int or f.type == "bool" or f.dims:
+                self.error(f.pos, f"'{f.check}' needs a single integer field, not {f.type}")
+            elif f.check == "le" and f.type != "int32":
+                self.error(f.pos, f"'le' exists only for int32 fields (QEMU's INT32_POSITIVE_LE), not {f.type}")
+        if f.default is not None:
+            dpos = f.default_pos or f.pos
+            if f.type in FLOAT_TYPES:
+                if isinstance(f.default, bool):
+                    self.error(dpos, f"default {f.default} does not fit {f.type}")
+            elif f.type == "bool":
+                if not isinstance(f.default, bool) and f.default not in (0, 1):
+                    self.error(dpos, f"default {f.default} is out of range for bool")
+            elif isinstance(f.default, float):
+                self.error(dpos, f"default {f.default} is not an integer ({f.name} is {f.type})")
+            else:
+                lo, hi = INT_RANGES[f.type]
+                if not lo <= int(f.default) <= hi:
+                    self.error(dpos, f"default {f.default} is out of range for {f.type} ({lo}..{hi})")
+
+    def check_struct_ref(self, path: str, f: ast.Field) -> None:
+        target = self.find_vmsd(path, f.type)
+        if target is None:
+            self.error(f.pos, f"unknown struct '{f.type}' in field '{f.name}'")
+        else:
+            self.r.struct_target[id(f)] = target
+            if f.struct_version is not None and not target.minimum <= f.struct_version <= target.version:
+                self.error(f.pos, f"struct version {f.struct_version} is outside {target.name}'s range {target.minimum}..{target.version}")
+        if f.kind == "map" and f.key is not None and f.key not in INT_RANGES:
+            key = self.find_vmsd(path, f.key)
+            if key is None:
+                self.error(f.pos, f"unknown map key type '{f.key}' in field '{f.name}'")
+            else:
+                self.r.key_target[id(f)] = key
+
+    def check_length(self, v: ast.Vmsd, f: ast.Field, d: ast.Expr, earlier: list[ast.Field], what: str) -> None:
+        if isinstance(d, ast.IntLit):
+            if d.value <= 0:
+                self.error(d.pos, f"array size of {what} must be positive, not {d.value}")
+            elif d.value > 1 << 31:
+                self.error(d.pos, f"array size of {what} is out of range")
+            return
+        counter: ast.Ref | None = None
+        if isinstance(d, ast.Ref):
+            counter = d
+        elif isinstance(d, ast.BinOp) and d.op == "*":
+            if isinstance(d.left, ast.Ref) and isinstance(d.right, ast.IntLit):
+                counter = d.left
+            elif isinstance(d.right, ast.Ref) and isinstance(d.left, ast.IntLit):
+                counter = d.right
+        if counter is None:
+            self.error(_pos(d), f"length of {what} must be a number, a field, or a field times a number")
+            return
+        if len(counter.parts) != 1:
+            self.error(counter.pos, f"length of {what} must name a field of the same vmsd, not '{'.'.join(counter.parts)}'")
+            return
+        target = self.resolve_name(v, counter, earlier, f, "length")
+        if target is None:
+            return
+        if target.kind != "scalar" or target.dims or target.type not in INT_RANGES or target.type in ("bool", "timer"):
+            self.error(counter.pos, f"length of {what} uses '{target.name}', which is not an integer field")
+        elif target.type not in COUNTER_TYPES:
+            self.error(counter.pos, f"length of {what} uses '{target.name}' of type {target.type}; QEMU counts with uint8, uint16, uint32 or int32 only")
+
+    def resolve_name(self, v: ast.Vmsd, ref: ast.Ref, earlier: list[ast.Field] | None, user: ast.Field | None, role: str) -> ast.Field | None:
+        name = ref.parts[0]
+        known = self.r.attrs_of[id(v)]
+        user_name = f"'{user.name}'" if user is not None and user.name else (f"validate '{user.wire_name}'" if user is not None and user.kind == "validate" else "this field")
+        if name not in known:
+            self.error(ref.pos, f"unknown field '{name}' in {role} of {user_name}" if user is not None else f"unknown field '{name}' in {role}")
+            return None
+        target = known[name].field
+        if earlier is not None and not any(e is target for e in earlier):
+            if user is not None and target is user:
+                self.error(ref.pos, f"{role} of {user_name} refers to the field itself; it may only use fields loaded before it")
+            else:
+                self.error(ref.pos, f"field '{name}' is declared after {user_name}; a {role} may only use fields loaded before it")
+            return None
+        return target
+
+    def check_condition(self, v: ast.Vmsd, c: ast.Condition, earlier: list[ast.Field] | None, user: ast.Field | None, role: str) -> None:
+        if isinstance(c, ast.Custom):
+            return
+        self.check_expr(v, c, earlier, user, role)
+
+    def check_expr(self, v: ast.Vmsd, e: ast.Expr, earlier: list[ast.Field] | None, user: ast.Field | None, role: str) -> None:
+        if isinstance(e, ast.IntLit | ast.VersionRef):
+            return
+        if isinstance(e, ast.UnOp):
+            self.check_expr(v, e.operand, earlier, user, role)
+        elif isinstance(e, ast.BinOp):
+            self.check_expr(v, e.left, earlier, user, role)
+            self.check_expr(v, e.right, earlier, user, role)
+        elif isinstance(e, ast.LenCall):
+            target = self.resolve_ref(v, e.ref, earlier, user, role)
+            if target is not None and not (target.dims or target.kind in ("list", "map", "bytes")):
+                self.error(e.ref.pos, f"len() needs an array, list or map; '{target.name}' is a single {target.kind}")
+        elif isinstance(e, ast.Ref):
+            target = self.resolve_ref(v, e, earlier, user, role)
+            if target is not None and (target.kind != "scalar" or target.dims or target.type in FLOAT_TYPES):
+                self.error(e.pos, f"'{'.'.join(e.parts)}' is not an integer value and cannot be used in a {role}")
+
+    def resolve_ref(self, v: ast.Vmsd, ref: ast.Ref, earlier: list[ast.Field] | None, user: ast.Field | None, role: str) -> ast.Field | None:
+        target = self.resolve_name(v, ast.Ref(ref.parts[:1], ref.pos), earlier, user, role)
+        for part in ref.parts[1:]:
+            if target is None:
+                return None
+            nested = self.r.struct_target.get(id(target)) if target.kind == "struct" and not target.dims else None
+            if nested is None:
+                self.error(ref.pos, f"'{target.name}' is not a single struct, so '.{part}' cannot be used")
+                return None
+            inner = self.r.attrs_of[id(nested)]
+            if part not in inner:
+                self.error(ref.pos, f"struct '{nested.name}' has no field '{part}'")
+                return None
+            target = inner[part].field
+        return target
+
+    def check_struct_cycles(self) -> None:
+        graph: dict[int, list[tuple[ast.Vmsd, ast.Field]]] = {}
+        vmsds = [v for spec in self.p.files.values() for v in spec.vmsds]
+        for v in vmsds:
+            edges = []
+            for f, _ in walk_fields(v.fields, v.subsections):
+                t = self.r.struct_target.get(id(f))
+                # Lists, maps and nullable slots may end recursion; plain structs cannot.
+                if t is not None and f.kind == "struct" and not f.nullable:
+                    edges.append((t, f))
+            graph[id(v)] = edges
+        state: dict[int, int] = {}
+
+        def dfs(v: ast.Vmsd, chain: list[str]) -> None:
+            state[id(v)] = 1
+            for t, f in graph.get(id(v), []):
+                if state.get(id(t)) == 1:
+                    self.error(f.pos, f"struct '{t.name}' contains itself: {' -> '.join([*chain, t.name])}")
+                elif id(t) not in state:
+                    dfs(t, [*chain, t.name])
+            state[id(v)] = 2
+
+        for v in vmsds:
+            if id(v) not in state:
+                dfs(v, [v.name])
+
+
+def _pos(e: ast.Expr) -> ast.Pos:
+    return e.pos
+
+
+def check(program: Program) -> Resolved:
+    """Resolve names and check the program; raise :class:`SpecError` on findings."""
+    checker = _Checker(program)
+    resolved = checker.run()
+    if checker.diags:
+        diags = sorted(checker.diags, key=lambda d: (d.pos.path, d.pos.line, d.pos.col))
+        raise SpecError(diags, program.sources)
+    return resolved

@@ -1,0 +1,73 @@
+"""One exception hierarchy for everything that reads or writes migration data.
+
+Each error carries where it happened: the byte offset in the input, the
+section idstr and the field path (``cpu/xmm_regs[3]``).  Errors that mean
+"the input ended" are also ``EOFError`` and value problems are also
+``ValueError``, so callers that only know the builtins still catch them.
+"""
+
+from __future__ import annotations
+
+
+class VMSDError(Exception):
+    """Base of all vmsd runtime errors."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        offset: int | None = None,
+        section: str | None = None,
+        path: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+        self.section = section
+        self.path = path
+
+    def within(self, name: str) -> VMSDError:
+        """Prefix the field path with an enclosing field or vmsd name."""
+        self.path = f"{name}.{self.path}" if self.path and not self.path.startswith("[") else name + self.path
+        return self
+
+    def in_section(self, section: str) -> VMSDError:
+        if self.section is None:
+            self.section = section
+        return self
+
+    def __str__(self) -> str:
+        where = []
+        if self.section:
+            where.append(f"section '{self.section}'")
+        if self.path:
+            where.append(self.path)
+        head = ": ".join(where)
+        text = f"{head}: {self.message}" if head else self.message
+        if self.offset is not None:
+            text += f" (at offset {self.offset:#x})"
+        return text
+
+
+class TruncatedStream(VMSDError, EOFError):
+    """The input ended inside a record."""
+
+
+class MalformedStream(VMSDError, ValueError):
+    """The bytes are present but do not form a valid record."""
+
+
+class CheckFailed(VMSDError, ValueError):
+    """An ``equal``/``le`` check or a ``validate`` predicate rejected a value."""
+
+
+class VersionMismatch(VMSDError, ValueError):
+    """An incoming version is newer than ours or older than our minimum."""
+
+
+class SaveError(VMSDError, ValueError):
+    """An object cannot be encoded (missing value, wrong length, out of range)."""
+
+
+class RegistryError(VMSDError, LookupError):
+    """No class or spec is known for a vmsd name or section."""

@@ -1,0 +1,217 @@
+"""Buffered readers and writers of QEMU's big-endian primitives.
+
+A :class:`Reader` serves bytes from memory or from any object with
+``readinto`` (files, pipes, ``socket.makefile`` or the ``SocketSource`` here).
+Generated code asks for a run of bytes with :meth:`Reader.take`, which returns
+the buffer and the offset of the run so that one precompiled ``struct.Struct``
+unpacks it in place.  Reads from a stream grow the buffer in bounded chunks,
+so a length field in hostile input never allocates more than the input holds.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import BinaryIO, Protocol
+
+from vmsd.runtime.errors import MalformedStream, TruncatedStream
+
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_S8 = struct.Struct(">b")
+_S16 = struct.Struct(">h")
+_S32 = struct.Struct(">i")
+_S64 = struct.Struct(">q")
+
+# Largest single read from a stream source; longer runs are read in pieces so
+# memory grows only as fast as real input arrives.
+_CHUNK = 1 << 20
+
+
+class ByteSource(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class SocketSource:
+    """Adapts a socket to :class:`ByteSource`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        return self._sock.recv_into(buffer)
+
+
+class Reader:
+    """Reads QEMU primitives from memory or from a :class:`ByteSource`."""
+
+    __slots__ = ("_base", "_eof", "_source", "buf", "pos")
+
+    def __init__(self, data: bytes | bytearray | memoryview = b"", source: ByteSource | None = None) -> None:
+        self.buf: bytes = bytes(data)
+        self.pos = 0
+        self._base = 0
+        self._source = source
+        self._eof = source is None
+
+    @classmethod
+    def from_file(cls, f: ByteSource) -> Reader:
+        return cls(source=f)
+
+    def tell(self) -> int:
+        """Absolute offset of the next byte."""
+        return self._base + self.pos
+
+    def remaining(self) -> int | None:
+        """Bytes left, when known (memory input); ``None`` for open streams."""
+        return len(self.buf) - self.pos if self._eof else None
+
+    def _more(self, want: int) -> bool:
+        """Append up to ``want`` bytes from the source; False at end of input."""
+        if self._eof or self._source is None:
+            return False
+        chunk = bytearray(min(max(want, 65536), _CHUNK))
+        got = self._source.readinto(memoryview(chunk)) or 0
+        if got <= 0:
+            self._eof = True
+            return False
+        # Drop what was consumed so the buffer never holds more than one
+        # outstanding request plus one chunk.
+        self._base += self.pos
+        self.buf = self.buf[self.pos :] + bytes(chunk[:got])
+        self.pos = 0
+        return True
+
+    def _fill(self, n: int) -> None:
+        while len(self.buf) - self.pos < n:
+            if not self._more(n - (len(self.buf) - self.pos)):
+                have = len(self.buf) - self.pos
+                raise TruncatedStream(
+                    f"expected {n} bytes, stream ended after {have}", offset=self.tell()
+                )
+
+    def take(self, n: int) -> tuple[bytes, int]:
+        """Consume ``n`` bytes; return the buffer holding them and their start."""
+        p = self.pos
+        if p + n > len(self.buf):
+            self._fill(n)
+            p = self.pos
+        self.pos = p + n
+        return self.buf, p
+
+    def read(self, n: int) -> bytes:
+        if n < 0:
+            raise MalformedStream(f"negative length {n}", offset=self.tell())
+        buf, p = self.take(n)
+        return buf[p : p + n]
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` exactly (used for page payloads)."""
+        n = len(view)
+        done = 0
+        avail = len(self.buf) - self.pos
+        if avail:
+            k = min(avail, n)
+            view[:k] = self.buf[self.pos : self.pos + k]
+            self.pos += k
+            done = k
+        while done < n:
+            if self._source is None or self._eof:
+                raise TruncatedStream(f"expected {n} bytes, stream ended after {done}", offset=self.tell())
+            got = self._source.readinto(view[done:]) or 0
+            if got <= 0:
+                self._eof = True
+                continue
+            done += got
+            self._base += got
+
+    def peek(self, n: int) -> bytes:
+        """Up to ``n`` bytes ahead without consuming (shorter at end of input)."""
+        while len(self.buf) - self.pos < n and self._more(n):
+            pass
+        return self.buf[self.pos : self.pos + n]
+
+    def at_end(self) -> bool:
+        return not self.peek(1)
+
+    def u8(self) -> int:
+        buf, p = self.take(1)
+        return buf[p]
+
+    def u16(self) -> int:
+        buf, p = self.take(2)
+        return int(_U16.unpack_from(buf, p)[0])
+
+    def u32(self) -> int:
+        buf, p = self.take(4)
+        return int(_U32.unpack_from(buf, p)[0])
+
+    def u64(self) -> int:
+        buf, p = self.take(8)
+        return int(_U64.unpack_from(buf, p)[0])
+
+    def s32(self) -> int:
+        buf, p = self.take(4)
+        return int(_S32.unpack_from(buf, p)[0])
+
+    def s64(self) -> int:
+        buf, p = self.take(8)
+        return int(_S64.unpack_from(buf, p)[0])
+
+    def counted_string(self) -> bytes:
+        """``u8 n`` then ``n`` bytes (idstrs, subsection and block names)."""
+        return self.read(self.u8())
+
+
+class Writer:
+    """Accumulates QEMU primitives; optionally drains to a binary sink."""
+
+    __slots__ = ("_flushed", "_sink", "buf")
+
+    def __init__(self, sink: BinaryIO | None = None) -> None:
+        self.buf = bytearray()
+        self._sink = sink
+        self._flushed = 0
+
+    def tell(self) -> int:
+        return self._flushed + len(self.buf)
+
+    def getvalue(self) -> bytes:
+        return bytes(self.buf)
+
+    def flush(self) -> None:
+        if self._sink is not None and self.buf:
+            self._sink.write(self.buf)
+            self._flushed += len(self.buf)
+            self.buf = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.buf += data
+
+    def u8(self, v: int) -> None:
+        self.buf.append(v)
+
+    def u16(self, v: int) -> None:
+        self.buf += _U16.pack(v)
+
+    def u32(self, v: int) -> None:
+        self.buf += _U32.pack(v)
+
+    def u64(self, v: int) -> None:
+        self.buf += _U64.pack(v)
+
+    def s32(self, v: int) -> None:
+        self.buf += _S32.pack(v)
+
+    def s64(self, v: int) -> None:
+        self.buf += _S64.pack(v)
+
+    def counted_string(self, s: bytes) -> None:
+        if len(s) > 255:
+            raise ValueError(f"counted string of {len(s)} bytes exceeds 255")
+        self.buf.append(len(s))
+        self.buf += s
+
+

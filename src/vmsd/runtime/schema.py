@@ -1,0 +1,50 @@
+"""Static descriptions of generated vmsds, as data.
+
+Generated modules attach one :class:`VmsdSpec` to each class.  The runtime
+walks these tables to produce QEMU's JSON descriptions (the stream trailer
+and the ``-dump-vmstate`` form); load and save never consult them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class FieldSpec:
+    name: str  # QEMU's name in JSON, already numbered (``unused[1]``)
+    attr: str | None  # Python attribute; None for unused and validate
+    info: str  # QEMU's type name in JSON (``uint8``, ``int32 equal``, ``struct`` …)
+    kind: str  # scalar | bytes | unused | struct | bitmap | list | map | validate
+    elem_size: int = 0  # wire bytes of one element when fixed
+    dims: tuple[int, ...] = ()  # fixed dimensions; () for a single element
+    count_attr: str | None = None  # attribute holding a variable count
+    multiply: int = 1
+    since: int = 0
+    test: str | None = None  # method (self, version_id) -> bool deciding presence
+    struct: Any = None  # nested generated class (struct, list and map values)
+    key: Any = None  # map key class, or None for direct integer keys
+    struct_version: int | None = None
+    nullable: bool = False
+    flags: tuple[str, ...] = ()  # QEMU VMS_* flags, for dump and compatibility checks
+
+
+@attrs.frozen
+class SubsectionSpec:
+    name: str
+    version: int
+    minimum: int
+    needed: str | None  # method (self, version_id) -> bool; None = always sent
+    fields: tuple[FieldSpec, ...]
+    subsections: tuple[SubsectionSpec, ...] = ()
+
+
+@attrs.frozen
+class VmsdSpec:
+    name: str
+    version: int
+    minimum: int
+    fields: tuple[FieldSpec, ...]
+    subsections: tuple[SubsectionSpec, ...] = ()

@@ -1,0 +1,364 @@
+"""Base class, registry and helpers used by generated vmsd classes.
+
+Generated classes subclass :class:`VMStateObject` and implement
+``_load_fields``/``_save_fields`` as straight-line code.  The helpers below
+cover the rarer field kinds (bitmaps, lists, trees, arrays of pointers) and
+the subsection loop, which follows QEMU's loader exactly: peek the marker,
+check the name prefix, look the name up, keep only the low 8 bits of the
+version.
+"""
+
+from __future__ import annotations
+
+import abc
+import struct
+from collections.abc import Callable, Sequence, Sized
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from vmsd.runtime.errors import CheckFailed, MalformedStream, RegistryError, SaveError, VersionMismatch, VMSDError
+from vmsd.runtime.io import Reader, Writer
+
+__all__ = [
+    "API_VERSION",
+    "CheckFailed",
+    "MalformedStream",
+    "SaveError",
+    "VMSDError",
+    "VMStateObject",
+    "register",
+]
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from vmsd.runtime.schema import VmsdSpec
+
+API_VERSION = 1
+
+SubLoader = Callable[[Any, "Reader", int], None]
+
+QEMU_VM_SUBSECTION = 0x05
+# QEMU writes this byte in place of a NULL slot of an array of pointers.
+NULLPTR_MARKER = 0x30
+
+T = TypeVar("T", bound="VMStateObject")
+V = TypeVar("V")
+
+
+def require_api(version: int) -> None:
+    """Called by every generated module at import."""
+    if version != API_VERSION:
+        raise ImportError(
+            f"generated code needs vmsd runtime API {version}, this runtime is {API_VERSION}: regenerate it with 'vmsd compile'"
+        )
+
+
+_IMPLS: dict[type, type] = {}
+
+
+def register(cls: type[T]) -> type[T]:
+    """Make ``cls`` the class the loaders build for its generated base vmsd class."""
+    base = next((c for c in cls.__mro__ if "VMSD_NAME" in c.__dict__ and c.__dict__.get("_generated")), None)
+    if base is None:
+        raise RegistryError(f"{cls.__name__} does not derive from a generated vmsd class")
+    _IMPLS[base] = cls
+    return cls
+
+
+def impl(cls: type[T]) -> type[T]:
+    """The class registered for a generated class (itself by default)."""
+    return _IMPLS.get(cls, cls)
+
+
+class VMStateObject(abc.ABC):
+    """A migratable state object described by a vmsd."""
+
+    __slots__ = ()
+    VMSD: ClassVar[VmsdSpec]
+    VMSD_NAME: ClassVar[str]
+    VERSION_ID: ClassVar[int]
+    MINIMUM_VERSION_ID: ClassVar[int]
+    # subsection loaders by parent name: {name: (version, minimum, loader)}
+    _SUBSECTIONS: ClassVar[dict[str, dict[bytes, tuple[int, int, SubLoader]]]] = {}
+
+    # Hooks QEMU calls pre_save/post_save/pre_load/post_load; override in a
+    # registered subclass.  Raise a VMSDError to fail the operation.
+    def pre_save(self) -> None:  # noqa: B027 - optional hook
+        """Before the fields are written."""
+
+    def post_save(self) -> None:  # noqa: B027 - optional hook
+        """After fields and subsections were written."""
+
+    def pre_load(self) -> None:  # noqa: B027 - optional hook
+        """Before the fields are read (the object holds its defaults)."""
+
+    def post_load(self, version_id: int) -> None:  # noqa: B027 - optional hook
+        """After fields and subsections were read."""
+
+    @abc.abstractmethod
+    def _load_fields(self, r: Reader, version_id: int) -> None: ...
+
+    @abc.abstractmethod
+    def _save_fields(self, w: Writer, version_id: int) -> None: ...
+
+    @classmethod
+    def load(cls, data: Reader | bytes | bytearray | memoryview, version_id: int | None = None) -> Self:
+        """Build the registered class for this vmsd from its wire encoding."""
+        obj = impl(cls)()
+        obj.load_into(data, version_id)
+        return obj
+
+    def load_into(self, data: Reader | bytes | bytearray | memoryview, version_id: int | None = None) -> None:
+        """Load into this object, as QEMU loads into an existing device."""
+        r = data if isinstance(data, Reader) else Reader(data)
+        v = self.VERSION_ID if version_id is None else version_id
+        check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, r.tell())
+        try:
+            self.pre_load()
+            self._load_fields(r, v)
+            self.post_load(v)
+        except VMSDError as e:
+            raise e.within(self.VMSD_NAME) from None
+
+    def save(self, w: Writer | None = None, version_id: int | None = None) -> bytes:
+        """Encode at ``version_id`` (default: the newest); returns the bytes written."""
+        w = Writer() if w is None else w
+        start = len(w.buf)
+        v = self.VERSION_ID if version_id is None else version_id
+        check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, None)
+        try:
+            self._save_nested(w, v)
+        except VMSDError as e:
+            raise e.within(self.VMSD_NAME) from None
+        return bytes(w.buf[start:])
+
+    def _load_nested(self, r: Reader, version_id: int) -> None:
+        self.pre_load()
+        self._load_fields(r, version_id)
+        self.post_load(version_id)
+
+    def _save_nested(self, w: Writer, version_id: int) -> None:
+        self.pre_save()
+        try:
+            self._save_fields(w, version_id)
+        finally:
+            self.post_save()
+
+
+def check_version(name: str, v: int, version: int, minimum: int, offset: int | None) -> None:
+    if v > version:
+        raise VersionMismatch(f"{name}: incoming version_id {v} is too new for local version_id {version}", offset=offset)
+    if v < minimum:
+        raise VersionMismatch(f"{name}: incoming version_id {v} is too old for local minimum version_id {minimum}", offset=offset)
+
+
+# ---- small helpers for generated code -------------------------------------
+
+def present(value: V | None, name: str) -> V:
+    """The value of an optional field that the version being saved requires."""
+    if value is None:
+        raise SaveError(f"field '{name}' is None but version being saved needs it")
+    return value
+
+
+def opt(value: V | None, name: str) -> V:
+    """An optional field read inside an expression: it must have been loaded."""
+    if value is None:
+        raise CheckFailed(f"expression needs field '{name}', which is absent at this version")
+    return value
+
+
+def count(n: int) -> int:
+    """A variable element count; QEMU loops zero times for a negative count."""
+    return n if n > 0 else 0
+
+
+def check_len(value: Sized, n: int, name: str) -> None:
+    if len(value) != n:
+        raise SaveError(f"'{name}' has {len(value)} elements, its length field says {n}")
+
+
+def flat(rows: Sequence[Sequence[Any]], n: int, m: int, name: str) -> list[Any]:
+    if len(rows) != n or any(len(row) != m for row in rows):
+        raise SaveError(f"'{name}' must be {n} rows of {m} elements")
+    return [x for row in rows for x in row]
+
+
+def c_div(a: int, b: int) -> int:
+    if b == 0:
+        raise CheckFailed("division by zero in expression")
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def c_mod(a: int, b: int) -> int:
+    return a - c_div(a, b) * b
+
+
+def load_struct_array(r: Reader, cls: type[T], n: int, version: int, existing: list[T]) -> list[T]:
+    out: list[T] = []
+    ctor = impl(cls)
+    for i in range(n):
+        obj = existing[i] if i < len(existing) else ctor()
+        try:
+            obj._load_nested(r, version)
+        except VMSDError as e:
+            raise e.within(f"[{i}]") from None
+        out.append(obj)
+    return out
+
+
+def save_struct_array(w: Writer, values: Sequence[T], n: int, version: int, name: str) -> None:
+    if len(values) != n:
+        raise SaveError(f"'{name}' has {len(values)} elements, expected {n}")
+    for i, obj in enumerate(values):
+        try:
+            obj._save_nested(w, version)
+        except VMSDError as e:
+            raise e.within(f"[{i}]") from None
+
+
+def load_nullable_array(r: Reader, n: int, version: int, existing: list[T | None]) -> list[T | None]:
+    """QEMU's array of pointers: a slot that is NULL on the destination reads the marker byte."""
+    out: list[T | None] = []
+    for i in range(n):
+        slot = existing[i] if i < len(existing) else None
+        if slot is None:
+            at = r.tell()
+            if r.u8() != NULLPTR_MARKER:
+                raise MalformedStream(f"[{i}]: expected the NULL slot marker 0x30", offset=at)
+            out.append(None)
+            continue
+        try:
+            slot._load_nested(r, version)
+        except VMSDError as e:
+            raise e.within(f"[{i}]") from None
+        out.append(slot)
+    return out
+
+
+def save_nullable_array(w: Writer, values: Sequence[T | None], n: int, version: int, name: str) -> None:
+    if len(values) != n:
+        raise SaveError(f"'{name}' has {len(values)} elements, expected {n}")
+    for i, obj in enumerate(values):
+        if obj is None:
+            w.buf.append(NULLPTR_MARKER)
+            continue
+        try:
+            obj._save_nested(w, version)
+        except VMSDError as e:
+            raise e.within(f"[{i}]") from None
+
+
+def load_bitmap(r: Reader, nbits: int) -> int:
+    """QEMU bitmaps: 64-bit big-endian words, bit i of the map is bit i%64 of word i//64."""
+    nwords = (nbits + 63) // 64
+    buf, p = r.take(nwords * 8)
+    words = struct.unpack_from(f">{nwords}Q", buf, p)
+    value = 0
+    for i, word in enumerate(words):
+        value |= word << (64 * i)
+    return value
+
+
+def save_bitmap(w: Writer, value: int, nbits: int, name: str) -> None:
+    nwords = (nbits + 63) // 64
+    if value < 0 or value >> (64 * nwords):
+        raise SaveError(f"bitmap '{name}' does not fit in {nwords} 64-bit words")
+    mask = (1 << 64) - 1
+    w.buf += struct.pack(f">{nwords}Q", *((value >> (64 * i)) & mask for i in range(nwords)))
+
+
+def load_qlist(r: Reader, cls: type[T], version: int) -> list[T]:
+    """QTAILQ/QLIST: a non-zero byte before each element, a zero byte at the end."""
+    out: list[T] = []
+    ctor = impl(cls)
+    while r.u8():
+        obj = ctor()
+        try:
+            obj._load_nested(r, version)
+        except VMSDError as e:
+            raise e.within(f"[{len(out)}]") from None
+        out.append(obj)
+    return out
+
+
+def save_qlist(w: Writer, values: Sequence[T], version: int) -> None:
+    for i, obj in enumerate(values):
+        w.buf.append(1)
+        try:
+            obj._save_nested(w, version)
+        except VMSDError as e:
+            raise e.within(f"[{i}]") from None
+    w.buf.append(0)
+
+
+def load_gtree(r: Reader, key_cls: type[VMStateObject] | None, cls: type[T], version: int) -> list[tuple[Any, T]]:
+    """GTree: be32 node count; per node a 1 byte, the key, the value; then a 0 byte."""
+    start = r.tell()
+    nnodes = r.u32()
+    out: list[tuple[Any, T]] = []
+    ctor = impl(cls)
+    while r.u8():
+        if len(out) >= nnodes:
+            raise MalformedStream(f"tree announces {nnodes} nodes but holds more", offset=start)
+        key: Any
+        if key_cls is None:
+            key = r.u64()
+        else:
+            key = impl(key_cls)()
+            key._load_nested(r, version)
+        value = ctor()
+        try:
+            value._load_nested(r, version)
+        except VMSDError as e:
+            raise e.within(f"[{key!r}]") from None
+        out.append((key, value))
+    if len(out) != nnodes:
+        raise MalformedStream(f"tree announces {nnodes} nodes but holds {len(out)}", offset=start)
+    return out
+
+
+def save_gtree(w: Writer, items: Sequence[tuple[Any, T]], version: int, direct_key: bool) -> None:
+    w.u32(len(items))
+    for key, value in items:
+        w.buf.append(1)
+        if direct_key:
+            w.u64(key)
+        else:
+            key._save_nested(w, version)
+        value._save_nested(w, version)
+    w.buf.append(0)
+
+
+def load_subsections(obj: Any, r: Reader, parent: str, table: dict[bytes, tuple[int, int, SubLoader]]) -> None:
+    """QEMU's subsection loop: stops at the first thing that is not one of ours."""
+    prefix = parent.encode()
+    while True:
+        head = r.peek(2)
+        if len(head) < 2 or head[0] != QEMU_VM_SUBSECTION or head[1] < len(prefix) + 1:
+            return
+        name = r.peek(2 + head[1])[2:]
+        if len(name) < head[1] or not name.startswith(prefix):
+            return
+        at = r.tell()
+        entry = table.get(name)
+        if entry is None:
+            raise MalformedStream(f"unknown subsection '{name.decode(errors='replace')}'", offset=at)
+        r.take(2 + head[1])
+        # QEMU stores the subsection version in a uint8_t: only the low byte counts.
+        v = r.u32() & 0xFF
+        version, minimum, loader = entry
+        label = name.decode()
+        try:
+            check_version(label, v, version, minimum, at)
+            loader(obj, r, v)
+        except VMSDError as e:
+            raise e.within(label) from None
+
+
+def write_subsection_header(w: Writer, name: bytes, version: int) -> None:
+    w.buf.append(QEMU_VM_SUBSECTION)
+    w.buf.append(len(name))
+    w.buf += name
+    w.u32(version)
