@@ -654,7 +654,9 @@ class ModuleBuilder:
                 if mult != 1:
                     kw["multiply"] = str(mult)
                     flags.append("VMS_MULTIPLY_ELEMENTS" if f.kind not in ("bytes",) else "VMS_MULTIPLY")
-        if dims and f.kind not in ("bytes",):
+        if dims and f.kind == "bitmap":
+            kw["dims"] = repr(tuple(dims))
+        elif dims and f.kind != "bytes":
             kw["dims"] = repr(tuple(dims))
             flags.insert(0, "VMS_ARRAY")
         elif f.kind == "bytes" and dims:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: system packages (QEMU 7.2 is the interop peer) and
+# a virtualenv in .venv with vmsd installed in editable mode plus dev tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq qemu-system-x86 >/dev/null
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e ".[dev]"

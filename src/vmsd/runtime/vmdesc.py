@@ -1,0 +1,241 @@
+"""QEMU's JSON descriptions of vmsd instances and definitions.
+
+:func:`describe` produces the body QEMU writes into a stream's trailer for
+one saved object (field entries with sizes, ``array_len`` for compressible
+arrays, subsections actually sent), and :func:`dumps` prints JSON exactly
+as QEMU's writer does (``": "``, ``", "``, ``\\uXXXX`` escapes), keeping
+duplicate keys where QEMU repeats them (lists and trees).
+:func:`dump_vmstate` gives the static ``-dump-vmstate`` form of a class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmsd.runtime.schema import FieldSpec, SubsectionSpec, VmsdSpec
+
+
+class Obj(list[tuple[str, Any]]):
+    """A JSON object as ordered pairs; keys may repeat, as in QEMU's output."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        for k, v in self:
+            if k == key:
+                return v
+        return default
+
+
+def _present(obj: Any, f: FieldSpec, version: int) -> bool:
+    if f.since > version:
+        return False
+    return f.test is None or bool(getattr(obj, f.test)(version))
+
+
+def _count(obj: Any, f: FieldSpec) -> int:
+    if f.kind in ("bytes", "bitmap", "unused", "list", "map"):
+        return 1
+    if f.kind == "validate":
+        return 0  # QEMU's VMSTATE_VALIDATE is an array of zero elements
+    n = 1
+    for d in f.dims:
+        n *= d
+    if f.count_attr is not None:
+        n = max(getattr(obj, f.count_attr), 0) * f.multiply
+    return n
+
+
+def _can_compress(f: FieldSpec) -> bool:
+    if f.test is not None:
+        return False
+    if "VMS_STRUCT" in f.flags:
+        spec: VmsdSpec = f.struct.VMSD
+        return not spec.subsections and all(_can_compress(sf) for sf in spec.fields)
+    return True
+
+
+def _elements(value: Any, f: FieldSpec) -> list[Any]:
+    if f.kind in ("bytes", "bitmap", "unused", "list", "map"):
+        return [value]
+    if not f.dims and f.count_attr is None:
+        return [value]
+    if len(f.dims) == 2:
+        return [x for row in value for x in row]
+    return list(value)
+
+
+def describe(obj: Any, version: int | None = None) -> tuple[Obj, int]:
+    """The trailer body of ``obj`` saved at ``version`` and its size in bytes."""
+    spec: VmsdSpec = obj.VMSD
+    v = spec.version if version is None else version
+    return _body(obj, spec.name, v, spec.fields, spec.subsections)
+
+
+def _body(
+    obj: Any, name: str, version: int, fields: tuple[FieldSpec, ...], subsections: tuple[SubsectionSpec, ...]
+) -> tuple[Obj, int]:
+    entries: list[Obj] = []
+    total = 0
+    for f in fields:
+        if not _present(obj, f, version):
+            continue
+        n = _count(obj, f)
+        if n == 0:
+            continue
+        value = getattr(obj, f.attr) if f.attr else None
+        elems = _elements(value, f) if f.attr else [None] * n
+        compress = _can_compress(f)
+        for i, elem in enumerate(elems):
+            entry, size = _entry(obj, f, elem, n, i, compress)
+            total += size
+            if not compress or i == 0:
+                entries.append(entry)
+    body = Obj([("vmsd_name", name), ("version", version), ("fields", entries)])
+    subs: list[Obj] = []
+    for s in subsections:
+        if s.needed is not None and not getattr(obj, s.needed)(version):
+            continue
+        sub_body, sub_size = _body(obj, s.name, s.version, s.fields, s.subsections)
+        subs.append(sub_body)
+        total += 2 + len(s.name.encode()) + 4 + sub_size
+    if subs:
+        body.append(("subsections", subs))
+    return body, total
+
+
+def _entry(obj: Any, f: FieldSpec, elem: Any, n: int, i: int, compress: bool) -> tuple[Obj, int]:
+    entry = Obj([("name", f.name)])
+    if n > 1:
+        entry.append(("array_len", n) if compress else ("index", i))
+    entry.append(("type", f.info))
+    if f.kind == "struct":
+        if elem is None:  # NULL slot of an array of pointers: QEMU's marker byte
+            entry.append(("struct", Obj()))
+            size = 1
+        elif f.struct_version is not None:
+            nested, size = describe(elem, f.struct_version)
+            entry.extend(nested)
+        else:
+            nested, size = describe(elem)
+            entry.append(("struct", nested))
+    elif f.kind == "scalar":
+        size = f.elem_size
+    elif f.kind == "unused":
+        size = f.elem_size
+    elif f.kind == "bytes":
+        size = len(elem)
+    elif f.kind == "bitmap":
+        nbits = max(getattr(obj, f.count_attr), 0) * f.multiply if f.count_attr else f.dims[0]
+        size = (nbits + 63) // 64 * 8
+    elif f.kind == "list":
+        size = 1
+        for item in elem:
+            nested, item_size = describe(item)
+            entry.extend(nested)
+            size += 1 + item_size
+    else:  # map: GTree
+        size = 4 + 1
+        for key, item in elem:
+            size += 1
+            if f.key is None:
+                size += 8
+            else:
+                nested, key_size = describe(key)
+                entry.extend(nested)
+                size += key_size
+            nested, item_size = describe(item)
+            entry.extend(nested)
+            size += item_size
+    entry.append(("size", size))
+    return entry, size
+
+
+def dumps(value: Any) -> str:
+    """JSON text exactly as QEMU's JSON writer prints it."""
+    parts: list[str] = []
+    _write(value, parts)
+    return "".join(parts)
+
+
+def _write(value: Any, out: list[str]) -> None:
+    if isinstance(value, Obj):
+        out.append("{")
+        for i, (k, v) in enumerate(value):
+            if i:
+                out.append(", ")
+            out.append(_quote(k))
+            out.append(": ")
+            _write(v, out)
+        out.append("}")
+    elif isinstance(value, dict):
+        _write(Obj(value.items()), out)
+    elif isinstance(value, list | tuple):
+        out.append("[")
+        for i, v in enumerate(value):
+            if i:
+                out.append(", ")
+            _write(v, out)
+        out.append("]")
+    elif isinstance(value, bool):
+        out.append("true" if value else "false")
+    elif isinstance(value, int):
+        out.append(str(value))
+    elif isinstance(value, str):
+        out.append(_quote(value))
+    elif value is None:
+        out.append("null")
+    else:
+        raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _quote(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code > 0xFFFF:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04X}\\u{0xDC00 + (code & 0x3FF):04X}")
+        else:
+            out.append(f"\\u{code:04X}")
+    out.append('"')
+    return "".join(out)
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON keeping objects as :class:`Obj` (duplicate keys survive)."""
+    import json
+
+    return json.loads(text, object_pairs_hook=Obj)
+
+
+def dump_vmstate(cls: Any) -> dict[str, Any]:
+    """The ``-dump-vmstate`` description of a generated class (sizes are wire sizes)."""
+    spec: VmsdSpec = cls.VMSD
+    return _dump_desc(spec.name, spec.version, spec.minimum, spec.fields, spec.subsections)
+
+
+def _dump_desc(
+    name: str, version: int, minimum: int, fields: tuple[FieldSpec, ...], subsections: tuple[SubsectionSpec, ...]
+) -> dict[str, Any]:
+    desc: dict[str, Any] = {"name": name, "version_id": version, "minimum_version_id": minimum}
+    out_fields = []
+    for f in fields:
+        if "VMS_MUST_EXIST" in f.flags:
+            continue  # QEMU leaves VMSTATE_VALIDATE out of the dump
+        entry: dict[str, Any] = {"field": f.name, "version_id": f.since, "field_exists": f.test is not None}
+        if "VMS_ARRAY" in f.flags and f.dims:
+            entry["num"] = f.dims[0] if len(f.dims) == 1 else f.dims[0] * f.dims[1]
+        entry["size"] = f.elem_size
+        if f.struct is not None:
+            entry["Description"] = dump_vmstate(f.struct)
+        out_fields.append(entry)
+    desc["Fields"] = out_fields
+    if subsections:
+        desc["Subsections"] = [_dump_desc(s.name, s.version, s.minimum, s.fields, s.subsections) for s in subsections]
+    return desc
