@@ -1,0 +1,196 @@
+"""Decode and encode VMState payloads from QEMU's JSON description alone.
+
+This is the interpretive path: it walks a trailer body field by field, the
+way QEMU's ``analyze-migration.py`` does, and serves sections that have no
+typed spec.  Every element's byte count is checked against the description's
+``size``, so a description that does not match the bytes is reported at the
+field where they part, never silently misread.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from vmsd.runtime.errors import MalformedStream, VMSDError
+from vmsd.runtime.io import Reader, Writer
+from vmsd.runtime.vmdesc import Obj
+from vmsd.runtime.vmstate import NULLPTR_MARKER, QEMU_VM_SUBSECTION
+
+_SCALARS: dict[str, struct.Struct] = {
+    name: struct.Struct(fmt)
+    for name, fmt in {
+        "bool": ">?",
+        "int8": ">b",
+        "int16": ">h",
+        "int32": ">i",
+        "int64": ">q",
+        "uint8": ">B",
+        "uint16": ">H",
+        "uint32": ">I",
+        "uint64": ">Q",
+        "int32 equal": ">i",
+        "uint8 equal": ">B",
+        "uint16 equal": ">H",
+        "uint32 equal": ">I",
+        "int64 equal": ">Q",
+        "int32 le": ">i",
+        "timer": ">q",
+        "float64": ">d",
+        "CPU_Double_U": ">d",
+    }.items()
+}
+
+
+def _bodies(entry: Obj) -> list[Obj]:
+    """Split the repeated inline bodies of a qtailq/qlist/gtree entry."""
+    out: list[Obj] = []
+    for k, v in entry:
+        if k == "vmsd_name":
+            out.append(Obj([(k, v)]))
+        elif out and k in ("version", "fields", "subsections"):
+            out[-1].append((k, v))
+    return out
+
+
+def decode_body(r: Reader, body: Obj) -> Obj:
+    """Read the fields and subsections ``body`` describes; values by QEMU name."""
+    values = Obj()
+    for entry in body.get("fields", []):
+        name = entry.get("name")
+        try:
+            values.append((name, _decode_entry(r, entry)))
+        except VMSDError as e:
+            raise e.within(name) from None
+    for sub in body.get("subsections", []) or []:
+        sub_name = sub.get("vmsd_name")
+        at = r.tell()
+        if r.u8() != QEMU_VM_SUBSECTION:
+            raise MalformedStream(f"expected subsection '{sub_name}'", offset=at)
+        got = r.counted_string().decode(errors="replace")
+        if got != sub_name:
+            raise MalformedStream(f"expected subsection '{sub_name}', found '{got}'", offset=at)
+        r.u32()
+        try:
+            values.append((sub_name, decode_body(r, sub)))
+        except VMSDError as e:
+            raise e.within(sub_name) from None
+    return values
+
+
+def _decode_entry(r: Reader, entry: Obj) -> Any:
+    n = entry.get("array_len")
+    if n is None:
+        return _decode_one(r, entry)
+    out = []
+    for i in range(n):
+        try:
+            out.append(_decode_one(r, entry))
+        except VMSDError as e:
+            raise e.within(f"[{i}]") from None
+    return out
+
+
+def _decode_one(r: Reader, entry: Obj) -> Any:
+    kind = entry.get("type")
+    size = entry.get("size")
+    start = r.tell()
+    value: Any
+    scalar = _SCALARS.get(kind)
+    if scalar is not None and size == scalar.size:
+        buf, p = r.take(scalar.size)
+        return scalar.unpack_from(buf, p)[0]
+    if kind == "struct":
+        nested = entry.get("struct")
+        if not nested and size == 1:
+            if r.u8() != NULLPTR_MARKER:
+                raise MalformedStream("expected the NULL slot marker 0x30", offset=start)
+            return None
+        value = decode_body(r, nested)
+    elif kind == "vstruct":
+        value = decode_body(r, entry)
+    elif kind in ("qtailq", "qlist"):
+        value = []
+        for b in _bodies(entry):
+            if not r.u8():
+                raise MalformedStream("list ended before its description", offset=r.tell() - 1)
+            value.append(decode_body(r, b))
+        if r.u8():
+            raise MalformedStream("list holds more elements than its description", offset=r.tell() - 1)
+    elif kind == "gtree":
+        value = _decode_gtree(r, entry)
+    else:
+        # buffer, unused_buffer, bitmap and device-specific types: raw bytes
+        value = r.read(size)
+    if r.tell() - start != size:
+        raise MalformedStream(f"description says {size} bytes, decoding used {r.tell() - start}", offset=start)
+    return value
+
+
+def _decode_gtree(r: Reader, entry: Obj) -> list[tuple[Any, Any]]:
+    start = r.tell()
+    nnodes = r.u32()
+    bodies = _bodies(entry)
+    keyed = len(bodies) == 2 * nnodes and nnodes > 0
+    out: list[tuple[Any, Any]] = []
+    for i in range(nnodes):
+        if not r.u8():
+            raise MalformedStream(f"tree announces {nnodes} nodes but holds {i}", offset=start)
+        key = decode_body(r, bodies[2 * i]) if keyed else r.u64()
+        value = decode_body(r, bodies[2 * i + 1] if keyed else bodies[i])
+        out.append((key, value))
+    if r.u8():
+        raise MalformedStream(f"tree holds more than its {nnodes} nodes", offset=start)
+    return out
+
+
+def encode_body(w: Writer, body: Obj, values: Obj) -> None:
+    """Write what :func:`decode_body` read, byte for byte."""
+    it = iter(values)
+    for entry in body.get("fields", []):
+        _, value = next(it)
+        n = entry.get("array_len")
+        for v in value if n is not None else [value]:
+            _encode_one(w, entry, v)
+    for sub in body.get("subsections", []) or []:
+        _, value = next(it)
+        name = sub.get("vmsd_name").encode()
+        w.u8(QEMU_VM_SUBSECTION)
+        w.counted_string(name)
+        w.u32(sub.get("version"))
+        encode_body(w, sub, value)
+
+
+def _encode_one(w: Writer, entry: Obj, value: Any) -> None:
+    kind = entry.get("type")
+    size = entry.get("size")
+    scalar = _SCALARS.get(kind)
+    if scalar is not None and size == scalar.size:
+        w.buf += scalar.pack(value)
+    elif kind == "struct":
+        if value is None:
+            w.u8(NULLPTR_MARKER)
+        else:
+            encode_body(w, entry.get("struct"), value)
+    elif kind == "vstruct":
+        encode_body(w, entry, value)
+    elif kind in ("qtailq", "qlist"):
+        for b, v in zip(_bodies(entry), value, strict=True):
+            w.u8(1)
+            encode_body(w, b, v)
+        w.u8(0)
+    elif kind == "gtree":
+        bodies = _bodies(entry)
+        keyed = len(bodies) == 2 * len(value) and value
+        w.u32(len(value))
+        for i, (key, v) in enumerate(value):
+            w.u8(1)
+            if keyed:
+                encode_body(w, bodies[2 * i], key)
+                encode_body(w, bodies[2 * i + 1], v)
+            else:
+                w.u64(key)
+                encode_body(w, bodies[i], v)
+        w.u8(0)
+    else:
+        w.write(value)

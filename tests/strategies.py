@@ -1,0 +1,120 @@
+"""Hypothesis strategies for generated vmsd classes, derived from their schema tables."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from hypothesis import strategies as st
+
+from vmsd.runtime.schema import FieldSpec, VmsdSpec
+from vmsd.runtime.vmstate import impl
+
+INT_BOUNDS = {
+    "int8": (-(1 << 7), (1 << 7) - 1),
+    "int16": (-(1 << 15), (1 << 15) - 1),
+    "int32": (-(1 << 31), (1 << 31) - 1),
+    "int64": (-(1 << 63), (1 << 63) - 1),
+    "timer": (-(1 << 63), (1 << 63) - 1),
+    "uint8": (0, (1 << 8) - 1),
+    "uint16": (0, (1 << 16) - 1),
+    "uint32": (0, (1 << 32) - 1),
+    "uint64": (0, (1 << 64) - 1),
+}
+MAX_ELEMS = 4
+
+
+def scalar(info: str) -> st.SearchStrategy[Any]:
+    if info == "bool":
+        return st.booleans()
+    if info in ("float64", "CPU_Double_U"):
+        return st.floats(allow_nan=False, width=64)
+    return st.integers(*INT_BOUNDS[info])
+
+
+def _fields(spec: VmsdSpec) -> list[FieldSpec]:
+    out = list(spec.fields)
+    todo = list(spec.subsections)
+    while todo:
+        s = todo.pop(0)
+        out.extend(s.fields)
+        todo.extend(s.subsections)
+    return out
+
+
+@st.composite
+def instances(draw: st.DrawFn, cls: type, depth: int = 0) -> Any:
+    """An object of ``cls`` (its registered implementation) with drawn field values."""
+    obj = impl(cls)()
+    fields = _fields(cls.VMSD)
+    counters = {f.count_attr for f in fields if f.count_attr}
+    checked = {f.attr: f.info for f in fields if f.info.endswith(" equal") or f.info == "int32 le"}
+    for f in fields:
+        if f.attr is None or f.attr in counters:
+            continue
+        setattr(obj, f.attr, draw(_value(obj, f, checked, depth)))
+    for f in fields:
+        if f.count_attr and f.attr and f.attr not in counters:
+            _sync_count(obj, f, checked)
+    return obj
+
+
+def _sync_count(obj: Any, f: FieldSpec, checked: dict[str, str]) -> None:
+    """Make a counter field agree with the drawn variable-length value."""
+    value = getattr(obj, f.attr or "")
+    n = len(value) if f.kind != "bitmap" else None
+    if n is not None and f.count_attr not in checked:
+        setattr(obj, f.count_attr or "", n // f.multiply)
+
+
+def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.SearchStrategy[Any]:
+    current = getattr(obj, f.attr or "")
+    if f.kind == "scalar":
+        if f.info.endswith(" equal"):
+            return st.just(current)
+        if f.info == "int32 le":
+            return st.integers(0, max(current, 0))
+        base = f.info
+        elem = scalar(base)
+        if isinstance(current, enum.Enum):
+            elem = st.integers(*INT_BOUNDS[_int_type(f)]).map(type(current))
+        if f.count_attr is not None:
+            if f.count_attr in checked:
+                n = max(getattr(obj, f.count_attr), 0) * f.multiply
+                return st.lists(elem, min_size=n, max_size=n)
+            return st.lists(elem, max_size=MAX_ELEMS).map(lambda xs: xs[: len(xs) - len(xs) % f.multiply])
+        if len(f.dims) == 2:
+            rows, cols = f.dims
+            return st.lists(st.lists(elem, min_size=cols, max_size=cols), min_size=rows, max_size=rows)
+        if f.dims:
+            return st.lists(elem, min_size=f.dims[0], max_size=f.dims[0])
+        return elem
+    if f.kind == "bytes":
+        if f.count_attr is not None:
+            if f.count_attr in checked:
+                n = max(getattr(obj, f.count_attr), 0) * f.multiply
+                return st.binary(min_size=n, max_size=n)
+            return st.binary(max_size=MAX_ELEMS * f.multiply).map(lambda b: b[: len(b) - len(b) % f.multiply])
+        return st.binary(min_size=f.elem_size, max_size=f.elem_size)
+    if f.kind == "bitmap":
+        nbits = f.dims[0] if f.dims else max(getattr(obj, f.count_attr or ""), 0) * f.multiply
+        return st.integers(0, (1 << ((nbits + 63) // 64 * 64)) - 1)
+    nested = instances(f.struct, depth + 1) if depth < 3 else st.builds(impl(f.struct))
+    if f.kind == "struct":
+        if f.nullable:
+            return st.just(current)
+        if f.count_attr is not None:
+            return st.lists(nested, max_size=MAX_ELEMS)
+        if f.dims:
+            return st.lists(nested, min_size=f.dims[0], max_size=f.dims[0])
+        return nested
+    if f.kind == "list":
+        return st.lists(nested, max_size=3)
+    if f.kind == "map":
+        keys = st.integers(0, (1 << 64) - 1) if f.key is None else instances(f.key, depth + 1)
+        return st.lists(st.tuples(keys, nested), max_size=3)
+    raise AssertionError(f"no strategy for {f.kind}")
+
+
+def _int_type(f: FieldSpec) -> str:
+    return f.info.split()[0]
