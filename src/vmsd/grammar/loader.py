@@ -26,10 +26,12 @@ class Program:
 
 
 def display_path(path: Path) -> str:
+    """Stable name of a spec file: relative to the current directory when inside it."""
+    resolved = path.resolve()
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
+        return str(resolved.relative_to(Path.cwd()))
     except ValueError:
-        return str(path)
+        return str(resolved)
 
 
 def load(paths: list[Path]) -> Program:
