@@ -204,6 +204,7 @@ class ModuleBuilder:
                 abstract.append(s.needed.method)
         load, save, table_fields = self.steps(v.fields, ctx, predicates)
         if v.subsections:
+            load.append('_at = ""')
             load.append(f"_rt.load_subsections(self, r, {v.name!r}, self._SUBSECTIONS[{v.name!r}])")
         subs, sub_tables = self.subsections(v.subsections, v.name, ctx, predicates, save)
         table = (
@@ -246,6 +247,7 @@ class ModuleBuilder:
             load, save, table_fields = self.steps(s.fields, ctx, predicates)
             nested_models, nested_tables = self.subsections(s.subsections, s.name, ctx, predicates, save)
             if s.subsections:
+                load.append('_at = ""')
                 load.append(f"_rt.load_subsections(self, r, {s.name!r}, self._SUBSECTIONS[{s.name!r}])")
             models.append(SubsectionModel(s.name, parent, method, f"_save_sub_{slug}", s.version, s.minimum, needed, load, save))
             models.extend(nested_models)

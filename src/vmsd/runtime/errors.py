@@ -28,6 +28,8 @@ class VMSDError(Exception):
 
     def within(self, name: str) -> VMSDError:
         """Prefix the field path with an enclosing field or vmsd name."""
+        if not name:
+            return self
         self.path = f"{name}.{self.path}" if self.path and not self.path.startswith("[") else name + self.path
         return self
 

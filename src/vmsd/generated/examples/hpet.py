@@ -75,6 +75,7 @@ class Hpet(_rt.VMStateObject):
                 self.legacy_route = _t
             else:
                 self.legacy_route = None
+            _at = ""
             _rt.load_subsections(self, r, 'hpet', self._SUBSECTIONS['hpet'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None

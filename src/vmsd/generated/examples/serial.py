@@ -75,6 +75,7 @@ class Serial(_rt.VMStateObject):
                 self.fcr_vmstate = _t
             else:
                 self.fcr_vmstate = None
+            _at = ""
             _rt.load_subsections(self, r, 'serial', self._SUBSECTIONS['serial'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
