@@ -33,9 +33,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         specs = sorted((repo / "specs").rglob("*.vmsd"))
         out_dir = Path(args.output) if args.output else repo / "src" / "vmsd" / "generated"
-        root = str((repo / "specs").relative_to(Path.cwd())) if repo == Path.cwd() else None
-        if root is None:
-            root = _display(repo / "specs")
+        root = str(repo / "specs")
     files = compile_specs(specs, root)
     stale = []
     for rel, text in sorted(files.items()):
@@ -57,13 +55,6 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _display(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(p)
-
-
 def _cmd_check(args: argparse.Namespace) -> int:
     from vmsd.grammar.loader import load
     from vmsd.grammar.semantic import check
@@ -71,6 +62,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     check(load([Path(s) for s in args.specs]))
     print(f"{len(args.specs)} spec(s) ok")
     return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vmsd.demo import run
+
+    return run()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="parse and check specs without generating code")
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("demo", help="compile the bundled specs and show the generated API at work")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -9,7 +9,7 @@ import jinja2
 
 import vmsd
 from vmsd.codegen.model import ModuleBuilder, module_name
-from vmsd.grammar.loader import Program, load
+from vmsd.grammar.loader import Program, display_path, load
 from vmsd.grammar.semantic import check
 from vmsd.runtime.vmstate import API_VERSION
 
@@ -50,7 +50,7 @@ def render(program: Program, root: str | None = None) -> dict[tuple[str, ...], s
     """Source text of every module the program generates, by module path."""
     resolved = check(program)
     files = sorted(program.files)
-    base = _common_root(files) if root is None else root
+    base = _common_root(files) if root is None else display_path(Path(root))
     module_of = {p: _module_parts(p, base) for p in files}
     out: dict[tuple[str, ...], str] = {}
     template = _env().get_template("module.py.j2")

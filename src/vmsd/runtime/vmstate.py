@@ -110,7 +110,8 @@ class VMStateObject(abc.ABC):
 
     def load_into(self, data: Reader | bytes | bytearray | memoryview, version_id: int | None = None) -> None:
         """Load into this object, as QEMU loads into an existing device."""
-        r = data if isinstance(data, Reader) else Reader(data)
+        whole = not isinstance(data, Reader)
+        r = Reader(data) if not isinstance(data, Reader) else data
         v = self.VERSION_ID if version_id is None else version_id
         check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, r.tell())
         try:
@@ -119,6 +120,10 @@ class VMStateObject(abc.ABC):
             self.post_load(v)
         except VMSDError as e:
             raise e.within(self.VMSD_NAME) from None
+        left = r.remaining()
+        if whole and left:
+            # Given the bytes of one object, leftovers mean the spec and the data disagree.
+            raise MalformedStream(f"{left} bytes left after the last field", offset=r.tell(), path=self.VMSD_NAME)
 
     def save(self, w: Writer | None = None, version_id: int | None = None) -> bytes:
         """Encode at ``version_id`` (default: the newest); returns the bytes written."""
