@@ -26,6 +26,12 @@ _READABLE = {
     "CHECK": "'equal' or 'le'",
     "LIST_KIND": "'list' or 'qlist'",
     "FLAGS": "'flags'",
+    "ADD_OP": "'+' or '-'",
+    "MUL_OP": "'*', '/' or '%'",
+    "EQ_OP": "'==' or '!='",
+    "REL_OP": "a comparison",
+    "SHIFT_OP": "'<<' or '>>'",
+    "UNARY_OP": "'!', '~' or '-'",
 }
 
 
@@ -107,7 +113,7 @@ class _ToAst(Transformer[Token, Any]):
     @v_args(meta=True)
     def subsection(self, meta: Any, items: list[Any]) -> ast.Subsection:
         name_tok, version, *rest = items
-        minimum = _int(rest.pop(0)) if rest and isinstance(rest[0], Token) and rest[0].type == "INT" else 1
+        minimum = _int(rest.pop(0)) if rest and isinstance(rest[0], Token) and rest[0].type == "INT" else min(1, _int(version))
         needed = rest.pop(0) if rest and isinstance(rest[0], _Needed) else None
         members = _attach_docs(rest)
         return ast.Subsection(

@@ -148,16 +148,17 @@ class _Checker:
                 cname = v.class_name or python_class_name(v.name)
                 self.r.class_names[id(v)] = cname
                 self.r.vmsd_file[id(v)] = path
+                # One mistake, one message: a duplicate name also clashes as a class.
                 if v.name in seen_vmsd:
                     other = seen_vmsd[v.name].pos
                     self.error(v.pos, f"duplicate vmsd '{v.name}' (first declared at {other.path}:{other.line})")
-                seen_vmsd[v.name] = v
-                if cname in seen_class:
+                elif cname in seen_class:
                     self.error(v.pos, f"vmsd '{v.name}' would generate class '{cname}', already used by vmsd '{seen_class[cname].name}'; pick another with 'class'")
-                seen_class[cname] = v
-                if cname in names:
+                elif cname in names:
                     self.error(v.pos, f"duplicate declaration '{cname}'")
-                names[cname] = v.pos
+                seen_vmsd.setdefault(v.name, v)
+                seen_class.setdefault(cname, v)
+                names.setdefault(cname, v.pos)
         for path, spec in self.p.files.items():
             for v in spec.vmsds:
                 self.collect_attrs(v)
@@ -231,7 +232,9 @@ class _Checker:
             if s.name in seen:
                 self.error(s.pos, f"duplicate subsection '{s.name}'")
             seen[s.name] = s.pos
-            if not s.name.startswith(parent) or s.name == parent:
+            if s.name == parent:
+                self.error(s.pos, f"subsection name '{s.name}' must extend its parent's name (e.g. '{parent}/...')")
+            elif not s.name.startswith(parent):
                 self.error(s.pos, f"subsection name '{s.name}' must start with its parent's name '{parent}' (QEMU matches subsections by that prefix)")
             if len(s.name.encode()) > 255:
                 self.error(s.pos, "subsection name is longer than 255 bytes")
@@ -290,7 +293,9 @@ class _Checker:
                 if not is_int or f.type == "bool":
                     self.error(f.enum_pos or f.pos, f"enum '{f.enum}' needs an integer field, not {f.type}")
         if f.check is not None:
-            if not is_int or f.type == "bool" or f.dims:
+            if f.dims:
+                self.error(f.pos, f"'{f.check}' checks a single value; '{f.name}' is an array")
+            elif not is_int or f.type == "bool":
                 self.error(f.pos, f"'{f.check}' needs a single integer field, not {f.type}")
             elif f.check == "le" and f.type != "int32":
                 self.error(f.pos, f"'le' exists only for int32 fields (QEMU's INT32_POSITIVE_LE), not {f.type}")
@@ -302,8 +307,9 @@ class _Checker:
             elif f.type == "bool":
                 if not isinstance(f.default, bool) and f.default not in (0, 1):
                     self.error(dpos, f"default {f.default} is out of range for bool")
-            elif isinstance(f.default, float):
-                self.error(dpos, f"default {f.default} is not an integer ({f.name} is {f.type})")
+            elif isinstance(f.default, float | bool):
+                shown = str(f.default).lower() if isinstance(f.default, bool) else f.default
+                self.error(dpos, f"default {shown} is not an integer ({f.name} is {f.type})")
             else:
                 lo, hi = INT_RANGES[f.type]
                 if not lo <= int(f.default) <= hi:
@@ -364,6 +370,8 @@ class _Checker:
         if earlier is not None and not any(e is target for e in earlier):
             if user is not None and target is user:
                 self.error(ref.pos, f"{role} of {user_name} refers to the field itself; it may only use fields loaded before it")
+            elif user is not None and user.name in known and known[name].index < known[user.name].index:
+                self.error(ref.pos, f"field '{name}' belongs to another subsection, which may be absent from the stream; a {role} may only use fields of this vmsd and of the enclosing subsections")
             else:
                 self.error(ref.pos, f"field '{name}' is declared after {user_name}; a {role} may only use fields loaded before it")
             return None
