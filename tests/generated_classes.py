@@ -7,6 +7,7 @@ import pkgutil
 
 import vmsd.generated
 from vmsd.generated.examples.hpet import Hpet
+from vmsd.generated.examples.kinds import Kinds
 from vmsd.runtime import VMStateObject, register
 
 
@@ -16,6 +17,12 @@ class HpetForTests(Hpet):
 
     def offset_needed(self, version_id: int) -> bool:
         return self.hpet_offset != 0
+
+
+@register
+class KindsForTests(Kinds):
+    def hook_present(self, version_id: int) -> bool:
+        return version_id >= 2
 
 
 def all_classes() -> list[type[VMStateObject]]:

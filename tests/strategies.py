@@ -49,22 +49,17 @@ def instances(draw: st.DrawFn, cls: type, depth: int = 0) -> Any:
     fields = _fields(cls.VMSD)
     counters = {f.count_attr for f in fields if f.count_attr}
     checked = {f.attr: f.info for f in fields if f.info.endswith(" equal") or f.info == "int32 le"}
+    bitmap_only = {f.count_attr for f in fields if f.kind == "bitmap"} - {
+        f.count_attr for f in fields if f.kind != "bitmap"
+    }
+    # Counters first: every variable-length field then draws exactly that many elements.
+    for name in sorted(c for c in counters if c and c not in checked):
+        setattr(obj, name, draw(st.integers(0, 200 if name in bitmap_only else MAX_ELEMS)))
     for f in fields:
         if f.attr is None or f.attr in counters:
             continue
         setattr(obj, f.attr, draw(_value(obj, f, checked, depth)))
-    for f in fields:
-        if f.count_attr and f.attr and f.attr not in counters:
-            _sync_count(obj, f, checked)
     return obj
-
-
-def _sync_count(obj: Any, f: FieldSpec, checked: dict[str, str]) -> None:
-    """Make a counter field agree with the drawn variable-length value."""
-    value = getattr(obj, f.attr or "")
-    n = len(value) if f.kind != "bitmap" else None
-    if n is not None and f.count_attr not in checked:
-        setattr(obj, f.count_attr or "", n // f.multiply)
 
 
 def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.SearchStrategy[Any]:
@@ -79,10 +74,8 @@ def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.Se
         if isinstance(current, enum.Enum):
             elem = st.integers(*INT_BOUNDS[_int_type(f)]).map(type(current))
         if f.count_attr is not None:
-            if f.count_attr in checked:
-                n = max(getattr(obj, f.count_attr), 0) * f.multiply
-                return st.lists(elem, min_size=n, max_size=n)
-            return st.lists(elem, max_size=MAX_ELEMS).map(lambda xs: xs[: len(xs) - len(xs) % f.multiply])
+            n = max(getattr(obj, f.count_attr), 0) * f.multiply
+            return st.lists(elem, min_size=n, max_size=n)
         if len(f.dims) == 2:
             rows, cols = f.dims
             return st.lists(st.lists(elem, min_size=cols, max_size=cols), min_size=rows, max_size=rows)
@@ -91,10 +84,8 @@ def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.Se
         return elem
     if f.kind == "bytes":
         if f.count_attr is not None:
-            if f.count_attr in checked:
-                n = max(getattr(obj, f.count_attr), 0) * f.multiply
-                return st.binary(min_size=n, max_size=n)
-            return st.binary(max_size=MAX_ELEMS * f.multiply).map(lambda b: b[: len(b) - len(b) % f.multiply])
+            n = max(getattr(obj, f.count_attr), 0) * f.multiply
+            return st.binary(min_size=n, max_size=n)
         return st.binary(min_size=f.elem_size, max_size=f.elem_size)
     if f.kind == "bitmap":
         nbits = f.dims[0] if f.dims else max(getattr(obj, f.count_attr or ""), 0) * f.multiply
@@ -104,7 +95,8 @@ def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.Se
         if f.nullable:
             return st.just(current)
         if f.count_attr is not None:
-            return st.lists(nested, max_size=MAX_ELEMS)
+            n = max(getattr(obj, f.count_attr), 0) * f.multiply
+            return st.lists(nested, min_size=n, max_size=n)
         if f.dims:
             return st.lists(nested, min_size=f.dims[0], max_size=f.dims[0])
         return nested

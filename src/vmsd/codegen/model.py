@@ -473,10 +473,13 @@ class ModuleBuilder:
                 method = f"_has_{python_attr_name(f.name or 'field')}"
                 predicates.append((method, self.expr(f.exists, ctx)))
                 conds.append(f"self.{method}(version_id)")
-        value = f"_rt.present({attr}, {f.name!r})" if conds and f.name else attr
+        # Only vmsd-level conditional fields are Optional; a subsection field
+        # that is absent keeps its current value, as in QEMU.
+        optional = bool(conds) and f.name is not None and f.name in ctx.optional
+        value = f"_rt.present({attr}, {f.name!r})"
         local = f"_v_{python_attr_name(f.name)}" if f.name else ""
         inner_load = self.load_field(f, attr, ctx)
-        inner_save = self.save_field(f, local if conds and f.name else attr, ctx)
+        inner_save = self.save_field(f, local if optional else attr, ctx)
         load.append(f"_at = {label!r}")
         save.append(f"_at = {label!r}")
         if not conds:
@@ -486,11 +489,11 @@ class ModuleBuilder:
         cond = " and ".join(conds)
         load.append(f"if {cond}:")
         load.extend("    " + line for line in inner_load)
-        if f.name:
+        if optional:
             load.append("else:")
             load.append(f"    {attr} = None")
         save.append(f"if {cond}:")
-        if f.name:
+        if optional:
             save.append(f"    {local} = {value}")
         save.extend("    " + line for line in inner_save)
 
@@ -500,7 +503,7 @@ class ModuleBuilder:
         if isinstance(d, ast.Ref):
             return f"_rt.count({self._ref(d, ctx)})"
         assert isinstance(d, ast.BinOp)
-        return f"_rt.count({self._expr(d, ctx)})"
+        return f"_rt.count({self._expr(d, ctx)[1:-1]})"
 
     def load_field(self, f: ast.Field, attr: str, ctx: _Ctx) -> list[str]:
         if f.kind == "unused":
@@ -516,6 +519,9 @@ class ModuleBuilder:
             target = self.r.struct_target[id(f)]
             cls = self.class_ref(target)
             version = f.struct_version if f.struct_version is not None else target.version
+            if f.tmp:
+                # QEMU loads a tmp struct at the field's version, saves it at its own.
+                version = f.since
             if f.kind == "list":
                 return [f"{attr} = _rt.load_qlist(r, {cls}, {f.since or target.version})"]
             if f.kind == "map":
@@ -524,11 +530,11 @@ class ModuleBuilder:
                 return [f"{attr} = _rt.load_gtree(r, {key}, {cls}, {f.since or target.version})"]
             if not f.dims:
                 lines = []
-                if f.since or f.exists is not None:
+                if f.name in ctx.optional:
                     lines += [f"if {attr} is None:", f"    {attr} = _rt.impl({cls})()"]
                 return [*lines, f"{attr}._load_nested(r, {version})"]
             n = self.count_src(f.dims[0], ctx)
-            existing = f"{attr} or []" if f.since or f.exists is not None else attr
+            existing = f"{attr} or []" if f.name in ctx.optional else attr
             if f.nullable:
                 return [f"{attr} = _rt.load_nullable_array(r, {n}, {version}, {existing})"]
             return [f"{attr} = _rt.load_struct_array(r, {cls}, {n}, {version}, {existing})"]
@@ -611,7 +617,7 @@ class ModuleBuilder:
                 info = "int32 le"
             kw["elem_size"] = str(SCALAR_FORMAT[f.type][1])
         elif f.kind == "bytes":
-            info = "buffer"
+            info = f.info or "buffer"
             flags.append("VMS_BUFFER" if isinstance(f.dims[0], ast.IntLit) else "VMS_VBUFFER")
         elif f.kind == "unused":
             info = "unused_buffer"
@@ -621,8 +627,16 @@ class ModuleBuilder:
             info = "bitmap"
             flags.append("VMS_VBUFFER")
         elif f.kind == "struct":
-            info = "vstruct" if f.struct_version is not None else "struct"
-            flags.append("VMS_VSTRUCT" if f.struct_version is not None else "VMS_STRUCT")
+            if f.tmp:
+                info = "tmp"
+                kw["inline"] = "True"
+            elif f.struct_version is not None:
+                info = "vstruct"
+                flags.append("VMS_VSTRUCT")
+                kw["inline"] = "True"
+            else:
+                info = "struct"
+                flags.append("VMS_STRUCT")
             if f.nullable:
                 flags.append("VMS_ARRAY_OF_POINTER")
                 kw["nullable"] = "True"

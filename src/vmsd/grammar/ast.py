@@ -89,6 +89,8 @@ class Field:
     exists: Condition | None = None
     nullable: bool = False
     struct_version: int | None = None
+    tmp: bool = False  # VMSTATE_WITH_TMP: nested fields inline, loaded at the field's version
+    info: str | None = None  # QEMU type name of an opaque buffer (``pci config``)
     list_kind: str = ""
     key: str | None = None  # map key: scalar type or vmsd name
     size: int = 0  # unused

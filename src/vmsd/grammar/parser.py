@@ -26,6 +26,7 @@ _READABLE = {
     "CHECK": "'equal' or 'le'",
     "LIST_KIND": "'list' or 'qlist'",
     "FLAGS": "'flags'",
+    "TMP": "'tmp'",
     "ADD_OP": "'+' or '-'",
     "MUL_OP": "'*', '/' or '%'",
     "EQ_OP": "'==' or '!='",
@@ -191,6 +192,12 @@ class _ToAst(Transformer[Token, Any]):
 
     def since(self, items: list[Token]) -> _Clause:
         return _Clause(since=_int(items[0]), since_pos=self._pos(items[0]))
+
+    def info(self, items: list[Token]) -> _Clause:
+        return _Clause(info=_string(items[0]))
+
+    def TMP(self, tok: Token) -> _Clause:
+        return _Clause(tmp=True)
 
     def struct_version(self, items: list[Token]) -> _Clause:
         return _Clause(struct_version=_int(items[0]))

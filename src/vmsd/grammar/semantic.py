@@ -264,6 +264,8 @@ class _Checker:
                     self.error(f.pos, "unused size must be positive")
             elif f.kind in ("struct", "list", "map"):
                 if f.kind == "struct":
+                    if f.tmp and (f.dims or f.nullable):
+                        self.error(f.pos, f"tmp struct '{f.name}' must be a single struct (VMSTATE_WITH_TMP)")
                     if len(f.dims) > 1:
                         self.error(f.pos, f"struct arrays have one dimension; '{f.name}' has {len(f.dims)}")
                     for d in f.dims:

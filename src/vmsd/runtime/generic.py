@@ -107,7 +107,7 @@ def _decode_one(r: Reader, entry: Obj) -> Any:
                 raise MalformedStream("expected the NULL slot marker 0x30", offset=start)
             return None
         value = decode_body(r, nested)
-    elif kind == "vstruct":
+    elif kind in ("vstruct", "tmp"):
         value = decode_body(r, entry)
     elif kind in ("qtailq", "qlist"):
         value = []
@@ -172,7 +172,7 @@ def _encode_one(w: Writer, entry: Obj, value: Any) -> None:
             w.u8(NULLPTR_MARKER)
         else:
             encode_body(w, entry.get("struct"), value)
-    elif kind == "vstruct":
+    elif kind in ("vstruct", "tmp"):
         encode_body(w, entry, value)
     elif kind in ("qtailq", "qlist"):
         for b, v in zip(_bodies(entry), value, strict=True):

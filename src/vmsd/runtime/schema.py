@@ -27,6 +27,7 @@ class FieldSpec:
     struct: Any = None  # nested generated class (struct, list and map values)
     key: Any = None  # map key class, or None for direct integer keys
     struct_version: int | None = None
+    inline: bool = False  # vstruct and tmp: the nested body's keys sit in the field entry
     nullable: bool = False
     flags: tuple[str, ...] = ()  # QEMU VMS_* flags, for dump and compatibility checks
 

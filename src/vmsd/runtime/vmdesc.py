@@ -111,7 +111,7 @@ def _entry(obj: Any, f: FieldSpec, elem: Any, n: int, i: int, compress: bool) ->
         if elem is None:  # NULL slot of an array of pointers: QEMU's marker byte
             entry.append(("struct", Obj()))
             size = 1
-        elif f.struct_version is not None:
+        elif f.inline:
             nested, size = describe(elem, f.struct_version)
             entry.extend(nested)
         else:

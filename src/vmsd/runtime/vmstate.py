@@ -53,7 +53,7 @@ def require_api(version: int) -> None:
         )
 
 
-_IMPLS: dict[type, type] = {}
+_IMPLS: dict[Any, Any] = {}
 
 
 def register(cls: type[T]) -> type[T]:
@@ -65,9 +65,12 @@ def register(cls: type[T]) -> type[T]:
     return cls
 
 
-def impl(cls: type[T]) -> type[T]:
+# Generated classes with custom predicates are abstract; they are passed as
+# plain callables so that mypy accepts them (the registered class is concrete).
+def impl(cls: Callable[[], V]) -> Callable[[], V]:
     """The class registered for a generated class (itself by default)."""
-    return _IMPLS.get(cls, cls)
+    found: Callable[[], V] = _IMPLS.get(cls, cls)
+    return found
 
 
 class VMStateObject(abc.ABC):
@@ -200,7 +203,7 @@ def c_mod(a: int, b: int) -> int:
     return a - c_div(a, b) * b
 
 
-def load_struct_array(r: Reader, cls: type[T], n: int, version: int, existing: list[T]) -> list[T]:
+def load_struct_array(r: Reader, cls: Callable[[], T], n: int, version: int, existing: list[T]) -> list[T]:
     out: list[T] = []
     ctor = impl(cls)
     for i in range(n):
@@ -274,7 +277,7 @@ def save_bitmap(w: Writer, value: int, nbits: int, name: str) -> None:
     w.buf += struct.pack(f">{nwords}Q", *((value >> (64 * i)) & mask for i in range(nwords)))
 
 
-def load_qlist(r: Reader, cls: type[T], version: int) -> list[T]:
+def load_qlist(r: Reader, cls: Callable[[], T], version: int) -> list[T]:
     """QTAILQ/QLIST: a non-zero byte before each element, a zero byte at the end."""
     out: list[T] = []
     ctor = impl(cls)
@@ -298,7 +301,7 @@ def save_qlist(w: Writer, values: Sequence[T], version: int) -> None:
     w.buf.append(0)
 
 
-def load_gtree(r: Reader, key_cls: type[VMStateObject] | None, cls: type[T], version: int) -> list[tuple[Any, T]]:
+def load_gtree(r: Reader, key_cls: Callable[[], VMStateObject] | None, cls: Callable[[], T], version: int) -> list[tuple[Any, T]]:
     """GTree: be32 node count; per node a 1 byte, the key, the value; then a 0 byte."""
     start = r.tell()
     nnodes = r.u32()

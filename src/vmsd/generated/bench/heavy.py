@@ -19,7 +19,7 @@ _S1 = struct.Struct('>I')
 _S2 = struct.Struct('>64B')
 
 
-@attrs.define(eq=True)
+@attrs.define(eq=True, kw_only=True)
 class HeavyEntry(_rt.VMStateObject):
     """A state-heavy device for benchmarks: a large table of mixed-width records."""
 
@@ -70,7 +70,7 @@ class HeavyEntry(_rt.VMStateObject):
             raise _rt.SaveError(str(e), path=_at) from None
 
 
-@attrs.define(eq=True)
+@attrs.define(eq=True, kw_only=True)
 class Heavy(_rt.VMStateObject):
     """vmsd heavy, version 1 (minimum 1)."""
 

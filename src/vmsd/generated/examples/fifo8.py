@@ -18,7 +18,7 @@ _S0 = struct.Struct('>I')
 _S1 = struct.Struct('>II')
 
 
-@attrs.define(eq=True)
+@attrs.define(eq=True, kw_only=True)
 class Fifo8(_rt.VMStateObject):
     """vmsd Fifo8, version 1 (minimum 1)."""
 

@@ -22,7 +22,7 @@ _S3 = struct.Struct('>Q')
 _S4 = struct.Struct('>BQQQQBq')
 
 
-@attrs.define(eq=True)
+@attrs.define(eq=True, kw_only=True)
 class Hpet(_rt.VMStateObject):
     """vmsd hpet, version 2 (minimum 1)."""
 
@@ -151,7 +151,7 @@ class Hpet(_rt.VMStateObject):
             raise _rt.SaveError(str(e), path=_at) from None
 
 
-@attrs.define(eq=True)
+@attrs.define(eq=True, kw_only=True)
 class HpetTimer(_rt.VMStateObject):
     """vmsd hpet_timer, version 1 (minimum 1)."""
 

@@ -19,7 +19,7 @@ _S1 = struct.Struct('>q')
 _S2 = struct.Struct('>iHBBBBBBBBBBqq')
 
 
-@attrs.define(eq=True)
+@attrs.define(eq=True, kw_only=True)
 class I8254(_rt.VMStateObject):
     """vmsd i8254, version 3 (minimum 2)."""
 
@@ -68,7 +68,7 @@ class I8254(_rt.VMStateObject):
             raise _rt.SaveError(str(e), path=_at) from None
 
 
-@attrs.define(eq=True)
+@attrs.define(eq=True, kw_only=True)
 class PitChannel(_rt.VMStateObject):
     """vmsd pit channel, version 2 (minimum 2)."""
 

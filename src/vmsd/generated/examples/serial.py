@@ -22,7 +22,7 @@ _S3 = struct.Struct('>i')
 _S4 = struct.Struct('>iq')
 
 
-@attrs.define(eq=True)
+@attrs.define(eq=True, kw_only=True)
 class Serial(_rt.VMStateObject):
     """vmsd serial, version 3 (minimum 2)."""
 

@@ -27,7 +27,7 @@ class LineControl(enum.IntFlag):
     DLAB = 128
 
 
-@attrs.define(eq=True)
+@attrs.define(eq=True, kw_only=True)
 class Uart16550(_rt.VMStateObject):
     """vmsd uart16550, version 1 (minimum 1)."""
 
