@@ -296,6 +296,8 @@ class ModuleBuilder:
             return "bytes", f"bytes({d.value})" if isinstance(d, ast.IntLit) else 'b""'
         if f.kind == "bitmap":
             return "int", "0"
+        if f.kind == "opaque":
+            return "bytes", 'b""'
         target = self.r.struct_target[id(f)]
         cls = self.class_ref(target)
         if f.kind == "struct":
@@ -515,6 +517,8 @@ class ModuleBuilder:
             return [f"{attr} = r.read({self.count_src(f.dims[0], ctx)})"]
         if f.kind == "bitmap":
             return [f"{attr} = _rt.load_bitmap(r, {self.count_src(f.dims[0], ctx)})"]
+        if f.kind == "opaque":
+            return [f"{attr} = r.read(_rt.opaque_extent({f.info!r}, r, self))"]
         if f.kind in ("struct", "list", "map"):
             target = self.r.struct_target[id(f)]
             cls = self.class_ref(target)
@@ -577,6 +581,8 @@ class ModuleBuilder:
             return [f"_rt.check_len({value}, {self.count_src(f.dims[0], ctx)}, {f.name!r})", f"out += {value}"]
         if f.kind == "bitmap":
             return [f"_rt.save_bitmap(w, {value}, {self.count_src(f.dims[0], ctx)}, {f.name!r})"]
+        if f.kind == "opaque":
+            return [f"out += {value}"]
         if f.kind in ("struct", "list", "map"):
             target = self.r.struct_target[id(f)]
             version = f.struct_version if f.struct_version is not None else target.version
@@ -619,6 +625,8 @@ class ModuleBuilder:
         elif f.kind == "bytes":
             info = f.info or "buffer"
             flags.append("VMS_BUFFER" if isinstance(f.dims[0], ast.IntLit) else "VMS_VBUFFER")
+        elif f.kind == "opaque":
+            info = f.info or "opaque"
         elif f.kind == "unused":
             info = "unused_buffer"
             kw["elem_size"] = str(f.size)

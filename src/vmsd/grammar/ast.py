@@ -73,7 +73,7 @@ Condition = Expr | Custom
 
 @attrs.frozen
 class Field:
-    kind: str  # scalar | bytes | unused | struct | bitmap | list | map | validate
+    kind: str  # scalar | bytes | unused | struct | bitmap | list | map | validate | opaque
     name: str | None
     pos: Pos
     type: str = ""  # scalar type, or referenced vmsd for struct/list/map

@@ -166,6 +166,10 @@ class _ToAst(Transformer[Token, Any]):
         key, typ, name, *rest = items
         return self._field("map", name, name, rest, type=_name(typ), key=_name(key))
 
+    def opaque_field(self, items: list[Any]) -> ast.Field:
+        info, name, *rest = items
+        return self._field("opaque", name, name, rest, info=_string(info))
+
     @v_args(meta=True)
     def validate_field(self, meta: Any, items: list[Any]) -> ast.Field:
         label, expr = items

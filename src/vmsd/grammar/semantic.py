@@ -120,10 +120,10 @@ class _Checker:
             lambda v: name.lower() in (v.name.lower(), self.r.class_names[id(v)].lower()),
         ):
             hits = [v for v, _ in cands if test(v)]
-            if len(hits) == 1:
-                return hits[0]
             if hits:
-                return None
+                # The file's own declarations shadow imported ones.
+                own = [v for v in hits if self.r.vmsd_file[id(v)] == path]
+                return (own or hits)[0] if len(own) == 1 or len(hits) == 1 else None
         return None
 
     def find_enum(self, path: str, name: str) -> tuple[ast.Enum, str] | None:
@@ -135,9 +135,11 @@ class _Checker:
 
     # -- entry ---------------------------------------------------------------
     def run(self) -> Resolved:
-        seen_vmsd: dict[str, ast.Vmsd] = {}
-        seen_class: dict[str, ast.Vmsd] = {}
+        # Names are unique per file (one generated module); files that do not
+        # import each other may reuse them (e.g. specs for two QEMU versions).
         for path, spec in self.p.files.items():
+            seen_vmsd: dict[str, ast.Vmsd] = {}
+            seen_class: dict[str, ast.Vmsd] = {}
             names: dict[str, ast.Pos] = {}
             for e in spec.enums:
                 self.check_enum(e)

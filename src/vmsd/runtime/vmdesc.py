@@ -32,7 +32,7 @@ def _present(obj: Any, f: FieldSpec, version: int) -> bool:
 
 
 def _count(obj: Any, f: FieldSpec) -> int:
-    if f.kind in ("bytes", "bitmap", "unused", "list", "map"):
+    if f.kind in ("bytes", "bitmap", "unused", "list", "map", "opaque"):
         return 1
     if f.kind == "validate":
         return 0  # QEMU's VMSTATE_VALIDATE is an array of zero elements
@@ -54,7 +54,7 @@ def _can_compress(f: FieldSpec) -> bool:
 
 
 def _elements(value: Any, f: FieldSpec) -> list[Any]:
-    if f.kind in ("bytes", "bitmap", "unused", "list", "map"):
+    if f.kind in ("bytes", "bitmap", "unused", "list", "map", "opaque"):
         return [value]
     if not f.dims and f.count_attr is None:
         return [value]
@@ -121,7 +121,7 @@ def _entry(obj: Any, f: FieldSpec, elem: Any, n: int, i: int, compress: bool) ->
         size = f.elem_size
     elif f.kind == "unused":
         size = f.elem_size
-    elif f.kind == "bytes":
+    elif f.kind in ("bytes", "opaque"):
         size = len(elem)
     elif f.kind == "bitmap":
         nbits = max(getattr(obj, f.count_attr), 0) * f.multiply if f.count_attr else f.dims[0]

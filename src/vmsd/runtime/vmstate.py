@@ -26,6 +26,7 @@ __all__ = [
     "VMSDError",
     "VMStateObject",
     "register",
+    "register_extent",
 ]
 
 if TYPE_CHECKING:
@@ -201,6 +202,24 @@ def c_div(a: int, b: int) -> int:
 
 def c_mod(a: int, b: int) -> int:
     return a - c_div(a, b) * b
+
+
+# Device-specific VMStateInfo encodings (QEMU's "virtio", "pci msix" …) are not
+# self-delimiting.  An extent function looks at the bytes ahead (and the
+# object loaded so far) and says how many belong to the field.
+Extent = Callable[[Reader, Any], int]
+_EXTENTS: dict[str, Extent] = {}
+
+
+def register_extent(info: str, fn: Extent) -> None:
+    _EXTENTS[info] = fn
+
+
+def opaque_extent(info: str, r: Reader, obj: Any) -> int:
+    fn = _EXTENTS.get(info)
+    if fn is None:
+        raise RegistryError(f"no extent function registered for QEMU type '{info}'", offset=r.tell())
+    return fn(r, obj)
 
 
 def load_struct_array(r: Reader, cls: Callable[[], T], n: int, version: int, existing: list[T]) -> list[T]:

@@ -1,0 +1,168 @@
+"""Drive a QEMU process over QMP: start it paused, save and load migration streams.
+
+Used by the interop tests, the benchmarks and the tools that talk to a real
+QEMU peer.  Only loopback and UNIX sockets are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+QEMU_BINARY = os.environ.get("VMSD_QEMU", "qemu-system-x86_64")
+
+
+class QMPError(RuntimeError):
+    pass
+
+
+class QMP:
+    """A minimal QMP client over a UNIX socket."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.file = self.sock.makefile("rwb")
+        self.events: list[dict[str, Any]] = []
+        self._read()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        line = self.file.readline()
+        if not line:
+            raise QMPError("QMP connection closed")
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        self.file.flush()
+        while True:
+            msg = self._read()
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            if "error" in msg:
+                raise QMPError(f"{name}: {msg['error'].get('desc')}")
+            return msg.get("return")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class Qemu:
+    """A QEMU process started with ``-S`` (no guest code runs unless resumed)."""
+
+    def __init__(self, args: list[str], machine: str = "pc", memory: str = "32", incoming: str | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="vmsd-qemu-"))
+        qmp_path = str(self.dir / "qmp.sock")
+        cmd = [
+            QEMU_BINARY, "-M", machine, "-m", memory, "-nodefaults", "-nographic", "-S",
+            "-display", "none", "-serial", "none", "-monitor", "none",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off", *args,
+        ]
+        if incoming is not None:
+            cmd += ["-incoming", incoming]
+        self.log = open(self.dir / "qemu.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            self.qmp = QMP(qmp_path)
+        except Exception:
+            self.stop()
+            raise QMPError(f"QEMU did not start: {self.output()}") from None
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.dir / "qemu.log").read_text(errors="replace")
+
+    def migrate_to_file(self, path: Path, timeout: float = 60.0) -> None:
+        """Save the whole machine state (a precopy stream) into ``path``."""
+        self.qmp.cmd("migrate", uri=f"exec:cat > {path}")
+        self.wait_migration(timeout)
+
+    def wait_migration(self, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info: dict[str, Any] = self.qmp.cmd("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise QMPError(f"migration {status}: {info.get('error-desc', '')} {self.output()}")
+            time.sleep(0.02)
+        raise QMPError("migration did not finish in time")
+
+    def stop(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                try:
+                    self.qmp.cmd("quit")
+                except Exception:  # noqa: BLE001 - the process is killed below anyway
+                    pass
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            self.log.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Qemu:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def save_stream(path: Path, args: list[str] | None = None, machine: str = "pc", run_seconds: float = 0.0,
+                globals_: list[str] | None = None) -> None:
+    """Start QEMU with ``args``, optionally let the BIOS run, and save its state to ``path``."""
+    extra = list(args or [])
+    for g in globals_ or []:
+        extra += ["-global", g]
+    with Qemu(extra, machine=machine) as q:
+        if run_seconds:
+            q.qmp.cmd("cont")
+            time.sleep(run_seconds)
+            q.qmp.cmd("stop")
+        q.migrate_to_file(path)
+
+
+def load_stream(path: Path, args: list[str] | None = None, machine: str = "pc") -> Qemu:
+    """A QEMU that loaded ``path``; the caller inspects it (QMP) and stops it."""
+    q = Qemu(list(args or []), machine=machine, incoming="defer")
+    try:
+        q.qmp.cmd("migrate-incoming", uri=f"exec:cat {path}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = q.qmp.cmd("query-status")["status"]
+            if status in ("paused", "running", "postmigrate") and status != "inmigrate":
+                info = q.qmp.cmd("query-migrate")
+                if info.get("status") in ("completed", None) or status != "inmigrate":
+                    return q
+            if q.proc.poll() is not None:
+                raise QMPError(f"QEMU failed to load the stream: {q.output()}")
+            time.sleep(0.02)
+        raise QMPError("incoming migration did not finish")
+    except Exception:
+        q.stop()
+        raise
