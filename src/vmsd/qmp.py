@@ -81,7 +81,7 @@ class Qemu:
         ]
         if incoming is not None:
             cmd += ["-incoming", incoming]
-        self.log = open(self.dir / "qemu.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.dir / "qemu.log", "wb")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             self.qmp = QMP(qmp_path)
@@ -115,7 +115,7 @@ class Qemu:
             if self.proc.poll() is None:
                 try:
                     self.qmp.cmd("quit")
-                except Exception:  # noqa: BLE001 - the process is killed below anyway
+                except Exception:
                     pass
                 try:
                     self.proc.wait(5)
