@@ -38,6 +38,7 @@ class Ref:
 class LenCall:
     ref: Ref
     pos: Pos
+    function: str = "len"  # the only function; anything else is reported by the checker
 
 
 @attrs.frozen

@@ -236,7 +236,7 @@ class _ToAst(Transformer[Token, Any]):
 
     @v_args(meta=True)
     def len_call(self, meta: Any, items: list[Any]) -> ast.LenCall:
-        return ast.LenCall(items[0], self._pos(meta))
+        return ast.LenCall(items[1], self._pos(meta), str(items[0]))
 
     def ref(self, items: list[Token]) -> ast.Ref:
         return ast.Ref(tuple(str(t) for t in items), self._pos(items[0]))

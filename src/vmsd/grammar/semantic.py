@@ -395,6 +395,9 @@ class _Checker:
             self.check_expr(v, e.left, earlier, user, role)
             self.check_expr(v, e.right, earlier, user, role)
         elif isinstance(e, ast.LenCall):
+            if e.function != "len":
+                self.error(e.pos, f"unknown function '{e.function}'; expressions have only len()")
+                return
             target = self.resolve_ref(v, e.ref, earlier, user, role)
             if target is not None and not (target.dims or target.kind in ("list", "map", "bytes")):
                 self.error(e.ref.pos, f"len() needs an array, list or map; '{target.name}' is a single {target.kind}")

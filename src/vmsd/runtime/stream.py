@@ -1,0 +1,500 @@
+"""QEMU's savevm stream: header, configuration, sections, commands, EOF, trailer.
+
+:func:`read_stream` parses a whole stream into records whose payloads are
+decoded (typed objects, generic values driven by the JSON trailer, RAM
+records); :func:`write_stream` writes records back so that an unchanged
+stream comes out byte for byte.  Neither touches files or sockets: they work
+on a :class:`~vmsd.runtime.io.Reader` and a :class:`~vmsd.runtime.io.Writer`.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from typing import Any
+
+import attrs
+
+from vmsd.runtime.errors import MalformedStream, RegistryError, TruncatedStream, VersionMismatch, VMSDError
+from vmsd.runtime.generic import decode_body, encode_body
+from vmsd.runtime.io import Reader, Writer
+from vmsd.runtime.ram import RamPayload, read_ram, write_ram
+from vmsd.runtime.vmdesc import Obj, describe, dumps, loads
+from vmsd.runtime.vmstate import impl
+
+QEMU_VM_FILE_MAGIC = 0x5145564D
+QEMU_VM_FILE_VERSION_COMPAT = 2
+QEMU_VM_FILE_VERSION = 3
+QEMU_VM_EOF = 0x00
+QEMU_VM_SECTION_START = 0x01
+QEMU_VM_SECTION_PART = 0x02
+QEMU_VM_SECTION_END = 0x03
+QEMU_VM_SECTION_FULL = 0x04
+QEMU_VM_SUBSECTION = 0x05
+QEMU_VM_VMDESCRIPTION = 0x06
+QEMU_VM_CONFIGURATION = 0x07
+QEMU_VM_COMMAND = 0x08
+QEMU_VM_SECTION_FOOTER = 0x7E
+
+SECTION_NAMES = {1: "START", 2: "PART", 3: "END", 4: "FULL"}
+
+MIG_CMD_NAMES = {
+    1: "OPEN_RETURN_PATH",
+    2: "PING",
+    3: "POSTCOPY_ADVISE",
+    4: "POSTCOPY_LISTEN",
+    5: "POSTCOPY_RUN",
+    6: "POSTCOPY_RAM_DISCARD",
+    7: "PACKAGED",
+    8: "ENABLE_COLO",
+    9: "POSTCOPY_RESUME",
+    10: "RECV_BITMAP",
+    11: "SWITCHOVER_START",
+}
+# Fixed payload lengths QEMU enforces (None: variable).
+MIG_CMD_LENGTHS: dict[int, int | None] = {1: 0, 2: 4, 3: None, 4: 0, 5: 0, 6: None, 7: 4, 8: 0, 9: 0, 10: None, 11: 0}
+MIG_CMD_PACKAGED = 7
+# QEMU's MAX_VM_CMD_PACKAGED_SIZE: a package larger than this is refused.
+MAX_PACKAGED_SIZE = 1 << 32
+
+IDSTR_RAM = "ram"
+
+
+class StreamWarning(UserWarning):
+    """A part of a stream was decoded with less certainty than a typed spec gives."""
+
+
+@attrs.define
+class Configuration:
+    offset: int
+    state: Any  # the typed configuration object
+
+
+@attrs.define
+class Section:
+    kind: int  # QEMU_VM_SECTION_*
+    section_id: int
+    offset: int
+    idstr: str  # for PART/END: copied from the START with the same id
+    instance_id: int = 0
+    version_id: int = 0
+    # One of: a typed VMStateObject; an Obj of values decoded from the trailer
+    # (``generic_body`` says which); a RamPayload; raw bytes of a legacy section.
+    payload: Any = None
+    generic_body: Obj | None = None
+    vmsd_name: str | None = None
+    footer: bool = True
+
+    @property
+    def has_header(self) -> bool:
+        return self.kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL)
+
+
+@attrs.define
+class Command:
+    cmd: int
+    offset: int
+    data: bytes
+    packaged: list[Any] | None = None  # records inside a PACKAGED command
+
+    @property
+    def name(self) -> str:
+        return MIG_CMD_NAMES.get(self.cmd, f"MIG_CMD_{self.cmd:#x}")
+
+
+@attrs.define
+class Stream:
+    version: int = QEMU_VM_FILE_VERSION
+    configuration: Configuration | None = None
+    records: list[Section | Command] = attrs.Factory(list)
+    eof_offset: int | None = None
+    trailer: Obj | None = None  # parsed JSON trailer
+    trailer_text: bytes | None = None
+    trailer_offset: int | None = None
+    tail: bytes = b""  # bytes after the trailer (QEMU ignores them)
+    warnings: list[str] = attrs.Factory(list)
+
+    def sections(self) -> list[Section]:
+        out: list[Section] = []
+        for rec in self.records:
+            if isinstance(rec, Section):
+                out.append(rec)
+            elif rec.packaged:
+                out.extend(r for r in rec.packaged if isinstance(r, Section))
+        return out
+
+    def full_sections(self) -> list[Section]:
+        return [s for s in self.sections() if s.kind == QEMU_VM_SECTION_FULL]
+
+    @property
+    def page_size(self) -> int:
+        if self.trailer is not None:
+            return int(self.trailer.get("page_size", 4096))
+        return 4096
+
+
+class SpecSet:
+    """Typed classes by vmsd name, used to decode sections."""
+
+    def __init__(self, classes: dict[str, type] | None = None) -> None:
+        self.classes: dict[str, type] = dict(classes or {})
+
+    @classmethod
+    def from_modules(cls, modules: list[Any]) -> SpecSet:
+        found: dict[str, type] = {}
+        for module in modules:
+            for value in vars(module).values():
+                if isinstance(value, type) and value.__dict__.get("_generated") and value.__module__ == module.__name__:
+                    found[value.VMSD_NAME] = value  # type: ignore[attr-defined]
+        return cls(found)
+
+    def merged(self, other: SpecSet) -> SpecSet:
+        return SpecSet({**self.classes, **other.classes})
+
+    def lookup(self, idstr: str, vmsd_name: str | None) -> type | None:
+        if vmsd_name is not None:
+            return self.classes.get(vmsd_name)
+        # "0000:00:01.1/ide" -> "ide"; names may themselves contain '/'.
+        parts = idstr.split("/")
+        for i in range(len(parts)):
+            found = self.classes.get("/".join(parts[i:]))
+            if found is not None:
+                return found
+        return None
+
+
+def find_trailer(data: bytes) -> tuple[int, Obj, bytes] | None:
+    """Locate the vmdesc trailer from the end: (offset of the 0x06 byte, parsed JSON, text)."""
+    for marker in (b'{"page_size"', b'{"configuration"'):
+        start = len(data)
+        while True:
+            i = data.rfind(marker, 0, start)
+            if i < 5:
+                break
+            start = i
+            if data[i - 5] != QEMU_VM_VMDESCRIPTION or data[i - 6] != QEMU_VM_EOF:
+                continue
+            n = struct.unpack_from(">I", data, i - 4)[0]
+            if i + n > len(data):
+                continue
+            text = data[i : i + n]
+            try:
+                return i - 5, loads(text), text
+            except ValueError:
+                continue
+    return None
+
+
+class _Decoder:
+    def __init__(self, data: bytes, specs: SpecSet, strict_typed: bool) -> None:
+        self.data = data
+        self.r = Reader(data)
+        self.specs = specs
+        self.strict_typed = strict_typed
+        self.stream = Stream()
+        found = find_trailer(data)
+        self.trailer_devices: list[Obj] = []
+        if found is not None:
+            _, self.stream.trailer, self.stream.trailer_text = found
+            self.trailer_devices = list(self.stream.trailer.get("devices", []))
+        self.next_device = 0
+        self.open_sections: dict[int, Section] = {}
+        self.footers: bool | None = None
+        self.ignore_shared = False
+
+    def warn(self, msg: str) -> None:
+        self.stream.warnings.append(msg)
+        warnings.warn(msg, StreamWarning, stacklevel=4)
+
+    def run(self) -> Stream:
+        r = self.r
+        magic = r.u32()
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise MalformedStream(f"not a migration stream (magic {magic:#010x})", offset=0)
+        version = r.u32()
+        if version == QEMU_VM_FILE_VERSION_COMPAT:
+            raise MalformedStream("SaveVM v2 format is obsolete", offset=4)
+        if version != QEMU_VM_FILE_VERSION:
+            raise MalformedStream(f"unsupported migration stream version {version}", offset=4)
+        self.stream.version = version
+        if r.peek(1) == bytes([QEMU_VM_CONFIGURATION]):
+            at = r.tell()
+            r.u8()
+            self.stream.configuration = Configuration(at, self.load_configuration())
+        self.stream.records = self.records(top=True)
+        self.stream.eof_offset = r.tell() - 1
+        if r.at_end():
+            if self.stream.trailer is not None:
+                self.warn("trailer found by signature but the stream ended at EOF")
+            self.stream.trailer = self.stream.trailer_text = None
+            return self.stream
+        at = r.tell()
+        kind = r.u8()
+        if kind != QEMU_VM_VMDESCRIPTION:
+            # QEMU only warns here; we keep the bytes so a rewrite reproduces them.
+            self.warn(f"expected the vmdescription trailer after EOF, found byte {kind:#x}")
+            self.stream.tail = self.data[at:]
+            self.stream.trailer = self.stream.trailer_text = None
+            return self.stream
+        n = r.u32()
+        text = r.read(n)
+        if self.stream.trailer_text != text:
+            try:
+                self.stream.trailer = loads(text)
+            except ValueError:
+                raise MalformedStream("trailer is not valid JSON", offset=at) from None
+            self.stream.trailer_text = text
+        self.stream.trailer_offset = at
+        self.stream.tail = self.data[r.tell() :]
+        if self.stream.tail:
+            self.warn(f"{len(self.stream.tail)} bytes after the trailer (QEMU ignores them)")
+        return self.stream
+
+    def load_configuration(self) -> Any:
+        cls = self.specs.lookup("configuration", "configuration")
+        if cls is None:
+            raise RegistryError("no spec for the configuration record", offset=self.r.tell())
+        obj = impl(cls)()
+        try:
+            obj.load_into(self.r, 0)  # QEMU loads the configuration at version 0
+        except VMSDError as e:
+            raise e.in_section("configuration") from None
+        caps = getattr(obj, "capabilities", b"")
+        self.ignore_shared = b"x-ignore-shared" in caps
+        return obj
+
+    def records(self, top: bool) -> list[Section | Command]:
+        r = self.r
+        out: list[Section | Command] = []
+        while True:
+            at = r.tell()
+            kind = r.u8()
+            if kind == QEMU_VM_EOF:
+                if not top:
+                    raise MalformedStream("EOF inside a PACKAGED command", offset=at)
+                return out
+            if kind in SECTION_NAMES:
+                out.append(self.section(kind, at))
+            elif kind == QEMU_VM_COMMAND:
+                cmd = self.command(at)
+                out.append(cmd)
+                if cmd.cmd == 5 and not top:  # POSTCOPY_RUN ends a package
+                    return out
+            else:
+                raise MalformedStream(f"unknown savevm section type {kind}", offset=at)
+            if not top and r.at_end():
+                return out
+
+    def command(self, at: int) -> Command:
+        r = self.r
+        cmd, length = r.u16(), r.u16()
+        if cmd == 0 or cmd not in MIG_CMD_NAMES:
+            raise MalformedStream(f"MIG_CMD {cmd:#x} unknown (len {length:#x})", offset=at)
+        fixed = MIG_CMD_LENGTHS.get(cmd)
+        if fixed is not None and length != fixed:
+            raise MalformedStream(f"{MIG_CMD_NAMES[cmd]} received with bad length - expecting {fixed}, got {length}", offset=at)
+        data = r.read(length)
+        command = Command(cmd, at, data)
+        if cmd == MIG_CMD_PACKAGED:
+            size = int.from_bytes(data, "big")
+            rem = r.remaining()
+            if rem is not None and size > rem:
+                raise TruncatedStream(f"PACKAGED announces {size} bytes, {rem} remain", offset=at)
+            inner = _Decoder.__new__(_Decoder)
+            inner.__dict__.update(self.__dict__)
+            inner.r = Reader(r.read(size))
+            inner.data = b""
+            base = r.tell() - size
+            try:
+                command.packaged = inner.records(top=False)
+            except VMSDError as e:
+                if e.offset is not None:
+                    e.offset += base
+                raise
+            self.next_device = inner.next_device
+            self.footers = inner.footers
+        return command
+
+    def section(self, kind: int, at: int) -> Section:
+        r = self.r
+        section_id = r.u32()
+        if kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
+            idstr_raw = r.counted_string()
+            if not idstr_raw:
+                raise MalformedStream("unable to read section idstr", offset=at)
+            sec = Section(kind, section_id, at, idstr_raw.decode(errors="replace"), r.u32(), r.u32())
+            self.open_sections[section_id] = sec
+        else:
+            start = self.open_sections.get(section_id)
+            if start is None:
+                raise MalformedStream(f"unknown savevm section {section_id}", offset=at)
+            sec = Section(kind, section_id, at, start.idstr, start.instance_id, start.version_id)
+        try:
+            self.payload(sec)
+            self.footer(sec)
+        except VMSDError as e:
+            raise e.in_section(sec.idstr) from None
+        return sec
+
+    def footer(self, sec: Section) -> None:
+        r = self.r
+        if self.footers is None:
+            self.footers = r.peek(1) == bytes([QEMU_VM_SECTION_FOOTER])
+        sec.footer = self.footers
+        if not self.footers:
+            return
+        at = r.tell()
+        if r.u8() != QEMU_VM_SECTION_FOOTER:
+            raise MalformedStream(f"missing section footer for {sec.idstr}", offset=at)
+        got = r.u32()
+        if got != sec.section_id:
+            raise MalformedStream(
+                f"mismatched section id in footer for {sec.idstr} - read {got:#x} expected {sec.section_id:#x}", offset=at
+            )
+
+    def payload(self, sec: Section) -> None:
+        if sec.idstr == IDSTR_RAM:
+            if sec.version_id != 4:
+                raise VersionMismatch(f"RAM section version {sec.version_id}, only 4 is known", offset=sec.offset)
+            sec.payload = read_ram(self.r, ignore_shared=self.ignore_shared)
+            return
+        if sec.kind != QEMU_VM_SECTION_FULL:
+            raise RegistryError(f"no reader for iterative section '{sec.idstr}'", offset=sec.offset)
+        device = self.trailer_device(sec)
+        vmsd_name = device.get("vmsd_name") if device is not None else None
+        sec.vmsd_name = vmsd_name
+        cls = self.specs.lookup(sec.idstr, vmsd_name)
+        if cls is not None:
+            start = self.r.tell()
+            problem = self.typed_problem(cls, sec)
+            if problem is None:
+                obj = impl(cls)()
+                try:
+                    obj.load_into(self.r, sec.version_id)
+                    sec.payload = obj
+                    sec.vmsd_name = cls.VMSD_NAME  # type: ignore[attr-defined]
+                    return
+                except VMSDError as e:
+                    if device is None or self.strict_typed:
+                        raise
+                    problem = str(e)
+                    self.r.pos -= self.r.tell() - start
+            if device is None:
+                raise VersionMismatch(problem, offset=sec.offset)
+            self.warn(f"section '{sec.idstr}': {problem}; decoded from the trailer instead")
+        if device is None:
+            if self.stream.trailer is None:
+                raise RegistryError(
+                    f"no spec for section '{sec.idstr}' (instance {sec.instance_id}, version {sec.version_id}) "
+                    "and the stream has no trailer to describe it",
+                    offset=sec.offset,
+                )
+            raise RegistryError(f"section '{sec.idstr}' is not described by the trailer", offset=sec.offset)
+        sec.generic_body = device
+        if "vmsd_name" in [k for k, _ in device]:
+            sec.payload = decode_body(self.r, device)
+        else:  # legacy save_state section: one opaque buffer
+            sec.payload = self.r.read(int(device.get("size", 0)))
+
+    def typed_problem(self, cls: Any, sec: Section) -> str | None:
+        missing = sorted(getattr(impl(cls), "__abstractmethods__", ()))
+        if missing:
+            return f"spec '{cls.VMSD_NAME}' needs custom predicates implemented ({', '.join(missing)})"
+        if sec.version_id > cls.VERSION_ID:
+            return f"version {sec.version_id} is newer than the spec's {cls.VERSION_ID}"
+        if sec.version_id < cls.MINIMUM_VERSION_ID:
+            return f"version {sec.version_id} is older than the spec's minimum {cls.MINIMUM_VERSION_ID}"
+        return None
+
+    def trailer_device(self, sec: Section) -> Obj | None:
+        """The trailer entry of this FULL section (the trailer lists them in stream order)."""
+        devices = self.trailer_devices
+        for i in range(self.next_device, len(devices)):
+            d = devices[i]
+            if d.get("name") == sec.idstr and d.get("instance_id") == sec.instance_id:
+                self.next_device = i + 1
+                return d
+        return None
+
+
+def read_stream(data: bytes, specs: SpecSet, strict_typed: bool = False) -> Stream:
+    """Parse a complete stream.  Raises a :class:`VMSDError` naming offset, section and field."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StreamWarning)
+        return _Decoder(bytes(data), specs, strict_typed).run()
+
+
+def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
+    """Encode ``stream``.  ``trailer``: True = regenerate from the payloads, an Obj = use it, False = none."""
+    w = Writer()
+    w.u32(QEMU_VM_FILE_MAGIC)
+    w.u32(stream.version)
+    if stream.configuration is not None:
+        w.u8(QEMU_VM_CONFIGURATION)
+        stream.configuration.state._save_nested(w, stream.configuration.state.VERSION_ID)
+    _write_records(w, stream.records)
+    w.u8(QEMU_VM_EOF)
+    if trailer is not False and (stream.trailer is not None or isinstance(trailer, Obj)):
+        desc = trailer if isinstance(trailer, Obj) else regenerate_trailer(stream)
+        text = dumps(desc).encode()
+        w.u8(QEMU_VM_VMDESCRIPTION)
+        w.u32(len(text))
+        w.write(text)
+    w.write(stream.tail)
+    return w.getvalue()
+
+
+def _write_records(w: Writer, records: list[Section | Command]) -> None:
+    for rec in records:
+        if isinstance(rec, Command):
+            w.u8(QEMU_VM_COMMAND)
+            w.u16(rec.cmd)
+            if rec.packaged is not None:
+                inner = Writer()
+                _write_records(inner, rec.packaged)
+                body = inner.getvalue()
+                w.u16(4)
+                w.u32(len(body))
+                w.write(body)
+            else:
+                w.u16(len(rec.data))
+                w.write(rec.data)
+            continue
+        w.u8(rec.kind)
+        w.u32(rec.section_id)
+        if rec.has_header:
+            w.counted_string(rec.idstr.encode())
+            w.u32(rec.instance_id)
+            w.u32(rec.version_id)
+        p = rec.payload
+        if isinstance(p, RamPayload):
+            write_ram(w, p)
+        elif rec.generic_body is not None and isinstance(p, Obj):
+            encode_body(w, rec.generic_body, p)
+        elif isinstance(p, bytes):
+            w.write(p)
+        else:
+            p._save_nested(w, rec.version_id)
+        if rec.footer:
+            w.u8(QEMU_VM_SECTION_FOOTER)
+            w.u32(rec.section_id)
+
+
+def regenerate_trailer(stream: Stream) -> Obj:
+    """The trailer QEMU would write: typed sections described from their specs."""
+    devices: list[Obj] = []
+    for sec in stream.full_sections():
+        head = Obj([("name", sec.idstr), ("instance_id", sec.instance_id)])
+        p = sec.payload
+        if sec.generic_body is not None:
+            head.extend((k, v) for k, v in sec.generic_body if k not in ("name", "instance_id"))
+        else:
+            body, _ = describe(p, sec.version_id)
+            head.extend(body)
+        devices.append(head)
+    out = Obj()
+    if stream.trailer is not None and stream.trailer.get("configuration") is not None:
+        out.append(("configuration", stream.trailer.get("configuration")))
+    out.append(("page_size", stream.page_size))
+    out.append(("devices", devices))
+    return out
