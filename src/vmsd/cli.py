@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from vmsd.grammar.diagnostics import SpecError
+from vmsd.runtime.errors import VMSDError
+from vmsd.streamtools import ToolError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
@@ -64,6 +66,50 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from vmsd import streamtools
+    from vmsd.runtime.stream import read_stream
+
+    stream = read_stream(streamtools.read_input(args.stream), streamtools.load_specs(args.specs))
+    if args.json:
+        json.dump(streamtools.stream_json(stream), sys.stdout, indent=1)
+        print()
+    else:
+        print(streamtools.stream_tree(stream))
+    return EXIT_OK
+
+
+def _cmd_rewrite(args: argparse.Namespace) -> int:
+    from vmsd import streamtools
+
+    data = streamtools.rewrite(streamtools.read_input(args.stream), streamtools.load_specs(args.specs), args.set or [])
+    out = Path(args.output)
+    # Write beside the target and rename, so a failed rewrite never leaves a partial file.
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise streamtools.ToolError(f"cannot write {out}: {e.strerror}") from None
+    return EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from vmsd import streamtools
+    from vmsd.runtime.stream import read_stream
+
+    specs = streamtools.load_specs(args.specs)
+    a = read_stream(streamtools.read_input(args.a), specs)
+    b = read_stream(streamtools.read_input(args.b), specs)
+    lines = streamtools.diff(a, b)
+    for line in lines:
+        print(line)
+    return EXIT_FINDINGS if lines else EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vmsd.demo import run
 
@@ -81,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="parse and check specs without generating code")
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("inspect", help="decode a QEMU migration stream into a tree or JSON")
+    p.add_argument("stream", metavar="STREAM", help="stream file, or - for standard input")
+    p.add_argument("--json", action="store_true", help="JSON instead of a tree")
+    p.add_argument("--specs", type=Path, metavar="DIR", help="also use the .vmsd files under DIR (they take precedence)")
+    p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("rewrite", help="decode every section and encode it again, optionally editing fields")
+    p.add_argument("stream", metavar="STREAM")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--specs", type=Path, metavar="DIR")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="e.g. mc146818rtc.cmos_data[14]=0x55")
+    p.set_defaults(func=_cmd_rewrite)
+    p = sub.add_parser("diff", help="field-level differences between two streams (exit 1 when they differ)")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--specs", type=Path, metavar="DIR")
+    p.set_defaults(func=_cmd_diff)
     p = sub.add_parser("demo", help="compile the bundled specs and show the generated API at work")
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -97,3 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_FINDINGS
+    except VMSDError as exc:
+        print(f"vmsd {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FINDINGS
+    except ToolError as exc:
+        print(f"vmsd {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FINDINGS
+    except BrokenPipeError:
+        # A reader such as `head` went away: not an error of ours.
+        sys.stderr.close()
+        return EXIT_OK

@@ -147,22 +147,33 @@ def save_stream(path: Path, args: list[str] | None = None, machine: str = "pc", 
         q.migrate_to_file(path)
 
 
-def load_stream(path: Path, args: list[str] | None = None, machine: str = "pc") -> Qemu:
-    """A QEMU that loaded ``path``; the caller inspects it (QMP) and stops it."""
+def load_stream(path: Path, args: list[str] | None = None, machine: str = "pc", timeout: float = 60.0) -> Qemu:
+    """A QEMU that loaded ``path`` with ``-incoming``; the caller inspects it and stops it.
+
+    Raises :class:`QMPError` with QEMU's own messages when the load fails.
+    """
     q = Qemu(list(args or []), machine=machine, incoming="defer")
     try:
         q.qmp.cmd("migrate-incoming", uri=f"exec:cat {path}")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status = q.qmp.cmd("query-status")["status"]
-            if status in ("paused", "running", "postmigrate") and status != "inmigrate":
-                info = q.qmp.cmd("query-migrate")
-                if info.get("status") in ("completed", None) or status != "inmigrate":
-                    return q
             if q.proc.poll() is not None:
+                raise QMPError(f"QEMU failed to load the stream: {q.output()}")
+            try:
+                status = q.qmp.cmd("query-migrate").get("status")
+            except (OSError, QMPError):
+                # QEMU exits when an incoming stream is refused.
+                try:
+                    q.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+                raise QMPError(f"QEMU failed to load the stream: {q.output()}") from None
+            if status == "completed":
+                return q
+            if status == "failed":
                 raise QMPError(f"QEMU failed to load the stream: {q.output()}")
             time.sleep(0.02)
         raise QMPError("incoming migration did not finish")
-    except Exception:
+    except BaseException:
         q.stop()
         raise
