@@ -61,7 +61,8 @@ def read_input(path: str) -> bytes:
 def plain(value: Any) -> Any:
     """JSON-ready form of a decoded value."""
     if isinstance(value, VMStateObject):
-        return {f.name: plain(getattr(value, f.name)) for f in attrs.fields(type(value))}
+        cls: Any = type(value)  # every generated class is an attrs class
+        return {f.name: plain(getattr(value, f.name)) for f in attrs.fields(cls)}
     if isinstance(value, Obj):
         return {k: plain(v) for k, v in value}
     if isinstance(value, enum.Enum):
