@@ -15,7 +15,7 @@ from typing import Any
 
 from vmsd.runtime.io import Reader
 from vmsd.runtime.stream import SpecSet
-from vmsd.runtime.vmstate import register, register_extent
+from vmsd.runtime.vmstate import current_reader, loading, register, register_extent
 
 
 def _capabilities_extent(r: Reader, obj: Any) -> int:
@@ -41,6 +41,38 @@ def spec_set() -> SpecSet:
     return SpecSet.from_modules(modules)
 
 
+def _express_capability_ahead() -> bool:
+    """Whether the PCI config space about to be read has a PCI Express capability.
+
+    QEMU saves 4096 config bytes for express functions and 256 otherwise;
+    which one follows is device configuration, but an express function's
+    first 256 bytes always carry the capability (ID 0x10) in their list.
+    """
+    cfg = current_reader().peek(256)
+    if len(cfg) < 256 or not cfg[6] & 0x10:  # status: capability list present
+        return False
+    ptr, hops = cfg[0x34] & 0xFC, 0
+    while ptr and hops < 48:
+        if cfg[ptr] == 0x10:
+            return True
+        ptr, hops = cfg[ptr + 1] & 0xFC, hops + 1
+    return False
+
+
+def _register_pci() -> None:
+    from vmsd.generated.qemu.v7_2.pci import PCIDevice
+
+    @register
+    class PCIFunction(PCIDevice):
+        def migrate_is_pcie(self, version_id: int) -> bool:
+            if loading():
+                return _express_capability_ahead()
+            return self.config_pcie is not None
+
+        def migrate_is_not_pcie(self, version_id: int) -> bool:
+            return not self.migrate_is_pcie(version_id)
+
+
 def _register_implementations() -> None:
     from vmsd.generated.qemu.v7_2.configuration import Configuration
 
@@ -53,6 +85,7 @@ def _register_implementations() -> None:
         def uuid_needed(self, version_id: int) -> bool:
             return self.uuid != bytes(16)
 
+    _register_pci()
     try:
         importlib.import_module("vmsd.qemu_extents")
     except ModuleNotFoundError:

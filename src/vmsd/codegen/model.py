@@ -512,7 +512,7 @@ class ModuleBuilder:
             return [f"r.take({f.size})"]
         if f.kind == "validate":
             assert f.expr is not None
-            return [f"if not ({self.expr(f.expr, ctx)}):", f"    raise _rt.CheckFailed('validation {f.wire_name} failed', offset=r.tell())"]
+            return [f"if not ({self.expr(f.expr, ctx)}):", f"    _rt.check_failed({f.wire_name!r}, 'validation failed', r.tell())"]
         if f.kind == "bytes":
             return [f"{attr} = r.read({self.count_src(f.dims[0], ctx)})"]
         if f.kind == "bitmap":
@@ -549,11 +549,11 @@ class ModuleBuilder:
             const = self.formats.get(">" + code)
             lines = [f"buf, p = r.take({width})", f"_t = {const}.unpack_from(buf, p)[0]"]
             if f.check == "equal":
-                lines += [f"if _t != {attr}:", f"    raise _rt.CheckFailed(f'{{_t:#x}} != {{{attr}:#x}}', offset=r.tell() - {width})"]
+                lines += [f"if _t != {attr}:", f"    _rt.check_failed({f.name!r}, f'{{_t:#x}} != {{{attr}:#x}}', r.tell() - {width})"]
             elif f.check == "le":
                 lines += [
                     f"if not 0 <= _t <= {attr}:",
-                    f"    raise _rt.CheckFailed(f'Invalid value {{_t}} expecting positive value <= {{{attr}}}', offset=r.tell() - {width})",
+                    f"    _rt.check_failed({f.name!r}, f'Invalid value {{_t}} expecting positive value <= {{{attr}}}', r.tell() - {width})",
                 ]
             lines.append(f"{attr} = {conv}(_t)" if conv else f"{attr} = _t")
             return lines

@@ -240,8 +240,8 @@ class _Checker:
                 self.error(s.pos, f"subsection name '{s.name}' must start with its parent's name '{parent}' (QEMU matches subsections by that prefix)")
             if len(s.name.encode()) > 255:
                 self.error(s.pos, "subsection name is longer than 255 bytes")
-            if not 1 <= s.version <= 255:
-                self.error(s.pos, f"subsection version {s.version} is out of range (1..255: QEMU's loader keeps only the low 8 bits)")
+            if not 0 <= s.version <= 255:
+                self.error(s.pos, f"subsection version {s.version} is out of range (0..255: QEMU's loader keeps only the low 8 bits)")
             if s.minimum > s.version:
                 self.error(s.pos, f"minimum version {s.minimum} is above version {s.version}")
             if s.needed is not None:

@@ -20,7 +20,7 @@ from vmsd.runtime.generic import decode_body, encode_body
 from vmsd.runtime.io import Reader, Writer
 from vmsd.runtime.ram import RamPayload, read_ram, write_ram
 from vmsd.runtime.vmdesc import Obj, describe, dumps, loads
-from vmsd.runtime.vmstate import impl
+from vmsd.runtime.vmstate import as_loaded_subclass, impl, register, reporting_checks
 
 QEMU_VM_FILE_MAGIC = 0x5145564D
 QEMU_VM_FILE_VERSION_COMPAT = 2
@@ -141,11 +141,15 @@ class SpecSet:
 
     @classmethod
     def from_modules(cls, modules: list[Any]) -> SpecSet:
+        """Classes of generated modules; custom ``needed`` predicates nobody implemented answer "as loaded"."""
         found: dict[str, type] = {}
         for module in modules:
             for value in vars(module).values():
                 if isinstance(value, type) and value.__dict__.get("_generated") and value.__module__ == module.__name__:
                     found[value.VMSD_NAME] = value  # type: ignore[attr-defined]
+                    auto: type | None = as_loaded_subclass(value)
+                    if auto is not None:
+                        register(auto)
         return cls(found)
 
     def merged(self, other: SpecSet) -> SpecSet:
@@ -186,8 +190,9 @@ def find_trailer(data: bytes) -> tuple[int, Obj, bytes] | None:
 
 
 class _Decoder:
-    def __init__(self, data: bytes, specs: SpecSet, strict_typed: bool) -> None:
+    def __init__(self, data: bytes, specs: SpecSet, strict_typed: bool, enforce_checks: bool) -> None:
         self.data = data
+        self.enforce_checks = enforce_checks
         self.r = Reader(data)
         self.specs = specs
         self.strict_typed = strict_typed
@@ -370,7 +375,18 @@ class _Decoder:
             if problem is None:
                 obj = impl(cls)()
                 try:
-                    obj.load_into(self.r, sec.version_id)
+                    failed: list[str] = []
+                    if self.enforce_checks:
+                        obj.load_into(self.r, sec.version_id)
+                    else:
+                        with reporting_checks() as failed:
+                            obj.load_into(self.r, sec.version_id)
+                    used = self.r.tell() - start
+                    expected = described_size(device) if device is not None else None
+                    if expected is not None and used != expected:
+                        raise MalformedStream(f"spec read {used} bytes, the trailer describes {expected}", offset=start)
+                    for msg in failed:
+                        self.warn(f"section '{sec.idstr}': {msg}")
                     sec.payload = obj
                     sec.vmsd_name = cls.VMSD_NAME  # type: ignore[attr-defined]
                     return
@@ -397,7 +413,7 @@ class _Decoder:
             sec.payload = self.r.read(int(device.get("size", 0)))
 
     def typed_problem(self, cls: Any, sec: Section) -> str | None:
-        missing = sorted(getattr(impl(cls), "__abstractmethods__", ()))
+        missing = unimplemented_predicates(cls)
         if missing:
             return f"spec '{cls.VMSD_NAME}' needs custom predicates implemented ({', '.join(missing)})"
         if sec.version_id > cls.VERSION_ID:
@@ -417,11 +433,51 @@ class _Decoder:
         return None
 
 
-def read_stream(data: bytes, specs: SpecSet, strict_typed: bool = False) -> Stream:
-    """Parse a complete stream.  Raises a :class:`VMSDError` naming offset, section and field."""
+def described_size(body: Obj) -> int | None:
+    """Wire bytes of a trailer body (fields and subsections); None for legacy entries."""
+    fields = body.get("fields")
+    if fields is None or "vmsd_name" not in [k for k, _ in body]:
+        return None
+    total = sum(int(e.get("size", 0)) * int(e.get("array_len", 1)) for e in fields)
+    for sub in body.get("subsections", []) or []:
+        inner = described_size(sub)
+        total += 2 + len(str(sub.get("vmsd_name")).encode()) + 4 + (inner or 0)
+    return total
+
+
+def unimplemented_predicates(cls: Any, seen: set[Any] | None = None) -> list[str]:
+    """Custom predicates of ``cls`` and the structs it nests that no registered class implements."""
+    seen = set() if seen is None else seen
+    if cls in seen:
+        return []
+    seen.add(cls)
+    out = [f"{cls.VMSD_NAME}.{m}" for m in sorted(getattr(impl(cls), "__abstractmethods__", ()))]
+    spec = cls.VMSD
+    fields = list(spec.fields)
+    todo = list(spec.subsections)
+    while todo:
+        sub = todo.pop()
+        fields.extend(sub.fields)
+        todo.extend(sub.subsections)
+    for f in fields:
+        for nested in (f.struct, f.key):
+            if nested is not None:
+                out += unimplemented_predicates(nested, seen)
+    return out
+
+
+def read_stream(data: bytes, specs: SpecSet, strict_typed: bool = False, enforce_checks: bool = False) -> Stream:
+    """Parse a complete stream.  Raises a :class:`VMSDError` naming offset, section and field.
+
+    ``strict_typed``: a section whose typed spec fails is an error instead of
+    being decoded from the trailer.  ``enforce_checks``: ``equal``/``le``
+    checks against our defaults fail the load, as on a destination; by
+    default a reading tool records them as warnings (the defaults are not
+    the machine the stream came from).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StreamWarning)
-        return _Decoder(bytes(data), specs, strict_typed).run()
+        return _Decoder(bytes(data), specs, strict_typed, enforce_checks).run()
 
 
 def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:

@@ -11,8 +11,10 @@ version.
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import struct
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from vmsd.runtime.errors import CheckFailed, MalformedStream, RegistryError, SaveError, VersionMismatch, VMSDError
@@ -25,8 +27,12 @@ __all__ = [
     "SaveError",
     "VMSDError",
     "VMStateObject",
+    "check_failed",
+    "current_reader",
+    "loading",
     "register",
     "register_extent",
+    "reporting_checks",
 ]
 
 if TYPE_CHECKING:
@@ -118,12 +124,15 @@ class VMStateObject(abc.ABC):
         r = Reader(data) if not isinstance(data, Reader) else data
         v = self.VERSION_ID if version_id is None else version_id
         check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, r.tell())
+        token = _CURRENT_READER.set(r)
         try:
             self.pre_load()
             self._load_fields(r, v)
             self.post_load(v)
         except VMSDError as e:
             raise e.within(self.VMSD_NAME) from None
+        finally:
+            _CURRENT_READER.reset(token)
         left = r.remaining()
         if whole and left:
             # Given the bytes of one object, leftovers mean the spec and the data disagree.
@@ -152,6 +161,48 @@ class VMStateObject(abc.ABC):
             self._save_fields(w, version_id)
         finally:
             self.post_save()
+
+
+# The reader of the load in progress: custom predicates whose answer is in the
+# bytes ahead (not in the state loaded so far) may peek at it.
+_CURRENT_READER: contextvars.ContextVar[Reader] = contextvars.ContextVar("vmsd_current_reader")
+
+
+def current_reader() -> Reader:
+    """The reader of the load in progress (for custom predicates that must peek)."""
+    try:
+        return _CURRENT_READER.get()
+    except LookupError:
+        raise RegistryError("no load in progress: this predicate decides presence only while loading") from None
+
+
+# Where failed equal/le/validate checks go: None = raise (a destination
+# refusing the stream); a list = record and go on (tools that only read).
+_CHECK_REPORTS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("vmsd_check_reports", default=None)
+
+
+def check_failed(field: str, message: str, offset: int) -> None:
+    """An ``equal``/``le``/``validate`` check did not hold at ``offset``."""
+    reports = _CHECK_REPORTS.get()
+    if reports is None:
+        raise CheckFailed(message, offset=offset)
+    reports.append(f"check on '{field}' failed: {message} (at offset {offset:#x})")
+
+
+@contextlib.contextmanager
+def reporting_checks() -> Iterator[list[str]]:
+    """Within this block failed checks are collected instead of raised."""
+    reports: list[str] = []
+    token = _CHECK_REPORTS.set(reports)
+    try:
+        yield reports
+    finally:
+        _CHECK_REPORTS.reset(token)
+
+
+def loading() -> bool:
+    """True while a load is in progress in this context."""
+    return _CURRENT_READER.get(None) is not None
 
 
 def check_version(name: str, v: int, version: int, minimum: int, offset: int | None) -> None:
@@ -373,6 +424,9 @@ def load_subsections(obj: Any, r: Reader, parent: str, table: dict[bytes, tuple[
         if entry is None:
             raise MalformedStream(f"unknown subsection '{name.decode(errors='replace')}'", offset=at)
         r.take(2 + head[1])
+        seen = getattr(obj, "__dict__", None)
+        if seen is not None:  # remembered for as_loaded_subclass() predicates
+            seen.setdefault("_vmsd_loaded_subsections", set()).add(name.decode())
         # QEMU stores the subsection version in a uint8_t: only the low byte counts.
         v = r.u32() & 0xFF
         version, minimum, loader = entry
@@ -382,6 +436,43 @@ def load_subsections(obj: Any, r: Reader, parent: str, table: dict[bytes, tuple[
             loader(obj, r, v)
         except VMSDError as e:
             raise e.within(label) from None
+
+
+def as_loaded_subclass(cls: type[T]) -> type[T] | None:
+    """A subclass answering ``needed custom(...)`` predicates "as it was loaded".
+
+    When a stream is decoded and written back, a subsection whose predicate
+    depends on configuration the stream does not carry (CPU features, device
+    options) is exactly needed when it was present in the input.  Returns
+    None when some custom predicate decides field presence instead: that one
+    needs a real implementation.
+    """
+    missing = set(getattr(impl(cls), "__abstractmethods__", ()))
+    if not missing:
+        return None
+    spec = cls.VMSD
+    needed: dict[str, list[str]] = {}
+    todo = list(spec.subsections)
+    tests = {f.test for f in spec.fields}
+    while todo:
+        sub = todo.pop()
+        todo.extend(sub.subsections)
+        tests |= {f.test for f in sub.fields}
+        if sub.needed is not None and sub.needed in missing:
+            needed.setdefault(sub.needed, []).append(sub.name)
+    if missing & tests or missing - needed.keys():
+        return None
+
+    def predicate(names: list[str]) -> Callable[[Any, int], bool]:
+        def decide(self: Any, version_id: int) -> bool:
+            loaded = self.__dict__.get("_vmsd_loaded_subsections", ())
+            return any(n in loaded for n in names)
+
+        return decide
+
+    methods = {name: predicate(subs) for name, subs in needed.items()}
+    base: type[T] = impl(cls)  # type: ignore[assignment]
+    return type(f"{cls.__name__}AsLoaded", (base,), methods)
 
 
 def write_subsection_header(w: Writer, name: bytes, version: int) -> None:

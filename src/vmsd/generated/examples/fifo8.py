@@ -39,7 +39,7 @@ class Fifo8(_rt.VMStateObject):
             buf, p = r.take(4)
             _t = _S0.unpack_from(buf, p)[0]
             if _t != self.capacity:
-                raise _rt.CheckFailed(f'{_t:#x} != {self.capacity:#x}', offset=r.tell() - 4)
+                _rt.check_failed('capacity', f'{_t:#x} != {self.capacity:#x}', r.tell() - 4)
             self.capacity = _t
             _at = 'data'
             _n = _rt.count(self.capacity)

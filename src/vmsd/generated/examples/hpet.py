@@ -65,7 +65,7 @@ class Hpet(_rt.VMStateObject):
                 self.num_timers = None
             _at = 'num_timers in range'
             if not ((_rt.opt(self.num_timers, 'num_timers') >= 3) and (_rt.opt(self.num_timers, 'num_timers') <= 32)):
-                raise _rt.CheckFailed('validation num_timers in range failed', offset=r.tell())
+                _rt.check_failed('num_timers in range', 'validation failed', r.tell())
             _at = 'timer'
             self.timer = _rt.load_struct_array(r, HpetTimer, _rt.count(_rt.opt(self.num_timers, 'num_timers')), 1, self.timer)
             _at = 'legacy_route'

@@ -295,13 +295,13 @@ class Kinds(_rt.VMStateObject):
             buf, p = r.take(4)
             _t = _S4.unpack_from(buf, p)[0]
             if _t != self.cap:
-                raise _rt.CheckFailed(f'{_t:#x} != {self.cap:#x}', offset=r.tell() - 4)
+                _rt.check_failed('cap', f'{_t:#x} != {self.cap:#x}', r.tell() - 4)
             self.cap = _t
             _at = 'limit'
             buf, p = r.take(4)
             _t = _S6.unpack_from(buf, p)[0]
             if not 0 <= _t <= self.limit:
-                raise _rt.CheckFailed(f'Invalid value {_t} expecting positive value <= {self.limit}', offset=r.tell() - 4)
+                _rt.check_failed('limit', f'Invalid value {_t} expecting positive value <= {self.limit}', r.tell() - 4)
             self.limit = _t
             _at = 'n'
             buf, p = r.take(4)
@@ -357,7 +357,7 @@ class Kinds(_rt.VMStateObject):
             self.by_key = _rt.load_gtree(r, KindsKey, KindsElem, 2)
             _at = 'n small'
             if not (self.n <= 64):
-                raise _rt.CheckFailed('validation n small failed', offset=r.tell())
+                _rt.check_failed('n small', 'validation failed', r.tell())
             _at = 'late'
             if version_id >= 3:
                 buf, p = r.take(8)
