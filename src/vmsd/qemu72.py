@@ -73,6 +73,74 @@ def _register_pci() -> None:
             return not self.migrate_is_pcie(version_id)
 
 
+def _reconstructed_fdc_phase(msr: int) -> int:
+    """hw/block/fdc.c reconstruct_phase(): EXECUTION, RESULT or COMMAND from the MSR."""
+    if msr & 0x20 or not msr & 0x80:
+        return 2
+    return 3 if msr & 0x40 else 1
+
+
+def _register_isa() -> None:
+    from vmsd.generated.qemu.v7_2.fdc import FDCtrl
+    from vmsd.generated.qemu.v7_2.hpet import Hpet
+    from vmsd.generated.qemu.v7_2.ide import IDEState
+    from vmsd.generated.qemu.v7_2.pckbd import KBDState
+    from vmsd.generated.qemu.v7_2.serial import SerialState
+
+    @register
+    class HpetState(Hpet):
+        def offset_needed(self, version_id: int) -> bool:
+            # config & HPET_CFG_ENABLE; hpet-offset-saved is on for every 7.2 machine type.
+            return bool(self.config & 1)
+
+    @register
+    class IDEDrive(IDEState):
+        def pio_state_needed(self, version_id: int) -> bool:
+            # C: (status & DRQ_STAT) || (bus->error_status & BM_STATUS_PIO_RETRY); the
+            # bus is not reachable from here, so a loaded drive keeps what it had.
+            loaded = loaded_subsections(self)
+            if loaded is not None:
+                return "ide_drive/pio_state" in loaded
+            return bool(self.status & 0x08)
+
+    @register
+    class I8042(KBDState):
+        def extended_state_needed(self, version_id: int) -> bool:
+            return True  # the i8042 "extended-state" property: off only for machines <= 6.0
+
+        def pre_load(self) -> None:
+            self.outport = 0x100  # out of uint8 range: marks "pckbd_outport subsection absent"
+
+        def post_load(self, version_id: int) -> None:
+            if self.outport == 0x100:
+                self.outport = 0xCF | ((self.status & 0x01) << 4) | (self.status & 0x20)
+
+    @register
+    class FloppyController(FDCtrl):
+        def pre_load(self) -> None:
+            self.phase = 0  # FD_PHASE_RECONSTRUCT
+
+        def post_load(self, version_id: int) -> None:
+            if self.phase == 0:
+                self.phase = _reconstructed_fdc_phase(self.msr)
+
+    @register
+    class UART16550(SerialState):
+        def pre_load(self) -> None:
+            self.thr_ipending = -1
+            self.poll_msl = -1
+
+        def post_load(self, version_id: int) -> None:
+            if self.thr_ipending == -1:
+                self.thr_ipending = int((self.iir & 0x06) == 0x02)
+
+
+def loaded_subsections(obj: Any) -> set[str] | None:
+    """Names of the subsections ``obj`` was loaded with; None if it was not loaded."""
+    seen: set[str] | None = getattr(obj, "__dict__", {}).get("_vmsd_loaded_subsections")
+    return seen
+
+
 def _register_implementations() -> None:
     from vmsd.generated.qemu.v7_2.configuration import Configuration
 
@@ -86,6 +154,7 @@ def _register_implementations() -> None:
             return self.uuid != bytes(16)
 
     _register_pci()
+    _register_isa()
     try:
         importlib.import_module("vmsd.qemu_extents")
     except ModuleNotFoundError:

@@ -133,6 +133,10 @@ class Stream:
         return 4096
 
 
+def _nests(outer: Any, inner: Any) -> bool:
+    return any(f.struct is inner for f in outer.VMSD.fields)
+
+
 class SpecSet:
     """Typed classes by vmsd name, used to decode sections."""
 
@@ -146,7 +150,11 @@ class SpecSet:
         for module in modules:
             for value in vars(module).values():
                 if isinstance(value, type) and value.__dict__.get("_generated") and value.__module__ == module.__name__:
-                    found[value.VMSD_NAME] = value  # type: ignore[attr-defined]
+                    name = value.VMSD_NAME  # type: ignore[attr-defined]
+                    # QEMU wraps some devices in a vmsd of the same name (isa-serial's
+                    # "serial" holds the core "serial"): the section is the wrapper.
+                    if name not in found or _nests(value, found[name]):
+                        found[name] = value
                     auto: type | None = as_loaded_subclass(value)
                     if auto is not None:
                         register(auto)

@@ -412,6 +412,12 @@ def save_gtree(w: Writer, items: Sequence[tuple[Any, T]], version: int, direct_k
 def load_subsections(obj: Any, r: Reader, parent: str, table: dict[bytes, tuple[int, int, SubLoader]]) -> None:
     """QEMU's subsection loop: stops at the first thing that is not one of ours."""
     prefix = parent.encode()
+    seen = getattr(obj, "__dict__", None)
+    if seen is not None:  # registered subclasses remember what they were loaded with
+        if parent == obj.VMSD_NAME:
+            seen["_vmsd_loaded_subsections"] = set()
+        else:
+            seen.setdefault("_vmsd_loaded_subsections", set())
     while True:
         head = r.peek(2)
         if len(head) < 2 or head[0] != QEMU_VM_SUBSECTION or head[1] < len(prefix) + 1:
@@ -424,9 +430,8 @@ def load_subsections(obj: Any, r: Reader, parent: str, table: dict[bytes, tuple[
         if entry is None:
             raise MalformedStream(f"unknown subsection '{name.decode(errors='replace')}'", offset=at)
         r.take(2 + head[1])
-        seen = getattr(obj, "__dict__", None)
-        if seen is not None:  # remembered for as_loaded_subclass() predicates
-            seen.setdefault("_vmsd_loaded_subsections", set()).add(name.decode())
+        if seen is not None:
+            seen["_vmsd_loaded_subsections"].add(name.decode())
         # QEMU stores the subsection version in a uint8_t: only the low byte counts.
         v = r.u32() & 0xFF
         version, minimum, loader = entry
