@@ -16,7 +16,11 @@ from vmsd.runtime.vmstate import impl
 
 CLASSES = all_classes()
 IDS = [c.__name__ for c in CLASSES]
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow, HealthCheck.large_base_example, HealthCheck.data_too_large],
+)
 
 
 def test_every_shipped_spec_has_classes() -> None:
@@ -84,7 +88,7 @@ def test_random_bytes_raise_only_our_errors(cls: type, blob: bytes) -> None:
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.large_base_example, HealthCheck.data_too_large, HealthCheck.too_slow])
 @given(data=st.data())
 def test_truncated_input_raises_only_our_errors(cls: type, data: st.DataObject) -> None:
     b = _save(data.draw(instances(cls)))
