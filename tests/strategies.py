@@ -23,6 +23,21 @@ INT_BOUNDS = {
     "uint64": (0, (1 << 64) - 1),
 }
 MAX_ELEMS = 4
+# Above this many elements a fixed-size array draws a short head and pads it:
+# QEMU states such as vmcs12 (4 KiB) would otherwise exhaust hypothesis.
+BIG = 64
+
+
+def exact_list(elem: st.SearchStrategy[Any], n: int, pad: Any) -> st.SearchStrategy[list[Any]]:
+    if n <= BIG:
+        return st.lists(elem, min_size=n, max_size=n)
+    return st.lists(elem, max_size=8).map(lambda head: head + [pad] * (n - len(head)))
+
+
+def exact_bytes(n: int) -> st.SearchStrategy[bytes]:
+    if n <= BIG:
+        return st.binary(min_size=n, max_size=n)
+    return st.binary(max_size=16).map(lambda head: head + bytes(n - len(head)))
 
 
 def scalar(info: str) -> st.SearchStrategy[Any]:
@@ -74,20 +89,21 @@ def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.Se
         elem = scalar(base)
         if isinstance(current, enum.Enum):
             elem = st.integers(*INT_BOUNDS[_int_type(f)]).map(type(current))
+        pad = current[0] if isinstance(current, list) and current and not isinstance(current[0], list) else 0
         if f.count_attr is not None:
             n = max(getattr(obj, f.count_attr), 0) * f.multiply
-            return st.lists(elem, min_size=n, max_size=n)
+            return exact_list(elem, n, pad)
         if len(f.dims) == 2:
             rows, cols = f.dims
-            return st.lists(st.lists(elem, min_size=cols, max_size=cols), min_size=rows, max_size=rows)
+            return exact_list(exact_list(elem, cols, pad), rows, [pad] * cols)
         if f.dims:
-            return st.lists(elem, min_size=f.dims[0], max_size=f.dims[0])
+            return exact_list(elem, f.dims[0], pad)
         return elem
     if f.kind == "bytes":
         if f.count_attr is not None:
             n = max(getattr(obj, f.count_attr), 0) * f.multiply
-            return st.binary(min_size=n, max_size=n)
-        return st.binary(min_size=f.elem_size, max_size=f.elem_size)
+            return exact_bytes(n)
+        return exact_bytes(f.elem_size)
     if f.kind == "bitmap":
         nbits = f.dims[0] if f.dims else max(getattr(obj, f.count_attr or ""), 0) * f.multiply
         return st.integers(0, (1 << ((nbits + 63) // 64 * 64)) - 1)
