@@ -110,6 +110,14 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_FINDINGS if lines else EXIT_OK
 
 
+def _cmd_import_qemu(args: argparse.Namespace) -> int:
+    from vmsd.importer import import_qemu
+
+    for path in import_qemu(Path(args.dump), Path(args.stream) if args.stream else None, Path(args.output)):
+        print(path)
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vmsd.demo import run
 
@@ -143,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", metavar="B")
     p.add_argument("--specs", type=Path, metavar="DIR")
     p.set_defaults(func=_cmd_diff)
+    p = sub.add_parser("import-qemu", help="skeleton specs from QEMU's -dump-vmstate output (types from a stream's trailer)")
+    p.add_argument("dump", metavar="DUMP.json")
+    p.add_argument("--stream", metavar="FILE", help="a migration stream whose trailer gives the field types")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.set_defaults(func=_cmd_import_qemu)
     p = sub.add_parser("demo", help="compile the bundled specs and show the generated API at work")
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -38,6 +38,8 @@ RESERVED = frozenset(
         "load", "load_into", "save", "to_bytes", "from_bytes", "pre_load", "post_load",
         "pre_save", "post_save", "vmdesc", "VMSD", "VMSD_NAME", "VERSION_ID",
         "MINIMUM_VERSION_ID", "version_id", "version",
+        # names the class body itself uses in defaults (a field would shadow them)
+        "attrs", "bytes", "list",
     }
 )
 
