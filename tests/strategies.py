@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -75,7 +76,28 @@ def instances(draw: st.DrawFn, cls: type, depth: int = 0) -> Any:
         if f.attr is None or f.attr in counters:
             continue
         setattr(obj, f.attr, draw(_value(obj, f, checked, depth)))
+    fixup = FIXUPS.get(cls.VMSD.name)
+    if fixup is not None:
+        fixup(obj, draw)
     return obj
+
+
+def _pci_config(obj: Any, draw: st.DrawFn) -> None:
+    """PCIDevice saves 256 or 4096 config bytes; an express function carries the PCIe capability."""
+    if draw(st.booleans()):
+        cfg = bytearray(obj.config_pcie or bytes(4096))
+        cfg[6] |= 0x10  # status: capability list
+        cfg[0x34] = 0x40
+        cfg[0x40:0x42] = b"\x10\x00"  # PCI Express capability, end of list
+        obj.config, obj.config_pcie = None, bytes(cfg)
+    else:
+        cfg = bytearray(obj.config or bytes(256))
+        cfg[6] &= ~0x10 & 0xFF
+        obj.config, obj.config_pcie = bytes(cfg), None
+
+
+# States whose fields must agree with each other in ways the schema cannot say.
+FIXUPS: dict[str, Callable[[Any, st.DrawFn], None]] = {"PCIDevice": _pci_config}
 
 
 def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.SearchStrategy[Any]:

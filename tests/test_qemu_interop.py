@@ -13,9 +13,18 @@ import pytest
 
 from vmsd.cli import main
 from vmsd.qemu72 import spec_set
-from vmsd.qmp import QEMU_BINARY, load_stream, save_stream
+from vmsd.qmp import QEMU_BINARY, Qemu, load_stream, save_stream
 from vmsd.runtime import VMSDError
-from vmsd.runtime.stream import RegistryError, read_stream, write_stream
+from vmsd.runtime.ram import RamPayload
+from vmsd.runtime.stream import (
+    MIG_CMD_PACKAGED,
+    QEMU_VM_SECTION_FULL,
+    Command,
+    RegistryError,
+    Section,
+    read_stream,
+    write_stream,
+)
 
 RICH = [
     "-netdev", "user,id=n0", "-device", "e1000,netdev=n0",
@@ -125,6 +134,57 @@ def _cmos(path: Path) -> bytes:
     if rtc.generic_body is not None:
         return bytes(rtc.payload.get("cmos_data"))
     return bytes(rtc.payload.cmos_data)
+
+
+def _save_with_capabilities(path: Path, tmp: Path, caps: dict[str, bool]) -> None:
+    mem = ["-object", f"memory-backend-file,id=m,size=32M,mem-path={tmp}/ram,share=on", "-machine", "memory-backend=m"]
+    with Qemu(mem) as q:
+        q.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": v} for c, v in caps.items()])
+        q.migrate_to_file(path)
+
+
+def test_packaged_command_and_ignore_shared(streams: dict[str, Path], tmp_path: Path) -> None:
+    """Streams analyze-migration.py cannot read: commands (a PACKAGED one) and x-ignore-shared block lists."""
+    stream = read_stream(streams["pc"].read_bytes(), spec_set())
+    full = [r for r in stream.records if isinstance(r, Section) and r.kind == QEMU_VM_SECTION_FULL]
+    rest = [r for r in stream.records if not (isinstance(r, Section) and r.kind == QEMU_VM_SECTION_FULL)]
+    package = Command(MIG_CMD_PACKAGED, 0, b"", packaged=full, package_eof=True)
+    stream.records = [*rest, package]
+    data = write_stream(stream)
+    packaged = tmp_path / "packaged.mig"
+    packaged.write_bytes(data)
+    again = read_stream(data, spec_set())
+    assert [r.name for r in again.records if isinstance(r, Command)] == ["PACKAGED"]
+    assert write_stream(again) == data
+    load_stream(packaged).stop()  # QEMU loads the package as we wrote it
+
+    shared = tmp_path / "shared.mig"
+    mem = ["-object", f"memory-backend-file,id=m,size=32M,mem-path={tmp_path}/ram,share=on", "-machine", "memory-backend=m"]
+    with Qemu(mem) as q:
+        q.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        q.migrate_to_file(shared)
+    data = shared.read_bytes()
+    stream = read_stream(data, spec_set())
+    assert stream.configuration is not None and b"x-ignore-shared" in stream.configuration.state.capabilities
+    blocks = [b for s in stream.sections() if isinstance(s.payload, RamPayload) for r in s.payload.records for b in r.blocks]
+    assert blocks and all(b.addr is not None for b in blocks)
+    assert write_stream(stream) == data
+
+
+def test_serial_scratch_register_edit_survives_qemu(streams: dict[str, Path], tmp_path: Path) -> None:
+    edited = tmp_path / "serial.mig"
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    assert main(["rewrite", str(streams["pc-rich-bios"]), "-o", str(edited), "--set", "serial.state.scr=0x5a"]) == 0
+    args = [*RICH, "-drive", f"if=none,id=d0,file={disk},format=raw", "-device", "virtio-blk-pci,drive=d0"]
+    back = tmp_path / "back.mig"
+    q = load_stream(edited, args=args)
+    try:
+        q.migrate_to_file(back)
+    finally:
+        q.stop()
+    serial = next(s for s in read_stream(back.read_bytes(), spec_set()).full_sections() if s.idstr == "serial")
+    assert serial.generic_body is None and serial.payload.state.scr == 0x5A
 
 
 def test_qemu_rejects_what_we_reject(streams: dict[str, Path], tmp_path: Path) -> None:

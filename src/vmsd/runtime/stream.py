@@ -96,6 +96,8 @@ class Command:
     offset: int
     data: bytes
     packaged: list[Any] | None = None  # records inside a PACKAGED command
+    package_eof: bool = False  # the package ends with an EOF byte (QEMU stops there)
+    package_tail: bytes = b""  # package bytes after that point (QEMU never reads them)
 
     @property
     def name(self) -> str:
@@ -283,8 +285,8 @@ class _Decoder:
             at = r.tell()
             kind = r.u8()
             if kind == QEMU_VM_EOF:
-                if not top:
-                    raise MalformedStream("EOF inside a PACKAGED command", offset=at)
+                if not top:  # QEMU's nested load loop stops at EOF too
+                    self.package_eof = True
                 return out
             if kind in SECTION_NAMES:
                 out.append(self.section(kind, at))
@@ -317,6 +319,7 @@ class _Decoder:
             inner.__dict__.update(self.__dict__)
             inner.r = Reader(r.read(size))
             inner.data = b""
+            inner.package_eof = False
             base = r.tell() - size
             try:
                 command.packaged = inner.records(top=False)
@@ -324,6 +327,8 @@ class _Decoder:
                 if e.offset is not None:
                     e.offset += base
                 raise
+            command.package_eof = inner.package_eof
+            command.package_tail = inner.r.read(inner.r.remaining() or 0)
             self.next_device = inner.next_device
             self.footers = inner.footers
         return command
@@ -516,6 +521,9 @@ def _write_records(w: Writer, records: list[Section | Command]) -> None:
             if rec.packaged is not None:
                 inner = Writer()
                 _write_records(inner, rec.packaged)
+                if rec.package_eof:
+                    inner.u8(QEMU_VM_EOF)
+                inner.write(rec.package_tail)
                 body = inner.getvalue()
                 w.u16(4)
                 w.u32(len(body))
