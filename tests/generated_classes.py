@@ -33,7 +33,7 @@ def _always(self: object, version_id: int) -> bool:
 
 def all_classes() -> list[type[VMStateObject]]:
     """Every generated class; custom predicates without an implementation answer True."""
-    spec_set()  # registers the QEMU 7.2 implementations
+    spec_set().load_all()  # registers the QEMU 7.2 implementations
     out = []
     for mod in pkgutil.walk_packages(vmsd.generated.__path__, "vmsd.generated."):
         module = importlib.import_module(mod.name)

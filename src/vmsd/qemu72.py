@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+from collections.abc import Callable
 from typing import Any
 
 from vmsd.runtime.io import Reader
@@ -34,11 +35,26 @@ register_extent("capability", _capabilities_extent)
 
 @functools.cache
 def spec_set() -> SpecSet:
+    """The shipped QEMU 7.2 specs; modules load when a stream names their vmsds."""
+    try:
+        importlib.import_module("vmsd.qemu_extents")
+    except ModuleNotFoundError:
+        pass
+    return SpecSet.from_package("vmsd.generated.qemu.v7_2", on_import=_implement)
+
+
+def all_modules() -> list[Any]:
+    """Every generated QEMU 7.2 module (for tests and tools that need them all)."""
     import vmsd.generated.qemu.v7_2 as pkg
 
-    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
-    _register_implementations()
-    return SpecSet.from_modules(modules)
+    return [importlib.import_module(m.name) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+
+
+def _implement(module: Any) -> None:
+    """Register this file's implementations for the classes ``module`` declares."""
+    registrar = _REGISTRARS.get(module.__name__.rsplit(".", 1)[-1])
+    if registrar is not None:
+        registrar(module)
 
 
 def _express_capability_ahead() -> bool:
@@ -59,11 +75,9 @@ def _express_capability_ahead() -> bool:
     return False
 
 
-def _register_pci() -> None:
-    from vmsd.generated.qemu.v7_2.pci import PCIDevice
-
+def _register_pci(module: Any) -> None:
     @register
-    class PCIFunction(PCIDevice):
+    class PCIFunction(module.PCIDevice):  # type: ignore[misc]
         def migrate_is_pcie(self, version_id: int) -> bool:
             if loading():
                 return _express_capability_ahead()
@@ -80,21 +94,17 @@ def _reconstructed_fdc_phase(msr: int) -> int:
     return 3 if msr & 0x40 else 1
 
 
-def _register_isa() -> None:
-    from vmsd.generated.qemu.v7_2.fdc import FDCtrl
-    from vmsd.generated.qemu.v7_2.hpet import Hpet
-    from vmsd.generated.qemu.v7_2.ide import IDEState
-    from vmsd.generated.qemu.v7_2.pckbd import KBDState
-    from vmsd.generated.qemu.v7_2.serial import SerialState
-
+def _register_hpet(module: Any) -> None:
     @register
-    class HpetState(Hpet):
+    class HpetState(module.Hpet):  # type: ignore[misc]
         def offset_needed(self, version_id: int) -> bool:
             # config & HPET_CFG_ENABLE; hpet-offset-saved is on for every 7.2 machine type.
             return bool(self.config & 1)
 
+
+def _register_ide(module: Any) -> None:
     @register
-    class IDEDrive(IDEState):
+    class IDEDrive(module.IDEState):  # type: ignore[misc]
         def pio_state_needed(self, version_id: int) -> bool:
             # C: (status & DRQ_STAT) || (bus->error_status & BM_STATUS_PIO_RETRY); the
             # bus is not reachable from here, so a loaded drive keeps what it had.
@@ -103,8 +113,10 @@ def _register_isa() -> None:
                 return "ide_drive/pio_state" in loaded
             return bool(self.status & 0x08)
 
+
+def _register_pckbd(module: Any) -> None:
     @register
-    class I8042(KBDState):
+    class I8042(module.KBDState):  # type: ignore[misc]
         def extended_state_needed(self, version_id: int) -> bool:
             return True  # the i8042 "extended-state" property: off only for machines <= 6.0
 
@@ -115,8 +127,10 @@ def _register_isa() -> None:
             if self.outport == 0x100:
                 self.outport = 0xCF | ((self.status & 0x01) << 4) | (self.status & 0x20)
 
+
+def _register_fdc(module: Any) -> None:
     @register
-    class FloppyController(FDCtrl):
+    class FloppyController(module.FDCtrl):  # type: ignore[misc]
         def pre_load(self) -> None:
             self.phase = 0  # FD_PHASE_RECONSTRUCT
 
@@ -124,8 +138,10 @@ def _register_isa() -> None:
             if self.phase == 0:
                 self.phase = _reconstructed_fdc_phase(self.msr)
 
+
+def _register_serial(module: Any) -> None:
     @register
-    class UART16550(SerialState):
+    class UART16550(module.SerialState):  # type: ignore[misc]
         def pre_load(self) -> None:
             self.thr_ipending = -1
             self.poll_msl = -1
@@ -135,27 +151,29 @@ def _register_isa() -> None:
                 self.thr_ipending = int((self.iir & 0x06) == 0x02)
 
 
+def _register_configuration(module: Any) -> None:
+    @register
+    class ConfigurationState(module.Configuration):  # type: ignore[misc]
+        def target_page_bits_needed(self, version_id: int) -> bool:
+            # x86 never sends it: its page bits equal the minimum.
+            return bool(self.target_page_bits != 0)
+
+        def uuid_needed(self, version_id: int) -> bool:
+            return bool(self.uuid != bytes(16))
+
+
 def loaded_subsections(obj: Any) -> set[str] | None:
     """Names of the subsections ``obj`` was loaded with; None if it was not loaded."""
     seen: set[str] | None = getattr(obj, "__dict__", {}).get("_vmsd_loaded_subsections")
     return seen
 
 
-def _register_implementations() -> None:
-    from vmsd.generated.qemu.v7_2.configuration import Configuration
-
-    @register
-    class ConfigurationState(Configuration):
-        def target_page_bits_needed(self, version_id: int) -> bool:
-            # x86 never sends it: its page bits equal the minimum.
-            return self.target_page_bits != 0
-
-        def uuid_needed(self, version_id: int) -> bool:
-            return self.uuid != bytes(16)
-
-    _register_pci()
-    _register_isa()
-    try:
-        importlib.import_module("vmsd.qemu_extents")
-    except ModuleNotFoundError:
-        pass
+_REGISTRARS: dict[str, Callable[[Any], None]] = {
+    "configuration": _register_configuration,
+    "pci": _register_pci,
+    "hpet": _register_hpet,
+    "ide": _register_ide,
+    "pckbd": _register_pckbd,
+    "fdc": _register_fdc,
+    "serial": _register_serial,
+}

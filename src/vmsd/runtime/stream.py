@@ -9,8 +9,11 @@ on a :class:`~vmsd.runtime.io.Reader` and a :class:`~vmsd.runtime.io.Writer`.
 
 from __future__ import annotations
 
+import importlib
 import struct
+import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -140,38 +143,97 @@ def _nests(outer: Any, inner: Any) -> bool:
 
 
 class SpecSet:
-    """Typed classes by vmsd name, used to decode sections."""
+    """Typed classes by vmsd name, used to decode sections.
 
-    def __init__(self, classes: dict[str, type] | None = None) -> None:
-        self.classes: dict[str, type] = dict(classes or {})
+    A spec set built :meth:`from_package` imports a generated module only when
+    a stream names one of its vmsds (the package ``__init__`` indexes them),
+    so a tool pays for the devices a stream has, not for every spec shipped.
+    ``on_import`` runs for each newly imported generated module, before the
+    "as loaded" defaults, so that real implementations register first.
+    """
+
+    def __init__(
+        self,
+        classes: dict[str, type] | None = None,
+        packages: list[tuple[str, dict[str, tuple[str, ...]]]] | None = None,
+        on_import: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.classes: dict[str, type] = {}
+        self._packages = list(packages or [])
+        self._on_import = on_import
+        self._seen_modules: set[str] = set()
+        for value in (classes or {}).values():
+            self._add_class(value)
 
     @classmethod
-    def from_modules(cls, modules: list[Any]) -> SpecSet:
-        """Classes of generated modules; custom ``needed`` predicates nobody implemented answer "as loaded"."""
-        found: dict[str, type] = {}
-        for module in modules:
-            for value in vars(module).values():
-                if isinstance(value, type) and value.__dict__.get("_generated") and value.__module__ == module.__name__:
-                    name = value.VMSD_NAME  # type: ignore[attr-defined]
-                    # QEMU wraps some devices in a vmsd of the same name (isa-serial's
-                    # "serial" holds the core "serial"): the section is the wrapper.
-                    if name not in found or _nests(value, found[name]):
-                        found[name] = value
-                    auto: type | None = as_loaded_subclass(value)
-                    if auto is not None:
-                        register(auto)
-        return cls(found)
+    def from_modules(cls, modules: list[Any], on_import: Callable[[Any], None] | None = None) -> SpecSet:
+        specs = cls(on_import=on_import)
+        specs._add_modules(modules)
+        return specs
+
+    @classmethod
+    def from_package(cls, package: str, on_import: Callable[[Any], None] | None = None) -> SpecSet:
+        index = getattr(importlib.import_module(package), "VMSDS", {})
+        return cls(packages=[(package, index)], on_import=on_import)
 
     def merged(self, other: SpecSet) -> SpecSet:
-        return SpecSet({**self.classes, **other.classes})
+        out = SpecSet(packages=other._packages + self._packages, on_import=self._on_import)
+        out.classes = {**self.classes, **other.classes}
+        return out
+
+    def _add_modules(self, modules: list[Any]) -> None:
+        fresh = [m for m in modules if m.__name__ not in self._seen_modules]
+        self._seen_modules.update(m.__name__ for m in fresh)
+        if self._on_import is not None:
+            for module in fresh:
+                self._on_import(module)
+        for module in fresh:
+            for value in vars(module).values():
+                if isinstance(value, type) and value.__dict__.get("_generated") and value.__module__ == module.__name__:
+                    self._add_class(value)
+
+    def _add_class(self, value: Any) -> None:
+        name = value.VMSD_NAME
+        # QEMU wraps some devices in a vmsd of the same name (isa-serial's
+        # "serial" holds the core "serial"): the section is the wrapper.
+        if name not in self.classes or _nests(value, self.classes[name]):
+            self.classes[name] = value
+        # Custom ``needed`` predicates nobody implemented answer "as loaded".
+        auto: type | None = as_loaded_subclass(value)
+        if auto is not None:
+            register(auto)
+
+    def _load(self, name: str) -> None:
+        for package, index in self._packages:
+            if name in index:
+                before = set(sys.modules)
+                for mod in index[name]:
+                    importlib.import_module(f"{package}.{mod}")
+                # Dependencies imported on the way (shared nested vmsds) get their hooks too.
+                new = sorted(m for m in set(sys.modules) - before if m.startswith(package + "."))
+                self._add_modules([sys.modules[m] for m in new])
+
+    def get(self, name: str) -> type | None:
+        if name not in self.classes:
+            self._load(name)
+        return self.classes.get(name)
+
+    def load_all(self) -> SpecSet:
+        """Import every indexed module now (tests, tools listing all specs)."""
+        for name in self.names():
+            self.get(name)
+        return self
+
+    def names(self) -> list[str]:
+        return sorted({*self.classes, *(n for _, index in self._packages for n in index)})
 
     def lookup(self, idstr: str, vmsd_name: str | None) -> type | None:
         if vmsd_name is not None:
-            return self.classes.get(vmsd_name)
+            return self.get(vmsd_name)
         # "0000:00:01.1/ide" -> "ide"; names may themselves contain '/'.
         parts = idstr.split("/")
         for i in range(len(parts)):
-            found = self.classes.get("/".join(parts[i:]))
+            found = self.get("/".join(parts[i:]))
             if found is not None:
                 return found
         return None
