@@ -87,6 +87,8 @@ class Section:
     generic_body: Obj | None = None
     vmsd_name: str | None = None
     footer: bool = True
+    # A legacy (save_state) handler: QEMU's trailer describes it as one buffer.
+    legacy: bool = False
 
     @property
     def has_header(self) -> bool:
@@ -206,11 +208,10 @@ class SpecSet:
     def _load(self, name: str) -> None:
         for package, index in self._packages:
             if name in index:
-                before = set(sys.modules)
                 for mod in index[name]:
                     importlib.import_module(f"{package}.{mod}")
-                # Dependencies imported on the way (shared nested vmsds) get their hooks too.
-                new = sorted(m for m in set(sys.modules) - before if m.startswith(package + "."))
+                # Modules imported on the way or earlier (shared nested vmsds) get their hooks too.
+                new = sorted(m for m in sys.modules if m.startswith(package + ".") and m not in self._seen_modules)
                 self._add_modules([sys.modules[m] for m in new])
 
     def get(self, name: str) -> type | None:
@@ -443,6 +444,7 @@ class _Decoder:
         device = self.trailer_device(sec)
         vmsd_name = device.get("vmsd_name") if device is not None else None
         sec.vmsd_name = vmsd_name
+        sec.legacy = device is not None and vmsd_name is None
         cls = self.specs.lookup(sec.idstr, vmsd_name)
         if cls is not None:
             start = self.r.tell()
@@ -458,6 +460,8 @@ class _Decoder:
                             obj.load_into(self.r, sec.version_id)
                     used = self.r.tell() - start
                     expected = described_size(device) if device is not None else None
+                    if sec.legacy and device is not None:
+                        expected = int(device.get("size", 0))
                     if expected is not None and used != expected:
                         raise MalformedStream(f"spec read {used} bytes, the trailer describes {expected}", offset=start)
                     for msg in failed:
@@ -620,7 +624,10 @@ def regenerate_trailer(stream: Stream) -> Obj:
     for sec in stream.full_sections():
         head = Obj([("name", sec.idstr), ("instance_id", sec.instance_id)])
         p = sec.payload
-        if sec.generic_body is not None:
+        if sec.legacy and sec.generic_body is None:
+            size = len(p._save_nested_bytes(sec.version_id)) if not isinstance(p, bytes) else len(p)
+            head.extend([("size", size), ("fields", [Obj([("name", "data"), ("size", size), ("type", "buffer")])])])
+        elif sec.generic_body is not None:
             head.extend((k, v) for k, v in sec.generic_body if k not in ("name", "instance_id"))
         else:
             body, _ = describe(p, sec.version_id)

@@ -150,6 +150,11 @@ class VMStateObject(abc.ABC):
             raise e.within(self.VMSD_NAME) from None
         return bytes(w.buf[start:])
 
+    def _save_nested_bytes(self, version_id: int) -> bytes:
+        w = Writer()
+        self._save_nested(w, version_id)
+        return w.getvalue()
+
     def _load_nested(self, r: Reader, version_id: int) -> None:
         self.pre_load()
         self._load_fields(r, version_id)
