@@ -168,7 +168,34 @@ def loaded_subsections(obj: Any) -> set[str] | None:
     return seen
 
 
+def _register_piix4_pm(module: Any) -> None:
+    # Machine properties of pc-i440fx-7.2 (older machine types differ; their
+    # streams then fall back to the trailer, whose sizes expose the mismatch).
+    @register
+    class PIIX4PMState(module.PIIX4PM):  # type: ignore[misc]
+        def need_smbus(self, version_id: int) -> bool:
+            return True  # smbus state migrates except on pc-i440fx-3.1 and older
+
+        def acpi_hotplug_bridge(self, version_id: int) -> bool:
+            return True  # acpi-pci-hotplug-with-bridge-support defaults to on
+
+        def no_acpi_hotplug_bridge(self, version_id: int) -> bool:
+            return not self.acpi_hotplug_bridge(version_id)
+
+        def migrate_acpi_index(self, version_id: int) -> bool:
+            return self.acpi_hotplug_bridge(version_id)  # x-not-migrate-acpi-index is off on 7.2
+
+
+def _register_ich9_smb(module: Any) -> None:
+    @register
+    class ICH9SMBState(module.ICH9SMB):  # type: ignore[misc]
+        def need_smbus(self, version_id: int) -> bool:
+            return True  # false only for pc-q35-3.1 and older
+
+
 _REGISTRARS: dict[str, Callable[[Any], None]] = {
+    "piix4_pm": _register_piix4_pm,
+    "ich9_smb": _register_ich9_smb,
     "configuration": _register_configuration,
     "pci": _register_pci,
     "hpet": _register_hpet,
