@@ -9,17 +9,24 @@ load/save.  Prints median, min and max of several runs and the ratios.
 
 from __future__ import annotations
 
-import argparse
-import random
-import statistics
-import time
-from collections.abc import Callable
+import os
+import sys
 
-from vmsd.generated.bench.heavy import Heavy, HeavyEntry
-from vmsd.generated.examples.serial import Serial
-from vmsd.runtime.generic import decode_body, encode_body
-from vmsd.runtime.io import Reader, Writer
-from vmsd.runtime.vmdesc import describe, dumps, loads
+# benchmarks/inspect.py would shadow the standard library's ``inspect`` for
+# everything imported below when this folder is first on sys.path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+from vmsd.generated.bench.heavy import Heavy, HeavyEntry  # noqa: E402
+from vmsd.generated.examples.serial import Serial  # noqa: E402
+from vmsd.runtime.generic import decode_body, encode_body  # noqa: E402
+from vmsd.runtime.io import Reader, Writer  # noqa: E402
+from vmsd.runtime.vmdesc import describe, dumps, loads  # noqa: E402
 
 
 def heavy_state(n: int) -> Heavy:

@@ -80,6 +80,8 @@ class ClassModel:
     save: list[str]
     subsections: list[SubsectionModel]
     table: str  # source of the VmsdSpec expression
+    flat_struct: str | None = None  # the one Struct of a state that is a single fused run
+    flat_targets: tuple[str, ...] = ()
 
     @property
     def sub_tables(self) -> list[tuple[str, list[SubsectionModel]]]:
@@ -107,6 +109,10 @@ class ModuleModel:
     structs: list[tuple[str, str]]  # (constant, format)
     enums: list[EnumModel]
     classes: list[ClassModel]
+
+    @property
+    def uses_flat(self) -> bool:
+        return any(c.flat_struct for c in self.classes)
 
     @property
     def uses_abc(self) -> bool:
@@ -141,6 +147,7 @@ class ModuleBuilder:
         self.module_of = module_of
         self.tool_version = tool_version
         self.formats = _Formats()
+        self.last_run: tuple[str, list[str]] | None = None
         self.imports: dict[tuple[str, ...], set[str]] = {}
 
     # -- names ---------------------------------------------------------------
@@ -202,7 +209,11 @@ class ModuleBuilder:
         for s in walk_subsections(v.subsections):
             if isinstance(s.needed, ast.Custom) and s.needed.method not in abstract:
                 abstract.append(s.needed.method)
+        self.last_run = None
         load, save, table_fields = self.steps(v.fields, ctx, predicates)
+        # A "flat" state is one fused run of single scalars: arrays of it load
+        # with one iter_unpack over all elements.
+        flat = self.last_run if not v.subsections and load[:1] == ["_at = " + repr(_first_name(v))] and len(load) == 3 else None
         if v.subsections:
             load.append('_at = ""')
             load.append(f"_rt.load_subsections(self, r, {v.name!r}, self._SUBSECTIONS[{v.name!r}])")
@@ -228,6 +239,8 @@ class ModuleBuilder:
             save=save,
             subsections=subs,
             table=table,
+            flat_struct=flat[0] if flat else None,
+            flat_targets=tuple(flat[1]) if flat else (),
         )
 
     def subsections(
@@ -307,7 +320,7 @@ class ModuleBuilder:
                 n = _int_dim(f.dims[0])
                 return f"list[{cls} | None]", f"attrs.field(factory=lambda: [None] * {n})"
             if isinstance(f.dims[0], ast.IntLit):
-                return f"list[{cls}]", f"attrs.field(factory=lambda: [_rt.impl({cls})() for _ in range({f.dims[0].value})])"
+                return f"list[{cls}]", f"attrs.field(factory=lambda: _rt.new_array({cls}, {f.dims[0].value}))"
             return f"list[{cls}]", "attrs.field(factory=list)"
         if f.kind == "list":
             return f"list[{cls}]", "attrs.field(factory=list)"
@@ -454,6 +467,7 @@ class ModuleBuilder:
             names = [t.split(" = ")[0] for t in targets]
             load.append(f"buf, p = r.take({size})")
             load.append(f"({', '.join(names)},) = {const}.unpack_from(buf, p)")
+            self.last_run = (const, names)
         else:
             load.append(f"buf, p = r.take({size})")
             load.append(f"_v = {const}.unpack_from(buf, p)")
@@ -694,6 +708,10 @@ class ModuleBuilder:
         if flags:
             kw["flags"] = repr(tuple(flags))
         return f"_schema.FieldSpec({', '.join(args + [f'{k}={v}' for k, v in kw.items()])})"
+
+
+def _first_name(v: ast.Vmsd) -> str:
+    return next((f.name for f in v.fields if f.name), "unused")
 
 
 def _truth(e: ast.Expr, src: str) -> str:

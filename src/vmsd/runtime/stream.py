@@ -164,6 +164,7 @@ class SpecSet:
         self._packages = list(packages or [])
         self._on_import = on_import
         self._seen_modules: set[str] = set()
+        self._loaded_names: set[str] = set()
         for value in (classes or {}).values():
             self._add_class(value)
 
@@ -215,7 +216,10 @@ class SpecSet:
                 self._add_modules([sys.modules[m] for m in new])
 
     def get(self, name: str) -> type | None:
-        if name not in self.classes:
+        # Load every module declaring ``name`` once, even when one of them came
+        # in earlier as a dependency: a wrapper of the same name may be elsewhere.
+        if name not in self._loaded_names:
+            self._loaded_names.add(name)
             self._load(name)
         return self.classes.get(name)
 

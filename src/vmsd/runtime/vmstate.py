@@ -278,9 +278,28 @@ def opaque_extent(info: str, r: Reader, obj: Any) -> int:
     return fn(r, obj)
 
 
+def new_array(cls: Callable[[], T], n: int) -> list[T]:
+    """``n`` fresh elements of the class registered for ``cls``."""
+    ctor = impl(cls)
+    return [ctor() for _ in range(n)]
+
+
 def load_struct_array(r: Reader, cls: Callable[[], T], n: int, version: int, existing: list[T]) -> list[T]:
     out: list[T] = []
-    ctor = impl(cls)
+    ctor: Any = impl(cls)
+    flat: struct.Struct | None = getattr(ctor, "_FLAT", None)
+    if flat is not None and n > 0 and ctor.pre_load is _NO_HOOK_PRE and ctor.post_load is _NO_HOOK_POST:
+        # One fused run per element and no hooks: unpack all elements at once.
+        size = flat.size * n
+        buf, p = r.take(size)
+        # _set_flat assigns every attribute of a generated flat class, so new
+        # elements need no defaults first (a registered subclass may add some).
+        bare = ctor.__dict__.get("_generated", False)
+        for i, values in enumerate(flat.iter_unpack(memoryview(buf)[p : p + size])):
+            obj: Any = existing[i] if i < len(existing) else (object.__new__(ctor) if bare else ctor())
+            obj._set_flat(values)
+            out.append(obj)
+        return out
     for i in range(n):
         obj = existing[i] if i < len(existing) else ctor()
         try:
@@ -289,6 +308,10 @@ def load_struct_array(r: Reader, cls: Callable[[], T], n: int, version: int, exi
             raise e.within(f"[{i}]") from None
         out.append(obj)
     return out
+
+
+_NO_HOOK_PRE = VMStateObject.pre_load
+_NO_HOOK_POST = VMStateObject.post_load
 
 
 def save_struct_array(w: Writer, values: Sequence[T], n: int, version: int, name: str) -> None:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -48,6 +48,11 @@ class HeavyEntry(_rt.VMStateObject):
     refs: int = 0
     gen: int = 0
     expiry: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.addr, self.len, self.flags, self.kind, self.prio, self.deadline, self.credit, self.seq, self.vector, self.qid, self.valid, self.dirty, self.state, self.owner, self.delta, self.crc, self.cookie, self.refs, self.gen, self.expiry,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

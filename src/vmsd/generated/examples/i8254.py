@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -29,7 +29,7 @@ class I8254(_rt.VMStateObject):
     MINIMUM_VERSION_ID: ClassVar[int] = 2
 
     ch0_irq_disabled: int | None = 0
-    channels: list[PitChannel] = attrs.field(factory=lambda: [_rt.impl(PitChannel)() for _ in range(3)])
+    channels: list[PitChannel] = attrs.field(factory=lambda: _rt.new_array(PitChannel, 3))
     ch0_next_transition_time: int = 0
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
@@ -91,6 +91,11 @@ class PitChannel(_rt.VMStateObject):
     gate: int = 0
     count_load_time: int = 0
     next_transition_time: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S2
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.count, self.latched_count, self.count_latched, self.status_latched, self.status, self.read_state, self.write_state, self.write_latch, self.rw_mode, self.mode, self.bcd, self.gate, self.count_load_time, self.next_transition_time,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

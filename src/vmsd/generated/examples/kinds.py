@@ -7,7 +7,7 @@ from __future__ import annotations
 import abc
 import enum
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -69,6 +69,11 @@ class KindsElem(_rt.VMStateObject):
     id: int = 0
     bias: int = 0
 
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.id, self.bias,) = values
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -102,6 +107,11 @@ class KindsKey(_rt.VMStateObject):
     lo: int = 0
     hi: int = 0
 
+    _FLAT: ClassVar[struct.Struct | None] = _S1
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.lo, self.hi,) = values
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -134,6 +144,11 @@ class KindsTmp(_rt.VMStateObject):
 
     mant: int = 0
     exp: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S2
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.mant, self.exp,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -245,11 +260,11 @@ class Kinds(_rt.VMStateObject):
     dirty: int = 0
     fixed_map: int = 0
     one: KindsElem = attrs.field(factory=lambda: _rt.impl(KindsElem)())
-    arr: list[KindsElem] = attrs.field(factory=lambda: [_rt.impl(KindsElem)() for _ in range(2)])
+    arr: list[KindsElem] = attrs.field(factory=lambda: _rt.new_array(KindsElem, 2))
     var: list[KindsElem] = attrs.field(factory=list)
     old: KindsElem = attrs.field(factory=lambda: _rt.impl(KindsElem)())
     slots: list[KindsSub | None] = attrs.field(factory=lambda: [None] * 3)
-    subs: list[KindsSub] = attrs.field(factory=lambda: [_rt.impl(KindsSub)() for _ in range(2)])
+    subs: list[KindsSub] = attrs.field(factory=lambda: _rt.new_array(KindsSub, 2))
     fp: KindsTmp = attrs.field(factory=lambda: _rt.impl(KindsTmp)())
     queue: list[KindsElem] = attrs.field(factory=list)
     chain: list[KindsElem] = attrs.field(factory=list)

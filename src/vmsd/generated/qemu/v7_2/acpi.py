@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -34,6 +34,11 @@ class APMState(_rt.VMStateObject):
 
     apmc: int = 0
     apms: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.apmc, self.apms,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -129,6 +134,11 @@ class AcpiPciHpPciStatus(_rt.VMStateObject):
     up: int = 0
     down: int = 0
 
+    _FLAT: ClassVar[struct.Struct | None] = _S2
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.up, self.down,) = values
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -163,6 +173,11 @@ class MemStatus(_rt.VMStateObject):
     is_inserting: bool = False
     ost_event: int = 0
     ost_status: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S3
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.is_enabled, self.is_inserting, self.ost_event, self.ost_status,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -205,6 +220,11 @@ describes nothing for devs)."""
 
     selector: int = 0
 
+    _FLAT: ClassVar[struct.Struct | None] = _S4
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.selector,) = values
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -239,6 +259,11 @@ class AcpiCpuStatus(_rt.VMStateObject):
     is_removing: bool = False
     ost_event: int = 0
     ost_status: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S3
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.is_inserting, self.is_removing, self.ost_event, self.ost_status,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -281,6 +306,11 @@ dev_count * 10 more bytes here than this spec reads."""
 
     selector: int = 0
     command: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S5
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.selector, self.command,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -327,6 +357,11 @@ class TCOIORegs(_rt.VMStateObject):
     tco_timer: int = 0
     expire_time: int = 0
     timeouts_no: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S6
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.rld, self.din, self.dout, self.sts1, self.sts2, self.cnt1, self.cnt2, self.msg1, self.msg2, self.wdcnt, self.tmr, self.sw_irq_gen, self.tco_timer, self.expire_time, self.timeouts_no,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -29,6 +29,11 @@ tables (they may no longer be regenerated)."""
     MINIMUM_VERSION_ID: ClassVar[int] = 1
 
     patched: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.patched,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -75,8 +75,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
     fpus_vmstate: int = 0
     fptag_vmstate: int = 0
     fpregs_format_vmstate: int = 0
-    fpregs: list[FPReg] = attrs.field(factory=lambda: [_rt.impl(FPReg)() for _ in range(8)])
-    segs: list[SegmentCache] = attrs.field(factory=lambda: [_rt.impl(SegmentCache)() for _ in range(6)])
+    fpregs: list[FPReg] = attrs.field(factory=lambda: _rt.new_array(FPReg, 8))
+    segs: list[SegmentCache] = attrs.field(factory=lambda: _rt.new_array(SegmentCache, 6))
     ldt: SegmentCache = attrs.field(factory=lambda: _rt.impl(SegmentCache)())
     tr: SegmentCache = attrs.field(factory=lambda: _rt.impl(SegmentCache)())
     gdt: SegmentCache = attrs.field(factory=lambda: _rt.impl(SegmentCache)())
@@ -91,7 +91,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
     dr: list[int] = attrs.field(factory=lambda: [0] * 8)
     a20_mask: int = -1
     mxcsr: int = 8064
-    xmm_regs: list[XmmReg] = attrs.field(factory=lambda: [_rt.impl(XmmReg)() for _ in range(16)])
+    xmm_regs: list[XmmReg] = attrs.field(factory=lambda: _rt.new_array(XmmReg, 16))
     efer: int = 0
     star: int = 0
     lstar: int = 0
@@ -113,7 +113,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
     v_tpr: int = 0
     mtrr_fixed: list[int] = attrs.field(factory=lambda: [0] * 11)
     mtrr_deftype: int = 0
-    mtrr_var: list[MtrrVar] | None = attrs.field(factory=lambda: [_rt.impl(MtrrVar)() for _ in range(8)])
+    mtrr_var: list[MtrrVar] | None = attrs.field(factory=lambda: _rt.new_array(MtrrVar, 8))
     interrupt_injected: int = -1
     mp_state: int = 0
     tsc: int = 0
@@ -132,7 +132,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
     wall_clock_msr: int = 0
     xcr0: int | None = 0
     xstate_bv: int | None = 0
-    ymmh_regs: list[YmmhReg] | None = attrs.field(factory=lambda: [_rt.impl(YmmhReg)() for _ in range(16)])
+    ymmh_regs: list[YmmhReg] | None = attrs.field(factory=lambda: _rt.new_array(YmmhReg, 16))
     exception_pending: int = 0
     exception_injected: int = 0
     exception_has_payload: int = 0
@@ -156,7 +156,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
     msr_fixed_counters: list[int] = attrs.field(factory=lambda: [0] * 3)
     msr_gp_counters: list[int] = attrs.field(factory=lambda: [0] * 18)
     msr_gp_evtsel: list[int] = attrs.field(factory=lambda: [0] * 18)
-    bnd_regs: list[BndReg] = attrs.field(factory=lambda: [_rt.impl(BndReg)() for _ in range(4)])
+    bnd_regs: list[BndReg] = attrs.field(factory=lambda: _rt.new_array(BndReg, 4))
     bndcs_cfgu: int = 0
     bndcs_sts: int = 0
     msr_bndcfgs: int = 0
@@ -176,8 +176,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
     msr_hv_tsc_emulation_control: int = 0
     msr_hv_tsc_emulation_status: int = 0
     opmask_regs: list[int] = attrs.field(factory=lambda: [0] * 8)
-    zmmh_regs: list[ZmmhReg] = attrs.field(factory=lambda: [_rt.impl(ZmmhReg)() for _ in range(16)])
-    hi16_zmm_regs: list[Hi16ZmmReg] = attrs.field(factory=lambda: [_rt.impl(Hi16ZmmReg)() for _ in range(16)])
+    zmmh_regs: list[ZmmhReg] = attrs.field(factory=lambda: _rt.new_array(ZmmhReg, 16))
+    hi16_zmm_regs: list[Hi16ZmmReg] = attrs.field(factory=lambda: _rt.new_array(Hi16ZmmReg, 16))
     xss: int = 0
     umwait: int = 0
     tsc_khz: int = 0
@@ -207,7 +207,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
     xtiledata: list[int] = attrs.field(factory=lambda: [0] * 8192)
     msr_lbr_ctl: int = 0
     msr_lbr_depth: int = 0
-    lbr_records: list[LbrRecord] = attrs.field(factory=lambda: [_rt.impl(LbrRecord)() for _ in range(32)])
+    lbr_records: list[LbrRecord] = attrs.field(factory=lambda: _rt.new_array(LbrRecord, 32))
     triple_fault_pending: int = 0
 
     @abc.abstractmethod
@@ -1578,6 +1578,11 @@ class SegmentCache(_rt.VMStateObject):
     limit: int = 0
     flags: int = 0
 
+    _FLAT: ClassVar[struct.Struct | None] = _S21
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.selector, self.base, self.limit, self.flags,) = values
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -1641,6 +1646,11 @@ class FPRegTmp(_rt.VMStateObject):
     tmp_mant: int = 0
     tmp_exp: int = 0
 
+    _FLAT: ClassVar[struct.Struct | None] = _S22
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.tmp_mant, self.tmp_exp,) = values
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -1674,6 +1684,11 @@ class XmmReg(_rt.VMStateObject):
     q0: int = 0
     q1: int = 0
 
+    _FLAT: ClassVar[struct.Struct | None] = _S9
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.q0, self.q1,) = values
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -1706,6 +1721,11 @@ class YmmhReg(_rt.VMStateObject):
 
     q2: int = 0
     q3: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S9
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.q2, self.q3,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1741,6 +1761,11 @@ class ZmmhReg(_rt.VMStateObject):
     q5: int = 0
     q6: int = 0
     q7: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S23
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.q4, self.q5, self.q6, self.q7,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1781,6 +1806,11 @@ class Hi16ZmmReg(_rt.VMStateObject):
     q6: int = 0
     q7: int = 0
 
+    _FLAT: ClassVar[struct.Struct | None] = _S24
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.q0, self.q1, self.q2, self.q3, self.q4, self.q5, self.q6, self.q7,) = values
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -1813,6 +1843,11 @@ class BndReg(_rt.VMStateObject):
 
     lb: int = 0
     ub: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S9
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.lb, self.ub,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1847,6 +1882,11 @@ class MtrrVar(_rt.VMStateObject):
     base: int = 0
     mask: int = 0
 
+    _FLAT: ClassVar[struct.Struct | None] = _S9
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.base, self.mask,) = values
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -1880,6 +1920,11 @@ class LbrRecord(_rt.VMStateObject):
     from_: int = 0
     to: int = 0
     info: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S8
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.from_, self.to, self.info,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

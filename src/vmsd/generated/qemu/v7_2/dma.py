@@ -81,7 +81,7 @@ post_load restarts pending transfers (i8257_dma_run)."""
     mask: int = 0
     flip_flop: int = 0
     dshift: int = 0
-    regs: list[DmaRegs] = attrs.field(factory=lambda: [_rt.impl(DmaRegs)() for _ in range(4)])
+    regs: list[DmaRegs] = attrs.field(factory=lambda: _rt.new_array(DmaRegs, 4))
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

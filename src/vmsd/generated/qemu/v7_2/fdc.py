@@ -175,7 +175,7 @@ fdctrl_realize_common), so it is written as a fixed array."""
     lock: int = 0
     pwrd: int = 0
     num_floppies: int = 2
-    drives: list[FDrive] | None = attrs.field(factory=lambda: [_rt.impl(FDrive)() for _ in range(2)])
+    drives: list[FDrive] | None = attrs.field(factory=lambda: _rt.new_array(FDrive, 2))
     reset_sensei: int = 0
     result_timer: int = -1
     phase: int = 0

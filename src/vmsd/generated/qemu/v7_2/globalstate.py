@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -35,6 +35,11 @@ run state is neither "running" nor "paused".  The language has no top-level
 
     size: int = 0
     runstate: bytes = bytes(100)
+
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.size, self.runstate,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

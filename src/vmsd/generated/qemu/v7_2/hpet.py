@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -38,6 +38,11 @@ Transcribes vmstate_hpet_timer ("hpet_timer") in hw/timer/hpet.c (QEMU 7.2)."""
     period: int = 0
     wrap_flag: int = 0
     qemu_timer: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.tn, self.config, self.cmp, self.fsb, self.period, self.wrap_flag, self.qemu_timer,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

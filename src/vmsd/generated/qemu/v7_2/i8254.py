@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -44,6 +44,11 @@ Transcribes vmstate_pit_channel ("pit channel") in hw/timer/i8254_common.c (QEMU
     count_load_time: int = 0
     next_transition_time: int = 0
 
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.count, self.latched_count, self.count_latched, self.status_latched, self.status, self.read_state, self.write_state, self.write_latch, self.rw_mode, self.mode, self.bcd, self.gate, self.count_load_time, self.next_transition_time,) = values
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -77,7 +82,7 @@ pre_save/post_load dispatch to the implementation class."""
     MINIMUM_VERSION_ID: ClassVar[int] = 2
 
     ch0_irq_disabled: int | None = 0
-    channels: list[PitChannel] | None = attrs.field(factory=lambda: [_rt.impl(PitChannel)() for _ in range(3)])
+    channels: list[PitChannel] | None = attrs.field(factory=lambda: _rt.new_array(PitChannel, 3))
     ch0_next_transition_time: int = 0
     """Formerly irq_timer."""
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -43,6 +43,11 @@ Transcribes vmstate_pic_common ("i8259") in hw/intc/i8259_common.c (QEMU 7.2).""
     init4: int = 0
     single_mode: int = 0
     elcr: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.last_irr, self.irr, self.imr, self.isr, self.priority_add, self.irq_base, self.read_reg_select, self.poll, self.special_mask, self.init_state, self.auto_eoi, self.rotate_on_auto_eoi, self.special_fully_nested_mode, self.init4, self.single_mode, self.elcr,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

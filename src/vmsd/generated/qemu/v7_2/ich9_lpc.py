@@ -48,7 +48,7 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
     cpuhp_state: CPUHotplugState = attrs.field(factory=lambda: _rt.impl(CPUHotplugState)())
     hotplug_select: int = 0
     """VMSTATE_PCI_HOTPLUG(acpi_pci_hotplug, NULL, NULL)"""
-    pcihp_pci_status: list[AcpiPciHpPciStatus] = attrs.field(factory=lambda: [_rt.impl(AcpiPciHpPciStatus)() for _ in range(256)])
+    pcihp_pci_status: list[AcpiPciHpPciStatus] = attrs.field(factory=lambda: _rt.new_array(AcpiPciHpPciStatus, 256))
     """ACPI_PCIHP_MAX_HOTPLUG_BUS = 256"""
     acpi_index: int = 0
 

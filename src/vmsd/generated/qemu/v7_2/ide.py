@@ -428,10 +428,10 @@ post_load masks migration_retry_unit and restores the bmdma state."""
     MINIMUM_VERSION_ID: ClassVar[int] = 0
 
     parent_obj: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
-    bmdma: list[BMDMAState] = attrs.field(factory=lambda: [_rt.impl(BMDMAState)() for _ in range(2)])
-    bus: list[IDEBus] | None = attrs.field(factory=lambda: [_rt.impl(IDEBus)() for _ in range(2)])
-    bus0_ifs: list[IDEState] | None = attrs.field(factory=lambda: [_rt.impl(IDEState)() for _ in range(2)])
-    bus1_ifs: list[IDEState] | None = attrs.field(factory=lambda: [_rt.impl(IDEState)() for _ in range(2)])
+    bmdma: list[BMDMAState] = attrs.field(factory=lambda: _rt.new_array(BMDMAState, 2))
+    bus: list[IDEBus] | None = attrs.field(factory=lambda: _rt.new_array(IDEBus, 2))
+    bus0_ifs: list[IDEState] | None = attrs.field(factory=lambda: _rt.new_array(IDEState, 2))
+    bus1_ifs: list[IDEState] | None = attrs.field(factory=lambda: _rt.new_array(IDEState, 2))
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -261,6 +261,11 @@ true by default) gates the whole section, not a field."""
     MINIMUM_VERSION_ID: ClassVar[int] = 1
 
     config_reg: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S3
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.config_reg,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

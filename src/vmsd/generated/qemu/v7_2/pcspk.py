@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -33,6 +33,11 @@ documented only."""
 
     data_on: int = 0
     dummy_refresh_clock: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.data_on, self.dummy_refresh_clock,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

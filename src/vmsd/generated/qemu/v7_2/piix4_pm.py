@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -37,6 +37,11 @@ GPE byte array, saved big-endian like any VMSTATE uint16."""
 
     sts: int = 0
     en: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.sts, self.en,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -70,6 +75,11 @@ class PIIX4PciStatus(_rt.VMStateObject):
 
     up: int = 0
     down: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S1
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.up, self.down,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -129,7 +139,7 @@ pc-i440fx-1.7 and older)."""
     """VMSTATE_PCI_HOTPLUG(acpi_pci_hotplug, vmstate_test_use_acpi_hotplug_bridge,
 vmstate_test_migrate_acpi_index).
 custom(acpi_hotplug_bridge): C test is use_acpi_hotplug_bridge (see above)."""
-    pcihp_pci_status: list[AcpiPciHpPciStatus] | None = attrs.field(factory=lambda: [_rt.impl(AcpiPciHpPciStatus)() for _ in range(256)])
+    pcihp_pci_status: list[AcpiPciHpPciStatus] | None = attrs.field(factory=lambda: _rt.new_array(AcpiPciHpPciStatus, 256))
     """ACPI_PCIHP_MAX_HOTPLUG_BUS = 256"""
     acpi_index: int | None = 0
     """custom(migrate_acpi_index): C vmstate_test_migrate_acpi_index is

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -28,6 +28,11 @@ Transcribes vmstate_port92_isa ("port92") in hw/i386/port92.c (QEMU 7.2)."""
     MINIMUM_VERSION_ID: ClassVar[int] = 1
 
     outport: int = 0
+
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.outport,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
@@ -37,6 +37,11 @@ Transcribes vmstate_ps2_common ("PS2 Common State") in hw/input/ps2.c (QEMU 7.2)
     queue_wptr: int = 0
     queue_count: int = 0
     queue_data: bytes = bytes(256)
+
+    _FLAT: ClassVar[struct.Struct | None] = _S0
+
+    def _set_flat(self, values: tuple[Any, ...]) -> None:
+        (self.write_cmd, self.queue_rptr, self.queue_wptr, self.queue_count, self.queue_data,) = values
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
