@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from vmsd.runtime.schema import FieldSpec, VmsdSpec
+from vmsd.runtime.schema import FieldSpec
 from vmsd.runtime.vmstate import impl
 
 INT_BOUNDS = {
@@ -49,21 +49,11 @@ def scalar(info: str) -> st.SearchStrategy[Any]:
     return st.integers(*INT_BOUNDS[info])
 
 
-def _fields(spec: VmsdSpec) -> list[FieldSpec]:
-    out = list(spec.fields)
-    todo = list(spec.subsections)
-    while todo:
-        s = todo.pop(0)
-        out.extend(s.fields)
-        todo.extend(s.subsections)
-    return out
-
-
 @st.composite
 def instances(draw: st.DrawFn, cls: type, depth: int = 0) -> Any:
     """An object of ``cls`` (its registered implementation) with drawn field values."""
     obj = impl(cls)()
-    fields = _fields(cls.VMSD)
+    fields = cls.VMSD.all_fields()
     counters = {f.count_attr for f in fields if f.count_attr}
     checked = {f.attr: f.info for f in fields if f.info.endswith(" equal") or f.info == "int32 le"}
     bitmap_only = {f.count_attr for f in fields if f.kind == "bitmap"} - {

@@ -64,21 +64,10 @@ def classes(modules: list[ModuleType]) -> list[type[VMStateObject]]:
     return out
 
 
-def _fields(cls: Any) -> list[Any]:
-    spec = cls.VMSD
-    out = list(spec.fields)
-    todo = list(spec.subsections)
-    while todo:
-        sub = todo.pop()
-        out.extend(sub.fields)
-        todo.extend(sub.subsections)
-    return out
-
-
 def _has_opaque(cls: Any, seen: frozenset[Any] = frozenset()) -> bool:
     if cls in seen:
         return False
-    fields = _fields(cls)
+    fields = cls.VMSD.all_fields()
     return any(f.kind == "opaque" for f in fields) or any(
         _has_opaque(n, seen | {cls}) for f in fields for n in (f.struct, f.key) if n is not None
     )

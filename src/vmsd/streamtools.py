@@ -161,21 +161,10 @@ def _value_of(values: Any, entry: Obj) -> Any:
     if isinstance(values, Obj):
         return values.get(name)
     if isinstance(values, VMStateObject):
-        for f in _all_fields(values):
+        for f in values.VMSD.all_fields():
             if f.name == name and f.attr is not None:
                 return getattr(values, f.attr)
     return None
-
-
-def _all_fields(obj: VMStateObject) -> list[Any]:
-    spec = obj.VMSD
-    out = list(spec.fields)
-    todo = list(spec.subsections)
-    while todo:
-        s = todo.pop(0)
-        out.extend(s.fields)
-        todo.extend(s.subsections)
-    return out
 
 
 def stream_tree(stream: Stream) -> str:

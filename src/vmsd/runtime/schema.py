@@ -49,3 +49,17 @@ class VmsdSpec:
     minimum: int
     fields: tuple[FieldSpec, ...]
     subsections: tuple[SubsectionSpec, ...] = ()
+
+    def all_subsections(self) -> list[SubsectionSpec]:
+        """Subsections at every depth, parents before children."""
+        out: list[SubsectionSpec] = []
+        todo = list(self.subsections)
+        while todo:
+            sub = todo.pop(0)
+            out.append(sub)
+            todo.extend(sub.subsections)
+        return out
+
+    def all_fields(self) -> list[FieldSpec]:
+        """Fields of the vmsd and of all its subsections (they share one class)."""
+        return [*self.fields, *(f for sub in self.all_subsections() for f in sub.fields)]

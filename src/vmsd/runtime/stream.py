@@ -535,14 +535,7 @@ def unimplemented_predicates(cls: Any, seen: set[Any] | None = None) -> list[str
         return []
     seen.add(cls)
     out = [f"{cls.VMSD_NAME}.{m}" for m in sorted(getattr(impl(cls), "__abstractmethods__", ()))]
-    spec = cls.VMSD
-    fields = list(spec.fields)
-    todo = list(spec.subsections)
-    while todo:
-        sub = todo.pop()
-        fields.extend(sub.fields)
-        todo.extend(sub.subsections)
-    for f in fields:
+    for f in cls.VMSD.all_fields():
         for nested in (f.struct, f.key):
             if nested is not None:
                 out += unimplemented_predicates(nested, seen)

@@ -485,12 +485,8 @@ def as_loaded_subclass(cls: type[T]) -> type[T] | None:
         return None
     spec = cls.VMSD
     needed: dict[str, list[str]] = {}
-    todo = list(spec.subsections)
-    tests = {f.test for f in spec.fields}
-    while todo:
-        sub = todo.pop()
-        todo.extend(sub.subsections)
-        tests |= {f.test for f in sub.fields}
+    tests = {f.test for f in spec.all_fields()}
+    for sub in spec.all_subsections():
         if sub.needed is not None and sub.needed in missing:
             needed.setdefault(sub.needed, []).append(sub.name)
     if missing & tests or missing - needed.keys():
