@@ -74,7 +74,14 @@ def instances(draw: st.DrawFn, cls: type, depth: int = 0) -> Any:
 
 def _pci_config(obj: Any, draw: st.DrawFn) -> None:
     """PCIDevice saves 256 or 4096 config bytes; an express function carries the PCIe capability."""
-    if draw(st.booleans()):
+    express = draw(st.booleans())
+    _set_pci_config(obj, express)
+    if obj.migrate_is_pcie(0) != express:  # a device class that fixes the answer (xHCI is always express)
+        _set_pci_config(obj, not express)
+
+
+def _set_pci_config(obj: Any, express: bool) -> None:
+    if express:
         cfg = bytearray(obj.config_pcie or bytes(4096))
         cfg[6] |= 0x10  # status: capability list
         cfg[0x34] = 0x40
@@ -86,8 +93,17 @@ def _pci_config(obj: Any, draw: st.DrawFn) -> None:
         obj.config, obj.config_pcie = bytes(cfg), None
 
 
+def _xhci_function(obj: Any, draw: st.DrawFn) -> None:
+    """Every xHCI function is PCI Express: its loader insists on the 4096-byte config."""
+    from vmsd.qemu_extents import XHCIPciFunction
+
+    function = XHCIPciFunction()
+    _set_pci_config(function, True)
+    obj.parent_obj = function
+
+
 # States whose fields must agree with each other in ways the schema cannot say.
-FIXUPS: dict[str, Callable[[Any, st.DrawFn], None]] = {"PCIDevice": _pci_config}
+FIXUPS: dict[str, Callable[[Any, st.DrawFn], None]] = {"PCIDevice": _pci_config, "xhci": _xhci_function}
 
 
 def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.SearchStrategy[Any]:
@@ -127,7 +143,10 @@ def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.Se
             n = max(getattr(obj, f.count_attr), 0) * f.multiply
             return st.lists(nested, min_size=n, max_size=n)
         if f.dims:
-            return st.lists(nested, min_size=f.dims[0], max_size=f.dims[0])
+            n = f.dims[0]
+            if n > BIG:  # thousands of elements (xHCI event rings): a drawn head, default elements after
+                return st.lists(nested, max_size=4).map(lambda head: head + [impl(f.struct)() for _ in range(n - len(head))])
+            return st.lists(nested, min_size=n, max_size=n)
         return nested
     if f.kind == "list":
         return st.lists(nested, max_size=3)

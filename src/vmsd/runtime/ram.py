@@ -80,10 +80,12 @@ def _page_kind(flags: int) -> str:
     return ""
 
 
-def read_ram(r: Reader, ignore_shared: bool = False, postcopy: bool = False) -> RamPayload:
-    """Read records until EOS.  ``ignore_shared``/``postcopy`` follow the stream's capabilities."""
+def read_ram(r: Reader, ignore_shared: bool = False, postcopy: bool = False, block_named: bool = False) -> RamPayload:
+    """Read records until EOS.  ``ignore_shared``/``postcopy`` follow the stream's capabilities;
+    ``block_named``: an earlier section already named a block, so CONTINUE may come first
+    (QEMU keeps its last block across the sections of one migration)."""
     records: list[RamRecord] = []
-    have_block = False
+    have_block = block_named
     while True:
         at = r.tell()
         word = r.u64()

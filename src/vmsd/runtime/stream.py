@@ -283,6 +283,7 @@ class _Decoder:
         self.open_sections: dict[int, Section] = {}
         self.footers: bool | None = None
         self.ignore_shared = False
+        self.ram_block_named = False
 
     def warn(self, msg: str) -> None:
         self.stream.warnings.append(msg)
@@ -441,7 +442,8 @@ class _Decoder:
         if sec.idstr == IDSTR_RAM:
             if sec.version_id != 4:
                 raise VersionMismatch(f"RAM section version {sec.version_id}, only 4 is known", offset=sec.offset)
-            sec.payload = read_ram(self.r, ignore_shared=self.ignore_shared)
+            sec.payload = read_ram(self.r, ignore_shared=self.ignore_shared, block_named=self.ram_block_named)
+            self.ram_block_named = self.ram_block_named or any(rec.block for rec in sec.payload.records)
             return
         if sec.kind != QEMU_VM_SECTION_FULL:
             raise RegistryError(f"no reader for iterative section '{sec.idstr}'", offset=sec.offset)

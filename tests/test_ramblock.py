@@ -1,0 +1,364 @@
+"""RAM blocks: dirty tracking, zero pages, loading QEMU's RAM records and writing them back."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmsd.qemu72 import spec_set
+from vmsd.qmp import load_stream, save_stream
+from vmsd.runtime.errors import MalformedStream
+from vmsd.runtime.io import Reader, Writer
+from vmsd.runtime.ram import (
+    RAM_SAVE_FLAG_COMPRESS_PAGE,
+    RAM_SAVE_FLAG_CONTINUE,
+    RAM_SAVE_FLAG_EOS,
+    RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_PAGE,
+    RAM_SAVE_FLAG_XBZRLE,
+    RAM_SAVE_FLAG_ZERO,
+    RamPayload,
+    RamRecord,
+    read_ram,
+    write_ram,
+)
+from vmsd.runtime.ram import RamBlock as RamBlockInfo
+from vmsd.runtime.ramblock import (
+    PAGE_SIZE,
+    RamBlock,
+    RamBlocks,
+    apply_ram,
+    ram_records,
+    ram_section_payloads,
+    zero_pages,
+)
+from vmsd.runtime.stream import read_stream, write_stream
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leaks() -> Iterator[None]:
+    before = open_fds()
+    yield
+    leaked = open_fds() - before
+    # listdir's own fd is transient; anything else that survives is a leak.
+    alive = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not alive
+
+
+def eos() -> RamRecord:
+    return RamRecord(RAM_SAVE_FLAG_EOS, 0)
+
+
+def mem_size(*blocks: tuple[str, int]) -> RamRecord:
+    infos = [RamBlockInfo(n, s) for n, s in blocks]
+    return RamRecord(RAM_SAVE_FLAG_MEM_SIZE, sum(s for _, s in blocks), blocks=infos)
+
+
+# -- blocks -------------------------------------------------------------------------------------------------------------
+def test_memfd_block_basics() -> None:
+    with RamBlock.memfd("pc.ram", 16 * PAGE_SIZE, allow_sealing=True) as b:
+        assert b.npages == 16 and b.page_size == 4096 and b.fd >= 0
+        assert os.fstat(b.fd).st_size == 16 * PAGE_SIZE
+        b.write(PAGE_SIZE + 10, b"hello")
+        assert b.read(PAGE_SIZE + 10, 5) == b"hello"
+        assert bytes(b.view[PAGE_SIZE + 10:PAGE_SIZE + 15]) == b"hello"
+        assert os.pread(b.fd, 5, PAGE_SIZE + 10) == b"hello"  # the fd sees the mapping
+        with pytest.raises(ValueError):
+            b.write(16 * PAGE_SIZE - 2, b"abc")
+    assert b.closed and b.fd == -1
+    b.close()  # idempotent
+
+
+def test_file_block_shares_memory(tmp_path: Path) -> None:
+    path = tmp_path / "ram"
+    with RamBlock.from_file("m", path, 4 * PAGE_SIZE) as b:
+        b.write(3 * PAGE_SIZE, b"\xaa" * PAGE_SIZE)
+        assert path.read_bytes()[3 * PAGE_SIZE:] == b"\xaa" * PAGE_SIZE
+    with RamBlock.from_file("m", path) as again:
+        assert again.used_length == 4 * PAGE_SIZE
+        assert again.read(3 * PAGE_SIZE, 2) == b"\xaa\xaa"
+
+
+def test_close_with_outstanding_view() -> None:
+    b = RamBlock.memfd("x", PAGE_SIZE)
+    held = np.frombuffer(b.view, dtype=np.uint8)
+    b.close()  # must not raise; the fd is closed now, the mapping goes with ``held``
+    assert b.fd == -1
+    del held
+
+
+def test_block_order_is_qemus() -> None:
+    with RamBlocks() as blocks:
+        for name, size in [("a", 2), ("big", 8), ("b", 2), ("mid", 4), ("c", 1)]:
+            blocks.create(name, size * PAGE_SIZE)
+        assert blocks.names() == ["big", "mid", "a", "b", "c"]
+        blocks.create("resizable", PAGE_SIZE, max_length=5 * PAGE_SIZE)
+        blocks.create("peer-order", 16 * PAGE_SIZE, append=True)
+        assert blocks.names() == ["big", "resizable", "mid", "a", "b", "c", "peer-order"]
+        with pytest.raises(ValueError):
+            blocks.create("a", PAGE_SIZE)
+
+
+def test_dirty_tracking() -> None:
+    with RamBlock.memfd("r", 200 * PAGE_SIZE) as b:
+        assert b.dirty_count() == 0
+        b.write(PAGE_SIZE - 1, b"xy")  # straddles pages 0 and 1
+        b.mark_dirty(63 * PAGE_SIZE, 3 * PAGE_SIZE)  # crosses a bitmap word
+        b.mark_dirty(199 * PAGE_SIZE, PAGE_SIZE)
+        b.mark_dirty(5, 0)
+        assert b.dirty_count() == 6
+        assert b.take_dirty().tolist() == [0, 1, 63, 64, 65, 199]
+        assert b.dirty_count() == 0 and b.take_dirty().tolist() == []
+        b.mark_all_dirty()
+        assert b.dirty_count() == 200
+        assert b.take_dirty().tolist() == list(range(200))
+
+
+@given(st.lists(st.tuples(st.integers(0, 300 * PAGE_SIZE - 1), st.integers(1, 70 * PAGE_SIZE)), max_size=8))
+@settings(max_examples=60, deadline=None)
+def test_dirty_ranges_match_naive(ranges: list[tuple[int, int]]) -> None:
+    with RamBlock.memfd("r", 300 * PAGE_SIZE) as b:
+        expect: set[int] = set()
+        for off, length in ranges:
+            length = min(length, b.used_length - off)
+            b.mark_dirty(off, length)
+            expect.update(range(off // PAGE_SIZE, (off + length - 1) // PAGE_SIZE + 1))
+        assert b.dirty_count() == len(expect)
+        assert b.take_dirty().tolist() == sorted(expect)
+
+
+# -- zero pages ---------------------------------------------------------------------------------------------------------
+@given(st.integers(1, 600), st.lists(st.tuples(st.integers(0, 600 * PAGE_SIZE), st.integers(1, 255)), max_size=40),
+       st.booleans())
+@settings(max_examples=80, deadline=None)
+def test_zero_pages_match_naive(npages: int, pokes: list[tuple[int, int]], fill_all: bool) -> None:
+    with RamBlock.memfd("z", npages * PAGE_SIZE) as b:
+        if fill_all:
+            b.bytes_[::PAGE_SIZE] = 1  # every page non-zero at its first byte
+        for off, value in pokes:
+            off %= b.used_length
+            b.bytes_[off] = value
+        naive = [not any(b.view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]) for p in range(npages)]
+        assert zero_pages(b).tolist() == naive
+        some = list(range(0, npages, 3))
+        assert zero_pages(b, some).tolist() == [naive[p] for p in some]
+        assert zero_pages(b, range(npages)).tolist() == naive
+        assert zero_pages(b, []).tolist() == []
+        with pytest.raises(IndexError):
+            zero_pages(b, [npages])
+
+
+def test_zero_pages_last_word_only() -> None:
+    with RamBlock.memfd("z", 1024 * PAGE_SIZE) as b:
+        b.bytes_[PAGE_SIZE * 700 - 1] = 1  # last byte of page 699
+        b.bytes_[PAGE_SIZE * 3 + 8] = 1  # second word of page 3
+        z = zero_pages(b)
+        assert np.flatnonzero(~z).tolist() == [3, 699]
+
+
+# -- loading -----------------------------------------------------------------------------------------------------------
+def test_apply_pages_zero_continue_compress() -> None:
+    page = bytes(range(256)) * 16
+    comp = zlib.compress(bytes([7]) * PAGE_SIZE, 1)
+    recs = [
+        mem_size(("pc.ram", 4 * PAGE_SIZE), ("rom", PAGE_SIZE)),
+        RamRecord(RAM_SAVE_FLAG_PAGE, 0, block="pc.ram", data=page),
+        RamRecord(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE, PAGE_SIZE, data=b"\x00"),
+        RamRecord(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE, 2 * PAGE_SIZE, data=b"\x5a"),
+        RamRecord(RAM_SAVE_FLAG_COMPRESS_PAGE | RAM_SAVE_FLAG_CONTINUE, 3 * PAGE_SIZE,
+                  data=len(comp).to_bytes(4, "big") + comp),
+        RamRecord(RAM_SAVE_FLAG_PAGE, 0, block="rom", data=page[::-1]),
+        eos(),
+    ]
+    with RamBlocks() as blocks:
+        apply_ram(blocks, RamPayload(recs))
+        assert blocks.complete and blocks.failed is None
+        ram = blocks["pc.ram"]
+        assert ram.read(0, PAGE_SIZE) == page
+        assert ram.read(PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
+        assert ram.read(2 * PAGE_SIZE, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
+        assert ram.read(3 * PAGE_SIZE, PAGE_SIZE) == b"\x07" * PAGE_SIZE
+        assert blocks["rom"].read(0, PAGE_SIZE) == page[::-1]
+        assert ram.dirty_count() == 0  # loading is not guest writing
+        # A zero page over existing data clears it.
+        apply_ram(blocks, RamPayload([RamRecord(RAM_SAVE_FLAG_ZERO, 0, block="pc.ram", data=b"\x00"), eos()]))
+        assert ram.read(0, PAGE_SIZE) == bytes(PAGE_SIZE)
+        # CONTINUE carries across sections (QEMU's last_recv_block).
+        apply_ram(blocks, RamPayload([RamRecord(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, PAGE_SIZE,
+                                                data=page), eos()]), mark_dirty=True)
+        assert ram.read(PAGE_SIZE, PAGE_SIZE) == page and ram.take_dirty().tolist() == [1]
+
+
+def test_apply_block_list_validation() -> None:
+    with RamBlocks() as blocks:
+        blocks.create("pc.ram", 4 * PAGE_SIZE)
+        apply_ram(blocks, RamPayload([mem_size(("pc.ram", 4 * PAGE_SIZE)), eos()]), create_missing=False)
+    with RamBlocks() as blocks:
+        blocks.create("pc.ram", 4 * PAGE_SIZE)
+        with pytest.raises(MalformedStream, match=r"wrong block list from the peer.*'pc\.ram'"):
+            apply_ram(blocks, RamPayload([mem_size(("new", PAGE_SIZE), ("pc.ram", 8 * PAGE_SIZE)), eos()]))
+        assert "new" not in blocks  # nothing created by a rejected list
+        assert blocks.failed is not None and not blocks.complete
+        with pytest.raises(MalformedStream, match="earlier failed load"):
+            apply_ram(blocks, RamPayload([eos()]))
+    with RamBlocks() as blocks, pytest.raises(MalformedStream, match="unknown RAM block 'x'"):
+        apply_ram(blocks, RamPayload([mem_size(("x", PAGE_SIZE)), eos()]), create_missing=False)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (RamRecord(RAM_SAVE_FLAG_PAGE, 4 * PAGE_SIZE, block="pc.ram", data=bytes(PAGE_SIZE)),
+         r"illegal RAM offset 0x4000 in block 'pc\.ram'"),
+        (RamRecord(RAM_SAVE_FLAG_ZERO, 1 << 40, block="pc.ram", data=b"\x00"), r"offset 0x10000000000 in block"),
+        (RamRecord(RAM_SAVE_FLAG_PAGE, 0, block="nope", data=bytes(PAGE_SIZE)), "can't find RAM block 'nope'"),
+        (RamRecord(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, 0, data=bytes(PAGE_SIZE)), "never named"),
+        (RamRecord(RAM_SAVE_FLAG_COMPRESS_PAGE, 0, block="pc.ram", data=b"\x00\x00\x00\x03abc"), "decompress"),
+        (RamRecord(RAM_SAVE_FLAG_COMPRESS_PAGE, 0, block="pc.ram",
+                   data=(100).to_bytes(4, "big") + zlib.compress(bytes(2 * PAGE_SIZE))), "decompress data failed"),
+        (RamRecord(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_ZERO, 0, block="pc.ram", data=b""), "unknown combination"),
+    ],
+)
+def test_apply_malformed(record: RamRecord, message: str) -> None:
+    with RamBlocks() as blocks:
+        blocks.create("pc.ram", 4 * PAGE_SIZE)
+        with pytest.raises(MalformedStream, match=message):
+            apply_ram(blocks, RamPayload([record, eos()]))
+        assert blocks.failed is not None and not blocks.complete
+
+
+def test_apply_without_eos() -> None:
+    with RamBlocks() as blocks, pytest.raises(MalformedStream, match="without EOS"):
+        apply_ram(blocks, RamPayload([mem_size(("a", PAGE_SIZE))]))
+
+
+def test_xbzrle_records() -> None:
+    old = bytes(range(256)) * 16
+    new = bytearray(old)
+    new[100:108] = b"ABCDEFGH"
+    with RamBlocks() as blocks:
+        ram = blocks.create("pc.ram", PAGE_SIZE)
+        ram.write(0, old)
+        try:
+            xbzrle = importlib.import_module("vmsd.runtime.xbzrle")
+        except ImportError:
+            rec = RamRecord(RAM_SAVE_FLAG_XBZRLE, 0, block="pc.ram", data=b"\x01\x00\x02\x01\x00")
+            with pytest.raises(MalformedStream, match=r"XBZRLE pages need vmsd\.runtime\.xbzrle"):
+                apply_ram(blocks, RamPayload([rec, eos()]))
+            return
+        delta = xbzrle.encode(old, bytes(new), PAGE_SIZE)
+        rec = RamRecord(RAM_SAVE_FLAG_XBZRLE, 0, block="pc.ram", data=b"\x01" + len(delta).to_bytes(2, "big") + delta)
+        apply_ram(blocks, RamPayload([rec, eos()]))
+        assert ram.read(0, PAGE_SIZE) == bytes(new)
+        bad = RamRecord(RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_CONTINUE, 0, data=b"\x01\x00\x02\xff\xff")
+        with pytest.raises(MalformedStream):
+            apply_ram(blocks, RamPayload([bad, eos()]))
+
+
+# -- writing ------------------------------------------------------------------------------------------------------------
+def fill_random(blocks: RamBlocks, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for b in blocks:
+        for p in rng.choice(b.npages, size=b.npages // 2, replace=False):
+            b.write(int(p) * PAGE_SIZE + int(rng.integers(0, PAGE_SIZE - 64)), rng.bytes(64))
+
+
+def test_records_round_trip() -> None:
+    with RamBlocks() as src, RamBlocks() as dst:
+        src.create("pc.ram", 64 * PAGE_SIZE)
+        src.create("pc.bios", 8 * PAGE_SIZE)
+        src.create("/rom@etc/acpi/rsdp", PAGE_SIZE)
+        fill_random(src, 1)
+        src["pc.bios"].write(0, b"\x00")  # dirty but zero
+        records = list(ram_records(src))
+        assert records[0].flags == RAM_SAVE_FLAG_MEM_SIZE and records[0].offset == src.total()
+        assert [r.flags for r in records[-2:]] == [RAM_SAVE_FLAG_EOS] * 2
+        names = [r.block for r in records if r.block is not None]
+        assert names == ["pc.ram", "pc.bios", "/rom@etc/acpi/rsdp"]
+        payloads = ram_section_payloads(src, pages_per_part=10)
+        assert len(payloads) == 2 + 8
+        dst.create("pc.bios", 8 * PAGE_SIZE)  # an existing block of the right size is reused
+        dst["pc.bios"].write(PAGE_SIZE, b"junk")  # and zero pages clear it
+        for payload in payloads:
+            w = Writer()
+            write_ram(w, payload)
+            again = read_ram(Reader(w.getvalue()))
+            assert again == payload
+            apply_ram(dst, again)
+        assert dst.complete
+        assert dst.names() == ["pc.bios", "pc.ram", "/rom@etc/acpi/rsdp"]  # pre-existing first, then the peer order
+        for b in src:
+            assert bytes(dst[b.name].view) == bytes(b.view)
+
+
+# -- real QEMU ----------------------------------------------------------------------------------------------------------
+SHM = "/dev/shm/vmsd-test-ram"
+SHM_BACK = "/dev/shm/vmsd-test-ram-loaded"
+
+
+def backend(path: str) -> list[str]:
+    return ["-object", f"memory-backend-file,id=m,size=32M,mem-path={path},share=on", "-machine", "memory-backend=m"]
+
+
+@pytest.fixture
+def qemu_stream(tmp_path: Path) -> Iterator[bytes]:
+    path = tmp_path / "s.mig"
+    try:
+        save_stream(path, args=backend(SHM), run_seconds=1.0)
+        yield path.read_bytes()
+    finally:
+        for p in (SHM, SHM_BACK):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def test_qemu_stream_loads_and_saves(qemu_stream: bytes, tmp_path: Path) -> None:
+    stream = read_stream(qemu_stream, spec_set())
+    ram_sections = [s for s in stream.sections() if isinstance(s.payload, RamPayload)]
+    assert len(ram_sections) >= 3
+    with RamBlocks() as blocks:
+        for sec in ram_sections:
+            apply_ram(blocks, sec.payload)
+        assert blocks.complete
+        # The memory backend's id names the main RAM block; QEMU is paused after migrating, so the file is stable.
+        with open(SHM, "rb") as f:
+            expected = f.read()
+        assert len(expected) == blocks["m"].used_length
+        assert bytes(blocks["m"].view) == expected
+        assert not zero_pages(blocks["m"]).all()
+
+        # Our records, in place of QEMU's RAM sections, load into a real QEMU with identical memory.
+        ours = list(ram_records(blocks))
+        qemu_records = [r for s in ram_sections for r in s.payload.records]
+        assert [(r.flags, r.offset, r.block, r.data) for r in ours] == \
+            [(r.flags, r.offset, r.block, r.data) for r in qemu_records]
+        payloads = ram_section_payloads(blocks, pages_per_part=1000)
+        first_part = ram_sections[1]
+        idx = stream.records.index(first_part)
+        for sec in ram_sections[1:-1]:
+            stream.records.remove(sec)
+        ram_sections[0].payload = payloads[0]
+        ram_sections[-1].payload = payloads[-1]
+        for n, payload in enumerate(payloads[1:-1]):
+            stream.records.insert(idx + n, type(first_part)(first_part.kind, first_part.section_id, 0, "ram",
+                                                            payload=payload, footer=first_part.footer))
+        out = tmp_path / "ours.mig"
+        out.write_bytes(write_stream(stream))
+        q = load_stream(out, args=backend(SHM_BACK))
+        try:
+            with open(SHM_BACK, "rb") as f:
+                assert f.read() == expected
+        finally:
+            q.stop()
