@@ -120,10 +120,11 @@ class VMStateObject(abc.ABC):
 
     def load_into(self, data: Reader | bytes | bytearray | memoryview, version_id: int | None = None) -> None:
         """Load into this object, as QEMU loads into an existing device."""
-        whole = not isinstance(data, Reader)
-        r = Reader(data) if not isinstance(data, Reader) else data
+        r = data if isinstance(data, Reader) else Reader(data)
+        whole = r is not data
         v = self.VERSION_ID if version_id is None else version_id
-        check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, r.tell())
+        if not self.MINIMUM_VERSION_ID <= v <= self.VERSION_ID:
+            check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, r.tell())
         token = _CURRENT_READER.set(r)
         try:
             self.pre_load()
@@ -447,25 +448,36 @@ def load_subsections(obj: Any, r: Reader, parent: str, table: dict[bytes, tuple[
         else:
             seen.setdefault("_vmsd_loaded_subsections", set())
     while True:
-        head = r.peek(2)
-        if len(head) < 2 or head[0] != QEMU_VM_SUBSECTION or head[1] < len(prefix) + 1:
+        # Look at the marker, length and name in place when they are buffered.
+        buf, pos = r.buf, r.pos
+        if pos + 2 > len(buf):
+            buf, pos = r.peek(2 + 255), 0
+            if len(buf) < 2:
+                return
+        n = buf[pos + 1]
+        if buf[pos] != QEMU_VM_SUBSECTION or n < len(prefix) + 1:
             return
-        name = r.peek(2 + head[1])[2:]
-        if len(name) < head[1] or not name.startswith(prefix):
+        if pos + 2 + n > len(buf):
+            buf, pos = r.peek(2 + n), 0
+            if len(buf) < 2 + n:
+                return
+        if not buf.startswith(prefix, pos + 2):
             return
+        name = buf[pos + 2 : pos + 2 + n]
         at = r.tell()
         entry = table.get(name)
         if entry is None:
             raise MalformedStream(f"unknown subsection '{name.decode(errors='replace')}'", offset=at)
-        r.take(2 + head[1])
+        r.take(2 + n)
+        label = name.decode()
         if seen is not None:
-            seen["_vmsd_loaded_subsections"].add(name.decode())
+            seen["_vmsd_loaded_subsections"].add(label)
         # QEMU stores the subsection version in a uint8_t: only the low byte counts.
         v = r.u32() & 0xFF
         version, minimum, loader = entry
-        label = name.decode()
         try:
-            check_version(label, v, version, minimum, at)
+            if not minimum <= v <= version:
+                check_version(label, v, version, minimum, at)
             loader(obj, r, v)
         except VMSDError as e:
             raise e.within(label) from None
