@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from vmsd.runtime.errors import MalformedStream, TruncatedStream
 
@@ -32,6 +32,10 @@ _CHUNK = 1 << 20
 
 class ByteSource(Protocol):
     def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class ByteSink(Protocol):
+    def write(self, data: bytes | bytearray, /) -> object: ...
 
 
 class SocketSource:
@@ -170,7 +174,7 @@ class Writer:
 
     __slots__ = ("_flushed", "_sink", "buf")
 
-    def __init__(self, sink: BinaryIO | None = None) -> None:
+    def __init__(self, sink: ByteSink | None = None) -> None:
         self.buf = bytearray()
         self._sink = sink
         self._flushed = 0
