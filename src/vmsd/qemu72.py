@@ -14,19 +14,20 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+from vmsd.runtime.errors import TruncatedStream
 from vmsd.runtime.io import Reader
 from vmsd.runtime.stream import SpecSet
 from vmsd.runtime.vmstate import current_reader, loading, register, register_extent
 
 
 def _capabilities_extent(r: Reader, obj: Any) -> int:
-    """``caps_count`` times a u8 length and a capability name."""
+    """``caps_count`` times a u8 length and a capability name (at most 256 bytes each)."""
+    ahead = r.peek(min(obj.caps_count, 1 << 16) * 256)
     n = 0
-    for _ in range(obj.caps_count):
-        head = r.peek(n + 1)
-        if len(head) < n + 1:
-            break
-        n += 1 + head[n]
+    for i in range(obj.caps_count):
+        if n >= len(ahead):
+            raise TruncatedStream(f"{obj.caps_count} capabilities announced, the input ends after {i}", offset=r.tell() + n)
+        n += 1 + ahead[n]
     return n
 
 

@@ -41,14 +41,22 @@ class VMSDError(Exception):
     def __str__(self) -> str:
         where = []
         if self.section:
-            where.append(f"section '{self.section}'")
+            where.append(f"section '{_printable(self.section)}'")
         if self.path:
-            where.append(self.path)
+            where.append(_printable(self.path))
         head = ": ".join(where)
-        text = f"{head}: {self.message}" if head else self.message
+        message = _printable(self.message)
+        text = f"{head}: {message}" if head else message
         if self.offset is not None:
             text += f" (at offset {self.offset:#x})"
         return text
+
+
+def _printable(text: str) -> str:
+    """Names come from untrusted input: escape what would break a one-line message."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class TruncatedStream(VMSDError, EOFError):

@@ -82,6 +82,13 @@ def _decode_entry(r: Reader, entry: Obj) -> Any:
     n = entry.get("array_len")
     if n is None:
         return _decode_one(r, entry)
+    size = entry.get("size")
+    left = r.remaining()
+    if not isinstance(n, int) or not isinstance(size, int) or n < 0 or size < 0:
+        raise MalformedStream(f"array_len {n!r} and size {size!r} are not counts", offset=r.tell())
+    # The description comes from the input too: it may not claim more than the bytes hold.
+    if left is not None and (n * size > left or (size == 0 and n > left + 1)):
+        raise MalformedStream(f"{n} elements of {size} bytes described, {left} bytes remain", offset=r.tell())
     out = []
     for i in range(n):
         try:

@@ -118,7 +118,6 @@ class Stream:
     trailer: Obj | None = None  # parsed JSON trailer
     trailer_text: bytes | None = None
     trailer_offset: int | None = None
-    tail: bytes = b""  # bytes after the trailer (QEMU ignores them)
     warnings: list[str] = attrs.Factory(list)
 
     def sections(self) -> list[Section]:
@@ -277,8 +276,8 @@ class _Decoder:
         found = find_trailer(data)
         self.trailer_devices: list[Obj] = []
         if found is not None:
-            _, self.stream.trailer, self.stream.trailer_text = found
-            self.trailer_devices = list(self.stream.trailer.get("devices", []))
+            at, self.stream.trailer, self.stream.trailer_text = found
+            self.trailer_devices = validate_trailer(self.stream.trailer, at)
         self.next_device = 0
         self.open_sections: dict[int, Section] = {}
         self.footers: bool | None = None
@@ -314,11 +313,9 @@ class _Decoder:
         at = r.tell()
         kind = r.u8()
         if kind != QEMU_VM_VMDESCRIPTION:
-            # QEMU only warns here; we keep the bytes so a rewrite reproduces them.
-            self.warn(f"expected the vmdescription trailer after EOF, found byte {kind:#x}")
-            self.stream.tail = self.data[at:]
-            self.stream.trailer = self.stream.trailer_text = None
-            return self.stream
+            # QEMU only warns ("Expected vmdescription section") and ignores the rest;
+            # we refuse: whatever follows EOF was not written by a migration.
+            raise MalformedStream(f"expected the vmdescription trailer (0x06) after EOF, found byte {kind:#x}", offset=at)
         n = r.u32()
         text = r.read(n)
         if self.stream.trailer_text != text:
@@ -326,11 +323,12 @@ class _Decoder:
                 self.stream.trailer = loads(text)
             except ValueError:
                 raise MalformedStream("trailer is not valid JSON", offset=at) from None
+            validate_trailer(self.stream.trailer, at)
             self.stream.trailer_text = text
         self.stream.trailer_offset = at
-        self.stream.tail = self.data[r.tell() :]
-        if self.stream.tail:
-            self.warn(f"{len(self.stream.tail)} bytes after the trailer (QEMU ignores them)")
+        if not r.at_end():
+            # QEMU never reads past the trailer, so it accepts anything there; we refuse.
+            raise MalformedStream(f"{len(self.data) - r.tell()} bytes after the trailer", offset=r.tell())
         return self.stream
 
     def load_configuration(self) -> Any:
@@ -408,7 +406,7 @@ class _Decoder:
             idstr_raw = r.counted_string()
             if not idstr_raw:
                 raise MalformedStream("unable to read section idstr", offset=at)
-            sec = Section(kind, section_id, at, idstr_raw.decode(errors="replace"), r.u32(), r.u32())
+            sec = Section(kind, section_id, at, idstr_raw.decode("utf-8", "surrogateescape"), r.u32(), r.u32())
             self.open_sections[section_id] = sec
         else:
             start = self.open_sections.get(section_id)
@@ -465,7 +463,7 @@ class _Decoder:
                         with reporting_checks() as failed:
                             obj.load_into(self.r, sec.version_id)
                     used = self.r.tell() - start
-                    expected = described_size(device) if device is not None else None
+                    expected = _described_size_or_none(device)
                     if sec.legacy and device is not None:
                         expected = int(device.get("size", 0))
                     if expected is not None and used != expected:
@@ -492,10 +490,16 @@ class _Decoder:
                 )
             raise RegistryError(f"section '{sec.idstr}' is not described by the trailer", offset=sec.offset)
         sec.generic_body = device
-        if "vmsd_name" in [k for k, _ in device]:
-            sec.payload = decode_body(self.r, device)
-        else:  # legacy save_state section: one opaque buffer
-            sec.payload = self.r.read(int(device.get("size", 0)))
+        start = self.r.tell()
+        try:
+            if "vmsd_name" in [k for k, _ in device]:
+                sec.payload = decode_body(self.r, device)
+            else:  # legacy save_state section: one opaque buffer
+                sec.payload = self.r.read(int(device.get("size", 0)))
+        except (TypeError, AttributeError, KeyError, ValueError) as e:
+            if isinstance(e, VMSDError):
+                raise
+            raise MalformedStream(f"the trailer's description of this section is malformed ({e})", offset=start) from None
 
     def typed_problem(self, cls: Any, sec: Section) -> str | None:
         missing = unimplemented_predicates(cls)
@@ -528,6 +532,56 @@ def described_size(body: Obj) -> int | None:
         inner = described_size(sub)
         total += 2 + len(str(sub.get("vmsd_name")).encode()) + 4 + (inner or 0)
     return total
+
+
+def validate_trailer(trailer: Any, offset: int) -> list[Obj]:
+    """The trailer's device list, after checking it has the shape QEMU writes (it is input too)."""
+    def fail(where: str, what: str) -> MalformedStream:
+        return MalformedStream(f"trailer: {where}: {what}", offset=offset)
+
+    def body(b: Any, where: str) -> None:
+        if not isinstance(b, Obj):
+            raise fail(where, "expected an object")
+        fields = b.get("fields")
+        if not isinstance(fields, list):
+            raise fail(where, "'fields' must be a list")
+        for e in fields:
+            if not isinstance(e, Obj) or not isinstance(e.get("name"), str) or not isinstance(e.get("type"), str):
+                raise fail(where, "a field needs a string 'name' and 'type'")
+            here = f"{where}.{e.get('name')}"
+            for key in ("size", "array_len", "index"):
+                v = e.get(key)
+                if (key == "size" or v is not None) and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                    raise fail(here, f"'{key}' must be a non-negative integer")
+            if e.get("type") == "struct" and e.get("struct"):
+                body(e.get("struct"), here)
+            elif e.get("type") in ("vstruct", "tmp"):
+                body(e, here)
+        for sub in b.get("subsections", []) or []:
+            if not isinstance(sub, Obj) or not isinstance(sub.get("vmsd_name"), str):
+                raise fail(where, "a subsection needs a string 'vmsd_name'")
+            body(sub, f"{where}/{sub.get('vmsd_name')}")
+
+    if not isinstance(trailer, Obj) or not isinstance(trailer.get("devices"), list):
+        raise fail("top level", "expected an object with a 'devices' list")
+    devices: list[Obj] = trailer.get("devices")
+    for d in devices:
+        if not isinstance(d, Obj) or not isinstance(d.get("name"), str) or not isinstance(d.get("instance_id"), int):
+            raise fail("devices", "each device needs a string 'name' and an integer 'instance_id'")
+        if "vmsd_name" in [k for k, _ in d]:
+            body(d, str(d.get("name")))
+        elif not isinstance(d.get("size"), int):
+            raise fail(str(d.get("name")), "a legacy section needs an integer 'size'")
+    return devices
+
+
+def _described_size_or_none(device: Obj | None) -> int | None:
+    if device is None:
+        return None
+    try:
+        return described_size(device)
+    except (TypeError, AttributeError, ValueError):
+        return None  # a malformed description: the typed decode stands on its own
 
 
 def unimplemented_predicates(cls: Any, seen: set[Any] | None = None) -> list[str]:
@@ -574,7 +628,6 @@ def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
         w.u8(QEMU_VM_VMDESCRIPTION)
         w.u32(len(text))
         w.write(text)
-    w.write(stream.tail)
     return w.getvalue()
 
 
@@ -600,7 +653,7 @@ def _write_records(w: Writer, records: list[Section | Command]) -> None:
         w.u8(rec.kind)
         w.u32(rec.section_id)
         if rec.has_header:
-            w.counted_string(rec.idstr.encode())
+            w.counted_string(rec.idstr.encode("utf-8", "surrogateescape"))
             w.u32(rec.instance_id)
             w.u32(rec.version_id)
         p = rec.payload
@@ -621,7 +674,7 @@ def regenerate_trailer(stream: Stream) -> Obj:
     """The trailer QEMU would write: typed sections described from their specs."""
     devices: list[Obj] = []
     for sec in stream.full_sections():
-        head = Obj([("name", sec.idstr), ("instance_id", sec.instance_id)])
+        head = Obj([("name", sec.idstr.encode("utf-8", "surrogateescape").decode("utf-8", "replace")), ("instance_id", sec.instance_id)])
         p = sec.payload
         if sec.legacy and sec.generic_body is None:
             size = len(p._save_nested_bytes(sec.version_id)) if not isinstance(p, bytes) else len(p)

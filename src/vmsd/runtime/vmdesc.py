@@ -207,11 +207,15 @@ def _quote(s: str) -> str:
     return "".join(out)
 
 
+def _no_floats(text: str) -> Any:
+    raise ValueError(f"QEMU's descriptions hold integers only, found {text}")
+
+
 def loads(text: str | bytes) -> Any:
-    """Parse JSON keeping objects as :class:`Obj` (duplicate keys survive)."""
+    """Parse JSON keeping objects as :class:`Obj` (duplicate keys survive); floats are refused."""
     import json
 
-    return json.loads(text, object_pairs_hook=Obj)
+    return json.loads(text, object_pairs_hook=Obj, parse_float=_no_floats, parse_constant=_no_floats)
 
 
 def dump_vmstate(cls: Any) -> dict[str, Any]:
