@@ -21,6 +21,7 @@ import random  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 from vmsd.generated.bench.heavy import Heavy, HeavyEntry  # noqa: E402
 from vmsd.generated.examples.serial import Serial  # noqa: E402
@@ -61,10 +62,22 @@ def row(label: str, gen: list[float], interp: list[float]) -> str:
     )
 
 
-def bench(label: str, obj: Heavy | Serial, runs: int, repeat: int) -> list[str]:
-    data = obj.save()
+def qemu_cpu() -> object:
+    """The QEMU 7.2 x86 CPU state (its spec is the largest real device: ~40 subsections)."""
+    from vmsd.qemu72 import spec_set
+    from vmsd.runtime.vmstate import impl
+
+    cls = spec_set().get("cpu")
+    assert cls is not None
+    cpu = impl(cls)()
+    cpu.regs = list(range(16))  # type: ignore[attr-defined]
+    return cpu
+
+
+def bench(label: str, obj: object, runs: int, repeat: int) -> list[str]:
+    data = obj.save()  # type: ignore[attr-defined]
     body = loads(dumps(describe(obj)[0]))
-    cls = type(obj)
+    cls: Any = type(obj)
     values = decode_body(Reader(data), body)
 
     def gen_load() -> None:
@@ -77,7 +90,7 @@ def bench(label: str, obj: Heavy | Serial, runs: int, repeat: int) -> list[str]:
 
     def gen_save() -> None:
         for _ in range(repeat):
-            obj.save()
+            obj.save()  # type: ignore[attr-defined]
 
     def interp_save() -> None:
         for _ in range(repeat):
@@ -102,6 +115,7 @@ def main() -> None:
     serial = Serial(divider=12, ier=0x0F, lcr=0x03, scr=0x5A, poll_msl=3, modem_status_poll=123456789)
     print(f"{'case':<28} {'generated ms (min-max)':>29} {'interpretive ms (min-max)':>30} {'ratio':>8}")
     lines = bench(f"heavy {args.entries} x 20 fields", heavy, args.runs, 1)
+    lines += bench("QEMU 7.2 cpu x100", qemu_cpu(), args.runs, 100)
     lines += bench("serial x1000", serial, args.runs, 1000)
     print("\n".join(lines))
     print(f"(median of {args.runs} runs; ratio = interpretive / generated; {len(heavy.save())} bytes of heavy state)")
