@@ -26,7 +26,7 @@ def _capabilities_extent(r: Reader, obj: Any) -> int:
     n = 0
     for i in range(obj.caps_count):
         if n >= len(ahead):
-            raise TruncatedStream(f"{obj.caps_count} capabilities announced, the input ends after {i}", offset=r.tell() + n)
+            raise TruncatedStream(f"{obj.caps_count} capabilities announced, the input ends after {i}", offset=r.tell() + len(ahead))
         n += 1 + ahead[n]
     return n
 
@@ -65,7 +65,10 @@ def _express_capability_ahead() -> bool:
     which one follows is device configuration, but an express function's
     first 256 bytes always carry the capability (ID 0x10) in their list.
     """
-    cfg = current_reader().peek(256)
+    return _has_express_capability(current_reader().peek(256))
+
+
+def _has_express_capability(cfg: bytes) -> bool:
     if len(cfg) < 256 or not cfg[6] & 0x10:  # status: capability list present
         return False
     ptr, hops = cfg[0x34] & 0xFC, 0
@@ -82,7 +85,10 @@ def _register_pci(module: Any) -> None:
         def migrate_is_pcie(self, version_id: int) -> bool:
             if loading():
                 return _express_capability_ahead()
-            return self.config_pcie is not None
+            # Saving: the same rule the loader applies, so what we write reads back.
+            if self.config_pcie is None or self.config is None:
+                return self.config_pcie is not None
+            return _has_express_capability(self.config_pcie[:256])
 
         def migrate_is_not_pcie(self, version_id: int) -> bool:
             return not self.migrate_is_pcie(version_id)
