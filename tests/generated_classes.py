@@ -8,6 +8,7 @@ import pkgutil
 import vmsd.generated
 from vmsd.generated.examples.hpet import Hpet
 from vmsd.generated.examples.kinds import Kinds
+from vmsd import qemu72
 from vmsd.qemu72 import spec_set
 from vmsd.runtime import VMStateObject, register
 from vmsd.runtime.vmstate import impl
@@ -43,4 +44,7 @@ def all_classes() -> list[type[VMStateObject]]:
                 if missing:
                     register(type(f"{value.__name__}ForTests", (value,), {m: _always for m in missing}))
                 out.append(value)
+    # Real implementations win over the test stand-ins whatever the import order was.
+    for module in qemu72.all_modules():
+        qemu72._implement(module)
     return sorted(out, key=lambda c: f"{c.__module__}.{c.__name__}")
