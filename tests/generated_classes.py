@@ -6,9 +6,9 @@ import importlib
 import pkgutil
 
 import vmsd.generated
+from vmsd import qemu72
 from vmsd.generated.examples.hpet import Hpet
 from vmsd.generated.examples.kinds import Kinds
-from vmsd import qemu72
 from vmsd.qemu72 import spec_set
 from vmsd.runtime import VMStateObject, register
 from vmsd.runtime.vmstate import impl

@@ -82,9 +82,15 @@ def _has_express_capability(cfg: bytes) -> bool:
 def _register_pci(module: Any) -> None:
     @register
     class PCIFunction(module.PCIDevice):  # type: ignore[misc]
+        def pre_load(self) -> None:
+            self.__dict__["express"] = None
+
         def migrate_is_pcie(self, version_id: int) -> bool:
             if loading():
-                return _express_capability_ahead()
+                # Decided once, at the first config field: after it the bytes ahead are other fields.
+                if self.__dict__.get("express") is None:
+                    self.__dict__["express"] = _express_capability_ahead()
+                return bool(self.__dict__["express"])
             # Saving: the same rule the loader applies, so what we write reads back.
             if self.config_pcie is None or self.config is None:
                 return self.config_pcie is not None
