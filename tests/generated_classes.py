@@ -11,7 +11,7 @@ from vmsd.generated.examples.hpet import Hpet
 from vmsd.generated.examples.kinds import Kinds
 from vmsd.qemu72 import spec_set
 from vmsd.runtime import VMStateObject, register
-from vmsd.runtime.vmstate import impl
+from vmsd.runtime.vmstate import as_loaded_subclass, impl
 
 
 @register
@@ -33,18 +33,25 @@ def _always(self: object, version_id: int) -> bool:
 
 
 def all_classes() -> list[type[VMStateObject]]:
-    """Every generated class; custom predicates without an implementation answer True."""
-    spec_set().load_all()  # registers the QEMU 7.2 implementations
+    """Every generated class; custom predicates without an implementation answer True.
+
+    Order matters: the QEMU 7.2 implementations first, then "as loaded" answers for
+    the ``needed`` predicates they leave open, then test stand-ins for the rest.
+    """
+    spec_set().load_all()
+    for module in qemu72.all_modules():
+        qemu72._implement(module)
     out = []
     for mod in pkgutil.walk_packages(vmsd.generated.__path__, "vmsd.generated."):
         module = importlib.import_module(mod.name)
         for value in vars(module).values():
             if isinstance(value, type) and issubclass(value, VMStateObject) and value.__module__ == module.__name__:
+                if getattr(impl(value), "__abstractmethods__", ()):
+                    auto = as_loaded_subclass(value)
+                    if auto is not None:
+                        register(auto)
                 missing = getattr(impl(value), "__abstractmethods__", ())
                 if missing:
-                    register(type(f"{value.__name__}ForTests", (value,), {m: _always for m in missing}))
+                    register(type(f"{value.__name__}ForTests", (impl(value),), {m: _always for m in missing}))
                 out.append(value)
-    # Real implementations win over the test stand-ins whatever the import order was.
-    for module in qemu72.all_modules():
-        qemu72._implement(module)
     return sorted(out, key=lambda c: f"{c.__module__}.{c.__name__}")
