@@ -26,7 +26,14 @@ from pathlib import Path  # noqa: E402
 
 from vmsd.qemu72 import spec_set  # noqa: E402
 from vmsd.qmp import Qemu, save_stream  # noqa: E402
-from vmsd.runtime.stream import read_stream  # noqa: E402
+from vmsd.runtime.stream import (  # noqa: E402
+    MIG_CMD_PACKAGED,
+    QEMU_VM_SECTION_FULL,
+    Command,
+    Section,
+    read_stream,
+    write_stream,
+)
 
 CACHE = Path.home() / ".cache" / "vmsd-bench"
 VMSD = [sys.executable, "-m", "vmsd"]
@@ -98,12 +105,20 @@ def main() -> None:
     cases = {
         "no trailer (suppress-vmdesc)": dict(machine="pc,suppress-vmdesc=on"),
         "x-ignore-shared capability": dict(caps={"x-ignore-shared": True}),
-        "return path (postcopy-ram)": dict(caps={"postcopy-ram": True}),
+        "commands (a PACKAGED one, QEMU loads it)": dict(packaged=True),
     }
     for label, kw in cases.items():
         path = work / f"{abs(hash(label))}.mig"
         caps = kw.pop("caps", None)
-        if caps:
+        if kw.pop("packaged", False):
+            plain = work / "plain.mig"
+            save_stream(plain)
+            stream = read_stream(plain.read_bytes(), spec_set())
+            full = [r for r in stream.records if isinstance(r, Section) and r.kind == QEMU_VM_SECTION_FULL]
+            rest = [r for r in stream.records if r not in full]
+            stream.records = [*rest, Command(MIG_CMD_PACKAGED, 0, b"", packaged=full, package_eof=True)]
+            path.write_bytes(write_stream(stream))
+        elif caps:
             mem = ["-object", f"memory-backend-file,id=m,size=32M,mem-path={work}/ram,share=on", "-machine", "memory-backend=m"]
             with Qemu(mem) as q:
                 q.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": v} for c, v in caps.items()])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast as pyast
 import enum
+import functools
 import importlib
 import sys
 import tempfile
@@ -62,7 +63,11 @@ def plain(value: Any) -> Any:
     """JSON-ready form of a decoded value."""
     if isinstance(value, VMStateObject):
         cls: Any = type(value)  # every generated class is an attrs class
-        return {f.name: plain(getattr(value, f.name)) for f in attrs.fields(cls)}
+        byte_arrays = _byte_arrays(cls)
+        return {
+            f.name: bytes(getattr(value, f.name)).hex() if f.name in byte_arrays else plain(getattr(value, f.name))
+            for f in attrs.fields(cls)
+        }
     if isinstance(value, Obj):
         return {k: plain(v) for k, v in value}
     if isinstance(value, enum.Enum):
@@ -72,6 +77,14 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
+
+
+@functools.cache
+def _byte_arrays(cls: Any) -> frozenset[str]:
+    """Attributes holding uint8 arrays: shown as hex like buffers (IDE's 128 KiB io_buffer)."""
+    return frozenset(
+        f.attr for f in cls.VMSD.all_fields() if f.attr and f.info == "uint8" and len(f.dims) == 1 and not f.count_attr
+    )
 
 
 def _ram_summary(p: RamPayload) -> dict[str, Any]:
