@@ -406,7 +406,12 @@ class _Decoder:
             idstr_raw = r.counted_string()
             if not idstr_raw:
                 raise MalformedStream("unable to read section idstr", offset=at)
-            sec = Section(kind, section_id, at, idstr_raw.decode("utf-8", "surrogateescape"), r.u32(), r.u32())
+            idstr = idstr_raw.decode("utf-8", "surrogateescape")
+            try:
+                instance_id, version_id = r.u32(), r.u32()
+            except VMSDError as e:
+                raise e.in_section(idstr) from None
+            sec = Section(kind, section_id, at, idstr, instance_id, version_id)
             self.open_sections[section_id] = sec
         else:
             start = self.open_sections.get(section_id)
