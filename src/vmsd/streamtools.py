@@ -13,7 +13,6 @@ from typing import Any
 
 import attrs
 
-from vmsd.runtime.errors import VMSDError
 from vmsd.runtime.ram import RamPayload
 from vmsd.runtime.stream import SECTION_NAMES, Command, Section, SpecSet, Stream, read_stream, write_stream
 from vmsd.runtime.vmdesc import Obj, describe
@@ -378,4 +377,4 @@ def _short(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-__all__ = ["ToolError", "VMSDError", "apply_set", "diff", "load_specs", "read_input", "rewrite", "stream_json", "stream_tree"]
+__all__ = ["ToolError", "apply_set", "diff", "load_specs", "read_input", "rewrite", "stream_json", "stream_tree"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import struct
 import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -61,10 +60,6 @@ MIG_CMD_PACKAGED = 7
 MAX_PACKAGED_SIZE = 1 << 32
 
 IDSTR_RAM = "ram"
-
-
-class StreamWarning(UserWarning):
-    """A part of a stream was decoded with less certainty than a typed spec gives."""
 
 
 @attrs.define
@@ -283,10 +278,10 @@ class _Decoder:
         self.footers: bool | None = None
         self.ignore_shared = False
         self.ram_block_named = False
+        self.package_eof = False  # set when a PACKAGED command's records end at an EOF byte
 
     def warn(self, msg: str) -> None:
         self.stream.warnings.append(msg)
-        warnings.warn(msg, StreamWarning, stacklevel=4)
 
     def run(self) -> Stream:
         r = self.r
@@ -381,22 +376,22 @@ class _Decoder:
             rem = r.remaining()
             if rem is not None and size > rem:
                 raise TruncatedStream(f"PACKAGED announces {size} bytes, {rem} remain", offset=at)
-            inner = _Decoder.__new__(_Decoder)
-            inner.__dict__.update(self.__dict__)
-            inner.r = Reader(r.read(size))
-            inner.data = b""
-            inner.package_eof = False
-            base = r.tell() - size
+            # The package is a nested record sequence: decode it with this decoder
+            # over its own bytes, so section ids, footers and trailer order carry on.
+            outer = self.r
+            self.r = Reader(outer.read(size))
+            self.package_eof = False
+            base = outer.tell() - size
             try:
-                command.packaged = inner.records(top=False)
+                command.packaged = self.records(top=False)
+                command.package_eof = self.package_eof
+                command.package_tail = self.r.read(self.r.remaining() or 0)
             except VMSDError as e:
                 if e.offset is not None:
                     e.offset += base
                 raise
-            command.package_eof = inner.package_eof
-            command.package_tail = inner.r.read(inner.r.remaining() or 0)
-            self.next_device = inner.next_device
-            self.footers = inner.footers
+            finally:
+                self.r = outer
         return command
 
     def section(self, kind: int, at: int) -> Section:
@@ -612,9 +607,7 @@ def read_stream(data: bytes, specs: SpecSet, strict_typed: bool = False, enforce
     default a reading tool records them as warnings (the defaults are not
     the machine the stream came from).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", StreamWarning)
-        return _Decoder(bytes(data), specs, strict_typed, enforce_checks).run()
+    return _Decoder(bytes(data), specs, strict_typed, enforce_checks).run()
 
 
 def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
