@@ -147,7 +147,8 @@ class ModuleBuilder:
         self.module_of = module_of
         self.tool_version = tool_version
         self.formats = _Formats()
-        self.last_run: tuple[str, list[str]] | None = None
+        # Set by steps(): the Struct and targets when the fields are one simple fused run.
+        self.flat_run: tuple[str, list[str]] | None = None
         self.imports: dict[tuple[str, ...], set[str]] = {}
 
     # -- names ---------------------------------------------------------------
@@ -209,11 +210,10 @@ class ModuleBuilder:
         for s in walk_subsections(v.subsections):
             if isinstance(s.needed, ast.Custom) and s.needed.method not in abstract:
                 abstract.append(s.needed.method)
-        self.last_run = None
         load, save, table_fields = self.steps(v.fields, ctx, predicates)
         # A "flat" state is one fused run of single scalars: arrays of it load
         # with one iter_unpack over all elements.
-        flat = self.last_run if not v.subsections and load[:1] == ["_at = " + repr(_first_name(v))] and len(load) == 3 else None
+        flat = self.flat_run if not v.subsections else None
         if v.subsections:
             load.append('_at = ""')
             load.append(f"_rt.load_subsections(self, r, {v.name!r}, self._SUBSECTIONS[{v.name!r}])")
@@ -389,10 +389,11 @@ class ModuleBuilder:
         tables: list[str] = []
         run: list[ast.Field] = []
         names = _qemu_names(fields)
+        runs: list[tuple[str, list[str]] | None] = []
 
         def flush() -> None:
             if run:
-                self.fused(run, load, save)
+                runs.append(self.fused(run, load, save))
                 run.clear()
 
         for f in fields:
@@ -401,8 +402,10 @@ class ModuleBuilder:
                 run.append(f)
                 continue
             flush()
+            runs.append(None)
             self.field_steps(f, ctx, predicates, load, save)
         flush()
+        self.flat_run = runs[0] if len(runs) == 1 else None
         if not any(line.lstrip().startswith("out +=") for line in save):
             save.remove("out = w.buf")
         return load, save, tables
@@ -414,7 +417,8 @@ class ModuleBuilder:
             return f.enum is None and f.check is None and all(isinstance(d, ast.IntLit) for d in f.dims)
         return f.kind in ("bytes", "unused") and all(isinstance(d, ast.IntLit) for d in f.dims)
 
-    def fused(self, run: list[ast.Field], load: list[str], save: list[str]) -> None:
+    def fused(self, run: list[ast.Field], load: list[str], save: list[str]) -> tuple[str, list[str]] | None:
+        """Statements for one fused run; its Struct and targets when it is all single values."""
         fmt = ">"
         size = 0
         targets: list[str] = []  # per value-producing field: how to assign from _v
@@ -467,7 +471,6 @@ class ModuleBuilder:
             names = [t.split(" = ")[0] for t in targets]
             load.append(f"buf, p = r.take({size})")
             load.append(f"({', '.join(names)},) = {const}.unpack_from(buf, p)")
-            self.last_run = (const, names)
         else:
             load.append(f"buf, p = r.take({size})")
             load.append(f"_v = {const}.unpack_from(buf, p)")
@@ -475,6 +478,7 @@ class ModuleBuilder:
         save.append(f"_at = {first!r}")
         save.extend(checks)
         save.append(f"out += {const}.pack({', '.join(values)})")
+        return (const, [t.split(" = ")[0] for t in targets]) if simple and index else None
 
     def field_steps(self, f: ast.Field, ctx: _Ctx, predicates: list[tuple[str, str]], load: list[str], save: list[str]) -> None:
         label = f.name or f.wire_name or "unused"
@@ -708,10 +712,6 @@ class ModuleBuilder:
         if flags:
             kw["flags"] = repr(tuple(flags))
         return f"_schema.FieldSpec({', '.join(args + [f'{k}={v}' for k, v in kw.items()])})"
-
-
-def _first_name(v: ast.Vmsd) -> str:
-    return next((f.name for f in v.fields if f.name), "unused")
 
 
 def _truth(e: ast.Expr, src: str) -> str:
