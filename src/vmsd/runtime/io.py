@@ -51,7 +51,7 @@ class SocketSource:
 class Reader:
     """Reads QEMU primitives from memory or from a :class:`ByteSource`."""
 
-    __slots__ = ("_base", "_eof", "_source", "buf", "pos")
+    __slots__ = ("_base", "_eof", "_scratch", "_source", "buf", "pos")
 
     def __init__(self, data: bytes | bytearray | memoryview = b"", source: ByteSource | None = None) -> None:
         self.buf: bytes = bytes(data)
@@ -59,6 +59,7 @@ class Reader:
         self._base = 0
         self._source = source
         self._eof = source is None
+        self._scratch = bytearray()  # reused receive buffer: no fresh allocation per read
 
     @classmethod
     def from_file(cls, f: ByteSource) -> Reader:
@@ -72,21 +73,32 @@ class Reader:
         """Bytes left, when known (memory input); ``None`` for open streams."""
         return len(self.buf) - self.pos if self._eof else None
 
-    def _more(self, want: int) -> bool:
-        """Append up to ``want`` bytes from the source; False at end of input."""
+    def _more(self, want: int, cap: int = _CHUNK) -> bool:
+        """Append up to ``want`` bytes (at least 64 KiB, at most ``cap``) from the source; False at end of input."""
         if self._eof or self._source is None:
             return False
-        chunk = bytearray(min(max(want, 65536), _CHUNK))
-        got = self._source.readinto(memoryview(chunk)) or 0
+        size = min(max(want, 65536), cap)
+        if len(self._scratch) < size:
+            self._scratch = bytearray(size)
+        got = self._source.readinto(memoryview(self._scratch)[:size]) or 0
         if got <= 0:
             self._eof = True
             return False
         # Drop what was consumed so the buffer never holds more than one
         # outstanding request plus one chunk.
         self._base += self.pos
-        self.buf = self.buf[self.pos :] + bytes(chunk[:got])
+        self.buf = self.buf[self.pos :] + memoryview(self._scratch)[:got]
         self.pos = 0
         return True
+
+    def prefetch(self, n: int) -> None:
+        """With fewer than ``n`` bytes buffered, read once from the source (up to ``n`` bytes).
+
+        Blocks until some input arrives, so call it only when the next record
+        needs more than is buffered.  At end of input it does nothing.
+        """
+        if len(self.buf) - self.pos < n:
+            self._more(n, cap=n)
 
     def _fill(self, n: int) -> None:
         while len(self.buf) - self.pos < n:

@@ -156,6 +156,17 @@ class RamBlock:
         with self._lock:
             _set_bits(self._dirty, first, stop)
 
+    def mark_pages(self, pages: npt.ArrayLike) -> None:
+        """Mark the pages with these indices dirty."""
+        idx = np.asarray(pages, dtype=np.int64)
+        if idx.size == 0:
+            return
+        if idx.min() < 0 or idx.max() >= self.npages:
+            raise IndexError(f"page index outside RAM block '{self.name}' of {self.npages} pages")
+        bits = np.left_shift(np.uint64(1), (idx & 63).astype(np.uint64))
+        with self._lock:
+            np.bitwise_or.at(self._dirty, idx >> 6, bits)
+
     def mark_all_dirty(self) -> None:
         self.mark_dirty(0, self.used_length)
 

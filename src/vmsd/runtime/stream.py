@@ -260,15 +260,29 @@ def find_trailer(data: bytes) -> tuple[int, Obj, bytes] | None:
     return None
 
 
-class _Decoder:
-    def __init__(self, data: bytes, specs: SpecSet, strict_typed: bool, enforce_checks: bool) -> None:
+class Decoder:
+    """Decodes a stream's records; :func:`read_stream` runs it over a whole stream in memory.
+
+    A live receiver passes a streaming ``reader`` (no trailer is known in
+    advance, so sections decode from their specs only), sets ``ram_handler``
+    to apply RAM sections in place, and calls :meth:`read_header` and
+    :meth:`records` itself; it stops at EOF as QEMU's destination does.
+    """
+
+    def __init__(self, data: bytes, specs: SpecSet, strict_typed: bool, enforce_checks: bool,
+                 reader: Reader | None = None) -> None:
         self.data = data
         self.enforce_checks = enforce_checks
-        self.r = Reader(data)
+        self.r = Reader(data) if reader is None else reader
         self.specs = specs
         self.strict_typed = strict_typed
         self.stream = Stream()
-        found = find_trailer(data)
+        # Set by a live receiver: reads one RAM section's records from ``self.r`` into its RAM.
+        self.ram_handler: Callable[[Section], None] | None = None
+        # Set by a machine's receiver: the class of each (idstr, instance id) it has; others are unknown.
+        self.section_classes: dict[tuple[str, int], type] | None = None
+        self.return_path = False  # the source opened QEMU's return path
+        found = find_trailer(data) if reader is None else None
         self.trailer_devices: list[Obj] = []
         if found is not None:
             at, self.stream.trailer, self.stream.trailer_text = found
@@ -284,6 +298,11 @@ class _Decoder:
         self.stream.warnings.append(msg)
 
     def run(self) -> Stream:
+        self.read_header()
+        return self.run_body()
+
+    def read_header(self) -> None:
+        """Magic, version and the configuration record."""
         r = self.r
         magic = r.u32()
         if magic != QEMU_VM_FILE_MAGIC:
@@ -298,6 +317,10 @@ class _Decoder:
             at = r.tell()
             r.u8()
             self.stream.configuration = Configuration(at, self.load_configuration())
+
+    def run_body(self) -> Stream:
+        """Records up to EOF, then the trailer."""
+        r = self.r
         self.stream.records = self.records(top=True)
         self.stream.eof_offset = r.tell() - 1
         if r.at_end():
@@ -371,6 +394,7 @@ class _Decoder:
             raise MalformedStream(f"{MIG_CMD_NAMES[cmd]} received with bad length - expecting {fixed}, got {length}", offset=at)
         data = r.read(length)
         command = Command(cmd, at, data)
+        self.return_path = self.return_path or cmd == 1  # MIG_CMD_OPEN_RETURN_PATH
         if cmd == MIG_CMD_PACKAGED:
             size = int.from_bytes(data, "big")
             rem = r.remaining()
@@ -440,6 +464,9 @@ class _Decoder:
         if sec.idstr == IDSTR_RAM:
             if sec.version_id != 4:
                 raise VersionMismatch(f"RAM section version {sec.version_id}, only 4 is known", offset=sec.offset)
+            if self.ram_handler is not None:
+                self.ram_handler(sec)
+                return
             sec.payload = read_ram(self.r, ignore_shared=self.ignore_shared, block_named=self.ram_block_named)
             self.ram_block_named = self.ram_block_named or any(rec.block for rec in sec.payload.records)
             return
@@ -449,7 +476,13 @@ class _Decoder:
         vmsd_name = device.get("vmsd_name") if device is not None else None
         sec.vmsd_name = vmsd_name
         sec.legacy = device is not None and vmsd_name is None
-        cls = self.specs.lookup(sec.idstr, vmsd_name)
+        if self.section_classes is not None:
+            cls: Any = self.section_classes.get((sec.idstr, sec.instance_id))
+            if cls is None:
+                raise RegistryError(f"Unknown savevm section or instance '{sec.idstr}' {sec.instance_id}",
+                                    offset=sec.offset)
+        else:
+            cls = self.specs.lookup(sec.idstr, vmsd_name)
         if cls is not None:
             start = self.r.tell()
             problem = self.typed_problem(cls, sec)
@@ -471,7 +504,7 @@ class _Decoder:
                     for msg in failed:
                         self.warn(f"section '{sec.idstr}': {msg}")
                     sec.payload = obj
-                    sec.vmsd_name = cls.VMSD_NAME  # type: ignore[attr-defined]
+                    sec.vmsd_name = cls.VMSD_NAME
                     return
                 except VMSDError as e:
                     if device is None or self.strict_typed:
@@ -607,7 +640,7 @@ def read_stream(data: bytes, specs: SpecSet, strict_typed: bool = False, enforce
     default a reading tool records them as warnings (the defaults are not
     the machine the stream came from).
     """
-    return _Decoder(bytes(data), specs, strict_typed, enforce_checks).run()
+    return Decoder(bytes(data), specs, strict_typed, enforce_checks).run()
 
 
 def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
@@ -618,7 +651,7 @@ def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
     if stream.configuration is not None:
         w.u8(QEMU_VM_CONFIGURATION)
         stream.configuration.state._save_nested(w, stream.configuration.state.VERSION_ID)
-    _write_records(w, stream.records)
+    write_records(w, stream.records)
     w.u8(QEMU_VM_EOF)
     if trailer is not False and (stream.trailer is not None or isinstance(trailer, Obj)):
         desc = trailer if isinstance(trailer, Obj) else regenerate_trailer(stream)
@@ -629,14 +662,15 @@ def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
     return w.getvalue()
 
 
-def _write_records(w: Writer, records: list[Section | Command]) -> None:
+def write_records(w: Writer, records: list[Section | Command]) -> None:
+    """Sections and commands, each with its header and (when set) footer."""
     for rec in records:
         if isinstance(rec, Command):
             w.u8(QEMU_VM_COMMAND)
             w.u16(rec.cmd)
             if rec.packaged is not None:
                 inner = Writer()
-                _write_records(inner, rec.packaged)
+                write_records(inner, rec.packaged)
                 if rec.package_eof:
                     inner.u8(QEMU_VM_EOF)
                 inner.write(rec.package_tail)

@@ -1,0 +1,653 @@
+"""Live migration of a :class:`~vmsd.runtime.machine.Machine`: QEMU-style precopy, source and destination.
+
+The stream is QEMU 7.2's: header, configuration, the ``ram`` section
+(START with the block list, PART per iteration, END with the last dirty pages
+while the machine is paused), one FULL section per device, EOF and the JSON
+trailer.  The source follows QEMU's ``migration_iteration_run``:
+
+* every 100 ms the bandwidth of the last window gives the threshold
+  ``bandwidth x downtime-limit``; when the pending dirty bytes fit under it
+  the machine pauses and the rest goes out (the downtime);
+* an iteration sends dirty pages of the current pass for at most 50 ms or
+  until the window's share of ``max-bandwidth`` is used (0: unlimited);
+* a pass ends when its pages are sent; the next bitmap sync takes the dirty
+  log of every block (``dirty-sync-count``);
+* XBZRLE (capability ``xbzrle``) starts after the first complete pass;
+* auto-converge (capability ``auto-converge``) throttles the machine when the
+  bytes dirtied in a sync period exceed ``throttle-trigger-threshold`` percent
+  of the bytes sent, twice in a row: ``cpu-throttle-initial`` then
+  ``+cpu-throttle-increment`` up to ``max-cpu-throttle``.
+
+Failure or cancel at any point leaves the source machine running with its RAM
+and devices as they were (the source only reads them); a ``file:`` target is
+removed, never left looking complete.  :meth:`Migration.query` answers with
+QEMU's ``query-migrate`` names.
+
+The destination (:class:`Incoming`) applies RAM records straight into its
+blocks and loads device sections into the machine's typed device objects,
+checking versions, sizes and checks as QEMU's loader does.
+
+With the ``return-path`` capability (QEMU's name) the source opens QEMU's
+return path and only reports ``completed`` once the destination answers
+``SHUT`` with status 0 -- otherwise a destination that fails on the last
+bytes would go unnoticed, as in QEMU without a return path.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import numpy as np
+
+from vmsd.runtime.errors import MalformedStream, RegistryError, VMSDError
+from vmsd.runtime.io import Reader, Writer
+from vmsd.runtime.machine import Machine
+from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks
+from vmsd.runtime.ramwire import RamEncoder, RamLoader
+from vmsd.runtime.stream import (
+    IDSTR_RAM,
+    QEMU_VM_COMMAND,
+    QEMU_VM_EOF,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    QEMU_VM_SECTION_END,
+    QEMU_VM_SECTION_FOOTER,
+    QEMU_VM_SECTION_FULL,
+    QEMU_VM_SECTION_PART,
+    QEMU_VM_SECTION_START,
+    QEMU_VM_VMDESCRIPTION,
+    Configuration,
+    Decoder,
+    Section,
+    SpecSet,
+    Stream,
+    regenerate_trailer,
+    write_records,
+)
+from vmsd.runtime.transport import Channel, TransportError, open_incoming, open_outgoing
+from vmsd.runtime.vmdesc import dumps
+from vmsd.runtime.vmstate import impl
+from vmsd.runtime.xbzrle import XbzrleCache
+
+RAM_SECTION_VERSION = 4
+MIG_CMD_OPEN_RETURN_PATH = 1
+MIG_RP_MSG_SHUT = 1
+BUFFER_DELAY = 0.1  # seconds: QEMU's bandwidth window
+MAX_WAIT = 0.05  # seconds: longest iteration
+_CHUNK_PAGES = 2048  # pages encoded and written at a time (8 MiB of normal pages)
+
+PARAMETER_DEFAULTS: dict[str, int] = {
+    "max-bandwidth": 32 << 20,  # bytes/s, QEMU's MAX_THROTTLE; 0 = unlimited
+    "downtime-limit": 300,  # ms
+    "xbzrle-cache-size": 64 << 20,
+    "cpu-throttle-initial": 20,
+    "cpu-throttle-increment": 10,
+    "max-cpu-throttle": 99,
+    "throttle-trigger-threshold": 50,
+}
+CAPABILITIES = ("xbzrle", "auto-converge", "return-path", "events")
+
+
+class MigrationError(VMSDError):
+    """A migration failed; ``message`` is the reason ``query-migrate`` reports."""
+
+
+class Cancelled(MigrationError):
+    pass
+
+
+def parse_settings(capabilities: dict[str, bool] | None, parameters: dict[str, int] | None
+                   ) -> tuple[dict[str, bool], dict[str, int]]:
+    """Validate QEMU-named capabilities and parameters; unknown names are an error, as in QEMU."""
+    caps = dict.fromkeys(CAPABILITIES, False)
+    for name, on in (capabilities or {}).items():
+        if name not in caps:
+            raise ValueError(f"capability '{name}' is not supported (supported: {', '.join(CAPABILITIES)})")
+        caps[name] = bool(on)
+    params = dict(PARAMETER_DEFAULTS)
+    for name, value in (parameters or {}).items():
+        if name not in params:
+            raise ValueError(f"parameter '{name}' is not supported (supported: {', '.join(PARAMETER_DEFAULTS)})")
+        if value < 0:
+            raise ValueError(f"parameter '{name}' must not be negative")
+        params[name] = int(value)
+    for name in ("cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle"):
+        if not 1 <= params[name] <= 99:
+            raise ValueError(f"parameter '{name}' expects a value between 1 and 99")
+    if not 1 <= params["throttle-trigger-threshold"] <= 100:
+        raise ValueError("parameter 'throttle-trigger-threshold' expects a value between 1 and 100")
+    if caps["xbzrle"]:
+        XbzrleCache(params["xbzrle-cache-size"])  # QEMU's size checks
+    return caps, params
+
+
+def configuration_for(machine_name: str) -> Any:
+    """The configuration record QEMU sends first: the machine type name."""
+    from vmsd import qemu72  # the generated QEMU specs are optional for the runtime itself
+
+    cls = qemu72.spec_set().lookup("configuration", "configuration")
+    if cls is None:
+        raise RegistryError("no spec for the configuration record")
+    name = machine_name.encode()
+    conf: Any = impl(cls)()
+    conf.len, conf.name = len(name), name
+    return conf
+
+
+def _section_head(kind: int, section_id: int, idstr: str = "", instance_id: int = 0, version_id: int = 0) -> bytes:
+    head = struct.pack(">BI", kind, section_id)
+    if kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
+        raw = idstr.encode()
+        head += bytes([len(raw)]) + raw + struct.pack(">II", instance_id, version_id)
+    return head
+
+
+def _footer(section_id: int) -> bytes:
+    return struct.pack(">BI", QEMU_VM_SECTION_FOOTER, section_id)
+
+
+@attrs.define
+class _Pass:
+    """The dirty pages of the current pass, per block, and how far sending got."""
+
+    pages: list[tuple[RamBlock, Pages]] = attrs.Factory(list)
+    block: int = 0
+    cursor: int = 0
+
+    def remaining(self) -> int:
+        total = 0
+        for i in range(self.block, len(self.pages)):
+            total += int(self.pages[i][1].size) - (self.cursor if i == self.block else 0)
+        return total
+
+    def take(self, limit: int) -> tuple[RamBlock, Pages] | None:
+        while self.block < len(self.pages):
+            block, pages = self.pages[self.block]
+            if self.cursor < pages.size:
+                chunk = pages[self.cursor:self.cursor + limit]
+                self.cursor += int(chunk.size)
+                return block, chunk
+            self.block += 1
+            self.cursor = 0
+        return None
+
+    def unsent(self) -> dict[str, Pages]:
+        out: dict[str, Pages] = {}
+        for i in range(self.block, len(self.pages)):
+            block, pages = self.pages[i]
+            out[block.name] = pages[self.cursor if i == self.block else 0:]
+        return out
+
+
+class Migration:
+    """Precopy of ``machine`` to ``uri``: :meth:`start` in a thread or :meth:`run` in this one."""
+
+    def __init__(self, machine: Machine, uri: str, capabilities: dict[str, bool] | None = None,
+                 parameters: dict[str, int] | None = None,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None, timeout: float = 30.0) -> None:
+        self.machine = machine
+        self.uri = uri
+        self.capabilities, self.parameters = parse_settings(capabilities, parameters)
+        self.on_progress = on_progress
+        self.timeout = timeout
+        self.status = "none"
+        self.error: str | None = None
+        cache = XbzrleCache(self.parameters["xbzrle-cache-size"]) if self.capabilities["xbzrle"] else None
+        self.encoder = RamEncoder(cache)
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._channel: Channel | None = None
+        self._lock = threading.Lock()
+        # timing and counters (QEMU's names in query())
+        self._start = 0.0
+        self._setup_time = 0.0
+        self._end: float | None = None
+        self._downtime: float | None = None
+        self._downtime_bytes = 0
+        self.dirty_sync_count = 0
+        self._threshold = 0
+        self._bandwidth = 0.0  # bytes/s in the last window
+        self._mbps = 0.0
+        self._pages_per_second = 0.0
+        self._expected_downtime = 0.0
+        self._dirty_pages_rate = 0
+        self._remaining = 0
+        self._window_start = 0.0
+        self._window_bytes = 0
+        self._window_pages = 0
+        self._period_start = 0.0
+        self._period_dirty = 0
+        self._period_bytes = 0
+        self._dirty_rate_high = 0
+        self._paused_here = False
+
+    # -- control ------------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run in a background thread; follow it with :meth:`query` and :meth:`wait`."""
+        self._thread = threading.Thread(target=self.run, name=f"migration to {self.uri}", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.query()
+
+    def cancel(self) -> None:
+        """Stop the migration; the machine keeps running (``migrate_cancel``)."""
+        self._cancel.set()
+        ch = self._channel
+        if ch is not None:
+            ch.shutdown()  # wake a write blocked on a peer that stopped reading
+
+    def run(self) -> dict[str, Any]:
+        """Migrate; returns the final :meth:`query`.  Never raises for migration failures: see ``status``."""
+        self._start = time.monotonic()
+        self._set_status("setup")
+        try:
+            self._migrate()
+        except BaseException as e:  # every failure must leave the source running
+            self._fail(e)
+            if not isinstance(e, Exception):
+                raise
+        self._progress()
+        return self.query()
+
+    # -- the precopy loop ---------------------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        m = self.machine
+        blocks = list(m.ram)
+        if not blocks:
+            raise MigrationError("the machine has no RAM blocks")
+        self._channel = open_outgoing(self.uri, timeout=self.timeout)
+        self._check_cancel()
+        head = Writer()
+        head.u32(QEMU_VM_FILE_MAGIC)
+        head.u32(QEMU_VM_FILE_VERSION)
+        head.u8(0x07)  # QEMU_VM_CONFIGURATION
+        configuration_for(m.name)._save_nested(head, 1)
+        if self.capabilities["return-path"]:
+            head.write(struct.pack(">BHH", QEMU_VM_COMMAND, MIG_CMD_OPEN_RETURN_PATH, 0))
+        head.write(_section_head(QEMU_VM_SECTION_START, 0, IDSTR_RAM, 0, RAM_SECTION_VERSION))
+        head.write(self.encoder.block_list(m.ram))
+        head.write(self.encoder.eos())
+        head.write(_footer(0))
+        self._send([head.getvalue()])
+        # QEMU's first bitmap sync: every page is dirty; the dirty log starts empty.
+        for b in blocks:
+            b.take_dirty()
+        todo = _Pass([(b, np.arange(b.npages, dtype=np.int64)) for b in blocks])
+        self.dirty_sync_count = 1
+        now = time.monotonic()
+        self._setup_time = now - self._start
+        self._window_start = self._period_start = now
+        self._set_status("active")
+        while True:
+            self._check_cancel()
+            pending = todo.remaining()
+            if pending * PAGE_SIZE < self._threshold:
+                todo = self._sync(todo)
+                pending = todo.remaining()
+            self._remaining = pending * PAGE_SIZE
+            if pending == 0 or pending * PAGE_SIZE < self._threshold:
+                self._complete(todo)
+                return
+            self._iterate(todo)
+
+    def _iterate(self, todo: _Pass) -> None:
+        """One PART section: dirty pages for at most MAX_WAIT or the window's bandwidth share."""
+        started = time.monotonic()
+        buffers: list[Any] = [_section_head(QEMU_VM_SECTION_PART, 0)]
+        limit = self.parameters["max-bandwidth"] * BUFFER_DELAY
+        while True:
+            got = todo.take(_CHUNK_PAGES)
+            if got is None:  # the pass is complete: XBZRLE starts with the next one
+                self.encoder.xbzrle_enabled = self.capabilities["xbzrle"]
+                break
+            block, pages = got
+            before = self.encoder.counters.transferred
+            buffers += self.encoder.encode(block, pages, age=self.dirty_sync_count)
+            self._window_pages += int(pages.size)
+            self._send(buffers, self.encoder.counters.transferred - before)
+            buffers = []
+            self._check_cancel()
+            if time.monotonic() - started > MAX_WAIT:
+                break
+            if limit and self._window_bytes >= limit:
+                break
+        self._send([*buffers, self.encoder.eos(), _footer(0)], 8)
+        self._update_counters(todo)
+
+    def _send(self, buffers: list[Any], nbytes: int | None = None) -> None:
+        ch = self._channel
+        assert ch is not None
+        ch.writev(buffers)
+        self._window_bytes += sum(len(b) for b in buffers) if nbytes is None else nbytes
+
+    def _update_counters(self, todo: _Pass) -> None:
+        """QEMU's migration_update_counters + migration_rate_limit, every BUFFER_DELAY."""
+        now = time.monotonic()
+        spent = now - self._window_start
+        limit = self.parameters["max-bandwidth"] * BUFFER_DELAY
+        if limit and self._window_bytes >= limit and spent < BUFFER_DELAY:
+            self._cancel.wait(BUFFER_DELAY - spent)  # rate limit: the window's share is used
+            now = time.monotonic()
+            spent = now - self._window_start
+        if spent < BUFFER_DELAY:
+            return
+        self._bandwidth = self._window_bytes / spent
+        self._threshold = int(self._bandwidth * self.parameters["downtime-limit"] / 1000)
+        self._mbps = self._window_bytes * 8 / spent / 1e6
+        self._pages_per_second = self._window_pages / spent
+        self._remaining = todo.remaining() * PAGE_SIZE
+        if self._bandwidth:
+            self._expected_downtime = self._remaining / self._bandwidth
+        self._period_bytes += self._window_bytes
+        self._window_bytes = self._window_pages = 0
+        self._window_start = now
+        self._progress()
+
+    def _sync(self, todo: _Pass) -> _Pass:
+        """QEMU's migration_bitmap_sync: the unsent pages plus every block's dirty log."""
+        unsent = todo.unsent()
+        pages: list[tuple[RamBlock, Pages]] = []
+        dirtied = 0
+        for b in self.machine.ram:
+            new = b.take_dirty()
+            dirtied += int(new.size)
+            old = unsent.get(b.name)
+            merged = np.union1d(old, new) if old is not None and old.size else new
+            if merged.size:
+                pages.append((b, merged))
+        self.dirty_sync_count += 1
+        self._period_dirty += dirtied
+        now = time.monotonic()
+        if now - self._period_start > 1.0:
+            self._trigger_throttle()
+            self._dirty_pages_rate = int(self._period_dirty / (now - self._period_start))
+            self._period_start = now
+            self._period_dirty = 0
+            self._period_bytes = 0
+        return _Pass(pages)
+
+    def _trigger_throttle(self) -> None:
+        """QEMU's migration_trigger_throttle / mig_throttle_guest_down."""
+        if not self.capabilities["auto-converge"]:
+            return
+        p = self.parameters
+        sent = self._period_bytes + self._window_bytes
+        if self._period_dirty * PAGE_SIZE > sent * p["throttle-trigger-threshold"] / 100:
+            self._dirty_rate_high += 1
+            if self._dirty_rate_high >= 2:
+                self._dirty_rate_high = 0
+                m = self.machine
+                if m.throttle == 0:
+                    m.set_throttle(p["cpu-throttle-initial"])
+                else:
+                    m.set_throttle(min(m.throttle + p["cpu-throttle-increment"], p["max-cpu-throttle"]))
+
+    def _complete(self, todo: _Pass) -> None:
+        """Pause, send the last dirty pages, the devices, EOF and the trailer."""
+        m = self.machine
+        m.pause(timeout=self.timeout)
+        self._paused_here = True
+        self._set_status("device")
+        down = time.monotonic()
+        todo = self._sync(todo)
+        before = self.encoder.counters.transferred
+        self._send([_section_head(QEMU_VM_SECTION_END, 0)])
+        while (got := todo.take(_CHUNK_PAGES)) is not None:
+            self._check_cancel()
+            block, pages = got
+            self._send(self.encoder.encode(block, pages, age=self.dirty_sync_count, last_stage=True))
+        self._send([self.encoder.eos(), _footer(0)])
+        self._downtime_bytes = self.encoder.counters.transferred - before
+        self._remaining = 0
+        tail = Writer()
+        sections: list[Section | Any] = [
+            Section(QEMU_VM_SECTION_FULL, i + 1, 0, dev.idstr, dev.instance_id, dev.version_id, payload=dev.state)
+            for i, dev in enumerate(m.devices.values())
+        ]
+        write_records(tail, sections)
+        tail.u8(QEMU_VM_EOF)
+        text = dumps(regenerate_trailer(Stream(records=sections))).encode()
+        tail.u8(QEMU_VM_VMDESCRIPTION)
+        tail.u32(len(text))
+        tail.write(text)
+        self._send([tail.getvalue()])
+        ch = self._channel
+        assert ch is not None
+        if self.capabilities["return-path"]:
+            self._await_shut(ch)
+        ch.close()
+        self._channel = None
+        end = time.monotonic()
+        self._downtime = end - down
+        self._end = end
+        self._set_status("completed")  # the machine stays paused, as QEMU's source in postmigrate
+
+    def _await_shut(self, ch: Channel) -> None:
+        """Wait for the destination's MIG_RP_MSG_SHUT on the return path."""
+        try:
+            head = ch.read_exact(4)
+            kind, length = struct.unpack(">HH", head)
+            body = ch.read_exact(length)
+        except TransportError as e:
+            raise MigrationError(f"destination closed the return path before confirming the load ({e.message})") \
+                from None
+        if kind != MIG_RP_MSG_SHUT or length != 4:
+            raise MigrationError(f"unexpected return-path message {kind} of {length} bytes")
+        status = struct.unpack(">I", body)[0]
+        if status:
+            raise MigrationError(f"destination failed to load the stream (status {status})")
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("migration cancelled")
+
+    def _fail(self, e: BaseException) -> None:
+        ch, self._channel = self._channel, None
+        if ch is not None:
+            ch.abort()
+        if self._paused_here:
+            self.machine.resume()
+            self._paused_here = False
+        self._end = time.monotonic()
+        if self._cancel.is_set():
+            self.error = "migration cancelled"
+            self._set_status("cancelled")
+            return
+        if isinstance(e, TransportError):
+            reason = e.message if e.errno not in (errno.EPIPE, errno.ECONNRESET) else \
+                f"{e.message}: the destination closed the connection"
+        elif isinstance(e, VMSDError):
+            reason = e.message
+        else:
+            reason = f"{type(e).__name__}: {e}"
+        self.error = reason
+        self._set_status("failed")
+
+    def _set_status(self, status: str) -> None:
+        with self._lock:
+            self.status = status
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.query())
+
+    # -- statistics ---------------------------------------------------------------------------------------------------
+    def query(self) -> dict[str, Any]:
+        """The answer QEMU's ``query-migrate`` would give, with its names."""
+        now = time.monotonic()
+        out: dict[str, Any] = {"status": self.status}
+        if self.status == "none":
+            return out
+        end = self._end if self._end is not None else now
+        out["total-time"] = int((end - self._start) * 1000)
+        out["setup-time"] = int(self._setup_time * 1000)
+        if self._downtime is not None:
+            out["downtime"] = int(self._downtime * 1000)
+        elif self.status == "active":
+            out["expected-downtime"] = int(self._expected_downtime * 1000)
+        c = self.encoder.counters
+        total = self.machine.ram.total()
+        out["ram"] = {
+            "transferred": c.transferred,
+            "remaining": self._remaining,
+            "total": total,
+            "duplicate": c.duplicate,
+            "skipped": c.skipped,
+            "normal": c.normal,
+            "normal-bytes": c.normal_bytes,
+            "dirty-pages-rate": self._dirty_pages_rate,
+            "mbps": round(self._mbps if self._end is None else c.transferred * 8 / max(end - self._start, 1e-9) / 1e6,
+                          3),
+            "dirty-sync-count": self.dirty_sync_count,
+            "postcopy-requests": 0,
+            "page-size": PAGE_SIZE,
+            "multifd-bytes": 0,
+            "pages-per-second": int(self._pages_per_second),
+            "precopy-bytes": c.transferred - self._downtime_bytes,
+            "downtime-bytes": self._downtime_bytes,
+            "postcopy-bytes": 0,
+        }
+        cache = self.encoder.cache
+        if cache is not None:
+            out["xbzrle-cache"] = {
+                "cache-size": self.parameters["xbzrle-cache-size"],
+                "bytes": c.xbzrle_bytes,
+                "pages": c.xbzrle_pages,
+                "cache-miss": c.xbzrle_cache_miss,
+                "cache-miss-rate": round(c.xbzrle_cache_miss / max(c.xbzrle_cache_miss + c.xbzrle_pages, 1), 6),
+                "encoding-rate": round(c.xbzrle_pages * PAGE_SIZE / max(c.xbzrle_bytes, 1), 3)
+                if c.xbzrle_pages else 0,
+                "overflow": c.xbzrle_overflow,
+            }
+        if self.machine.throttle:
+            out["cpu-throttle-percentage"] = self.machine.throttle
+        if self.error is not None:
+            out["error-desc"] = self.error
+        return out
+
+
+# -- destination ------------------------------------------------------------------------------------------------------
+@attrs.define
+class IncomingResult:
+    """What a destination received: the configuration, RAM, device sections, counters."""
+
+    configuration: Configuration | None
+    blocks: RamBlocks
+    sections: list[Section]
+    counters: dict[str, int]
+    seconds: float
+
+
+class Incoming:
+    """Receives a live migration into ``machine`` (or, without one, into fresh RAM blocks).
+
+    With a machine, the peer's block list must match the machine's RAM and
+    every device section must name one of its devices; device state is
+    decoded with the devices' classes, strictly (versions, checks, sizes), and
+    replaces the device objects only once the whole stream has loaded.
+    Without a machine (``specs`` given), blocks are created as announced and
+    device sections decode with ``specs``.
+    """
+
+    def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None) -> None:
+        if machine is None and specs is None:
+            raise ValueError("an Incoming without a machine needs specs")
+        self.machine = machine
+        if specs is None:
+            from vmsd import qemu72  # the configuration record's spec
+
+            specs = qemu72.spec_set()
+        self.specs = specs
+        self.status = "none"
+        self.error: str | None = None
+
+    def run(self, uri: str, timeout: float = 60.0) -> IncomingResult:
+        """Accept one migration on ``uri`` and load it."""
+        self.status = "setup"
+        try:
+            ch = open_incoming(uri, timeout=timeout)
+        except TransportError as e:
+            self.status, self.error = "failed", e.message
+            raise
+        with ch:
+            return self.load(ch)
+
+    def load(self, ch: Channel) -> IncomingResult:
+        start = time.monotonic()
+        m = self.machine
+        blocks = m.ram if m is not None else RamBlocks()
+        loader = RamLoader(blocks, create_missing=m is None)
+        r = Reader(source=ch)
+        dec = Decoder(b"", self.specs, strict_typed=True, enforce_checks=m is not None, reader=r)
+        ram_ids: set[int] = set()
+
+        def ram(sec: Section) -> None:
+            if sec.kind == QEMU_VM_SECTION_START:
+                ram_ids.add(sec.section_id)
+            loader.load_section(r)
+
+        dec.ram_handler = ram
+        if m is not None:
+            dec.section_classes = {key: type(dev.state) for key, dev in m.devices.items()}
+        self.status = "active"
+        try:
+            dec.read_header()
+            conf = dec.stream.configuration
+            if m is not None and conf is not None:
+                name = bytes(conf.state.name).decode(errors="replace")
+                if name != m.name:
+                    raise MalformedStream(f"Machine type received is '{name}' and local is '{m.name}'")
+            records = dec.records(top=True)
+            sections = [rec for rec in records if isinstance(rec, Section) and rec.kind == QEMU_VM_SECTION_FULL]
+            if not ram_ids:
+                raise MalformedStream("the stream carries no RAM section")
+        except BaseException as e:
+            self.status = "failed"
+            self.error = e.message if isinstance(e, VMSDError) else str(e)
+            if dec.return_path:
+                _send_shut(ch, 1)
+            raise
+        if m is not None:  # device state changes only after the whole stream loaded
+            for sec in sections:
+                dev = m.devices[(sec.idstr, sec.instance_id)]
+                dev.state = sec.payload
+                dev.version_id = sec.version_id
+        if dec.return_path:
+            _send_shut(ch, 0)
+        self.status = "completed"
+        counters = attrs.asdict(loader.counters)
+        return IncomingResult(dec.stream.configuration, blocks, sections, counters, time.monotonic() - start)
+
+
+    def _install(self, m: Machine, sections: list[Section]) -> None:
+        """Replace device state only after everything loaded: a failed load leaves the devices as they were."""
+        loaded: list[tuple[Any, Section]] = []
+        for sec in sections:
+            dev = m.devices.get((sec.idstr, sec.instance_id))
+            if dev is None:
+                raise MalformedStream(f"Unknown savevm section or instance '{sec.idstr}' {sec.instance_id}",
+                                      offset=sec.offset)
+            if not isinstance(sec.payload, type(dev.state).__mro__[0]) and \
+                    getattr(sec.payload, "VMSD_NAME", None) != type(dev.state).VMSD_NAME:
+                raise MalformedStream(f"section '{sec.idstr}' carries '{getattr(sec.payload, 'VMSD_NAME', '?')}', "
+                                      f"the device is '{type(dev.state).VMSD_NAME}'", offset=sec.offset)
+            loaded.append((dev, sec))
+        for dev, sec in loaded:
+            dev.state = sec.payload
+            dev.version_id = sec.version_id
+
+
+def _send_shut(ch: Channel, status: int) -> None:
+    try:
+        ch.write(struct.pack(">HHI", MIG_RP_MSG_SHUT, 4, status))
+    except TransportError:
+        pass  # the source is gone; it reports its own failure
