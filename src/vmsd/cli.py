@@ -133,8 +133,10 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     from vmsd import snapshot, streamtools
 
     _migration_options(args)  # the receiver decodes whatever the peer chose; names are checked
-    stream = snapshot.incoming(args.uri, Path(args.output), streamtools.load_specs(args.specs), args.timeout)
-    print(f"received {len(stream.full_sections())} device sections; snapshot written to {args.output}")
+    result = snapshot.incoming(args.uri, Path(args.output), streamtools.load_specs(args.specs), args.timeout)
+    ram = result.counters
+    print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
+          f"sections in {result.seconds:.2f}s; snapshot written to {args.output}")
     return EXIT_OK
 
 

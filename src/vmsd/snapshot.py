@@ -1,103 +1,122 @@
 """Receive a live migration from a QEMU peer into a snapshot file, and send one back.
 
 ``vmsd incoming URI -o SNAPSHOT`` accepts a precopy migration (any number of
-iterations, XBZRLE pages included), applies its RAM records to memfd-backed
-RAM blocks, and writes a compact stream: the configuration, one pass of RAM
-(zero pages and full pages), the device sections as received, EOF and a
-trailer.  QEMU loads it with ``-incoming``.  ``vmsd outgoing SNAPSHOT URI``
-sends a stream file to a QEMU started with ``-incoming``.
+iterations, XBZRLE pages included) and applies its RAM records straight into
+memfd-backed RAM blocks as they arrive; device sections are decoded with the
+QEMU specs.  It then writes a compact stream -- the configuration, one pass of
+RAM (zero pages and full pages), the device sections as received, EOF and a
+trailer -- to ``SNAPSHOT.partial``, renamed only when complete.  QEMU loads it
+with ``-incoming``.  ``vmsd outgoing SNAPSHOT URI`` sends a stream file to a
+QEMU started with ``-incoming``.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from vmsd.runtime.errors import MalformedStream
-from vmsd.runtime.ram import RamPayload
-from vmsd.runtime.ramblock import RamBlocks, apply_ram, ram_section_payloads
+import numpy as np
+
+from vmsd.runtime.io import Writer
+from vmsd.runtime.migration import Incoming, IncomingResult
+from vmsd.runtime.ramwire import RamEncoder
 from vmsd.runtime.stream import (
     IDSTR_RAM,
+    QEMU_VM_CONFIGURATION,
+    QEMU_VM_EOF,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
     QEMU_VM_SECTION_END,
-    QEMU_VM_SECTION_FULL,
+    QEMU_VM_SECTION_FOOTER,
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
-    Section,
+    QEMU_VM_VMDESCRIPTION,
     SpecSet,
     Stream,
-    read_stream,
-    write_stream,
+    regenerate_trailer,
+    write_records,
 )
 from vmsd.runtime.transport import open_incoming, open_outgoing
+from vmsd.runtime.vmdesc import dumps
 
-_CHUNK = 1 << 20
+_PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
+_COPY_CHUNK = 8 << 20
 
 
-def receive(uri: str, timeout: float = 60.0) -> bytes:
-    """Everything a peer sends on ``uri`` until it closes the connection."""
-    chunks: list[bytes] = []
+def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0) -> IncomingResult:
+    """Receive a migration and write a snapshot QEMU loads."""
     with open_incoming(uri, timeout=timeout) as ch:
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = ch.readinto(view)
-            if not n:
-                break
-            chunks.append(bytes(view[:n]))
-    return b"".join(chunks)
-
-
-def compact(stream: Stream) -> tuple[Stream, RamBlocks]:
-    """The stream's final state as one RAM pass plus its device sections."""
-    blocks = RamBlocks()
-    ram_id: int | None = None
-    for sec in stream.sections():
-        if isinstance(sec.payload, RamPayload):
-            ram_id = sec.section_id
-            apply_ram(blocks, sec.payload)
-    if ram_id is None:
-        raise MalformedStream("the stream carries no RAM section")
-    payloads = ram_section_payloads(blocks)
-    kinds = [QEMU_VM_SECTION_START] + [QEMU_VM_SECTION_PART] * (len(payloads) - 2) + [QEMU_VM_SECTION_END]
-    ram_version = next(s.version_id for s in stream.sections() if s.idstr == IDSTR_RAM and s.has_header)
-    records: list[Section] = [
-        Section(kind, ram_id, 0, IDSTR_RAM, 0, ram_version, payload=p, footer=_footers(stream))
-        for kind, p in zip(kinds, payloads, strict=True)
-    ]
-    records += [s for s in stream.sections() if s.kind == QEMU_VM_SECTION_FULL]
-    out = Stream(
-        version=stream.version,
-        configuration=stream.configuration,
-        records=list(records),
-        trailer=stream.trailer,
-    )
-    return out, blocks
-
-
-def _footers(stream: Stream) -> bool:
-    return any(s.footer for s in stream.sections())
-
-
-def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0) -> Stream:
-    """Receive a migration and write a snapshot QEMU loads; returns the compacted stream."""
-    data = receive(uri, timeout)
-    stream = read_stream(data, specs)
-    snapshot, blocks = compact(stream)
+        result = Incoming(specs=specs).load(ch)
     try:
-        tmp = output.with_name(output.name + ".partial")
-        try:
-            tmp.write_bytes(write_stream(snapshot))
-            tmp.replace(output)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_snapshot(result, output)
     finally:
-        blocks.close()
-    return snapshot
+        result.blocks.close()
+    return result
+
+
+def write_snapshot(result: IncomingResult, output: Path) -> None:
+    """One RAM pass (START with the block list, one PART, END) and the device sections, written atomically."""
+    tmp = output.with_name(output.name + ".partial")
+    enc = RamEncoder()
+    try:
+        with open(tmp, "wb") as f:
+            head = Writer()
+            head.u32(QEMU_VM_FILE_MAGIC)
+            head.u32(QEMU_VM_FILE_VERSION)
+            if result.configuration is not None:
+                head.u8(QEMU_VM_CONFIGURATION)
+                conf = result.configuration.state
+                conf._save_nested(head, conf.VERSION_ID)
+            footers = any(s.footer for s in result.sections) or not result.sections
+            ram_id = result.ram_section_id
+
+            def section(kind: int, body: bytes = b"") -> bytes:
+                w = Writer()
+                w.u8(kind)
+                w.u32(ram_id)
+                if kind == QEMU_VM_SECTION_START:
+                    w.counted_string(IDSTR_RAM.encode())
+                    w.u32(0)
+                    w.u32(4)
+                w.write(body)
+                return w.getvalue()
+
+            def footer() -> bytes:
+                return bytes([QEMU_VM_SECTION_FOOTER]) + ram_id.to_bytes(4, "big") if footers else b""
+
+            f.write(head.getvalue())
+            f.write(section(QEMU_VM_SECTION_START, enc.block_list(result.blocks) + enc.eos()) + footer())
+            f.write(section(QEMU_VM_SECTION_PART))
+            for block in result.blocks:
+                for start in range(0, block.npages, _PAGES_PER_WRITE):
+                    pages = np.arange(start, min(start + _PAGES_PER_WRITE, block.npages), dtype=np.int64)
+                    for buf in enc.encode(block, pages):
+                        f.write(memoryview(buf))
+            f.write(enc.eos() + footer())
+            f.write(section(QEMU_VM_SECTION_END, enc.eos()) + footer())
+            tail = Writer()
+            write_records(tail, list(result.sections))
+            tail.u8(QEMU_VM_EOF)
+            text = dumps(regenerate_trailer(Stream(records=list(result.sections)))).encode()
+            tail.u8(QEMU_VM_VMDESCRIPTION)
+            tail.u32(len(text))
+            tail.write(text)
+            f.write(tail.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def outgoing(snapshot: Path, uri: str, timeout: float = 60.0) -> int:
-    """Send a stream file to a peer; returns the bytes sent."""
-    data = snapshot.read_bytes()
-    with open_outgoing(uri, timeout=timeout) as ch:
-        ch.write(data)
-    return len(data)
+    """Send a stream file to a peer in chunks; returns the bytes sent."""
+    sent = 0
+    buf = bytearray(_COPY_CHUNK)
+    view = memoryview(buf)
+    with open(snapshot, "rb") as f, open_outgoing(uri, timeout=timeout) as ch:
+        while n := f.readinto(buf):
+            ch.write(view[:n])
+            sent += n
+    return sent

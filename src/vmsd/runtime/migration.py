@@ -53,6 +53,7 @@ from vmsd.runtime.ramwire import RamEncoder, RamLoader
 from vmsd.runtime.stream import (
     IDSTR_RAM,
     QEMU_VM_COMMAND,
+    QEMU_VM_CONFIGURATION,
     QEMU_VM_EOF,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
@@ -269,7 +270,7 @@ class Migration:
         head = Writer()
         head.u32(QEMU_VM_FILE_MAGIC)
         head.u32(QEMU_VM_FILE_VERSION)
-        head.u8(0x07)  # QEMU_VM_CONFIGURATION
+        head.u8(QEMU_VM_CONFIGURATION)
         configuration_for(m.name)._save_nested(head, 1)
         if self.capabilities["return-path"]:
             head.write(struct.pack(">BHH", QEMU_VM_COMMAND, MIG_CMD_OPEN_RETURN_PATH, 0))
@@ -542,6 +543,7 @@ class IncomingResult:
 
     configuration: Configuration | None
     blocks: RamBlocks
+    ram_section_id: int
     sections: list[Section]
     counters: dict[str, int]
     seconds: float
@@ -625,7 +627,8 @@ class Incoming:
             _send_shut(ch, 0)
         self.status = "completed"
         counters = attrs.asdict(loader.counters)
-        return IncomingResult(dec.stream.configuration, blocks, sections, counters, time.monotonic() - start)
+        return IncomingResult(dec.stream.configuration, blocks, min(ram_ids), sections, counters,
+                              time.monotonic() - start)
 
 
     def _install(self, m: Machine, sections: list[Section]) -> None:
