@@ -91,7 +91,7 @@ def write_snapshot(result: IncomingResult, output: Path) -> None:
                 for start in range(0, block.npages, _PAGES_PER_WRITE):
                     pages = np.arange(start, min(start + _PAGES_PER_WRITE, block.npages), dtype=np.int64)
                     for buf in enc.encode(block, pages):
-                        f.write(memoryview(buf))
+                        f.write(buf)
             f.write(enc.eos() + footer())
             f.write(section(QEMU_VM_SECTION_END, enc.eos()) + footer())
             tail = Writer()

@@ -47,7 +47,7 @@ _PAGE_KINDS = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE | R
 # How much a receiver asks its reader to buffer before looking for runs.
 _WINDOW = 4 << 20
 
-Buffers = list[bytes | npt.NDArray[np.uint8]]
+Buffers = list[bytes | memoryview]
 
 
 @attrs.define
@@ -157,7 +157,7 @@ class RamEncoder:
         self._count(is_zero, 1, len(head) + len(payload))
         self.last_block = block
 
-    def _run(self, block: RamBlock, pages: Pages, is_zero: bool) -> npt.NDArray[np.uint8]:
+    def _run(self, block: RamBlock, pages: Pages, is_zero: bool) -> memoryview:
         n = int(pages.size)
         stride = _ZERO_STRIDE if is_zero else _NORMAL_STRIDE
         rec = np.empty((n, stride), dtype=np.uint8)
@@ -170,7 +170,7 @@ class RamEncoder:
             rows = block.bytes_.reshape(-1, PAGE_SIZE)
             rec[:, 8:] = rows[first:last + 1] if last - first + 1 == n else rows[pages]
         self._count(is_zero, n, rec.size)
-        return rec.reshape(-1)
+        return rec.reshape(-1).data
 
     def _count(self, is_zero: bool, pages: int, nbytes: int) -> None:
         c = self.counters
