@@ -149,10 +149,37 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _settings(args: argparse.Namespace) -> tuple[dict[str, bool], dict[str, int]]:
+    """``--capability NAME=on|off`` and ``--parameter NAME=INT[K|M|G]`` as QEMU names them."""
+    caps: dict[str, bool] = {}
+    for item in args.capability or []:
+        name, _, value = item.partition("=")
+        if value not in ("on", "off"):
+            raise ToolError(f"capability {name!r}: expected on or off, got {value!r}")
+        caps[name] = value == "on"
+    params: dict[str, int] = {}
+    for item in args.parameter or []:
+        name, _, value = item.partition("=")
+        params[name] = _size(value, f"parameter {name!r}")
+    return caps, params
+
+
+def _size(text: str, what: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit():
+        raise ToolError(f"{what}: expected a number with an optional K/M/G suffix, got {text!r}")
+    return int(digits) * scale
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vmsd.demo import run
 
-    return run()
+    _migration_options(args)
+    caps, params = _settings(args)
+    return run(ram_size=_size(args.ram, "--ram"), json_lines=args.json, capabilities=caps, parameters=params,
+               live_only=args.live_only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", metavar="FILE", help="a migration stream whose trailer gives the field types")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.set_defaults(func=_cmd_import_qemu)
-    p = sub.add_parser("demo", help="compile the bundled specs and show the generated API at work")
+    p = sub.add_parser("demo", help="compile the bundled specs, live-migrate a Python machine to another process, "
+                                    "and round-trip a real QEMU stream")
+    p.add_argument("--ram", default="1G", help="guest RAM of the demo machine (default 1G)")
+    p.add_argument("--json", action="store_true", help="progress as JSON lines (query-migrate objects) on stderr")
+    p.add_argument("--live-only", action="store_true", help="only the live migration part")
+    p.add_argument("--capability", action="append", metavar="NAME=on|off")
+    p.add_argument("--parameter", action="append", metavar="NAME=VALUE")
     p.set_defaults(func=_cmd_demo)
     return parser
 

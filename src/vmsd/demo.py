@@ -1,4 +1,4 @@
-"""``vmsd demo``: compile the bundled specs and walk through the generated API."""
+"""``vmsd demo``: compile the bundled specs, walk through the generated API, live-migrate, round-trip QEMU."""
 
 from __future__ import annotations
 
@@ -22,7 +22,20 @@ def _specs_dir() -> Path:
     raise SystemExit("vmsd demo: the bundled specs/ folder was not found")
 
 
-def run() -> int:
+def run(ram_size: int = 1 << 30, json_lines: bool = False, capabilities: dict[str, bool] | None = None,
+        parameters: dict[str, int] | None = None, live_only: bool = False) -> int:
+    """Compile and show the API, live-migrate the demo machine, then round-trip a QEMU stream."""
+    from vmsd import livedemo
+
+    if not live_only:
+        _compile_and_show()
+    status = livedemo.run(ram_size, json_lines=json_lines, parameters=parameters, capabilities=capabilities)
+    if live_only:
+        return status
+    return _qemu_round_trip() or status
+
+
+def _compile_and_show() -> None:
     specs_dir = _specs_dir()
     specs = sorted(specs_dir.rglob("*.vmsd"))
     print(f"== compiling {len(specs)} bundled specs from {specs_dir}")
@@ -62,7 +75,6 @@ def run() -> int:
                 serial_cls.load(bad)
             except VMSDError as e:
                 print(f"   {type(e).__name__}: {e}")
-    return _qemu_round_trip()
 
 
 def _qemu_round_trip() -> int:

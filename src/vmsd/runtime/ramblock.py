@@ -23,6 +23,7 @@ failed container refuses further applies.  The caller discards it.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import mmap
 import os
@@ -141,6 +142,28 @@ class RamBlock:
         if offset < 0 or length < 0 or offset + length > self.used_length:
             raise ValueError(f"range {offset:#x}+{length:#x} is outside RAM block '{self.name}' "
                              f"of {self.used_length:#x} bytes")
+
+    def allocated(self, start: int, stop: int) -> Iterator[tuple[int, int]]:
+        """Page ranges ``[a, b)`` within ``[start, stop)`` that may hold data: the rest are holes, known zero.
+
+        Asks the file (``SEEK_DATA``/``SEEK_HOLE``, which memfd and tmpfs
+        answer) so that checking fresh memory for zeros neither reads nor
+        allocates it.  Without that support the whole range is reported.
+        """
+        pos, end = start * PAGE_SIZE, stop * PAGE_SIZE
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # only a hole up to the end of the file
+                    return
+                yield pos // PAGE_SIZE, stop
+                return
+            if data >= end:
+                return
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            yield data // PAGE_SIZE, (hole + PAGE_SIZE - 1) // PAGE_SIZE
+            pos = hole
 
     # -- dirty tracking -----------------------------------------------------------------------------------------------
     def _new_bitmap(self) -> npt.NDArray[np.uint64]:

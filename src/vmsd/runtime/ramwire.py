@@ -304,12 +304,15 @@ class RamLoader:
             # Only memory that is not already zero is written, as QEMU does, so untouched pages stay unallocated.
             words = block.words
             if contiguous:
-                nonzero = words[first:last + 1].any(axis=1)
-                targets = pages[nonzero]
+                for a, b in block.allocated(first, last + 1):
+                    hot = words[a:b]
+                    nonzero = np.flatnonzero(hot.max(axis=1))
+                    if nonzero.size:
+                        hot[nonzero] = 0
             else:
-                targets = pages[words[pages].any(axis=1)]
-            if targets.size:
-                words[targets] = 0
+                targets = pages[words[pages].max(axis=1) != 0]
+                if targets.size:
+                    words[targets] = 0
             self.counters.duplicate += n
         if self.mark_dirty:
             block.mark_pages(pages)
