@@ -306,7 +306,9 @@ class Migration:
         buffers: list[Any] = [_section_head(QEMU_VM_SECTION_PART, 0)]
         limit = self.parameters["max-bandwidth"] * BUFFER_DELAY
         while True:
-            got = todo.take(_CHUNK_PAGES)
+            # Within a bandwidth limit, chunks are no larger than what the window has left.
+            budget = _CHUNK_PAGES if not limit else int(limit - self._window_bytes) // PAGE_SIZE + 1
+            got = todo.take(max(1, min(_CHUNK_PAGES, budget)))
             if got is None:  # the pass is complete: XBZRLE starts with the next one
                 self.encoder.xbzrle_enabled = self.capabilities["xbzrle"]
                 break
