@@ -141,11 +141,24 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
 
 
 def _cmd_outgoing(args: argparse.Namespace) -> int:
-    from vmsd import snapshot
+    from vmsd import snapshot, streamtools
+    from vmsd.progress import Progress, summary
 
     _migration_options(args)
-    sent = snapshot.outgoing(Path(args.snapshot), args.uri, args.timeout)
-    print(f"sent {sent} bytes to {args.uri}")
+    caps, params = _settings(args)
+    params.setdefault("max-bandwidth", 0)  # a snapshot does not change: no reason to hold it back
+    try:
+        from vmsd.runtime.migration import parse_settings
+
+        parse_settings(caps, params)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+    info = snapshot.outgoing(Path(args.snapshot), args.uri, streamtools.load_specs(args.specs), args.timeout,
+                             caps, params, on_progress=Progress(json_lines=args.json))
+    if not args.json:
+        print(summary(info))
+    if info["status"] != "completed":
+        raise ToolError(f"migration {info['status']}: {info.get('error-desc', '')}")
     return EXIT_OK
 
 
@@ -211,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_diff)
     for name, helptext in (
         ("incoming", "receive a live migration from QEMU (URI as in -incoming) and write a snapshot QEMU loads"),
-        ("outgoing", "send a snapshot to a QEMU started with -incoming"),
+        ("outgoing", "migrate a snapshot to a QEMU started with -incoming (the vmsd precopy engine)"),
     ):
         p = sub.add_parser(name, help=helptext)
         if name == "incoming":
@@ -222,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("snapshot", metavar="SNAPSHOT")
             p.add_argument("uri", metavar="URI")
+            p.add_argument("--specs", type=Path, metavar="DIR")
+            p.add_argument("--json", action="store_true", help="progress as JSON lines (query-migrate objects)")
             p.set_defaults(func=_cmd_outgoing)
         p.add_argument("--capability", action="append", metavar="NAME=on|off")
         p.add_argument("--parameter", action="append", metavar="NAME=VALUE")

@@ -6,19 +6,25 @@ memfd-backed RAM blocks as they arrive; device sections are decoded with the
 QEMU specs.  It then writes a compact stream -- the configuration, one pass of
 RAM (zero pages and full pages), the device sections as received, EOF and a
 trailer -- to ``SNAPSHOT.partial``, renamed only when complete.  QEMU loads it
-with ``-incoming``.  ``vmsd outgoing SNAPSHOT URI`` sends a stream file to a
-QEMU started with ``-incoming``.
+with ``-incoming``.  ``vmsd outgoing SNAPSHOT URI`` loads a snapshot into a
+paused :class:`~vmsd.runtime.machine.Machine` and migrates it with the precopy
+engine to a QEMU started with ``-incoming`` (capabilities and parameters as
+QEMU names them).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from vmsd.runtime.errors import RegistryError
 from vmsd.runtime.io import Writer
-from vmsd.runtime.migration import Incoming, IncomingResult
+from vmsd.runtime.machine import Machine
+from vmsd.runtime.migration import Incoming, IncomingResult, Migration
 from vmsd.runtime.ramwire import RamEncoder
 from vmsd.runtime.stream import (
     IDSTR_RAM,
@@ -36,11 +42,10 @@ from vmsd.runtime.stream import (
     regenerate_trailer,
     write_records,
 )
-from vmsd.runtime.transport import open_incoming, open_outgoing
+from vmsd.runtime.transport import open_incoming
 from vmsd.runtime.vmdesc import dumps
 
 _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
-_COPY_CHUNK = 8 << 20
 
 
 def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0) -> IncomingResult:
@@ -110,13 +115,31 @@ def write_snapshot(result: IncomingResult, output: Path) -> None:
         raise
 
 
-def outgoing(snapshot: Path, uri: str, timeout: float = 60.0) -> int:
-    """Send a stream file to a peer in chunks; returns the bytes sent."""
-    sent = 0
-    buf = bytearray(_COPY_CHUNK)
-    view = memoryview(buf)
-    with open(snapshot, "rb") as f, open_outgoing(uri, timeout=timeout) as ch:
-        while n := f.readinto(buf):
-            ch.write(view[:n])
-            sent += n
-    return sent
+def load_machine(snapshot: Path, specs: SpecSet) -> Machine:
+    """A paused :class:`Machine` holding a snapshot's RAM blocks and typed device sections."""
+    with open_incoming(f"file:{snapshot}") as ch:
+        result = Incoming(specs=specs).load(ch)
+    conf = result.configuration
+    name = bytes(conf.state.name).decode(errors="replace") if conf is not None else "pc"
+    m = Machine(name)
+    for block in result.blocks:
+        m.ram.add(block, append=True)  # the stream's block order
+    try:
+        for sec in result.sections:
+            if not hasattr(type(sec.payload), "VMSD_NAME"):
+                raise RegistryError(f"section '{sec.idstr}' has no typed spec to send it with", offset=sec.offset)
+            m.add_device(sec.idstr, sec.payload, sec.instance_id, sec.version_id)
+    except BaseException:
+        m.close()
+        raise
+    m.pause()  # a snapshot does not run
+    return m
+
+
+def outgoing(snapshot: Path, uri: str, specs: SpecSet, timeout: float = 60.0,
+             capabilities: dict[str, bool] | None = None, parameters: dict[str, int] | None = None,
+             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Migrate a snapshot to a peer (e.g. QEMU with ``-incoming``) with the precopy engine; its ``query-migrate``."""
+    with load_machine(snapshot, specs) as m:
+        m.resume()  # nothing runs on it; the engine pauses it for the final stage
+        return Migration(m, uri, capabilities, parameters, on_progress=on_progress, timeout=timeout).run()

@@ -77,6 +77,10 @@ from vmsd.runtime.vmstate import impl
 from vmsd.runtime.xbzrle import XbzrleCache
 
 RAM_SECTION_VERSION = 4
+# Not 0: QEMU 7.2 finds the handler of a PART/END section by the id its START
+# set, and every handler not loaded yet still has id 0 -- the first of them
+# (``timer``) would take RAM's records.
+RAM_SECTION_ID = 1
 MIG_CMD_OPEN_RETURN_PATH = 1
 MIG_RP_MSG_SHUT = 1
 BUFFER_DELAY = 0.1  # seconds: QEMU's bandwidth window
@@ -274,10 +278,10 @@ class Migration:
         configuration_for(m.name)._save_nested(head, 1)
         if self.capabilities["return-path"]:
             head.write(struct.pack(">BHH", QEMU_VM_COMMAND, MIG_CMD_OPEN_RETURN_PATH, 0))
-        head.write(_section_head(QEMU_VM_SECTION_START, 0, IDSTR_RAM, 0, RAM_SECTION_VERSION))
+        head.write(_section_head(QEMU_VM_SECTION_START, RAM_SECTION_ID, IDSTR_RAM, 0, RAM_SECTION_VERSION))
         head.write(self.encoder.block_list(m.ram))
         head.write(self.encoder.eos())
-        head.write(_footer(0))
+        head.write(_footer(RAM_SECTION_ID))
         self._send([head.getvalue()])
         # QEMU's first bitmap sync: every page is dirty; the dirty log starts empty.
         for b in blocks:
@@ -303,7 +307,7 @@ class Migration:
     def _iterate(self, todo: _Pass) -> None:
         """One PART section: dirty pages for at most MAX_WAIT or the window's bandwidth share."""
         started = time.monotonic()
-        buffers: list[Any] = [_section_head(QEMU_VM_SECTION_PART, 0)]
+        buffers: list[Any] = [_section_head(QEMU_VM_SECTION_PART, RAM_SECTION_ID)]
         limit = self.parameters["max-bandwidth"] * BUFFER_DELAY
         while True:
             # Within a bandwidth limit, chunks are no larger than what the window has left.
@@ -323,7 +327,7 @@ class Migration:
                 break
             if limit and self._window_bytes >= limit:
                 break
-        self._send([*buffers, self.encoder.eos(), _footer(0)], 8)
+        self._send([*buffers, self.encoder.eos(), _footer(RAM_SECTION_ID)], 8)
         self._update_counters(todo)
 
     def _send(self, buffers: list[Any], nbytes: int | None = None) -> None:
@@ -403,17 +407,17 @@ class Migration:
         down = time.monotonic()
         todo = self._sync(todo)
         before = self.encoder.counters.transferred
-        self._send([_section_head(QEMU_VM_SECTION_END, 0)])
+        self._send([_section_head(QEMU_VM_SECTION_END, RAM_SECTION_ID)])
         while (got := todo.take(_CHUNK_PAGES)) is not None:
             self._check_cancel()
             block, pages = got
             self._send(self.encoder.encode(block, pages, age=self.dirty_sync_count, last_stage=True))
-        self._send([self.encoder.eos(), _footer(0)])
+        self._send([self.encoder.eos(), _footer(RAM_SECTION_ID)])
         self._downtime_bytes = self.encoder.counters.transferred - before
         self._remaining = 0
         tail = Writer()
         sections: list[Section | Any] = [
-            Section(QEMU_VM_SECTION_FULL, i + 1, 0, dev.idstr, dev.instance_id, dev.version_id, payload=dev.state)
+            Section(QEMU_VM_SECTION_FULL, RAM_SECTION_ID + 1 + i, 0, dev.idstr, dev.instance_id, dev.version_id, payload=dev.state)
             for i, dev in enumerate(m.devices.values())
         ]
         write_records(tail, sections)
