@@ -91,6 +91,21 @@ class Reader:
         self.pos = 0
         return True
 
+    @property
+    def source(self) -> ByteSource | None:
+        """The stream being read (None for memory input or once it ended)."""
+        return None if self._eof else self._source
+
+    def rebuffer(self, data: bytes, offset: int) -> None:
+        """Make ``data``, which starts at absolute ``offset``, the unread buffer.
+
+        For a caller that read ahead from :attr:`source` itself and hands
+        back what it did not consume.
+        """
+        self.buf = data
+        self.pos = 0
+        self._base = offset
+
     def prefetch(self, n: int) -> None:
         """With fewer than ``n`` bytes buffered, read once from the source (up to ``n`` bytes).
 

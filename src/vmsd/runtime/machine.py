@@ -69,8 +69,12 @@ class Machine:
         self._on_resume: list[Callable[[], None]] = []
 
     # -- composition --------------------------------------------------------------------------------------------------
-    def add_ram(self, name: str, size: int) -> RamBlock:
-        return self.ram.create(name, size)
+    def add_ram(self, name: str, size: int, prealloc: bool = False) -> RamBlock:
+        """A memfd-backed block; ``prealloc`` maps every page now (QEMU's ``prealloc=on``)."""
+        block = self.ram.create(name, size)
+        if prealloc:
+            block.prealloc()
+        return block
 
     def add_device(self, idstr: str, state: Any, instance_id: int = 0, version_id: int | None = None) -> Device:
         """Register ``state`` (a generated-class instance) as section ``idstr``/``instance_id``."""

@@ -566,10 +566,14 @@ class Incoming:
     device sections decode with ``specs``.
     """
 
-    def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None) -> None:
+    def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
+                 blocks: RamBlocks | None = None) -> None:
         if machine is None and specs is None:
             raise ValueError("an Incoming without a machine needs specs")
+        if machine is not None and blocks is not None:
+            raise ValueError("an Incoming into a machine uses the machine's RAM blocks")
         self.machine = machine
+        self.blocks = blocks  # without a machine: where announced blocks are created (default: memfd)
         if specs is None:
             from vmsd import qemu72  # the configuration record's spec
 
@@ -592,7 +596,7 @@ class Incoming:
     def load(self, ch: Channel) -> IncomingResult:
         start = time.monotonic()
         m = self.machine
-        blocks = m.ram if m is not None else RamBlocks()
+        blocks = m.ram if m is not None else self.blocks if self.blocks is not None else RamBlocks()
         loader = RamLoader(blocks, create_missing=m is None)
         r = Reader(source=ch)
         dec = Decoder(b"", self.specs, strict_typed=True, enforce_checks=m is not None, reader=r)

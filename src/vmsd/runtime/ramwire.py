@@ -12,7 +12,11 @@ block list, EOS) goes through a per-record path with QEMU's checks.
 
 from __future__ import annotations
 
+import os
+import queue
+import select
 import struct
+import threading
 from collections.abc import Iterator
 
 import attrs
@@ -21,7 +25,7 @@ import numpy.typing as npt
 
 from vmsd.runtime import xbzrle
 from vmsd.runtime.errors import MalformedStream, VMSDError
-from vmsd.runtime.io import Reader
+from vmsd.runtime.io import ByteSource, Reader
 from vmsd.runtime.ram import (
     RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_CONTINUE,
@@ -44,8 +48,10 @@ _NORMAL_STRIDE = 8 + PAGE_SIZE
 _ZERO_STRIDE = 8 + 1
 _FLAG_MASK = PAGE_SIZE - 1
 _PAGE_KINDS = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_COMPRESS_PAGE
-# How much a receiver asks its reader to buffer before looking for runs.
-_WINDOW = 4 << 20
+# Receive buffers: room for a partial record in front, then one socket read.
+_RESERVE = 8192
+_READ = 1 << 20
+_BUFFERS = 4
 
 Buffers = list[bytes | memoryview]
 
@@ -260,20 +266,64 @@ class RamLoader:
                 flags = _U64.unpack_from(r.buf, r.pos)[0] & _FLAG_MASK
                 if flags == _NORMAL or flags == _ZERO:
                     stride = _NORMAL_STRIDE if flags == _NORMAL else _ZERO_STRIDE
-                    if len(r.buf) - r.pos < stride:
-                        r.prefetch(_WINDOW)  # this record needs more input anyway
-                    n = self._run(block, r, flags, stride)
-                    if n:
-                        r.pos += n * stride
+                    n = self._apply(block, r.buf, r.pos, len(r.buf), flags, stride, r.tell())
+                    r.pos += n * stride
+                    if r.source is not None and len(r.buf) - r.pos < _NORMAL_STRIDE:
+                        self._stream(r, block)
+                    if n or len(r.buf) - r.pos >= stride:
                         continue
             if self._record(r):
                 c.transferred += r.tell() - start
                 return
 
-    def _run(self, block: RamBlock, r: Reader, flags: int, stride: int) -> int:
-        """Apply the complete records of kind ``flags`` buffered at the reader; how many."""
-        buf, pos = r.buf, r.pos
-        k = (len(buf) - pos) // stride
+    def _stream(self, r: Reader, block: RamBlock) -> None:
+        """Apply runs of CONTINUE pages while a thread receives the next buffers.
+
+        The thread reads from the reader's source into spare buffers (the
+        socket read releases the GIL, and so does numpy's copy into RAM), so
+        receiving and applying overlap.  Each buffer keeps room in front for
+        the partial record the previous one ended with.  When the runs end
+        (a record of another kind, or end of input) the thread stops and
+        everything it read goes back to the reader, in order.
+        """
+        source = r.source
+        assert source is not None
+        pipe = _Receiver(source)
+        tail = r.buf[r.pos:]
+        at = r.tell()
+        try:
+            while True:
+                got = pipe.next()
+                if got is None:
+                    break
+                buf, end = got
+                pos = _RESERVE - len(tail)
+                buf[pos:_RESERVE] = tail
+                while end - pos >= 8:
+                    flags = _U64.unpack_from(buf, pos)[0] & _FLAG_MASK
+                    if flags != _NORMAL and flags != _ZERO:
+                        break
+                    stride = _NORMAL_STRIDE if flags == _NORMAL else _ZERO_STRIDE
+                    n = self._apply(block, buf, pos, end, flags, stride, at)
+                    if n == 0:
+                        break
+                    pos += n * stride
+                    at += n * stride
+                tail = bytes(buf[pos:end])
+                pipe.recycle(buf)
+                if len(tail) >= 8:
+                    flags = _U64.unpack_from(tail, 0)[0] & _FLAG_MASK
+                    stride = _NORMAL_STRIDE if flags == _NORMAL else _ZERO_STRIDE
+                    if (flags != _NORMAL and flags != _ZERO) or len(tail) >= stride:
+                        break  # another kind of record (or one _apply refused): the per-record path takes it
+        finally:
+            rest = pipe.stop()
+            r.rebuffer(tail + rest, at)
+
+    def _apply(self, block: RamBlock, buf: bytes | bytearray, pos: int, end: int, flags: int, stride: int,
+               at: int) -> int:
+        """Apply the complete records of kind ``flags`` in ``buf[pos:end]`` (at stream offset ``at``); how many."""
+        k = (end - pos) // stride
         if k == 0:
             return 0
         heads = np.ndarray((k,), dtype=_BE64, buffer=buf, offset=pos, strides=(stride,))
@@ -286,7 +336,7 @@ class RamLoader:
         if outside.size:
             i = int(outside[0])
             raise MalformedStream(f"illegal RAM offset {int(pages[i]) * PAGE_SIZE:#x} in block '{block.name}' "
-                                  f"of {block.used_length:#x} bytes", offset=r.tell() + i * stride)
+                                  f"of {block.used_length:#x} bytes", offset=at + i * stride)
         first, last = int(pages[0]), int(pages[-1])
         contiguous = last - first + 1 == n and (n == 1 or bool((np.diff(pages) == 1).all()))
         if flags == _NORMAL:
@@ -389,3 +439,78 @@ class RamLoader:
         if flags & RAM_SAVE_FLAG_HOOK:
             raise MalformedStream("RDMA hook records are not supported", offset=at)
         raise MalformedStream(f"unknown combination of migration flags {flags:#x}", offset=at)
+
+
+class _Receiver:
+    """A thread reading a byte source into a few reused buffers, ahead of the thread applying them."""
+
+    def __init__(self, source: ByteSource) -> None:
+        self.source = source
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.full: queue.SimpleQueue[tuple[bytearray, int] | BaseException | None] = queue.SimpleQueue()
+        for _ in range(_BUFFERS):
+            self.free.put(bytearray(_RESERVE + _READ))
+        self.fd = source.fileno() if hasattr(source, "fileno") else -1
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # stop() ends a wait for input at once
+        self._thread = threading.Thread(target=self._run, name="vmsd RAM receiver", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        if self.fd >= 0:
+            poller.register(self.fd, select.POLLIN | select.POLLPRI)
+            poller.register(self._wake_r, select.POLLIN)
+        try:
+            while not self._stop.is_set():
+                try:
+                    buf = self.free.get(timeout=0.01)
+                except queue.Empty:
+                    continue
+                # Wait for input without blocking for good: stop() must be able to end the thread
+                # while the peer is silent (e.g. waiting for a return-path answer).
+                if self.fd >= 0:
+                    ready = {fd for fd, _ in poller.poll()}
+                    if self._wake_r in ready or self._stop.is_set():
+                        self.free.put(buf)
+                        return
+                got = self.source.readinto(memoryview(buf)[_RESERVE:]) or 0
+                if got <= 0:
+                    self.free.put(buf)
+                    self.full.put(None)
+                    return
+                self.full.put((buf, _RESERVE + got))
+        except BaseException as e:  # handed to the applying thread
+            self.full.put(e)
+
+    def next(self) -> tuple[bytearray, int] | None:
+        item = self.full.get()
+        if isinstance(item, BaseException):
+            self.full.put(item)
+            raise item
+        if item is None:
+            self.full.put(None)  # stays at end of input
+        return item
+
+    def recycle(self, buf: bytearray) -> None:
+        self.free.put(buf)
+
+    def stop(self) -> bytes:
+        """End the thread; the bytes it read that were not taken, in order."""
+        self._stop.set()
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        rest = bytearray()
+        while True:
+            try:
+                item = self.full.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple):
+                buf, end = item
+                rest += buf[_RESERVE:end]
+            elif isinstance(item, BaseException):
+                raise item
+        return bytes(rest)
