@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 from vmsd.grammar.diagnostics import SpecError
 from vmsd.runtime.errors import VMSDError
@@ -133,7 +135,10 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     from vmsd import snapshot, streamtools
 
     _migration_options(args)  # the receiver decodes whatever the peer chose; names are checked
-    result = snapshot.incoming(args.uri, Path(args.output), streamtools.load_specs(args.specs), args.timeout)
+    caps, _ = _settings(args)
+    multifd = _multifd(args, caps)
+    result = snapshot.incoming(args.uri, Path(args.output), streamtools.load_specs(args.specs), args.timeout,
+                               multifd=multifd)
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
           f"sections in {result.seconds:.2f}s; snapshot written to {args.output}")
@@ -146,6 +151,7 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
 
     _migration_options(args)
     caps, params = _settings(args)
+    multifd = _multifd(args, caps)
     params.setdefault("max-bandwidth", 0)  # a snapshot does not change: no reason to hold it back
     try:
         from vmsd.runtime.migration import parse_settings
@@ -154,7 +160,7 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ToolError(str(e)) from None
     info = snapshot.outgoing(Path(args.snapshot), args.uri, streamtools.load_specs(args.specs), args.timeout,
-                             caps, params, on_progress=Progress(json_lines=args.json))
+                             caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd)
     if not args.json:
         print(summary(info))
     if info["status"] != "completed":
@@ -162,8 +168,12 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_MULTIFD_PARAMETERS = ("multifd-channels", "multifd-compression", "multifd-zlib-level", "multifd-zstd-level",
+                       "zero-page-detection")
+
+
 def _settings(args: argparse.Namespace) -> tuple[dict[str, bool], dict[str, int]]:
-    """``--capability NAME=on|off`` and ``--parameter NAME=INT[K|M|G]`` as QEMU names them."""
+    """``--capability NAME=on|off`` and ``--parameter NAME=INT[K|M|G]`` as QEMU names them (multifd's apart)."""
     caps: dict[str, bool] = {}
     for item in args.capability or []:
         name, _, value = item.partition("=")
@@ -173,8 +183,26 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, bool], dict[str, int]
     params: dict[str, int] = {}
     for item in args.parameter or []:
         name, _, value = item.partition("=")
-        params[name] = _size(value, f"parameter {name!r}")
+        if name not in _MULTIFD_PARAMETERS:
+            params[name] = _size(value, f"parameter {name!r}")
     return caps, params
+
+
+def _multifd(args: argparse.Namespace, caps: dict[str, bool]) -> Any:
+    """The multifd configuration when ``--capability multifd=on`` (``--peer-version``, ``--uuid``)."""
+    from vmsd.runtime.multifd import config_from
+
+    raw = {name: value for name, _, value in (item.partition("=") for item in args.parameter or [])
+           if name in _MULTIFD_PARAMETERS}
+    if not caps.pop("multifd", False):
+        if raw:
+            raise ToolError(f"parameter {next(iter(raw))!r} needs --capability multifd=on")
+        return None
+    try:
+        uid = uuid.UUID(args.uuid).bytes if getattr(args, "uuid", None) else bytes(16)
+        return config_from(raw, args.peer_version, uid)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
 
 
 def _size(text: str, what: str) -> int:
@@ -241,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--capability", action="append", metavar="NAME=on|off")
         p.add_argument("--parameter", action="append", metavar="NAME=VALUE")
         p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the peer (default 60)")
+        p.add_argument("--peer-version", choices=["7.2", "10.0"], default="10.0",
+                       help="multifd packet layout of the QEMU on the other end (QEMU does not negotiate it)")
+        p.add_argument("--uuid", help="the UUID in every multifd channel's first packet (a QEMU destination "
+                                      "checks it against its -uuid; default all zeros)")
     p = sub.add_parser("import-qemu", help="skeleton specs from QEMU's -dump-vmstate output (types from a stream's trailer)")
     p.add_argument("dump", metavar="DUMP.json")
     p.add_argument("--stream", metavar="FILE", help="a migration stream whose trailer gives the field types")

@@ -25,6 +25,7 @@ from vmsd.runtime.errors import RegistryError
 from vmsd.runtime.io import Writer
 from vmsd.runtime.machine import Machine
 from vmsd.runtime.migration import Incoming, IncomingResult, Migration
+from vmsd.runtime.multifd import MultifdConfig
 from vmsd.runtime.ramwire import RamEncoder
 from vmsd.runtime.stream import (
     IDSTR_RAM,
@@ -48,10 +49,10 @@ from vmsd.runtime.vmdesc import dumps
 _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 
 
-def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0) -> IncomingResult:
-    """Receive a migration and write a snapshot QEMU loads."""
-    with open_incoming(uri, timeout=timeout) as ch:
-        result = Incoming(specs=specs).load(ch)
+def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0,
+             multifd: MultifdConfig | None = None) -> IncomingResult:
+    """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads."""
+    result = Incoming(specs=specs, multifd=multifd).run(uri, timeout)
     try:
         write_snapshot(result, output)
     finally:
@@ -138,8 +139,10 @@ def load_machine(snapshot: Path, specs: SpecSet) -> Machine:
 
 def outgoing(snapshot: Path, uri: str, specs: SpecSet, timeout: float = 60.0,
              capabilities: dict[str, bool] | None = None, parameters: dict[str, int] | None = None,
-             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+             on_progress: Callable[[dict[str, Any]], None] | None = None,
+             multifd: MultifdConfig | None = None) -> dict[str, Any]:
     """Migrate a snapshot to a peer (e.g. QEMU with ``-incoming``) with the precopy engine; its ``query-migrate``."""
     with load_machine(snapshot, specs) as m:
         m.resume()  # nothing runs on it; the engine pauses it for the final stage
-        return Migration(m, uri, capabilities, parameters, on_progress=on_progress, timeout=timeout).run()
+        return Migration(m, uri, capabilities, parameters, on_progress=on_progress, timeout=timeout,
+                         multifd=multifd).run()

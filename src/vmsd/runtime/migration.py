@@ -48,8 +48,10 @@ import numpy as np
 from vmsd.runtime.errors import MalformedStream, RegistryError, VMSDError
 from vmsd.runtime.io import Reader, Writer
 from vmsd.runtime.machine import Machine
+from vmsd.runtime.multifd import ChannelStats, MultifdConfig, MultifdReceiver, MultifdSender, accept_all
+from vmsd.runtime.ram import RAM_SAVE_FLAG_MULTIFD_FLUSH
 from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks
-from vmsd.runtime.ramwire import RamEncoder, RamLoader
+from vmsd.runtime.ramwire import RamEncoder, RamLoader, zero_mask
 from vmsd.runtime.stream import (
     IDSTR_RAM,
     QEMU_VM_COMMAND,
@@ -71,7 +73,7 @@ from vmsd.runtime.stream import (
     regenerate_trailer,
     write_records,
 )
-from vmsd.runtime.transport import Channel, TransportError, open_incoming, open_outgoing
+from vmsd.runtime.transport import Channel, FileURI, TransportError, listen, open_incoming, open_outgoing, parse_uri
 from vmsd.runtime.vmdesc import dumps
 from vmsd.runtime.vmstate import impl
 from vmsd.runtime.xbzrle import XbzrleCache
@@ -96,7 +98,7 @@ PARAMETER_DEFAULTS: dict[str, int] = {
     "max-cpu-throttle": 99,
     "throttle-trigger-threshold": 50,
 }
-CAPABILITIES = ("xbzrle", "auto-converge", "return-path", "events")
+CAPABILITIES = ("xbzrle", "auto-converge", "return-path", "events", "multifd")
 
 
 class MigrationError(VMSDError):
@@ -195,10 +197,22 @@ class Migration:
 
     def __init__(self, machine: Machine, uri: str, capabilities: dict[str, bool] | None = None,
                  parameters: dict[str, int] | None = None,
-                 on_progress: Callable[[dict[str, Any]], None] | None = None, timeout: float = 30.0) -> None:
+                 on_progress: Callable[[dict[str, Any]], None] | None = None, timeout: float = 30.0,
+                 multifd: MultifdConfig | None = None) -> None:
         self.machine = machine
         self.uri = uri
         self.capabilities, self.parameters = parse_settings(capabilities, parameters)
+        if multifd is None and self.capabilities["multifd"]:
+            multifd = MultifdConfig()
+        if multifd is not None:
+            if self.capabilities["xbzrle"]:
+                raise ValueError("capability 'xbzrle' is not compatible with capability 'multifd'")
+            if isinstance(parse_uri(uri), FileURI):
+                raise ValueError("multifd needs a socket transport (tcp: or unix:)")
+        self.multifd = multifd
+        self._sender: MultifdSender | None = None
+        self._multifd_channels: list[Channel] = []
+        self._multifd_seen = 0
         self.on_progress = on_progress
         self.timeout = timeout
         self.status = "none"
@@ -269,7 +283,12 @@ class Migration:
         blocks = list(m.ram)
         if not blocks:
             raise MigrationError("the machine has no RAM blocks")
+        cfg = self.multifd
+        if cfg is not None and cfg.layout != "7.2":  # the newest QEMU opens its multifd channels first
+            self._open_multifd(cfg)
         self._channel = open_outgoing(self.uri, timeout=self.timeout)
+        if cfg is not None and cfg.layout == "7.2":  # 7.2 takes the first connection it accepts as main
+            self._open_multifd(cfg)
         self._check_cancel()
         head = Writer()
         head.u32(QEMU_VM_FILE_MAGIC)
@@ -280,9 +299,10 @@ class Migration:
             head.write(struct.pack(">BHH", QEMU_VM_COMMAND, MIG_CMD_OPEN_RETURN_PATH, 0))
         head.write(_section_head(QEMU_VM_SECTION_START, RAM_SECTION_ID, IDSTR_RAM, 0, RAM_SECTION_VERSION))
         head.write(self.encoder.block_list(m.ram))
-        head.write(self.encoder.eos())
-        head.write(_footer(RAM_SECTION_ID))
         self._send([head.getvalue()])
+        self._start_multifd()
+        self._multifd_sync(True)
+        self._send([self.encoder.eos(), _footer(RAM_SECTION_ID)])
         # QEMU's first bitmap sync: every page is dirty; the dirty log starts empty.
         for b in blocks:
             b.take_dirty()
@@ -317,18 +337,74 @@ class Migration:
                 self.encoder.xbzrle_enabled = self.capabilities["xbzrle"]
                 break
             block, pages = got
-            before = self.encoder.counters.transferred
-            buffers += self.encoder.encode(block, pages, age=self.dirty_sync_count)
             self._window_pages += int(pages.size)
-            self._send(buffers, self.encoder.counters.transferred - before)
+            self._send_pages(buffers, block, pages)
             buffers = []
             self._check_cancel()
             if time.monotonic() - started > MAX_WAIT:
                 break
             if limit and self._window_bytes >= limit:
                 break
-        self._send([*buffers, self.encoder.eos(), _footer(RAM_SECTION_ID)], 8)
+        if buffers:
+            self._send(buffers)
+        # 7.2's layout syncs at every section end; the newest once per pass (a MULTIFD_FLUSH).
+        self._multifd_sync(self.multifd is not None and (self.multifd.legacy_sync or got is None))
+        self._send([self.encoder.eos(), _footer(RAM_SECTION_ID)], 8)
         self._update_counters(todo)
+
+    def _send_pages(self, buffers: list[Any], block: RamBlock, pages: Pages, last_stage: bool = False) -> None:
+        """Pages on the main channel, or normal pages on the multifd channels (zero pages as the layout says)."""
+        enc = self.encoder
+        before = enc.counters.transferred
+        sender = self._sender
+        if sender is None:
+            buffers += enc.encode(block, pages, age=self.dirty_sync_count, last_stage=last_stage)
+            self._send(buffers, enc.counters.transferred - before)
+            return
+        cfg = self.multifd
+        assert cfg is not None
+        zero = zero_mask(block, pages) if cfg.zero_page_detection != "none" else np.zeros(pages.size, np.bool_)
+        normal, zeros = pages[~zero], pages[zero]
+        if cfg.zero_pages_in_packets:
+            sender.send(block, normal, zeros)
+            enc.counters.duplicate += int(zeros.size)
+        else:
+            buffers += enc.encode(block, zeros)
+            sender.send(block, normal, zeros[:0])
+        enc.counters.normal += int(normal.size)
+        if buffers:
+            self._send(buffers, enc.counters.transferred - before)
+        self._account_multifd()
+
+    def _bytes_sent(self) -> int:
+        return self.encoder.counters.transferred + (self._sender.total_bytes if self._sender is not None else 0)
+
+    def _account_multifd(self) -> None:
+        """Bytes the channel threads wrote since the last look count in the bandwidth window."""
+        if self._sender is not None:
+            total = self._sender.total_bytes
+            self._window_bytes += total - self._multifd_seen
+            self._multifd_seen = total
+
+    def _open_multifd(self, cfg: MultifdConfig) -> None:
+        for _ in range(cfg.channels):
+            self._multifd_channels.append(open_outgoing(self.uri, timeout=self.timeout))
+
+    def _start_multifd(self) -> None:
+        if self.multifd is not None and self._sender is None:
+            self._sender = MultifdSender(self.multifd, self._multifd_channels)
+
+    def _multifd_sync(self, now: bool) -> None:
+        """A SYNC packet on every channel, then (newest layout) the MULTIFD_FLUSH record."""
+        sender = self._sender
+        if sender is None or not now:
+            return
+        sender.sync()
+        cfg = self.multifd
+        assert cfg is not None
+        if not cfg.legacy_sync:
+            self._send([struct.pack(">Q", RAM_SAVE_FLAG_MULTIFD_FLUSH)], 8)
+            self.encoder.counters.transferred += 8
 
     def _send(self, buffers: list[Any], nbytes: int | None = None) -> None:
         ch = self._channel
@@ -338,6 +414,7 @@ class Migration:
 
     def _update_counters(self, todo: _Pass) -> None:
         """QEMU's migration_update_counters + migration_rate_limit, every BUFFER_DELAY."""
+        self._account_multifd()
         now = time.monotonic()
         spent = now - self._window_start
         limit = self.parameters["max-bandwidth"] * BUFFER_DELAY
@@ -406,14 +483,15 @@ class Migration:
         self._set_status("device")
         down = time.monotonic()
         todo = self._sync(todo)
-        before = self.encoder.counters.transferred
+        before = self._bytes_sent()
         self._send([_section_head(QEMU_VM_SECTION_END, RAM_SECTION_ID)])
         while (got := todo.take(_CHUNK_PAGES)) is not None:
             self._check_cancel()
             block, pages = got
-            self._send(self.encoder.encode(block, pages, age=self.dirty_sync_count, last_stage=True))
+            self._send_pages([], block, pages, last_stage=True)
+        self._multifd_sync(True)
         self._send([self.encoder.eos(), _footer(RAM_SECTION_ID)])
-        self._downtime_bytes = self.encoder.counters.transferred - before
+        self._downtime_bytes = self._bytes_sent() - before
         self._remaining = 0
         tail = Writer()
         sections: list[Section | Any] = [
@@ -429,6 +507,10 @@ class Migration:
         self._send([tail.getvalue()])
         ch = self._channel
         assert ch is not None
+        if self._sender is not None:
+            self._sender.close()
+            for mch in self._multifd_channels:
+                mch.close()
         if self.capabilities["return-path"]:
             self._await_shut(ch)
         ch.close()
@@ -461,6 +543,10 @@ class Migration:
         ch, self._channel = self._channel, None
         if ch is not None:
             ch.abort()
+        if self._sender is not None:
+            self._sender.abort()
+        for mch in self._multifd_channels:
+            mch.abort()
         if self._paused_here:
             self.machine.resume()
             self._paused_here = False
@@ -503,8 +589,9 @@ class Migration:
             out["expected-downtime"] = int(self._expected_downtime * 1000)
         c = self.encoder.counters
         total = self.machine.ram.total()
+        multifd_bytes = self._sender.total_bytes if self._sender is not None else 0
         out["ram"] = {
-            "transferred": c.transferred,
+            "transferred": c.transferred + multifd_bytes,
             "remaining": self._remaining,
             "total": total,
             "duplicate": c.duplicate,
@@ -512,14 +599,15 @@ class Migration:
             "normal": c.normal,
             "normal-bytes": c.normal_bytes,
             "dirty-pages-rate": self._dirty_pages_rate,
-            "mbps": round(self._mbps if self._end is None else c.transferred * 8 / max(end - self._start, 1e-9) / 1e6,
+            "mbps": round(self._mbps if self._end is None else
+                          (c.transferred + multifd_bytes) * 8 / max(end - self._start, 1e-9) / 1e6,
                           3),
             "dirty-sync-count": self.dirty_sync_count,
             "postcopy-requests": 0,
             "page-size": PAGE_SIZE,
-            "multifd-bytes": 0,
+            "multifd-bytes": multifd_bytes,
             "pages-per-second": int(self._pages_per_second),
-            "precopy-bytes": c.transferred - self._downtime_bytes,
+            "precopy-bytes": c.transferred + multifd_bytes - self._downtime_bytes,
             "downtime-bytes": self._downtime_bytes,
             "postcopy-bytes": 0,
         }
@@ -535,6 +623,8 @@ class Migration:
                 if c.xbzrle_pages else 0,
                 "overflow": c.xbzrle_overflow,
             }
+        if self._sender is not None:  # not in QEMU's answer: per-channel counters
+            out["multifd-channels"] = [attrs.asdict(st) for st in self._sender.stats]
         if self.machine.throttle:
             out["cpu-throttle-percentage"] = self.machine.throttle
         if self.error is not None:
@@ -553,6 +643,7 @@ class IncomingResult:
     sections: list[Section]
     counters: dict[str, int]
     seconds: float
+    channels: list[ChannelStats] = attrs.Factory(list)  # multifd, by channel id
 
 
 class Incoming:
@@ -567,13 +658,14 @@ class Incoming:
     """
 
     def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
-                 blocks: RamBlocks | None = None) -> None:
+                 blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None) -> None:
         if machine is None and specs is None:
             raise ValueError("an Incoming without a machine needs specs")
         if machine is not None and blocks is not None:
             raise ValueError("an Incoming into a machine uses the machine's RAM blocks")
         self.machine = machine
         self.blocks = blocks  # without a machine: where announced blocks are created (default: memfd)
+        self.multifd = multifd
         if specs is None:
             from vmsd import qemu72  # the configuration record's spec
 
@@ -585,19 +677,34 @@ class Incoming:
     def run(self, uri: str, timeout: float = 60.0) -> IncomingResult:
         """Accept one migration on ``uri`` and load it."""
         self.status = "setup"
+        cfg = self.multifd
         try:
-            ch = open_incoming(uri, timeout=timeout)
-        except TransportError as e:
+            if cfg is None:
+                ch = open_incoming(uri, timeout=timeout)
+                channels: list[Channel] = []
+            else:
+                with listen(uri) as lst:
+                    ch, channels = accept_all(lambda: lst.accept(timeout), cfg, timeout)
+        except (TransportError, VMSDError) as e:
             self.status, self.error = "failed", e.message
             raise
         with ch:
-            return self.load(ch)
+            return self.load(ch, channels)
 
-    def load(self, ch: Channel) -> IncomingResult:
+    def load(self, ch: Channel, multifd_channels: list[Channel] | None = None) -> IncomingResult:
+        """Load the stream of ``ch`` (and the pages of ``multifd_channels``, indexed by channel id)."""
         start = time.monotonic()
         m = self.machine
         blocks = m.ram if m is not None else self.blocks if self.blocks is not None else RamBlocks()
         loader = RamLoader(blocks, create_missing=m is None)
+        receiver: MultifdReceiver | None = None
+        if multifd_channels:
+            cfg = self.multifd
+            if cfg is None:
+                raise ValueError("multifd channels without a multifd configuration")
+            receiver = MultifdReceiver(cfg, multifd_channels, blocks)
+            loader.sync_hook = receiver.sync
+            loader.legacy_sync = cfg.legacy_sync
         r = Reader(source=ch)
         dec = Decoder(b"", self.specs, strict_typed=True, enforce_checks=m is not None, reader=r)
         ram_ids: set[int] = set()
@@ -628,6 +735,9 @@ class Incoming:
             if dec.return_path:
                 _send_shut(ch, 1)
             raise
+        finally:
+            if receiver is not None:
+                receiver.close()
         if m is not None:  # device state changes only after the whole stream loaded
             for sec in sections:
                 dev = m.devices[(sec.idstr, sec.instance_id)]
@@ -637,8 +747,12 @@ class Incoming:
             _send_shut(ch, 0)
         self.status = "completed"
         counters = attrs.asdict(loader.counters)
+        stats = receiver.stats if receiver is not None else []
+        if receiver is not None:
+            counters["normal"] += sum(st.pages for st in stats)
+            counters["duplicate"] += sum(st.zero_pages for st in stats)
         return IncomingResult(dec.stream.configuration, blocks, min(ram_ids), sections, counters,
-                              time.monotonic() - start)
+                              time.monotonic() - start, stats)
 
 
     def _install(self, m: Machine, sections: list[Section]) -> None:

@@ -17,7 +17,7 @@ import queue
 import select
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 import numpy as np
@@ -242,6 +242,9 @@ class RamLoader:
         self.mark_dirty = mark_dirty
         self.counters = RamCounters()
         self.sections = 0
+        # Multifd: called at each sync point -- every EOS with 7.2's layout, every MULTIFD_FLUSH with the newest.
+        self.sync_hook: Callable[[], None] | None = None
+        self.legacy_sync = False
 
     def load_section(self, r: Reader) -> None:
         """Read and apply records up to and including EOS."""
@@ -432,9 +435,13 @@ class RamLoader:
                 block.mark_dirty(offset, PAGE_SIZE)
             return False
         if flags & RAM_SAVE_FLAG_EOS:
+            if self.sync_hook is not None and self.legacy_sync:
+                self.sync_hook()
             blocks.complete = True
             return True
         if flags == RAM_SAVE_FLAG_MULTIFD_FLUSH:
+            if self.sync_hook is not None and not self.legacy_sync:
+                self.sync_hook()
             return False
         if flags & RAM_SAVE_FLAG_HOOK:
             raise MalformedStream("RDMA hook records are not supported", offset=at)

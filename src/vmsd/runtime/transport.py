@@ -300,6 +300,21 @@ class Channel:
             got += k
         return bytes(buf)
 
+    def peek(self, n: int, timeout: float) -> bytes:
+        """The next ``n`` bytes without consuming them (fewer at end of stream); sockets only."""
+        self._check_open()
+        if self._sock is None:
+            raise TransportError(self.name, "only a socket can be peeked", errno.EINVAL)
+        self._sock.settimeout(timeout)
+        try:
+            return self._sock.recv(n, socket.MSG_PEEK | socket.MSG_WAITALL)
+        except TimeoutError as exc:
+            raise TransportError(self.name, f"nothing received within {timeout:g}s", errno.ETIMEDOUT) from exc
+        except OSError as exc:
+            raise self._failure("read failed", exc) from exc
+        finally:
+            self._sock.settimeout(None)
+
     # ---- writing
     def write(self, data: _Buffer, /) -> int:
         """Write all of ``data``; returns its length."""

@@ -1,0 +1,504 @@
+"""Multifd: RAM pages over extra connections beside the main stream, as QEMU sends them.
+
+Every multifd connection starts with a 64-byte initial packet (magic, version,
+the sender's UUID, channel id); then come RAM packets: a fixed 1344-byte
+header (flags, page counts, payload size, a packet number shared by all
+channels, the RAM block name, 128 page offsets) followed by the pages, raw or
+through the channel's persistent zlib/zstd stream.
+
+Two layouts, chosen explicitly because QEMU does not negotiate them
+(:attr:`MultifdConfig.layout`):
+
+* ``"7.2"``: zero pages travel on the main channel as ZERO records; every
+  RAM section's EOS is a sync point, preceded by one SYNC packet per channel.
+* ``"10.0"`` (newest): zero pages are listed in the packets (after the normal
+  offsets, no payload); SYNC packets only at setup, at the end of each pass
+  and at the end, each matched by a MULTIFD_FLUSH record on the main channel.
+
+The sync protocol is the only ordering between channels: pages a channel
+sent before its k-th SYNC are in RAM before the receiver passes the main
+channel's k-th sync point, and no page is sent twice between two sync points.
+
+Pages go from the RAM mapping to the socket without copies (``sendmsg`` with
+memoryviews of page runs) and come back straight into their place in RAM
+(``recv_into`` on slices of the mapping); socket I/O, zlib and zstd release
+the GIL, so the channel threads run in parallel with the migration thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import numpy as np
+import zstandard
+
+from vmsd.runtime.errors import MalformedStream, VMSDError
+from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks
+from vmsd.runtime.transport import Channel, TransportError
+
+MULTIFD_MAGIC = 0x11223344
+MULTIFD_VERSION = 1
+PAGES_PER_PACKET = (512 << 10) // PAGE_SIZE  # 128
+HEADER_SIZE = 320 + 8 * PAGES_PER_PACKET  # 1344, always sent in full
+INITIAL_SIZE = 64
+FLAG_SYNC = 0x01
+COMPRESSION_FLAGS = {"none": 0x00, "zlib": 0x02, "zstd": 0x04}
+_COMPRESSION_MASK = {"7.2": 0x0E, "10.0": 0x3E}
+LAYOUTS = ("7.2", "10.0")
+_HEAD = struct.Struct(">IIIIIIQI")  # magic .. zero_pages (36 bytes)
+_INITIAL = struct.Struct(">II16sB")
+
+
+class MultifdError(VMSDError):
+    """A multifd channel failed; the message names the channel."""
+
+
+@attrs.define
+class MultifdConfig:
+    """The multifd settings both sides must agree on (QEMU's names in :func:`config_from`)."""
+
+    channels: int = 2
+    compression: str = "none"
+    zlib_level: int = 1
+    zstd_level: int = 1
+    layout: str = "10.0"
+    zero_page_detection: str = "multifd"  # none | legacy | multifd (10.0 layout only)
+    uuid: bytes = bytes(16)
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.channels <= 255:
+            raise ValueError("parameter 'multifd-channels' expects a value between 1 and 255")
+        if self.compression not in COMPRESSION_FLAGS:
+            raise ValueError(f"parameter 'multifd-compression': '{self.compression}' is not one of "
+                             f"{', '.join(COMPRESSION_FLAGS)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"peer version '{self.layout}' is not one of {', '.join(LAYOUTS)}")
+        if self.zero_page_detection not in ("none", "legacy", "multifd"):
+            raise ValueError("parameter 'zero-page-detection' expects none, legacy or multifd")
+        if self.layout == "7.2" and self.zero_page_detection == "multifd":
+            self.zero_page_detection = "legacy"  # 7.2 has no zero pages in packets
+        if not 0 <= self.zlib_level <= 9:
+            raise ValueError("parameter 'multifd-zlib-level' expects a value between 0 and 9")
+        if not 0 <= self.zstd_level <= 20:
+            raise ValueError("parameter 'multifd-zstd-level' expects a value between 0 and 20")
+        if len(self.uuid) != 16:
+            raise ValueError("a UUID is 16 bytes")
+
+    @property
+    def legacy_sync(self) -> bool:
+        """7.2: every section's EOS is a sync point; newest: MULTIFD_FLUSH records are."""
+        return self.layout == "7.2"
+
+    @property
+    def zero_pages_in_packets(self) -> bool:
+        return self.layout != "7.2" and self.zero_page_detection == "multifd"
+
+
+def config_from(parameters: dict[str, str], peer_version: str = "10.0", uuid: bytes = bytes(16)) -> MultifdConfig:
+    """A config from QEMU-named parameters (``multifd-channels``, ``multifd-compression``, ...)."""
+    names = {"multifd-channels": "channels", "multifd-compression": "compression",
+             "multifd-zlib-level": "zlib_level", "multifd-zstd-level": "zstd_level",
+             "zero-page-detection": "zero_page_detection"}
+    kw: dict[str, Any] = {"layout": peer_version, "uuid": uuid}
+    if peer_version == "7.2":
+        kw["zero_page_detection"] = "legacy"
+    for name, value in parameters.items():
+        field = names.get(name)
+        if field is None:
+            raise ValueError(f"parameter '{name}' is not a multifd parameter")
+        kw[field] = value if field in ("compression", "zero_page_detection") else int(value)
+    return MultifdConfig(**kw)
+
+
+# -- initial packet -----------------------------------------------------------------------------------------------
+def initial_packet(uuid: bytes, channel_id: int) -> bytes:
+    return _INITIAL.pack(MULTIFD_MAGIC, MULTIFD_VERSION, uuid, channel_id).ljust(INITIAL_SIZE, b"\0")
+
+
+def parse_initial(data: bytes, config: MultifdConfig, name: str) -> int:
+    """The channel id of an initial packet, checked as QEMU checks it."""
+    magic, version, uuid, cid = _INITIAL.unpack_from(data)
+    if magic != MULTIFD_MAGIC:
+        raise MultifdError(f"{name}: received packet magic {magic:#x} and expected magic {MULTIFD_MAGIC:#x}")
+    if version != MULTIFD_VERSION:
+        raise MultifdError(f"{name}: received packet version {version} and expected version {MULTIFD_VERSION}")
+    if uuid != config.uuid:
+        raise MultifdError(f"{name}: received uuid '{_uuid_text(uuid)}' and expected uuid "
+                           f"'{_uuid_text(config.uuid)}' for channel {cid}")
+    if cid >= config.channels:
+        raise MultifdError(f"{name}: received channel id {cid} is greater than number of channels "
+                           f"{config.channels}")
+    return int(cid)
+
+
+def _uuid_text(u: bytes) -> str:
+    h = u.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@attrs.define
+class ChannelStats:
+    channel: int
+    bytes: int = 0
+    packets: int = 0
+    pages: int = 0  # normal pages
+    zero_pages: int = 0
+
+
+def _runs(pages: list[int]) -> list[tuple[int, int]]:
+    """(first page, count) for each run of consecutive pages."""
+    out: list[tuple[int, int]] = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
+# -- sender -------------------------------------------------------------------------------------------------------
+_STOP = object()
+
+
+class MultifdSender:
+    """Channel threads that send page batches; :meth:`sync` is QEMU's ``multifd_send_sync_main``."""
+
+    def __init__(self, config: MultifdConfig, channels: list[Channel]) -> None:
+        self.config = config
+        self.channels = channels
+        self.stats = [ChannelStats(i) for i in range(len(channels))]
+        self._packet_num = 0
+        self._num_lock = threading.Lock()
+        self._next = 0
+        self._error: MultifdError | None = None
+        self._queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=4) for _ in channels]
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd send {i}", daemon=True)
+                         for i in range(len(channels))]
+        for i, ch in enumerate(channels):
+            ch.write(initial_packet(config.uuid, i))
+        for t in self._threads:
+            t.start()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.stats)
+
+    def send(self, block: RamBlock, normal: Pages, zero: Pages) -> None:
+        """Queue pages of one block in packets of at most 128 pages, round-robin over the channels."""
+        step = PAGES_PER_PACKET
+        n_norm, n_zero = int(normal.size), int(zero.size)
+        i = j = 0
+        while i < n_norm or j < n_zero:
+            take_n = min(step, n_norm - i)
+            take_z = min(step - take_n, n_zero - j)
+            self._put(self._next, (block, normal[i:i + take_n], zero[j:j + take_z]))
+            self._next = (self._next + 1) % len(self.channels)
+            i += take_n
+            j += take_z
+
+    def sync(self) -> None:
+        """One SYNC packet on every channel, after all queued pages; returns once all are written."""
+        done = [threading.Event() for _ in self.channels]
+        for i in range(len(self.channels)):
+            self._put(i, done[i])
+        for ev in done:
+            while not ev.wait(0.1):
+                self._check()
+        self._check()
+
+    def close(self) -> None:
+        """Stop the threads (queued work is dropped on error); the caller closes the channels."""
+        for i in range(len(self.channels)):
+            while True:
+                try:
+                    self._queues[i].put(_STOP, timeout=0.1)
+                    break
+                except queue.Full:
+                    if self._error is None and self._threads[i].is_alive():
+                        continue
+                    self._drain(i)
+        for t in self._threads:
+            t.join(10)
+
+    def abort(self) -> None:
+        """Wake blocked threads by shutting the sockets down, then stop them."""
+        for ch in self.channels:
+            ch.shutdown()
+        for i in range(len(self.channels)):
+            self._drain(i)
+        self.close()
+
+    def _drain(self, i: int) -> None:
+        while True:
+            try:
+                self._queues[i].get_nowait()
+            except queue.Empty:
+                return
+
+    def _put(self, i: int, job: Any) -> None:
+        while True:
+            self._check()
+            try:
+                self._queues[i].put(job, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _number(self) -> int:
+        with self._num_lock:
+            n = self._packet_num
+            self._packet_num += 1
+            return n
+
+    def _run(self, i: int) -> None:
+        ch = self.channels[i]
+        stats = self.stats[i]
+        cfg = self.config
+        comp: Any = None
+        if cfg.compression == "zlib":
+            comp = zlib.compressobj(cfg.zlib_level)
+        elif cfg.compression == "zstd":
+            comp = zstandard.ZstdCompressor(level=cfg.zstd_level).compressobj()
+        try:
+            while True:
+                job = self._queues[i].get()
+                if job is _STOP:
+                    return
+                if isinstance(job, threading.Event):
+                    head = self._header(FLAG_SYNC, "", [], [], 0)
+                    ch.write(head)
+                    stats.bytes += len(head)
+                    stats.packets += 1
+                    job.set()
+                    continue
+                block, normal, zero = job
+                normal_l, zero_l = normal.tolist(), zero.tolist()
+                views = [block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] for p, n in _runs(normal_l)]
+                payload: list[Any] = views
+                size = len(normal_l) * PAGE_SIZE
+                if comp is not None and normal_l:
+                    data = b"".join(comp.compress(v) for v in views)
+                    data += comp.flush(zlib.Z_SYNC_FLUSH if cfg.compression == "zlib"
+                                       else zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+                    payload, size = [data], len(data)
+                flags = COMPRESSION_FLAGS[cfg.compression] if (normal_l or cfg.layout != "7.2") else 0
+                head = self._header(flags, block.name, normal_l, zero_l, size)
+                ch.writev([head, *payload])
+                stats.bytes += len(head) + size
+                stats.packets += 1
+                stats.pages += len(normal_l)
+                stats.zero_pages += len(zero_l)
+        except BaseException as e:  # reported by the migration thread at its next send or sync
+            reason = e.message if isinstance(e, TransportError) else str(e)
+            self._error = MultifdError(f"multifd channel {i}: {reason}")
+
+    def _header(self, flags: int, name: str, normal: list[int], zero: list[int], size: int) -> bytes:
+        cfg = self.config
+        sync_only = flags == FLAG_SYNC
+        modern_sync = sync_only and cfg.layout != "7.2"
+        alloc = 0 if modern_sync else PAGES_PER_PACKET
+        num = 0 if modern_sync else self._number()
+        head = bytearray(HEADER_SIZE)
+        _HEAD.pack_into(head, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, alloc, len(normal), size, num, len(zero))
+        raw = name.encode()
+        head[64:64 + len(raw)] = raw
+        offsets = np.array([*normal, *zero], dtype=np.int64) * PAGE_SIZE
+        head[320:320 + 8 * offsets.size] = offsets.astype(">u8").tobytes()
+        return bytes(head)
+
+
+# -- receiver -----------------------------------------------------------------------------------------------------
+class MultifdReceiver:
+    """Channel threads applying packets into ``blocks``; :meth:`sync` is the main channel's sync point."""
+
+    def __init__(self, config: MultifdConfig, channels: list[Channel], blocks: RamBlocks) -> None:
+        self.config = config
+        self.channels = channels  # indexed by channel id
+        self.blocks = blocks
+        self.stats = [ChannelStats(i) for i in range(len(channels))]
+        self._synced = [threading.Semaphore(0) for _ in channels]
+        self._release = [threading.Semaphore(0) for _ in channels]
+        self._error: MultifdError | None = None
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd recv {i}", daemon=True)
+                         for i in range(len(channels))]
+        for t in self._threads:
+            t.start()
+
+    def sync(self) -> None:
+        """Wait until every channel consumed one SYNC packet, then let them all go on."""
+        for i, sem in enumerate(self._synced):
+            while not sem.acquire(timeout=0.1):
+                if self._error is not None:
+                    raise self._error
+                if not self._threads[i].is_alive():
+                    raise MultifdError(f"multifd channel {i}: closed before its SYNC packet")
+        for sem in self._release:
+            sem.release()
+
+    def close(self) -> None:
+        self._stopping = True
+        for ch in self.channels:
+            ch.shutdown()
+        for sem in self._release:
+            sem.release()
+        for t in self._threads:
+            t.join(10)
+        for ch in self.channels:
+            ch.abort()
+
+    def _run(self, i: int) -> None:
+        ch = self.channels[i]
+        cfg = self.config
+        stats = self.stats[i]
+        name = f"multifd channel {i}"
+        decomp: Any = None
+        if cfg.compression == "zlib":
+            decomp = zlib.decompressobj()
+        elif cfg.compression == "zstd":
+            decomp = zstandard.ZstdDecompressor().decompressobj()
+        head = bytearray(HEADER_SIZE)
+        hv = memoryview(head)
+        mask = _COMPRESSION_MASK[cfg.layout]
+        try:
+            while True:
+                try:
+                    _read_into(ch, hv)
+                except TransportError:
+                    if self._stopping:
+                        return
+                    raise
+                magic, version, flags, alloc, normal, size, _num, zero = _HEAD.unpack_from(head)
+                if magic != MULTIFD_MAGIC:
+                    raise MalformedStream(f"received packet magic {magic:#x} and expected magic {MULTIFD_MAGIC:#x}")
+                if version != MULTIFD_VERSION:
+                    raise MalformedStream(f"received packet version {version} and expected version 1")
+                if cfg.layout == "7.2":
+                    zero = 0  # unused field in 7.2
+                if alloc > PAGES_PER_PACKET or normal > alloc or zero > alloc - normal:
+                    raise MalformedStream(f"packet with {alloc} allocated, {normal} normal and {zero} zero pages "
+                                          f"(at most {PAGES_PER_PACKET})")
+                stats.packets += 1
+                stats.bytes += HEADER_SIZE
+                if normal or zero:
+                    self._pages(ch, head, flags & mask, normal, zero, size, decomp, stats)
+                if flags & FLAG_SYNC:
+                    self._synced[i].release()
+                    self._release[i].acquire()
+                    if self._stopping:
+                        return
+        except BaseException as e:
+            if self._stopping:
+                return
+            reason = e.message if isinstance(e, VMSDError | TransportError) else f"{type(e).__name__}: {e}"
+            self._error = MultifdError(f"{name}: {reason}")
+
+    def _pages(self, ch: Channel, head: bytearray, comp_flag: int, normal: int, zero: int, size: int,
+               decomp: Any, stats: ChannelStats) -> None:
+        raw = bytes(head[64:320])
+        name = raw[:255].split(b"\0", 1)[0].decode(errors="replace")
+        block = self.blocks.get(name)
+        if block is None:
+            raise MalformedStream(f"unknown ramblock '{name}'")
+        offsets = np.frombuffer(head, dtype=">u8", count=normal + zero, offset=320).astype(np.int64)
+        bad = np.flatnonzero((offsets > block.used_length - PAGE_SIZE) | (offsets % PAGE_SIZE != 0))
+        if bad.size:
+            raise MalformedStream(f"packet offset {int(offsets[bad[0]]):#x} is outside RAM block '{name}' "
+                                  f"of {block.used_length:#x} bytes")
+        pages = (offsets // PAGE_SIZE).tolist()
+        expected = COMPRESSION_FLAGS[self.config.compression]
+        if normal and comp_flag != expected:
+            raise MalformedStream(f"packet compression flag {comp_flag:#x}, expected {expected:#x} "
+                                  f"({self.config.compression})")
+        runs = _runs(pages[:normal])
+        if decomp is None:
+            for p, n in runs:
+                _read_into(ch, block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE])
+            stats.bytes += normal * PAGE_SIZE
+        elif normal:
+            if size > 2 * normal * PAGE_SIZE + 4096:
+                raise MalformedStream(f"compressed payload of {size} bytes for {normal} pages")
+            data = ch.read_exact(size)
+            out = _inflate(decomp, data, normal * PAGE_SIZE, self.config.compression)
+            at = 0
+            for p, n in runs:
+                block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = out[at:at + n * PAGE_SIZE]
+                at += n * PAGE_SIZE
+            stats.bytes += size
+        for p in pages[normal:]:
+            if block.words[p].any():  # fresh memory is zero already: leave it unallocated
+                block.words[p] = 0
+        stats.pages += normal
+        stats.zero_pages += zero
+
+
+def _inflate(decomp: Any, data: bytes, want: int, method: str) -> bytes:
+    try:
+        if method == "zlib":
+            out: bytes = decomp.decompress(data, want + 1)
+        else:
+            out = decomp.decompress(data)
+    except (zlib.error, zstandard.ZstdError) as e:
+        raise MalformedStream(f"{method} stream is corrupt ({e})") from None
+    if len(out) != want:
+        raise MalformedStream(f"{method} payload inflated to {len(out)} bytes, expected {want}")
+    return out
+
+
+def _read_into(ch: Channel, view: memoryview) -> None:
+    got = 0
+    n = len(view)
+    while got < n:
+        k = ch.readinto(view[got:])
+        if k == 0:
+            raise TransportError(ch.name, f"stream ended after {got} of {n} bytes")
+        got += k
+
+
+# -- connections --------------------------------------------------------------------------------------------------
+def classify(ch: Channel, config: MultifdConfig, timeout: float) -> int | None:
+    """None for the main channel (starts with QEVM); a multifd channel's id after its initial packet."""
+    head = ch.peek(4, timeout)
+    if head == b"QEVM":
+        return None
+    if len(head) == 4 and int.from_bytes(head, "big") == MULTIFD_MAGIC:
+        return parse_initial(ch.read_exact(INITIAL_SIZE), config, ch.name)
+    raise MultifdError(f"{ch.name}: a connection that is neither the main channel nor a multifd channel "
+                       f"(starts with {head.hex() or 'nothing'})")
+
+
+def accept_all(accept: Callable[[], Channel], config: MultifdConfig, timeout: float
+               ) -> tuple[Channel, list[Channel]]:
+    """Accept the main channel and every multifd channel, in any order."""
+    main: Channel | None = None
+    multifd: dict[int, Channel] = {}
+    opened: list[Channel] = []
+    try:
+        while main is None or len(multifd) < config.channels:
+            ch = accept()
+            opened.append(ch)
+            cid = classify(ch, config, timeout)
+            if cid is None:
+                if main is not None:
+                    raise MultifdError(f"{ch.name}: a second main channel")
+                main = ch
+            elif cid in multifd:
+                raise MultifdError(f"{ch.name}: channel id {cid} is already in use")
+            else:
+                multifd[cid] = ch
+    except BaseException:
+        for ch in opened:
+            ch.abort()
+        raise
+    return main, [multifd[i] for i in range(config.channels)]
+
