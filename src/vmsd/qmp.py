@@ -71,18 +71,23 @@ class QMP:
 class Qemu:
     """A QEMU process started with ``-S`` (no guest code runs unless resumed)."""
 
-    def __init__(self, args: list[str], machine: str = "pc", memory: str = "32", incoming: str | None = None) -> None:
+    def __init__(self, args: list[str], machine: str = "pc", memory: str = "32", incoming: str | None = None,
+                 binary: str | None = None, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """``binary`` replaces :data:`QEMU_BINARY`, ``extra_args`` go right after it (e.g. ``-L`` paths)
+        and ``env`` is added to the inherited environment."""
         self.dir = Path(tempfile.mkdtemp(prefix="vmsd-qemu-"))
         qmp_path = str(self.dir / "qmp.sock")
         cmd = [
-            QEMU_BINARY, "-M", machine, "-m", memory, "-nodefaults", "-nographic", "-S",
+            binary or QEMU_BINARY, *(extra_args or []), "-M", machine, "-m", memory, "-nodefaults", "-nographic", "-S",
             "-display", "none", "-serial", "none", "-monitor", "none",
             "-qmp", f"unix:{qmp_path},server=on,wait=off", *args,
         ]
         if incoming is not None:
             cmd += ["-incoming", incoming]
         self.log = open(self.dir / "qemu.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env} if env else None)
         try:
             self.qmp = QMP(qmp_path)
         except Exception:

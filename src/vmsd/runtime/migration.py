@@ -48,7 +48,14 @@ import numpy as np
 from vmsd.runtime.errors import MalformedStream, RegistryError, VMSDError
 from vmsd.runtime.io import Reader, Writer
 from vmsd.runtime.machine import Machine
-from vmsd.runtime.multifd import ChannelStats, MultifdConfig, MultifdReceiver, MultifdSender, accept_all
+from vmsd.runtime.multifd import (
+    ChannelStats,
+    MultifdConfig,
+    MultifdError,
+    MultifdReceiver,
+    MultifdSender,
+    accept_all,
+)
 from vmsd.runtime.ram import RAM_SAVE_FLAG_MULTIFD_FLUSH
 from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks
 from vmsd.runtime.ramwire import RamEncoder, RamLoader, zero_mask
@@ -731,9 +738,12 @@ class Incoming:
                 raise MalformedStream("the stream carries no RAM section")
         except BaseException as e:
             self.status = "failed"
-            self.error = e.message if isinstance(e, VMSDError) else str(e)
+            cause = receiver.failure(0.5) if receiver is not None and not isinstance(e, MultifdError) else None
+            self.error = cause.message if cause is not None else e.message if isinstance(e, VMSDError) else str(e)
             if dec.return_path:
                 _send_shut(ch, 1)
+            if cause is not None:
+                raise cause from e
             raise
         finally:
             if receiver is not None:

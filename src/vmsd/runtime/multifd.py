@@ -30,6 +30,7 @@ from __future__ import annotations
 import queue
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -300,7 +301,8 @@ class MultifdSender:
                 stats.zero_pages += len(zero_l)
         except BaseException as e:  # reported by the migration thread at its next send or sync
             reason = e.message if isinstance(e, TransportError) else str(e)
-            self._error = MultifdError(f"multifd channel {i}: {reason}")
+            if self._error is None:  # the first failure is the cause; the others follow from it
+                self._error = MultifdError(f"multifd channel {i}: {reason}")
 
     def _header(self, flags: int, name: str, normal: list[int], zero: list[int], size: int) -> bytes:
         cfg = self.config
@@ -345,6 +347,17 @@ class MultifdReceiver:
                     raise MultifdError(f"multifd channel {i}: closed before its SYNC packet")
         for sem in self._release:
             sem.release()
+
+    def failure(self, wait: float) -> MultifdError | None:
+        """The first channel's error, after giving the threads ``wait`` seconds to notice theirs.
+
+        When the main channel breaks because a multifd channel died, the
+        channel's error is the one worth reporting.
+        """
+        deadline = time.monotonic() + wait
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return self._error
 
     def close(self) -> None:
         self._stopping = True
@@ -401,7 +414,8 @@ class MultifdReceiver:
             if self._stopping:
                 return
             reason = e.message if isinstance(e, VMSDError | TransportError) else f"{type(e).__name__}: {e}"
-            self._error = MultifdError(f"{name}: {reason}")
+            if self._error is None:  # the first failure is the cause; the others follow from it
+                self._error = MultifdError(f"{name}: {reason}")
 
     def _pages(self, ch: Channel, head: bytearray, comp_flag: int, normal: int, zero: int, size: int,
                decomp: Any, stats: ChannelStats) -> None:
@@ -485,7 +499,13 @@ def accept_all(accept: Callable[[], Channel], config: MultifdConfig, timeout: fl
     opened: list[Channel] = []
     try:
         while main is None or len(multifd) < config.channels:
-            ch = accept()
+            try:
+                ch = accept()
+            except TransportError as e:
+                missing = [str(i) for i in range(config.channels) if i not in multifd]
+                what = (["the main channel"] if main is None else []) + \
+                    ([f"multifd channel(s) {', '.join(missing)}"] if missing else [])
+                raise MultifdError(f"{' and '.join(what)} never connected ({e.message})") from None
             opened.append(ch)
             cid = classify(ch, config, timeout)
             if cid is None:

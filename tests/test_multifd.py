@@ -1,0 +1,324 @@
+"""Multifd: vmsd <-> vmsd in both packet layouts, QEMU 7.2 on either end, and channel faults."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+import uuid as uuidlib
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from test_migration import Dirtier, devices_of, fill, free_port, make_machine, ram_of
+from vmsd.cli import main
+from vmsd.qmp import Qemu
+from vmsd.runtime.machine import Machine
+from vmsd.runtime.migration import Incoming, IncomingResult, Migration
+from vmsd.runtime.multifd import (
+    HEADER_SIZE,
+    MULTIFD_MAGIC,
+    MultifdConfig,
+    MultifdError,
+    MultifdReceiver,
+    accept_all,
+    initial_packet,
+)
+from vmsd.runtime.ramblock import PAGE_SIZE, RamBlocks
+from vmsd.runtime.transport import Channel, listen, open_outgoing
+
+MIB = 1 << 20
+
+
+class Receiver:
+    def __init__(self, machine: Machine, uri: str, cfg: MultifdConfig, timeout: float = 20) -> None:
+        self.incoming = Incoming(machine, multifd=cfg)
+        self.result: IncomingResult | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(uri, timeout), daemon=True)
+        self.thread.start()
+        time.sleep(0.1)
+
+    def _run(self, uri: str, timeout: float) -> None:
+        try:
+            self.result = self.incoming.run(uri, timeout=timeout)
+        except BaseException as e:  # inspected by the test
+            self.error = e
+
+    def join(self) -> None:
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        left = [t.name for t in threading.enumerate() if t.name.startswith(("multifd", "migration"))]
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"threads left running: {left}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("layout", ["7.2", "10.0"])
+@pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
+def test_vmsd_to_vmsd(layout: str, compression: str) -> None:
+    cfg = MultifdConfig(channels=2 if compression != "none" else 4, compression=compression, layout=layout)
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    with make_machine(ram=32 * MIB) as src, make_machine(ram=32 * MIB) as dst:
+        fill(src)
+        work = Dirtier(src)
+        rx = Receiver(dst, uri, cfg)
+        info = Migration(src, uri, capabilities={"return-path": True}, parameters={"max-bandwidth": 0},
+                         multifd=cfg).run()
+        rx.join()
+        assert rx.error is None and info["status"] == "completed", (info, rx.error)
+        assert ram_of(src) == ram_of(dst)
+        assert devices_of(src) == devices_of(dst)
+        channels = info["multifd-channels"]
+        assert len(channels) == cfg.channels and all(c["pages"] > 0 for c in channels)
+        assert info["ram"]["multifd-bytes"] == sum(c["bytes"] for c in channels)
+        assert rx.result is not None
+        got = rx.result.channels
+        assert [c.pages for c in got] == [c["pages"] for c in channels]
+        if layout == "10.0":  # zero pages ride in the packets
+            assert sum(c.zero_pages for c in got) > 0
+        else:
+            assert sum(c.zero_pages for c in got) == 0 and rx.result.counters["duplicate"] > 0
+        if compression != "none":
+            assert info["ram"]["multifd-bytes"] < info["ram"]["normal-bytes"] * 1.1
+        work.finish()
+
+
+def test_connections_in_any_order_and_a_wrong_uuid() -> None:
+    cfg = MultifdConfig(channels=2, uuid=uuidlib.uuid4().bytes)
+    with listen(f"tcp:127.0.0.1:{free_port()}") as lst:
+        uri = lst.uri
+        peers = [open_outgoing(uri) for _ in range(3)]
+        peers[0].write(initial_packet(cfg.uuid, 1))  # channel 1 first, then main, then channel 0
+        peers[1].write(b"QEVM\0\0\0\3")
+        peers[2].write(initial_packet(cfg.uuid, 0))
+        main_ch, channels = accept_all(lambda: lst.accept(5), cfg, 5)
+        assert main_ch.read_exact(4) == b"QEVM"
+        for ch in [main_ch, *channels, *peers]:
+            ch.close()
+        bad = open_outgoing(uri)
+        bad.write(initial_packet(bytes(16), 0))
+        with pytest.raises(MultifdError, match="received uuid '00000000-0000-0000-0000-000000000000' and expected"):
+            accept_all(lambda: lst.accept(5), cfg, 5)
+        bad.close()
+        junk = open_outgoing(uri)
+        junk.write(b"\xde\xad\xbe\xef" + bytes(60))
+        with pytest.raises(MultifdError, match="neither the main channel nor a multifd channel"):
+            accept_all(lambda: lst.accept(5), cfg, 5)
+        junk.close()
+
+
+def test_a_channel_that_never_connects() -> None:
+    cfg = MultifdConfig(channels=2)
+    with listen(f"tcp:127.0.0.1:{free_port()}") as lst:
+        main_peer = open_outgoing(lst.uri)
+        main_peer.write(b"QEVM\0\0\0\3")
+        one = open_outgoing(lst.uri)
+        one.write(initial_packet(bytes(16), 0))
+        with pytest.raises(MultifdError, match=r"multifd channel\(s\) 1 never connected"):
+            accept_all(lambda: lst.accept(0.5), cfg, 0.5)
+        main_peer.close()
+        one.close()
+
+
+def _packet(name: str, offsets: list[int], payload: bytes, flags: int = 0, normal: int | None = None) -> bytes:
+    head = bytearray(HEADER_SIZE)
+    n = len(offsets) if normal is None else normal
+    struct.pack_into(">IIIIIIQI", head, 0, MULTIFD_MAGIC, 1, flags, 128, n, len(payload), 0, 0)
+    head[64:64 + len(name)] = name.encode()
+    for i, off in enumerate(offsets):
+        struct.pack_into(">Q", head, 320 + 8 * i, off)
+    return bytes(head) + payload
+
+
+def _receive_one(cfg: MultifdConfig, data: bytes) -> MultifdError:
+    """Feed ``data`` to a one-channel receiver; the error it ends with."""
+    with RamBlocks() as blocks:
+        block = blocks.create("pc.ram", 16 * PAGE_SIZE)
+        block.bytes_[:] = 9
+        before = bytes(block.view)
+        a, b = socket.socketpair()
+        rx = MultifdReceiver(cfg, [Channel("test channel", sock=b)], blocks)
+        a.sendall(data)
+        a.close()
+        with pytest.raises(MultifdError) as e:
+            rx.sync()
+        rx.close()
+        assert bytes(block.view) == before  # a rejected packet writes nothing
+        return e.value
+
+
+def test_packet_offset_outside_its_block() -> None:
+    err = _receive_one(MultifdConfig(channels=1), _packet("pc.ram", [16 * PAGE_SIZE], bytes(PAGE_SIZE)))
+    assert "multifd channel 0: packet offset 0x10000 is outside RAM block 'pc.ram'" in err.message
+
+
+def test_bad_compression_stream() -> None:
+    cfg = MultifdConfig(channels=1, compression="zlib")
+    err = _receive_one(cfg, _packet("pc.ram", [0], b"\x78\x01garbage-not-deflate", flags=0x02))
+    assert "multifd channel 0: zlib stream is corrupt" in err.message
+    cfg = MultifdConfig(channels=1, compression="zstd")
+    short = zstandard.ZstdCompressor().compressobj()
+    data = short.compress(bytes(100)) + short.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    err = _receive_one(cfg, _packet("pc.ram", [0], data, flags=0x04))
+    assert "zstd payload inflated to 100 bytes, expected 4096" in err.message
+
+
+def test_unknown_block_and_wrong_compression_flag() -> None:
+    err = _receive_one(MultifdConfig(channels=1), _packet("nope", [0], bytes(PAGE_SIZE)))
+    assert "unknown ramblock 'nope'" in err.message
+    z = zlib.compressobj(1)
+    data = z.compress(bytes(PAGE_SIZE)) + z.flush(zlib.Z_SYNC_FLUSH)
+    err = _receive_one(MultifdConfig(channels=1), _packet("pc.ram", [0], data, flags=0x02))
+    assert "compression flag 0x2, expected 0x0 (none)" in err.message
+
+
+class _Killer:
+    """A proxy for one multifd connection that forwards ``limit`` bytes, then resets it."""
+
+    def __init__(self, target_port: int, limit: int) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.target, self.limit = target_port, limit
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.server.accept()
+        up = socket.create_connection(("127.0.0.1", self.target))
+        sent = 0
+        while sent < self.limit:
+            data = conn.recv(65536)
+            if not data:
+                break
+            up.sendall(data)
+            sent += len(data)
+        for s in (conn, up):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        self.server.close()
+
+
+def test_a_channel_dying_mid_transfer_fails_cleanly() -> None:
+    """The destination sees channel 1 reset; the source fails naming a channel and keeps running intact."""
+    cfg = MultifdConfig(channels=2, layout="7.2")
+    port = free_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    with make_machine(ram=32 * MIB) as src, make_machine(ram=32 * MIB) as dst:
+        fill(src)
+        ram, devs = ram_of(src), devices_of(src)
+        rx = Receiver(dst, uri, cfg)
+        mig = Migration(src, uri, parameters={"max-bandwidth": 0}, multifd=cfg)
+        killer = _Killer(port, 2 * MIB)
+        real_open = mig._open_multifd
+
+        def open_via_proxy(c: MultifdConfig) -> None:  # channel 0 direct, channel 1 through the killer
+            real_open(MultifdConfig(channels=1, layout=c.layout))
+            mig._multifd_channels.append(open_outgoing(f"tcp:127.0.0.1:{killer.port}"))
+
+        mig._open_multifd = open_via_proxy  # type: ignore[method-assign]
+        info = mig.run()
+        rx.join()
+        assert info["status"] == "failed", info
+        assert "multifd channel" in info["error-desc"] or "connection" in info["error-desc"], info["error-desc"]
+        assert src.running
+        assert ram_of(src) == ram, "the source's RAM changed"
+        assert devices_of(src) == devs
+        assert rx.error is not None and "multifd channel 1" in str(rx.error), rx.error
+
+
+def test_xbzrle_and_multifd_are_incompatible() -> None:
+    with make_machine(ram=4 * MIB) as m, pytest.raises(ValueError, match="not compatible"):
+        Migration(m, "tcp:127.0.0.1:1", capabilities={"xbzrle": True, "multifd": True})
+
+
+# -- QEMU 7.2 as the peer --------------------------------------------------------------------------------------------
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    d = Path("/dev/shm") / f"vmsd-mfd-{uuidlib.uuid4().hex[:8]}"
+    d.mkdir()
+    yield d
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+
+
+def _ram(path: Path, size: str = "64M") -> list[str]:
+    return ["-object", f"memory-backend-file,id=m,size={size},mem-path={path},share=on",
+            "-machine", "memory-backend=m"]
+
+
+def _multifd_on(q: Qemu, channels: int, compression: str) -> None:
+    q.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    q.qmp.cmd("migrate-set-parameters", **{"multifd-channels": channels, "multifd-compression": compression})
+
+
+def _guest_ram(path: Path, size: int) -> None:
+    """Random and zero 1 MiB chunks, written before QEMU maps the file."""
+    rng = np.random.default_rng(3)
+    with open(path, "wb") as f:
+        for i in range(size // MIB):
+            f.write(rng.bytes(MIB) if i % 2 else bytes(MIB))
+
+
+@pytest.mark.parametrize(("channels", "compression"), [(2, "none"), (4, "zlib"), (2, "zstd"), (4, "none")])
+def test_qemu72_to_vmsd_and_back(shm: Path, tmp_path: Path, channels: int, compression: str) -> None:
+    snap = tmp_path / "snap.mig"
+    size = 64 * MIB
+    _guest_ram(shm / "src", size)
+    opts = ["--capability", "multifd=on", "--parameter", f"multifd-channels={channels}",
+            "--parameter", f"multifd-compression={compression}", "--peer-version", "7.2"]
+    port = free_port()
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snap),
+                                                        "--timeout", "30", *opts])))
+    t.start()
+    time.sleep(0.3)
+    with Qemu(_ram(shm / "src"), memory="64") as src:
+        _multifd_on(src, channels, compression)
+        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 10**10})
+        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        t.join(60)
+        src.wait_migration(30)
+    assert rc == [0]
+    source = (shm / "src").read_bytes()
+    vm_uuid = str(uuidlib.uuid4())
+    port = free_port()
+    with Qemu([*_ram(shm / "dst"), "-uuid", vm_uuid], memory="64", incoming="defer") as dst:
+        _multifd_on(dst, channels, compression)
+        dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        assert main(["outgoing", str(snap), f"tcp:127.0.0.1:{port}", "--uuid", vm_uuid, *opts]) == 0
+        dst.wait_migration(30)
+        assert (shm / "dst").read_bytes() == source
+
+
+def test_qemu72_refuses_a_wrong_uuid(shm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    snap = tmp_path / "snap.mig"
+    with Qemu(_ram(shm / "a", "32M")) as q:
+        q.migrate_to_file(snap)
+    port = free_port()
+    with Qemu([*_ram(shm / "b", "32M"), "-uuid", str(uuidlib.uuid4())], incoming="defer") as dst:
+        _multifd_on(dst, 2, "none")
+        dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        rc = main(["outgoing", str(snap), f"tcp:127.0.0.1:{port}", "--capability", "multifd=on",
+                   "--peer-version", "7.2", "--uuid", str(uuidlib.uuid4()), "--timeout", "10"])
+        assert rc == 1
+        assert "migration failed" in capsys.readouterr().err
+        # 7.2 logs the refusal and drops the channel (it neither exits nor marks the migration failed)
+        deadline = time.monotonic() + 10
+        while "expected uuid" not in dst.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "received uuid" in dst.output() and "expected uuid" in dst.output()
