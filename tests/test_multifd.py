@@ -322,3 +322,46 @@ def test_qemu72_refuses_a_wrong_uuid(shm: Path, tmp_path: Path, capsys: pytest.C
         while "expected uuid" not in dst.output() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "received uuid" in dst.output() and "expected uuid" in dst.output()
+
+
+# -- QEMU 10.0 (the newest layout) as the peer ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qemu10() -> tuple[list[str], dict[str, str]]:
+    from vmsd.qemu10 import ensure_qemu10, qemu10_command
+
+    return qemu10_command(ensure_qemu10())
+
+
+def _q10(peer: tuple[list[str], dict[str, str]], args: list[str], incoming: str | None = None) -> Qemu:
+    cmd, env = peer
+    return Qemu(args, machine="pc", memory="64", incoming=incoming, binary=cmd[0], extra_args=cmd[1:], env=env)
+
+
+@pytest.mark.parametrize(("channels", "compression"), [(2, "none"), (4, "zstd"), (2, "zlib")])
+def test_qemu10_to_vmsd_and_back(qemu10: tuple[list[str], dict[str, str]], shm: Path, tmp_path: Path,
+                                 channels: int, compression: str) -> None:
+    snap = tmp_path / "snap.mig"
+    _guest_ram(shm / "src", 64 * MIB)
+    opts = ["--capability", "multifd=on", "--parameter", f"multifd-channels={channels}",
+            "--parameter", f"multifd-compression={compression}", "--peer-version", "10.0"]
+    port = free_port()
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snap),
+                                                        "--timeout", "30", *opts])))
+    t.start()
+    time.sleep(0.3)
+    with _q10(qemu10, _ram(shm / "src")) as src:
+        _multifd_on(src, channels, compression)
+        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 10**10})
+        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        t.join(60)
+        src.wait_migration(30)
+    assert rc == [0]
+    source = (shm / "src").read_bytes()
+    port = free_port()
+    with _q10(qemu10, _ram(shm / "dst"), incoming="defer") as dst:
+        _multifd_on(dst, channels, compression)
+        dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        assert main(["outgoing", str(snap), f"tcp:127.0.0.1:{port}", *opts]) == 0
+        dst.wait_migration(30)
+        assert (shm / "dst").read_bytes() == source
