@@ -66,6 +66,7 @@ import numpy as np  # noqa: E402
 from vmsd.qmp import Qemu, QMPError  # noqa: E402
 from vmsd.runtime.machine import Machine  # noqa: E402
 from vmsd.runtime.migration import Incoming, Migration  # noqa: E402
+from vmsd.runtime.multifd import MultifdConfig, accept_all  # noqa: E402
 from vmsd.runtime.ramblock import RamBlock, RamBlocks, zero_pages  # noqa: E402
 from vmsd.runtime.transport import listen  # noqa: E402
 
@@ -76,6 +77,25 @@ MIXES = ("random", "zero", "half")
 # QEMU 7.2 caps migration at 32 MiB/s unless told otherwise; the cap would be all we measured.
 MAX_BANDWIDTH = 100_000_000_000
 RUNNING = False  # resume the source before migrating (set by --running)
+# (channels, compression) of the current table, or None for the main channel only (set per table by main()).
+MULTIFD: tuple[int, str] | None = None
+
+
+def _qemu_multifd(*qemus: Qemu) -> None:
+    """Turn multifd on in QEMUs as the current table says (both ends, before migrate/migrate-incoming)."""
+    if MULTIFD is None:
+        return
+    channels, compression = MULTIFD
+    for q in qemus:
+        q.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+        q.qmp.cmd("migrate-set-parameters", **{"multifd-channels": channels, "multifd-compression": compression})
+
+
+def _vmsd_multifd(layout: str) -> MultifdConfig | None:
+    if MULTIFD is None:
+        return None
+    channels, compression = MULTIFD
+    return MultifdConfig(channels=channels, compression=compression, layout=layout)
 
 
 # -- cases ------------------------------------------------------------------------------------------------------------
@@ -206,6 +226,7 @@ def _qemu_to_qemu(size: int, src_ram_path: Path, prealloc: bool) -> Result:
                 start_qemu(src_ram_path, size) as src:
             for q in (dst, src):  # MIGRATION events, which wait_completed blocks on
                 q.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+            _qemu_multifd(dst, src)
             # Port 0 + socket-address: the kernel picks the port, no race with other listeners.
             dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
             port = dst.qmp.cmd("query-migrate")["socket-address"][0]["port"]
@@ -240,7 +261,10 @@ def _vmsd_source(src_ram_path: Path, size: int) -> Machine:
 
 
 def _peer(*args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, __file__, "--peer", *args], stdout=subprocess.PIPE, text=True)
+    channels, compression = MULTIFD or (0, "none")
+    layout = "10.0" if args[0] == "machine" else "7.2"  # vmsd talks the newest layout to itself, 7.2's to QEMU 7.2
+    proc = subprocess.Popen([sys.executable, __file__, "--peer", *args, str(channels), compression, layout],
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -256,7 +280,8 @@ def _peer_done(proc: subprocess.Popen[str], timeout: float) -> None:
         raise RuntimeError(f"the vmsd peer failed: {line}")
 
 
-def peer_main(mode: str, uri: str, ram_path: Path, size: int, prealloc: bool) -> int:
+def peer_main(mode: str, uri: str, ram_path: Path, size: int, prealloc: bool,
+              multifd: MultifdConfig | None) -> int:
     """A vmsd destination: ``machine`` (vmsd -> vmsd) or ``snapshot`` (QEMU -> vmsd, blocks as announced)."""
     from vmsd.qemu72 import spec_set
 
@@ -264,19 +289,22 @@ def peer_main(mode: str, uri: str, ram_path: Path, size: int, prealloc: bool) ->
         m = Machine(MACHINE)
         m.ram.add(RamBlock.from_file("m", ram_path, size, prealloc=prealloc))
         m.pause()
-        incoming = Incoming(m)
+        incoming = Incoming(m, multifd=multifd)
     else:
         def block(name: str, length: int) -> RamBlock:
             if name == "m":
                 return RamBlock.from_file(name, ram_path, length, prealloc=prealloc)
             return RamBlock.memfd(name, length)
 
-        incoming = Incoming(specs=spec_set(), blocks=RamBlocks(block))
+        incoming = Incoming(specs=spec_set(), blocks=RamBlocks(block), multifd=multifd)
     with listen(uri) as lst:
         print("ready", flush=True)
-        ch = lst.accept(120)
+        if multifd is None:
+            ch, channels = lst.accept(120), []
+        else:
+            ch, channels = accept_all(lambda: lst.accept(120), multifd, 120)
     with ch:
-        result = incoming.load(ch)
+        result = incoming.load(ch, channels)
     print(f"done {result.seconds:.3f}", flush=True)
     return 0
 
@@ -290,7 +318,7 @@ def _vmsd_to_vmsd(size: int, src_ram_path: Path, prealloc: bool) -> Result:
             with _vmsd_source(src_ram_path, size) as m:
                 t0 = time.perf_counter()
                 info = Migration(m, f"unix:{sock}", capabilities={"return-path": True},
-                                 parameters={"max-bandwidth": 0}).run()
+                                 parameters={"max-bandwidth": 0}, multifd=_vmsd_multifd("10.0")).run()
                 wall = time.perf_counter() - t0
             if info["status"] != "completed":
                 raise RuntimeError(info.get("error-desc"))
@@ -316,6 +344,7 @@ def qemu_to_vmsd(size: int, mix: str, src_ram_path: Path) -> Result:
         peer = _peer("snapshot", f"tcp:127.0.0.1:{port}", str(dst_path), str(size), "0")
         try:
             with start_qemu(src_ram_path, size) as src:
+                _qemu_multifd(src)
                 src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
                 if RUNNING:
                     src.qmp.cmd("cont")
@@ -338,11 +367,13 @@ def vmsd_to_qemu(size: int, mix: str, src_ram_path: Path) -> Result:
     try:
         with start_qemu(dst_path, size, incoming="defer") as dst:
             dst.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+            _qemu_multifd(dst)
             dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
             port = dst.qmp.cmd("query-migrate")["socket-address"][0]["port"]
             with _vmsd_source(src_ram_path, size) as m:
                 t0 = time.perf_counter()
-                info = Migration(m, f"tcp:127.0.0.1:{port}", parameters={"max-bandwidth": 0}).run()
+                info = Migration(m, f"tcp:127.0.0.1:{port}", parameters={"max-bandwidth": 0},
+                                 multifd=_vmsd_multifd("7.2")).run()
                 if info["status"] != "completed":
                     raise RuntimeError(info.get("error-desc"))
                 wait_completed(dst, 60 + size / (50 * MIB))
@@ -456,7 +487,8 @@ def run_case(name: str, case: Case, size: int, mix: str, src: Path) -> Result:
 
 
 def print_table(mix: str, size: int, runs: int, results: dict[str, list[Result]]) -> None:
-    print(f"\nmix {mix}: {size / MIB:g} MiB guest, {runs} runs, {'running' if RUNNING else 'paused'} source")
+    how = "main channel only" if MULTIFD is None else f"multifd {MULTIFD[0]} channel(s), {MULTIFD[1]}"
+    print(f"\nmix {mix}, {how}: {size / MIB:g} MiB guest, {runs} runs, {'running' if RUNNING else 'paused'} source")
     print(f"{'case':<14} {'wall s med (min-max)':>24} {'GB/s':>7} {'QEMU ms':>8} {'vs QEMU':>8}")
     base = [r.wall for r in results[CASES[0][0]] if r.ok]
     base_med = statistics.median(base) if base else math.nan
@@ -490,6 +522,18 @@ def parse_size(text: str) -> int:
     return size
 
 
+def parse_multifd(text: str) -> list[tuple[int, str]]:
+    if text == "off":
+        return []
+    out: list[tuple[int, str]] = []
+    for item in text.split(","):
+        channels, _, compression = item.partition(":")
+        if not channels.isdigit() or compression not in ("none", "zlib", "zstd"):
+            raise argparse.ArgumentTypeError(f"expected CHANNELS:none|zlib|zstd, got {item!r}")
+        out.append((int(channels), compression))
+    return out
+
+
 def parse_mixes(text: str) -> list[str]:
     mixes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in mixes if m not in MIXES]
@@ -510,11 +554,14 @@ def main() -> int:
     ap.add_argument("--mixes", type=parse_mixes, default=list(MIXES))
     ap.add_argument("--quick", action="store_true", help="256M guest, 1 run: a smoke test")
     ap.add_argument("--running", action="store_true", help="resume the source VM before migrating")
-    ap.add_argument("--peer", nargs=5, metavar=("MODE", "URI", "RAM", "SIZE", "PREALLOC"), help=argparse.SUPPRESS)
+    ap.add_argument("--multifd", type=parse_multifd, default=None,
+                    help="multifd tables: CHANNELS:COMPRESSION,... (default 1,2,4 x none,zlib,zstd; 'off' for none)")
+    ap.add_argument("--peer", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
-        mode, uri, ram, size, pre = args.peer
-        return peer_main(mode, uri, Path(ram), int(size), pre == "1")
+        mode, uri, ram, size, pre, channels, compression, layout = args.peer
+        cfg = MultifdConfig(channels=int(channels), compression=compression, layout=layout) if int(channels) else None
+        return peer_main(mode, uri, Path(ram), int(size), pre == "1", cfg)
     if args.quick:
         args.size, args.runs = 256 * MIB, 1
     RUNNING = args.running
@@ -524,17 +571,27 @@ def main() -> int:
     try:
         print_ceilings(ceiling_bytes, ceiling_runs)
         all_ok = True
+        global MULTIFD
+        multifd = args.multifd if args.multifd is not None else [(c, m) for c in (1, 2, 4)
+                                                                 for m in ("none", "zlib", "zstd")]
         for mix in args.mixes:
             src = shm_file("src", args.size)
             try:
                 fill(src, mix)
-                results: dict[str, list[Result]] = {name: [] for name, _ in CASES}
-                for _ in range(args.runs):
-                    for name, case in CASES:
-                        results[name].append(run_case(name, case, args.size, mix, src))
-                print_table(mix, args.size, args.runs, results)
-                all_ok &= all(r.ok for rs in results.values() for r in rs)
+                # The main-channel table has every case; multifd tables leave out the preallocated
+                # destinations, and the all-zero mix (multifd moves no zero page bytes).
+                tables: list[tuple[int, str] | None] = [None, *(multifd if mix != "zero" else [])]
+                for table in tables:
+                    MULTIFD = table
+                    cases = [(n, c) for n, c in CASES if table is None or not n.endswith(" pre")]
+                    results: dict[str, list[Result]] = {name: [] for name, _ in cases}
+                    for _ in range(args.runs):
+                        for name, case in cases:
+                            results[name].append(run_case(name, case, args.size, mix, src))
+                    print_table(mix, args.size, args.runs, results)
+                    all_ok &= all(r.ok for rs in results.values() for r in rs)
             finally:
+                MULTIFD = None
                 remove_shm(src)
         print("\n(wall = migrate command -> destination completed; GB/s = guest bytes / wall / 1e9;"
               " vs QEMU = QEMU→QEMU wall / case wall, >1 is faster; 'pre' = destination RAM preallocated,"
