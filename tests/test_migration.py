@@ -495,3 +495,68 @@ def _no_leaked_threads() -> Iterator[None]:
             return
         time.sleep(0.05)
     raise AssertionError(f"migration threads left running: {extra}")
+
+
+def _socket_reader(data: bytes, close: bool) -> tuple[Reader, socket.socket]:
+    a, b = socket.socketpair()
+
+    def send() -> None:  # more than a socket buffer holds: the reader drains it meanwhile
+        a.sendall(data)
+        if close:
+            a.close()
+
+    threading.Thread(target=send, daemon=True).start()
+    from vmsd.runtime.transport import Channel
+
+    return Reader(source=Channel("socketpair", sock=b)), a
+
+
+def _run_with_deadline(fn: Any, seconds: float = 10) -> BaseException | None:
+    box: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+            box.append(None)
+        except BaseException as e:  # handed to the test
+            box.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "the loader waited for input it did not need"
+    return box[0]
+
+
+@pytest.mark.parametrize("pages", [1, 3, 40, 600])
+def test_loader_does_not_wait_for_bytes_after_eos(pages: int) -> None:
+    """The peer sends a section and then waits (for a return-path answer): the section must load."""
+    with RamBlocks() as src, RamBlocks() as dst:
+        b = src.create("pc.ram", 1024 * PAGE_SIZE)
+        b.bytes_[: pages * PAGE_SIZE // 2] = 3  # normal pages, then zero pages
+        wire = _encode_all(src, RamEncoder(), {"pc.ram": np.arange(pages)}) + b"\x7e\0\0\0\1"
+        r, peer = _socket_reader(wire, close=False)
+        loader = RamLoader(dst)
+        err = _run_with_deadline(lambda: (loader.load_section(r), loader.load_section(r)))
+        assert err is None
+        assert bytes(dst["pc.ram"].view) == bytes(b.view)
+        assert r.read(5) == b"\x7e\0\0\0\1"
+        peer.close()
+
+
+def test_loader_takes_odd_zero_fills_and_truncation_in_a_stream() -> None:
+    with RamBlocks() as src, RamBlocks() as dst:
+        src.create("pc.ram", 64 * PAGE_SIZE)
+        wire = bytearray(_encode_all(src, RamEncoder(), {"pc.ram": np.arange(64)}))
+        first = wire.index(b"pc.ram", wire.index(b"pc.ram") + 1) + 6
+        for i in range(63):  # every CONTINUE zero record fills with 0x11 (legal, if odd)
+            wire[first + 1 + 9 * i + 8] = 0x11
+        r, _ = _socket_reader(bytes(wire), close=True)
+        loader = RamLoader(dst)
+        assert _run_with_deadline(lambda: (loader.load_section(r), loader.load_section(r))) is None
+        assert dst["pc.ram"].bytes_[PAGE_SIZE:].min() == 0x11
+        r2, _ = _socket_reader(bytes(wire[: len(wire) - 20]), close=True)
+        with RamBlocks() as dst2:
+            loader2 = RamLoader(dst2)
+            err = _run_with_deadline(lambda: (loader2.load_section(r2), loader2.load_section(r2)))
+            assert isinstance(err, VMSDError)

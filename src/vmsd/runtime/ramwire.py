@@ -271,15 +271,15 @@ class RamLoader:
                     stride = _NORMAL_STRIDE if flags == _NORMAL else _ZERO_STRIDE
                     n = self._apply(block, r.buf, r.pos, len(r.buf), flags, stride, r.tell())
                     r.pos += n * stride
-                    if r.source is not None and len(r.buf) - r.pos < _NORMAL_STRIDE:
-                        self._stream(r, block)
-                    if n or len(r.buf) - r.pos >= stride:
+                    received = r.source is not None and self._needs_input(r.buf, r.pos, len(r.buf)) \
+                        and self._stream(r, block)
+                    if n or received:
                         continue
             if self._record(r):
                 c.transferred += r.tell() - start
                 return
 
-    def _stream(self, r: Reader, block: RamBlock) -> None:
+    def _stream(self, r: Reader, block: RamBlock) -> bool:
         """Apply runs of CONTINUE pages while a thread receives the next buffers.
 
         The thread reads from the reader's source into spare buffers (the
@@ -287,19 +287,22 @@ class RamLoader:
         receiving and applying overlap.  Each buffer keeps room in front for
         the partial record the previous one ended with.  When the runs end
         (a record of another kind, or end of input) the thread stops and
-        everything it read goes back to the reader, in order.
+        everything it read goes back to the reader, in order.  False if no
+        input came (end of stream).
         """
         source = r.source
         assert source is not None
         pipe = _Receiver(source)
         tail = r.buf[r.pos:]
         at = r.tell()
+        received = False
         try:
-            while True:
+            while self._needs_input(tail, 0, len(tail)):
                 got = pipe.next()
                 if got is None:
                     break
                 buf, end = got
+                received = True
                 pos = _RESERVE - len(tail)
                 buf[pos:_RESERVE] = tail
                 while end - pos >= 8:
@@ -314,14 +317,24 @@ class RamLoader:
                     at += n * stride
                 tail = bytes(buf[pos:end])
                 pipe.recycle(buf)
-                if len(tail) >= 8:
-                    flags = _U64.unpack_from(tail, 0)[0] & _FLAG_MASK
-                    stride = _NORMAL_STRIDE if flags == _NORMAL else _ZERO_STRIDE
-                    if (flags != _NORMAL and flags != _ZERO) or len(tail) >= stride:
-                        break  # another kind of record (or one _apply refused): the per-record path takes it
         finally:
             rest = pipe.stop()
             r.rebuffer(tail + rest, at)
+        return received or bool(rest)
+
+    @staticmethod
+    def _needs_input(buf: bytes | bytearray, pos: int, end: int) -> bool:
+        """Whether the runs need more input: the next record is a page run's and incomplete (or unknown yet).
+
+        A complete record of another kind -- EOS, say, after which the peer
+        may wait for us -- must never make the receiver wait for more bytes.
+        """
+        if end - pos < 8:
+            return True
+        flags = _U64.unpack_from(buf, pos)[0] & _FLAG_MASK
+        if flags == _NORMAL:
+            return end - pos < _NORMAL_STRIDE
+        return flags == _ZERO and end - pos < _ZERO_STRIDE
 
     def _apply(self, block: RamBlock, buf: bytes | bytearray, pos: int, end: int, flags: int, stride: int,
                at: int) -> int:
