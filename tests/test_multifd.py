@@ -177,6 +177,15 @@ def test_bad_compression_stream() -> None:
     assert "zstd payload inflated to 100 bytes, expected 4096" in err.message
 
 
+def test_a_zstd_bomb_is_refused_before_inflating() -> None:
+    """A few hundred bytes of RLE blocks that would inflate to megabytes for one page."""
+    frame = b"\x28\xb5\x2f\xfd" + bytes([0x00, 0x58])  # frame header: no content size, a window descriptor
+    rle = ((128 << 10) << 3 | 1 << 1).to_bytes(3, "little") + b"\x00"  # 128 KiB of zeros each
+    err = _receive_one(MultifdConfig(channels=1, compression="zstd"),
+                       _packet("pc.ram", [0], frame + rle * 100, flags=0x04))
+    assert "zstd payload of 406 bytes could inflate to 13107200 bytes, for 4096 bytes of pages" in err.message
+
+
 def test_unknown_block_and_wrong_compression_flag() -> None:
     err = _receive_one(MultifdConfig(channels=1), _packet("nope", [0], bytes(PAGE_SIZE)))
     assert "unknown ramblock 'nope'" in err.message

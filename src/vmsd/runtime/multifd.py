@@ -332,6 +332,7 @@ class MultifdReceiver:
         self._release = [threading.Semaphore(0) for _ in channels]
         self._error: MultifdError | None = None
         self._stopping = False
+        self._zbound: list[ZstdBound | None] = [None] * len(channels)
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd recv {i}", daemon=True)
                          for i in range(len(channels))]
         for t in self._threads:
@@ -376,10 +377,12 @@ class MultifdReceiver:
         stats = self.stats[i]
         name = f"multifd channel {i}"
         decomp: Any = None
+        self._zbound[i] = None
         if cfg.compression == "zlib":
             decomp = zlib.decompressobj()
         elif cfg.compression == "zstd":
             decomp = zstandard.ZstdDecompressor().decompressobj()
+            self._zbound[i] = ZstdBound()
         head = bytearray(HEADER_SIZE)
         hv = memoryview(head)
         mask = _COMPRESSION_MASK[cfg.layout]
@@ -443,7 +446,7 @@ class MultifdReceiver:
             if size > 2 * normal * PAGE_SIZE + 4096:
                 raise MalformedStream(f"compressed payload of {size} bytes for {normal} pages")
             data = ch.read_exact(size)
-            out = _inflate(decomp, data, normal * PAGE_SIZE, self.config.compression)
+            out = _inflate(decomp, data, normal * PAGE_SIZE, self.config.compression, self._zbound[stats.channel])
             at = 0
             for p, n in runs:
                 block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = out[at:at + n * PAGE_SIZE]
@@ -456,7 +459,68 @@ class MultifdReceiver:
         stats.zero_pages += zero
 
 
-def _inflate(decomp: Any, data: bytes, want: int, method: str) -> bytes:
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_BLOCK_MAX = 128 << 10
+
+
+class ZstdBound:
+    """Walks a channel's zstd frame across packets: how much a payload can inflate to, before inflating it.
+
+    python-zstandard's streaming decompressor has no output limit, and a few
+    bytes of zstd can claim 128 KiB each.  Block headers say it all: raw and
+    RLE blocks give exactly their size, a compressed block at most 128 KiB.
+    QEMU (and we) flush each packet on a block boundary, so a payload is
+    whole blocks, the first one after the frame header.
+    """
+
+    def __init__(self) -> None:
+        self.in_frame = False
+        self.checksum = False
+
+    def bound(self, data: bytes) -> int:
+        out = 0
+        i, n = 0, len(data)
+        while i < n:
+            if not self.in_frame:
+                if data[i:i + 4] != _ZSTD_MAGIC or i + 5 > n:
+                    raise MalformedStream("zstd payload does not start a frame or a block")
+                fhd = data[i + 4]
+                single = (fhd >> 5) & 1
+                fcs = (fhd >> 6) & 3
+                i += 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fcs]
+                self.checksum = bool((fhd >> 2) & 1)
+                self.in_frame = True
+                continue
+            if i + 3 > n:
+                raise MalformedStream("zstd block header cut short")
+            head = int.from_bytes(data[i:i + 3], "little")
+            last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+            i += 3
+            if kind == 0:  # raw
+                out += size
+                i += size
+            elif kind == 1:  # RLE: one byte repeated
+                out += size
+                i += 1
+            elif kind == 2:
+                out += _ZSTD_BLOCK_MAX
+                i += size
+            else:
+                raise MalformedStream("zstd block of the reserved type")
+            if last:
+                self.in_frame = False
+                i += 4 if self.checksum else 0
+        if i != n:
+            raise MalformedStream("zstd block runs past the payload")
+        return out
+
+
+def _inflate(decomp: Any, data: bytes, want: int, method: str, zbound: ZstdBound | None = None) -> bytes:
+    if zbound is not None:
+        most = zbound.bound(data)
+        if most > 2 * want + 2 * _ZSTD_BLOCK_MAX:
+            raise MalformedStream(f"zstd payload of {len(data)} bytes could inflate to {most} bytes, "
+                                  f"for {want} bytes of pages")
     try:
         if method == "zlib":
             out: bytes = decomp.decompress(data, want + 1)
