@@ -258,16 +258,19 @@ def test_xbzrle_sends_deltas_of_rewritten_pages() -> None:
         time.sleep(0.1)
         # A 1 ms downtime limit cannot be met while the guest dirties pages: passes repeat until it stops.
         mig = Migration(src, uri, capabilities={"xbzrle": True},
-                        parameters={"max-bandwidth": 64 * MIB, "downtime-limit": 1})
+                        parameters={"max-bandwidth": 16 * MIB, "downtime-limit": 1})
         mig.start()
         deadline = time.monotonic() + 20
-        while mig.query().get("ram", {}).get("dirty-sync-count", 0) < 5 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            q = mig.query()
+            if q.get("ram", {}).get("dirty-sync-count", 0) >= 5 or q["status"] not in ("none", "setup", "active"):
+                break
             time.sleep(0.05)
         work.stop.set()
         info = mig.wait(20)
         rx.join()
         assert rx.error is None and info["status"] == "completed", (info, rx.error)
-        assert info["ram"]["dirty-sync-count"] >= 5
+        assert info["ram"]["dirty-sync-count"] >= 4  # XBZRLE starts with the second pass, hits with the third
         cache = info["xbzrle-cache"]
         assert cache["pages"] > 0 and cache["cache-miss"] > 0, info
         assert cache["bytes"] < cache["pages"] * PAGE_SIZE / 10  # 8-byte changes encode small
