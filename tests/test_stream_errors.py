@@ -31,7 +31,15 @@ from vmsd.cli import main
 from vmsd.qemu72 import spec_set
 from vmsd.qmp import QMPError, load_stream, save_stream
 from vmsd.runtime.errors import MalformedStream, RegistryError, TruncatedStream, VersionMismatch, VMSDError
-from vmsd.runtime.stream import QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART, Section, SpecSet, Stream, read_stream
+from vmsd.runtime.stream import (
+    QEMU_VM_SECTION_FULL,
+    QEMU_VM_SECTION_PART,
+    Section,
+    SpecSet,
+    Stream,
+    read_stream,
+    write_stream,
+)
 
 MAGIC = struct.pack(">I", 0x5145564D)
 HEADER = MAGIC + struct.pack(">I", 3)
@@ -1025,6 +1033,14 @@ def test_subsection_version_low_byte(real: Real) -> None:
     for specs in (shipped(), trailer_only()):
         stream = read_stream(real.patch(real.sub + 22, u32(0x101)), specs)
         assert any(s.idstr == "cpu" for s in stream.full_sections())
+
+
+def test_subsection_version_word_survives_a_rewrite(real: Real) -> None:
+    """A section decoded from the trailer keeps its subsection's whole version word when rewritten (a fuzz find:
+    writing the trailer's version instead made the rewrite decode differently)."""
+    data = real.patch(real.sub + 22, u32(0x101))
+    stream = read_stream(data, trailer_only())
+    assert write_stream(stream, trailer=stream.trailer) == data
 
 
 def test_duplicate_section(real: Real) -> None:

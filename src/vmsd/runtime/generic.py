@@ -70,9 +70,11 @@ def decode_body(r: Reader, body: Obj) -> Obj:
         got = r.counted_string().decode(errors="replace")
         if got != sub_name:
             raise MalformedStream(f"expected subsection '{sub_name}', found '{got}'", offset=at)
-        r.u32()
+        version = r.u32()
         try:
-            values.append((sub_name, decode_body(r, sub)))
+            sub_values = decode_body(r, sub)
+            sub_values.wire_version = version  # QEMU reads only its low byte; a rewrite keeps all four
+            values.append((sub_name, sub_values))
         except VMSDError as e:
             raise e.within(sub_name) from None
     return values
@@ -164,7 +166,7 @@ def encode_body(w: Writer, body: Obj, values: Obj) -> None:
         name = sub.get("vmsd_name").encode()
         w.u8(QEMU_VM_SUBSECTION)
         w.counted_string(name)
-        w.u32(sub.get("version"))
+        w.u32(getattr(value, "wire_version", sub.get("version")))
         encode_body(w, sub, value)
 
 

@@ -18,6 +18,9 @@ from vmsd.runtime.schema import FieldSpec, SubsectionSpec, VmsdSpec
 class Obj(list[tuple[str, Any]]):
     """A JSON object as ordered pairs; keys may repeat, as in QEMU's output."""
 
+    # Set on decoded subsection values: the version word the stream carried.
+    wire_version: int
+
     def get(self, key: str, default: Any = None) -> Any:
         for k, v in self:
             if k == key:
