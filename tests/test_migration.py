@@ -28,8 +28,8 @@ from vmsd.runtime.io import Reader
 from vmsd.runtime.machine import Machine
 from vmsd.runtime.migration import Incoming, IncomingResult, Migration, parse_settings
 from vmsd.runtime.ram import read_ram
-from vmsd.runtime.ramblock import PAGE_SIZE, RamBlocks, apply_ram
-from vmsd.runtime.ramwire import RamEncoder, RamLoader
+from vmsd.runtime.ramblock import PAGE_SIZE, RamBlocks
+from vmsd.runtime.ramwire import RamEncoder, RamLoader, apply_ram
 from vmsd.runtime.transport import register_fd
 
 MIB = 1 << 20

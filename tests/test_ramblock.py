@@ -31,15 +31,8 @@ from vmsd.runtime.ram import (
     write_ram,
 )
 from vmsd.runtime.ram import RamBlock as RamBlockInfo
-from vmsd.runtime.ramblock import (
-    PAGE_SIZE,
-    RamBlock,
-    RamBlocks,
-    apply_ram,
-    ram_records,
-    ram_section_payloads,
-    zero_pages,
-)
+from vmsd.runtime.ramblock import PAGE_SIZE, RamBlock, RamBlocks, zero_pages
+from vmsd.runtime.ramwire import apply_ram, ram_records, ram_section_payloads
 from vmsd.runtime.stream import read_stream, write_stream
 
 
@@ -217,6 +210,9 @@ def test_apply_block_list_validation() -> None:
         apply_ram(blocks, RamPayload([mem_size(("x", PAGE_SIZE)), eos()]), create_missing=False)
 
 
+TWO_PAGES = zlib.compress(bytes(2 * PAGE_SIZE))  # more than a page: refused
+
+
 @pytest.mark.parametrize(
     ("record", "message"),
     [
@@ -227,7 +223,7 @@ def test_apply_block_list_validation() -> None:
         (RamRecord(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, 0, data=bytes(PAGE_SIZE)), "never named"),
         (RamRecord(RAM_SAVE_FLAG_COMPRESS_PAGE, 0, block="pc.ram", data=b"\x00\x00\x00\x03abc"), "decompress"),
         (RamRecord(RAM_SAVE_FLAG_COMPRESS_PAGE, 0, block="pc.ram",
-                   data=(100).to_bytes(4, "big") + zlib.compress(bytes(2 * PAGE_SIZE))), "decompress data failed"),
+                   data=len(TWO_PAGES).to_bytes(4, "big") + TWO_PAGES), "decompress data failed"),
         (RamRecord(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_ZERO, 0, block="pc.ram", data=b""), "unknown combination"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Guest RAM blocks in shared memory: dirty tracking, zero-page detection, RAM load and save.
+"""Guest RAM blocks in shared memory: dirty tracking and zero-page detection.
 
 A :class:`RamBlock` is one of QEMU's RAM blocks (``pc.ram``, ``pc.bios``, a
 ``memory-backend-*`` id, ...) backed by a memfd or by a shared file such as one
@@ -7,64 +7,27 @@ block's lifetime so a later CPR exec can hand it to a new process.
 
 :class:`RamBlocks` keeps blocks by name in QEMU's RAM-list order (largest
 first; a new block goes before the first strictly smaller one, as
-``qemu_ram_block_add`` does).
-
-:func:`apply_ram` is the loader (QEMU's ``ram_load_precopy``) and
-:func:`ram_records` the one-pass writer of a paused VM's RAM (``ram_save_setup``
-+ one ``ram_save_iterate`` pass + ``ram_save_complete``).
-
-Failure semantics of :func:`apply_ram`: the blocks *are* the destination's
-memory, so pages applied before a bad record stay written -- partial writes
-are inherent, exactly as in QEMU, whose destination is discarded when a load
-fails.  A failed apply marks the container ``failed`` (the error is kept);
-``complete`` is only true after a successful apply that ended with EOS, and a
-failed container refuses further applies.  The caller discards it.
+``qemu_ram_block_add`` does).  Loading and saving RAM records is
+:mod:`vmsd.runtime.ramwire`'s.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib
 import mmap
 import os
 import threading
-import traceback
-import zlib
 from collections.abc import Callable, Iterator
-from types import ModuleType
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from vmsd.runtime.errors import MalformedStream, VMSDError
-from vmsd.runtime.ram import (
-    RAM_SAVE_FLAG_COMPRESS_PAGE,
-    RAM_SAVE_FLAG_CONTINUE,
-    RAM_SAVE_FLAG_EOS,
-    RAM_SAVE_FLAG_HOOK,
-    RAM_SAVE_FLAG_MEM_SIZE,
-    RAM_SAVE_FLAG_MULTIFD_FLUSH,
-    RAM_SAVE_FLAG_PAGE,
-    RAM_SAVE_FLAG_XBZRLE,
-    RAM_SAVE_FLAG_ZERO,
-    RamPayload,
-    RamRecord,
-)
-from vmsd.runtime.ram import RamBlock as RamBlockInfo
+from vmsd.runtime.errors import VMSDError
 
 PAGE_SIZE = 4096
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _ZERO_CHUNK_PAGES = 256  # 1 MiB: the second look at a mixed chunk is served from cache
-_ZERO_PAGE = bytes(PAGE_SIZE)
 _MADV_POPULATE_WRITE = 23  # <linux/mman.h>; Python's mmap module only names it from 3.13 on
-# zlib's compressBound(TARGET_PAGE_SIZE), QEMU's limit for COMPRESS_PAGE records.
-_COMPRESS_BOUND = PAGE_SIZE + (PAGE_SIZE >> 12) + (PAGE_SIZE >> 14) + (PAGE_SIZE >> 25) + 13
-
-try:
-    _xbzrle: ModuleType | None = importlib.import_module("vmsd.runtime.xbzrle")
-except ImportError:
-    _xbzrle = None
 
 Pages = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -392,190 +355,3 @@ def _zero_run(words: npt.NDArray[np.uint64]) -> BoolArray:
             first |= chunk.max(axis=1) != 0
     zero: BoolArray = ~nonzero
     return zero
-
-
-# -- loading ----------------------------------------------------------------------------------------------------------
-def _xbzrle_decode(delta: bytes, old: bytes) -> bytes:
-    if _xbzrle is None:
-        raise MalformedStream("XBZRLE pages need vmsd.runtime.xbzrle")
-    out: Any = _xbzrle.decode(delta, old)
-    return bytes(out)
-
-
-def apply_ram(blocks: RamBlocks, payload: RamPayload, create_missing: bool = True, mark_dirty: bool = False) -> None:
-    """Apply one section's RAM records into ``blocks`` as QEMU's ``ram_load_precopy`` does.
-
-    MEM_SIZE creates announced blocks that are missing (``create_missing``) and
-    requires the others to have the announced size.  Errors are
-    :class:`MalformedStream` naming the block and offset; on error the pages
-    applied so far stay written, ``blocks.failed`` is set and the container
-    must be discarded (see the module docstring).
-    """
-    if blocks.failed is not None:
-        raise MalformedStream(f"RAM blocks are unusable after an earlier failed load: {blocks.failed.message}")
-    blocks.complete = False
-    try:
-        _apply(blocks, payload, create_missing, mark_dirty)
-    except VMSDError as e:
-        blocks.failed = e
-        _drop_page_views(e)
-        raise
-    except (ValueError, zlib.error) as e:  # e.g. a misbehaving XBZRLE decoder
-        err = MalformedStream(str(e))
-        blocks.failed = err
-        _drop_page_views(e)
-        raise err from e
-
-
-def _drop_page_views(e: BaseException) -> None:
-    """Clear the failed frames' locals: a page view kept alive by the traceback would pin the mapping (and the
-    descriptor mmap duplicates) after the caller closes the blocks."""
-    if e.__traceback__ is not None and e.__traceback__.tb_next is not None:
-        traceback.clear_frames(e.__traceback__.tb_next)
-
-
-def _apply(blocks: RamBlocks, payload: RamPayload, create_missing: bool, mark_dirty: bool) -> None:
-    for i, rec in enumerate(payload.records):
-        flags = rec.flags
-        where = f"RAM record {i}"
-        if flags & RAM_SAVE_FLAG_MEM_SIZE:
-            _apply_block_list(blocks, rec.blocks, create_missing)
-            continue
-        if flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_COMPRESS_PAGE):
-            if flags & RAM_SAVE_FLAG_CONTINUE:
-                block = blocks.last_block
-                if block is None:
-                    raise MalformedStream(f"{where}: page continues a RAM block that was never named")
-            else:
-                if rec.block is None:
-                    raise MalformedStream(f"{where}: page without a RAM block name")
-                found = blocks.get(rec.block)
-                if found is None:
-                    raise MalformedStream(f"{where}: can't find RAM block '{rec.block}'")
-                block = blocks.last_block = found
-            offset = rec.offset
-            if offset + PAGE_SIZE > block.used_length:
-                raise MalformedStream(f"{where}: illegal RAM offset {offset:#x} in block '{block.name}' "
-                                      f"of {block.used_length:#x} bytes")
-            kind = flags & ~RAM_SAVE_FLAG_CONTINUE
-            page = block.view[offset:offset + PAGE_SIZE]
-            if kind == RAM_SAVE_FLAG_ZERO:
-                fill = rec.data[0] if rec.data else 0
-                if fill or block.words[offset // PAGE_SIZE].any():
-                    block.bytes_[offset:offset + PAGE_SIZE] = fill
-            elif kind == RAM_SAVE_FLAG_PAGE:
-                if len(rec.data) != PAGE_SIZE:
-                    raise MalformedStream(f"{where}: page of {len(rec.data)} bytes at {offset:#x} in '{block.name}'")
-                page[:] = rec.data
-            elif kind == RAM_SAVE_FLAG_XBZRLE:
-                new = _xbzrle_decode(bytes(rec.data[3:]), bytes(page))
-                if len(new) != PAGE_SIZE:
-                    raise MalformedStream(f"{where}: XBZRLE page at {offset:#x} in '{block.name}' decoded "
-                                          f"to {len(new)} bytes")
-                page[:] = new
-            elif kind == RAM_SAVE_FLAG_COMPRESS_PAGE:
-                _decompress_page(rec.data, page, f"{where}: compressed page at {offset:#x} in '{block.name}'")
-            else:
-                raise MalformedStream(f"{where}: unknown combination of migration flags {flags:#x}")
-            if mark_dirty:
-                block.mark_dirty(offset, PAGE_SIZE)
-            continue
-        if flags & RAM_SAVE_FLAG_EOS:
-            blocks.complete = True
-            return
-        if flags == RAM_SAVE_FLAG_MULTIFD_FLUSH:
-            continue
-        if flags & RAM_SAVE_FLAG_HOOK:
-            raise MalformedStream(f"{where}: RDMA hook records are not supported")
-        raise MalformedStream(f"{where}: unknown combination of migration flags {flags:#x}")
-    raise MalformedStream("RAM payload ends without EOS")
-
-
-def _apply_block_list(blocks: RamBlocks, announced: list[RamBlockInfo], create_missing: bool) -> None:
-    # Check everything first so a bad list creates nothing.
-    for info in announced:
-        have = blocks.get(info.name)
-        if have is not None and have.used_length != info.used_length:
-            raise MalformedStream(f"wrong block list from the peer: RAM block '{info.name}' is "
-                                  f"{info.used_length:#x} bytes in the stream, {have.used_length:#x} here")
-        if have is None and not create_missing:
-            raise MalformedStream(f"wrong block list from the peer: unknown RAM block '{info.name}'")
-        if have is None and (info.used_length <= 0 or info.used_length % PAGE_SIZE):
-            raise MalformedStream(f"wrong block list from the peer: RAM block '{info.name}' "
-                                  f"of {info.used_length:#x} bytes")
-    for info in announced:  # new blocks keep the peer's order (QEMU's list is ordered by maximum length)
-        if info.name not in blocks:
-            blocks.create(info.name, info.used_length, append=True)
-
-
-def _decompress_page(data: bytes, page: memoryview, where: str) -> None:
-    """QEMU's qemu_uncompress_data: one complete zlib stream that inflates to at most a page."""
-    length = int.from_bytes(data[:4], "big")
-    if length > _COMPRESS_BOUND:
-        raise MalformedStream(f"{where}: invalid compressed data length {length}")
-    d = zlib.decompressobj()
-    try:
-        out = d.decompress(data[4:4 + length], PAGE_SIZE)
-    except zlib.error as e:
-        raise MalformedStream(f"{where}: decompress data failed ({e})") from None
-    if not d.eof:
-        raise MalformedStream(f"{where}: decompress data failed (no end of stream within a page)")
-    page[:len(out)] = out
-
-
-# -- saving -----------------------------------------------------------------------------------------------------------
-def ram_records(blocks: RamBlocks) -> Iterator[RamRecord]:
-    """The records QEMU 7.2 writes for a paused VM, in one pass.
-
-    ``MEM_SIZE`` + ``EOS`` (the START section), every page of every block as
-    ZERO (fill 0) or PAGE, block name on a block's first page and CONTINUE on
-    the rest, + ``EOS`` (the PART section), then ``EOS`` (the END section).
-    Split with :func:`ram_section_payloads`.
-    """
-    infos = [RamBlockInfo(b.name, b.used_length) for b in blocks]
-    yield RamRecord(RAM_SAVE_FLAG_MEM_SIZE, sum(i.used_length for i in infos), blocks=infos)
-    yield RamRecord(RAM_SAVE_FLAG_EOS, 0)
-    for block in blocks:
-        zero = zero_pages(block)
-        for p in range(block.npages):
-            flags = RAM_SAVE_FLAG_ZERO if zero[p] else RAM_SAVE_FLAG_PAGE
-            name: str | None = block.name
-            if p:
-                flags |= RAM_SAVE_FLAG_CONTINUE
-                name = None
-            data = b"\x00" if zero[p] else bytes(block.page(p))
-            yield RamRecord(flags, p * PAGE_SIZE, block=name, data=data)
-    yield RamRecord(RAM_SAVE_FLAG_EOS, 0)
-    yield RamRecord(RAM_SAVE_FLAG_EOS, 0)
-
-
-def ram_section_payloads(blocks: RamBlocks, pages_per_part: int | None = None) -> list[RamPayload]:
-    """START, PART..., END payloads for a stream; PARTs hold at most ``pages_per_part`` pages.
-
-    QEMU splits pages among PART sections by time and bandwidth, so any split
-    loads the same memory.  QEMU may start a PART with CONTINUE; these payloads
-    name the block on each PART's first page instead, which QEMU loads the same
-    and which keeps every payload readable on its own by :func:`read_ram`.
-    """
-    out: list[RamPayload] = []
-    records = list(ram_records(blocks))
-    start_end = (records[:2], records[-1:])
-    body = records[2:-2]
-    out.append(RamPayload(start_end[0]))
-    step = pages_per_part or max(len(body), 1)
-    for i in range(0, max(len(body), 1), step):
-        current = body[i:i + step]
-        if current and current[0].block is None:
-            head = current[0]
-            current[0] = RamRecord(head.flags & ~RAM_SAVE_FLAG_CONTINUE, head.offset, block=_block_at(body, i),
-                                   data=head.data)
-        out.append(RamPayload([*current, RamRecord(RAM_SAVE_FLAG_EOS, 0)]))
-    out.append(RamPayload(start_end[1]))
-    return out
-
-
-def _block_at(body: list[RamRecord], index: int) -> str | None:
-    for rec in reversed(body[:index + 1]):
-        if rec.block is not None:
-            return rec.block
-    return None

@@ -17,6 +17,8 @@ import queue
 import select
 import struct
 import threading
+import traceback
+import zlib
 from collections.abc import Callable, Iterator
 
 import attrs
@@ -25,7 +27,7 @@ import numpy.typing as npt
 
 from vmsd.runtime import xbzrle
 from vmsd.runtime.errors import MalformedStream, VMSDError
-from vmsd.runtime.io import ByteSource, Reader
+from vmsd.runtime.io import ByteSource, Reader, Writer
 from vmsd.runtime.ram import (
     RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_CONTINUE,
@@ -36,9 +38,14 @@ from vmsd.runtime.ram import (
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE,
     RAM_SAVE_FLAG_ZERO,
+    RamPayload,
+    RamRecord,
     _read_block_list,
+    read_ram,
+    write_ram,
 )
-from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks, _apply_block_list, _decompress_page
+from vmsd.runtime.ram import RamBlock as RamBlockInfo
+from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks
 
 _U64 = struct.Struct(">Q")
 _BE64 = np.dtype(">u8")
@@ -47,6 +54,8 @@ _ZERO = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
 _NORMAL_STRIDE = 8 + PAGE_SIZE
 _ZERO_STRIDE = 8 + 1
 _FLAG_MASK = PAGE_SIZE - 1
+# zlib's compressBound(TARGET_PAGE_SIZE), QEMU's limit for COMPRESS_PAGE records.
+_COMPRESS_BOUND = PAGE_SIZE + (PAGE_SIZE >> 12) + (PAGE_SIZE >> 14) + (PAGE_SIZE >> 25) + 13
 _PAGE_KINDS = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_COMPRESS_PAGE
 # Receive buffers: room for a partial record in front, then one socket read.
 _RESERVE = 8192
@@ -252,10 +261,12 @@ class RamLoader:
             self._load(r)
         except VMSDError as e:
             self.blocks.failed = e
+            _drop_page_views(e)
             raise
         except ValueError as e:  # a malformed XBZRLE delta
             err = MalformedStream(str(e), offset=r.tell())
             self.blocks.failed = err
+            _drop_page_views(e)
             raise err from None
         self.sections += 1
 
@@ -534,3 +545,108 @@ class _Receiver:
             elif isinstance(item, BaseException):
                 raise item
         return bytes(rest)
+
+
+def _drop_page_views(e: BaseException) -> None:
+    """Clear the failed frames' locals: a page view kept alive by the traceback would pin the mapping (and the
+    descriptor mmap duplicates) after the caller closes the blocks."""
+    seen: BaseException | None = e
+    while seen is not None:  # the chained errors (a codec's ValueError) hold the same frames
+        if seen.__traceback__ is not None and seen.__traceback__.tb_next is not None:
+            traceback.clear_frames(seen.__traceback__.tb_next)
+        seen = seen.__cause__ or seen.__context__
+
+
+def _apply_block_list(blocks: RamBlocks, announced: list[RamBlockInfo], create_missing: bool) -> None:
+    # Check everything first so a bad list creates nothing.
+    for info in announced:
+        have = blocks.get(info.name)
+        if have is not None and have.used_length != info.used_length:
+            raise MalformedStream(f"wrong block list from the peer: RAM block '{info.name}' is "
+                                  f"{info.used_length:#x} bytes in the stream, {have.used_length:#x} here")
+        if have is None and not create_missing:
+            raise MalformedStream(f"wrong block list from the peer: unknown RAM block '{info.name}'")
+        if have is None and (info.used_length <= 0 or info.used_length % PAGE_SIZE):
+            raise MalformedStream(f"wrong block list from the peer: RAM block '{info.name}' "
+                                  f"of {info.used_length:#x} bytes")
+    for info in announced:  # new blocks keep the peer's order (QEMU's list is ordered by maximum length)
+        if info.name not in blocks:
+            blocks.create(info.name, info.used_length, append=True)
+
+
+def _decompress_page(data: bytes, page: memoryview, where: str) -> None:
+    """QEMU's qemu_uncompress_data: one complete zlib stream that inflates to at most a page."""
+    length = int.from_bytes(data[:4], "big")
+    if length > _COMPRESS_BOUND:
+        raise MalformedStream(f"{where}: invalid compressed data length {length}")
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data[4:4 + length], PAGE_SIZE)
+    except zlib.error as e:
+        raise MalformedStream(f"{where}: decompress data failed ({e})") from None
+    if not d.eof:
+        raise MalformedStream(f"{where}: decompress data failed (no end of stream within a page)")
+    page[:len(out)] = out
+
+
+# -- the same, record objects in and out (stream tools) ---------------------------------------------------------------
+def apply_ram(blocks: RamBlocks, payload: RamPayload, create_missing: bool = True, mark_dirty: bool = False) -> None:
+    """Apply one parsed section's records (:func:`vmsd.runtime.ram.read_ram`) as a :class:`RamLoader` would.
+
+    The blocks *are* the destination's memory, so pages applied before a bad
+    record stay written -- as in QEMU, whose destination is discarded when a
+    load fails; ``blocks.failed`` is set and further applies are refused.
+    """
+    if blocks.failed is not None:
+        raise MalformedStream(f"RAM blocks are unusable after an earlier failed load: {blocks.failed.message}")
+    if not payload.records or not payload.records[-1].flags & RAM_SAVE_FLAG_EOS:
+        raise MalformedStream("RAM payload ends without EOS")
+    w = Writer()
+    write_ram(w, payload)
+    blocks.complete = False
+    RamLoader(blocks, create_missing=create_missing, mark_dirty=mark_dirty).load_section(Reader(w.getvalue()))
+
+
+def ram_records(blocks: RamBlocks) -> list[RamRecord]:
+    """The records QEMU 7.2 writes for a paused VM in one pass, as objects.
+
+    ``MEM_SIZE`` + ``EOS`` (the START section), every page of every block as
+    ZERO or PAGE (a block named on its first page, CONTINUE after), ``EOS``
+    (the PART section), then ``EOS`` (the END section).
+    """
+    enc = RamEncoder()
+    out = bytearray(enc.block_list(blocks) + enc.eos())
+    for block in blocks:
+        for buf in enc.encode(block, np.arange(block.npages, dtype=np.int64)):
+            out += buf
+    out += enc.eos() + enc.eos()
+    r = Reader(bytes(out))
+    records: list[RamRecord] = []
+    for _ in range(3):
+        records += read_ram(r, block_named=bool(records)).records
+    return records
+
+
+def ram_section_payloads(blocks: RamBlocks, pages_per_part: int | None = None) -> list[RamPayload]:
+    """START, PART..., END payloads for a stream; PARTs hold at most ``pages_per_part`` pages.
+
+    QEMU splits pages among PART sections by time and bandwidth, so any split
+    loads the same memory.  Each PART names the block on its first page
+    (QEMU may start one with CONTINUE), which keeps every payload readable on
+    its own by :func:`~vmsd.runtime.ram.read_ram`.
+    """
+    records = ram_records(blocks)
+    body = records[2:-2]
+    step = pages_per_part or max(len(body), 1)
+    parts: list[RamPayload] = []
+    current_block: str | None = None
+    for i in range(0, max(len(body), 1), step):
+        chunk = body[i:i + step]
+        for j, rec in enumerate(chunk):
+            if rec.block is not None:
+                current_block = rec.block
+            elif j == 0:
+                chunk[0] = RamRecord(rec.flags & ~RAM_SAVE_FLAG_CONTINUE, rec.offset, block=current_block,
+                                     data=rec.data)
+        parts.append(RamPayload([*chunk, RamRecord(RAM_SAVE_FLAG_EOS, 0)]))
+    return [RamPayload(records[:2]), *parts, RamPayload(records[-1:])]
