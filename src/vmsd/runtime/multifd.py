@@ -333,6 +333,8 @@ class MultifdReceiver:
         self._error: MultifdError | None = None
         self._stopping = False
         self._zbound: list[ZstdBound | None] = [None] * len(channels)
+        # Per-channel receive buffers for compressed payloads (at most two packets of pages, checked before use).
+        self._payload = [bytearray(2 * PAGES_PER_PACKET * PAGE_SIZE + 4096) for _ in channels]
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd recv {i}", daemon=True)
                          for i in range(len(channels))]
         for t in self._threads:
@@ -445,10 +447,12 @@ class MultifdReceiver:
         elif normal:
             if size > 2 * normal * PAGE_SIZE + 4096:
                 raise MalformedStream(f"compressed payload of {size} bytes for {normal} pages")
-            data = ch.read_exact(size)
-            out = _inflate(decomp, data, normal * PAGE_SIZE, self.config.compression, self._zbound[stats.channel])
+            payload = memoryview(self._payload[stats.channel])[:size]
+            _read_into(ch, payload)
+            out = memoryview(_inflate(decomp, payload, normal * PAGE_SIZE, self.config.compression,
+                                      self._zbound[stats.channel]))
             at = 0
-            for p, n in runs:
+            for p, n in runs:  # slices of a memoryview: no copy on the way into RAM
                 block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = out[at:at + n * PAGE_SIZE]
                 at += n * PAGE_SIZE
             stats.bytes += size
@@ -477,12 +481,12 @@ class ZstdBound:
         self.in_frame = False
         self.checksum = False
 
-    def bound(self, data: bytes) -> int:
+    def bound(self, data: memoryview) -> int:
         out = 0
         i, n = 0, len(data)
         while i < n:
             if not self.in_frame:
-                if data[i:i + 4] != _ZSTD_MAGIC or i + 5 > n:
+                if bytes(data[i:i + 4]) != _ZSTD_MAGIC or i + 5 > n:
                     raise MalformedStream("zstd payload does not start a frame or a block")
                 fhd = data[i + 4]
                 single = (fhd >> 5) & 1
@@ -493,7 +497,7 @@ class ZstdBound:
                 continue
             if i + 3 > n:
                 raise MalformedStream("zstd block header cut short")
-            head = int.from_bytes(data[i:i + 3], "little")
+            head = data[i] | data[i + 1] << 8 | data[i + 2] << 16
             last, kind, size = head & 1, (head >> 1) & 3, head >> 3
             i += 3
             if kind == 0:  # raw
@@ -515,7 +519,7 @@ class ZstdBound:
         return out
 
 
-def _inflate(decomp: Any, data: bytes, want: int, method: str, zbound: ZstdBound | None = None) -> bytes:
+def _inflate(decomp: Any, data: memoryview, want: int, method: str, zbound: ZstdBound | None = None) -> bytes:
     if zbound is not None:
         most = zbound.bound(data)
         if most > 2 * want + 2 * _ZSTD_BLOCK_MAX:
