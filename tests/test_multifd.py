@@ -10,6 +10,7 @@ import uuid as uuidlib
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -283,20 +284,22 @@ def _guest_ram(path: Path, size: int) -> None:
             f.write(rng.bytes(MIB) if i % 2 else bytes(MIB))
 
 
-@pytest.mark.parametrize(("channels", "compression"), [(2, "none"), (4, "zlib"), (2, "zstd"), (4, "none")])
-def test_qemu72_to_vmsd_and_back(shm: Path, tmp_path: Path, channels: int, compression: str) -> None:
+def _round_trip(start: Any, shm: Path, tmp_path: Path, channels: int, compression: str, version: str) -> None:
+    """QEMU -> ``vmsd incoming`` (snapshot) -> ``vmsd outgoing`` -> QEMU, multifd both ways; RAM compared.
+
+    ``start(args, incoming)`` starts the QEMU peer of ``version``; the destination checks our ``--uuid``.
+    """
     snap = tmp_path / "snap.mig"
-    size = 64 * MIB
-    _guest_ram(shm / "src", size)
+    _guest_ram(shm / "src", 64 * MIB)
     opts = ["--capability", "multifd=on", "--parameter", f"multifd-channels={channels}",
-            "--parameter", f"multifd-compression={compression}", "--peer-version", "7.2"]
+            "--parameter", f"multifd-compression={compression}", "--peer-version", version]
     port = free_port()
     rc: list[int] = []
     t = threading.Thread(target=lambda: rc.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snap),
                                                         "--timeout", "30", *opts])))
     t.start()
     time.sleep(0.3)
-    with Qemu(_ram(shm / "src"), memory="64") as src:
+    with start(_ram(shm / "src"), None) as src:
         _multifd_on(src, channels, compression)
         src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 10**10})
         src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
@@ -306,12 +309,18 @@ def test_qemu72_to_vmsd_and_back(shm: Path, tmp_path: Path, channels: int, compr
     source = (shm / "src").read_bytes()
     vm_uuid = str(uuidlib.uuid4())
     port = free_port()
-    with Qemu([*_ram(shm / "dst"), "-uuid", vm_uuid], memory="64", incoming="defer") as dst:
+    with start([*_ram(shm / "dst"), "-uuid", vm_uuid], "defer") as dst:
         _multifd_on(dst, channels, compression)
         dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         assert main(["outgoing", str(snap), f"tcp:127.0.0.1:{port}", "--uuid", vm_uuid, *opts]) == 0
         dst.wait_migration(30)
         assert (shm / "dst").read_bytes() == source
+
+
+@pytest.mark.parametrize(("channels", "compression"), [(2, "none"), (4, "zlib"), (2, "zstd"), (4, "none")])
+def test_qemu72_to_vmsd_and_back(shm: Path, tmp_path: Path, channels: int, compression: str) -> None:
+    _round_trip(lambda args, incoming: Qemu(args, memory="64", incoming=incoming), shm, tmp_path, channels,
+                compression, "7.2")
 
 
 def test_qemu72_refuses_a_wrong_uuid(shm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -349,28 +358,4 @@ def _q10(peer: tuple[list[str], dict[str, str]], args: list[str], incoming: str 
 @pytest.mark.parametrize(("channels", "compression"), [(2, "none"), (4, "zstd"), (2, "zlib")])
 def test_qemu10_to_vmsd_and_back(qemu10: tuple[list[str], dict[str, str]], shm: Path, tmp_path: Path,
                                  channels: int, compression: str) -> None:
-    snap = tmp_path / "snap.mig"
-    _guest_ram(shm / "src", 64 * MIB)
-    opts = ["--capability", "multifd=on", "--parameter", f"multifd-channels={channels}",
-            "--parameter", f"multifd-compression={compression}", "--peer-version", "10.0"]
-    port = free_port()
-    rc: list[int] = []
-    t = threading.Thread(target=lambda: rc.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snap),
-                                                        "--timeout", "30", *opts])))
-    t.start()
-    time.sleep(0.3)
-    with _q10(qemu10, _ram(shm / "src")) as src:
-        _multifd_on(src, channels, compression)
-        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 10**10})
-        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-        t.join(60)
-        src.wait_migration(30)
-    assert rc == [0]
-    source = (shm / "src").read_bytes()
-    port = free_port()
-    with _q10(qemu10, _ram(shm / "dst"), incoming="defer") as dst:
-        _multifd_on(dst, channels, compression)
-        dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-        assert main(["outgoing", str(snap), f"tcp:127.0.0.1:{port}", *opts]) == 0
-        dst.wait_migration(30)
-        assert (shm / "dst").read_bytes() == source
+    _round_trip(lambda args, incoming: _q10(qemu10, args, incoming), shm, tmp_path, channels, compression, "10.0")
