@@ -733,6 +733,7 @@ class Incoming:
                 if name != m.name:
                     raise MalformedStream(f"Machine type received is '{name}' and local is '{m.name}'")
             records = dec.records(top=True)
+            _drain_trailer(r)
             sections = [rec for rec in records if isinstance(rec, Section) and rec.kind == QEMU_VM_SECTION_FULL]
             if not ram_ids:
                 raise MalformedStream("the stream carries no RAM section")
@@ -781,6 +782,20 @@ class Incoming:
         for dev, sec in loaded:
             dev.state = sec.payload
             dev.version_id = sec.version_id
+
+
+def _drain_trailer(r: Reader) -> None:
+    """Read the JSON trailer after EOF, as QEMU's destination does.
+
+    Closing with it unread would make the kernel answer the source's last
+    writes with a reset, and the source would report a failed migration.
+    """
+    if r.peek(1) != bytes([QEMU_VM_VMDESCRIPTION]):
+        return  # end of input, or a source that sends no trailer
+    r.u8()
+    left = r.u32()
+    while left:
+        left -= len(r.read(min(left, 1 << 20)))
 
 
 def _send_shut(ch: Channel, status: int) -> None:
