@@ -22,29 +22,22 @@ from typing import Any
 import numpy as np
 
 from vmsd.runtime.errors import RegistryError
-from vmsd.runtime.io import Writer
 from vmsd.runtime.machine import Machine
 from vmsd.runtime.migration import Incoming, IncomingResult, Migration
 from vmsd.runtime.multifd import MultifdConfig
 from vmsd.runtime.ramwire import RamEncoder
 from vmsd.runtime.stream import (
     IDSTR_RAM,
-    QEMU_VM_CONFIGURATION,
-    QEMU_VM_EOF,
-    QEMU_VM_FILE_MAGIC,
-    QEMU_VM_FILE_VERSION,
     QEMU_VM_SECTION_END,
-    QEMU_VM_SECTION_FOOTER,
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
-    QEMU_VM_VMDESCRIPTION,
     SpecSet,
-    Stream,
-    regenerate_trailer,
-    write_records,
+    section_footer,
+    section_head,
+    stream_head,
+    stream_tail,
 )
 from vmsd.runtime.transport import open_incoming
-from vmsd.runtime.vmdesc import dumps
 
 _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 
@@ -66,48 +59,21 @@ def write_snapshot(result: IncomingResult, output: Path) -> None:
     enc = RamEncoder()
     try:
         with open(tmp, "wb") as f:
-            head = Writer()
-            head.u32(QEMU_VM_FILE_MAGIC)
-            head.u32(QEMU_VM_FILE_VERSION)
-            if result.configuration is not None:
-                head.u8(QEMU_VM_CONFIGURATION)
-                conf = result.configuration.state
-                conf._save_nested(head, conf.VERSION_ID)
-            footers = any(s.footer for s in result.sections) or not result.sections
+            conf = result.configuration.state if result.configuration is not None else None
             ram_id = result.ram_section_id
-
-            def section(kind: int, body: bytes = b"") -> bytes:
-                w = Writer()
-                w.u8(kind)
-                w.u32(ram_id)
-                if kind == QEMU_VM_SECTION_START:
-                    w.counted_string(IDSTR_RAM.encode())
-                    w.u32(0)
-                    w.u32(4)
-                w.write(body)
-                return w.getvalue()
-
-            def footer() -> bytes:
-                return bytes([QEMU_VM_SECTION_FOOTER]) + ram_id.to_bytes(4, "big") if footers else b""
-
-            f.write(head.getvalue())
-            f.write(section(QEMU_VM_SECTION_START, enc.block_list(result.blocks) + enc.eos()) + footer())
-            f.write(section(QEMU_VM_SECTION_PART))
+            footer = section_footer(ram_id) if any(s.footer for s in result.sections) or not result.sections else b""
+            f.write(stream_head(conf))
+            f.write(section_head(QEMU_VM_SECTION_START, ram_id, IDSTR_RAM, 0, 4) + enc.block_list(result.blocks)
+                    + enc.eos() + footer)
+            f.write(section_head(QEMU_VM_SECTION_PART, ram_id))
             for block in result.blocks:
                 for start in range(0, block.npages, _PAGES_PER_WRITE):
                     pages = np.arange(start, min(start + _PAGES_PER_WRITE, block.npages), dtype=np.int64)
                     for buf in enc.encode(block, pages):
                         f.write(buf)
-            f.write(enc.eos() + footer())
-            f.write(section(QEMU_VM_SECTION_END, enc.eos()) + footer())
-            tail = Writer()
-            write_records(tail, list(result.sections))
-            tail.u8(QEMU_VM_EOF)
-            text = dumps(regenerate_trailer(Stream(records=list(result.sections)))).encode()
-            tail.u8(QEMU_VM_VMDESCRIPTION)
-            tail.u32(len(text))
-            tail.write(text)
-            f.write(tail.getvalue())
+            f.write(enc.eos() + footer)
+            f.write(section_head(QEMU_VM_SECTION_END, ram_id) + enc.eos() + footer)
+            f.write(stream_tail(result.sections))
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(output)

@@ -62,12 +62,7 @@ from vmsd.runtime.ramwire import RamEncoder, RamLoader, zero_mask
 from vmsd.runtime.stream import (
     IDSTR_RAM,
     QEMU_VM_COMMAND,
-    QEMU_VM_CONFIGURATION,
-    QEMU_VM_EOF,
-    QEMU_VM_FILE_MAGIC,
-    QEMU_VM_FILE_VERSION,
     QEMU_VM_SECTION_END,
-    QEMU_VM_SECTION_FOOTER,
     QEMU_VM_SECTION_FULL,
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
@@ -76,12 +71,12 @@ from vmsd.runtime.stream import (
     Decoder,
     Section,
     SpecSet,
-    Stream,
-    regenerate_trailer,
-    write_records,
+    section_footer,
+    section_head,
+    stream_head,
+    stream_tail,
 )
 from vmsd.runtime.transport import Channel, FileURI, TransportError, listen, open_incoming, open_outgoing, parse_uri
-from vmsd.runtime.vmdesc import dumps
 from vmsd.runtime.vmstate import impl
 from vmsd.runtime.xbzrle import XbzrleCache
 
@@ -152,18 +147,6 @@ def configuration_for(machine_name: str) -> Any:
     conf: Any = impl(cls)()
     conf.len, conf.name = len(name), name
     return conf
-
-
-def _section_head(kind: int, section_id: int, idstr: str = "", instance_id: int = 0, version_id: int = 0) -> bytes:
-    head = struct.pack(">BI", kind, section_id)
-    if kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
-        raw = idstr.encode()
-        head += bytes([len(raw)]) + raw + struct.pack(">II", instance_id, version_id)
-    return head
-
-
-def _footer(section_id: int) -> bytes:
-    return struct.pack(">BI", QEMU_VM_SECTION_FOOTER, section_id)
 
 
 @attrs.define
@@ -298,18 +281,15 @@ class Migration:
             self._open_multifd(cfg)
         self._check_cancel()
         head = Writer()
-        head.u32(QEMU_VM_FILE_MAGIC)
-        head.u32(QEMU_VM_FILE_VERSION)
-        head.u8(QEMU_VM_CONFIGURATION)
-        configuration_for(m.name)._save_nested(head, 1)
+        head.write(stream_head(configuration_for(m.name)))
         if self.capabilities["return-path"]:
             head.write(struct.pack(">BHH", QEMU_VM_COMMAND, MIG_CMD_OPEN_RETURN_PATH, 0))
-        head.write(_section_head(QEMU_VM_SECTION_START, RAM_SECTION_ID, IDSTR_RAM, 0, RAM_SECTION_VERSION))
+        head.write(section_head(QEMU_VM_SECTION_START, RAM_SECTION_ID, IDSTR_RAM, 0, RAM_SECTION_VERSION))
         head.write(self.encoder.block_list(m.ram))
         self._send([head.getvalue()])
         self._start_multifd()
         self._multifd_sync(True)
-        self._send([self.encoder.eos(), _footer(RAM_SECTION_ID)])
+        self._send([self.encoder.eos(), section_footer(RAM_SECTION_ID)])
         # QEMU's first bitmap sync: every page is dirty; the dirty log starts empty.
         for b in blocks:
             b.take_dirty()
@@ -334,7 +314,7 @@ class Migration:
     def _iterate(self, todo: _Pass) -> None:
         """One PART section: dirty pages for at most MAX_WAIT or the window's bandwidth share."""
         started = time.monotonic()
-        buffers: list[Any] = [_section_head(QEMU_VM_SECTION_PART, RAM_SECTION_ID)]
+        buffers: list[Any] = [section_head(QEMU_VM_SECTION_PART, RAM_SECTION_ID)]
         limit = self.parameters["max-bandwidth"] * BUFFER_DELAY
         while True:
             # Within a bandwidth limit, chunks are no larger than what the window has left.
@@ -356,7 +336,7 @@ class Migration:
             self._send(buffers)
         # 7.2's layout syncs at every section end; the newest once per pass (a MULTIFD_FLUSH).
         self._multifd_sync(self.multifd is not None and (self.multifd.legacy_sync or got is None))
-        self._send([self.encoder.eos(), _footer(RAM_SECTION_ID)], 8)
+        self._send([self.encoder.eos(), section_footer(RAM_SECTION_ID)], 8)
         self._update_counters(todo)
 
     def _send_pages(self, buffers: list[Any], block: RamBlock, pages: Pages, last_stage: bool = False) -> None:
@@ -491,27 +471,20 @@ class Migration:
         down = time.monotonic()
         todo = self._sync(todo)
         before = self._bytes_sent()
-        self._send([_section_head(QEMU_VM_SECTION_END, RAM_SECTION_ID)])
+        self._send([section_head(QEMU_VM_SECTION_END, RAM_SECTION_ID)])
         while (got := todo.take(_CHUNK_PAGES)) is not None:
             self._check_cancel()
             block, pages = got
             self._send_pages([], block, pages, last_stage=True)
         self._multifd_sync(True)
-        self._send([self.encoder.eos(), _footer(RAM_SECTION_ID)])
+        self._send([self.encoder.eos(), section_footer(RAM_SECTION_ID)])
         self._downtime_bytes = self._bytes_sent() - before
         self._remaining = 0
-        tail = Writer()
-        sections: list[Section | Any] = [
-            Section(QEMU_VM_SECTION_FULL, RAM_SECTION_ID + 1 + i, 0, dev.idstr, dev.instance_id, dev.version_id, payload=dev.state)
+        self._send([stream_tail([
+            Section(QEMU_VM_SECTION_FULL, RAM_SECTION_ID + 1 + i, 0, dev.idstr, dev.instance_id, dev.version_id,
+                    payload=dev.state)
             for i, dev in enumerate(m.devices.values())
-        ]
-        write_records(tail, sections)
-        tail.u8(QEMU_VM_EOF)
-        text = dumps(regenerate_trailer(Stream(records=sections))).encode()
-        tail.u8(QEMU_VM_VMDESCRIPTION)
-        tail.u32(len(text))
-        tail.write(text)
-        self._send([tail.getvalue()])
+        ])])
         ch = self._channel
         assert ch is not None
         if self._sender is not None:

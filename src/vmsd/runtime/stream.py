@@ -643,14 +643,48 @@ def read_stream(data: bytes, specs: SpecSet, strict_typed: bool = False, enforce
     return Decoder(bytes(data), specs, strict_typed, enforce_checks).run()
 
 
+def stream_head(configuration: Any, version: int = QEMU_VM_FILE_VERSION) -> bytes:
+    """Magic, version and (when given) the typed configuration record."""
+    w = Writer()
+    w.u32(QEMU_VM_FILE_MAGIC)
+    w.u32(version)
+    if configuration is not None:
+        w.u8(QEMU_VM_CONFIGURATION)
+        configuration._save_nested(w, configuration.VERSION_ID)
+    return w.getvalue()
+
+
+def section_head(kind: int, section_id: int, idstr: str = "", instance_id: int = 0, version_id: int = 0) -> bytes:
+    """A section's header; START and FULL carry idstr, instance and version."""
+    head = struct.pack(">BI", kind, section_id)
+    if kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
+        raw = idstr.encode("utf-8", "surrogateescape")
+        if len(raw) > 255:
+            raise ValueError(f"section idstr of {len(raw)} bytes exceeds 255")
+        head += bytes([len(raw)]) + raw + struct.pack(">II", instance_id, version_id)
+    return head
+
+
+def section_footer(section_id: int) -> bytes:
+    return struct.pack(">BI", QEMU_VM_SECTION_FOOTER, section_id)
+
+
+def stream_tail(sections: list[Section]) -> bytes:
+    """Device sections, EOF and the trailer regenerated from their specs: the end of a live migration."""
+    w = Writer()
+    write_records(w, list(sections))
+    w.u8(QEMU_VM_EOF)
+    text = dumps(regenerate_trailer(Stream(records=list(sections)))).encode()
+    w.u8(QEMU_VM_VMDESCRIPTION)
+    w.u32(len(text))
+    w.write(text)
+    return w.getvalue()
+
+
 def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
     """Encode ``stream``.  ``trailer``: True = regenerate from the payloads, an Obj = use it, False = none."""
     w = Writer()
-    w.u32(QEMU_VM_FILE_MAGIC)
-    w.u32(stream.version)
-    if stream.configuration is not None:
-        w.u8(QEMU_VM_CONFIGURATION)
-        stream.configuration.state._save_nested(w, stream.configuration.state.VERSION_ID)
+    w.write(stream_head(stream.configuration.state if stream.configuration is not None else None, stream.version))
     write_records(w, stream.records)
     w.u8(QEMU_VM_EOF)
     if trailer is not False and (stream.trailer is not None or isinstance(trailer, Obj)):
@@ -682,12 +716,7 @@ def write_records(w: Writer, records: list[Section | Command]) -> None:
                 w.u16(len(rec.data))
                 w.write(rec.data)
             continue
-        w.u8(rec.kind)
-        w.u32(rec.section_id)
-        if rec.has_header:
-            w.counted_string(rec.idstr.encode("utf-8", "surrogateescape"))
-            w.u32(rec.instance_id)
-            w.u32(rec.version_id)
+        w.write(section_head(rec.kind, rec.section_id, rec.idstr, rec.instance_id, rec.version_id))
         p = rec.payload
         if isinstance(p, RamPayload):
             write_ram(w, p)
@@ -698,8 +727,7 @@ def write_records(w: Writer, records: list[Section | Command]) -> None:
         else:
             p._save_nested(w, rec.version_id)
         if rec.footer:
-            w.u8(QEMU_VM_SECTION_FOOTER)
-            w.u32(rec.section_id)
+            w.write(section_footer(rec.section_id))
 
 
 def regenerate_trailer(stream: Stream) -> Obj:
