@@ -51,6 +51,8 @@ class AttrModel:
     annotation: str
     default: str  # source after '=' in the class body
     doc: str | None
+    fresh: str | None = None  # value load() starts from, None when loading always assigns it first
+    fill: str | None = None  # statement completing a fresh instance after its load
 
 
 @attrs.frozen
@@ -82,6 +84,16 @@ class ClassModel:
     table: str  # source of the VmsdSpec expression
     flat_struct: str | None = None  # the one Struct of a state that is a single fused run
     flat_targets: tuple[str, ...] = ()
+    peeks: bool = False  # custom predicates here or in nested structs may look at the reader
+    fresh_defaults: bool = False  # a fresh instance for load() needs every default (extents, custom presence tests)
+
+    @property
+    def fresh(self) -> list[tuple[str, str]]:
+        return [(a.name, a.fresh) for a in self.attrs if a.fresh is not None]
+
+    @property
+    def fills(self) -> list[str]:
+        return [a.fill for a in self.attrs if a.fill is not None]
 
     @property
     def sub_tables(self) -> list[tuple[str, list[SubsectionModel]]]:
@@ -111,8 +123,13 @@ class ModuleModel:
     classes: list[ClassModel]
 
     @property
-    def uses_flat(self) -> bool:
-        return any(c.flat_struct for c in self.classes)
+    def typing_names(self) -> list[str]:
+        names = ["ClassVar"]
+        if any(c.flat_struct for c in self.classes):
+            names.insert(0, "Any")
+        if any(not c.fresh_defaults for c in self.classes):
+            names.append("Self")
+        return names
 
     @property
     def uses_abc(self) -> bool:
@@ -201,7 +218,7 @@ class ModuleBuilder:
             name for name, a in known.items() if not a.in_subsection and (a.field.since or a.field.exists is not None)
         )
         ctx = _Ctx({n: a.field for n, a in known.items()}, optional)
-        attr_models = [self.attr_model(a.field, a.field.name in optional) for a in known.values() if a.field.name]
+        attr_models = [self.attr_model(a.field, a.field.name in optional, a.in_subsection) for a in known.values() if a.field.name]
         predicates: list[tuple[str, str]] = []
         abstract: list[str] = []
         for f, _ in walk_fields(v.fields, v.subsections):
@@ -241,7 +258,20 @@ class ModuleBuilder:
             table=table,
             flat_struct=flat[0] if flat else None,
             flat_targets=tuple(flat[1]) if flat else (),
+            peeks=self.peeks(v),
+            # Code outside the spec runs mid-load here and may look at any field.
+            fresh_defaults=any(f.kind == "opaque" or isinstance(f.exists, ast.Custom) for f, _ in walk_fields(v.fields, v.subsections)),
         )
+
+    def peeks(self, v: ast.Vmsd, seen: frozenset[int] = frozenset()) -> bool:
+        """Whether loading ``v`` may run a custom predicate (which may ask for the reader)."""
+        for f, _ in walk_fields(v.fields, v.subsections):
+            if isinstance(f.exists, ast.Custom):
+                return True
+            target = self.r.struct_target.get(id(f))
+            if target is not None and id(target) not in seen and self.peeks(target, seen | {id(v)}):
+                return True
+        return any(isinstance(s.needed, ast.Custom) for s in walk_subsections(v.subsections))
 
     def subsections(
         self, subs: tuple[ast.Subsection, ...], parent: str, ctx: _Ctx, predicates: list[tuple[str, str]], parent_save: list[str]
@@ -283,51 +313,86 @@ class ModuleBuilder:
         return models, tables
 
     # -- attributes ---------------------------------------------------------------
-    def attr_model(self, f: ast.Field, optional: bool) -> AttrModel:
+    def attr_model(self, f: ast.Field, optional: bool, in_subsection: bool) -> AttrModel:
         assert f.name is not None
-        ann, default = self.annotation_and_default(f)
+        ann, value, factory = self.annotation_and_default(f)
         if optional:
             ann = f"{ann} | None"
-        return AttrModel(python_attr_name(f.name), ann, default, f.doc)
+        default = f"attrs.field(factory=lambda: {value})" if factory else value
+        if value == "[]":
+            default = "attrs.field(factory=list)"
+        name = python_attr_name(f.name)
+        start, fill = self.fresh_value(f, name, value, factory, optional, in_subsection)
+        return AttrModel(name, ann, default, f.doc, start, fill)
 
-    def annotation_and_default(self, f: ast.Field) -> tuple[str, str]:
+    def fresh_value(
+        self, f: ast.Field, name: str, value: str, factory: bool, optional: bool, in_subsection: bool
+    ) -> tuple[str | None, str | None]:
+        """What ``_fresh`` assigns before a load (None: the loader always
+        assigns first) and what ``_fill`` does after it.
+
+        A subsection field keeps its default when the subsection is absent:
+        built defaults (lists, struct arrays) start as ``_rt.ABSENT`` and are
+        built only when the load did not reach them.  A checked field is
+        compared with the value held before loading, a nullable array's NULL
+        slots decide what is read, and a nested struct is loaded into what is
+        there: those start from a real value.
+        """
+        nested = f.kind == "struct" and not f.dims
+        if f.check is not None or (f.kind == "struct" and f.nullable) or (in_subsection and nested):
+            return value, None
+        if in_subsection:
+            if factory:
+                return "_rt.ABSENT", f"if self.{name} is _rt.ABSENT:\n            self.{name} = {value}"
+            return value, None
+        if f.kind != "struct":
+            return None, None
+        if optional:
+            return "None", None
+        if f.dims:
+            return "[]", None
+        return f"_rt.fresh({self.class_ref(self.r.struct_target[id(f)])})", None
+
+    def annotation_and_default(self, f: ast.Field) -> tuple[str, str, bool]:
+        """Annotation, default value source, and whether it must be built per instance."""
         if f.kind == "scalar":
             base = self.enum_ref(f) if id(f) in self.r.enum_target else PY_TYPE[f.type]
             zero = _scalar_default(f)
             if id(f) in self.r.enum_target:
                 zero = f"{base}({zero})"
             if not f.dims:
-                return base, zero
-            fixed = [d.value for d in f.dims if isinstance(d, ast.IntLit)]
+                return base, zero, False
             if len(f.dims) == 2:
-                return f"list[list[{base}]]", f"attrs.field(factory=lambda: [[{zero}] * {fixed[-1]} for _ in range({f.dims[0].value if isinstance(f.dims[0], ast.IntLit) else 0})])"
+                fixed = _int_dim(f.dims[-1])
+                rows = f.dims[0].value if isinstance(f.dims[0], ast.IntLit) else 0
+                return f"list[list[{base}]]", f"[[{zero}] * {fixed} for _ in range({rows})]", True
             if isinstance(f.dims[0], ast.IntLit):
-                return f"list[{base}]", f"attrs.field(factory=lambda: [{zero}] * {f.dims[0].value})"
-            return f"list[{base}]", "attrs.field(factory=list)"
+                return f"list[{base}]", f"[{zero}] * {f.dims[0].value}", True
+            return f"list[{base}]", "[]", True
         if f.kind == "bytes":
             d = f.dims[0]
-            return "bytes", f"bytes({d.value})" if isinstance(d, ast.IntLit) else 'b""'
+            return "bytes", f"bytes({d.value})" if isinstance(d, ast.IntLit) else 'b""', False
         if f.kind == "bitmap":
-            return "int", "0"
+            return "int", "0", False
         if f.kind == "opaque":
-            return "bytes", 'b""'
+            return "bytes", 'b""', False
         target = self.r.struct_target[id(f)]
         cls = self.class_ref(target)
         if f.kind == "struct":
             if not f.dims:
-                return cls, f"attrs.field(factory=lambda: _rt.impl({cls})())"
+                return cls, f"_rt.impl({cls})()", True
             if f.nullable:
                 n = _int_dim(f.dims[0])
-                return f"list[{cls} | None]", f"attrs.field(factory=lambda: [None] * {n})"
+                return f"list[{cls} | None]", f"[None] * {n}", True
             if isinstance(f.dims[0], ast.IntLit):
-                return f"list[{cls}]", f"attrs.field(factory=lambda: _rt.new_array({cls}, {f.dims[0].value}))"
-            return f"list[{cls}]", "attrs.field(factory=list)"
+                return f"list[{cls}]", f"_rt.new_array({cls}, {f.dims[0].value})", True
+            return f"list[{cls}]", "[]", True
         if f.kind == "list":
-            return f"list[{cls}]", "attrs.field(factory=list)"
+            return f"list[{cls}]", "[]", True
         # map: GTree entries in stream order
         key_target = self.r.key_target.get(id(f))
         key = self.class_ref(key_target) if key_target is not None else "int"
-        return f"list[tuple[{key}, {cls}]]", "attrs.field(factory=list)"
+        return f"list[tuple[{key}, {cls}]]", "[]", True
 
     # -- expressions ----------------------------------------------------------------
     def expr(self, e: ast.Condition, ctx: _Ctx) -> str:
@@ -393,12 +458,14 @@ class ModuleBuilder:
 
         def flush() -> None:
             if run:
-                runs.append(self.fused(run, load, save))
+                runs.append(self.fused(run, load, save, ctx))
                 run.clear()
 
         for f in fields:
             tables.append(self.table_entry(f, names[id(f)], ctx))
             if self.fusable(f):
+                if run and run[0].since != f.since:
+                    flush()
                 run.append(f)
                 continue
             flush()
@@ -411,23 +478,35 @@ class ModuleBuilder:
         return load, save, tables
 
     def fusable(self, f: ast.Field) -> bool:
-        if f.since or f.exists is not None:
+        """Whether ``f`` joins a fused run: fixed size and plain, present
+        always or from a version on (one run per ``since``)."""
+        if f.exists is not None:
             return False
         if f.kind == "scalar":
             return f.enum is None and f.check is None and all(isinstance(d, ast.IntLit) for d in f.dims)
         return f.kind in ("bytes", "unused") and all(isinstance(d, ast.IntLit) for d in f.dims)
 
-    def fused(self, run: list[ast.Field], load: list[str], save: list[str]) -> tuple[str, list[str]] | None:
-        """Statements for one fused run; its Struct and targets when it is all single values."""
+    def fused(self, run: list[ast.Field], load: list[str], save: list[str], ctx: _Ctx) -> tuple[str, list[str]] | None:
+        """Statements for one fused run; its Struct and targets when it is all single values.
+
+        A run of fields present ``since`` a version is read and written under
+        one version test; below it, vmsd-level fields become None.
+        """
+        since = run[0].since
         fmt = ">"
         size = 0
         targets: list[str] = []  # per value-producing field: how to assign from _v
         values: list[str] = []
         checks: list[str] = []
+        absent: list[str] = []  # attributes set to None below ``since``
         index = 0
         simple = True
         for f in run:
             attr = f"self.{python_attr_name(f.name)}" if f.name else ""
+            value = attr
+            if since and f.name and f.name in ctx.optional:
+                absent.append(attr)
+                value = f"_rt.present({attr}, {f.name!r})"
             if f.kind == "unused":
                 fmt += f"{f.size}x"
                 size += f.size
@@ -437,8 +516,8 @@ class ModuleBuilder:
                 fmt += f"{n}s"
                 size += n
                 targets.append(f"{attr} = _v[{index}]")
-                values.append(attr)
-                checks.append(f"_rt.check_len({attr}, {n}, {f.name!r})")
+                values.append(value)
+                checks.append(f"_rt.check_len({value}, {n}, {f.name!r})")
                 index += 1
                 continue
             code, width = SCALAR_FORMAT[f.type]
@@ -450,35 +529,46 @@ class ModuleBuilder:
             size += total * width
             if not dims:
                 targets.append(f"{attr} = _v[{index}]")
-                values.append(attr)
+                values.append(value)
             elif len(dims) == 1:
                 simple = False
                 targets.append(f"{attr} = list(_v[{index}:{index + total}])")
-                values.append(f"*{attr}")
-                checks.append(f"_rt.check_len({attr}, {total}, {f.name!r})")
+                values.append(f"*{value}")
+                checks.append(f"_rt.check_len({value}, {total}, {f.name!r})")
             else:
                 simple = False
                 rows, cols = dims
                 targets.append(f"{attr} = [list(_v[i:i + {cols}]) for i in range({index}, {index + total}, {cols})]")
-                values.append(f"*_rt.flat({attr}, {rows}, {cols}, {f.name!r})")
+                values.append(f"*_rt.flat({value}, {rows}, {cols}, {f.name!r})")
             index += total
         const = self.formats.get(fmt)
         first = next((f.name for f in run if f.name), "unused")
-        load.append(f"_at = {first!r}")
+        reads: list[str] = []
         if index == 0:
-            load.append(f"r.take({size})")
+            reads.append(f"r.take({size})")
         elif simple:
             names = [t.split(" = ")[0] for t in targets]
-            load.append(f"buf, p = r.take({size})")
-            load.append(f"({', '.join(names)},) = {const}.unpack_from(buf, p)")
+            reads.append(f"buf, p = r.take({size})")
+            reads.append(f"({', '.join(names)},) = {const}.unpack_from(buf, p)")
         else:
-            load.append(f"buf, p = r.take({size})")
-            load.append(f"_v = {const}.unpack_from(buf, p)")
-            load.extend(targets)
+            reads.append(f"buf, p = r.take({size})")
+            reads.append(f"_v = {const}.unpack_from(buf, p)")
+            reads.extend(targets)
+        writes = [*checks, f"out += {const}.pack({', '.join(values)})"]
+        load.append(f"_at = {first!r}")
         save.append(f"_at = {first!r}")
-        save.extend(checks)
-        save.append(f"out += {const}.pack({', '.join(values)})")
-        return (const, [t.split(" = ")[0] for t in targets]) if simple and index else None
+        if not since:
+            load.extend(reads)
+            save.extend(writes)
+            return (const, [t.split(" = ")[0] for t in targets]) if simple and index else None
+        load.append(f"if version_id >= {since}:")
+        load.extend("    " + line for line in reads)
+        if absent:
+            load.append("else:")
+            load.append("    " + " = ".join(absent) + " = None")
+        save.append(f"if version_id >= {since}:")
+        save.extend("    " + line for line in writes)
+        return None
 
     def field_steps(self, f: ast.Field, ctx: _Ctx, predicates: list[tuple[str, str]], load: list[str], save: list[str]) -> None:
         label = f.name or f.wire_name or "unused"

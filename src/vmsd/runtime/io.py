@@ -48,18 +48,21 @@ class SocketSource:
         return self._sock.recv_into(buffer)
 
 
+_NO_SCRATCH = bytearray()
+
+
 class Reader:
     """Reads QEMU primitives from memory or from a :class:`ByteSource`."""
 
     __slots__ = ("_base", "_eof", "_scratch", "_source", "buf", "pos")
 
     def __init__(self, data: bytes | bytearray | memoryview = b"", source: ByteSource | None = None) -> None:
-        self.buf: bytes = bytes(data)
+        self.buf: bytes = data if type(data) is bytes else bytes(data)
         self.pos = 0
         self._base = 0
         self._source = source
         self._eof = source is None
-        self._scratch = bytearray()  # reused receive buffer: no fresh allocation per read
+        self._scratch = _NO_SCRATCH  # reused receive buffer, grown on the first read from the source
 
     @classmethod
     def from_file(cls, f: ByteSource) -> Reader:

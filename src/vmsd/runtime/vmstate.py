@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from vmsd.runtime.schema import VmsdSpec
 
-API_VERSION = 1
+API_VERSION = 2
 
 SubLoader = Callable[[Any, "Reader", int], None]
 
@@ -90,6 +90,18 @@ class VMStateObject(abc.ABC):
     MINIMUM_VERSION_ID: ClassVar[int]
     # subsection loaders by parent name: {name: (version, minimum, loader)}
     _SUBSECTIONS: ClassVar[dict[str, dict[bytes, tuple[int, int, SubLoader]]]] = {}
+    # Whether loading may run a custom predicate (here or in a nested
+    # struct): only then does the load publish its reader (current_reader).
+    _PEEKS: ClassVar[bool] = False
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        """An instance for a load to fill.  Generated classes skip the
+        defaults their loader always overwrites (see :func:`fresh`)."""
+        return cls()
+
+    def _fill(self) -> None:  # noqa: B027 - generated classes override it when they have something to build
+        """After the fields, before post_load: build the defaults of what the load did not reach."""
 
     # Hooks QEMU calls pre_save/post_save/pre_load/post_load; override in a
     # registered subclass.  Raise a VMSDError to fail the operation.
@@ -114,7 +126,7 @@ class VMStateObject(abc.ABC):
     @classmethod
     def load(cls, data: Reader | bytes | bytearray | memoryview, version_id: int | None = None) -> Self:
         """Build the registered class for this vmsd from its wire encoding."""
-        obj = impl(cls)()
+        obj = fresh(cls)
         obj.load_into(data, version_id)
         return obj
 
@@ -125,15 +137,19 @@ class VMStateObject(abc.ABC):
         v = self.VERSION_ID if version_id is None else version_id
         if not self.MINIMUM_VERSION_ID <= v <= self.VERSION_ID:
             check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, r.tell())
-        token = _CURRENT_READER.set(r)
+        # Publishing the reader costs a context-variable round trip per load:
+        # only custom predicates and user hooks (registered subclasses) use it.
+        token = _CURRENT_READER.set(r) if self._PEEKS or "_generated" not in type(self).__dict__ else None
         try:
             self.pre_load()
             self._load_fields(r, v)
+            self._fill()
             self.post_load(v)
         except VMSDError as e:
             raise e.within(self.VMSD_NAME) from None
         finally:
-            _CURRENT_READER.reset(token)
+            if token is not None:
+                _CURRENT_READER.reset(token)
         left = r.remaining()
         if whole and left:
             # Given the bytes of one object, leftovers mean the spec and the data disagree.
@@ -159,6 +175,7 @@ class VMStateObject(abc.ABC):
     def _load_nested(self, r: Reader, version_id: int) -> None:
         self.pre_load()
         self._load_fields(r, version_id)
+        self._fill()
         self.post_load(version_id)
 
     def _save_nested(self, w: Writer, version_id: int) -> None:
@@ -279,6 +296,48 @@ def opaque_extent(info: str, r: Reader, obj: Any) -> int:
     return fn(r, obj)
 
 
+def fresh(cls: Callable[[], T]) -> T:
+    """A new instance of the class registered for ``cls``, about to be loaded.
+
+    It starts without the defaults its loader always overwrites (a CPU's
+    register arrays are not built only to be replaced).  A registered
+    subclass that may look at those first (its own ``__init__``, attrs
+    fields or ``pre_load``) is built with all of them.
+    """
+    ctor: Any = _IMPLS.get(cls, cls)
+    quick = _QUICK.get(ctor)
+    if quick is None:
+        quick = _QUICK[ctor] = _starts_fresh(ctor)
+    obj: T = ctor._fresh() if quick else ctor()
+    return obj
+
+
+class _Absent:
+    """Stands for a subsection field's default until the load shows it is needed."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:  # an empty "existing" array for load_struct_array
+        return 0
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Any = _Absent()
+_QUICK: dict[Any, bool] = {}
+_SEES_DEFAULTS = ("__init__", "__attrs_attrs__", "__attrs_post_init__", "pre_load")
+
+
+def _starts_fresh(ctor: Any) -> bool:
+    for klass in ctor.__mro__:
+        if klass.__dict__.get("_generated"):
+            return "_fresh" in klass.__dict__
+        if any(name in klass.__dict__ for name in _SEES_DEFAULTS):
+            return False
+    return False
+
+
 def new_array(cls: Callable[[], T], n: int) -> list[T]:
     """``n`` fresh elements of the class registered for ``cls``."""
     ctor = impl(cls)
@@ -302,7 +361,7 @@ def load_struct_array(r: Reader, cls: Callable[[], T], n: int, version: int, exi
             out.append(obj)
         return out
     for i in range(n):
-        obj = existing[i] if i < len(existing) else ctor()
+        obj = existing[i] if i < len(existing) else fresh(cls)
         try:
             obj._load_nested(r, version)
         except VMSDError as e:
@@ -379,9 +438,8 @@ def save_bitmap(w: Writer, value: int, nbits: int, name: str) -> None:
 def load_qlist(r: Reader, cls: Callable[[], T], version: int) -> list[T]:
     """QTAILQ/QLIST: a non-zero byte before each element, a zero byte at the end."""
     out: list[T] = []
-    ctor = impl(cls)
     while r.u8():
-        obj = ctor()
+        obj = fresh(cls)
         try:
             obj._load_nested(r, version)
         except VMSDError as e:
@@ -405,7 +463,6 @@ def load_gtree(r: Reader, key_cls: Callable[[], VMStateObject] | None, cls: Call
     start = r.tell()
     nnodes = r.u32()
     out: list[tuple[Any, T]] = []
-    ctor = impl(cls)
     while r.u8():
         if len(out) >= nnodes:
             raise MalformedStream(f"tree announces {nnodes} nodes but holds more", offset=start)
@@ -413,9 +470,9 @@ def load_gtree(r: Reader, key_cls: Callable[[], VMStateObject] | None, cls: Call
         if key_cls is None:
             key = r.u64()
         else:
-            key = impl(key_cls)()
+            key = fresh(key_cls)
             key._load_nested(r, version)
-        value = ctor()
+        value = fresh(cls)
         try:
             value._load_nested(r, version)
         except VMSDError as e:

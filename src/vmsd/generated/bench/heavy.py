@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>QIHBBqiIHH??BBhIQiHq')
 _S1 = struct.Struct('>I')
 _S2 = struct.Struct('>64B')
@@ -48,6 +49,11 @@ class HeavyEntry(_rt.VMStateObject):
     refs: int = 0
     gen: int = 0
     expiry: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
@@ -87,6 +93,12 @@ class Heavy(_rt.VMStateObject):
     count: int = 0
     entries: list[HeavyEntry] = attrs.field(factory=list)
     regs: list[int] = attrs.field(factory=lambda: [0] * 64)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.entries = []
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

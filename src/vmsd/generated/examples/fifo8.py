@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>I')
 _S1 = struct.Struct('>II')
 
@@ -31,6 +32,12 @@ class Fifo8(_rt.VMStateObject):
     data: list[int] = attrs.field(factory=list)
     head: int = 0
     num: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.capacity = 0
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

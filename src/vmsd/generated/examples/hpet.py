@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>QQQ')
 _S1 = struct.Struct('>B')
 _S2 = struct.Struct('>I')
@@ -30,6 +31,7 @@ class Hpet(_rt.VMStateObject):
     VMSD_NAME: ClassVar[str] = 'hpet'
     VERSION_ID: ClassVar[int] = 2
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     config: int = 0
     isr: int = 0
@@ -50,6 +52,14 @@ class Hpet(_rt.VMStateObject):
     def _needed_rtc_irq_level(self, version_id: int) -> bool:
         return self.rtc_irq_level != 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.timer = []
+        self.rtc_irq_level = 0
+        self.hpet_offset = 0
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -59,8 +69,7 @@ class Hpet(_rt.VMStateObject):
             _at = 'num_timers'
             if version_id >= 2:
                 buf, p = r.take(1)
-                _t = _S1.unpack_from(buf, p)[0]
-                self.num_timers = _t
+                (self.num_timers,) = _S1.unpack_from(buf, p)
             else:
                 self.num_timers = None
             _at = 'num_timers in range'
@@ -88,8 +97,7 @@ class Hpet(_rt.VMStateObject):
             out += _S0.pack(self.config, self.isr, self.hpet_counter)
             _at = 'num_timers'
             if version_id >= 2:
-                _v_num_timers = _rt.present(self.num_timers, 'num_timers')
-                out += _S1.pack(_v_num_timers)
+                out += _S1.pack(_rt.present(self.num_timers, 'num_timers'))
             _at = 'num_timers in range'
             if not ((_rt.opt(self.num_timers, 'num_timers') >= 3) and (_rt.opt(self.num_timers, 'num_timers') <= 32)):
                 raise _rt.SaveError('validation num_timers in range fails for this state')
@@ -167,6 +175,11 @@ class HpetTimer(_rt.VMStateObject):
     period: int = 0
     wrap_flag: int = 0
     qemu_timer: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>I')
 _S1 = struct.Struct('>q')
 _S2 = struct.Struct('>iHBBBBBBBBBBqq')
@@ -32,14 +33,19 @@ class I8254(_rt.VMStateObject):
     channels: list[PitChannel] = attrs.field(factory=lambda: _rt.new_array(PitChannel, 3))
     ch0_next_transition_time: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.channels = []
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
             _at = 'ch0_irq_disabled'
             if version_id >= 3:
                 buf, p = r.take(4)
-                _t = _S0.unpack_from(buf, p)[0]
-                self.ch0_irq_disabled = _t
+                (self.ch0_irq_disabled,) = _S0.unpack_from(buf, p)
             else:
                 self.ch0_irq_disabled = None
             _at = 'channels'
@@ -56,8 +62,7 @@ class I8254(_rt.VMStateObject):
             out = w.buf
             _at = 'ch0_irq_disabled'
             if version_id >= 3:
-                _v_ch0_irq_disabled = _rt.present(self.ch0_irq_disabled, 'ch0_irq_disabled')
-                out += _S0.pack(_v_ch0_irq_disabled)
+                out += _S0.pack(_rt.present(self.ch0_irq_disabled, 'ch0_irq_disabled'))
             _at = 'channels'
             _rt.save_struct_array(w, self.channels, 3, 2, 'channels')
             _at = 'ch0_next_transition_time'
@@ -91,6 +96,11 @@ class PitChannel(_rt.VMStateObject):
     gate: int = 0
     count_load_time: int = 0
     next_transition_time: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S2
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import abc
 import enum
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -15,7 +16,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>Hb')
 _S1 = struct.Struct('>II')
 _S2 = struct.Struct('>QH')
@@ -69,6 +70,11 @@ class KindsElem(_rt.VMStateObject):
     id: int = 0
     bias: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -107,6 +113,11 @@ class KindsKey(_rt.VMStateObject):
     lo: int = 0
     hi: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S1
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -144,6 +155,11 @@ class KindsTmp(_rt.VMStateObject):
 
     mant: int = 0
     exp: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S2
 
@@ -185,6 +201,12 @@ class KindsSub(_rt.VMStateObject):
 
     def _needed_extra(self, version_id: int) -> bool:
         return self.a != 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.extra = 0
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -240,6 +262,7 @@ class Kinds(_rt.VMStateObject):
     VMSD_NAME: ClassVar[str] = 'kinds'
     VERSION_ID: ClassVar[int] = 4
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     flags: list[bool] = attrs.field(factory=lambda: [False] * 3)
     grid: list[list[int]] = attrs.field(factory=lambda: [[0] * 3 for _ in range(2)])
@@ -376,8 +399,7 @@ class Kinds(_rt.VMStateObject):
             _at = 'late'
             if version_id >= 3:
                 buf, p = r.take(8)
-                _t = _S9.unpack_from(buf, p)[0]
-                self.late = _t
+                (self.late,) = _S9.unpack_from(buf, p)
             else:
                 self.late = None
             _at = 'maybe'
@@ -463,8 +485,7 @@ class Kinds(_rt.VMStateObject):
                 raise _rt.SaveError('validation n small fails for this state')
             _at = 'late'
             if version_id >= 3:
-                _v_late = _rt.present(self.late, 'late')
-                out += _S9.pack(_v_late)
+                out += _S9.pack(_rt.present(self.late, 'late'))
             _at = 'maybe'
             if self._has_maybe(version_id):
                 _v_maybe = _rt.present(self.maybe, 'maybe')
@@ -490,8 +511,7 @@ class Kinds(_rt.VMStateObject):
             _at = 'more_b'
             if version_id >= 2:
                 buf, p = r.take(1)
-                _t = _S3.unpack_from(buf, p)[0]
-                self.more_b = _t
+                (self.more_b,) = _S3.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, 'kinds/more', self._SUBSECTIONS['kinds/more'])
         except _rt.VMSDError as e:

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 from .fifo8 import Fifo8
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>H')
 _S1 = struct.Struct('>BBBBBBBB')
 _S2 = struct.Struct('>B')
@@ -55,14 +56,22 @@ class Serial(_rt.VMStateObject):
     def _needed_poll(self, version_id: int) -> bool:
         return self.poll_msl >= 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.thr_ipending = 0
+        self.recv_fifo = _rt.impl(Fifo8)()
+        self.poll_msl = 0
+        self.modem_status_poll = 0
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
             _at = 'divider'
             if version_id >= 2:
                 buf, p = r.take(2)
-                _t = _S0.unpack_from(buf, p)[0]
-                self.divider = _t
+                (self.divider,) = _S0.unpack_from(buf, p)
             else:
                 self.divider = None
             _at = 'rbr'
@@ -71,8 +80,7 @@ class Serial(_rt.VMStateObject):
             _at = 'fcr_vmstate'
             if version_id >= 3:
                 buf, p = r.take(1)
-                _t = _S2.unpack_from(buf, p)[0]
-                self.fcr_vmstate = _t
+                (self.fcr_vmstate,) = _S2.unpack_from(buf, p)
             else:
                 self.fcr_vmstate = None
             _at = ""
@@ -86,14 +94,12 @@ class Serial(_rt.VMStateObject):
             out = w.buf
             _at = 'divider'
             if version_id >= 2:
-                _v_divider = _rt.present(self.divider, 'divider')
-                out += _S0.pack(_v_divider)
+                out += _S0.pack(_rt.present(self.divider, 'divider'))
             _at = 'rbr'
             out += _S1.pack(self.rbr, self.ier, self.iir, self.lcr, self.mcr, self.lsr, self.msr, self.scr)
             _at = 'fcr_vmstate'
             if version_id >= 3:
-                _v_fcr_vmstate = _rt.present(self.fcr_vmstate, 'fcr_vmstate')
-                out += _S2.pack(_v_fcr_vmstate)
+                out += _S2.pack(_rt.present(self.fcr_vmstate, 'fcr_vmstate'))
             if self._needed_thr_ipending(version_id):
                 _rt.write_subsection_header(w, b'serial/thr_ipending', 1)
                 self._save_sub_thr_ipending(w, 1)

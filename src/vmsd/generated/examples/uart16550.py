@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>B')
 
 
@@ -37,6 +38,11 @@ class Uart16550(_rt.VMStateObject):
     MINIMUM_VERSION_ID: ClassVar[int] = 1
 
     lcr: LineControl = LineControl(0)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

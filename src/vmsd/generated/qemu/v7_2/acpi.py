@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>BB')
 _S1 = struct.Struct('>BBBBBBI32BBB????')
 _S2 = struct.Struct('>II')
@@ -34,6 +35,11 @@ class APMState(_rt.VMStateObject):
 
     apmc: int = 0
     apms: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
@@ -86,6 +92,11 @@ class PMSMBus(_rt.VMStateObject):
     in_i2c_block_read: bool = False
     start_transaction_on_status_read: bool = False
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -134,6 +145,11 @@ class AcpiPciHpPciStatus(_rt.VMStateObject):
     up: int = 0
     down: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S2
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -173,6 +189,11 @@ class MemStatus(_rt.VMStateObject):
     is_inserting: bool = False
     ost_event: int = 0
     ost_status: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
@@ -220,6 +241,11 @@ describes nothing for devs)."""
 
     selector: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -259,6 +285,11 @@ class AcpiCpuStatus(_rt.VMStateObject):
     is_removing: bool = False
     ost_event: int = 0
     ost_status: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
@@ -306,6 +337,11 @@ dev_count * 10 more bytes here than this spec reads."""
 
     selector: int = 0
     command: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S5
 
@@ -357,6 +393,11 @@ class TCOIORegs(_rt.VMStateObject):
     tco_timer: int = 0
     expire_time: int = 0
     timeouts_no: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S6
 

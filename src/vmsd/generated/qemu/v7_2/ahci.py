@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -15,7 +16,7 @@ from vmsd.runtime.io import Reader, Writer
 from .ide import IDEBus, IDEState
 from .pci import PCIDevice
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>IIIIII')
 _S1 = struct.Struct('>i')
 _S2 = struct.Struct('>IIIIIIIIIIIIIIII?i?')
@@ -36,11 +37,19 @@ None of these C vmsds sets minimum_version_id (0)."""
     VMSD_NAME: ClassVar[str] = 'ich9_ahci'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 0
+    _PEEKS: ClassVar[bool] = True
 
     parent_obj: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
     """VMSTATE_PCI_DEVICE(parent_obj, AHCIPCIState)."""
     ahci: AHCIState = attrs.field(factory=lambda: _rt.impl(AHCIState)())
     """VMSTATE_AHCI(ahci, AHCIPCIState)."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.parent_obj = _rt.fresh(PCIDevice)
+        self.ahci = _rt.fresh(AHCIState)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -74,6 +83,7 @@ FIS areas and restarts interrupted commands."""
     VMSD_NAME: ClassVar[str] = 'ahci'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 0
+    _PEEKS: ClassVar[bool] = True
 
     dev: list[AHCIDevice] = attrs.field(factory=lambda: _rt.new_array(AHCIDevice, 6))
     """VMSTATE_STRUCT_VARRAY_POINTER_INT32(dev, AHCIState, ports, ...): the
@@ -89,6 +99,13 @@ here as a fixed length."""
     idp_index: int = 0
     ports: int = 6
     """VMSTATE_INT32_EQUAL(ports, AHCIState, NULL)."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.dev = []
+        self.ports = 6
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -131,6 +148,7 @@ class AHCIDevice(_rt.VMStateObject):
     VMSD_NAME: ClassVar[str] = 'ahci port'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 0
+    _PEEKS: ClassVar[bool] = True
 
     port: IDEBus | None = attrs.field(factory=lambda: _rt.impl(IDEBus)())
     """VMSTATE_IDE_BUS(port, AHCIDevice)."""
@@ -157,6 +175,14 @@ class AHCIDevice(_rt.VMStateObject):
     init_d2h_sent: bool = False
     ncq_tfs: list[NCQTransferState] | None = attrs.field(factory=lambda: _rt.new_array(NCQTransferState, 32))
     """VMSTATE_STRUCT_ARRAY(ncq_tfs, AHCIDevice, AHCI_MAX_CMDS = 32, 1, ...)."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.port = None
+        self.port_ifs0 = None
+        self.ncq_tfs = None
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -226,6 +252,11 @@ class NCQTransferState(_rt.VMStateObject):
     slot: int = 0
     used: bool = False
     halt: bool = False
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 

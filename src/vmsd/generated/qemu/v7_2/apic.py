@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>IBBBIBB8I8I8I6II2IIiIqqq')
 _S1 = struct.Struct('>ii')
 
@@ -54,6 +55,13 @@ subsection is absent."""
 
     def _needed_apic_sipi(self, version_id: int) -> bool:
         return self.wait_for_sipi != 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.sipi_vector = 0
+        self.wait_for_sipi = 0
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -8,13 +8,14 @@ import abc
 import struct
 from typing import ClassVar
 
+
 import attrs
 
 from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>I')
 _S1 = struct.Struct('>16s')
 
@@ -28,6 +29,7 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
     VMSD_NAME: ClassVar[str] = 'configuration'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 0
+    _PEEKS: ClassVar[bool] = True
 
     len: int = 0
     name: bytes = b""

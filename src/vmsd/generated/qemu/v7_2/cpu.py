@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -14,17 +15,17 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>16QQQIHHHH')
 _S1 = struct.Struct('>IQQQQQQ8QiI')
 _S2 = struct.Struct('>QQQQQQIQIQQQQHHHHIB11QQ')
 _S3 = struct.Struct('>iIQiBBBBIQQQ40QQQQ')
-_S4 = struct.Struct('>Q')
+_S4 = struct.Struct('>QQ')
 _S5 = struct.Struct('>BBBQ')
-_S6 = struct.Struct('>HQQ')
-_S7 = struct.Struct('>QQQQ3Q18Q18Q')
-_S8 = struct.Struct('>QQQ')
-_S9 = struct.Struct('>QQ')
+_S6 = struct.Struct('>Q')
+_S7 = struct.Struct('>HQQ')
+_S8 = struct.Struct('>QQQQ3Q18Q18Q')
+_S9 = struct.Struct('>QQQ')
 _S10 = struct.Struct('>5Q')
 _S11 = struct.Struct('>QQQ16Q')
 _S12 = struct.Struct('>4Q4Q')
@@ -66,6 +67,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
     VMSD_NAME: ClassVar[str] = 'cpu'
     VERSION_ID: ClassVar[int] = 12
     MINIMUM_VERSION_ID: ClassVar[int] = 11
+    _PEEKS: ClassVar[bool] = True
 
     regs: list[int] = attrs.field(factory=lambda: [0] * 16)
     eip: int = 65520
@@ -358,6 +360,132 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
     def _needed_triple_fault(self, version_id: int) -> bool:
         return self.triple_fault_pending != 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.fpregs = []
+        self.segs = []
+        self.ldt = _rt.fresh(SegmentCache)
+        self.tr = _rt.fresh(SegmentCache)
+        self.gdt = _rt.fresh(SegmentCache)
+        self.idt = _rt.fresh(SegmentCache)
+        self.xmm_regs = []
+        self.mtrr_var = None
+        self.ymmh_regs = None
+        self.exception_pending = 0
+        self.exception_injected = 0
+        self.exception_has_payload = 0
+        self.exception_payload = 0
+        self.async_pf_en_msr = 0
+        self.async_pf_int_msr = 0
+        self.pv_eoi_en_msr = 0
+        self.steal_time_msr = 0
+        self.poll_control_msr = 1
+        self.fpop = 0
+        self.fpip = 0
+        self.fpdp = 0
+        self.tsc_adjust = 0
+        self.tsc_deadline = 0
+        self.msr_ia32_misc_enable = 1
+        self.msr_ia32_feature_control = 0
+        self.msr_fixed_ctr_ctrl = 0
+        self.msr_global_ctrl = 0
+        self.msr_global_status = 0
+        self.msr_global_ovf_ctrl = 0
+        self.msr_fixed_counters = _rt.ABSENT
+        self.msr_gp_counters = _rt.ABSENT
+        self.msr_gp_evtsel = _rt.ABSENT
+        self.bnd_regs = _rt.ABSENT
+        self.bndcs_cfgu = 0
+        self.bndcs_sts = 0
+        self.msr_bndcfgs = 0
+        self.msr_hv_guest_os_id = 0
+        self.msr_hv_hypercall = 0
+        self.msr_hv_vapic = 0
+        self.msr_hv_tsc = 0
+        self.msr_hv_crash_params = _rt.ABSENT
+        self.msr_hv_runtime = 0
+        self.msr_hv_synic_control = 0
+        self.msr_hv_synic_evt_page = 0
+        self.msr_hv_synic_msg_page = 0
+        self.msr_hv_synic_sint = _rt.ABSENT
+        self.msr_hv_stimer_config = _rt.ABSENT
+        self.msr_hv_stimer_count = _rt.ABSENT
+        self.msr_hv_reenlightenment_control = 0
+        self.msr_hv_tsc_emulation_control = 0
+        self.msr_hv_tsc_emulation_status = 0
+        self.opmask_regs = _rt.ABSENT
+        self.zmmh_regs = _rt.ABSENT
+        self.hi16_zmm_regs = _rt.ABSENT
+        self.xss = 0
+        self.umwait = 0
+        self.tsc_khz = 0
+        self.msr_smi_count = 0
+        self.pkru = 0
+        self.pkrs = 0
+        self.spec_ctrl = 0
+        self.amd_tsc_scale_msr = 0
+        self.mcg_ext_ctl = 0
+        self.msr_rtit_ctrl = 0
+        self.msr_rtit_status = 0
+        self.msr_rtit_output_base = 0
+        self.msr_rtit_output_mask = 0
+        self.msr_rtit_cr3_match = 0
+        self.msr_rtit_addrs = _rt.ABSENT
+        self.virt_ssbd = 0
+        self.nested_cr3 = 0
+        self.nested_pg_mode = 0
+        self.int_ctl = 0
+        self.nested_state = _rt.impl(KvmNestedState)()
+        self.tsx_ctrl = 0
+        self.msr_ia32_sgxlepubkeyhash = _rt.ABSENT
+        self.pdptrs = _rt.ABSENT
+        self.msr_xfd = 0
+        self.msr_xfd_err = 0
+        self.xtilecfg = _rt.ABSENT
+        self.xtiledata = _rt.ABSENT
+        self.msr_lbr_ctl = 0
+        self.msr_lbr_depth = 0
+        self.lbr_records = _rt.ABSENT
+        self.triple_fault_pending = 0
+        return self
+
+    def _fill(self) -> None:
+        if self.msr_fixed_counters is _rt.ABSENT:
+            self.msr_fixed_counters = [0] * 3
+        if self.msr_gp_counters is _rt.ABSENT:
+            self.msr_gp_counters = [0] * 18
+        if self.msr_gp_evtsel is _rt.ABSENT:
+            self.msr_gp_evtsel = [0] * 18
+        if self.bnd_regs is _rt.ABSENT:
+            self.bnd_regs = _rt.new_array(BndReg, 4)
+        if self.msr_hv_crash_params is _rt.ABSENT:
+            self.msr_hv_crash_params = [0] * 5
+        if self.msr_hv_synic_sint is _rt.ABSENT:
+            self.msr_hv_synic_sint = [0] * 16
+        if self.msr_hv_stimer_config is _rt.ABSENT:
+            self.msr_hv_stimer_config = [0] * 4
+        if self.msr_hv_stimer_count is _rt.ABSENT:
+            self.msr_hv_stimer_count = [0] * 4
+        if self.opmask_regs is _rt.ABSENT:
+            self.opmask_regs = [0] * 8
+        if self.zmmh_regs is _rt.ABSENT:
+            self.zmmh_regs = _rt.new_array(ZmmhReg, 16)
+        if self.hi16_zmm_regs is _rt.ABSENT:
+            self.hi16_zmm_regs = _rt.new_array(Hi16ZmmReg, 16)
+        if self.msr_rtit_addrs is _rt.ABSENT:
+            self.msr_rtit_addrs = [0] * 8
+        if self.msr_ia32_sgxlepubkeyhash is _rt.ABSENT:
+            self.msr_ia32_sgxlepubkeyhash = [0] * 4
+        if self.pdptrs is _rt.ABSENT:
+            self.pdptrs = [0] * 4
+        if self.xtilecfg is _rt.ABSENT:
+            self.xtilecfg = [0] * 64
+        if self.xtiledata is _rt.ABSENT:
+            self.xtiledata = [0] * 8192
+        if self.lbr_records is _rt.ABSENT:
+            self.lbr_records = _rt.new_array(LbrRecord, 32)
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -449,18 +577,10 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             self.wall_clock_msr = _v[54]
             _at = 'xcr0'
             if version_id >= 12:
-                buf, p = r.take(8)
-                _t = _S4.unpack_from(buf, p)[0]
-                self.xcr0 = _t
+                buf, p = r.take(16)
+                (self.xcr0, self.xstate_bv,) = _S4.unpack_from(buf, p)
             else:
-                self.xcr0 = None
-            _at = 'xstate_bv'
-            if version_id >= 12:
-                buf, p = r.take(8)
-                _t = _S4.unpack_from(buf, p)[0]
-                self.xstate_bv = _t
-            else:
-                self.xstate_bv = None
+                self.xcr0 = self.xstate_bv = None
             _at = 'ymmh_regs'
             if version_id >= 12:
                 self.ymmh_regs = _rt.load_struct_array(r, YmmhReg, 16, 1, self.ymmh_regs or [])
@@ -507,12 +627,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out += _S3.pack(self.interrupt_injected, self.mp_state, self.tsc, self.exception_nr, self.soft_interrupt, self.nmi_injected, self.nmi_pending, self.has_error_code, self.sipi_vector, self.mcg_cap, self.mcg_status, self.mcg_ctl, *self.mce_banks, self.tsc_aux, self.system_time_msr, self.wall_clock_msr)
             _at = 'xcr0'
             if version_id >= 12:
-                _v_xcr0 = _rt.present(self.xcr0, 'xcr0')
-                out += _S4.pack(_v_xcr0)
-            _at = 'xstate_bv'
-            if version_id >= 12:
-                _v_xstate_bv = _rt.present(self.xstate_bv, 'xstate_bv')
-                out += _S4.pack(_v_xstate_bv)
+                out += _S4.pack(_rt.present(self.xcr0, 'xcr0'), _rt.present(self.xstate_bv, 'xstate_bv'))
             _at = 'ymmh_regs'
             if version_id >= 12:
                 _v_ymmh_regs = _rt.present(self.ymmh_regs, 'ymmh_regs')
@@ -676,7 +791,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'async_pf_en_msr'
             buf, p = r.take(8)
-            (self.async_pf_en_msr,) = _S4.unpack_from(buf, p)
+            (self.async_pf_en_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -685,7 +800,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'async_pf_en_msr'
-            out += _S4.pack(self.async_pf_en_msr)
+            out += _S6.pack(self.async_pf_en_msr)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -696,7 +811,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'async_pf_int_msr'
             buf, p = r.take(8)
-            (self.async_pf_int_msr,) = _S4.unpack_from(buf, p)
+            (self.async_pf_int_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -705,7 +820,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'async_pf_int_msr'
-            out += _S4.pack(self.async_pf_int_msr)
+            out += _S6.pack(self.async_pf_int_msr)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -716,7 +831,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'pv_eoi_en_msr'
             buf, p = r.take(8)
-            (self.pv_eoi_en_msr,) = _S4.unpack_from(buf, p)
+            (self.pv_eoi_en_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -725,7 +840,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'pv_eoi_en_msr'
-            out += _S4.pack(self.pv_eoi_en_msr)
+            out += _S6.pack(self.pv_eoi_en_msr)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -736,7 +851,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'steal_time_msr'
             buf, p = r.take(8)
-            (self.steal_time_msr,) = _S4.unpack_from(buf, p)
+            (self.steal_time_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -745,7 +860,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'steal_time_msr'
-            out += _S4.pack(self.steal_time_msr)
+            out += _S6.pack(self.steal_time_msr)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -756,7 +871,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'poll_control_msr'
             buf, p = r.take(8)
-            (self.poll_control_msr,) = _S4.unpack_from(buf, p)
+            (self.poll_control_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -765,7 +880,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'poll_control_msr'
-            out += _S4.pack(self.poll_control_msr)
+            out += _S6.pack(self.poll_control_msr)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -776,7 +891,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'fpop'
             buf, p = r.take(18)
-            (self.fpop, self.fpip, self.fpdp,) = _S6.unpack_from(buf, p)
+            (self.fpop, self.fpip, self.fpdp,) = _S7.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -785,7 +900,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'fpop'
-            out += _S6.pack(self.fpop, self.fpip, self.fpdp)
+            out += _S7.pack(self.fpop, self.fpip, self.fpdp)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -796,7 +911,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'tsc_adjust'
             buf, p = r.take(8)
-            (self.tsc_adjust,) = _S4.unpack_from(buf, p)
+            (self.tsc_adjust,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -805,7 +920,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'tsc_adjust'
-            out += _S4.pack(self.tsc_adjust)
+            out += _S6.pack(self.tsc_adjust)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -816,7 +931,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'tsc_deadline'
             buf, p = r.take(8)
-            (self.tsc_deadline,) = _S4.unpack_from(buf, p)
+            (self.tsc_deadline,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -825,7 +940,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'tsc_deadline'
-            out += _S4.pack(self.tsc_deadline)
+            out += _S6.pack(self.tsc_deadline)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -836,7 +951,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_ia32_misc_enable'
             buf, p = r.take(8)
-            (self.msr_ia32_misc_enable,) = _S4.unpack_from(buf, p)
+            (self.msr_ia32_misc_enable,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -845,7 +960,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'msr_ia32_misc_enable'
-            out += _S4.pack(self.msr_ia32_misc_enable)
+            out += _S6.pack(self.msr_ia32_misc_enable)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -856,7 +971,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_ia32_feature_control'
             buf, p = r.take(8)
-            (self.msr_ia32_feature_control,) = _S4.unpack_from(buf, p)
+            (self.msr_ia32_feature_control,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -865,7 +980,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'msr_ia32_feature_control'
-            out += _S4.pack(self.msr_ia32_feature_control)
+            out += _S6.pack(self.msr_ia32_feature_control)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -876,7 +991,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_fixed_ctr_ctrl'
             buf, p = r.take(344)
-            _v = _S7.unpack_from(buf, p)
+            _v = _S8.unpack_from(buf, p)
             self.msr_fixed_ctr_ctrl = _v[0]
             self.msr_global_ctrl = _v[1]
             self.msr_global_status = _v[2]
@@ -895,7 +1010,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             _rt.check_len(self.msr_fixed_counters, 3, 'msr_fixed_counters')
             _rt.check_len(self.msr_gp_counters, 18, 'msr_gp_counters')
             _rt.check_len(self.msr_gp_evtsel, 18, 'msr_gp_evtsel')
-            out += _S7.pack(self.msr_fixed_ctr_ctrl, self.msr_global_ctrl, self.msr_global_status, self.msr_global_ovf_ctrl, *self.msr_fixed_counters, *self.msr_gp_counters, *self.msr_gp_evtsel)
+            out += _S8.pack(self.msr_fixed_ctr_ctrl, self.msr_global_ctrl, self.msr_global_status, self.msr_global_ovf_ctrl, *self.msr_fixed_counters, *self.msr_gp_counters, *self.msr_gp_evtsel)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -908,7 +1023,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             self.bnd_regs = _rt.load_struct_array(r, BndReg, 4, 1, self.bnd_regs)
             _at = 'bndcs_cfgu'
             buf, p = r.take(24)
-            (self.bndcs_cfgu, self.bndcs_sts, self.msr_bndcfgs,) = _S8.unpack_from(buf, p)
+            (self.bndcs_cfgu, self.bndcs_sts, self.msr_bndcfgs,) = _S9.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -919,7 +1034,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             _at = 'bnd_regs'
             _rt.save_struct_array(w, self.bnd_regs, 4, 1, 'bnd_regs')
             _at = 'bndcs_cfgu'
-            out += _S8.pack(self.bndcs_cfgu, self.bndcs_sts, self.msr_bndcfgs)
+            out += _S9.pack(self.bndcs_cfgu, self.bndcs_sts, self.msr_bndcfgs)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -930,7 +1045,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_hv_guest_os_id'
             buf, p = r.take(16)
-            (self.msr_hv_guest_os_id, self.msr_hv_hypercall,) = _S9.unpack_from(buf, p)
+            (self.msr_hv_guest_os_id, self.msr_hv_hypercall,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -939,7 +1054,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'msr_hv_guest_os_id'
-            out += _S9.pack(self.msr_hv_guest_os_id, self.msr_hv_hypercall)
+            out += _S4.pack(self.msr_hv_guest_os_id, self.msr_hv_hypercall)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -950,7 +1065,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_hv_vapic'
             buf, p = r.take(8)
-            (self.msr_hv_vapic,) = _S4.unpack_from(buf, p)
+            (self.msr_hv_vapic,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -959,7 +1074,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'msr_hv_vapic'
-            out += _S4.pack(self.msr_hv_vapic)
+            out += _S6.pack(self.msr_hv_vapic)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -970,7 +1085,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_hv_tsc'
             buf, p = r.take(8)
-            (self.msr_hv_tsc,) = _S4.unpack_from(buf, p)
+            (self.msr_hv_tsc,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -979,7 +1094,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'msr_hv_tsc'
-            out += _S4.pack(self.msr_hv_tsc)
+            out += _S6.pack(self.msr_hv_tsc)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1012,7 +1127,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_hv_runtime'
             buf, p = r.take(8)
-            (self.msr_hv_runtime,) = _S4.unpack_from(buf, p)
+            (self.msr_hv_runtime,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1021,7 +1136,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'msr_hv_runtime'
-            out += _S4.pack(self.msr_hv_runtime)
+            out += _S6.pack(self.msr_hv_runtime)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1081,7 +1196,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_hv_reenlightenment_control'
             buf, p = r.take(24)
-            (self.msr_hv_reenlightenment_control, self.msr_hv_tsc_emulation_control, self.msr_hv_tsc_emulation_status,) = _S8.unpack_from(buf, p)
+            (self.msr_hv_reenlightenment_control, self.msr_hv_tsc_emulation_control, self.msr_hv_tsc_emulation_status,) = _S9.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1090,7 +1205,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'msr_hv_reenlightenment_control'
-            out += _S8.pack(self.msr_hv_reenlightenment_control, self.msr_hv_tsc_emulation_control, self.msr_hv_tsc_emulation_status)
+            out += _S9.pack(self.msr_hv_reenlightenment_control, self.msr_hv_tsc_emulation_control, self.msr_hv_tsc_emulation_status)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1131,7 +1246,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'xss'
             buf, p = r.take(8)
-            (self.xss,) = _S4.unpack_from(buf, p)
+            (self.xss,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1140,7 +1255,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'xss'
-            out += _S4.pack(self.xss)
+            out += _S6.pack(self.xss)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1191,7 +1306,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_smi_count'
             buf, p = r.take(8)
-            (self.msr_smi_count,) = _S4.unpack_from(buf, p)
+            (self.msr_smi_count,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1200,7 +1315,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'msr_smi_count'
-            out += _S4.pack(self.msr_smi_count)
+            out += _S6.pack(self.msr_smi_count)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1251,7 +1366,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'spec_ctrl'
             buf, p = r.take(8)
-            (self.spec_ctrl,) = _S4.unpack_from(buf, p)
+            (self.spec_ctrl,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1260,7 +1375,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'spec_ctrl'
-            out += _S4.pack(self.spec_ctrl)
+            out += _S6.pack(self.spec_ctrl)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1271,7 +1386,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'amd_tsc_scale_msr'
             buf, p = r.take(8)
-            (self.amd_tsc_scale_msr,) = _S4.unpack_from(buf, p)
+            (self.amd_tsc_scale_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1280,7 +1395,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'amd_tsc_scale_msr'
-            out += _S4.pack(self.amd_tsc_scale_msr)
+            out += _S6.pack(self.amd_tsc_scale_msr)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1291,7 +1406,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'mcg_ext_ctl'
             buf, p = r.take(8)
-            (self.mcg_ext_ctl,) = _S4.unpack_from(buf, p)
+            (self.mcg_ext_ctl,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1300,7 +1415,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'mcg_ext_ctl'
-            out += _S4.pack(self.mcg_ext_ctl)
+            out += _S6.pack(self.mcg_ext_ctl)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1338,7 +1453,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'virt_ssbd'
             buf, p = r.take(8)
-            (self.virt_ssbd,) = _S4.unpack_from(buf, p)
+            (self.virt_ssbd,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1347,7 +1462,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'virt_ssbd'
-            out += _S4.pack(self.virt_ssbd)
+            out += _S6.pack(self.virt_ssbd)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1480,7 +1595,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_xfd'
             buf, p = r.take(16)
-            (self.msr_xfd, self.msr_xfd_err,) = _S9.unpack_from(buf, p)
+            (self.msr_xfd, self.msr_xfd_err,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1489,7 +1604,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'msr_xfd'
-            out += _S9.pack(self.msr_xfd, self.msr_xfd_err)
+            out += _S4.pack(self.msr_xfd, self.msr_xfd_err)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1524,7 +1639,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'msr_lbr_ctl'
             buf, p = r.take(16)
-            (self.msr_lbr_ctl, self.msr_lbr_depth,) = _S9.unpack_from(buf, p)
+            (self.msr_lbr_ctl, self.msr_lbr_depth,) = _S4.unpack_from(buf, p)
             _at = 'lbr_records'
             self.lbr_records = _rt.load_struct_array(r, LbrRecord, 32, 1, self.lbr_records)
         except _rt.VMSDError as e:
@@ -1535,7 +1650,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             out = w.buf
             _at = 'msr_lbr_ctl'
-            out += _S9.pack(self.msr_lbr_ctl, self.msr_lbr_depth)
+            out += _S4.pack(self.msr_lbr_ctl, self.msr_lbr_depth)
             _at = 'lbr_records'
             _rt.save_struct_array(w, self.lbr_records, 32, 1, 'lbr_records')
         except _rt.VMSDError as e:
@@ -1578,6 +1693,11 @@ class SegmentCache(_rt.VMStateObject):
     limit: int = 0
     flags: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S21
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -1615,6 +1735,12 @@ class FPReg(_rt.VMStateObject):
 
     tmp: FPRegTmp = attrs.field(factory=lambda: _rt.impl(FPRegTmp)())
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.tmp = _rt.fresh(FPRegTmp)
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -1645,6 +1771,11 @@ class FPRegTmp(_rt.VMStateObject):
 
     tmp_mant: int = 0
     tmp_exp: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S22
 
@@ -1684,7 +1815,12 @@ class XmmReg(_rt.VMStateObject):
     q0: int = 0
     q1: int = 0
 
-    _FLAT: ClassVar[struct.Struct | None] = _S9
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
+    _FLAT: ClassVar[struct.Struct | None] = _S4
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.q0, self.q1,) = values
@@ -1694,7 +1830,7 @@ class XmmReg(_rt.VMStateObject):
         try:
             _at = 'q0'
             buf, p = r.take(16)
-            (self.q0, self.q1,) = _S9.unpack_from(buf, p)
+            (self.q0, self.q1,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1703,7 +1839,7 @@ class XmmReg(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'q0'
-            out += _S9.pack(self.q0, self.q1)
+            out += _S4.pack(self.q0, self.q1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1722,7 +1858,12 @@ class YmmhReg(_rt.VMStateObject):
     q2: int = 0
     q3: int = 0
 
-    _FLAT: ClassVar[struct.Struct | None] = _S9
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
+    _FLAT: ClassVar[struct.Struct | None] = _S4
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.q2, self.q3,) = values
@@ -1732,7 +1873,7 @@ class YmmhReg(_rt.VMStateObject):
         try:
             _at = 'q2'
             buf, p = r.take(16)
-            (self.q2, self.q3,) = _S9.unpack_from(buf, p)
+            (self.q2, self.q3,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1741,7 +1882,7 @@ class YmmhReg(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'q2'
-            out += _S9.pack(self.q2, self.q3)
+            out += _S4.pack(self.q2, self.q3)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1761,6 +1902,11 @@ class ZmmhReg(_rt.VMStateObject):
     q5: int = 0
     q6: int = 0
     q7: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S23
 
@@ -1806,6 +1952,11 @@ class Hi16ZmmReg(_rt.VMStateObject):
     q6: int = 0
     q7: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S24
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -1844,7 +1995,12 @@ class BndReg(_rt.VMStateObject):
     lb: int = 0
     ub: int = 0
 
-    _FLAT: ClassVar[struct.Struct | None] = _S9
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
+    _FLAT: ClassVar[struct.Struct | None] = _S4
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.lb, self.ub,) = values
@@ -1854,7 +2010,7 @@ class BndReg(_rt.VMStateObject):
         try:
             _at = 'lb'
             buf, p = r.take(16)
-            (self.lb, self.ub,) = _S9.unpack_from(buf, p)
+            (self.lb, self.ub,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1863,7 +2019,7 @@ class BndReg(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'lb'
-            out += _S9.pack(self.lb, self.ub)
+            out += _S4.pack(self.lb, self.ub)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1882,7 +2038,12 @@ class MtrrVar(_rt.VMStateObject):
     base: int = 0
     mask: int = 0
 
-    _FLAT: ClassVar[struct.Struct | None] = _S9
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
+    _FLAT: ClassVar[struct.Struct | None] = _S4
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.base, self.mask,) = values
@@ -1892,7 +2053,7 @@ class MtrrVar(_rt.VMStateObject):
         try:
             _at = 'base'
             buf, p = r.take(16)
-            (self.base, self.mask,) = _S9.unpack_from(buf, p)
+            (self.base, self.mask,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1901,7 +2062,7 @@ class MtrrVar(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'base'
-            out += _S9.pack(self.base, self.mask)
+            out += _S4.pack(self.base, self.mask)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1921,7 +2082,12 @@ class LbrRecord(_rt.VMStateObject):
     to: int = 0
     info: int = 0
 
-    _FLAT: ClassVar[struct.Struct | None] = _S8
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
+    _FLAT: ClassVar[struct.Struct | None] = _S9
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.from_, self.to, self.info,) = values
@@ -1931,7 +2097,7 @@ class LbrRecord(_rt.VMStateObject):
         try:
             _at = 'from_'
             buf, p = r.take(24)
-            (self.from_, self.to, self.info,) = _S8.unpack_from(buf, p)
+            (self.from_, self.to, self.info,) = _S9.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -1940,7 +2106,7 @@ class LbrRecord(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'from_'
-            out += _S8.pack(self.from_, self.to, self.info)
+            out += _S9.pack(self.from_, self.to, self.info)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -1982,6 +2148,26 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
 
     def _needed_svm(self, version_id: int) -> bool:
         return (self.format == 1) and (self.size > 128)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.vmxon_pa = 18446744073709551615
+        self.vmcs12_pa = 0
+        self.smm_flags = 0
+        self.vmcs12 = _rt.ABSENT
+        self.shadow_vmcs12 = _rt.ABSENT
+        self.vmcb_pa = 0
+        self.vmcb12 = _rt.ABSENT
+        return self
+
+    def _fill(self) -> None:
+        if self.vmcs12 is _rt.ABSENT:
+            self.vmcs12 = [0] * 4096
+        if self.shadow_vmcs12 is _rt.ABSENT:
+            self.shadow_vmcs12 = [0] * 4096
+        if self.vmcb12 is _rt.ABSENT:
+            self.vmcb12 = [0] * 4096
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>II')
 _S1 = struct.Struct('>i')
 _S2 = struct.Struct('>?')
@@ -31,6 +32,7 @@ is -1 ("no exception pending")."""
     VMSD_NAME: ClassVar[str] = 'cpu_common'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     halted: int = 0
     interrupt_request: int = 0
@@ -43,6 +45,13 @@ is -1 ("no exception pending")."""
 
     def _needed_crash_occurred(self, version_id: int) -> bool:
         return bool(self.crash_occurred)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.exception_index = -1
+        self.crash_occurred = False
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>2i2HBBBBB')
 _S1 = struct.Struct('>BBBi')
 
@@ -35,6 +36,11 @@ Transcribes vmstate_i8257_regs ("dma_regs") in hw/dma/i8257.c (QEMU 7.2)."""
     pageh: int = 0
     dack: int = 0
     eop: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -82,6 +88,12 @@ post_load restarts pending transfers (i8257_dma_run)."""
     flip_flop: int = 0
     dshift: int = 0
     regs: list[DmaRegs] = attrs.field(factory=lambda: _rt.new_array(DmaRegs, 4))
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.regs = []
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -15,7 +16,7 @@ from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 from .pci import PCIDevice
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>4xIIIHHHIBBHBBHIBHHHBbb256s65536s64H32HIIIIIIIIIIIIIIIIIIIIIIIIIIIIIIIIIIIII32I128I128I')
 _S1 = struct.Struct('>IIII?')
 _S2 = struct.Struct('>32768I')
@@ -47,6 +48,7 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
     VMSD_NAME: ClassVar[str] = 'e1000'
     VERSION_ID: ClassVar[int] = 2
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     parent_obj: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
     """VMSTATE_PCI_DEVICE(parent_obj, E1000State)."""
@@ -153,6 +155,33 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
 
     def _has_field(self, version_id: int) -> bool:
         return version_id == 1
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.parent_obj = _rt.fresh(PCIDevice)
+        self.mac_reg_rdtr = 0
+        self.mac_reg_radv = 0
+        self.mac_reg_tadv = 0
+        self.mac_reg_itr = 0
+        self.mit_irq_level = False
+        self.mac_reg = _rt.ABSENT
+        self.tso_ipcss = 0
+        self.tso_ipcso = 0
+        self.tso_ipcse = 0
+        self.tso_tucss = 0
+        self.tso_tucso = 0
+        self.tso_tucse = 0
+        self.tso_paylen = 0
+        self.tso_hdr_len = 0
+        self.tso_mss = 0
+        self.tso_ip = 0
+        self.tso_tcp = 0
+        return self
+
+    def _fill(self) -> None:
+        if self.mac_reg is _rt.ABSENT:
+            self.mac_reg = [0] * 32768
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,10 +15,9 @@ from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 from .pci import PCIDevice
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>II')
-_S1 = struct.Struct('>I')
-_S2 = struct.Struct('>IIIIIIIIIIIIqQIIIII')
+_S1 = struct.Struct('>IIIIIIIIIIIIqQIIIII')
 
 
 @attrs.define(eq=True, kw_only=True)
@@ -32,12 +32,20 @@ in guest memory when the VM runs again."""
     VMSD_NAME: ClassVar[str] = 'ehci'
     VERSION_ID: ClassVar[int] = 2
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     pcidev: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
     """VMSTATE_PCI_DEVICE(pcidev, EHCIPCIState)."""
     ehci: EHCIState | None = attrs.field(factory=lambda: _rt.impl(EHCIState)())
     """VMSTATE_STRUCT(ehci, EHCIPCIState, 2, vmstate_ehci, EHCIState): field
 version 2, so a version-1 stream has no controller state."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.pcidev = _rt.fresh(PCIDevice)
+        self.ehci = None
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -107,6 +115,11 @@ state machines."""
     a_fetch_addr: int = 0
     p_fetch_addr: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -115,21 +128,13 @@ state machines."""
             (self.usbcmd, self.usbsts,) = _S0.unpack_from(buf, p)
             _at = 'usbsts_pending'
             if version_id >= 2:
-                buf, p = r.take(4)
-                _t = _S1.unpack_from(buf, p)[0]
-                self.usbsts_pending = _t
+                buf, p = r.take(8)
+                (self.usbsts_pending, self.usbsts_frindex,) = _S0.unpack_from(buf, p)
             else:
-                self.usbsts_pending = None
-            _at = 'usbsts_frindex'
-            if version_id >= 2:
-                buf, p = r.take(4)
-                _t = _S1.unpack_from(buf, p)[0]
-                self.usbsts_frindex = _t
-            else:
-                self.usbsts_frindex = None
+                self.usbsts_pending = self.usbsts_frindex = None
             _at = 'usbintr'
             buf, p = r.take(84)
-            (self.usbintr, self.frindex, self.ctrldssegment, self.periodiclistbase, self.asynclistaddr, self.configflag, self.portsc0, self.portsc1, self.portsc2, self.portsc3, self.portsc4, self.portsc5, self.frame_timer, self.last_run_ns, self.async_stepdown, self.astate, self.pstate, self.a_fetch_addr, self.p_fetch_addr,) = _S2.unpack_from(buf, p)
+            (self.usbintr, self.frindex, self.ctrldssegment, self.periodiclistbase, self.asynclistaddr, self.configflag, self.portsc0, self.portsc1, self.portsc2, self.portsc3, self.portsc4, self.portsc5, self.frame_timer, self.last_run_ns, self.async_stepdown, self.astate, self.pstate, self.a_fetch_addr, self.p_fetch_addr,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -141,14 +146,9 @@ state machines."""
             out += _S0.pack(self.usbcmd, self.usbsts)
             _at = 'usbsts_pending'
             if version_id >= 2:
-                _v_usbsts_pending = _rt.present(self.usbsts_pending, 'usbsts_pending')
-                out += _S1.pack(_v_usbsts_pending)
-            _at = 'usbsts_frindex'
-            if version_id >= 2:
-                _v_usbsts_frindex = _rt.present(self.usbsts_frindex, 'usbsts_frindex')
-                out += _S1.pack(_v_usbsts_frindex)
+                out += _S0.pack(_rt.present(self.usbsts_pending, 'usbsts_pending'), _rt.present(self.usbsts_frindex, 'usbsts_frindex'))
             _at = 'usbintr'
-            out += _S2.pack(self.usbintr, self.frindex, self.ctrldssegment, self.periodiclistbase, self.asynclistaddr, self.configflag, self.portsc0, self.portsc1, self.portsc2, self.portsc3, self.portsc4, self.portsc5, self.frame_timer, self.last_run_ns, self.async_stepdown, self.astate, self.pstate, self.a_fetch_addr, self.p_fetch_addr)
+            out += _S1.pack(self.usbintr, self.frindex, self.ctrldssegment, self.periodiclistbase, self.asynclistaddr, self.configflag, self.portsc0, self.portsc1, self.portsc2, self.portsc3, self.portsc4, self.portsc5, self.frame_timer, self.last_run_ns, self.async_stepdown, self.astate, self.pstate, self.a_fetch_addr, self.p_fetch_addr)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:

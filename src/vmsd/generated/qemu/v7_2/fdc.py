@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>BBB')
 _S1 = struct.Struct('>B')
 _S2 = struct.Struct('>BBBBBBBBB512BIIBBBBBBBBB')
@@ -44,6 +45,14 @@ post_load revalidates the medium (fd_revalidate)."""
 
     def _needed_perpendicular(self, version_id: int) -> bool:
         return self.perpendicular != 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.media_changed = 1
+        self.media_rate = 0
+        self.perpendicular = 0
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -188,6 +197,16 @@ fdctrl_realize_common), so it is written as a fixed array."""
 
     def _needed_phase(self, version_id: int) -> bool:
         return (((((self.msr & 32) != 0) or ((self.msr & 128) == 0)) and (self.phase != 2)) or ((((self.msr & 160) == 128) and ((self.msr & 64) != 0)) and (self.phase != 3))) or ((((self.msr & 160) == 128) and ((self.msr & 64) == 0)) and (self.phase != 1))
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.num_floppies = 2
+        self.drives = None
+        self.reset_sensei = 0
+        self.result_timer = -1
+        self.phase = 0
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

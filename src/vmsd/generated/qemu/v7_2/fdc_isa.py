@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 from .fdc import FDCtrl
 
-_rt.require_api(1)
+_rt.require_api(2)
 
 
 @attrs.define(eq=True, kw_only=True)
@@ -30,6 +31,12 @@ referenced here by its class name."""
     MINIMUM_VERSION_ID: ClassVar[int] = 2
 
     state: FDCtrl = attrs.field(factory=lambda: _rt.impl(FDCtrl)())
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.state = _rt.fresh(FDCtrl)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>H')
 _S1 = struct.Struct('>I')
 _S2 = struct.Struct('>Q')
@@ -30,6 +31,7 @@ class FWCfgState(_rt.VMStateObject):
     VMSD_NAME: ClassVar[str] = 'fw_cfg'
     VERSION_ID: ClassVar[int] = 2
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     cur_entry: int = 0
     cur_offset_v1: int | None = 0
@@ -50,6 +52,15 @@ class FWCfgState(_rt.VMStateObject):
     def _has_cur_offset_v1(self, version_id: int) -> bool:
         return version_id == 1
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.dma_addr = 0
+        self.table_mr_size = 0
+        self.linker_mr_size = 0
+        self.rsdp_mr_size = 0
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -66,8 +77,7 @@ class FWCfgState(_rt.VMStateObject):
             _at = 'cur_offset'
             if version_id >= 2:
                 buf, p = r.take(4)
-                _t = _S1.unpack_from(buf, p)[0]
-                self.cur_offset = _t
+                (self.cur_offset,) = _S1.unpack_from(buf, p)
             else:
                 self.cur_offset = None
             _at = ""
@@ -87,8 +97,7 @@ class FWCfgState(_rt.VMStateObject):
                 out += _S0.pack(_v_cur_offset_v1)
             _at = 'cur_offset'
             if version_id >= 2:
-                _v_cur_offset = _rt.present(self.cur_offset, 'cur_offset')
-                out += _S1.pack(_v_cur_offset)
+                out += _S1.pack(_rt.present(self.cur_offset, 'cur_offset'))
             if self.fw_cfg_dma_enabled(version_id):
                 _rt.write_subsection_header(w, b'fw_cfg/dma', 0)
                 self._save_sub_dma(w, 0)

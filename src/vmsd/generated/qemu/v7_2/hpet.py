@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>BQQQQBq')
 _S1 = struct.Struct('>QQQ')
 _S2 = struct.Struct('>B')
@@ -38,6 +39,11 @@ Transcribes vmstate_hpet_timer ("hpet_timer") in hw/timer/hpet.c (QEMU 7.2)."""
     period: int = 0
     wrap_flag: int = 0
     qemu_timer: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
@@ -77,6 +83,7 @@ streams do not carry it (the default below plays that role)."""
     VMSD_NAME: ClassVar[str] = 'hpet'
     VERSION_ID: ClassVar[int] = 2
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     config: int = 0
     isr: int = 0
@@ -93,6 +100,14 @@ streams do not carry it (the default below plays that role)."""
     def _needed_rtc_irq_level(self, version_id: int) -> bool:
         return self.rtc_irq_level != 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.timer = []
+        self.rtc_irq_level = 0
+        self.hpet_offset = 0
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -102,8 +117,7 @@ streams do not carry it (the default below plays that role)."""
             _at = 'num_timers'
             if version_id >= 2:
                 buf, p = r.take(1)
-                _t = _S2.unpack_from(buf, p)[0]
-                self.num_timers = _t
+                (self.num_timers,) = _S2.unpack_from(buf, p)
             else:
                 self.num_timers = None
             _at = 'num_timers in range'
@@ -124,8 +138,7 @@ streams do not carry it (the default below plays that role)."""
             out += _S1.pack(self.config, self.isr, self.hpet_counter)
             _at = 'num_timers'
             if version_id >= 2:
-                _v_num_timers = _rt.present(self.num_timers, 'num_timers')
-                out += _S2.pack(_v_num_timers)
+                out += _S2.pack(_rt.present(self.num_timers, 'num_timers'))
             _at = 'num_timers in range'
             if not ((_rt.opt(self.num_timers, 'num_timers') >= 3) and (_rt.opt(self.num_timers, 'num_timers') <= 32)):
                 raise _rt.SaveError('validation num_timers in range fails for this state')

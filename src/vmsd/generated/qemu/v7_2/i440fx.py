@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 from .pci import PCIDevice
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>1x')
 
 
@@ -29,8 +30,15 @@ config-address register is a separate "PCIHost" section (pci.vmsd)."""
     VMSD_NAME: ClassVar[str] = 'I440FX'
     VERSION_ID: ClassVar[int] = 3
     MINIMUM_VERSION_ID: ClassVar[int] = 3
+    _PEEKS: ClassVar[bool] = True
 
     parent_obj: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.parent_obj = _rt.fresh(PCIDevice)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

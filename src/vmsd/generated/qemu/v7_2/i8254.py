@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>iHBBBBBBBBBBqq')
 _S1 = struct.Struct('>I')
 _S2 = struct.Struct('>q')
@@ -43,6 +44,11 @@ Transcribes vmstate_pit_channel ("pit channel") in hw/timer/i8254_common.c (QEMU
     gate: int = 0
     count_load_time: int = 0
     next_transition_time: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
@@ -86,14 +92,19 @@ pre_save/post_load dispatch to the implementation class."""
     ch0_next_transition_time: int = 0
     """Formerly irq_timer."""
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.channels = None
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
             _at = 'ch0_irq_disabled'
             if version_id >= 3:
                 buf, p = r.take(4)
-                _t = _S1.unpack_from(buf, p)[0]
-                self.ch0_irq_disabled = _t
+                (self.ch0_irq_disabled,) = _S1.unpack_from(buf, p)
             else:
                 self.ch0_irq_disabled = None
             _at = 'channels'
@@ -113,8 +124,7 @@ pre_save/post_load dispatch to the implementation class."""
             out = w.buf
             _at = 'ch0_irq_disabled'
             if version_id >= 3:
-                _v_ch0_irq_disabled = _rt.present(self.ch0_irq_disabled, 'ch0_irq_disabled')
-                out += _S1.pack(_v_ch0_irq_disabled)
+                out += _S1.pack(_rt.present(self.ch0_irq_disabled, 'ch0_irq_disabled'))
             _at = 'channels'
             if version_id >= 2:
                 _v_channels = _rt.present(self.channels, 'channels')

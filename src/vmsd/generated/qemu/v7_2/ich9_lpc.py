@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -16,7 +17,7 @@ from vmsd.runtime.io import Reader, Writer
 from .acpi import APMState, AcpiPciHpPciStatus, CPUHotplugState, MemHotplugState, TCOIORegs
 from .pci import PCIDevice
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>HHHqq16B16BII')
 _S1 = struct.Struct('>I')
 _S2 = struct.Struct('>16384BI')
@@ -32,6 +33,7 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
     VMSD_NAME: ClassVar[str] = 'ich9_pm'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     pm1_evt_sts: int = 0
     pm1_evt_en: int = 0
@@ -67,6 +69,21 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
     @abc.abstractmethod
     def pcihp_needed(self, version_id: int) -> bool:
         """Predicate named by custom(pcihp_needed) in the spec; implement it in a registered subclass."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.acpi_memory_hotplug = _rt.impl(MemHotplugState)()
+        self.tco_regs = _rt.impl(TCOIORegs)()
+        self.cpuhp_state = _rt.impl(CPUHotplugState)()
+        self.hotplug_select = 0
+        self.pcihp_pci_status = _rt.ABSENT
+        self.acpi_index = 0
+        return self
+
+    def _fill(self) -> None:
+        if self.pcihp_pci_status is _rt.ABSENT:
+            self.pcihp_pci_status = _rt.new_array(AcpiPciHpPciStatus, 256)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -212,6 +229,7 @@ cpuhp and pcihp."""
     VMSD_NAME: ClassVar[str] = 'ICH9LPC'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     d: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
     apm: APMState = attrs.field(factory=lambda: _rt.impl(APMState)())
@@ -230,6 +248,22 @@ cpuhp and pcihp."""
 
     def _needed_rst_cnt(self, version_id: int) -> bool:
         return self.rst_cnt != 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.d = _rt.fresh(PCIDevice)
+        self.apm = _rt.fresh(APMState)
+        self.pm = _rt.fresh(ICH9LPCPMRegs)
+        self.rst_cnt = 0
+        self.smi_guest_features_le = _rt.ABSENT
+        self.smi_features_ok = 0
+        self.smi_negotiated_features = 0
+        return self
+
+    def _fill(self) -> None:
+        if self.smi_guest_features_le is _rt.ABSENT:
+            self.smi_guest_features_le = [0] * 8
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -8,6 +8,7 @@ import abc
 import struct
 from typing import ClassVar
 
+
 import attrs
 
 from vmsd.runtime import schema as _schema
@@ -16,7 +17,7 @@ from vmsd.runtime.io import Reader, Writer
 from .acpi import PMSMBus
 from .pci import PCIDevice
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>?')
 
 
@@ -30,6 +31,7 @@ Transcribes hw/i2c/smbus_ich9.c vmstate_ich9_smbus ("ich9_smb")."""
     VMSD_NAME: ClassVar[str] = 'ich9_smb'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     dev: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
     irq_enabled: bool | None = False

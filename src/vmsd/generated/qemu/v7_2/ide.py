@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -15,16 +16,16 @@ from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 from .pci import PCIDevice
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>BBIqIB')
 _S1 = struct.Struct('>IIII')
 _S2 = struct.Struct('>B')
 _S3 = struct.Struct('>BB')
 _S4 = struct.Struct('>i')
-_S5 = struct.Struct('>q')
-_S6 = struct.Struct('>I')
-_S7 = struct.Struct('>ii')
-_S8 = struct.Struct('>BBIBBBBBBBBBBBBB')
+_S5 = struct.Struct('>qIB')
+_S6 = struct.Struct('>ii')
+_S7 = struct.Struct('>BBIBBBBBBBBBBBBB')
+_S8 = struct.Struct('>131076B')
 _S9 = struct.Struct('>iiBii')
 _S10 = struct.Struct('>??')
 
@@ -59,6 +60,16 @@ ide_pci_post_load undoes it."""
 
     def _needed_status(self, version_id: int) -> bool:
         return (self.status & 120) != 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.cur_addr = 0
+        self.cur_prd_last = 0
+        self.cur_prd_addr = 0
+        self.cur_prd_len = 0
+        self.status = 0
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -150,6 +161,15 @@ vmstate_ide_error_status in hw/ide/core.c (QEMU 7.2)."""
     def _needed_error(self, version_id: int) -> bool:
         return self.error_status != 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.error_status = 0
+        self.retry_sector_num = 0
+        self.retry_nsector = 0
+        self.retry_unit = 0
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -183,19 +203,8 @@ vmstate_ide_error_status in hw/ide/core.c (QEMU 7.2)."""
             (self.error_status,) = _S4.unpack_from(buf, p)
             _at = 'retry_sector_num'
             if version_id >= 2:
-                buf, p = r.take(8)
-                _t = _S5.unpack_from(buf, p)[0]
-                self.retry_sector_num = _t
-            _at = 'retry_nsector'
-            if version_id >= 2:
-                buf, p = r.take(4)
-                _t = _S6.unpack_from(buf, p)[0]
-                self.retry_nsector = _t
-            _at = 'retry_unit'
-            if version_id >= 2:
-                buf, p = r.take(1)
-                _t = _S2.unpack_from(buf, p)[0]
-                self.retry_unit = _t
+                buf, p = r.take(13)
+                (self.retry_sector_num, self.retry_nsector, self.retry_unit,) = _S5.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -207,13 +216,7 @@ vmstate_ide_error_status in hw/ide/core.c (QEMU 7.2)."""
             out += _S4.pack(self.error_status)
             _at = 'retry_sector_num'
             if version_id >= 2:
-                out += _S5.pack(self.retry_sector_num)
-            _at = 'retry_nsector'
-            if version_id >= 2:
-                out += _S6.pack(self.retry_nsector)
-            _at = 'retry_unit'
-            if version_id >= 2:
-                out += _S2.pack(self.retry_unit)
+                out += _S5.pack(self.retry_sector_num, self.retry_nsector, self.retry_unit)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -232,6 +235,7 @@ post_load re-applies the write-cache bit of identify_data."""
     VMSD_NAME: ClassVar[str] = 'ide_drive'
     VERSION_ID: ClassVar[int] = 3
     MINIMUM_VERSION_ID: ClassVar[int] = 0
+    _PEEKS: ClassVar[bool] = True
 
     mult_sectors: int = 0
     identify_set: int = 0
@@ -283,12 +287,32 @@ written as a fixed array."""
     def _needed_gesn_state(self, version_id: int) -> bool:
         return bool(self.events_new_media) or bool(self.events_eject_request)
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.req_nb_sectors = 0
+        self.io_buffer = _rt.ABSENT
+        self.cur_io_buffer_offset = 0
+        self.cur_io_buffer_len = 0
+        self.end_transfer_fn_idx = 0
+        self.elementary_transfer_size = 0
+        self.packet_transfer_size = 0
+        self.tray_open = False
+        self.tray_locked = False
+        self.events_new_media = False
+        self.events_eject_request = False
+        return self
+
+    def _fill(self) -> None:
+        if self.io_buffer is _rt.ABSENT:
+            self.io_buffer = [0] * 131076
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
             _at = 'mult_sectors'
             buf, p = r.take(8)
-            (self.mult_sectors, self.identify_set,) = _S7.unpack_from(buf, p)
+            (self.mult_sectors, self.identify_set,) = _S6.unpack_from(buf, p)
             _at = 'identify_data'
             if self._has_identify_data(version_id):
                 self.identify_data = r.read(512)
@@ -296,12 +320,11 @@ written as a fixed array."""
                 self.identify_data = None
             _at = 'feature'
             buf, p = r.take(19)
-            (self.feature, self.error, self.nsector, self.sector, self.lcyl, self.hcyl, self.hob_feature, self.hob_sector, self.hob_nsector, self.hob_lcyl, self.hob_hcyl, self.select, self.status, self.lba48, self.sense_key, self.asc,) = _S8.unpack_from(buf, p)
+            (self.feature, self.error, self.nsector, self.sector, self.lcyl, self.hcyl, self.hob_feature, self.hob_sector, self.hob_nsector, self.hob_lcyl, self.hob_hcyl, self.select, self.status, self.lba48, self.sense_key, self.asc,) = _S7.unpack_from(buf, p)
             _at = 'cdrom_changed'
             if version_id >= 3:
                 buf, p = r.take(1)
-                _t = _S2.unpack_from(buf, p)[0]
-                self.cdrom_changed = _t
+                (self.cdrom_changed,) = _S2.unpack_from(buf, p)
             else:
                 self.cdrom_changed = None
             _at = ""
@@ -314,18 +337,17 @@ written as a fixed array."""
         try:
             out = w.buf
             _at = 'mult_sectors'
-            out += _S7.pack(self.mult_sectors, self.identify_set)
+            out += _S6.pack(self.mult_sectors, self.identify_set)
             _at = 'identify_data'
             if self._has_identify_data(version_id):
                 _v_identify_data = _rt.present(self.identify_data, 'identify_data')
                 _rt.check_len(_v_identify_data, 512, 'identify_data')
                 out += _v_identify_data
             _at = 'feature'
-            out += _S8.pack(self.feature, self.error, self.nsector, self.sector, self.lcyl, self.hcyl, self.hob_feature, self.hob_sector, self.hob_nsector, self.hob_lcyl, self.hob_hcyl, self.select, self.status, self.lba48, self.sense_key, self.asc)
+            out += _S7.pack(self.feature, self.error, self.nsector, self.sector, self.lcyl, self.hcyl, self.hob_feature, self.hob_sector, self.hob_nsector, self.hob_lcyl, self.hob_hcyl, self.select, self.status, self.lba48, self.sense_key, self.asc)
             _at = 'cdrom_changed'
             if version_id >= 3:
-                _v_cdrom_changed = _rt.present(self.cdrom_changed, 'cdrom_changed')
-                out += _S2.pack(_v_cdrom_changed)
+                out += _S2.pack(_rt.present(self.cdrom_changed, 'cdrom_changed'))
             if self.pio_state_needed(version_id):
                 _rt.write_subsection_header(w, b'ide_drive/pio_state', 1)
                 self._save_sub_pio_state(w, 1)
@@ -348,10 +370,9 @@ written as a fixed array."""
             (self.req_nb_sectors,) = _S4.unpack_from(buf, p)
             _at = 'io_buffer'
             if version_id >= 1:
-                _n = 131076
-                buf, p = r.take(_n * 1)
-                _v = struct.unpack_from(f'>{_n}B', buf, p)
-                self.io_buffer = list(_v)
+                buf, p = r.take(131076)
+                _v = _S8.unpack_from(buf, p)
+                self.io_buffer = list(_v[0:131076])
             _at = 'cur_io_buffer_offset'
             buf, p = r.take(17)
             (self.cur_io_buffer_offset, self.cur_io_buffer_len, self.end_transfer_fn_idx, self.elementary_transfer_size, self.packet_transfer_size,) = _S9.unpack_from(buf, p)
@@ -367,7 +388,7 @@ written as a fixed array."""
             _at = 'io_buffer'
             if version_id >= 1:
                 _rt.check_len(self.io_buffer, 131076, 'io_buffer')
-                out += struct.pack(f'>{len(self.io_buffer)}B', *self.io_buffer)
+                out += _S8.pack(*self.io_buffer)
             _at = 'cur_io_buffer_offset'
             out += _S9.pack(self.cur_io_buffer_offset, self.cur_io_buffer_len, self.end_transfer_fn_idx, self.elementary_transfer_size, self.packet_transfer_size)
         except _rt.VMSDError as e:
@@ -426,12 +447,23 @@ post_load masks migration_retry_unit and restores the bmdma state."""
     VMSD_NAME: ClassVar[str] = 'ide'
     VERSION_ID: ClassVar[int] = 3
     MINIMUM_VERSION_ID: ClassVar[int] = 0
+    _PEEKS: ClassVar[bool] = True
 
     parent_obj: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
     bmdma: list[BMDMAState] = attrs.field(factory=lambda: _rt.new_array(BMDMAState, 2))
     bus: list[IDEBus] | None = attrs.field(factory=lambda: _rt.new_array(IDEBus, 2))
     bus0_ifs: list[IDEState] | None = attrs.field(factory=lambda: _rt.new_array(IDEState, 2))
     bus1_ifs: list[IDEState] | None = attrs.field(factory=lambda: _rt.new_array(IDEState, 2))
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.parent_obj = _rt.fresh(PCIDevice)
+        self.bmdma = []
+        self.bus = None
+        self.bus0_ifs = None
+        self.bus1_ifs = None
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -13,9 +14,9 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>BB')
-_S1 = struct.Struct('>I')
+_S1 = struct.Struct('>8xI')
 _S2 = struct.Struct('>24Q')
 
 
@@ -34,20 +35,21 @@ shared by the emulated and KVM I/O APICs (IOAPIC_NUM_PINS = 24)."""
     irr: int | None = 0
     ioredtbl: list[int] = attrs.field(factory=lambda: [0] * 24)
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
             _at = 'id'
             buf, p = r.take(2)
             (self.id, self.ioregsel,) = _S0.unpack_from(buf, p)
-            _at = 'unused'
-            if version_id >= 2:
-                r.take(8)
             _at = 'irr'
             if version_id >= 2:
-                buf, p = r.take(4)
-                _t = _S1.unpack_from(buf, p)[0]
-                self.irr = _t
+                buf, p = r.take(12)
+                (self.irr,) = _S1.unpack_from(buf, p)
             else:
                 self.irr = None
             _at = 'ioredtbl'
@@ -63,13 +65,9 @@ shared by the emulated and KVM I/O APICs (IOAPIC_NUM_PINS = 24)."""
             out = w.buf
             _at = 'id'
             out += _S0.pack(self.id, self.ioregsel)
-            _at = 'unused'
-            if version_id >= 2:
-                out += bytes(8)
             _at = 'irr'
             if version_id >= 2:
-                _v_irr = _rt.present(self.irr, 'irr')
-                out += _S1.pack(_v_irr)
+                out += _S1.pack(_rt.present(self.irr, 'irr'))
             _at = 'ioredtbl'
             _rt.check_len(self.ioredtbl, 24, 'ioredtbl')
             out += _S2.pack(*self.ioredtbl)

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>IIIII')
 _S1 = struct.Struct('>8xIIIIIII')
 _S2 = struct.Struct('>II8II')
@@ -36,6 +37,12 @@ its nested vmstate_guest_rom and vmstate_handlers."""
     rom_state_vaddr: int = 0
     vapic_paddr: int = 0
     rom_state_paddr: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.rom_state = _rt.fresh(GuestROMState)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -81,6 +88,13 @@ class GuestROMState(_rt.VMStateObject):
     up: VAPICHandlers = attrs.field(factory=lambda: _rt.impl(VAPICHandlers)())
     mp: VAPICHandlers = attrs.field(factory=lambda: _rt.impl(VAPICHandlers)())
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.up = _rt.fresh(VAPICHandlers)
+        self.mp = _rt.fresh(VAPICHandlers)
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -123,6 +137,11 @@ class VAPICHandlers(_rt.VMStateObject):
     set_tpr_eax: int = 0
     get_tpr: list[int] = attrs.field(factory=lambda: [0] * 8)
     get_tpr_stack: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

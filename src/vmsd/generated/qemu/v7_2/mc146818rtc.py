@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -13,12 +14,11 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>128sB28xqq24x')
-_S1 = struct.Struct('>I')
-_S2 = struct.Struct('>Q')
-_S3 = struct.Struct('>q')
-_S4 = struct.Struct('>H')
+_S1 = struct.Struct('>II')
+_S2 = struct.Struct('>QQqqQ')
+_S3 = struct.Struct('>H')
 
 
 @attrs.define(eq=True, kw_only=True)
@@ -49,6 +49,12 @@ recomputes period and re-arms the timers."""
     def _needed_irq_reinject_on_ack_count(self, version_id: int) -> bool:
         return self.irq_reinject_on_ack_count != 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.irq_reinject_on_ack_count = 0
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -57,53 +63,16 @@ recomputes period and re-arms the timers."""
             (self.cmos_data, self.cmos_index, self.periodic_timer, self.next_periodic_time,) = _S0.unpack_from(buf, p)
             _at = 'irq_coalesced'
             if version_id >= 2:
-                buf, p = r.take(4)
-                _t = _S1.unpack_from(buf, p)[0]
-                self.irq_coalesced = _t
+                buf, p = r.take(8)
+                (self.irq_coalesced, self.period,) = _S1.unpack_from(buf, p)
             else:
-                self.irq_coalesced = None
-            _at = 'period'
-            if version_id >= 2:
-                buf, p = r.take(4)
-                _t = _S1.unpack_from(buf, p)[0]
-                self.period = _t
-            else:
-                self.period = None
+                self.irq_coalesced = self.period = None
             _at = 'base_rtc'
             if version_id >= 3:
-                buf, p = r.take(8)
-                _t = _S2.unpack_from(buf, p)[0]
-                self.base_rtc = _t
+                buf, p = r.take(40)
+                (self.base_rtc, self.last_update, self.offset, self.update_timer, self.next_alarm_time,) = _S2.unpack_from(buf, p)
             else:
-                self.base_rtc = None
-            _at = 'last_update'
-            if version_id >= 3:
-                buf, p = r.take(8)
-                _t = _S2.unpack_from(buf, p)[0]
-                self.last_update = _t
-            else:
-                self.last_update = None
-            _at = 'offset'
-            if version_id >= 3:
-                buf, p = r.take(8)
-                _t = _S3.unpack_from(buf, p)[0]
-                self.offset = _t
-            else:
-                self.offset = None
-            _at = 'update_timer'
-            if version_id >= 3:
-                buf, p = r.take(8)
-                _t = _S3.unpack_from(buf, p)[0]
-                self.update_timer = _t
-            else:
-                self.update_timer = None
-            _at = 'next_alarm_time'
-            if version_id >= 3:
-                buf, p = r.take(8)
-                _t = _S2.unpack_from(buf, p)[0]
-                self.next_alarm_time = _t
-            else:
-                self.next_alarm_time = None
+                self.base_rtc = self.last_update = self.offset = self.update_timer = self.next_alarm_time = None
             _at = ""
             _rt.load_subsections(self, r, 'mc146818rtc', self._SUBSECTIONS['mc146818rtc'])
         except _rt.VMSDError as e:
@@ -118,32 +87,10 @@ recomputes period and re-arms the timers."""
             out += _S0.pack(self.cmos_data, self.cmos_index, self.periodic_timer, self.next_periodic_time)
             _at = 'irq_coalesced'
             if version_id >= 2:
-                _v_irq_coalesced = _rt.present(self.irq_coalesced, 'irq_coalesced')
-                out += _S1.pack(_v_irq_coalesced)
-            _at = 'period'
-            if version_id >= 2:
-                _v_period = _rt.present(self.period, 'period')
-                out += _S1.pack(_v_period)
+                out += _S1.pack(_rt.present(self.irq_coalesced, 'irq_coalesced'), _rt.present(self.period, 'period'))
             _at = 'base_rtc'
             if version_id >= 3:
-                _v_base_rtc = _rt.present(self.base_rtc, 'base_rtc')
-                out += _S2.pack(_v_base_rtc)
-            _at = 'last_update'
-            if version_id >= 3:
-                _v_last_update = _rt.present(self.last_update, 'last_update')
-                out += _S2.pack(_v_last_update)
-            _at = 'offset'
-            if version_id >= 3:
-                _v_offset = _rt.present(self.offset, 'offset')
-                out += _S3.pack(_v_offset)
-            _at = 'update_timer'
-            if version_id >= 3:
-                _v_update_timer = _rt.present(self.update_timer, 'update_timer')
-                out += _S3.pack(_v_update_timer)
-            _at = 'next_alarm_time'
-            if version_id >= 3:
-                _v_next_alarm_time = _rt.present(self.next_alarm_time, 'next_alarm_time')
-                out += _S2.pack(_v_next_alarm_time)
+                out += _S2.pack(_rt.present(self.base_rtc, 'base_rtc'), _rt.present(self.last_update, 'last_update'), _rt.present(self.offset, 'offset'), _rt.present(self.update_timer, 'update_timer'), _rt.present(self.next_alarm_time, 'next_alarm_time'))
             if self._needed_irq_reinject_on_ack_count(version_id):
                 _rt.write_subsection_header(w, b'mc146818rtc/irq_reinject_on_ack_count', 1)
                 self._save_sub_irq_reinject_on_ack_count(w, 1)
@@ -157,7 +104,7 @@ recomputes period and re-arms the timers."""
         try:
             _at = 'irq_reinject_on_ack_count'
             buf, p = r.take(2)
-            (self.irq_reinject_on_ack_count,) = _S4.unpack_from(buf, p)
+            (self.irq_reinject_on_ack_count,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -166,7 +113,7 @@ recomputes period and re-arms the timers."""
         try:
             out = w.buf
             _at = 'irq_reinject_on_ack_count'
-            out += _S4.pack(self.irq_reinject_on_ack_count)
+            out += _S3.pack(self.irq_reinject_on_ack_count)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -14,11 +15,12 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>i')
-_S1 = struct.Struct('>IHH4I4I')
-_S2 = struct.Struct('>H')
-_S3 = struct.Struct('>I')
+_S1 = struct.Struct('>16s')
+_S2 = struct.Struct('>IHH4I4I')
+_S3 = struct.Struct('>H')
+_S4 = struct.Struct('>I')
 
 
 @attrs.define(eq=True, kw_only=True)
@@ -35,6 +37,7 @@ config; the interrupt state travels in "pci irq state" instead."""
     VMSD_NAME: ClassVar[str] = 'PCIDevice'
     VERSION_ID: ClassVar[int] = 2
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     pci_version_id: int = 2
     """VMSTATE_INT32_POSITIVE_LE: 0 <= loaded <= the destination's version_id (2)."""
@@ -79,7 +82,8 @@ INTA..INTD as four big-endian int32 values, each 0 or 1."""
                 self.config_pcie = None
             _at = 'irq_state'
             if version_id >= 2:
-                self.irq_state = r.read(16)
+                buf, p = r.take(16)
+                (self.irq_state,) = _S1.unpack_from(buf, p)
             else:
                 self.irq_state = None
         except _rt.VMSDError as e:
@@ -103,9 +107,8 @@ INTA..INTD as four big-endian int32 values, each 0 or 1."""
                 out += _v_config_pcie
             _at = 'irq_state'
             if version_id >= 2:
-                _v_irq_state = _rt.present(self.irq_state, 'irq_state')
-                _rt.check_len(_v_irq_state, 16, 'irq_state')
-                out += _v_irq_state
+                _rt.check_len(_rt.present(self.irq_state, 'irq_state'), 16, 'irq_state')
+                out += _S1.pack(_rt.present(self.irq_state, 'irq_state'))
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -165,12 +168,17 @@ class PCIEAERErr(_rt.VMStateObject):
     header: list[int] = attrs.field(factory=lambda: [0] * 4)
     prefix: list[int] = attrs.field(factory=lambda: [0] * 4)
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
             _at = 'status'
             buf, p = r.take(40)
-            _v = _S1.unpack_from(buf, p)
+            _v = _S2.unpack_from(buf, p)
             self.status = _v[0]
             self.source_id = _v[1]
             self.flags = _v[2]
@@ -186,7 +194,7 @@ class PCIEAERErr(_rt.VMStateObject):
             _at = 'status'
             _rt.check_len(self.header, 4, 'header')
             _rt.check_len(self.prefix, 4, 'prefix')
-            out += _S1.pack(self.status, self.source_id, self.flags, *self.header, *self.prefix)
+            out += _S2.pack(self.status, self.source_id, self.flags, *self.header, *self.prefix)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -208,15 +216,22 @@ class PCIEAERLog(_rt.VMStateObject):
     log: list[PCIEAERErr] = attrs.field(factory=list)
     """VMSTATE_STRUCT_VARRAY_POINTER_UINT16(log, log_num, vmstate_pcie_aer_err)."""
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.log_max = 8
+        self.log = []
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
             _at = 'log_num'
             buf, p = r.take(2)
-            (self.log_num,) = _S2.unpack_from(buf, p)
+            (self.log_num,) = _S3.unpack_from(buf, p)
             _at = 'log_max'
             buf, p = r.take(2)
-            _t = _S2.unpack_from(buf, p)[0]
+            _t = _S3.unpack_from(buf, p)[0]
             if _t != self.log_max:
                 _rt.check_failed('log_max', f'{_t:#x} != {self.log_max:#x}', r.tell() - 2)
             self.log_max = _t
@@ -233,9 +248,9 @@ class PCIEAERLog(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'log_num'
-            out += _S2.pack(self.log_num)
+            out += _S3.pack(self.log_num)
             _at = 'log_max'
-            out += _S2.pack(self.log_max)
+            out += _S3.pack(self.log_max)
             _at = 'log_num <= log_max'
             if not (self.log_num <= self.log_max):
                 raise _rt.SaveError('validation log_num <= log_max fails for this state')
@@ -262,7 +277,12 @@ true by default) gates the whole section, not a field."""
 
     config_reg: int = 0
 
-    _FLAT: ClassVar[struct.Struct | None] = _S3
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
+    _FLAT: ClassVar[struct.Struct | None] = _S4
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.config_reg,) = values
@@ -272,7 +292,7 @@ true by default) gates the whole section, not a field."""
         try:
             _at = 'config_reg'
             buf, p = r.take(4)
-            (self.config_reg,) = _S3.unpack_from(buf, p)
+            (self.config_reg,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -281,7 +301,7 @@ true by default) gates the whole section, not a field."""
         try:
             out = w.buf
             _at = 'config_reg'
-            out += _S3.pack(self.config_reg)
+            out += _S4.pack(self.config_reg)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -302,6 +322,12 @@ registered as its own section "PCIBUS" for every root bus."""
     """VMSTATE_INT32_EQUAL: number of bus IRQ lines (4 for i440fx, 8 for q35)."""
     irq_count: list[int] = attrs.field(factory=list)
     """VMSTATE_VARRAY_INT32(irq_count, nirq)."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.nirq = 0
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>BBBB')
 _S1 = struct.Struct('>B')
 _S2 = struct.Struct('>IIBB')
@@ -33,6 +34,7 @@ their subsections are absent."""
     VMSD_NAME: ClassVar[str] = 'pckbd'
     VERSION_ID: ClassVar[int] = 3
     MINIMUM_VERSION_ID: ClassVar[int] = 3
+    _PEEKS: ClassVar[bool] = True
 
     write_cmd: int = 0
     status: int = 0
@@ -50,6 +52,16 @@ their subsections are absent."""
 
     def _needed_pckbd_outport(self, version_id: int) -> bool:
         return self.outport != ((207 | ((self.status & 1) << 4)) | (self.status & 32))
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.outport = 0
+        self.migration_flags = 0
+        self.obsrc = 0
+        self.obdata = 0
+        self.cbdata = 0
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 from .pckbd import KBDState
 
-_rt.require_api(1)
+_rt.require_api(2)
 
 
 @attrs.define(eq=True, kw_only=True)
@@ -28,8 +29,15 @@ referenced here by its class name."""
     VMSD_NAME: ClassVar[str] = 'pckbd'
     VERSION_ID: ClassVar[int] = 3
     MINIMUM_VERSION_ID: ClassVar[int] = 3
+    _PEEKS: ClassVar[bool] = True
 
     kbd: KBDState = attrs.field(factory=lambda: _rt.impl(KBDState)())
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.kbd = _rt.fresh(KBDState)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

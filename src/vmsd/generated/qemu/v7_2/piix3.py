@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,8 +15,9 @@ from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 from .pci import PCIDevice
 
-_rt.require_api(1)
-_S0 = struct.Struct('>B')
+_rt.require_api(2)
+_S0 = struct.Struct('>4i')
+_S1 = struct.Struct('>B')
 
 
 @attrs.define(eq=True, kw_only=True)
@@ -29,6 +31,7 @@ vmstate_piix3_rcr ("PIIX3/rcr")."""
     VMSD_NAME: ClassVar[str] = 'PIIX3'
     VERSION_ID: ClassVar[int] = 3
     MINIMUM_VERSION_ID: ClassVar[int] = 2
+    _PEEKS: ClassVar[bool] = True
 
     dev: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
     pci_irq_levels_vmstate: list[int] | None = attrs.field(factory=lambda: [0] * 4)
@@ -39,6 +42,13 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
     def _needed_rcr(self, version_id: int) -> bool:
         return self.rcr != 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.dev = _rt.fresh(PCIDevice)
+        self.rcr = 0
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -46,10 +56,9 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
             self.dev._load_nested(r, 2)
             _at = 'pci_irq_levels_vmstate'
             if version_id >= 3:
-                _n = 4
-                buf, p = r.take(_n * 4)
-                _v = struct.unpack_from(f'>{_n}i', buf, p)
-                self.pci_irq_levels_vmstate = list(_v)
+                buf, p = r.take(16)
+                _v = _S0.unpack_from(buf, p)
+                self.pci_irq_levels_vmstate = list(_v[0:4])
             else:
                 self.pci_irq_levels_vmstate = None
             _at = ""
@@ -65,9 +74,8 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
             self.dev._save_nested(w, 2)
             _at = 'pci_irq_levels_vmstate'
             if version_id >= 3:
-                _v_pci_irq_levels_vmstate = _rt.present(self.pci_irq_levels_vmstate, 'pci_irq_levels_vmstate')
-                _rt.check_len(_v_pci_irq_levels_vmstate, 4, 'pci_irq_levels_vmstate')
-                out += struct.pack(f'>{len(_v_pci_irq_levels_vmstate)}i', *_v_pci_irq_levels_vmstate)
+                _rt.check_len(_rt.present(self.pci_irq_levels_vmstate, 'pci_irq_levels_vmstate'), 4, 'pci_irq_levels_vmstate')
+                out += _S0.pack(*_rt.present(self.pci_irq_levels_vmstate, 'pci_irq_levels_vmstate'))
             if self._needed_rcr(version_id):
                 _rt.write_subsection_header(w, b'PIIX3/rcr', 1)
                 self._save_sub_rcr(w, 1)
@@ -81,7 +89,7 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
         try:
             _at = 'rcr'
             buf, p = r.take(1)
-            (self.rcr,) = _S0.unpack_from(buf, p)
+            (self.rcr,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -90,7 +98,7 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
         try:
             out = w.buf
             _at = 'rcr'
-            out += _S0.pack(self.rcr)
+            out += _S1.pack(self.rcr)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -16,7 +17,7 @@ from vmsd.runtime.io import Reader, Writer
 from .acpi import APMState, AcpiPciHpPciStatus, CPUHotplugState, MemHotplugState, PMSMBus
 from .pci import PCIDevice
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>HH')
 _S1 = struct.Struct('>II')
 _S2 = struct.Struct('>HHH')
@@ -37,6 +38,11 @@ GPE byte array, saved big-endian like any VMSTATE uint16."""
 
     sts: int = 0
     en: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
@@ -76,6 +82,11 @@ class PIIX4PciStatus(_rt.VMStateObject):
     up: int = 0
     down: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S1
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -114,6 +125,7 @@ subsections vmstate_memhp_state and vmstate_cpuhp_state."""
     VMSD_NAME: ClassVar[str] = 'piix4_pm'
     VERSION_ID: ClassVar[int] = 3
     MINIMUM_VERSION_ID: ClassVar[int] = 3
+    _PEEKS: ClassVar[bool] = True
 
     parent_obj: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
     pm1_evt_sts: int = 0

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>iiii256s')
 _S1 = struct.Struct('>ii')
 _S2 = struct.Struct('>i')
@@ -37,6 +38,11 @@ Transcribes vmstate_ps2_common ("PS2 Common State") in hw/input/ps2.c (QEMU 7.2)
     queue_wptr: int = 0
     queue_count: int = 0
     queue_data: bytes = bytes(256)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
@@ -93,6 +99,15 @@ post_load sets scancode_set to 2 for version 2 streams."""
     def _needed_command_reply_queue(self, version_id: int) -> bool:
         return self.queue_cwptr != (-1)
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.parent_obj = _rt.fresh(PS2State)
+        self.ledstate = 0
+        self.need_high_bit = False
+        self.queue_cwptr = -1
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -104,8 +119,7 @@ post_load sets scancode_set to 2 for version 2 streams."""
             _at = 'scancode_set'
             if version_id >= 3:
                 buf, p = r.take(4)
-                _t = _S2.unpack_from(buf, p)[0]
-                self.scancode_set = _t
+                (self.scancode_set,) = _S2.unpack_from(buf, p)
             else:
                 self.scancode_set = None
             _at = ""
@@ -123,8 +137,7 @@ post_load sets scancode_set to 2 for version 2 streams."""
             out += _S1.pack(self.scan_enabled, self.translate)
             _at = 'scancode_set'
             if version_id >= 3:
-                _v_scancode_set = _rt.present(self.scancode_set, 'scancode_set')
-                out += _S2.pack(_v_scancode_set)
+                out += _S2.pack(_rt.present(self.scancode_set, 'scancode_set'))
             if self._needed_ledstate(version_id):
                 _rt.write_subsection_header(w, b'ps2kbd/ledstate', 3)
                 self._save_sub_ledstate(w, 3)
@@ -221,6 +234,12 @@ Transcribes vmstate_ps2_mouse ("ps2mouse") in hw/input/ps2.c (QEMU 7.2)."""
     mouse_dy: int = 0
     mouse_dz: int = 0
     mouse_buttons: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.parent_obj = _rt.fresh(PS2State)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

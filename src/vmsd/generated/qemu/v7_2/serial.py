@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -13,15 +14,16 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
-_S0 = struct.Struct('>II')
-_S1 = struct.Struct('>H')
-_S2 = struct.Struct('>BBBBBBBB')
-_S3 = struct.Struct('>B')
-_S4 = struct.Struct('>i')
-_S5 = struct.Struct('>IBB')
-_S6 = struct.Struct('>q')
-_S7 = struct.Struct('>iq')
+_rt.require_api(2)
+_S0 = struct.Struct('>16s')
+_S1 = struct.Struct('>II')
+_S2 = struct.Struct('>H')
+_S3 = struct.Struct('>BBBBBBBB')
+_S4 = struct.Struct('>B')
+_S5 = struct.Struct('>i')
+_S6 = struct.Struct('>IBB')
+_S7 = struct.Struct('>q')
+_S8 = struct.Struct('>iq')
 
 
 @attrs.define(eq=True, kw_only=True)
@@ -43,17 +45,23 @@ other capacities."""
     head: int = 0
     num: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
             _at = 'data'
             if version_id >= 1:
-                self.data = r.read(16)
+                buf, p = r.take(16)
+                (self.data,) = _S0.unpack_from(buf, p)
             else:
                 self.data = None
             _at = 'head'
             buf, p = r.take(8)
-            (self.head, self.num,) = _S0.unpack_from(buf, p)
+            (self.head, self.num,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -63,11 +71,10 @@ other capacities."""
             out = w.buf
             _at = 'data'
             if version_id >= 1:
-                _v_data = _rt.present(self.data, 'data')
-                _rt.check_len(_v_data, 16, 'data')
-                out += _v_data
+                _rt.check_len(_rt.present(self.data, 'data'), 16, 'data')
+                out += _S0.pack(_rt.present(self.data, 'data'))
             _at = 'head'
-            out += _S0.pack(self.head, self.num)
+            out += _S1.pack(self.head, self.num)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -131,24 +138,37 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
     def _needed_poll(self, version_id: int) -> bool:
         return self.poll_msl >= 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.thr_ipending = -1
+        self.tsr_retry = 0
+        self.thr = 0
+        self.tsr = 0
+        self.recv_fifo = _rt.impl(SerialFifo8)()
+        self.xmit_fifo = _rt.impl(SerialFifo8)()
+        self.fifo_timeout_timer = -1
+        self.timeout_ipending = 0
+        self.poll_msl = -1
+        self.modem_status_poll = -1
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
             _at = 'divider'
             if version_id >= 2:
                 buf, p = r.take(2)
-                _t = _S1.unpack_from(buf, p)[0]
-                self.divider = _t
+                (self.divider,) = _S2.unpack_from(buf, p)
             else:
                 self.divider = None
             _at = 'rbr'
             buf, p = r.take(8)
-            (self.rbr, self.ier, self.iir, self.lcr, self.mcr, self.lsr, self.msr, self.scr,) = _S2.unpack_from(buf, p)
+            (self.rbr, self.ier, self.iir, self.lcr, self.mcr, self.lsr, self.msr, self.scr,) = _S3.unpack_from(buf, p)
             _at = 'fcr_vmstate'
             if version_id >= 3:
                 buf, p = r.take(1)
-                _t = _S3.unpack_from(buf, p)[0]
-                self.fcr_vmstate = _t
+                (self.fcr_vmstate,) = _S4.unpack_from(buf, p)
             else:
                 self.fcr_vmstate = None
             _at = ""
@@ -162,14 +182,12 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
             out = w.buf
             _at = 'divider'
             if version_id >= 2:
-                _v_divider = _rt.present(self.divider, 'divider')
-                out += _S1.pack(_v_divider)
+                out += _S2.pack(_rt.present(self.divider, 'divider'))
             _at = 'rbr'
-            out += _S2.pack(self.rbr, self.ier, self.iir, self.lcr, self.mcr, self.lsr, self.msr, self.scr)
+            out += _S3.pack(self.rbr, self.ier, self.iir, self.lcr, self.mcr, self.lsr, self.msr, self.scr)
             _at = 'fcr_vmstate'
             if version_id >= 3:
-                _v_fcr_vmstate = _rt.present(self.fcr_vmstate, 'fcr_vmstate')
-                out += _S3.pack(_v_fcr_vmstate)
+                out += _S4.pack(_rt.present(self.fcr_vmstate, 'fcr_vmstate'))
             if self._needed_thr_ipending(version_id):
                 _rt.write_subsection_header(w, b'serial/thr_ipending', 1)
                 self._save_sub_thr_ipending(w, 1)
@@ -201,7 +219,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             _at = 'thr_ipending'
             buf, p = r.take(4)
-            (self.thr_ipending,) = _S4.unpack_from(buf, p)
+            (self.thr_ipending,) = _S5.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -210,7 +228,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             out = w.buf
             _at = 'thr_ipending'
-            out += _S4.pack(self.thr_ipending)
+            out += _S5.pack(self.thr_ipending)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -221,7 +239,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             _at = 'tsr_retry'
             buf, p = r.take(6)
-            (self.tsr_retry, self.thr, self.tsr,) = _S5.unpack_from(buf, p)
+            (self.tsr_retry, self.thr, self.tsr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -230,7 +248,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             out = w.buf
             _at = 'tsr_retry'
-            out += _S5.pack(self.tsr_retry, self.thr, self.tsr)
+            out += _S6.pack(self.tsr_retry, self.thr, self.tsr)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -281,7 +299,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             _at = 'fifo_timeout_timer'
             buf, p = r.take(8)
-            (self.fifo_timeout_timer,) = _S6.unpack_from(buf, p)
+            (self.fifo_timeout_timer,) = _S7.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -290,7 +308,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             out = w.buf
             _at = 'fifo_timeout_timer'
-            out += _S6.pack(self.fifo_timeout_timer)
+            out += _S7.pack(self.fifo_timeout_timer)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -301,7 +319,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             _at = 'timeout_ipending'
             buf, p = r.take(4)
-            (self.timeout_ipending,) = _S4.unpack_from(buf, p)
+            (self.timeout_ipending,) = _S5.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -310,7 +328,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             out = w.buf
             _at = 'timeout_ipending'
-            out += _S4.pack(self.timeout_ipending)
+            out += _S5.pack(self.timeout_ipending)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:
@@ -321,7 +339,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             _at = 'poll_msl'
             buf, p = r.take(12)
-            (self.poll_msl, self.modem_status_poll,) = _S7.unpack_from(buf, p)
+            (self.poll_msl, self.modem_status_poll,) = _S8.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -330,7 +348,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             out = w.buf
             _at = 'poll_msl'
-            out += _S7.pack(self.poll_msl, self.modem_status_poll)
+            out += _S8.pack(self.poll_msl, self.modem_status_poll)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:

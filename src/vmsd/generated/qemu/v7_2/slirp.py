@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>H')
 _S1 = struct.Struct('>H6s')
 _S2 = struct.Struct('>I')
@@ -69,8 +70,7 @@ extent assumes version 4 (the only version QEMU 7.2 writes)."""
             _at = 'ip_id'
             if version_id >= 2:
                 buf, p = r.take(2)
-                _t = _S0.unpack_from(buf, p)[0]
-                self.ip_id = _t
+                (self.ip_id,) = _S0.unpack_from(buf, p)
             else:
                 self.ip_id = None
             _at = 'bootp_clients'
@@ -89,8 +89,7 @@ extent assumes version 4 (the only version QEMU 7.2 writes)."""
             out += self.guestfwd_sockets
             _at = 'ip_id'
             if version_id >= 2:
-                _v_ip_id = _rt.present(self.ip_id, 'ip_id')
-                out += _S0.pack(_v_ip_id)
+                out += _S0.pack(_rt.present(self.ip_id, 'ip_id'))
             _at = 'bootp_clients'
             if version_id >= 3:
                 _v_bootp_clients = _rt.present(self.bootp_clients, 'bootp_clients')
@@ -112,6 +111,11 @@ class BOOTPClient(_rt.VMStateObject):
 
     allocated: int = 0
     macaddr: bytes = bytes(6)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S1
 
@@ -179,6 +183,16 @@ pre_load attaches a tcpcb and presets both address families to AF_INET."""
 
     def _has_so_lport(self, version_id: int) -> bool:
         return version_id < 4
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.fhost = None
+        self.lhost = None
+        self.so_rcv = _rt.fresh(SlirpSbuf)
+        self.so_snd = _rt.fresh(SlirpSbuf)
+        self.so_tcpcb = _rt.fresh(SlirpTcpcb)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -306,6 +320,12 @@ AF_INET6, which sends nothing more; any other value fails the load)."""
     def _has_sin_port(self, version_id: int) -> bool:
         return self.family.portable_family == 2
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.family = _rt.fresh(SlirpFamily)
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -359,6 +379,11 @@ class SlirpFamily(_rt.VMStateObject):
 
     portable_family: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -400,6 +425,12 @@ through the tmp struct."""
     offsets: SlirpSbufOffsets = attrs.field(factory=lambda: _rt.impl(SlirpSbufOffsets)())
     sb_data: bytes = b""
     """VMSTATE_VBUFFER_UINT32(sb_data, struct sbuf, 0, NULL, sb_datalen)."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.offsets = _rt.fresh(SlirpSbufOffsets)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -443,6 +474,11 @@ are below sb_datalen)."""
 
     woff: int = 0
     roff: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
@@ -520,6 +556,11 @@ class SlirpTcpcb(_rt.VMStateObject):
     ts_recent: int = 0
     ts_recent_age: int = 0
     last_ack_sent: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>q8x')
 _S1 = struct.Struct('>q')
 _S2 = struct.Struct('>qq')
@@ -31,6 +32,7 @@ depend on the -icount configuration, not on migrated state."""
     VMSD_NAME: ClassVar[str] = 'timer'
     VERSION_ID: ClassVar[int] = 2
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     cpu_ticks_offset: int = 0
     cpu_clock_offset: int | None = 0
@@ -59,6 +61,19 @@ depend on the -icount configuration, not on migrated state."""
     def icount_shift_state_needed(self, version_id: int) -> bool:
         """Predicate named by custom(icount_shift_state_needed) in the spec; implement it in a registered subclass."""
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.qemu_icount_bias = 0
+        self.qemu_icount = 0
+        self.vm_clock_warp_start = 0
+        self.icount_warp_timer = 0
+        self.icount_rt_timer = 0
+        self.icount_vm_timer = 0
+        self.icount_time_shift = 0
+        self.last_delta = 0
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -68,8 +83,7 @@ depend on the -icount configuration, not on migrated state."""
             _at = 'cpu_clock_offset'
             if version_id >= 2:
                 buf, p = r.take(8)
-                _t = _S1.unpack_from(buf, p)[0]
-                self.cpu_clock_offset = _t
+                (self.cpu_clock_offset,) = _S1.unpack_from(buf, p)
             else:
                 self.cpu_clock_offset = None
             _at = ""
@@ -85,8 +99,7 @@ depend on the -icount configuration, not on migrated state."""
             out += _S0.pack(self.cpu_ticks_offset)
             _at = 'cpu_clock_offset'
             if version_id >= 2:
-                _v_cpu_clock_offset = _rt.present(self.cpu_clock_offset, 'cpu_clock_offset')
-                out += _S1.pack(_v_cpu_clock_offset)
+                out += _S1.pack(_rt.present(self.cpu_clock_offset, 'cpu_clock_offset'))
             if self.icount_state_needed(version_id):
                 _rt.write_subsection_header(w, b'timer/icount', 1)
                 self._save_sub_icount(w, 1)

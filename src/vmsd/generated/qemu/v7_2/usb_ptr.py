@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 from .usb import USBDevice
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>IIiB')
 _S1 = struct.Struct('>iiii')
 
@@ -37,6 +38,13 @@ from hw/input/hid.c.  post_load drops the queued events of a mouse
     """VMSTATE_USB_DEVICE(dev, USBHIDState)."""
     hid: HIDPointerDevice = attrs.field(factory=lambda: _rt.impl(HIDPointerDevice)())
     """VMSTATE_HID_POINTER_DEVICE(hid, USBHIDState)."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.dev = _rt.fresh(USBDevice)
+        self.hid = _rt.fresh(HIDPointerDevice)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -78,6 +86,12 @@ hid_post_load clamps head/n and restarts the idle timer."""
     protocol: int = 0
     idle: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.queue = []
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -116,6 +130,11 @@ class HIDPointerEvent(_rt.VMStateObject):
     ydy: int = 0
     dz: int = 0
     buttons_state: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S1
 

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -15,7 +16,7 @@ from vmsd.runtime.io import Reader, Writer
 from .pci import PCIDevice
 from .vga_common import VGACommonState
 
-_rt.require_api(1)
+_rt.require_api(2)
 
 
 @attrs.define(eq=True, kw_only=True)
@@ -29,11 +30,19 @@ The nested register state is vmstate_vga_common, also named "vga"
     VMSD_NAME: ClassVar[str] = 'vga'
     VERSION_ID: ClassVar[int] = 2
     MINIMUM_VERSION_ID: ClassVar[int] = 2
+    _PEEKS: ClassVar[bool] = True
 
     dev: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
     """VMSTATE_PCI_DEVICE(dev, PCIVGAState)."""
     vga: VGACommonState = attrs.field(factory=lambda: _rt.impl(VGACommonState)())
     """VMSTATE_STRUCT(vga, PCIVGAState, 0, vmstate_vga_common, VGACommonState)."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.dev = _rt.fresh(PCIDevice)
+        self.vga = _rt.fresh(VGACommonState)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>IB8sB16sB21siB256sBBBBBBBB3s768si')
 _S1 = struct.Struct('>B')
 _S2 = struct.Struct('>H10HIII')
@@ -72,6 +73,13 @@ mapping from these registers."""
 
     def _needed_vga_endian(self, version_id: int) -> bool:
         return bool(self.big_endian_fb)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.is_vbe_vmstate = 1
+        self.big_endian_fb = False
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>B')
 _S1 = struct.Struct('>Q')
 _S2 = struct.Struct('>?')
@@ -79,6 +80,7 @@ packed_virtqueues_needed: host feature VIRTIO_F_RING_PACKED (bit 34)."""
     VMSD_NAME: ClassVar[str] = 'virtio'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     device_endian: int = 1
     """enum virtio_device_endian: 0 unknown, 1 little, 2 big."""
@@ -128,6 +130,28 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
 
     def _needed_disabled(self, version_id: int) -> bool:
         return bool(self.disabled)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.device_endian = 1
+        self.guest_features = 0
+        self.vq = _rt.ABSENT
+        self.ringsize_vq = _rt.ABSENT
+        self.broken = False
+        self.extra_state = _rt.impl(VirtIOPCIProxy)()
+        self.started = False
+        self.packed_vq = _rt.ABSENT
+        self.disabled = False
+        return self
+
+    def _fill(self) -> None:
+        if self.vq is _rt.ABSENT:
+            self.vq = _rt.new_array(VirtQueueState, 1024)
+        if self.ringsize_vq is _rt.ABSENT:
+            self.ringsize_vq = _rt.new_array(VirtQueueRingSize, 1024)
+        if self.packed_vq is _rt.ABSENT:
+            self.packed_vq = _rt.new_array(PackedVirtQueueState, 1024)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -357,6 +381,11 @@ class VirtQueueState(_rt.VMStateObject):
     avail: int = 0
     used: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -398,6 +427,11 @@ class PackedVirtQueueState(_rt.VMStateObject):
     used_wrap_counter: bool = False
     inuse: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -435,6 +469,11 @@ class VirtQueueRingSize(_rt.VMStateObject):
 
     num_default: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S5
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -471,6 +510,7 @@ interface is not disabled ("disable-modern" off, the default)."""
     VMSD_NAME: ClassVar[str] = 'virtio_pci'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     dfselect: int = 0
     gfselect: int = 0
@@ -481,6 +521,21 @@ interface is not disabled ("disable-modern" off, the default)."""
     @abc.abstractmethod
     def modern_state_needed(self, version_id: int) -> bool:
         """Predicate named by custom(modern_state_needed) in the spec; implement it in a registered subclass."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.dfselect = 0
+        self.gfselect = 0
+        self.pci_guest_features = _rt.ABSENT
+        self.vqs = _rt.ABSENT
+        return self
+
+    def _fill(self) -> None:
+        if self.pci_guest_features is _rt.ABSENT:
+            self.pci_guest_features = [0] * 2
+        if self.vqs is _rt.ABSENT:
+            self.vqs = _rt.new_array(VirtIOPCIQueue, 1024)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -544,6 +599,11 @@ class VirtIOPCIQueue(_rt.VMStateObject):
     desc: list[int] = attrs.field(factory=lambda: [0] * 2)
     avail: list[int] = attrs.field(factory=lambda: [0] * 2)
     used: list[int] = attrs.field(factory=lambda: [0] * 2)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>I')
 _S1 = struct.Struct('>49168s')
 
@@ -68,8 +69,14 @@ project's.  virtio_blk_load_device() takes any non-zero byte as "one more"."""
     VMSD_NAME: ClassVar[str] = 'virtio-blk-device'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     rq: list[VirtIOBlockReq] = attrs.field(factory=list)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -104,6 +111,7 @@ after; the length is the same either way."""
     VMSD_NAME: ClassVar[str] = 'virtio-blk-request'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 1
+    _PEEKS: ClassVar[bool] = True
 
     vq_index: int | None = 0
     """virtio_get_queue_index(req->vq), only with more than one queue."""

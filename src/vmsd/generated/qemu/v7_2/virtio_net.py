@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>6B')
 _S1 = struct.Struct('>IHBBI')
 _S2 = struct.Struct('>512s')
@@ -85,6 +86,7 @@ of the MAC table, link state and the announce timer."""
     VMSD_NAME: ClassVar[str] = 'virtio-net-device'
     VERSION_ID: ClassVar[int] = 11
     MINIMUM_VERSION_ID: ClassVar[int] = 11
+    _PEEKS: ClassVar[bool] = True
 
     mac: list[int] = attrs.field(factory=lambda: [0] * 6)
     vqs: VirtIONetQueueTxWaiting = attrs.field(factory=lambda: _rt.impl(VirtIONetQueueTxWaiting)())
@@ -325,6 +327,11 @@ class VirtIONetQueueTxWaiting(_rt.VMStateObject):
 
     tx_waiting: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S7
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -363,6 +370,11 @@ needs it when the local peer lacks it)."""
 
     has_vnet_hdr: int = 0
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S7
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -399,6 +411,11 @@ class VirtIONetHasUfo(_rt.VMStateObject):
     MINIMUM_VERSION_ID: ClassVar[int] = 0
 
     has_ufo: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S8
 

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
+
 
 import attrs
 
@@ -13,7 +14,7 @@ from vmsd.runtime import schema as _schema
 from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>i')
 _S1 = struct.Struct('>1024IHHB')
 
@@ -34,6 +35,12 @@ post_load re-enables the pointer handler for the loaded mode."""
     nb_queue: int = 0
     status: int = 0
     absolute: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.queue_size = 1024
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
+
 
 import attrs
 
@@ -14,7 +15,7 @@ from vmsd.runtime import vmstate as _rt
 from vmsd.runtime.io import Reader, Writer
 from .pci import PCIDevice
 
-_rt.require_api(1)
+_rt.require_api(2)
 _S0 = struct.Struct('>258s')
 _S1 = struct.Struct('>IIIIIIIIqq')
 _S2 = struct.Struct('>Q?')
@@ -45,6 +46,7 @@ MSI-X: qemu-xhci sets msix=auto; if msix_init failed (no MSI support) the
     VMSD_NAME: ClassVar[str] = 'xhci'
     VERSION_ID: ClassVar[int] = 1
     MINIMUM_VERSION_ID: ClassVar[int] = 0
+    _PEEKS: ClassVar[bool] = True
 
     parent_obj: PCIDevice = attrs.field(factory=lambda: _rt.impl(PCIDevice)())
     """VMSTATE_PCI_DEVICE(parent_obj, XHCIPciState)."""
@@ -53,6 +55,14 @@ MSI-X: qemu-xhci sets msix=auto; if msix_init failed (no MSI support) the
 (16) vectors and its pending bits (see XHCIMSIX below)."""
     xhci: XHCIState | None = attrs.field(factory=lambda: _rt.impl(XHCIState)())
     """VMSTATE_STRUCT(xhci, XHCIPciState, 1, vmstate_xhci, XHCIState)."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.parent_obj = _rt.fresh(PCIDevice)
+        self.msix = _rt.fresh(XHCIMSIX)
+        self.xhci = None
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -106,6 +116,11 @@ msix_load re-applies the vector masks."""
     MINIMUM_VERSION_ID: ClassVar[int] = 0
 
     msix: bytes = bytes(258)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
@@ -168,6 +183,15 @@ description is the same (QEMU describes a variable array like a fixed one)."""
     """VMSTATE_TIMER_PTR(mfwrap_timer)."""
     cmd_ring: XHCIRing | None = attrs.field(factory=lambda: _rt.impl(XHCIRing)())
     """VMSTATE_STRUCT(cmd_ring, XHCIState, 1, vmstate_xhci_ring, XHCIRing)."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.ports = None
+        self.slots = None
+        self.intr = None
+        self.cmd_ring = None
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -240,6 +264,11 @@ class XHCIRing(_rt.VMStateObject):
     dequeue: int = 0
     ccs: bool = False
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
+
     _FLAT: ClassVar[struct.Struct | None] = _S2
 
     def _set_flat(self, values: tuple[Any, ...]) -> None:
@@ -276,6 +305,11 @@ class XHCIPort(_rt.VMStateObject):
     MINIMUM_VERSION_ID: ClassVar[int] = 0
 
     portsc: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
@@ -314,6 +348,11 @@ class XHCISlot(_rt.VMStateObject):
 
     enabled: bool = False
     addressed: bool = False
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
@@ -358,6 +397,11 @@ migrates: see xhci-intr)."""
     flags: int = 0
     slotid: int = 0
     epid: int = 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     _FLAT: ClassVar[struct.Struct | None] = _S5
 
@@ -419,6 +463,11 @@ make the interrupter array non-compressible in the JSON description
 
     def _has_ev_buffer_get(self, version_id: int) -> bool:
         return bool(0)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
