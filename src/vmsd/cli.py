@@ -76,8 +76,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     stream = read_stream(streamtools.read_input(args.stream), streamtools.load_specs(args.specs))
     if args.json:
-        json.dump(streamtools.stream_json(stream), sys.stdout, indent=1)
-        print()
+        # One compact document: json's C encoder only serves the unindented
+        # form, several times faster on a stream's megabytes of device state.
+        sys.stdout.write(json.dumps(streamtools.stream_json(stream), separators=(",", ":")))
+        sys.stdout.write("\n")
     else:
         print(streamtools.stream_tree(stream))
     return EXIT_OK

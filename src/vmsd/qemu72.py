@@ -82,8 +82,10 @@ def _has_express_capability(cfg: bytes) -> bool:
 def _register_pci(module: Any) -> None:
     @register
     class PCIFunction(module.PCIDevice):  # type: ignore[misc]
-        def pre_load(self) -> None:
-            self.__dict__["express"] = None
+        def post_load(self, version_id: int) -> None:
+            # The answer below holds for one load; not a pre_load hook, so that
+            # load() may start from a bare instance (see vmstate.fresh).
+            self.__dict__.pop("express", None)
 
         def migrate_is_pcie(self, version_id: int) -> bool:
             if loading():

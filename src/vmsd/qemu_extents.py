@@ -60,7 +60,7 @@ from vmsd.generated.qemu.v7_2.virtio_net import VirtIONetDevice
 from vmsd.generated.qemu.v7_2.xhci import XHCIPciState
 from vmsd.runtime.errors import MalformedStream, RegistryError, VMSDError
 from vmsd.runtime.io import Reader
-from vmsd.runtime.vmstate import impl, register, register_extent, reporting_checks
+from vmsd.runtime.vmstate import fresh, register, register_extent, reporting_checks
 
 __all__ = [
     "VirtioHeader",
@@ -261,11 +261,11 @@ def _blk_guesses(h: VirtioHeader) -> list[_Assumptions]:
 
 
 def _load_net(r: Reader) -> None:
-    impl(VirtIONetDevice)()._load_nested(r, VirtIONetDevice.VERSION_ID)
+    fresh(VirtIONetDevice)._load_nested(r, VirtIONetDevice.VERSION_ID)
 
 
 def _load_blk(r: Reader) -> None:
-    impl(VirtIOBlockDevice)()._load_nested(r, VirtIOBlockDevice.VERSION_ID)
+    fresh(VirtIOBlockDevice)._load_nested(r, VirtIOBlockDevice.VERSION_ID)
 
 
 def _no_guesses(h: VirtioHeader) -> list[_Assumptions]:
@@ -331,7 +331,7 @@ def _virtio_extent(r: Reader, obj: Any) -> int:
             with _assuming(a), reporting_checks():
                 read_virtio_header(sub)
                 load_device(sub)
-                impl(VirtIODevice)()._load_nested(sub, VirtIODevice.VERSION_ID)
+                fresh(VirtIODevice)._load_nested(sub, VirtIODevice.VERSION_ID)
         except VMSDError as e:
             problems.append(f"{e} (at +{sub.tell()})")
             continue
@@ -355,7 +355,7 @@ def _slirp_guestfwd_extent(r: Reader, obj: Any) -> int:
     try:
         while sub.u8():
             # libslirp loads these at the section version; QEMU 7.2 writes 4.
-            impl(SlirpSocket)()._load_nested(sub, SlirpSocket.VERSION_ID)
+            fresh(SlirpSocket)._load_nested(sub, SlirpSocket.VERSION_ID)
     except VMSDError as e:
         raise MalformedStream(f"slirp guestfwd socket: {e}", offset=start + sub.tell()) from None
     return sub.tell()

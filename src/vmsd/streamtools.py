@@ -58,10 +58,21 @@ def read_input(path: str) -> bytes:
         raise ToolError(f"cannot read {path}: {e.strerror}") from None
 
 
+_JSON_READY = frozenset({int, bool, float, str, type(None)})
+
+
 def plain(value: Any) -> Any:
     """JSON-ready form of a decoded value."""
+    kind = type(value)
+    if kind in _JSON_READY:
+        return value
+    if kind is list or kind is tuple:
+        # Register arrays and buffers are long lists of plain ints: keep them whole.
+        if set(map(type, value)) <= _JSON_READY:
+            return value
+        return [plain(v) for v in value]
     if isinstance(value, VMStateObject):
-        cls: Any = type(value)  # every generated class is an attrs class
+        cls: Any = kind  # every generated class is an attrs class
         byte_arrays = _byte_arrays(cls)
         return {
             f.name: bytes(getattr(value, f.name)).hex() if f.name in byte_arrays else plain(getattr(value, f.name))
@@ -73,8 +84,6 @@ def plain(value: Any) -> Any:
         return int(value.value)
     if isinstance(value, bytes):
         return value.hex()
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
     return value
 
 
@@ -87,8 +96,8 @@ def _byte_arrays(cls: Any) -> frozenset[str]:
 
 
 def _ram_summary(p: RamPayload) -> dict[str, Any]:
-    out: dict[str, Any] = {"records": len(p.records)}
-    blocks = [b for rec in p.records for b in rec.blocks]
+    out: dict[str, Any] = {"records": p.record_count}
+    blocks = p.block_list()
     if blocks:
         out["blocks"] = {b.name: b.used_length for b in blocks}
     pages = p.pages_by_block()

@@ -85,7 +85,6 @@ class ClassModel:
     flat_struct: str | None = None  # the one Struct of a state that is a single fused run
     flat_targets: tuple[str, ...] = ()
     peeks: bool = False  # custom predicates here or in nested structs may look at the reader
-    fresh_defaults: bool = False  # a fresh instance for load() needs every default (extents, custom presence tests)
 
     @property
     def fresh(self) -> list[tuple[str, str]]:
@@ -127,7 +126,7 @@ class ModuleModel:
         names = ["ClassVar"]
         if any(c.flat_struct for c in self.classes):
             names.insert(0, "Any")
-        if any(not c.fresh_defaults for c in self.classes):
+        if self.classes:
             names.append("Self")
         return names
 
@@ -154,6 +153,7 @@ class _Ctx:
 
     attrs_: dict[str, ast.Field]
     optional: frozenset[str]
+    in_subsection: frozenset[str] = frozenset()
 
 
 class ModuleBuilder:
@@ -217,8 +217,13 @@ class ModuleBuilder:
         optional = frozenset(
             name for name, a in known.items() if not a.in_subsection and (a.field.since or a.field.exists is not None)
         )
-        ctx = _Ctx({n: a.field for n, a in known.items()}, optional)
-        attr_models = [self.attr_model(a.field, a.field.name in optional, a.in_subsection) for a in known.values() if a.field.name]
+        ctx = _Ctx({n: a.field for n, a in known.items()}, optional, frozenset(n for n, a in known.items() if a.in_subsection))
+        # Code outside the spec (extents, custom presence tests) runs mid-load
+        # and may look at fields not loaded yet: they hold their defaults.
+        sees = any(f.kind == "opaque" or isinstance(f.exists, ast.Custom) for f, _ in walk_fields(v.fields, v.subsections))
+        attr_models = [
+            self.attr_model(a.field, a.field.name in optional, a.in_subsection, sees) for a in known.values() if a.field.name
+        ]
         predicates: list[tuple[str, str]] = []
         abstract: list[str] = []
         for f, _ in walk_fields(v.fields, v.subsections):
@@ -259,8 +264,6 @@ class ModuleBuilder:
             flat_struct=flat[0] if flat else None,
             flat_targets=tuple(flat[1]) if flat else (),
             peeks=self.peeks(v),
-            # Code outside the spec runs mid-load here and may look at any field.
-            fresh_defaults=any(f.kind == "opaque" or isinstance(f.exists, ast.Custom) for f, _ in walk_fields(v.fields, v.subsections)),
         )
 
     def peeks(self, v: ast.Vmsd, seen: frozenset[int] = frozenset()) -> bool:
@@ -313,7 +316,7 @@ class ModuleBuilder:
         return models, tables
 
     # -- attributes ---------------------------------------------------------------
-    def attr_model(self, f: ast.Field, optional: bool, in_subsection: bool) -> AttrModel:
+    def attr_model(self, f: ast.Field, optional: bool, in_subsection: bool, sees: bool) -> AttrModel:
         assert f.name is not None
         ann, value, factory = self.annotation_and_default(f)
         if optional:
@@ -322,11 +325,11 @@ class ModuleBuilder:
         if value == "[]":
             default = "attrs.field(factory=list)"
         name = python_attr_name(f.name)
-        start, fill = self.fresh_value(f, name, value, factory, optional, in_subsection)
+        start, fill = self.fresh_value(f, name, value, factory, optional, in_subsection, sees)
         return AttrModel(name, ann, default, f.doc, start, fill)
 
     def fresh_value(
-        self, f: ast.Field, name: str, value: str, factory: bool, optional: bool, in_subsection: bool
+        self, f: ast.Field, name: str, value: str, factory: bool, optional: bool, in_subsection: bool, sees: bool
     ) -> tuple[str | None, str | None]:
         """What ``_fresh`` assigns before a load (None: the loader always
         assigns first) and what ``_fill`` does after it.
@@ -336,10 +339,14 @@ class ModuleBuilder:
         built only when the load did not reach them.  A checked field is
         compared with the value held before loading, a nullable array's NULL
         slots decide what is read, and a nested struct is loaded into what is
-        there: those start from a real value.
+        there (a subsection's nested struct is made when its subsection
+        arrives): those start from a real value.  When outside code runs
+        mid-load (``sees``), only the structs loaded unconditionally into
+        what is there start empty; every other field holds its default.
         """
-        nested = f.kind == "struct" and not f.dims
-        if f.check is not None or (f.kind == "struct" and f.nullable) or (in_subsection and nested):
+        if f.check is not None or (f.kind == "struct" and f.nullable):
+            return value, None
+        if sees and (in_subsection or optional or f.kind != "struct"):
             return value, None
         if in_subsection:
             if factory:
@@ -644,6 +651,8 @@ class ModuleBuilder:
                 lines = []
                 if f.name in ctx.optional:
                     lines += [f"if {attr} is None:", f"    {attr} = _rt.impl({cls})()"]
+                elif f.name in ctx.in_subsection:
+                    lines += [f"if {attr} is _rt.ABSENT:", f"    {attr} = _rt.fresh({cls})"]
                 return [*lines, f"{attr}._load_nested(r, {version})"]
             n = self.count_src(f.dims[0], ctx)
             existing = f"{attr} or []" if f.name in ctx.optional else attr

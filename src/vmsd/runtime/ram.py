@@ -1,11 +1,15 @@
 """RAM section records (QEMU's ``ram`` iterative section, version 4).
 
-Every record starts with a be64 word: page offset | flags.  The parser keeps
-each record's bytes (page payloads as slices of the input) so a stream can be
-written back byte for byte, and summarizes pages per RAM block.
+Every record starts with a be64 word: page offset | flags.  A section read
+from memory is checked by a scanner that builds no per-record objects: it
+keeps the section's bytes (written back as they are) and its summary (block
+list, pages per block); the records are parsed when asked for.  Tools that
+only summarize a 16 GiB guest's stream never build a million page objects.
 """
 
 from __future__ import annotations
+
+import struct
 
 import attrs
 
@@ -49,13 +53,51 @@ class RamRecord:
     blocks: list[RamBlock] = attrs.Factory(list)  # MEM_SIZE only
 
 
-@attrs.define
 class RamPayload:
-    """The RAM records of one START/PART/END section, up to and including EOS."""
+    """The RAM records of one START/PART/END section, up to and including EOS.
 
-    records: list[RamRecord]
+    Built from records, or by :func:`read_ram` from the section's bytes and
+    their summary; ``records`` are then parsed on first use.  Once they have
+    been asked for, they (possibly edited) are what gets written.
+    """
+
+    __slots__ = ("_raw", "_records", "_summary")
+
+    def __init__(self, records: list[RamRecord] | None = None, *, raw: bytes | None = None, summary: _Summary | None = None) -> None:
+        if records is None and (raw is None or summary is None):
+            raise ValueError("a RamPayload needs records, or raw bytes with their summary")
+        self._records = records
+        self._raw = raw
+        self._summary = summary
+
+    @property
+    def records(self) -> list[RamRecord]:
+        if self._records is None:
+            assert self._raw is not None and self._summary is not None
+            self._records = _read_records(Reader(self._raw), self._summary.ignore_shared, self._summary.postcopy, True)
+        return self._records
+
+    @property
+    def record_count(self) -> int:
+        if self._records is None and self._summary is not None:
+            return self._summary.count
+        return len(self.records)
+
+    def block_list(self) -> list[RamBlock]:
+        """The blocks announced by MEM_SIZE records (QEMU sends them in the first section)."""
+        if self._records is None and self._summary is not None:
+            return list(self._summary.blocks)
+        return [b for rec in self.records for b in rec.blocks]
+
+    def names_block(self) -> bool:
+        """Whether a page record here names its block (later sections may then CONTINUE)."""
+        if self._records is None and self._summary is not None:
+            return bool(self._summary.pages)
+        return any(rec.block for rec in self.records)
 
     def pages_by_block(self) -> dict[str, dict[str, int]]:
+        if self._records is None and self._summary is not None:
+            return {name: dict(kinds) for name, kinds in self._summary.pages.items()}
         out: dict[str, dict[str, int]] = {}
         current = ""
         for rec in self.records:
@@ -68,22 +110,136 @@ class RamPayload:
         return out
 
 
-def _page_kind(flags: int) -> str:
-    for flag, name in (
-        (RAM_SAVE_FLAG_ZERO, "zero"),
-        (RAM_SAVE_FLAG_PAGE, "normal"),
-        (RAM_SAVE_FLAG_XBZRLE, "xbzrle"),
-        (RAM_SAVE_FLAG_COMPRESS_PAGE, "compressed"),
-    ):
-        if flags & flag:
-            return name
-    return ""
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RamPayload):
+            return NotImplemented
+        return self.records == other.records
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RamPayload({self.record_count} records)"
+
+
+@attrs.define
+class _Summary:
+    """What the scanner learned about a section without building records."""
+
+    count: int
+    blocks: list[RamBlock]
+    pages: dict[str, dict[str, int]]  # block name -> {"zero"/"normal"/...: pages}
+    ignore_shared: bool
+    postcopy: bool
 
 
 def read_ram(r: Reader, ignore_shared: bool = False, postcopy: bool = False, block_named: bool = False) -> RamPayload:
     """Read records until EOS.  ``ignore_shared``/``postcopy`` follow the stream's capabilities;
     ``block_named``: an earlier section already named a block, so CONTINUE may come first
     (QEMU keeps its last block across the sections of one migration)."""
+    if r.remaining() is not None:  # the whole input is in memory: scan it in place
+        start = r.pos
+        scanned = _scan(r.buf, start, ignore_shared, postcopy, block_named)
+        if scanned is not None:
+            end, summary = scanned
+            r.take(end - start)
+            return RamPayload(raw=r.buf[start:end], summary=summary)
+    # Streaming input, or something the scanner does not accept: the exact
+    # parser says what is wrong, and where.
+    return RamPayload(_read_records(r, ignore_shared, postcopy, block_named))
+
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_PAGE_KINDS = (
+    (RAM_SAVE_FLAG_ZERO, "zero"),
+    (RAM_SAVE_FLAG_PAGE, "normal"),
+    (RAM_SAVE_FLAG_XBZRLE, "xbzrle"),
+    (RAM_SAVE_FLAG_COMPRESS_PAGE, "compressed"),
+)
+
+
+def _page_kind(flags: int) -> str:
+    for flag, name in _PAGE_KINDS:
+        if flags & flag:
+            return name
+    return ""
+
+
+_ANY_PAGE = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_COMPRESS_PAGE
+
+
+def _scan(buf: bytes, pos: int, ignore_shared: bool, postcopy: bool, block_named: bool) -> tuple[int, _Summary] | None:
+    """Walk one section's records in ``buf``: (end, summary), or None on
+    anything unusual (the caller then re-reads with the exact parser)."""
+    end = len(buf)
+    unpack_u64 = _U64.unpack_from
+    count = 0
+    blocks: list[RamBlock] = []
+    pages: dict[bytes, list[int]] = {}  # per block: zero, normal, xbzrle, compressed
+    current: list[int] | None = None
+    if block_named:
+        current = pages[b""] = [0, 0, 0, 0]  # pages that CONTINUE a block named in an earlier section
+    while pos + 8 <= end:
+        flags = unpack_u64(buf, pos)[0] & (TARGET_PAGE_SIZE - 1)
+        pos += 8
+        count += 1
+        if flags & ~_KNOWN:
+            return None
+        if flags & _ANY_PAGE:
+            if not flags & RAM_SAVE_FLAG_CONTINUE:
+                if pos >= end:
+                    return None
+                n = buf[pos]
+                name = buf[pos + 1 : pos + 1 + n]
+                pos += 1 + n
+                current = pages.get(name)
+                if current is None:
+                    current = pages[name] = [0, 0, 0, 0]
+            elif current is None:
+                return None
+            if flags & RAM_SAVE_FLAG_ZERO:
+                pos += 1
+                current[0] += 1
+            elif flags & RAM_SAVE_FLAG_PAGE:
+                pos += TARGET_PAGE_SIZE
+                current[1] += 1
+            elif flags & RAM_SAVE_FLAG_XBZRLE:
+                if pos + 3 > end or buf[pos] != 1:
+                    return None
+                length = (buf[pos + 1] << 8) | buf[pos + 2]
+                if length > TARGET_PAGE_SIZE:
+                    return None
+                pos += 3 + length
+                current[2] += 1
+            else:
+                if pos + 4 > end:
+                    return None
+                length = _U32.unpack_from(buf, pos)[0]
+                if length > 2 * TARGET_PAGE_SIZE:
+                    return None
+                pos += 4 + length
+                current[3] += 1
+            if pos > end:
+                return None
+        elif flags & RAM_SAVE_FLAG_MEM_SIZE:
+            r = Reader(buf[pos - 8 :])
+            try:
+                r.u64()
+                blocks += _read_block_list(r, unpack_u64(buf, pos - 8)[0] & ~(TARGET_PAGE_SIZE - 1), ignore_shared, postcopy)
+            except MalformedStream:
+                return None
+            pos += r.tell() - 8
+        if flags & RAM_SAVE_FLAG_EOS:
+            summary = {
+                name.decode(errors="replace"): {kind: n for (_, kind), n in zip(_PAGE_KINDS, counts, strict=True) if n}
+                for name, counts in pages.items()
+                if any(counts)
+            }
+            return pos, _Summary(count, blocks, summary, ignore_shared, postcopy)
+    return None
+
+
+def _read_records(r: Reader, ignore_shared: bool, postcopy: bool, block_named: bool) -> list[RamRecord]:
     records: list[RamRecord] = []
     have_block = block_named
     while True:
@@ -121,7 +277,7 @@ def read_ram(r: Reader, ignore_shared: bool = False, postcopy: bool = False, blo
                 rec.data = length.to_bytes(4, "big") + r.read(length)
         records.append(rec)
         if flags & RAM_SAVE_FLAG_EOS:
-            return RamPayload(records)
+            return records
 
 
 def _read_block_list(r: Reader, total: int, ignore_shared: bool, postcopy: bool) -> list[RamBlock]:
@@ -144,6 +300,9 @@ def _read_block_list(r: Reader, total: int, ignore_shared: bool, postcopy: bool)
 
 
 def write_ram(w: Writer, payload: RamPayload) -> None:
+    if payload._records is None and payload._raw is not None:
+        w.write(payload._raw)  # as read, never parsed into records
+        return
     for rec in payload.records:
         w.u64(rec.offset | rec.flags)
         if rec.flags & RAM_SAVE_FLAG_MEM_SIZE:

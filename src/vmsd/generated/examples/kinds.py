@@ -313,6 +313,46 @@ class Kinds(_rt.VMStateObject):
     def _needed_deep(self, version_id: int) -> bool:
         return self.more_a > 7
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.flags = [False] * 3
+        self.grid = [[0] * 3 for _ in range(2)]
+        self.mode = Mode(1)
+        self.irq = Irq(0)
+        self.cap = 8
+        self.limit = 100
+        self.n = 0
+        self.vals = []
+        self.words = []
+        self.mac = bytes(6)
+        self.blob = b""
+        self.config = bytes(16)
+        self.ratio = 0.0
+        self.fpr = [0.0] * 2
+        self.deadline = 0
+        self.nbits = 0
+        self.dirty = 0
+        self.fixed_map = 0
+        self.one = _rt.fresh(KindsElem)
+        self.arr = []
+        self.var = []
+        self.old = _rt.fresh(KindsElem)
+        self.slots = [None] * 3
+        self.subs = []
+        self.fp = _rt.fresh(KindsTmp)
+        self.queue = []
+        self.chain = []
+        self.by_addr = []
+        self.by_key = []
+        self.late = 0
+        self.maybe = 0
+        self.hook = 0
+        self.more_a = 0
+        self.more_b = 0
+        self.deep = 0
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:

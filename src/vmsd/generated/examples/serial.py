@@ -60,10 +60,14 @@ class Serial(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         self.thr_ipending = 0
-        self.recv_fifo = _rt.impl(Fifo8)()
+        self.recv_fifo = _rt.ABSENT
         self.poll_msl = 0
         self.modem_status_poll = 0
         return self
+
+    def _fill(self) -> None:
+        if self.recv_fifo is _rt.ABSENT:
+            self.recv_fifo = _rt.impl(Fifo8)()
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -138,6 +142,8 @@ class Serial(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'recv_fifo'
+            if self.recv_fifo is _rt.ABSENT:
+                self.recv_fifo = _rt.fresh(Fifo8)
             self.recv_fifo._load_nested(r, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

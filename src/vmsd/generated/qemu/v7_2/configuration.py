@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
 
 
 import attrs
@@ -50,6 +50,17 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
 
     def _needed_capabilities(self, version_id: int) -> bool:
         return self.caps_count != 0
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.len = 0
+        self.name = b""
+        self.target_page_bits = 0
+        self.caps_count = 0
+        self.capabilities = b""
+        self.uuid = bytes(16)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -436,7 +436,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         self.nested_cr3 = 0
         self.nested_pg_mode = 0
         self.int_ctl = 0
-        self.nested_state = _rt.impl(KvmNestedState)()
+        self.nested_state = _rt.ABSENT
         self.tsx_ctrl = 0
         self.msr_ia32_sgxlepubkeyhash = _rt.ABSENT
         self.pdptrs = _rt.ABSENT
@@ -475,6 +475,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             self.hi16_zmm_regs = _rt.new_array(Hi16ZmmReg, 16)
         if self.msr_rtit_addrs is _rt.ABSENT:
             self.msr_rtit_addrs = [0] * 8
+        if self.nested_state is _rt.ABSENT:
+            self.nested_state = _rt.impl(KvmNestedState)()
         if self.msr_ia32_sgxlepubkeyhash is _rt.ABSENT:
             self.msr_ia32_sgxlepubkeyhash = [0] * 4
         if self.pdptrs is _rt.ABSENT:
@@ -1512,6 +1514,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'nested_state'
+            if self.nested_state is _rt.ABSENT:
+                self.nested_state = _rt.fresh(KvmNestedState)
             self.nested_state._load_nested(r, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

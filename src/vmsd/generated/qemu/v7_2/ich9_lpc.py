@@ -73,15 +73,21 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
     @classmethod
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
-        self.acpi_memory_hotplug = _rt.impl(MemHotplugState)()
-        self.tco_regs = _rt.impl(TCOIORegs)()
-        self.cpuhp_state = _rt.impl(CPUHotplugState)()
+        self.acpi_memory_hotplug = _rt.ABSENT
+        self.tco_regs = _rt.ABSENT
+        self.cpuhp_state = _rt.ABSENT
         self.hotplug_select = 0
         self.pcihp_pci_status = _rt.ABSENT
         self.acpi_index = 0
         return self
 
     def _fill(self) -> None:
+        if self.acpi_memory_hotplug is _rt.ABSENT:
+            self.acpi_memory_hotplug = _rt.impl(MemHotplugState)()
+        if self.tco_regs is _rt.ABSENT:
+            self.tco_regs = _rt.impl(TCOIORegs)()
+        if self.cpuhp_state is _rt.ABSENT:
+            self.cpuhp_state = _rt.impl(CPUHotplugState)()
         if self.pcihp_pci_status is _rt.ABSENT:
             self.pcihp_pci_status = _rt.new_array(AcpiPciHpPciStatus, 256)
 
@@ -134,6 +140,8 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'acpi_memory_hotplug'
+            if self.acpi_memory_hotplug is _rt.ABSENT:
+                self.acpi_memory_hotplug = _rt.fresh(MemHotplugState)
             self.acpi_memory_hotplug._load_nested(r, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -152,6 +160,8 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'tco_regs'
+            if self.tco_regs is _rt.ABSENT:
+                self.tco_regs = _rt.fresh(TCOIORegs)
             self.tco_regs._load_nested(r, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -170,6 +180,8 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'cpuhp_state'
+            if self.cpuhp_state is _rt.ABSENT:
+                self.cpuhp_state = _rt.fresh(CPUHotplugState)
             self.cpuhp_state._load_nested(r, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from typing import ClassVar
+from typing import ClassVar, Self
 
 
 import attrs
@@ -44,6 +44,14 @@ i.e. true for every q35 machine type except pc-q35-3.1 and older."""
     @abc.abstractmethod
     def need_smbus(self, version_id: int) -> bool:
         """Predicate named by custom(need_smbus) in the spec; implement it in a registered subclass."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.dev = _rt.fresh(PCIDevice)
+        self.irq_enabled = False
+        self.smb = _rt.impl(PMSMBus)()
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

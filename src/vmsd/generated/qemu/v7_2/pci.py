@@ -61,6 +61,15 @@ INTA..INTD as four big-endian int32 values, each 0 or 1."""
     def migrate_is_pcie(self, version_id: int) -> bool:
         """Predicate named by custom(migrate_is_pcie) in the spec; implement it in a registered subclass."""
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.pci_version_id = 2
+        self.config = bytes(256)
+        self.config_pcie = bytes(4096)
+        self.irq_state = bytes(16)
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -132,6 +141,12 @@ device's Python support code.  The C vmsd sets no version_id (0)."""
     MINIMUM_VERSION_ID: ClassVar[int] = 0
 
     msix: bytes = b""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.msix = b""
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

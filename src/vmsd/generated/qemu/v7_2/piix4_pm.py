@@ -184,6 +184,26 @@ use_acpi_hotplug_bridge && !not_migrate_acpi_index (the
     def cpuhp_needed(self, version_id: int) -> bool:
         """Predicate named by custom(cpuhp_needed) in the spec; implement it in a registered subclass."""
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.parent_obj = _rt.fresh(PCIDevice)
+        self.pm1_evt_sts = 0
+        self.pm1_evt_en = 0
+        self.pm1_cnt_cnt = 0
+        self.apm = _rt.fresh(APMState)
+        self.smb = _rt.impl(PMSMBus)()
+        self.tmr_timer = 0
+        self.tmr_overflow_time = 0
+        self.gpe = _rt.impl(PIIX4GPE)()
+        self.pci_status_bsel0 = _rt.impl(PIIX4PciStatus)()
+        self.hotplug_select = 0
+        self.pcihp_pci_status = _rt.new_array(AcpiPciHpPciStatus, 256)
+        self.acpi_index = 0
+        self.acpi_memory_hotplug = _rt.impl(MemHotplugState)()
+        self.cpuhp_state = _rt.impl(CPUHotplugState)()
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -293,6 +313,8 @@ use_acpi_hotplug_bridge && !not_migrate_acpi_index (the
         _at = ""
         try:
             _at = 'acpi_memory_hotplug'
+            if self.acpi_memory_hotplug is _rt.ABSENT:
+                self.acpi_memory_hotplug = _rt.fresh(MemHotplugState)
             self.acpi_memory_hotplug._load_nested(r, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -311,6 +333,8 @@ use_acpi_hotplug_bridge && !not_migrate_acpi_index (the
         _at = ""
         try:
             _at = 'cpuhp_state'
+            if self.cpuhp_state is _rt.ABSENT:
+                self.cpuhp_state = _rt.fresh(CPUHotplugState)
             self.cpuhp_state._load_nested(r, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

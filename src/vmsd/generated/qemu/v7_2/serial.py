@@ -145,13 +145,19 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         self.tsr_retry = 0
         self.thr = 0
         self.tsr = 0
-        self.recv_fifo = _rt.impl(SerialFifo8)()
-        self.xmit_fifo = _rt.impl(SerialFifo8)()
+        self.recv_fifo = _rt.ABSENT
+        self.xmit_fifo = _rt.ABSENT
         self.fifo_timeout_timer = -1
         self.timeout_ipending = 0
         self.poll_msl = -1
         self.modem_status_poll = -1
         return self
+
+    def _fill(self) -> None:
+        if self.recv_fifo is _rt.ABSENT:
+            self.recv_fifo = _rt.impl(SerialFifo8)()
+        if self.xmit_fifo is _rt.ABSENT:
+            self.xmit_fifo = _rt.impl(SerialFifo8)()
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -259,6 +265,8 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             _at = 'recv_fifo'
             if version_id >= 1:
+                if self.recv_fifo is _rt.ABSENT:
+                    self.recv_fifo = _rt.fresh(SerialFifo8)
                 self.recv_fifo._load_nested(r, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -279,6 +287,8 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             _at = 'xmit_fifo'
             if version_id >= 1:
+                if self.xmit_fifo is _rt.ABSENT:
+                    self.xmit_fifo = _rt.fresh(SerialFifo8)
                 self.xmit_fifo._load_nested(r, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -62,6 +62,14 @@ extent assumes version 4 (the only version QEMU 7.2 writes)."""
     bootp_clients: list[BOOTPClient] | None = attrs.field(factory=lambda: _rt.new_array(BOOTPClient, 16))
     """VMSTATE_STRUCT_ARRAY(bootp_clients, Slirp, NB_BOOTP_CLIENTS = 16, 3, ...)."""
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.guestfwd_sockets = b""
+        self.ip_id = 0
+        self.bootp_clients = _rt.new_array(BOOTPClient, 16)
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:

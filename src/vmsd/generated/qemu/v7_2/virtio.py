@@ -139,7 +139,7 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         self.vq = _rt.ABSENT
         self.ringsize_vq = _rt.ABSENT
         self.broken = False
-        self.extra_state = _rt.impl(VirtIOPCIProxy)()
+        self.extra_state = _rt.ABSENT
         self.started = False
         self.packed_vq = _rt.ABSENT
         self.disabled = False
@@ -150,6 +150,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
             self.vq = _rt.new_array(VirtQueueState, 1024)
         if self.ringsize_vq is _rt.ABSENT:
             self.ringsize_vq = _rt.new_array(VirtQueueRingSize, 1024)
+        if self.extra_state is _rt.ABSENT:
+            self.extra_state = _rt.impl(VirtIOPCIProxy)()
         if self.packed_vq is _rt.ABSENT:
             self.packed_vq = _rt.new_array(PackedVirtQueueState, 1024)
 
@@ -296,6 +298,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         _at = ""
         try:
             _at = 'extra_state'
+            if self.extra_state is _rt.ABSENT:
+                self.extra_state = _rt.fresh(VirtIOPCIProxy)
             self.extra_state._load_nested(r, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -36,6 +36,12 @@ part is what vdc->save (virtio_blk_save_device) writes, described below."""
 
     vdev: bytes = b""
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.vdev = b""
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -131,6 +137,14 @@ set; iov_base is zero)."""
     @abc.abstractmethod
     def packed(self, version_id: int) -> bool:
         """Predicate named by custom(packed) in the spec; implement it in a registered subclass."""
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.vq_index = 0
+        self.ndescs = 0
+        self.elem = bytes(49168)
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

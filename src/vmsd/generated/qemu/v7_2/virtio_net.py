@@ -48,6 +48,12 @@ pre_save refuses to save while a failover primary device is being unplugged."""
 
     vdev: bytes = b""
 
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.vdev = b""
+        return self
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -159,6 +165,41 @@ field is then absent too."""
 
     def _needed_rss(self, version_id: int) -> bool:
         return bool(self.rss_enabled)
+
+    @classmethod
+    def _fresh(cls) -> Self:
+        self = object.__new__(cls)
+        self.mac = [0] * 6
+        self.vqs = _rt.fresh(VirtIONetQueueTxWaiting)
+        self.mergeable_rx_bufs = 0
+        self.status = 0
+        self.promisc = 0
+        self.allmulti = 0
+        self.mac_table_in_use = 0
+        self.mac_table_macs = b""
+        self.mac_table_unused = b""
+        self.vlans = bytes(512)
+        self.has_vnet = _rt.fresh(VirtIONetHasVnet)
+        self.multi_overflow = 0
+        self.uni_overflow = 0
+        self.alluni = 0
+        self.nomulti = 0
+        self.nouni = 0
+        self.nobcast = 0
+        self.has_ufo = _rt.fresh(VirtIONetHasUfo)
+        self.max_queue_pairs = 0
+        self.curr_queue_pairs = 0
+        self.tx_waiting_1 = b""
+        self.curr_guest_offloads = 0
+        self.rss_enabled = False
+        self.rss_redirect = False
+        self.rss_populate_hash = False
+        self.rss_hash_types = 0
+        self.rss_indirections_len = 0
+        self.rss_default_queue = 0
+        self.rss_key = [0] * 40
+        self.rss_indirections_table = []
+        return self
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
