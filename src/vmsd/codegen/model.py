@@ -238,7 +238,7 @@ class ModuleBuilder:
         flat = self.flat_run if not v.subsections else None
         if v.subsections:
             load.append('_at = ""')
-            load.append(f"_rt.load_subsections(self, r, {v.name!r}, self._SUBSECTIONS[{v.name!r}])")
+            load.append(f"_rt.load_subsections(self, r, {v.name.encode()!r}, True, self._SUBSECTIONS[{v.name!r}])")
         subs, sub_tables = self.subsections(v.subsections, v.name, ctx, predicates, save)
         table = (
             f"_schema.VmsdSpec({v.name!r}, {v.version}, {v.minimum}, (\n"
@@ -294,7 +294,7 @@ class ModuleBuilder:
             nested_models, nested_tables = self.subsections(s.subsections, s.name, ctx, predicates, save)
             if s.subsections:
                 load.append('_at = ""')
-                load.append(f"_rt.load_subsections(self, r, {s.name!r}, self._SUBSECTIONS[{s.name!r}])")
+                load.append(f"_rt.load_subsections(self, r, {s.name.encode()!r}, False, self._SUBSECTIONS[{s.name!r}])")
             models.append(SubsectionModel(s.name, parent, method, f"_save_sub_{slug}", s.version, s.minimum, needed, load, save))
             models.extend(nested_models)
             emit = [
@@ -513,7 +513,7 @@ class ModuleBuilder:
             value = attr
             if since and f.name and f.name in ctx.optional:
                 absent.append(attr)
-                value = f"_rt.present({attr}, {f.name!r})"
+                value = f"{attr} if {attr} is not None else _rt.missing({f.name!r})"
             if f.kind == "unused":
                 fmt += f"{f.size}x"
                 size += f.size
@@ -540,7 +540,7 @@ class ModuleBuilder:
             elif len(dims) == 1:
                 simple = False
                 targets.append(f"{attr} = list(_v[{index}:{index + total}])")
-                values.append(f"*{value}")
+                values.append(f"*{value}" if value == attr else f"*({value})")
                 checks.append(f"_rt.check_len({value}, {total}, {f.name!r})")
             else:
                 simple = False
@@ -593,7 +593,7 @@ class ModuleBuilder:
         # Only vmsd-level conditional fields are Optional; a subsection field
         # that is absent keeps its current value, as in QEMU.
         optional = bool(conds) and f.name is not None and f.name in ctx.optional
-        value = f"_rt.present({attr}, {f.name!r})"
+        value = f"{attr} if {attr} is not None else _rt.missing({f.name!r})"
         local = f"_v_{python_attr_name(f.name)}" if f.name else ""
         inner_load = self.load_field(f, attr, ctx)
         inner_save = self.save_field(f, local if optional else attr, ctx)

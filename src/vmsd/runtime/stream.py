@@ -10,6 +10,7 @@ on a :class:`~vmsd.runtime.io.Reader` and a :class:`~vmsd.runtime.io.Writer`.
 from __future__ import annotations
 
 import importlib
+import json
 import struct
 import sys
 from collections.abc import Callable
@@ -17,12 +18,19 @@ from typing import Any
 
 import attrs
 
-from vmsd.runtime.errors import MalformedStream, RegistryError, TruncatedStream, VersionMismatch, VMSDError
+from vmsd.runtime.errors import (
+    MalformedStream,
+    RegistryError,
+    SaveError,
+    TruncatedStream,
+    VersionMismatch,
+    VMSDError,
+)
 from vmsd.runtime.generic import decode_body, encode_body
 from vmsd.runtime.io import Reader, Writer
 from vmsd.runtime.ram import RamPayload, read_ram, write_ram
-from vmsd.runtime.vmdesc import Obj, describe, dumps, loads
-from vmsd.runtime.vmstate import as_loaded_subclass, impl, register, reporting_checks
+from vmsd.runtime.vmdesc import JSONFloat, Obj, describe, dumps, loads
+from vmsd.runtime.vmstate import as_loaded_subclass, fresh, impl, register, reporting_checks
 
 QEMU_VM_FILE_MAGIC = 0x5145564D
 QEMU_VM_FILE_VERSION_COMPAT = 2
@@ -129,9 +137,8 @@ class Stream:
 
     @property
     def page_size(self) -> int:
-        if self.trailer is not None:
-            return int(self.trailer.get("page_size", 4096))
-        return 4096
+        size = self.trailer.get("page_size") if self.trailer is not None else None
+        return size if isinstance(size, int) and not isinstance(size, bool) else 4096
 
 
 def _nests(outer: Any, inner: Any) -> bool:
@@ -260,6 +267,35 @@ def find_trailer(data: bytes) -> tuple[int, Obj, bytes] | None:
     return None
 
 
+def framed_trailer(data: bytes, start: int = 0) -> int | None:
+    """Offset of the 0x06 byte of an EOF, 0x06, be32 length whose length ends exactly at the end of ``data``.
+
+    Finds a trailer by its framing alone, whatever its text: :func:`find_trailer`
+    knows only QEMU's first bytes, so it misses a mangled or reformatted one.
+    """
+    end = len(data)
+    i = data.rfind(b"\x00\x06", start, end)
+    while i >= 0:
+        if i + 6 <= end and i + 6 + int.from_bytes(data[i + 2 : i + 6], "big") == end:
+            return i + 1
+        i = data.rfind(b"\x00\x06", start, i + 1)
+    return None
+
+
+def _json_problem(e: ValueError) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at byte {e.pos} of the JSON"
+    return str(e)
+
+
+def parse_trailer(text: bytes, offset: int) -> Any:
+    """The trailer's JSON, or a MalformedStream at ``offset`` (its 0x06 byte) saying why not."""
+    try:
+        return loads(text)
+    except ValueError as e:
+        raise MalformedStream(f"trailer is not valid JSON ({_json_problem(e)})", offset=offset) from None
+
+
 class Decoder:
     """Decodes a stream's records; :func:`read_stream` runs it over a whole stream in memory.
 
@@ -274,6 +310,8 @@ class Decoder:
         self.data = data
         self.enforce_checks = enforce_checks
         self.r = Reader(data) if reader is None else reader
+        self.top = self.r  # the stream's own reader; a PACKAGED command's records get another
+        self.in_memory = reader is None
         self.specs = specs
         self.strict_typed = strict_typed
         self.stream = Stream()
@@ -288,6 +326,9 @@ class Decoder:
             at, self.stream.trailer, self.stream.trailer_text = found
             self.trailer_devices = validate_trailer(self.stream.trailer, at)
         self.next_device = 0
+        # Set once a section needed the trailer that find_trailer did not find: the framing was searched.
+        self.framing_searched = False
+        self.broken_trailer: tuple[int, str] | None = None  # (offset, why) of a framed trailer that is not JSON
         self.open_sections: dict[int, Section] = {}
         self.footers: bool | None = None
         self.ignore_shared = False
@@ -337,10 +378,7 @@ class Decoder:
         n = r.u32()
         text = r.read(n)
         if self.stream.trailer_text != text:
-            try:
-                self.stream.trailer = loads(text)
-            except ValueError:
-                raise MalformedStream("trailer is not valid JSON", offset=at) from None
+            self.stream.trailer = parse_trailer(text, at)
             validate_trailer(self.stream.trailer, at)
             self.stream.trailer_text = text
         self.stream.trailer_offset = at
@@ -447,7 +485,7 @@ class Decoder:
     def footer(self, sec: Section) -> None:
         r = self.r
         if self.footers is None:
-            self.footers = r.peek(1) == bytes([QEMU_VM_SECTION_FOOTER])
+            self.footers = self.footers_follow(sec)
         sec.footer = self.footers
         if not self.footers:
             return
@@ -460,6 +498,37 @@ class Decoder:
                 f"mismatched section id in footer for {sec.idstr} - read {got:#x} expected {sec.section_id:#x}", offset=at
             )
 
+    def footers_follow(self, first: Section) -> bool:
+        """Whether sections end with footers, judged at the end of the ``first`` one.
+
+        The stream does not say: QEMU's destination follows its own machine
+        (footers since 2.4, or ``send-section-footer``), and neither the
+        configuration record nor its absence tells, since either property can
+        be set alone.  QEMU's default is footers, so the byte here has to show
+        that there are none: it must start a record that can follow a section.
+        Otherwise it is a damaged footer; taking it for a record instead would
+        read the rest of the stream as something else.
+        """
+        r = self.r
+        nxt = r.peek(1)
+        if nxt == bytes([QEMU_VM_SECTION_FOOTER]):
+            return True
+        if not nxt:
+            return False  # the input ends here: reported as such by whoever reads on
+        kind = nxt[0]
+        if kind in SECTION_NAMES or kind == QEMU_VM_COMMAND:
+            return False
+        if kind != QEMU_VM_EOF:
+            return True
+        # QEMU closes every iterative section with END before EOF.
+        if first.kind == QEMU_VM_SECTION_START:
+            return True
+        # Only the trailer or nothing follows EOF (not checked inside a package, whose
+        # tail QEMU never reads, or on a live stream, where peeking past EOF could wait).
+        if self.r is self.top and self.in_memory:
+            return r.peek(2)[1:] not in (b"", bytes([QEMU_VM_VMDESCRIPTION]))
+        return False
+
     def payload(self, sec: Section) -> None:
         if sec.idstr == IDSTR_RAM:
             if sec.version_id != 4:
@@ -468,7 +537,7 @@ class Decoder:
                 self.ram_handler(sec)
                 return
             sec.payload = read_ram(self.r, ignore_shared=self.ignore_shared, block_named=self.ram_block_named)
-            self.ram_block_named = self.ram_block_named or any(rec.block for rec in sec.payload.records)
+            self.ram_block_named = self.ram_block_named or sec.payload.names_block()
             return
         if sec.kind != QEMU_VM_SECTION_FULL:
             raise RegistryError(f"no reader for iterative section '{sec.idstr}'", offset=sec.offset)
@@ -487,7 +556,7 @@ class Decoder:
             start = self.r.tell()
             problem = self.typed_problem(cls, sec)
             if problem is None:
-                obj = impl(cls)()
+                obj = fresh(cls)
                 try:
                     failed: list[str] = []
                     if self.enforce_checks:
@@ -516,11 +585,19 @@ class Decoder:
             self.warn(f"section '{sec.idstr}': {problem}; decoded from the trailer instead")
         if device is None:
             if self.stream.trailer is None:
-                raise RegistryError(
-                    f"no spec for section '{sec.idstr}' (instance {sec.instance_id}, version {sec.version_id}) "
-                    "and the stream has no trailer to describe it",
-                    offset=sec.offset,
-                )
+                if self.trailer_by_framing():
+                    self.payload(sec)  # again, with the trailer: nothing of the section was read yet
+                    return
+                no_spec = f"no spec for section '{sec.idstr}' (instance {sec.instance_id}, version {sec.version_id})"
+                broken = self.broken_trailer
+                if broken is not None:
+                    at, problem = broken
+                    raise MalformedStream(
+                        f"{no_spec}, and the trailer at offset {at:#x} that would describe it is not valid JSON "
+                        f"({problem})",
+                        offset=sec.offset,
+                    )
+                raise RegistryError(f"{no_spec} and the stream has no trailer to describe it", offset=sec.offset)
             raise RegistryError(f"section '{sec.idstr}' is not described by the trailer", offset=sec.offset)
         sec.generic_body = device
         start = self.r.tell()
@@ -533,6 +610,30 @@ class Decoder:
             if isinstance(e, VMSDError):
                 raise
             raise MalformedStream(f"the trailer's description of this section is malformed ({e})", offset=start) from None
+
+    def trailer_by_framing(self) -> bool:
+        """Look for the trailer by its framing; True when one was found and taken.
+
+        Only on demand: a stream without a trailer is common (``suppress-vmdesc``)
+        and scanning all of it costs time.  A trailer found this way that is not
+        JSON is remembered in :attr:`broken_trailer`, for the error to name it.
+        """
+        if self.framing_searched or not self.in_memory:
+            return False
+        self.framing_searched = True
+        # The trailer follows EOF, which follows what was read so far (in a package: at least the header).
+        at = framed_trailer(self.data, self.r.tell() if self.r is self.top else 8)
+        if at is None:
+            return False
+        text = self.data[at + 5 :]
+        try:
+            trailer = loads(text)
+        except ValueError as e:
+            self.broken_trailer = (at, _json_problem(e))
+            return False
+        self.trailer_devices = validate_trailer(trailer, at)
+        self.stream.trailer, self.stream.trailer_text = trailer, text
+        return True
 
     def typed_problem(self, cls: Any, sec: Section) -> str | None:
         missing = unimplemented_predicates(cls)
@@ -547,12 +648,26 @@ class Decoder:
     def trailer_device(self, sec: Section) -> Obj | None:
         """The trailer entry of this FULL section (the trailer lists them in stream order)."""
         devices = self.trailer_devices
+        name = json_name(sec.idstr)
         for i in range(self.next_device, len(devices)):
             d = devices[i]
-            if d.get("name") == sec.idstr and d.get("instance_id") == sec.instance_id:
+            if d.get("name") == name and d.get("instance_id") == sec.instance_id:
                 self.next_device = i + 1
                 return d
         return None
+
+
+def idstr_bytes(idstr: str) -> bytes:
+    """The bytes of an idstr: read with ``surrogateescape``, any byte string comes back as it was."""
+    try:
+        return idstr.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise SaveError(f"idstr {idstr!r} cannot be encoded ({e.reason})") from None
+
+
+def json_name(idstr: str) -> str:
+    """An idstr as QEMU's trailer names it: JSON holds text, and QEMU writes U+FFFD for bytes that are not UTF-8."""
+    return idstr_bytes(idstr).decode("utf-8", "replace")
 
 
 def described_size(body: Obj) -> int | None:
@@ -584,6 +699,10 @@ def validate_trailer(trailer: Any, offset: int) -> list[Obj]:
             here = f"{where}.{e.get('name')}"
             for key in ("size", "array_len", "index"):
                 v = e.get(key)
+                # Nothing decodes by "index" (it only labels an element), so its integer
+                # may be spelled as JSON allows (1e8); sizes and counts are read by the decoder.
+                if key == "index" and isinstance(v, JSONFloat) and v.is_integer():
+                    v = int(v)
                 if (key == "size" or v is not None) and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                     raise fail(here, f"'{key}' must be a non-negative integer")
             if e.get("type") == "struct" and e.get("struct"):
@@ -658,9 +777,9 @@ def section_head(kind: int, section_id: int, idstr: str = "", instance_id: int =
     """A section's header; START and FULL carry idstr, instance and version."""
     head = struct.pack(">BI", kind, section_id)
     if kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
-        raw = idstr.encode("utf-8", "surrogateescape")
-        if len(raw) > 255:
-            raise ValueError(f"section idstr of {len(raw)} bytes exceeds 255")
+        raw = idstr_bytes(idstr)
+        if not 0 < len(raw) <= 255:
+            raise SaveError(f"section idstr of {len(raw)} bytes (1 to 255 fit its length byte)", section=idstr)
         head += bytes([len(raw)]) + raw + struct.pack(">II", instance_id, version_id)
     return head
 
@@ -669,85 +788,145 @@ def section_footer(section_id: int) -> bytes:
     return struct.pack(">BI", QEMU_VM_SECTION_FOOTER, section_id)
 
 
+# What encoding a value of the wrong type or range raises before it reaches a
+# VMSDError (struct.pack, int.to_bytes, a missing attribute or list item).
+_ENCODE_ERRORS = (ValueError, TypeError, OverflowError, struct.error, KeyError, IndexError, AttributeError,
+                  StopIteration)
+
+
+def _save_error(e: Exception, section: str | None, offset: int | None) -> VMSDError:
+    """``e``, raised while encoding ``section`` (read at ``offset``), as a VMSDError naming them."""
+    if isinstance(e, VMSDError):
+        if e.offset is None:
+            e.offset = offset
+        return e.in_section(section) if section is not None else e
+    return SaveError(f"cannot encode: {e}", offset=offset, section=section)
+
+
+def _trailer_record(desc: Obj) -> bytes:
+    try:
+        text = dumps(desc).encode()
+    except _ENCODE_ERRORS as e:
+        raise SaveError(f"cannot write the trailer: {e}") from e
+    return bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", len(text)) + text
+
+
 def stream_tail(sections: list[Section]) -> bytes:
     """Device sections, EOF and the trailer regenerated from their specs: the end of a live migration."""
     w = Writer()
     write_records(w, list(sections))
     w.u8(QEMU_VM_EOF)
-    text = dumps(regenerate_trailer(Stream(records=list(sections)))).encode()
-    w.u8(QEMU_VM_VMDESCRIPTION)
-    w.u32(len(text))
-    w.write(text)
+    w.write(_trailer_record(regenerate_trailer(Stream(records=list(sections)))))
     return w.getvalue()
 
 
 def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
-    """Encode ``stream``.  ``trailer``: True = regenerate from the payloads, an Obj = use it, False = none."""
+    """Encode ``stream``.  ``trailer``: True = regenerate from the payloads, an Obj = use it, False = none.
+
+    Anything that cannot be encoded raises a :class:`VMSDError` (a :class:`SaveError`
+    unless a more specific one applies) naming the section and where it was read.
+    """
     w = Writer()
-    w.write(stream_head(stream.configuration.state if stream.configuration is not None else None, stream.version))
+    conf = stream.configuration
+    try:
+        w.write(stream_head(conf.state if conf is not None else None, stream.version))
+    except (VMSDError, *_ENCODE_ERRORS) as e:
+        raise _save_error(e, "configuration", conf.offset if conf is not None else 0) from e
     write_records(w, stream.records)
     w.u8(QEMU_VM_EOF)
     if trailer is not False and (stream.trailer is not None or isinstance(trailer, Obj)):
-        desc = trailer if isinstance(trailer, Obj) else regenerate_trailer(stream)
-        text = dumps(desc).encode()
-        w.u8(QEMU_VM_VMDESCRIPTION)
-        w.u32(len(text))
-        w.write(text)
+        w.write(_trailer_record(trailer if isinstance(trailer, Obj) else regenerate_trailer(stream)))
     return w.getvalue()
 
 
 def write_records(w: Writer, records: list[Section | Command]) -> None:
     """Sections and commands, each with its header and (when set) footer."""
     for rec in records:
-        if isinstance(rec, Command):
-            w.u8(QEMU_VM_COMMAND)
-            w.u16(rec.cmd)
-            if rec.packaged is not None:
-                inner = Writer()
-                write_records(inner, rec.packaged)
-                if rec.package_eof:
-                    inner.u8(QEMU_VM_EOF)
-                inner.write(rec.package_tail)
-                body = inner.getvalue()
-                w.u16(4)
-                w.u32(len(body))
-                w.write(body)
-            else:
-                w.u16(len(rec.data))
-                w.write(rec.data)
-            continue
-        w.write(section_head(rec.kind, rec.section_id, rec.idstr, rec.instance_id, rec.version_id))
-        p = rec.payload
-        if isinstance(p, RamPayload):
-            write_ram(w, p)
-        elif rec.generic_body is not None and isinstance(p, Obj):
-            encode_body(w, rec.generic_body, p)
-        elif isinstance(p, bytes):
-            w.write(p)
+        try:
+            _write_record(w, rec)
+        except (VMSDError, *_ENCODE_ERRORS) as e:
+            name = rec.idstr if isinstance(rec, Section) else rec.name
+            raise _save_error(e, name, rec.offset) from e
+
+
+def _write_record(w: Writer, rec: Section | Command) -> None:
+    if isinstance(rec, Command):
+        w.u8(QEMU_VM_COMMAND)
+        w.u16(rec.cmd)
+        if rec.packaged is not None:
+            inner = Writer()
+            write_records(inner, rec.packaged)
+            if rec.package_eof:
+                inner.u8(QEMU_VM_EOF)
+            inner.write(rec.package_tail)
+            body = inner.getvalue()
+            w.u16(4)
+            w.u32(len(body))
+            w.write(body)
         else:
-            p._save_nested(w, rec.version_id)
-        if rec.footer:
-            w.write(section_footer(rec.section_id))
+            w.u16(len(rec.data))
+            w.write(rec.data)
+        return
+    w.write(section_head(rec.kind, rec.section_id, rec.idstr, rec.instance_id, rec.version_id))
+    p = rec.payload
+    if isinstance(p, RamPayload):
+        write_ram(w, p)
+    elif rec.generic_body is not None and isinstance(p, Obj):
+        encode_body(w, rec.generic_body, p)
+    elif isinstance(p, bytes):
+        w.write(p)
+    elif p is None:
+        raise SaveError("cannot encode: the section has no payload")
+    else:
+        p._save_nested(w, rec.version_id)
+    if rec.footer:
+        w.write(section_footer(rec.section_id))
+
+
+def _pairs(obj: Obj) -> list[tuple[str, Any]]:
+    return [(k, v) for k, v in obj if k not in ("name", "instance_id")]
 
 
 def regenerate_trailer(stream: Stream) -> Obj:
-    """The trailer QEMU would write: typed sections described from their specs."""
+    """The trailer QEMU would write: typed sections described from their specs.
+
+    A JSON name cannot hold an idstr's bytes that are not UTF-8 (QEMU writes
+    U+FFFD for them).  Such a section keeps the name the stream's own trailer
+    gave the entry in its place, when that entry describes it exactly as
+    regenerated, so that an unchanged stream rewrites byte for byte.
+    """
+    fulls = stream.full_sections()
+    old: Any = stream.trailer.get("devices") if stream.trailer is not None else None
+    # The trailer lists the FULL sections in stream order; with another count, places do not correspond.
+    old_devices: list[Any] = old if isinstance(old, list) and len(old) == len(fulls) else []
     devices: list[Obj] = []
-    for sec in stream.full_sections():
-        head = Obj([("name", sec.idstr.encode("utf-8", "surrogateescape").decode("utf-8", "replace")), ("instance_id", sec.instance_id)])
-        p = sec.payload
-        if sec.legacy and sec.generic_body is None:
-            size = len(p._save_nested_bytes(sec.version_id)) if not isinstance(p, bytes) else len(p)
-            head.extend([("size", size), ("fields", [Obj([("name", "data"), ("size", size), ("type", "buffer")])])])
-        elif sec.generic_body is not None:
-            head.extend((k, v) for k, v in sec.generic_body if k not in ("name", "instance_id"))
-        else:
-            body, _ = describe(p, sec.version_id)
-            head.extend(body)
+    for i, sec in enumerate(fulls):
+        try:
+            name = json_name(sec.idstr)
+            head = Obj([("name", name), ("instance_id", sec.instance_id)])
+            p = sec.payload
+            if sec.legacy and sec.generic_body is None:
+                size = len(p._save_nested_bytes(sec.version_id)) if not isinstance(p, bytes) else len(p)
+                data = Obj([("name", "data"), ("size", size), ("type", "buffer")])
+                head.extend([("size", size), ("fields", [data])])
+            elif sec.generic_body is not None:
+                head.extend(_pairs(sec.generic_body))
+            else:
+                body, _ = describe(p, sec.version_id)
+                head.extend(body)
+        except (VMSDError, *_ENCODE_ERRORS) as e:
+            raise _save_error(e, sec.idstr, sec.offset) from e
+        if old_devices and name != sec.idstr:  # the idstr is not UTF-8
+            was = old_devices[i]
+            if (isinstance(was, Obj) and isinstance(was.get("name"), str)
+                    and was.get("instance_id") == sec.instance_id and _pairs(was) == _pairs(head)):
+                head[0] = ("name", was.get("name"))
         devices.append(head)
     out = Obj()
     if stream.trailer is not None and stream.trailer.get("configuration") is not None:
         out.append(("configuration", stream.trailer.get("configuration")))
-    out.append(("page_size", stream.page_size))
+    # As read, when it was read: written again, a value that is not QEMU's integer would change.
+    page_size = stream.trailer.get("page_size") if stream.trailer is not None else None
+    out.append(("page_size", page_size if page_size is not None else stream.page_size))
     out.append(("devices", devices))
     return out

@@ -4,7 +4,10 @@
 one saved object (field entries with sizes, ``array_len`` for compressible
 arrays, subsections actually sent), and :func:`dumps` prints JSON exactly
 as QEMU's writer does (``": "``, ``", "``, ``\\uXXXX`` escapes), keeping
-duplicate keys where QEMU repeats them (lists and trees).
+duplicate keys where QEMU repeats them (lists and trees).  :func:`loads` reads
+a trailer back; a number with a fraction or exponent (QEMU writes none, but a
+trailer is input) comes back as a :class:`JSONFloat` that :func:`dumps` writes
+as it was read.
 :func:`dump_vmstate` gives the static ``-dump-vmstate`` form of a class.
 """
 
@@ -13,6 +16,22 @@ from __future__ import annotations
 from typing import Any
 
 from vmsd.runtime.schema import FieldSpec, SubsectionSpec, VmsdSpec
+
+
+class JSONFloat(float):
+    """A JSON number with a fraction or exponent, holding the text it was read from.
+
+    Reprinting the value could change its spelling (``1e8`` is ``100000000.0``
+    to Python), and a rewrite must give back the trailer it read.
+    """
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> JSONFloat:
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
 
 
 class Obj(list[tuple[str, Any]]):
@@ -184,6 +203,8 @@ def _write(value: Any, out: list[str]) -> None:
         out.append(str(value))
     elif isinstance(value, str):
         out.append(_quote(value))
+    elif isinstance(value, JSONFloat):
+        out.append(value.text)
     elif value is None:
         out.append("null")
     else:
@@ -210,15 +231,22 @@ def _quote(s: str) -> str:
     return "".join(out)
 
 
-def _no_floats(text: str) -> Any:
-    raise ValueError(f"QEMU's descriptions hold integers only, found {text}")
+def _not_json(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON value")
 
 
 def loads(text: str | bytes) -> Any:
-    """Parse JSON keeping objects as :class:`Obj` (duplicate keys survive); floats are refused."""
+    """Parse JSON keeping objects as :class:`Obj` (duplicate keys survive) and non-integers as :class:`JSONFloat`.
+
+    Every failure is a ValueError (``json.JSONDecodeError`` when it has a position in the text).
+    """
     import json
 
-    return json.loads(text, object_pairs_hook=Obj, parse_float=_no_floats, parse_constant=_no_floats)
+    try:
+        return json.loads(text, object_pairs_hook=Obj, parse_float=JSONFloat, parse_constant=_not_json)
+    except RecursionError:
+        # Nesting deeper than the parser's recursion: input too, so the same error as any other bad text.
+        raise ValueError("JSON nested too deeply") from None
 
 
 def dump_vmstate(cls: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import struct
 from collections.abc import Callable, Iterator, Sequence, Sized
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 from vmsd.runtime.errors import CheckFailed, MalformedStream, RegistryError, SaveError, VersionMismatch, VMSDError
 from vmsd.runtime.io import Reader, Writer
@@ -150,9 +150,9 @@ class VMStateObject(abc.ABC):
         finally:
             if token is not None:
                 _CURRENT_READER.reset(token)
-        left = r.remaining()
-        if whole and left:
+        if whole and r.pos != len(r.buf):
             # Given the bytes of one object, leftovers mean the spec and the data disagree.
+            left = len(r.buf) - r.pos
             raise MalformedStream(f"{left} bytes left after the last field", offset=r.tell(), path=self.VMSD_NAME)
 
     def save(self, w: Writer | None = None, version_id: int | None = None) -> bytes:
@@ -160,12 +160,13 @@ class VMStateObject(abc.ABC):
         w = Writer() if w is None else w
         start = len(w.buf)
         v = self.VERSION_ID if version_id is None else version_id
-        check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, None)
+        if version_id is not None:
+            check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, None)
         try:
             self._save_nested(w, v)
         except VMSDError as e:
             raise e.within(self.VMSD_NAME) from None
-        return bytes(w.buf[start:])
+        return bytes(w.buf[start:] if start else w.buf)
 
     def _save_nested_bytes(self, version_id: int) -> bytes:
         w = Writer()
@@ -237,11 +238,9 @@ def check_version(name: str, v: int, version: int, minimum: int, offset: int | N
 
 # ---- small helpers for generated code -------------------------------------
 
-def present(value: V | None, name: str) -> V:
-    """The value of an optional field that the version being saved requires."""
-    if value is None:
-        raise SaveError(f"field '{name}' is None but version being saved needs it")
-    return value
+def missing(name: str) -> NoReturn:
+    """An optional field is None but the version being saved needs it."""
+    raise SaveError(f"field '{name}' is None but version being saved needs it")
 
 
 def opt(value: V | None, name: str) -> V:
@@ -495,12 +494,14 @@ def save_gtree(w: Writer, items: Sequence[tuple[Any, T]], version: int, direct_k
     w.buf.append(0)
 
 
-def load_subsections(obj: Any, r: Reader, parent: str, table: dict[bytes, tuple[int, int, SubLoader]]) -> None:
-    """QEMU's subsection loop: stops at the first thing that is not one of ours."""
-    prefix = parent.encode()
+def load_subsections(obj: Any, r: Reader, prefix: bytes, top: bool, table: dict[bytes, tuple[int, int, SubLoader]]) -> None:
+    """QEMU's subsection loop: stops at the first thing that is not one of ours.
+
+    ``prefix`` is the name of the vmsd (``top``) or subsection holding them.
+    """
     seen = getattr(obj, "__dict__", None)
     if seen is not None:  # registered subclasses remember what they were loaded with
-        if parent == obj.VMSD_NAME:
+        if top:
             seen["_vmsd_loaded_subsections"] = set()
         else:
             seen.setdefault("_vmsd_loaded_subsections", set())

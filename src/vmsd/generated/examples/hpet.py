@@ -85,7 +85,7 @@ class Hpet(_rt.VMStateObject):
             else:
                 self.legacy_route = None
             _at = ""
-            _rt.load_subsections(self, r, 'hpet', self._SUBSECTIONS['hpet'])
+            _rt.load_subsections(self, r, b'hpet', True, self._SUBSECTIONS['hpet'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -97,7 +97,7 @@ class Hpet(_rt.VMStateObject):
             out += _S0.pack(self.config, self.isr, self.hpet_counter)
             _at = 'num_timers'
             if version_id >= 2:
-                out += _S1.pack(_rt.present(self.num_timers, 'num_timers'))
+                out += _S1.pack(self.num_timers if self.num_timers is not None else _rt.missing('num_timers'))
             _at = 'num_timers in range'
             if not ((_rt.opt(self.num_timers, 'num_timers') >= 3) and (_rt.opt(self.num_timers, 'num_timers') <= 32)):
                 raise _rt.SaveError('validation num_timers in range fails for this state')
@@ -105,7 +105,7 @@ class Hpet(_rt.VMStateObject):
             _rt.save_struct_array(w, self.timer, _rt.count(_rt.opt(self.num_timers, 'num_timers')), 1, 'timer')
             _at = 'legacy_route'
             if self._has_legacy_route(version_id):
-                _v_legacy_route = _rt.present(self.legacy_route, 'legacy_route')
+                _v_legacy_route = self.legacy_route if self.legacy_route is not None else _rt.missing('legacy_route')
                 out += _S2.pack(_v_legacy_route)
             if self._needed_rtc_irq_level(version_id):
                 _rt.write_subsection_header(w, b'hpet/rtc_irq_level', 1)

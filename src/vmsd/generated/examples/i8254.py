@@ -62,7 +62,7 @@ class I8254(_rt.VMStateObject):
             out = w.buf
             _at = 'ch0_irq_disabled'
             if version_id >= 3:
-                out += _S0.pack(_rt.present(self.ch0_irq_disabled, 'ch0_irq_disabled'))
+                out += _S0.pack(self.ch0_irq_disabled if self.ch0_irq_disabled is not None else _rt.missing('ch0_irq_disabled'))
             _at = 'channels'
             _rt.save_struct_array(w, self.channels, 3, 2, 'channels')
             _at = 'ch0_next_transition_time'

@@ -215,7 +215,7 @@ class KindsSub(_rt.VMStateObject):
             buf, p = r.take(1)
             (self.a,) = _S3.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, 'kinds_sub', self._SUBSECTIONS['kinds_sub'])
+            _rt.load_subsections(self, r, b'kinds_sub', True, self._SUBSECTIONS['kinds_sub'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -457,7 +457,7 @@ class Kinds(_rt.VMStateObject):
             else:
                 self.hook = None
             _at = ""
-            _rt.load_subsections(self, r, 'kinds', self._SUBSECTIONS['kinds'])
+            _rt.load_subsections(self, r, b'kinds', True, self._SUBSECTIONS['kinds'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -525,14 +525,14 @@ class Kinds(_rt.VMStateObject):
                 raise _rt.SaveError('validation n small fails for this state')
             _at = 'late'
             if version_id >= 3:
-                out += _S9.pack(_rt.present(self.late, 'late'))
+                out += _S9.pack(self.late if self.late is not None else _rt.missing('late'))
             _at = 'maybe'
             if self._has_maybe(version_id):
-                _v_maybe = _rt.present(self.maybe, 'maybe')
+                _v_maybe = self.maybe if self.maybe is not None else _rt.missing('maybe')
                 out += _S3.pack(_v_maybe)
             _at = 'hook'
             if self.hook_present(version_id):
-                _v_hook = _rt.present(self.hook, 'hook')
+                _v_hook = self.hook if self.hook is not None else _rt.missing('hook')
                 out += _S10.pack(_v_hook)
             if self._needed_more(version_id):
                 _rt.write_subsection_header(w, b'kinds/more', 2)
@@ -553,7 +553,7 @@ class Kinds(_rt.VMStateObject):
                 buf, p = r.take(1)
                 (self.more_b,) = _S3.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, 'kinds/more', self._SUBSECTIONS['kinds/more'])
+            _rt.load_subsections(self, r, b'kinds/more', False, self._SUBSECTIONS['kinds/more'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

@@ -88,7 +88,7 @@ class Serial(_rt.VMStateObject):
             else:
                 self.fcr_vmstate = None
             _at = ""
-            _rt.load_subsections(self, r, 'serial', self._SUBSECTIONS['serial'])
+            _rt.load_subsections(self, r, b'serial', True, self._SUBSECTIONS['serial'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -98,12 +98,12 @@ class Serial(_rt.VMStateObject):
             out = w.buf
             _at = 'divider'
             if version_id >= 2:
-                out += _S0.pack(_rt.present(self.divider, 'divider'))
+                out += _S0.pack(self.divider if self.divider is not None else _rt.missing('divider'))
             _at = 'rbr'
             out += _S1.pack(self.rbr, self.ier, self.iir, self.lcr, self.mcr, self.lsr, self.msr, self.scr)
             _at = 'fcr_vmstate'
             if version_id >= 3:
-                out += _S2.pack(_rt.present(self.fcr_vmstate, 'fcr_vmstate'))
+                out += _S2.pack(self.fcr_vmstate if self.fcr_vmstate is not None else _rt.missing('fcr_vmstate'))
             if self._needed_thr_ipending(version_id):
                 _rt.write_subsection_header(w, b'serial/thr_ipending', 1)
                 self._save_sub_thr_ipending(w, 1)

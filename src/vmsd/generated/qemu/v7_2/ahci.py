@@ -218,17 +218,17 @@ class AHCIDevice(_rt.VMStateObject):
             out = w.buf
             _at = 'port'
             if version_id >= 1:
-                _v_port = _rt.present(self.port, 'port')
+                _v_port = self.port if self.port is not None else _rt.missing('port')
                 _v_port._save_nested(w, 1)
             _at = 'port_ifs0'
             if version_id >= 1:
-                _v_port_ifs0 = _rt.present(self.port_ifs0, 'port_ifs0')
+                _v_port_ifs0 = self.port_ifs0 if self.port_ifs0 is not None else _rt.missing('port_ifs0')
                 _v_port_ifs0._save_nested(w, 3)
             _at = 'port_state'
             out += _S2.pack(self.port_state, self.finished, self.lst_addr, self.lst_addr_hi, self.fis_addr, self.fis_addr_hi, self.irq_stat, self.irq_mask, self.cmd, self.tfdata, self.sig, self.scr_stat, self.scr_ctl, self.scr_err, self.scr_act, self.cmd_issue, self.done_first_drq, self.busy_slot, self.init_d2h_sent)
             _at = 'ncq_tfs'
             if version_id >= 1:
-                _v_ncq_tfs = _rt.present(self.ncq_tfs, 'ncq_tfs')
+                _v_ncq_tfs = self.ncq_tfs if self.ncq_tfs is not None else _rt.missing('ncq_tfs')
                 _rt.save_struct_array(w, _v_ncq_tfs, 32, 1, 'ncq_tfs')
         except _rt.VMSDError as e:
             raise e.within(_at) from None

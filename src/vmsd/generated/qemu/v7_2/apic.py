@@ -89,7 +89,7 @@ subsection is absent."""
             self.next_time = _v[44]
             self.timer_expiry = _v[45]
             _at = ""
-            _rt.load_subsections(self, r, 'apic', self._SUBSECTIONS['apic'])
+            _rt.load_subsections(self, r, b'apic', True, self._SUBSECTIONS['apic'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

@@ -71,7 +71,7 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
             _at = 'name'
             self.name = r.read(_rt.count(self.len))
             _at = ""
-            _rt.load_subsections(self, r, 'configuration', self._SUBSECTIONS['configuration'])
+            _rt.load_subsections(self, r, b'configuration', True, self._SUBSECTIONS['configuration'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

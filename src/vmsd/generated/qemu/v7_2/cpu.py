@@ -589,7 +589,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             else:
                 self.ymmh_regs = None
             _at = ""
-            _rt.load_subsections(self, r, 'cpu', self._SUBSECTIONS['cpu'])
+            _rt.load_subsections(self, r, b'cpu', True, self._SUBSECTIONS['cpu'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -622,17 +622,17 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out += _S2.pack(self.efer, self.star, self.lstar, self.cstar, self.fmask, self.kernelgsbase, self.smbase, self.pat, self.hflags2, self.vm_hsave, self.vm_vmcb, self.tsc_offset, self.intercept, self.intercept_cr_read, self.intercept_cr_write, self.intercept_dr_read, self.intercept_dr_write, self.intercept_exceptions, self.v_tpr, *self.mtrr_fixed, self.mtrr_deftype)
             _at = 'mtrr_var'
             if version_id >= 8:
-                _v_mtrr_var = _rt.present(self.mtrr_var, 'mtrr_var')
+                _v_mtrr_var = self.mtrr_var if self.mtrr_var is not None else _rt.missing('mtrr_var')
                 _rt.save_struct_array(w, _v_mtrr_var, 8, 1, 'mtrr_var')
             _at = 'interrupt_injected'
             _rt.check_len(self.mce_banks, 40, 'mce_banks')
             out += _S3.pack(self.interrupt_injected, self.mp_state, self.tsc, self.exception_nr, self.soft_interrupt, self.nmi_injected, self.nmi_pending, self.has_error_code, self.sipi_vector, self.mcg_cap, self.mcg_status, self.mcg_ctl, *self.mce_banks, self.tsc_aux, self.system_time_msr, self.wall_clock_msr)
             _at = 'xcr0'
             if version_id >= 12:
-                out += _S4.pack(_rt.present(self.xcr0, 'xcr0'), _rt.present(self.xstate_bv, 'xstate_bv'))
+                out += _S4.pack(self.xcr0 if self.xcr0 is not None else _rt.missing('xcr0'), self.xstate_bv if self.xstate_bv is not None else _rt.missing('xstate_bv'))
             _at = 'ymmh_regs'
             if version_id >= 12:
-                _v_ymmh_regs = _rt.present(self.ymmh_regs, 'ymmh_regs')
+                _v_ymmh_regs = self.ymmh_regs if self.ymmh_regs is not None else _rt.missing('ymmh_regs')
                 _rt.save_struct_array(w, _v_ymmh_regs, 16, 1, 'ymmh_regs')
             if self._needed_exception_info(version_id):
                 _rt.write_subsection_header(w, b'cpu/exception_info', 1)
@@ -2180,7 +2180,7 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
             buf, p = r.take(8)
             (self.flags, self.format, self.size,) = _S25.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, 'cpu/kvm_nested_state', self._SUBSECTIONS['cpu/kvm_nested_state'])
+            _rt.load_subsections(self, r, b'cpu/kvm_nested_state', True, self._SUBSECTIONS['cpu/kvm_nested_state'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -2208,7 +2208,7 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
             buf, p = r.take(18)
             (self.vmxon_pa, self.vmcs12_pa, self.smm_flags,) = _S26.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, 'cpu/kvm_nested_state/vmx', self._SUBSECTIONS['cpu/kvm_nested_state/vmx'])
+            _rt.load_subsections(self, r, b'cpu/kvm_nested_state/vmx', False, self._SUBSECTIONS['cpu/kvm_nested_state/vmx'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

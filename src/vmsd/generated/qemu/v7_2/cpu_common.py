@@ -60,7 +60,7 @@ is -1 ("no exception pending")."""
             buf, p = r.take(8)
             (self.halted, self.interrupt_request,) = _S0.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, 'cpu_common', self._SUBSECTIONS['cpu_common'])
+            _rt.load_subsections(self, r, b'cpu_common', True, self._SUBSECTIONS['cpu_common'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

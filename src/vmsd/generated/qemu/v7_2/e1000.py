@@ -260,7 +260,7 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
             self.mac_reg_mta = list(_v[188:316])
             self.mac_reg_vfta = list(_v[316:444])
             _at = ""
-            _rt.load_subsections(self, r, 'e1000', self._SUBSECTIONS['e1000'])
+            _rt.load_subsections(self, r, b'e1000', True, self._SUBSECTIONS['e1000'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

@@ -69,7 +69,7 @@ version 2, so a version-1 stream has no controller state."""
             self.pcidev._save_nested(w, 2)
             _at = 'ehci'
             if version_id >= 2:
-                _v_ehci = _rt.present(self.ehci, 'ehci')
+                _v_ehci = self.ehci if self.ehci is not None else _rt.missing('ehci')
                 _v_ehci._save_nested(w, 2)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -146,7 +146,7 @@ state machines."""
             out += _S0.pack(self.usbcmd, self.usbsts)
             _at = 'usbsts_pending'
             if version_id >= 2:
-                out += _S0.pack(_rt.present(self.usbsts_pending, 'usbsts_pending'), _rt.present(self.usbsts_frindex, 'usbsts_frindex'))
+                out += _S0.pack(self.usbsts_pending if self.usbsts_pending is not None else _rt.missing('usbsts_pending'), self.usbsts_frindex if self.usbsts_frindex is not None else _rt.missing('usbsts_frindex'))
             _at = 'usbintr'
             out += _S1.pack(self.usbintr, self.frindex, self.ctrldssegment, self.periodiclistbase, self.asynclistaddr, self.configflag, self.portsc0, self.portsc1, self.portsc2, self.portsc3, self.portsc4, self.portsc5, self.frame_timer, self.last_run_ns, self.async_stepdown, self.astate, self.pstate, self.a_fetch_addr, self.p_fetch_addr)
         except _rt.VMSDError as e:

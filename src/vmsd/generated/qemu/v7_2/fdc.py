@@ -61,7 +61,7 @@ post_load revalidates the medium (fd_revalidate)."""
             buf, p = r.take(3)
             (self.head, self.track, self.sect,) = _S0.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, 'fdrive', self._SUBSECTIONS['fdrive'])
+            _rt.load_subsections(self, r, b'fdrive', True, self._SUBSECTIONS['fdrive'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -247,7 +247,7 @@ fdctrl_realize_common), so it is written as a fixed array."""
             else:
                 self.drives = None
             _at = ""
-            _rt.load_subsections(self, r, 'fdc', self._SUBSECTIONS['fdc'])
+            _rt.load_subsections(self, r, b'fdc', True, self._SUBSECTIONS['fdc'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -262,7 +262,7 @@ fdctrl_realize_common), so it is written as a fixed array."""
             out += _S1.pack(self.num_floppies)
             _at = 'drives'
             if version_id >= 1:
-                _v_drives = _rt.present(self.drives, 'drives')
+                _v_drives = self.drives if self.drives is not None else _rt.missing('drives')
                 _rt.save_struct_array(w, _v_drives, 2, 1, 'drives')
             if self._needed_reset_sensei(version_id):
                 _rt.write_subsection_header(w, b'fdc/reset_sensei', 1)

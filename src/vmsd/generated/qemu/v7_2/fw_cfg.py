@@ -81,7 +81,7 @@ class FWCfgState(_rt.VMStateObject):
             else:
                 self.cur_offset = None
             _at = ""
-            _rt.load_subsections(self, r, 'fw_cfg', self._SUBSECTIONS['fw_cfg'])
+            _rt.load_subsections(self, r, b'fw_cfg', True, self._SUBSECTIONS['fw_cfg'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -93,11 +93,11 @@ class FWCfgState(_rt.VMStateObject):
             out += _S0.pack(self.cur_entry)
             _at = 'cur_offset_v1'
             if self._has_cur_offset_v1(version_id):
-                _v_cur_offset_v1 = _rt.present(self.cur_offset_v1, 'cur_offset_v1')
+                _v_cur_offset_v1 = self.cur_offset_v1 if self.cur_offset_v1 is not None else _rt.missing('cur_offset_v1')
                 out += _S0.pack(_v_cur_offset_v1)
             _at = 'cur_offset'
             if version_id >= 2:
-                out += _S1.pack(_rt.present(self.cur_offset, 'cur_offset'))
+                out += _S1.pack(self.cur_offset if self.cur_offset is not None else _rt.missing('cur_offset'))
             if self.fw_cfg_dma_enabled(version_id):
                 _rt.write_subsection_header(w, b'fw_cfg/dma', 0)
                 self._save_sub_dma(w, 0)

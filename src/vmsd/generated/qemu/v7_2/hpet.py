@@ -126,7 +126,7 @@ streams do not carry it (the default below plays that role)."""
             _at = 'timer'
             self.timer = _rt.load_struct_array(r, HpetTimer, _rt.count(_rt.opt(self.num_timers, 'num_timers')), 1, self.timer)
             _at = ""
-            _rt.load_subsections(self, r, 'hpet', self._SUBSECTIONS['hpet'])
+            _rt.load_subsections(self, r, b'hpet', True, self._SUBSECTIONS['hpet'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -138,7 +138,7 @@ streams do not carry it (the default below plays that role)."""
             out += _S1.pack(self.config, self.isr, self.hpet_counter)
             _at = 'num_timers'
             if version_id >= 2:
-                out += _S2.pack(_rt.present(self.num_timers, 'num_timers'))
+                out += _S2.pack(self.num_timers if self.num_timers is not None else _rt.missing('num_timers'))
             _at = 'num_timers in range'
             if not ((_rt.opt(self.num_timers, 'num_timers') >= 3) and (_rt.opt(self.num_timers, 'num_timers') <= 32)):
                 raise _rt.SaveError('validation num_timers in range fails for this state')

@@ -124,10 +124,10 @@ pre_save/post_load dispatch to the implementation class."""
             out = w.buf
             _at = 'ch0_irq_disabled'
             if version_id >= 3:
-                out += _S1.pack(_rt.present(self.ch0_irq_disabled, 'ch0_irq_disabled'))
+                out += _S1.pack(self.ch0_irq_disabled if self.ch0_irq_disabled is not None else _rt.missing('ch0_irq_disabled'))
             _at = 'channels'
             if version_id >= 2:
-                _v_channels = _rt.present(self.channels, 'channels')
+                _v_channels = self.channels if self.channels is not None else _rt.missing('channels')
                 _rt.save_struct_array(w, _v_channels, 3, 2, 'channels')
             _at = 'ch0_next_transition_time'
             out += _S2.pack(self.ch0_next_transition_time)

@@ -107,7 +107,7 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
             self.smi_en = _v[37]
             self.smi_sts = _v[38]
             _at = ""
-            _rt.load_subsections(self, r, 'ich9_pm', self._SUBSECTIONS['ich9_pm'])
+            _rt.load_subsections(self, r, b'ich9_pm', True, self._SUBSECTIONS['ich9_pm'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -292,7 +292,7 @@ cpuhp and pcihp."""
             self.chip_config = list(_v[0:16384])
             self.sci_level = _v[16384]
             _at = ""
-            _rt.load_subsections(self, r, 'ICH9LPC', self._SUBSECTIONS['ICH9LPC'])
+            _rt.load_subsections(self, r, b'ICH9LPC', True, self._SUBSECTIONS['ICH9LPC'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

@@ -83,11 +83,11 @@ i.e. true for every q35 machine type except pc-q35-3.1 and older."""
             self.dev._save_nested(w, 2)
             _at = 'irq_enabled'
             if self.need_smbus(version_id):
-                _v_irq_enabled = _rt.present(self.irq_enabled, 'irq_enabled')
+                _v_irq_enabled = self.irq_enabled if self.irq_enabled is not None else _rt.missing('irq_enabled')
                 out += _S0.pack(_v_irq_enabled)
             _at = 'smb'
             if version_id >= 1 and self.need_smbus(version_id):
-                _v_smb = _rt.present(self.smb, 'smb')
+                _v_smb = self.smb if self.smb is not None else _rt.missing('smb')
                 _v_smb._save_nested(w, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

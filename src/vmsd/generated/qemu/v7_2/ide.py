@@ -78,7 +78,7 @@ ide_pci_post_load undoes it."""
             buf, p = r.take(19)
             (self.cmd, self.migration_compat_status, self.addr, self.migration_retry_sector_num, self.migration_retry_nsector, self.migration_retry_unit,) = _S0.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, 'ide bmdma', self._SUBSECTIONS['ide bmdma'])
+            _rt.load_subsections(self, r, b'ide bmdma', True, self._SUBSECTIONS['ide bmdma'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -177,7 +177,7 @@ vmstate_ide_error_status in hw/ide/core.c (QEMU 7.2)."""
             buf, p = r.take(2)
             (self.cmd, self.unit,) = _S3.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, 'ide_bus', self._SUBSECTIONS['ide_bus'])
+            _rt.load_subsections(self, r, b'ide_bus', True, self._SUBSECTIONS['ide_bus'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -328,7 +328,7 @@ written as a fixed array."""
             else:
                 self.cdrom_changed = None
             _at = ""
-            _rt.load_subsections(self, r, 'ide_drive', self._SUBSECTIONS['ide_drive'])
+            _rt.load_subsections(self, r, b'ide_drive', True, self._SUBSECTIONS['ide_drive'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -340,14 +340,14 @@ written as a fixed array."""
             out += _S6.pack(self.mult_sectors, self.identify_set)
             _at = 'identify_data'
             if self._has_identify_data(version_id):
-                _v_identify_data = _rt.present(self.identify_data, 'identify_data')
+                _v_identify_data = self.identify_data if self.identify_data is not None else _rt.missing('identify_data')
                 _rt.check_len(_v_identify_data, 512, 'identify_data')
                 out += _v_identify_data
             _at = 'feature'
             out += _S7.pack(self.feature, self.error, self.nsector, self.sector, self.lcyl, self.hcyl, self.hob_feature, self.hob_sector, self.hob_nsector, self.hob_lcyl, self.hob_hcyl, self.select, self.status, self.lba48, self.sense_key, self.asc)
             _at = 'cdrom_changed'
             if version_id >= 3:
-                out += _S2.pack(_rt.present(self.cdrom_changed, 'cdrom_changed'))
+                out += _S2.pack(self.cdrom_changed if self.cdrom_changed is not None else _rt.missing('cdrom_changed'))
             if self.pio_state_needed(version_id):
                 _rt.write_subsection_header(w, b'ide_drive/pio_state', 1)
                 self._save_sub_pio_state(w, 1)
@@ -499,15 +499,15 @@ post_load masks migration_retry_unit and restores the bmdma state."""
             _rt.save_struct_array(w, self.bmdma, 2, 3, 'bmdma')
             _at = 'bus'
             if version_id >= 1:
-                _v_bus = _rt.present(self.bus, 'bus')
+                _v_bus = self.bus if self.bus is not None else _rt.missing('bus')
                 _rt.save_struct_array(w, _v_bus, 2, 1, 'bus')
             _at = 'bus0_ifs'
             if version_id >= 3:
-                _v_bus0_ifs = _rt.present(self.bus0_ifs, 'bus0_ifs')
+                _v_bus0_ifs = self.bus0_ifs if self.bus0_ifs is not None else _rt.missing('bus0_ifs')
                 _rt.save_struct_array(w, _v_bus0_ifs, 2, 3, 'bus0_ifs')
             _at = 'bus1_ifs'
             if version_id >= 3:
-                _v_bus1_ifs = _rt.present(self.bus1_ifs, 'bus1_ifs')
+                _v_bus1_ifs = self.bus1_ifs if self.bus1_ifs is not None else _rt.missing('bus1_ifs')
                 _rt.save_struct_array(w, _v_bus1_ifs, 2, 3, 'bus1_ifs')
         except _rt.VMSDError as e:
             raise e.within(_at) from None

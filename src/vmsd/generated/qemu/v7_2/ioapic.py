@@ -67,7 +67,7 @@ shared by the emulated and KVM I/O APICs (IOAPIC_NUM_PINS = 24)."""
             out += _S0.pack(self.id, self.ioregsel)
             _at = 'irr'
             if version_id >= 2:
-                out += _S1.pack(_rt.present(self.irr, 'irr'))
+                out += _S1.pack(self.irr if self.irr is not None else _rt.missing('irr'))
             _at = 'ioredtbl'
             _rt.check_len(self.ioredtbl, 24, 'ioredtbl')
             out += _S2.pack(*self.ioredtbl)

@@ -74,7 +74,7 @@ recomputes period and re-arms the timers."""
             else:
                 self.base_rtc = self.last_update = self.offset = self.update_timer = self.next_alarm_time = None
             _at = ""
-            _rt.load_subsections(self, r, 'mc146818rtc', self._SUBSECTIONS['mc146818rtc'])
+            _rt.load_subsections(self, r, b'mc146818rtc', True, self._SUBSECTIONS['mc146818rtc'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -87,10 +87,10 @@ recomputes period and re-arms the timers."""
             out += _S0.pack(self.cmos_data, self.cmos_index, self.periodic_timer, self.next_periodic_time)
             _at = 'irq_coalesced'
             if version_id >= 2:
-                out += _S1.pack(_rt.present(self.irq_coalesced, 'irq_coalesced'), _rt.present(self.period, 'period'))
+                out += _S1.pack(self.irq_coalesced if self.irq_coalesced is not None else _rt.missing('irq_coalesced'), self.period if self.period is not None else _rt.missing('period'))
             _at = 'base_rtc'
             if version_id >= 3:
-                out += _S2.pack(_rt.present(self.base_rtc, 'base_rtc'), _rt.present(self.last_update, 'last_update'), _rt.present(self.offset, 'offset'), _rt.present(self.update_timer, 'update_timer'), _rt.present(self.next_alarm_time, 'next_alarm_time'))
+                out += _S2.pack(self.base_rtc if self.base_rtc is not None else _rt.missing('base_rtc'), self.last_update if self.last_update is not None else _rt.missing('last_update'), self.offset if self.offset is not None else _rt.missing('offset'), self.update_timer if self.update_timer is not None else _rt.missing('update_timer'), self.next_alarm_time if self.next_alarm_time is not None else _rt.missing('next_alarm_time'))
             if self._needed_irq_reinject_on_ack_count(version_id):
                 _rt.write_subsection_header(w, b'mc146818rtc/irq_reinject_on_ack_count', 1)
                 self._save_sub_irq_reinject_on_ack_count(w, 1)

@@ -106,18 +106,18 @@ INTA..INTD as four big-endian int32 values, each 0 or 1."""
             out += _S0.pack(self.pci_version_id)
             _at = 'config'
             if self.migrate_is_not_pcie(version_id):
-                _v_config = _rt.present(self.config, 'config')
+                _v_config = self.config if self.config is not None else _rt.missing('config')
                 _rt.check_len(_v_config, 256, 'config')
                 out += _v_config
             _at = 'config_pcie'
             if self.migrate_is_pcie(version_id):
-                _v_config_pcie = _rt.present(self.config_pcie, 'config_pcie')
+                _v_config_pcie = self.config_pcie if self.config_pcie is not None else _rt.missing('config_pcie')
                 _rt.check_len(_v_config_pcie, 4096, 'config_pcie')
                 out += _v_config_pcie
             _at = 'irq_state'
             if version_id >= 2:
-                _rt.check_len(_rt.present(self.irq_state, 'irq_state'), 16, 'irq_state')
-                out += _S1.pack(_rt.present(self.irq_state, 'irq_state'))
+                _rt.check_len(self.irq_state if self.irq_state is not None else _rt.missing('irq_state'), 16, 'irq_state')
+                out += _S1.pack(self.irq_state if self.irq_state is not None else _rt.missing('irq_state'))
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:

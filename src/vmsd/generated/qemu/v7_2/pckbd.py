@@ -70,7 +70,7 @@ their subsections are absent."""
             buf, p = r.take(4)
             (self.write_cmd, self.status, self.mode, self.pending_tmp,) = _S0.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, 'pckbd', self._SUBSECTIONS['pckbd'])
+            _rt.load_subsections(self, r, b'pckbd', True, self._SUBSECTIONS['pckbd'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

@@ -62,7 +62,7 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
             else:
                 self.pci_irq_levels_vmstate = None
             _at = ""
-            _rt.load_subsections(self, r, 'PIIX3', self._SUBSECTIONS['PIIX3'])
+            _rt.load_subsections(self, r, b'PIIX3', True, self._SUBSECTIONS['PIIX3'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -74,8 +74,8 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
             self.dev._save_nested(w, 2)
             _at = 'pci_irq_levels_vmstate'
             if version_id >= 3:
-                _rt.check_len(_rt.present(self.pci_irq_levels_vmstate, 'pci_irq_levels_vmstate'), 4, 'pci_irq_levels_vmstate')
-                out += _S0.pack(*_rt.present(self.pci_irq_levels_vmstate, 'pci_irq_levels_vmstate'))
+                _rt.check_len(self.pci_irq_levels_vmstate if self.pci_irq_levels_vmstate is not None else _rt.missing('pci_irq_levels_vmstate'), 4, 'pci_irq_levels_vmstate')
+                out += _S0.pack(*(self.pci_irq_levels_vmstate if self.pci_irq_levels_vmstate is not None else _rt.missing('pci_irq_levels_vmstate')))
             if self._needed_rcr(version_id):
                 _rt.write_subsection_header(w, b'PIIX3/rcr', 1)
                 self._save_sub_rcr(w, 1)

@@ -258,7 +258,7 @@ use_acpi_hotplug_bridge && !not_migrate_acpi_index (the
             else:
                 self.acpi_index = None
             _at = ""
-            _rt.load_subsections(self, r, 'piix4_pm', self._SUBSECTIONS['piix4_pm'])
+            _rt.load_subsections(self, r, b'piix4_pm', True, self._SUBSECTIONS['piix4_pm'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -274,29 +274,29 @@ use_acpi_hotplug_bridge && !not_migrate_acpi_index (the
             self.apm._save_nested(w, 1)
             _at = 'smb'
             if version_id >= 3 and self.need_smbus(version_id):
-                _v_smb = _rt.present(self.smb, 'smb')
+                _v_smb = self.smb if self.smb is not None else _rt.missing('smb')
                 _v_smb._save_nested(w, 1)
             _at = 'tmr_timer'
             out += _S3.pack(self.tmr_timer, self.tmr_overflow_time)
             _at = 'gpe'
             if version_id >= 2:
-                _v_gpe = _rt.present(self.gpe, 'gpe')
+                _v_gpe = self.gpe if self.gpe is not None else _rt.missing('gpe')
                 _v_gpe._save_nested(w, 1)
             _at = 'pci_status_bsel0'
             if version_id >= 2 and self.no_acpi_hotplug_bridge(version_id):
-                _v_pci_status_bsel0 = _rt.present(self.pci_status_bsel0, 'pci_status_bsel0')
+                _v_pci_status_bsel0 = self.pci_status_bsel0 if self.pci_status_bsel0 is not None else _rt.missing('pci_status_bsel0')
                 _v_pci_status_bsel0._save_nested(w, 1)
             _at = 'hotplug_select'
             if self.acpi_hotplug_bridge(version_id):
-                _v_hotplug_select = _rt.present(self.hotplug_select, 'hotplug_select')
+                _v_hotplug_select = self.hotplug_select if self.hotplug_select is not None else _rt.missing('hotplug_select')
                 out += _S4.pack(_v_hotplug_select)
             _at = 'pcihp_pci_status'
             if version_id >= 1 and self.acpi_hotplug_bridge(version_id):
-                _v_pcihp_pci_status = _rt.present(self.pcihp_pci_status, 'pcihp_pci_status')
+                _v_pcihp_pci_status = self.pcihp_pci_status if self.pcihp_pci_status is not None else _rt.missing('pcihp_pci_status')
                 _rt.save_struct_array(w, _v_pcihp_pci_status, 256, 1, 'pcihp_pci_status')
             _at = 'acpi_index'
             if self.migrate_acpi_index(version_id):
-                _v_acpi_index = _rt.present(self.acpi_index, 'acpi_index')
+                _v_acpi_index = self.acpi_index if self.acpi_index is not None else _rt.missing('acpi_index')
                 out += _S4.pack(_v_acpi_index)
             if self.memhp_needed(version_id):
                 _rt.write_subsection_header(w, b'piix4_pm/memhp', 1)

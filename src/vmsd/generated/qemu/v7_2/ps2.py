@@ -123,7 +123,7 @@ post_load sets scancode_set to 2 for version 2 streams."""
             else:
                 self.scancode_set = None
             _at = ""
-            _rt.load_subsections(self, r, 'ps2kbd', self._SUBSECTIONS['ps2kbd'])
+            _rt.load_subsections(self, r, b'ps2kbd', True, self._SUBSECTIONS['ps2kbd'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -137,7 +137,7 @@ post_load sets scancode_set to 2 for version 2 streams."""
             out += _S1.pack(self.scan_enabled, self.translate)
             _at = 'scancode_set'
             if version_id >= 3:
-                out += _S2.pack(_rt.present(self.scancode_set, 'scancode_set'))
+                out += _S2.pack(self.scancode_set if self.scancode_set is not None else _rt.missing('scancode_set'))
             if self._needed_ledstate(version_id):
                 _rt.write_subsection_header(w, b'ps2kbd/ledstate', 3)
                 self._save_sub_ledstate(w, 3)

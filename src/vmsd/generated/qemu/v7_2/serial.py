@@ -71,8 +71,8 @@ other capacities."""
             out = w.buf
             _at = 'data'
             if version_id >= 1:
-                _rt.check_len(_rt.present(self.data, 'data'), 16, 'data')
-                out += _S0.pack(_rt.present(self.data, 'data'))
+                _rt.check_len(self.data if self.data is not None else _rt.missing('data'), 16, 'data')
+                out += _S0.pack(self.data if self.data is not None else _rt.missing('data'))
             _at = 'head'
             out += _S1.pack(self.head, self.num)
         except _rt.VMSDError as e:
@@ -178,7 +178,7 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
             else:
                 self.fcr_vmstate = None
             _at = ""
-            _rt.load_subsections(self, r, 'serial', self._SUBSECTIONS['serial'])
+            _rt.load_subsections(self, r, b'serial', True, self._SUBSECTIONS['serial'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -188,12 +188,12 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
             out = w.buf
             _at = 'divider'
             if version_id >= 2:
-                out += _S2.pack(_rt.present(self.divider, 'divider'))
+                out += _S2.pack(self.divider if self.divider is not None else _rt.missing('divider'))
             _at = 'rbr'
             out += _S3.pack(self.rbr, self.ier, self.iir, self.lcr, self.mcr, self.lsr, self.msr, self.scr)
             _at = 'fcr_vmstate'
             if version_id >= 3:
-                out += _S4.pack(_rt.present(self.fcr_vmstate, 'fcr_vmstate'))
+                out += _S4.pack(self.fcr_vmstate if self.fcr_vmstate is not None else _rt.missing('fcr_vmstate'))
             if self._needed_thr_ipending(version_id):
                 _rt.write_subsection_header(w, b'serial/thr_ipending', 1)
                 self._save_sub_thr_ipending(w, 1)

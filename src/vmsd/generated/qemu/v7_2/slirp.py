@@ -97,10 +97,10 @@ extent assumes version 4 (the only version QEMU 7.2 writes)."""
             out += self.guestfwd_sockets
             _at = 'ip_id'
             if version_id >= 2:
-                out += _S0.pack(_rt.present(self.ip_id, 'ip_id'))
+                out += _S0.pack(self.ip_id if self.ip_id is not None else _rt.missing('ip_id'))
             _at = 'bootp_clients'
             if version_id >= 3:
-                _v_bootp_clients = _rt.present(self.bootp_clients, 'bootp_clients')
+                _v_bootp_clients = self.bootp_clients if self.bootp_clients is not None else _rt.missing('bootp_clients')
                 _rt.save_struct_array(w, _v_bootp_clients, 16, 0, 'bootp_clients')
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -270,27 +270,27 @@ pre_load attaches a tcpcb and presets both address families to AF_INET."""
             out += _S2.pack(self.so_urgc)
             _at = 'so_faddr'
             if self._has_so_faddr(version_id):
-                _v_so_faddr = _rt.present(self.so_faddr, 'so_faddr')
+                _v_so_faddr = self.so_faddr if self.so_faddr is not None else _rt.missing('so_faddr')
                 out += _S2.pack(_v_so_faddr)
             _at = 'so_laddr'
             if self._has_so_laddr(version_id):
-                _v_so_laddr = _rt.present(self.so_laddr, 'so_laddr')
+                _v_so_laddr = self.so_laddr if self.so_laddr is not None else _rt.missing('so_laddr')
                 out += _S2.pack(_v_so_laddr)
             _at = 'so_fport'
             if self._has_so_fport(version_id):
-                _v_so_fport = _rt.present(self.so_fport, 'so_fport')
+                _v_so_fport = self.so_fport if self.so_fport is not None else _rt.missing('so_fport')
                 out += _S0.pack(_v_so_fport)
             _at = 'so_lport'
             if self._has_so_lport(version_id):
-                _v_so_lport = _rt.present(self.so_lport, 'so_lport')
+                _v_so_lport = self.so_lport if self.so_lport is not None else _rt.missing('so_lport')
                 out += _S0.pack(_v_so_lport)
             _at = 'fhost'
             if version_id >= 4:
-                _v_fhost = _rt.present(self.fhost, 'fhost')
+                _v_fhost = self.fhost if self.fhost is not None else _rt.missing('fhost')
                 _v_fhost._save_nested(w, 4)
             _at = 'lhost'
             if version_id >= 4:
-                _v_lhost = _rt.present(self.lhost, 'lhost')
+                _v_lhost = self.lhost if self.lhost is not None else _rt.missing('lhost')
                 _v_lhost._save_nested(w, 4)
             _at = 'so_iptos'
             out += _S3.pack(self.so_iptos, self.so_emu, self.so_type, self.so_state)
@@ -364,11 +364,11 @@ AF_INET6, which sends nothing more; any other value fails the load)."""
             self.family._save_nested(w, 0)
             _at = 'sin_addr'
             if self._has_sin_addr(version_id):
-                _v_sin_addr = _rt.present(self.sin_addr, 'sin_addr')
+                _v_sin_addr = self.sin_addr if self.sin_addr is not None else _rt.missing('sin_addr')
                 out += _S2.pack(_v_sin_addr)
             _at = 'sin_port'
             if self._has_sin_port(version_id):
-                _v_sin_port = _rt.present(self.sin_port, 'sin_port')
+                _v_sin_port = self.sin_port if self.sin_port is not None else _rt.missing('sin_port')
                 out += _S0.pack(_v_sin_port)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

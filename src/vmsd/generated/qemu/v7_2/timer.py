@@ -87,7 +87,7 @@ depend on the -icount configuration, not on migrated state."""
             else:
                 self.cpu_clock_offset = None
             _at = ""
-            _rt.load_subsections(self, r, 'timer', self._SUBSECTIONS['timer'])
+            _rt.load_subsections(self, r, b'timer', True, self._SUBSECTIONS['timer'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -99,7 +99,7 @@ depend on the -icount configuration, not on migrated state."""
             out += _S0.pack(self.cpu_ticks_offset)
             _at = 'cpu_clock_offset'
             if version_id >= 2:
-                out += _S1.pack(_rt.present(self.cpu_clock_offset, 'cpu_clock_offset'))
+                out += _S1.pack(self.cpu_clock_offset if self.cpu_clock_offset is not None else _rt.missing('cpu_clock_offset'))
             if self.icount_state_needed(version_id):
                 _rt.write_subsection_header(w, b'timer/icount', 1)
                 self._save_sub_icount(w, 1)
@@ -115,7 +115,7 @@ depend on the -icount configuration, not on migrated state."""
             buf, p = r.take(16)
             (self.qemu_icount_bias, self.qemu_icount,) = _S2.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, 'timer/icount', self._SUBSECTIONS['timer/icount'])
+            _rt.load_subsections(self, r, b'timer/icount', False, self._SUBSECTIONS['timer/icount'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

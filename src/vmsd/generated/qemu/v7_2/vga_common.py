@@ -102,7 +102,7 @@ mapping from these registers."""
             self.vbe_line_offset = _v[12]
             self.vbe_bank_mask = _v[13]
             _at = ""
-            _rt.load_subsections(self, r, 'vga', self._SUBSECTIONS['vga'])
+            _rt.load_subsections(self, r, b'vga', True, self._SUBSECTIONS['vga'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

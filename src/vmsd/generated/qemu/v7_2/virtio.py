@@ -159,7 +159,7 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         _at = ""
         try:
             _at = ""
-            _rt.load_subsections(self, r, 'virtio', self._SUBSECTIONS['virtio'])
+            _rt.load_subsections(self, r, b'virtio', True, self._SUBSECTIONS['virtio'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -545,7 +545,7 @@ interface is not disabled ("disable-modern" off, the default)."""
         _at = ""
         try:
             _at = ""
-            _rt.load_subsections(self, r, 'virtio_pci', self._SUBSECTIONS['virtio_pci'])
+            _rt.load_subsections(self, r, b'virtio_pci', True, self._SUBSECTIONS['virtio_pci'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

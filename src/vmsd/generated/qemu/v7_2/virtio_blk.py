@@ -175,11 +175,11 @@ set; iov_base is zero)."""
             out = w.buf
             _at = 'vq_index'
             if self.multiqueue(version_id):
-                _v_vq_index = _rt.present(self.vq_index, 'vq_index')
+                _v_vq_index = self.vq_index if self.vq_index is not None else _rt.missing('vq_index')
                 out += _S0.pack(_v_vq_index)
             _at = 'ndescs'
             if self.packed(version_id):
-                _v_ndescs = _rt.present(self.ndescs, 'ndescs')
+                _v_ndescs = self.ndescs if self.ndescs is not None else _rt.missing('ndescs')
                 out += _S0.pack(_v_ndescs)
             _at = 'elem'
             _rt.check_len(self.elem, 49168, 'elem')

@@ -262,7 +262,7 @@ field is then absent too."""
             else:
                 self.curr_guest_offloads = None
             _at = ""
-            _rt.load_subsections(self, r, 'virtio-net-device', self._SUBSECTIONS['virtio-net-device'])
+            _rt.load_subsections(self, r, b'virtio-net-device', True, self._SUBSECTIONS['virtio-net-device'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -279,12 +279,12 @@ field is then absent too."""
             out += _S1.pack(self.mergeable_rx_bufs, self.status, self.promisc, self.allmulti, self.mac_table_in_use)
             _at = 'mac_table_macs'
             if self._has_mac_table_macs(version_id):
-                _v_mac_table_macs = _rt.present(self.mac_table_macs, 'mac_table_macs')
+                _v_mac_table_macs = self.mac_table_macs if self.mac_table_macs is not None else _rt.missing('mac_table_macs')
                 _rt.check_len(_v_mac_table_macs, _rt.count(self.mac_table_in_use * 6), 'mac_table_macs')
                 out += _v_mac_table_macs
             _at = 'mac_table_unused'
             if self._has_mac_table_unused(version_id):
-                _v_mac_table_unused = _rt.present(self.mac_table_unused, 'mac_table_unused')
+                _v_mac_table_unused = self.mac_table_unused if self.mac_table_unused is not None else _rt.missing('mac_table_unused')
                 _rt.check_len(_v_mac_table_unused, _rt.count(self.mac_table_in_use * 6), 'mac_table_unused')
                 out += _v_mac_table_unused
             _at = 'vlans'
@@ -298,19 +298,19 @@ field is then absent too."""
             self.has_ufo._save_nested(w, 0)
             _at = 'max_queue_pairs'
             if self.max_queue_pairs_gt_1(version_id):
-                _v_max_queue_pairs = _rt.present(self.max_queue_pairs, 'max_queue_pairs')
+                _v_max_queue_pairs = self.max_queue_pairs if self.max_queue_pairs is not None else _rt.missing('max_queue_pairs')
                 out += _S4.pack(_v_max_queue_pairs)
             _at = 'curr_queue_pairs'
             if self.max_queue_pairs_gt_1(version_id):
-                _v_curr_queue_pairs = _rt.present(self.curr_queue_pairs, 'curr_queue_pairs')
+                _v_curr_queue_pairs = self.curr_queue_pairs if self.curr_queue_pairs is not None else _rt.missing('curr_queue_pairs')
                 out += _S4.pack(_v_curr_queue_pairs)
             _at = 'tx_waiting_1'
             if self.max_queue_pairs_gt_1(version_id):
-                _v_tx_waiting_1 = _rt.present(self.tx_waiting_1, 'tx_waiting_1')
+                _v_tx_waiting_1 = self.tx_waiting_1 if self.tx_waiting_1 is not None else _rt.missing('tx_waiting_1')
                 out += _v_tx_waiting_1
             _at = 'curr_guest_offloads'
             if self.has_ctrl_guest_offloads(version_id):
-                _v_curr_guest_offloads = _rt.present(self.curr_guest_offloads, 'curr_guest_offloads')
+                _v_curr_guest_offloads = self.curr_guest_offloads if self.curr_guest_offloads is not None else _rt.missing('curr_guest_offloads')
                 out += _S5.pack(_v_curr_guest_offloads)
             if self._needed_rss(version_id):
                 _rt.write_subsection_header(w, b'virtio-net-device/rss', 1)

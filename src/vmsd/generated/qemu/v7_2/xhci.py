@@ -90,7 +90,7 @@ MSI-X: qemu-xhci sets msix=auto; if msix_init failed (no MSI support) the
             self.msix._save_nested(w, 0)
             _at = 'xhci'
             if version_id >= 1:
-                _v_xhci = _rt.present(self.xhci, 'xhci')
+                _v_xhci = self.xhci if self.xhci is not None else _rt.missing('xhci')
                 _v_xhci._save_nested(w, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -230,21 +230,21 @@ description is the same (QEMU describes a variable array like a fixed one)."""
             out = w.buf
             _at = 'ports'
             if version_id >= 1:
-                _v_ports = _rt.present(self.ports, 'ports')
+                _v_ports = self.ports if self.ports is not None else _rt.missing('ports')
                 _rt.save_struct_array(w, _v_ports, 8, 1, 'ports')
             _at = 'slots'
             if version_id >= 1:
-                _v_slots = _rt.present(self.slots, 'slots')
+                _v_slots = self.slots if self.slots is not None else _rt.missing('slots')
                 _rt.save_struct_array(w, _v_slots, 64, 1, 'slots')
             _at = 'intr'
             if version_id >= 1:
-                _v_intr = _rt.present(self.intr, 'intr')
+                _v_intr = self.intr if self.intr is not None else _rt.missing('intr')
                 _rt.save_struct_array(w, _v_intr, 16, 1, 'intr')
             _at = 'usbcmd'
             out += _S1.pack(self.usbcmd, self.usbsts, self.dnctrl, self.crcr_low, self.crcr_high, self.dcbaap_low, self.dcbaap_high, self.config, self.mfindex_start, self.mfwrap_timer)
             _at = 'cmd_ring'
             if version_id >= 1:
-                _v_cmd_ring = _rt.present(self.cmd_ring, 'cmd_ring')
+                _v_cmd_ring = self.cmd_ring if self.cmd_ring is not None else _rt.missing('cmd_ring')
                 _v_cmd_ring._save_nested(w, 1)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -500,11 +500,11 @@ make the interrupter array non-compressible in the JSON description
             out += _S6.pack(self.iman, self.imod, self.erstsz, self.erstba_low, self.erstba_high, self.erdp_low, self.erdp_high, self.msix_used, self.er_pcs, self.er_start, self.er_size, self.er_ep_idx, self.er_full_unused)
             _at = 'ev_buffer_put'
             if self._has_ev_buffer_put(version_id):
-                _v_ev_buffer_put = _rt.present(self.ev_buffer_put, 'ev_buffer_put')
+                _v_ev_buffer_put = self.ev_buffer_put if self.ev_buffer_put is not None else _rt.missing('ev_buffer_put')
                 out += _S3.pack(_v_ev_buffer_put)
             _at = 'ev_buffer_get'
             if self._has_ev_buffer_get(version_id):
-                _v_ev_buffer_get = _rt.present(self.ev_buffer_get, 'ev_buffer_get')
+                _v_ev_buffer_get = self.ev_buffer_get if self.ev_buffer_get is not None else _rt.missing('ev_buffer_get')
                 out += _S3.pack(_v_ev_buffer_get)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
