@@ -331,6 +331,8 @@ class MultifdReceiver:
         self._synced = [threading.Semaphore(0) for _ in channels]
         self._release = [threading.Semaphore(0) for _ in channels]
         self._error: MultifdError | None = None
+        self._error_weak = False  # the error so far is only a channel closed between packets
+        self._lock = threading.Lock()
         self._stopping = False
         self._zbound: list[ZstdBound | None] = [None] * len(channels)
         # Per-channel receive buffers for compressed payloads (at most two packets of pages, checked before use).
@@ -392,8 +394,13 @@ class MultifdReceiver:
             while True:
                 try:
                     _read_into(ch, hv)
-                except TransportError:
+                except TransportError as e:
                     if self._stopping:
+                        return
+                    if e.message.startswith("stream ended after 0 "):
+                        # Closed between packets: the peer gave up, most likely because
+                        # another channel failed first; that one's error is the cause.
+                        self._note(i, f"{name}: closed by the peer between packets", weak=True)
                         return
                     raise
                 magic, version, flags, alloc, normal, size, _num, zero = _HEAD.unpack_from(head)
@@ -419,8 +426,14 @@ class MultifdReceiver:
             if self._stopping:
                 return
             reason = e.message if isinstance(e, VMSDError | TransportError) else f"{type(e).__name__}: {e}"
-            if self._error is None:  # the first failure is the cause; the others follow from it
-                self._error = MultifdError(f"{name}: {reason}")
+            self._note(i, f"{name}: {reason}", weak=False)
+
+    def _note(self, i: int, message: str, weak: bool) -> None:
+        """Keep the first failure as the cause; an orderly close only until a real error shows up."""
+        with self._lock:
+            if self._error is None or (self._error_weak and not weak):
+                self._error = MultifdError(message)
+                self._error_weak = weak
 
     def _pages(self, ch: Channel, head: bytearray, comp_flag: int, normal: int, zero: int, size: int,
                decomp: Any, stats: ChannelStats) -> None:
