@@ -21,3 +21,6 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[dev]"
+# Byte-compile as a wheel install would: the CLI imports dozens of generated
+# modules, and an environment with PYTHONDONTWRITEBYTECODE never caches them.
+.venv/bin/python -m compileall -q src/vmsd >/dev/null

@@ -336,10 +336,12 @@ def test_qemu_stream_loads_and_saves(qemu_stream: bytes, tmp_path: Path) -> None
         assert not zero_pages(blocks["m"]).all()
 
         # Our records, in place of QEMU's RAM sections, load into a real QEMU with identical memory.
+        # QEMU ends a PART section (EOS) wherever an iteration ran out of time, so
+        # how many there are depends on the machine's load: compare the pages.
         ours = list(ram_records(blocks))
         qemu_records = [r for s in ram_sections for r in s.payload.records]
-        assert [(r.flags, r.offset, r.block, r.data) for r in ours] == \
-            [(r.flags, r.offset, r.block, r.data) for r in qemu_records]
+        assert [(r.flags, r.offset, r.block, r.data) for r in ours if r.flags != RAM_SAVE_FLAG_EOS] == \
+            [(r.flags, r.offset, r.block, r.data) for r in qemu_records if r.flags != RAM_SAVE_FLAG_EOS]
         payloads = ram_section_payloads(blocks, pages_per_part=1000)
         first_part = ram_sections[1]
         idx = stream.records.index(first_part)

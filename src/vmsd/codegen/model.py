@@ -555,10 +555,10 @@ class ModuleBuilder:
             reads.append(f"r.take({size})")
         elif simple:
             names = [t.split(" = ")[0] for t in targets]
-            reads.append(f"buf, p = r.take({size})")
+            reads.extend(_take(size))
             reads.append(f"({', '.join(names)},) = {const}.unpack_from(buf, p)")
         else:
-            reads.append(f"buf, p = r.take({size})")
+            reads.extend(_take(size))
             reads.append(f"_v = {const}.unpack_from(buf, p)")
             reads.extend(targets)
         writes = [*checks, f"out += {const}.pack({', '.join(values)})"]
@@ -664,7 +664,7 @@ class ModuleBuilder:
         conv = self.enum_ref(f) if id(f) in self.r.enum_target else ""
         if not f.dims:
             const = self.formats.get(">" + code)
-            lines = [f"buf, p = r.take({width})", f"_t = {const}.unpack_from(buf, p)[0]"]
+            lines = [*_take(width), f"_t = {const}.unpack_from(buf, p)[0]"]
             if f.check == "equal":
                 lines += [f"if _t != {attr}:", f"    _rt.check_failed({f.name!r}, f'{{_t:#x}} != {{{attr}:#x}}', r.tell() - {width})"]
             elif f.check == "le":
@@ -811,6 +811,17 @@ class ModuleBuilder:
         if flags:
             kw["flags"] = repr(tuple(flags))
         return f"_schema.FieldSpec({', '.join(args + [f'{k}={v}' for k, v in kw.items()])})"
+
+
+def _take(size: int) -> list[str]:
+    """``buf, p = r.take(size)`` with the common case (bytes already buffered) inline: no call."""
+    return [
+        "buf, p = r.buf, r.pos",
+        f"if p + {size} <= len(buf):",
+        f"    r.pos = p + {size}",
+        "else:",
+        f"    buf, p = r.take({size})",
+    ]
 
 
 def _truth(e: ast.Expr, src: str) -> str:

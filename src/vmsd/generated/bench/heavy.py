@@ -64,7 +64,11 @@ class HeavyEntry(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'addr'
-            buf, p = r.take(68)
+            buf, p = r.buf, r.pos
+            if p + 68 <= len(buf):
+                r.pos = p + 68
+            else:
+                buf, p = r.take(68)
             (self.addr, self.len, self.flags, self.kind, self.prio, self.deadline, self.credit, self.seq, self.vector, self.qid, self.valid, self.dirty, self.state, self.owner, self.delta, self.crc, self.cookie, self.refs, self.gen, self.expiry,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -104,12 +108,20 @@ class Heavy(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'count'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.count,) = _S1.unpack_from(buf, p)
             _at = 'entries'
             self.entries = _rt.load_struct_array(r, HeavyEntry, _rt.count(self.count), 1, self.entries)
             _at = 'regs'
-            buf, p = r.take(64)
+            buf, p = r.buf, r.pos
+            if p + 64 <= len(buf):
+                r.pos = p + 64
+            else:
+                buf, p = r.take(64)
             _v = _S2.unpack_from(buf, p)
             self.regs = list(_v[0:64])
         except _rt.VMSDError as e:

@@ -43,7 +43,11 @@ class Fifo8(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'capacity'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             _t = _S0.unpack_from(buf, p)[0]
             if _t != self.capacity:
                 _rt.check_failed('capacity', f'{_t:#x} != {self.capacity:#x}', r.tell() - 4)
@@ -54,7 +58,11 @@ class Fifo8(_rt.VMStateObject):
             _v = struct.unpack_from(f'>{_n}B', buf, p)
             self.data = list(_v)
             _at = 'head'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.head, self.num,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

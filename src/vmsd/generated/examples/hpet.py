@@ -64,11 +64,19 @@ class Hpet(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'config'
-            buf, p = r.take(24)
+            buf, p = r.buf, r.pos
+            if p + 24 <= len(buf):
+                r.pos = p + 24
+            else:
+                buf, p = r.take(24)
             (self.config, self.isr, self.hpet_counter,) = _S0.unpack_from(buf, p)
             _at = 'num_timers'
             if version_id >= 2:
-                buf, p = r.take(1)
+                buf, p = r.buf, r.pos
+                if p + 1 <= len(buf):
+                    r.pos = p + 1
+                else:
+                    buf, p = r.take(1)
                 (self.num_timers,) = _S1.unpack_from(buf, p)
             else:
                 self.num_timers = None
@@ -79,7 +87,11 @@ class Hpet(_rt.VMStateObject):
             self.timer = _rt.load_struct_array(r, HpetTimer, _rt.count(_rt.opt(self.num_timers, 'num_timers')), 1, self.timer)
             _at = 'legacy_route'
             if self._has_legacy_route(version_id):
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 _t = _S2.unpack_from(buf, p)[0]
                 self.legacy_route = _t
             else:
@@ -122,7 +134,11 @@ class Hpet(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'rtc_irq_level'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.rtc_irq_level,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -142,7 +158,11 @@ class Hpet(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'hpet_offset'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.hpet_offset,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -190,7 +210,11 @@ class HpetTimer(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'tn'
-            buf, p = r.take(42)
+            buf, p = r.buf, r.pos
+            if p + 42 <= len(buf):
+                r.pos = p + 42
+            else:
+                buf, p = r.take(42)
             (self.tn, self.config, self.cmp, self.fsb, self.period, self.wrap_flag, self.qemu_timer,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

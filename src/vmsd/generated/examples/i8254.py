@@ -44,14 +44,22 @@ class I8254(_rt.VMStateObject):
         try:
             _at = 'ch0_irq_disabled'
             if version_id >= 3:
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 (self.ch0_irq_disabled,) = _S0.unpack_from(buf, p)
             else:
                 self.ch0_irq_disabled = None
             _at = 'channels'
             self.channels = _rt.load_struct_array(r, PitChannel, 3, 2, self.channels)
             _at = 'ch0_next_transition_time'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.ch0_next_transition_time,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -111,7 +119,11 @@ class PitChannel(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'count'
-            buf, p = r.take(32)
+            buf, p = r.buf, r.pos
+            if p + 32 <= len(buf):
+                r.pos = p + 32
+            else:
+                buf, p = r.take(32)
             (self.count, self.latched_count, self.count_latched, self.status_latched, self.status, self.read_state, self.write_state, self.write_latch, self.rw_mode, self.mode, self.bcd, self.gate, self.count_load_time, self.next_transition_time,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -84,7 +84,11 @@ class KindsElem(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'id'
-            buf, p = r.take(3)
+            buf, p = r.buf, r.pos
+            if p + 3 <= len(buf):
+                r.pos = p + 3
+            else:
+                buf, p = r.take(3)
             (self.id, self.bias,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -127,7 +131,11 @@ class KindsKey(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'lo'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.lo, self.hi,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -170,7 +178,11 @@ class KindsTmp(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'mant'
-            buf, p = r.take(10)
+            buf, p = r.buf, r.pos
+            if p + 10 <= len(buf):
+                r.pos = p + 10
+            else:
+                buf, p = r.take(10)
             (self.mant, self.exp,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -212,7 +224,11 @@ class KindsSub(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'a'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.a,) = _S3.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, b'kinds_sub', True, self._SUBSECTIONS['kinds_sub'])
@@ -237,7 +253,11 @@ class KindsSub(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'extra'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.extra,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -357,32 +377,56 @@ class Kinds(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'flags'
-            buf, p = r.take(15)
+            buf, p = r.buf, r.pos
+            if p + 15 <= len(buf):
+                r.pos = p + 15
+            else:
+                buf, p = r.take(15)
             _v = _S5.unpack_from(buf, p)
             self.flags = list(_v[0:3])
             self.grid = [list(_v[i:i + 3]) for i in range(3, 9, 3)]
             _at = 'mode'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             _t = _S3.unpack_from(buf, p)[0]
             self.mode = Mode(_t)
             _at = 'irq'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             _t = _S4.unpack_from(buf, p)[0]
             self.irq = Irq(_t)
             _at = 'cap'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             _t = _S4.unpack_from(buf, p)[0]
             if _t != self.cap:
                 _rt.check_failed('cap', f'{_t:#x} != {self.cap:#x}', r.tell() - 4)
             self.cap = _t
             _at = 'limit'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             _t = _S6.unpack_from(buf, p)[0]
             if not 0 <= _t <= self.limit:
                 _rt.check_failed('limit', f'Invalid value {_t} expecting positive value <= {self.limit}', r.tell() - 4)
             self.limit = _t
             _at = 'n'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.n,) = _S4.unpack_from(buf, p)
             _at = 'vals'
             _n = _rt.count(self.n * 2)
@@ -395,12 +439,20 @@ class Kinds(_rt.VMStateObject):
             _v = struct.unpack_from(f'>{_n}H', buf, p)
             self.words = list(_v)
             _at = 'mac'
-            buf, p = r.take(6)
+            buf, p = r.buf, r.pos
+            if p + 6 <= len(buf):
+                r.pos = p + 6
+            else:
+                buf, p = r.take(6)
             (self.mac,) = _S7.unpack_from(buf, p)
             _at = 'blob'
             self.blob = r.read(_rt.count(self.n))
             _at = 'config'
-            buf, p = r.take(55)
+            buf, p = r.buf, r.pos
+            if p + 55 <= len(buf):
+                r.pos = p + 55
+            else:
+                buf, p = r.take(55)
             _v = _S8.unpack_from(buf, p)
             self.config = _v[0]
             self.ratio = _v[1]
@@ -438,20 +490,32 @@ class Kinds(_rt.VMStateObject):
                 _rt.check_failed('n small', 'validation failed', r.tell())
             _at = 'late'
             if version_id >= 3:
-                buf, p = r.take(8)
+                buf, p = r.buf, r.pos
+                if p + 8 <= len(buf):
+                    r.pos = p + 8
+                else:
+                    buf, p = r.take(8)
                 (self.late,) = _S9.unpack_from(buf, p)
             else:
                 self.late = None
             _at = 'maybe'
             if self._has_maybe(version_id):
-                buf, p = r.take(1)
+                buf, p = r.buf, r.pos
+                if p + 1 <= len(buf):
+                    r.pos = p + 1
+                else:
+                    buf, p = r.take(1)
                 _t = _S3.unpack_from(buf, p)[0]
                 self.maybe = _t
             else:
                 self.maybe = None
             _at = 'hook'
             if self.hook_present(version_id):
-                buf, p = r.take(8)
+                buf, p = r.buf, r.pos
+                if p + 8 <= len(buf):
+                    r.pos = p + 8
+                else:
+                    buf, p = r.take(8)
                 _t = _S10.unpack_from(buf, p)[0]
                 self.hook = _t
             else:
@@ -546,11 +610,19 @@ class Kinds(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'more_a'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.more_a,) = _S3.unpack_from(buf, p)
             _at = 'more_b'
             if version_id >= 2:
-                buf, p = r.take(1)
+                buf, p = r.buf, r.pos
+                if p + 1 <= len(buf):
+                    r.pos = p + 1
+                else:
+                    buf, p = r.take(1)
                 (self.more_b,) = _S3.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, b'kinds/more', False, self._SUBSECTIONS['kinds/more'])
@@ -578,7 +650,11 @@ class Kinds(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'deep'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.deep,) = _S11.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

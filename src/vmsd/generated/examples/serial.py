@@ -74,16 +74,28 @@ class Serial(_rt.VMStateObject):
         try:
             _at = 'divider'
             if version_id >= 2:
-                buf, p = r.take(2)
+                buf, p = r.buf, r.pos
+                if p + 2 <= len(buf):
+                    r.pos = p + 2
+                else:
+                    buf, p = r.take(2)
                 (self.divider,) = _S0.unpack_from(buf, p)
             else:
                 self.divider = None
             _at = 'rbr'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.rbr, self.ier, self.iir, self.lcr, self.mcr, self.lsr, self.msr, self.scr,) = _S1.unpack_from(buf, p)
             _at = 'fcr_vmstate'
             if version_id >= 3:
-                buf, p = r.take(1)
+                buf, p = r.buf, r.pos
+                if p + 1 <= len(buf):
+                    r.pos = p + 1
+                else:
+                    buf, p = r.take(1)
                 (self.fcr_vmstate,) = _S2.unpack_from(buf, p)
             else:
                 self.fcr_vmstate = None
@@ -122,7 +134,11 @@ class Serial(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'thr_ipending'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.thr_ipending,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -162,7 +178,11 @@ class Serial(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'poll_msl'
-            buf, p = r.take(12)
+            buf, p = r.buf, r.pos
+            if p + 12 <= len(buf):
+                r.pos = p + 12
+            else:
+                buf, p = r.take(12)
             (self.poll_msl, self.modem_status_poll,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

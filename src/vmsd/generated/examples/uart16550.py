@@ -48,7 +48,11 @@ class Uart16550(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'lcr'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             _t = _S0.unpack_from(buf, p)[0]
             self.lcr = LineControl(_t)
         except _rt.VMSDError as e:

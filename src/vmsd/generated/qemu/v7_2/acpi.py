@@ -50,7 +50,11 @@ class APMState(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'apmc'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.apmc, self.apms,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -101,7 +105,11 @@ class PMSMBus(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'smb_stat'
-            buf, p = r.take(48)
+            buf, p = r.buf, r.pos
+            if p + 48 <= len(buf):
+                r.pos = p + 48
+            else:
+                buf, p = r.take(48)
             _v = _S1.unpack_from(buf, p)
             self.smb_stat = _v[0]
             self.smb_ctl = _v[1]
@@ -159,7 +167,11 @@ class AcpiPciHpPciStatus(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'up'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.up, self.down,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -204,7 +216,11 @@ class MemStatus(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'is_enabled'
-            buf, p = r.take(10)
+            buf, p = r.buf, r.pos
+            if p + 10 <= len(buf):
+                r.pos = p + 10
+            else:
+                buf, p = r.take(10)
             (self.is_enabled, self.is_inserting, self.ost_event, self.ost_status,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -255,7 +271,11 @@ describes nothing for devs)."""
         _at = ""
         try:
             _at = 'selector'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.selector,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -300,7 +320,11 @@ class AcpiCpuStatus(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'is_inserting'
-            buf, p = r.take(10)
+            buf, p = r.buf, r.pos
+            if p + 10 <= len(buf):
+                r.pos = p + 10
+            else:
+                buf, p = r.take(10)
             (self.is_inserting, self.is_removing, self.ost_event, self.ost_status,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -352,7 +376,11 @@ dev_count * 10 more bytes here than this spec reads."""
         _at = ""
         try:
             _at = 'selector'
-            buf, p = r.take(5)
+            buf, p = r.buf, r.pos
+            if p + 5 <= len(buf):
+                r.pos = p + 5
+            else:
+                buf, p = r.take(5)
             (self.selector, self.command,) = _S5.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -408,7 +436,11 @@ class TCOIORegs(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'rld'
-            buf, p = r.take(35)
+            buf, p = r.buf, r.pos
+            if p + 35 <= len(buf):
+                r.pos = p + 35
+            else:
+                buf, p = r.take(35)
             (self.rld, self.din, self.dout, self.sts1, self.sts2, self.cnt1, self.cnt2, self.msg1, self.msg2, self.wdcnt, self.tmr, self.sw_irq_gen, self.tco_timer, self.expire_time, self.timeouts_no,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

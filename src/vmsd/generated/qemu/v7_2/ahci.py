@@ -113,10 +113,18 @@ here as a fixed length."""
             _at = 'dev'
             self.dev = _rt.load_struct_array(r, AHCIDevice, 6, 1, self.dev)
             _at = 'cap'
-            buf, p = r.take(24)
+            buf, p = r.buf, r.pos
+            if p + 24 <= len(buf):
+                r.pos = p + 24
+            else:
+                buf, p = r.take(24)
             (self.cap, self.ghc, self.irqstatus, self.impl, self.version_reg, self.idp_index,) = _S0.unpack_from(buf, p)
             _at = 'ports'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             _t = _S1.unpack_from(buf, p)[0]
             if _t != self.ports:
                 _rt.check_failed('ports', f'{_t:#x} != {self.ports:#x}', r.tell() - 4)
@@ -202,7 +210,11 @@ class AHCIDevice(_rt.VMStateObject):
             else:
                 self.port_ifs0 = None
             _at = 'port_state'
-            buf, p = r.take(70)
+            buf, p = r.buf, r.pos
+            if p + 70 <= len(buf):
+                r.pos = p + 70
+            else:
+                buf, p = r.take(70)
             (self.port_state, self.finished, self.lst_addr, self.lst_addr_hi, self.fis_addr, self.fis_addr_hi, self.irq_stat, self.irq_mask, self.cmd, self.tfdata, self.sig, self.scr_stat, self.scr_ctl, self.scr_err, self.scr_act, self.cmd_issue, self.done_first_drq, self.busy_slot, self.init_d2h_sent,) = _S2.unpack_from(buf, p)
             _at = 'ncq_tfs'
             if version_id >= 1:
@@ -267,7 +279,11 @@ class NCQTransferState(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'sector_count'
-            buf, p = r.take(17)
+            buf, p = r.buf, r.pos
+            if p + 17 <= len(buf):
+                r.pos = p + 17
+            else:
+                buf, p = r.take(17)
             (self.sector_count, self.lba, self.tag, self.cmd, self.slot, self.used, self.halt,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -67,7 +67,11 @@ subsection is absent."""
         _at = ""
         try:
             _at = 'apicbase'
-            buf, p = r.take(181)
+            buf, p = r.buf, r.pos
+            if p + 181 <= len(buf):
+                r.pos = p + 181
+            else:
+                buf, p = r.take(181)
             _v = _S0.unpack_from(buf, p)
             self.apicbase = _v[0]
             self.id = _v[1]
@@ -116,7 +120,11 @@ subsection is absent."""
         _at = ""
         try:
             _at = 'sipi_vector'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.sipi_vector, self.wait_for_sipi,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -66,7 +66,11 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
         _at = ""
         try:
             _at = 'len'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.len,) = _S0.unpack_from(buf, p)
             _at = 'name'
             self.name = r.read(_rt.count(self.len))
@@ -102,7 +106,11 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
         _at = ""
         try:
             _at = 'target_page_bits'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.target_page_bits,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -122,7 +130,11 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
         _at = ""
         try:
             _at = 'caps_count'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.caps_count,) = _S0.unpack_from(buf, p)
             _at = 'capabilities'
             self.capabilities = r.read(_rt.opaque_extent('capability', r, self))
@@ -146,7 +158,11 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
         _at = ""
         try:
             _at = 'uuid'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.uuid,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

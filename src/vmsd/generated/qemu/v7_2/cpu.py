@@ -492,7 +492,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'regs'
-            buf, p = r.take(156)
+            buf, p = r.buf, r.pos
+            if p + 156 <= len(buf):
+                r.pos = p + 156
+            else:
+                buf, p = r.take(156)
             _v = _S0.unpack_from(buf, p)
             self.regs = list(_v[0:16])
             self.eip = _v[16]
@@ -515,7 +519,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             _at = 'idt'
             self.idt._load_nested(r, 1)
             _at = 'sysenter_cs'
-            buf, p = r.take(124)
+            buf, p = r.buf, r.pos
+            if p + 124 <= len(buf):
+                r.pos = p + 124
+            else:
+                buf, p = r.take(124)
             _v = _S1.unpack_from(buf, p)
             self.sysenter_cs = _v[0]
             self.sysenter_esp = _v[1]
@@ -530,7 +538,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             _at = 'xmm_regs'
             self.xmm_regs = _rt.load_struct_array(r, XmmReg, 16, 1, self.xmm_regs)
             _at = 'efer'
-            buf, p = r.take(205)
+            buf, p = r.buf, r.pos
+            if p + 205 <= len(buf):
+                r.pos = p + 205
+            else:
+                buf, p = r.take(205)
             _v = _S2.unpack_from(buf, p)
             self.efer = _v[0]
             self.star = _v[1]
@@ -559,7 +571,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             else:
                 self.mtrr_var = None
             _at = 'interrupt_injected'
-            buf, p = r.take(396)
+            buf, p = r.buf, r.pos
+            if p + 396 <= len(buf):
+                r.pos = p + 396
+            else:
+                buf, p = r.take(396)
             _v = _S3.unpack_from(buf, p)
             self.interrupt_injected = _v[0]
             self.mp_state = _v[1]
@@ -579,7 +595,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             self.wall_clock_msr = _v[54]
             _at = 'xcr0'
             if version_id >= 12:
-                buf, p = r.take(16)
+                buf, p = r.buf, r.pos
+                if p + 16 <= len(buf):
+                    r.pos = p + 16
+                else:
+                    buf, p = r.take(16)
                 (self.xcr0, self.xstate_bv,) = _S4.unpack_from(buf, p)
             else:
                 self.xcr0 = self.xstate_bv = None
@@ -772,7 +792,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'exception_pending'
-            buf, p = r.take(11)
+            buf, p = r.buf, r.pos
+            if p + 11 <= len(buf):
+                r.pos = p + 11
+            else:
+                buf, p = r.take(11)
             (self.exception_pending, self.exception_injected, self.exception_has_payload, self.exception_payload,) = _S5.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -792,7 +816,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'async_pf_en_msr'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.async_pf_en_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -812,7 +840,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'async_pf_int_msr'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.async_pf_int_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -832,7 +864,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'pv_eoi_en_msr'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.pv_eoi_en_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -852,7 +888,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'steal_time_msr'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.steal_time_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -872,7 +912,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'poll_control_msr'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.poll_control_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -892,7 +936,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'fpop'
-            buf, p = r.take(18)
+            buf, p = r.buf, r.pos
+            if p + 18 <= len(buf):
+                r.pos = p + 18
+            else:
+                buf, p = r.take(18)
             (self.fpop, self.fpip, self.fpdp,) = _S7.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -912,7 +960,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'tsc_adjust'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.tsc_adjust,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -932,7 +984,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'tsc_deadline'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.tsc_deadline,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -952,7 +1008,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_ia32_misc_enable'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.msr_ia32_misc_enable,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -972,7 +1032,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_ia32_feature_control'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.msr_ia32_feature_control,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -992,7 +1056,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_fixed_ctr_ctrl'
-            buf, p = r.take(344)
+            buf, p = r.buf, r.pos
+            if p + 344 <= len(buf):
+                r.pos = p + 344
+            else:
+                buf, p = r.take(344)
             _v = _S8.unpack_from(buf, p)
             self.msr_fixed_ctr_ctrl = _v[0]
             self.msr_global_ctrl = _v[1]
@@ -1024,7 +1092,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             _at = 'bnd_regs'
             self.bnd_regs = _rt.load_struct_array(r, BndReg, 4, 1, self.bnd_regs)
             _at = 'bndcs_cfgu'
-            buf, p = r.take(24)
+            buf, p = r.buf, r.pos
+            if p + 24 <= len(buf):
+                r.pos = p + 24
+            else:
+                buf, p = r.take(24)
             (self.bndcs_cfgu, self.bndcs_sts, self.msr_bndcfgs,) = _S9.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1046,7 +1118,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_hv_guest_os_id'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.msr_hv_guest_os_id, self.msr_hv_hypercall,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1066,7 +1142,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_hv_vapic'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.msr_hv_vapic,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1086,7 +1166,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_hv_tsc'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.msr_hv_tsc,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1106,7 +1190,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_hv_crash_params'
-            buf, p = r.take(40)
+            buf, p = r.buf, r.pos
+            if p + 40 <= len(buf):
+                r.pos = p + 40
+            else:
+                buf, p = r.take(40)
             _v = _S10.unpack_from(buf, p)
             self.msr_hv_crash_params = list(_v[0:5])
         except _rt.VMSDError as e:
@@ -1128,7 +1216,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_hv_runtime'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.msr_hv_runtime,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1148,7 +1240,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_hv_synic_control'
-            buf, p = r.take(152)
+            buf, p = r.buf, r.pos
+            if p + 152 <= len(buf):
+                r.pos = p + 152
+            else:
+                buf, p = r.take(152)
             _v = _S11.unpack_from(buf, p)
             self.msr_hv_synic_control = _v[0]
             self.msr_hv_synic_evt_page = _v[1]
@@ -1173,7 +1269,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_hv_stimer_config'
-            buf, p = r.take(64)
+            buf, p = r.buf, r.pos
+            if p + 64 <= len(buf):
+                r.pos = p + 64
+            else:
+                buf, p = r.take(64)
             _v = _S12.unpack_from(buf, p)
             self.msr_hv_stimer_config = list(_v[0:4])
             self.msr_hv_stimer_count = list(_v[4:8])
@@ -1197,7 +1297,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_hv_reenlightenment_control'
-            buf, p = r.take(24)
+            buf, p = r.buf, r.pos
+            if p + 24 <= len(buf):
+                r.pos = p + 24
+            else:
+                buf, p = r.take(24)
             (self.msr_hv_reenlightenment_control, self.msr_hv_tsc_emulation_control, self.msr_hv_tsc_emulation_status,) = _S9.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1217,7 +1321,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'opmask_regs'
-            buf, p = r.take(64)
+            buf, p = r.buf, r.pos
+            if p + 64 <= len(buf):
+                r.pos = p + 64
+            else:
+                buf, p = r.take(64)
             _v = _S13.unpack_from(buf, p)
             self.opmask_regs = list(_v[0:8])
             _at = 'zmmh_regs'
@@ -1247,7 +1355,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'xss'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.xss,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1267,7 +1379,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'umwait'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.umwait,) = _S14.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1287,7 +1403,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'tsc_khz'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.tsc_khz,) = _S15.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1307,7 +1427,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_smi_count'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.msr_smi_count,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1327,7 +1451,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'pkru'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.pkru,) = _S14.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1347,7 +1475,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'pkrs'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.pkrs,) = _S14.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1367,7 +1499,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'spec_ctrl'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.spec_ctrl,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1387,7 +1523,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'amd_tsc_scale_msr'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.amd_tsc_scale_msr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1407,7 +1547,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'mcg_ext_ctl'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.mcg_ext_ctl,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1427,7 +1571,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_rtit_ctrl'
-            buf, p = r.take(104)
+            buf, p = r.buf, r.pos
+            if p + 104 <= len(buf):
+                r.pos = p + 104
+            else:
+                buf, p = r.take(104)
             _v = _S16.unpack_from(buf, p)
             self.msr_rtit_ctrl = _v[0]
             self.msr_rtit_status = _v[1]
@@ -1454,7 +1602,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'virt_ssbd'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.virt_ssbd,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1474,7 +1626,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'nested_cr3'
-            buf, p = r.take(12)
+            buf, p = r.buf, r.pos
+            if p + 12 <= len(buf):
+                r.pos = p + 12
+            else:
+                buf, p = r.take(12)
             (self.nested_cr3, self.nested_pg_mode,) = _S17.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1494,7 +1650,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'int_ctl'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.int_ctl,) = _S14.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1534,7 +1694,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'tsx_ctrl'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.tsx_ctrl,) = _S14.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1554,7 +1718,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_ia32_sgxlepubkeyhash'
-            buf, p = r.take(32)
+            buf, p = r.buf, r.pos
+            if p + 32 <= len(buf):
+                r.pos = p + 32
+            else:
+                buf, p = r.take(32)
             _v = _S18.unpack_from(buf, p)
             self.msr_ia32_sgxlepubkeyhash = list(_v[0:4])
         except _rt.VMSDError as e:
@@ -1576,7 +1744,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'pdptrs'
-            buf, p = r.take(32)
+            buf, p = r.buf, r.pos
+            if p + 32 <= len(buf):
+                r.pos = p + 32
+            else:
+                buf, p = r.take(32)
             _v = _S18.unpack_from(buf, p)
             self.pdptrs = list(_v[0:4])
         except _rt.VMSDError as e:
@@ -1598,7 +1770,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_xfd'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.msr_xfd, self.msr_xfd_err,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1618,7 +1794,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'xtilecfg'
-            buf, p = r.take(8256)
+            buf, p = r.buf, r.pos
+            if p + 8256 <= len(buf):
+                r.pos = p + 8256
+            else:
+                buf, p = r.take(8256)
             _v = _S19.unpack_from(buf, p)
             self.xtilecfg = list(_v[0:64])
             self.xtiledata = list(_v[64:8256])
@@ -1642,7 +1822,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'msr_lbr_ctl'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.msr_lbr_ctl, self.msr_lbr_depth,) = _S4.unpack_from(buf, p)
             _at = 'lbr_records'
             self.lbr_records = _rt.load_struct_array(r, LbrRecord, 32, 1, self.lbr_records)
@@ -1666,7 +1850,11 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         _at = ""
         try:
             _at = 'triple_fault_pending'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.triple_fault_pending,) = _S20.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1711,7 +1899,11 @@ class SegmentCache(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'selector'
-            buf, p = r.take(20)
+            buf, p = r.buf, r.pos
+            if p + 20 <= len(buf):
+                r.pos = p + 20
+            else:
+                buf, p = r.take(20)
             (self.selector, self.base, self.limit, self.flags,) = _S21.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1790,7 +1982,11 @@ class FPRegTmp(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'tmp_mant'
-            buf, p = r.take(10)
+            buf, p = r.buf, r.pos
+            if p + 10 <= len(buf):
+                r.pos = p + 10
+            else:
+                buf, p = r.take(10)
             (self.tmp_mant, self.tmp_exp,) = _S22.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1833,7 +2029,11 @@ class XmmReg(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'q0'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.q0, self.q1,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1876,7 +2076,11 @@ class YmmhReg(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'q2'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.q2, self.q3,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1921,7 +2125,11 @@ class ZmmhReg(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'q4'
-            buf, p = r.take(32)
+            buf, p = r.buf, r.pos
+            if p + 32 <= len(buf):
+                r.pos = p + 32
+            else:
+                buf, p = r.take(32)
             (self.q4, self.q5, self.q6, self.q7,) = _S23.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1970,7 +2178,11 @@ class Hi16ZmmReg(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'q0'
-            buf, p = r.take(64)
+            buf, p = r.buf, r.pos
+            if p + 64 <= len(buf):
+                r.pos = p + 64
+            else:
+                buf, p = r.take(64)
             (self.q0, self.q1, self.q2, self.q3, self.q4, self.q5, self.q6, self.q7,) = _S24.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -2013,7 +2225,11 @@ class BndReg(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'lb'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.lb, self.ub,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -2056,7 +2272,11 @@ class MtrrVar(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'base'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.base, self.mask,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -2100,7 +2320,11 @@ class LbrRecord(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'from_'
-            buf, p = r.take(24)
+            buf, p = r.buf, r.pos
+            if p + 24 <= len(buf):
+                r.pos = p + 24
+            else:
+                buf, p = r.take(24)
             (self.from_, self.to, self.info,) = _S9.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -2177,7 +2401,11 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
         _at = ""
         try:
             _at = 'flags'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.flags, self.format, self.size,) = _S25.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, b'cpu/kvm_nested_state', True, self._SUBSECTIONS['cpu/kvm_nested_state'])
@@ -2205,7 +2433,11 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
         _at = ""
         try:
             _at = 'vmxon_pa'
-            buf, p = r.take(18)
+            buf, p = r.buf, r.pos
+            if p + 18 <= len(buf):
+                r.pos = p + 18
+            else:
+                buf, p = r.take(18)
             (self.vmxon_pa, self.vmcs12_pa, self.smm_flags,) = _S26.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, b'cpu/kvm_nested_state/vmx', False, self._SUBSECTIONS['cpu/kvm_nested_state/vmx'])
@@ -2233,7 +2465,11 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
         _at = ""
         try:
             _at = 'vmcs12'
-            buf, p = r.take(4096)
+            buf, p = r.buf, r.pos
+            if p + 4096 <= len(buf):
+                r.pos = p + 4096
+            else:
+                buf, p = r.take(4096)
             _v = _S27.unpack_from(buf, p)
             self.vmcs12 = list(_v[0:4096])
         except _rt.VMSDError as e:
@@ -2255,7 +2491,11 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
         _at = ""
         try:
             _at = 'shadow_vmcs12'
-            buf, p = r.take(4096)
+            buf, p = r.buf, r.pos
+            if p + 4096 <= len(buf):
+                r.pos = p + 4096
+            else:
+                buf, p = r.take(4096)
             _v = _S27.unpack_from(buf, p)
             self.shadow_vmcs12 = list(_v[0:4096])
         except _rt.VMSDError as e:
@@ -2277,7 +2517,11 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
         _at = ""
         try:
             _at = 'vmcb_pa'
-            buf, p = r.take(4104)
+            buf, p = r.buf, r.pos
+            if p + 4104 <= len(buf):
+                r.pos = p + 4104
+            else:
+                buf, p = r.take(4104)
             _v = _S28.unpack_from(buf, p)
             self.vmcb_pa = _v[0]
             self.vmcb12 = list(_v[1:4097])

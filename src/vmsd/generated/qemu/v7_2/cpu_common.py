@@ -57,7 +57,11 @@ is -1 ("no exception pending")."""
         _at = ""
         try:
             _at = 'halted'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.halted, self.interrupt_request,) = _S0.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, b'cpu_common', True, self._SUBSECTIONS['cpu_common'])
@@ -85,7 +89,11 @@ is -1 ("no exception pending")."""
         _at = ""
         try:
             _at = 'exception_index'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.exception_index,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -105,7 +113,11 @@ is -1 ("no exception pending")."""
         _at = ""
         try:
             _at = 'crash_occurred'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.crash_occurred,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

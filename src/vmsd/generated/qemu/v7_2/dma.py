@@ -46,7 +46,11 @@ Transcribes vmstate_i8257_regs ("dma_regs") in hw/dma/i8257.c (QEMU 7.2)."""
         _at = ""
         try:
             _at = 'now'
-            buf, p = r.take(17)
+            buf, p = r.buf, r.pos
+            if p + 17 <= len(buf):
+                r.pos = p + 17
+            else:
+                buf, p = r.take(17)
             _v = _S0.unpack_from(buf, p)
             self.now = list(_v[0:2])
             self.base = list(_v[2:4])
@@ -99,7 +103,11 @@ post_load restarts pending transfers (i8257_dma_run)."""
         _at = ""
         try:
             _at = 'command'
-            buf, p = r.take(7)
+            buf, p = r.buf, r.pos
+            if p + 7 <= len(buf):
+                r.pos = p + 7
+            else:
+                buf, p = r.take(7)
             (self.command, self.mask, self.flip_flop, self.dshift,) = _S1.unpack_from(buf, p)
             _at = 'regs'
             self.regs = _rt.load_struct_array(r, DmaRegs, 4, 1, self.regs)

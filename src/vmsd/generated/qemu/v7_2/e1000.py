@@ -192,7 +192,11 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
             if self._has_field(version_id):
                 r.take(4)
             _at = 'rxbuf_size'
-            buf, p = r.take(67332)
+            buf, p = r.buf, r.pos
+            if p + 67332 <= len(buf):
+                r.pos = p + 67332
+            else:
+                buf, p = r.take(67332)
             _v = _S0.unpack_from(buf, p)
             self.rxbuf_size = _v[0]
             self.rxbuf_min_shift = _v[1]
@@ -300,7 +304,11 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
         _at = ""
         try:
             _at = 'mac_reg_rdtr'
-            buf, p = r.take(17)
+            buf, p = r.buf, r.pos
+            if p + 17 <= len(buf):
+                r.pos = p + 17
+            else:
+                buf, p = r.take(17)
             (self.mac_reg_rdtr, self.mac_reg_radv, self.mac_reg_tadv, self.mac_reg_itr, self.mit_irq_level,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -320,7 +328,11 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
         _at = ""
         try:
             _at = 'mac_reg'
-            buf, p = r.take(131072)
+            buf, p = r.buf, r.pos
+            if p + 131072 <= len(buf):
+                r.pos = p + 131072
+            else:
+                buf, p = r.take(131072)
             _v = _S2.unpack_from(buf, p)
             self.mac_reg = list(_v[0:32768])
         except _rt.VMSDError as e:
@@ -342,7 +354,11 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
         _at = ""
         try:
             _at = 'tso_ipcss'
-            buf, p = r.take(17)
+            buf, p = r.buf, r.pos
+            if p + 17 <= len(buf):
+                r.pos = p + 17
+            else:
+                buf, p = r.take(17)
             (self.tso_ipcss, self.tso_ipcso, self.tso_ipcse, self.tso_tucss, self.tso_tucso, self.tso_tucse, self.tso_paylen, self.tso_hdr_len, self.tso_mss, self.tso_ip, self.tso_tcp,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

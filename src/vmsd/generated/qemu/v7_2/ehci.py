@@ -124,16 +124,28 @@ state machines."""
         _at = ""
         try:
             _at = 'usbcmd'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.usbcmd, self.usbsts,) = _S0.unpack_from(buf, p)
             _at = 'usbsts_pending'
             if version_id >= 2:
-                buf, p = r.take(8)
+                buf, p = r.buf, r.pos
+                if p + 8 <= len(buf):
+                    r.pos = p + 8
+                else:
+                    buf, p = r.take(8)
                 (self.usbsts_pending, self.usbsts_frindex,) = _S0.unpack_from(buf, p)
             else:
                 self.usbsts_pending = self.usbsts_frindex = None
             _at = 'usbintr'
-            buf, p = r.take(84)
+            buf, p = r.buf, r.pos
+            if p + 84 <= len(buf):
+                r.pos = p + 84
+            else:
+                buf, p = r.take(84)
             (self.usbintr, self.frindex, self.ctrldssegment, self.periodiclistbase, self.asynclistaddr, self.configflag, self.portsc0, self.portsc1, self.portsc2, self.portsc3, self.portsc4, self.portsc5, self.frame_timer, self.last_run_ns, self.async_stepdown, self.astate, self.pstate, self.a_fetch_addr, self.p_fetch_addr,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

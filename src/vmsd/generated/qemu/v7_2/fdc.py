@@ -58,7 +58,11 @@ post_load revalidates the medium (fd_revalidate)."""
         _at = ""
         try:
             _at = 'head'
-            buf, p = r.take(3)
+            buf, p = r.buf, r.pos
+            if p + 3 <= len(buf):
+                r.pos = p + 3
+            else:
+                buf, p = r.take(3)
             (self.head, self.track, self.sect,) = _S0.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, b'fdrive', True, self._SUBSECTIONS['fdrive'])
@@ -88,7 +92,11 @@ post_load revalidates the medium (fd_revalidate)."""
         _at = ""
         try:
             _at = 'media_changed'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.media_changed,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -108,7 +116,11 @@ post_load revalidates the medium (fd_revalidate)."""
         _at = ""
         try:
             _at = 'media_rate'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.media_rate,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -128,7 +140,11 @@ post_load revalidates the medium (fd_revalidate)."""
         _at = ""
         try:
             _at = 'perpendicular'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.perpendicular,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -212,7 +228,11 @@ fdctrl_realize_common), so it is written as a fixed array."""
         _at = ""
         try:
             _at = 'sra'
-            buf, p = r.take(538)
+            buf, p = r.buf, r.pos
+            if p + 538 <= len(buf):
+                r.pos = p + 538
+            else:
+                buf, p = r.take(538)
             _v = _S2.unpack_from(buf, p)
             self.sra = _v[0]
             self.srb = _v[1]
@@ -236,7 +256,11 @@ fdctrl_realize_common), so it is written as a fixed array."""
             self.lock = _v[530]
             self.pwrd = _v[531]
             _at = 'num_floppies'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             _t = _S1.unpack_from(buf, p)[0]
             if _t != self.num_floppies:
                 _rt.check_failed('num_floppies', f'{_t:#x} != {self.num_floppies:#x}', r.tell() - 1)
@@ -282,7 +306,11 @@ fdctrl_realize_common), so it is written as a fixed array."""
         _at = ""
         try:
             _at = 'reset_sensei'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.reset_sensei,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -302,7 +330,11 @@ fdctrl_realize_common), so it is written as a fixed array."""
         _at = ""
         try:
             _at = 'result_timer'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.result_timer,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -322,7 +354,11 @@ fdctrl_realize_common), so it is written as a fixed array."""
         _at = ""
         try:
             _at = 'phase'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.phase,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

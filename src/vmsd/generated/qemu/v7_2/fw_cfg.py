@@ -65,18 +65,30 @@ class FWCfgState(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'cur_entry'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.cur_entry,) = _S0.unpack_from(buf, p)
             _at = 'cur_offset_v1'
             if self._has_cur_offset_v1(version_id):
-                buf, p = r.take(2)
+                buf, p = r.buf, r.pos
+                if p + 2 <= len(buf):
+                    r.pos = p + 2
+                else:
+                    buf, p = r.take(2)
                 _t = _S0.unpack_from(buf, p)[0]
                 self.cur_offset_v1 = _t
             else:
                 self.cur_offset_v1 = None
             _at = 'cur_offset'
             if version_id >= 2:
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 (self.cur_offset,) = _S1.unpack_from(buf, p)
             else:
                 self.cur_offset = None
@@ -113,7 +125,11 @@ class FWCfgState(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'dma_addr'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.dma_addr,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -133,7 +149,11 @@ class FWCfgState(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'table_mr_size'
-            buf, p = r.take(24)
+            buf, p = r.buf, r.pos
+            if p + 24 <= len(buf):
+                r.pos = p + 24
+            else:
+                buf, p = r.take(24)
             (self.table_mr_size, self.linker_mr_size, self.rsdp_mr_size,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

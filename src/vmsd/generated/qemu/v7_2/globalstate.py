@@ -51,7 +51,11 @@ run state is neither "running" nor "paused".  The language has no top-level
         _at = ""
         try:
             _at = 'size'
-            buf, p = r.take(104)
+            buf, p = r.buf, r.pos
+            if p + 104 <= len(buf):
+                r.pos = p + 104
+            else:
+                buf, p = r.take(104)
             (self.size, self.runstate,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -54,7 +54,11 @@ Transcribes vmstate_hpet_timer ("hpet_timer") in hw/timer/hpet.c (QEMU 7.2)."""
         _at = ""
         try:
             _at = 'tn'
-            buf, p = r.take(42)
+            buf, p = r.buf, r.pos
+            if p + 42 <= len(buf):
+                r.pos = p + 42
+            else:
+                buf, p = r.take(42)
             (self.tn, self.config, self.cmp, self.fsb, self.period, self.wrap_flag, self.qemu_timer,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -112,11 +116,19 @@ streams do not carry it (the default below plays that role)."""
         _at = ""
         try:
             _at = 'config'
-            buf, p = r.take(24)
+            buf, p = r.buf, r.pos
+            if p + 24 <= len(buf):
+                r.pos = p + 24
+            else:
+                buf, p = r.take(24)
             (self.config, self.isr, self.hpet_counter,) = _S1.unpack_from(buf, p)
             _at = 'num_timers'
             if version_id >= 2:
-                buf, p = r.take(1)
+                buf, p = r.buf, r.pos
+                if p + 1 <= len(buf):
+                    r.pos = p + 1
+                else:
+                    buf, p = r.take(1)
                 (self.num_timers,) = _S2.unpack_from(buf, p)
             else:
                 self.num_timers = None
@@ -159,7 +171,11 @@ streams do not carry it (the default below plays that role)."""
         _at = ""
         try:
             _at = 'rtc_irq_level'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.rtc_irq_level,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -179,7 +195,11 @@ streams do not carry it (the default below plays that role)."""
         _at = ""
         try:
             _at = 'hpet_offset'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.hpet_offset,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

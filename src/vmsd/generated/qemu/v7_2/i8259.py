@@ -59,7 +59,11 @@ Transcribes vmstate_pic_common ("i8259") in hw/intc/i8259_common.c (QEMU 7.2).""
         _at = ""
         try:
             _at = 'last_irr'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.last_irr, self.irr, self.imr, self.isr, self.priority_add, self.irq_base, self.read_reg_select, self.poll, self.special_mask, self.init_state, self.auto_eoi, self.rotate_on_auto_eoi, self.special_fully_nested_mode, self.init4, self.single_mode, self.elcr,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -95,7 +95,11 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'pm1_evt_sts'
-            buf, p = r.take(62)
+            buf, p = r.buf, r.pos
+            if p + 62 <= len(buf):
+                r.pos = p + 62
+            else:
+                buf, p = r.take(62)
             _v = _S0.unpack_from(buf, p)
             self.pm1_evt_sts = _v[0]
             self.pm1_evt_en = _v[1]
@@ -200,13 +204,21 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'hotplug_select'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.hotplug_select,) = _S1.unpack_from(buf, p)
             _at = 'pcihp_pci_status'
             if version_id >= 1:
                 self.pcihp_pci_status = _rt.load_struct_array(r, AcpiPciHpPciStatus, 256, 1, self.pcihp_pci_status)
             _at = 'acpi_index'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.acpi_index,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -287,7 +299,11 @@ cpuhp and pcihp."""
             _at = 'pm'
             self.pm._load_nested(r, 1)
             _at = 'chip_config'
-            buf, p = r.take(16388)
+            buf, p = r.buf, r.pos
+            if p + 16388 <= len(buf):
+                r.pos = p + 16388
+            else:
+                buf, p = r.take(16388)
             _v = _S2.unpack_from(buf, p)
             self.chip_config = list(_v[0:16384])
             self.sci_level = _v[16384]
@@ -324,7 +340,11 @@ cpuhp and pcihp."""
         _at = ""
         try:
             _at = 'rst_cnt'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.rst_cnt,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -344,7 +364,11 @@ cpuhp and pcihp."""
         _at = ""
         try:
             _at = 'smi_guest_features_le'
-            buf, p = r.take(17)
+            buf, p = r.buf, r.pos
+            if p + 17 <= len(buf):
+                r.pos = p + 17
+            else:
+                buf, p = r.take(17)
             _v = _S4.unpack_from(buf, p)
             self.smi_guest_features_le = list(_v[0:8])
             self.smi_features_ok = _v[8]

@@ -60,7 +60,11 @@ i.e. true for every q35 machine type except pc-q35-3.1 and older."""
             self.dev._load_nested(r, 2)
             _at = 'irq_enabled'
             if self.need_smbus(version_id):
-                buf, p = r.take(1)
+                buf, p = r.buf, r.pos
+                if p + 1 <= len(buf):
+                    r.pos = p + 1
+                else:
+                    buf, p = r.take(1)
                 _t = _S0.unpack_from(buf, p)[0]
                 self.irq_enabled = _t
             else:

@@ -75,7 +75,11 @@ ide_pci_post_load undoes it."""
         _at = ""
         try:
             _at = 'cmd'
-            buf, p = r.take(19)
+            buf, p = r.buf, r.pos
+            if p + 19 <= len(buf):
+                r.pos = p + 19
+            else:
+                buf, p = r.take(19)
             (self.cmd, self.migration_compat_status, self.addr, self.migration_retry_sector_num, self.migration_retry_nsector, self.migration_retry_unit,) = _S0.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, b'ide bmdma', True, self._SUBSECTIONS['ide bmdma'])
@@ -103,7 +107,11 @@ ide_pci_post_load undoes it."""
         _at = ""
         try:
             _at = 'cur_addr'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.cur_addr, self.cur_prd_last, self.cur_prd_addr, self.cur_prd_len,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -123,7 +131,11 @@ ide_pci_post_load undoes it."""
         _at = ""
         try:
             _at = 'status'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.status,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -174,7 +186,11 @@ vmstate_ide_error_status in hw/ide/core.c (QEMU 7.2)."""
         _at = ""
         try:
             _at = 'cmd'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.cmd, self.unit,) = _S3.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, b'ide_bus', True, self._SUBSECTIONS['ide_bus'])
@@ -199,11 +215,19 @@ vmstate_ide_error_status in hw/ide/core.c (QEMU 7.2)."""
         _at = ""
         try:
             _at = 'error_status'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.error_status,) = _S4.unpack_from(buf, p)
             _at = 'retry_sector_num'
             if version_id >= 2:
-                buf, p = r.take(13)
+                buf, p = r.buf, r.pos
+                if p + 13 <= len(buf):
+                    r.pos = p + 13
+                else:
+                    buf, p = r.take(13)
                 (self.retry_sector_num, self.retry_nsector, self.retry_unit,) = _S5.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -311,7 +335,11 @@ written as a fixed array."""
         _at = ""
         try:
             _at = 'mult_sectors'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.mult_sectors, self.identify_set,) = _S6.unpack_from(buf, p)
             _at = 'identify_data'
             if self._has_identify_data(version_id):
@@ -319,11 +347,19 @@ written as a fixed array."""
             else:
                 self.identify_data = None
             _at = 'feature'
-            buf, p = r.take(19)
+            buf, p = r.buf, r.pos
+            if p + 19 <= len(buf):
+                r.pos = p + 19
+            else:
+                buf, p = r.take(19)
             (self.feature, self.error, self.nsector, self.sector, self.lcyl, self.hcyl, self.hob_feature, self.hob_sector, self.hob_nsector, self.hob_lcyl, self.hob_hcyl, self.select, self.status, self.lba48, self.sense_key, self.asc,) = _S7.unpack_from(buf, p)
             _at = 'cdrom_changed'
             if version_id >= 3:
-                buf, p = r.take(1)
+                buf, p = r.buf, r.pos
+                if p + 1 <= len(buf):
+                    r.pos = p + 1
+                else:
+                    buf, p = r.take(1)
                 (self.cdrom_changed,) = _S2.unpack_from(buf, p)
             else:
                 self.cdrom_changed = None
@@ -366,15 +402,27 @@ written as a fixed array."""
         _at = ""
         try:
             _at = 'req_nb_sectors'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.req_nb_sectors,) = _S4.unpack_from(buf, p)
             _at = 'io_buffer'
             if version_id >= 1:
-                buf, p = r.take(131076)
+                buf, p = r.buf, r.pos
+                if p + 131076 <= len(buf):
+                    r.pos = p + 131076
+                else:
+                    buf, p = r.take(131076)
                 _v = _S8.unpack_from(buf, p)
                 self.io_buffer = list(_v[0:131076])
             _at = 'cur_io_buffer_offset'
-            buf, p = r.take(17)
+            buf, p = r.buf, r.pos
+            if p + 17 <= len(buf):
+                r.pos = p + 17
+            else:
+                buf, p = r.take(17)
             (self.cur_io_buffer_offset, self.cur_io_buffer_len, self.end_transfer_fn_idx, self.elementary_transfer_size, self.packet_transfer_size,) = _S9.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -400,7 +448,11 @@ written as a fixed array."""
         _at = ""
         try:
             _at = 'tray_open'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.tray_open, self.tray_locked,) = _S10.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -420,7 +472,11 @@ written as a fixed array."""
         _at = ""
         try:
             _at = 'events_new_media'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.events_new_media, self.events_eject_request,) = _S10.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

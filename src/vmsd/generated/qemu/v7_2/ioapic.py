@@ -44,16 +44,28 @@ shared by the emulated and KVM I/O APICs (IOAPIC_NUM_PINS = 24)."""
         _at = ""
         try:
             _at = 'id'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.id, self.ioregsel,) = _S0.unpack_from(buf, p)
             _at = 'irr'
             if version_id >= 2:
-                buf, p = r.take(12)
+                buf, p = r.buf, r.pos
+                if p + 12 <= len(buf):
+                    r.pos = p + 12
+                else:
+                    buf, p = r.take(12)
                 (self.irr,) = _S1.unpack_from(buf, p)
             else:
                 self.irr = None
             _at = 'ioredtbl'
-            buf, p = r.take(192)
+            buf, p = r.buf, r.pos
+            if p + 192 <= len(buf):
+                r.pos = p + 192
+            else:
+                buf, p = r.take(192)
             _v = _S2.unpack_from(buf, p)
             self.ioredtbl = list(_v[0:24])
         except _rt.VMSDError as e:

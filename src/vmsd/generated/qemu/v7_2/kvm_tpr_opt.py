@@ -50,7 +50,11 @@ its nested vmstate_guest_rom and vmstate_handlers."""
             _at = 'rom_state'
             self.rom_state._load_nested(r, 1)
             _at = 'state'
-            buf, p = r.take(20)
+            buf, p = r.buf, r.pos
+            if p + 20 <= len(buf):
+                r.pos = p + 20
+            else:
+                buf, p = r.take(20)
             (self.state, self.real_tpr_addr, self.rom_state_vaddr, self.vapic_paddr, self.rom_state_paddr,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -99,7 +103,11 @@ class GuestROMState(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'vaddr'
-            buf, p = r.take(36)
+            buf, p = r.buf, r.pos
+            if p + 36 <= len(buf):
+                r.pos = p + 36
+            else:
+                buf, p = r.take(36)
             (self.vaddr, self.fixup_start, self.fixup_end, self.vapic_vaddr, self.vapic_size, self.vcpu_shift, self.real_tpr_addr,) = _S1.unpack_from(buf, p)
             _at = 'up'
             self.up._load_nested(r, 1)
@@ -147,7 +155,11 @@ class VAPICHandlers(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'set_tpr'
-            buf, p = r.take(44)
+            buf, p = r.buf, r.pos
+            if p + 44 <= len(buf):
+                r.pos = p + 44
+            else:
+                buf, p = r.take(44)
             _v = _S2.unpack_from(buf, p)
             self.set_tpr = _v[0]
             self.set_tpr_eax = _v[1]

@@ -59,17 +59,29 @@ recomputes period and re-arms the timers."""
         _at = ""
         try:
             _at = 'cmos_data'
-            buf, p = r.take(197)
+            buf, p = r.buf, r.pos
+            if p + 197 <= len(buf):
+                r.pos = p + 197
+            else:
+                buf, p = r.take(197)
             (self.cmos_data, self.cmos_index, self.periodic_timer, self.next_periodic_time,) = _S0.unpack_from(buf, p)
             _at = 'irq_coalesced'
             if version_id >= 2:
-                buf, p = r.take(8)
+                buf, p = r.buf, r.pos
+                if p + 8 <= len(buf):
+                    r.pos = p + 8
+                else:
+                    buf, p = r.take(8)
                 (self.irq_coalesced, self.period,) = _S1.unpack_from(buf, p)
             else:
                 self.irq_coalesced = self.period = None
             _at = 'base_rtc'
             if version_id >= 3:
-                buf, p = r.take(40)
+                buf, p = r.buf, r.pos
+                if p + 40 <= len(buf):
+                    r.pos = p + 40
+                else:
+                    buf, p = r.take(40)
                 (self.base_rtc, self.last_update, self.offset, self.update_timer, self.next_alarm_time,) = _S2.unpack_from(buf, p)
             else:
                 self.base_rtc = self.last_update = self.offset = self.update_timer = self.next_alarm_time = None
@@ -103,7 +115,11 @@ recomputes period and re-arms the timers."""
         _at = ""
         try:
             _at = 'irq_reinject_on_ack_count'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.irq_reinject_on_ack_count,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -74,7 +74,11 @@ INTA..INTD as four big-endian int32 values, each 0 or 1."""
         _at = ""
         try:
             _at = 'pci_version_id'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             _t = _S0.unpack_from(buf, p)[0]
             if not 0 <= _t <= self.pci_version_id:
                 _rt.check_failed('pci_version_id', f'Invalid value {_t} expecting positive value <= {self.pci_version_id}', r.tell() - 4)
@@ -91,7 +95,11 @@ INTA..INTD as four big-endian int32 values, each 0 or 1."""
                 self.config_pcie = None
             _at = 'irq_state'
             if version_id >= 2:
-                buf, p = r.take(16)
+                buf, p = r.buf, r.pos
+                if p + 16 <= len(buf):
+                    r.pos = p + 16
+                else:
+                    buf, p = r.take(16)
                 (self.irq_state,) = _S1.unpack_from(buf, p)
             else:
                 self.irq_state = None
@@ -192,7 +200,11 @@ class PCIEAERErr(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'status'
-            buf, p = r.take(40)
+            buf, p = r.buf, r.pos
+            if p + 40 <= len(buf):
+                r.pos = p + 40
+            else:
+                buf, p = r.take(40)
             _v = _S2.unpack_from(buf, p)
             self.status = _v[0]
             self.source_id = _v[1]
@@ -242,10 +254,18 @@ class PCIEAERLog(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'log_num'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.log_num,) = _S3.unpack_from(buf, p)
             _at = 'log_max'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             _t = _S3.unpack_from(buf, p)[0]
             if _t != self.log_max:
                 _rt.check_failed('log_max', f'{_t:#x} != {self.log_max:#x}', r.tell() - 2)
@@ -306,7 +326,11 @@ true by default) gates the whole section, not a field."""
         _at = ""
         try:
             _at = 'config_reg'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.config_reg,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -348,7 +372,11 @@ registered as its own section "PCIBUS" for every root bus."""
         _at = ""
         try:
             _at = 'nirq'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             _t = _S0.unpack_from(buf, p)[0]
             if _t != self.nirq:
                 _rt.check_failed('nirq', f'{_t:#x} != {self.nirq:#x}', r.tell() - 4)

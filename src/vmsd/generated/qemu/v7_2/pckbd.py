@@ -67,7 +67,11 @@ their subsections are absent."""
         _at = ""
         try:
             _at = 'write_cmd'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.write_cmd, self.status, self.mode, self.pending_tmp,) = _S0.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, b'pckbd', True, self._SUBSECTIONS['pckbd'])
@@ -95,7 +99,11 @@ their subsections are absent."""
         _at = ""
         try:
             _at = 'outport'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.outport,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -115,7 +123,11 @@ their subsections are absent."""
         _at = ""
         try:
             _at = 'migration_flags'
-            buf, p = r.take(10)
+            buf, p = r.buf, r.pos
+            if p + 10 <= len(buf):
+                r.pos = p + 10
+            else:
+                buf, p = r.take(10)
             (self.migration_flags, self.obsrc, self.obdata, self.cbdata,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -49,7 +49,11 @@ documented only."""
         _at = ""
         try:
             _at = 'data_on'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.data_on, self.dummy_refresh_clock,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

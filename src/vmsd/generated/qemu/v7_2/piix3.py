@@ -56,7 +56,11 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
             self.dev._load_nested(r, 2)
             _at = 'pci_irq_levels_vmstate'
             if version_id >= 3:
-                buf, p = r.take(16)
+                buf, p = r.buf, r.pos
+                if p + 16 <= len(buf):
+                    r.pos = p + 16
+                else:
+                    buf, p = r.take(16)
                 _v = _S0.unpack_from(buf, p)
                 self.pci_irq_levels_vmstate = list(_v[0:4])
             else:
@@ -88,7 +92,11 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
         _at = ""
         try:
             _at = 'rcr'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.rcr,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -53,7 +53,11 @@ GPE byte array, saved big-endian like any VMSTATE uint16."""
         _at = ""
         try:
             _at = 'sts'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.sts, self.en,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -96,7 +100,11 @@ class PIIX4PciStatus(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'up'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.up, self.down,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -210,7 +218,11 @@ use_acpi_hotplug_bridge && !not_migrate_acpi_index (the
             _at = 'parent_obj'
             self.parent_obj._load_nested(r, 2)
             _at = 'pm1_evt_sts'
-            buf, p = r.take(6)
+            buf, p = r.buf, r.pos
+            if p + 6 <= len(buf):
+                r.pos = p + 6
+            else:
+                buf, p = r.take(6)
             (self.pm1_evt_sts, self.pm1_evt_en, self.pm1_cnt_cnt,) = _S2.unpack_from(buf, p)
             _at = 'apm'
             self.apm._load_nested(r, 1)
@@ -222,7 +234,11 @@ use_acpi_hotplug_bridge && !not_migrate_acpi_index (the
             else:
                 self.smb = None
             _at = 'tmr_timer'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.tmr_timer, self.tmr_overflow_time,) = _S3.unpack_from(buf, p)
             _at = 'gpe'
             if version_id >= 2:
@@ -240,7 +256,11 @@ use_acpi_hotplug_bridge && !not_migrate_acpi_index (the
                 self.pci_status_bsel0 = None
             _at = 'hotplug_select'
             if self.acpi_hotplug_bridge(version_id):
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 _t = _S4.unpack_from(buf, p)[0]
                 self.hotplug_select = _t
             else:
@@ -252,7 +272,11 @@ use_acpi_hotplug_bridge && !not_migrate_acpi_index (the
                 self.pcihp_pci_status = None
             _at = 'acpi_index'
             if self.migrate_acpi_index(version_id):
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 _t = _S4.unpack_from(buf, p)[0]
                 self.acpi_index = _t
             else:

@@ -44,7 +44,11 @@ Transcribes vmstate_port92_isa ("port92") in hw/i386/port92.c (QEMU 7.2)."""
         _at = ""
         try:
             _at = 'outport'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.outport,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -53,7 +53,11 @@ Transcribes vmstate_ps2_common ("PS2 Common State") in hw/input/ps2.c (QEMU 7.2)
         _at = ""
         try:
             _at = 'write_cmd'
-            buf, p = r.take(272)
+            buf, p = r.buf, r.pos
+            if p + 272 <= len(buf):
+                r.pos = p + 272
+            else:
+                buf, p = r.take(272)
             (self.write_cmd, self.queue_rptr, self.queue_wptr, self.queue_count, self.queue_data,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -114,11 +118,19 @@ post_load sets scancode_set to 2 for version 2 streams."""
             _at = 'parent_obj'
             self.parent_obj._load_nested(r, 3)
             _at = 'scan_enabled'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.scan_enabled, self.translate,) = _S1.unpack_from(buf, p)
             _at = 'scancode_set'
             if version_id >= 3:
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 (self.scancode_set,) = _S2.unpack_from(buf, p)
             else:
                 self.scancode_set = None
@@ -156,7 +168,11 @@ post_load sets scancode_set to 2 for version 2 streams."""
         _at = ""
         try:
             _at = 'ledstate'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.ledstate,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -176,7 +192,11 @@ post_load sets scancode_set to 2 for version 2 streams."""
         _at = ""
         try:
             _at = 'need_high_bit'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.need_high_bit,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -196,7 +216,11 @@ post_load sets scancode_set to 2 for version 2 streams."""
         _at = ""
         try:
             _at = 'queue_cwptr'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.queue_cwptr,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -247,7 +271,11 @@ Transcribes vmstate_ps2_mouse ("ps2mouse") in hw/input/ps2.c (QEMU 7.2)."""
             _at = 'parent_obj'
             self.parent_obj._load_nested(r, 3)
             _at = 'mouse_status'
-            buf, p = r.take(19)
+            buf, p = r.buf, r.pos
+            if p + 19 <= len(buf):
+                r.pos = p + 19
+            else:
+                buf, p = r.take(19)
             (self.mouse_status, self.mouse_resolution, self.mouse_sample_rate, self.mouse_wrap, self.mouse_type, self.mouse_detect_state, self.mouse_dx, self.mouse_dy, self.mouse_dz, self.mouse_buttons,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

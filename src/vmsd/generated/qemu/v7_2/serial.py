@@ -55,12 +55,20 @@ other capacities."""
         try:
             _at = 'data'
             if version_id >= 1:
-                buf, p = r.take(16)
+                buf, p = r.buf, r.pos
+                if p + 16 <= len(buf):
+                    r.pos = p + 16
+                else:
+                    buf, p = r.take(16)
                 (self.data,) = _S0.unpack_from(buf, p)
             else:
                 self.data = None
             _at = 'head'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.head, self.num,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -164,16 +172,28 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         try:
             _at = 'divider'
             if version_id >= 2:
-                buf, p = r.take(2)
+                buf, p = r.buf, r.pos
+                if p + 2 <= len(buf):
+                    r.pos = p + 2
+                else:
+                    buf, p = r.take(2)
                 (self.divider,) = _S2.unpack_from(buf, p)
             else:
                 self.divider = None
             _at = 'rbr'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.rbr, self.ier, self.iir, self.lcr, self.mcr, self.lsr, self.msr, self.scr,) = _S3.unpack_from(buf, p)
             _at = 'fcr_vmstate'
             if version_id >= 3:
-                buf, p = r.take(1)
+                buf, p = r.buf, r.pos
+                if p + 1 <= len(buf):
+                    r.pos = p + 1
+                else:
+                    buf, p = r.take(1)
                 (self.fcr_vmstate,) = _S4.unpack_from(buf, p)
             else:
                 self.fcr_vmstate = None
@@ -224,7 +244,11 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         _at = ""
         try:
             _at = 'thr_ipending'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.thr_ipending,) = _S5.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -244,7 +268,11 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         _at = ""
         try:
             _at = 'tsr_retry'
-            buf, p = r.take(6)
+            buf, p = r.buf, r.pos
+            if p + 6 <= len(buf):
+                r.pos = p + 6
+            else:
+                buf, p = r.take(6)
             (self.tsr_retry, self.thr, self.tsr,) = _S6.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -308,7 +336,11 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         _at = ""
         try:
             _at = 'fifo_timeout_timer'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.fifo_timeout_timer,) = _S7.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -328,7 +360,11 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         _at = ""
         try:
             _at = 'timeout_ipending'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.timeout_ipending,) = _S5.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -348,7 +384,11 @@ when its subsection was absent and zeroes fcr_vmstate for version 2."""
         _at = ""
         try:
             _at = 'poll_msl'
-            buf, p = r.take(12)
+            buf, p = r.buf, r.pos
+            if p + 12 <= len(buf):
+                r.pos = p + 12
+            else:
+                buf, p = r.take(12)
             (self.poll_msl, self.modem_status_poll,) = _S8.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -77,7 +77,11 @@ extent assumes version 4 (the only version QEMU 7.2 writes)."""
             self.guestfwd_sockets = r.read(_rt.opaque_extent('slirp guestfwd sockets', r, self))
             _at = 'ip_id'
             if version_id >= 2:
-                buf, p = r.take(2)
+                buf, p = r.buf, r.pos
+                if p + 2 <= len(buf):
+                    r.pos = p + 2
+                else:
+                    buf, p = r.take(2)
                 (self.ip_id,) = _S0.unpack_from(buf, p)
             else:
                 self.ip_id = None
@@ -134,7 +138,11 @@ class BOOTPClient(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'allocated'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.allocated, self.macaddr,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -206,32 +214,52 @@ pre_load attaches a tcpcb and presets both address families to AF_INET."""
         _at = ""
         try:
             _at = 'so_urgc'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.so_urgc,) = _S2.unpack_from(buf, p)
             _at = 'so_faddr'
             if self._has_so_faddr(version_id):
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 _t = _S2.unpack_from(buf, p)[0]
                 self.so_faddr = _t
             else:
                 self.so_faddr = None
             _at = 'so_laddr'
             if self._has_so_laddr(version_id):
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 _t = _S2.unpack_from(buf, p)[0]
                 self.so_laddr = _t
             else:
                 self.so_laddr = None
             _at = 'so_fport'
             if self._has_so_fport(version_id):
-                buf, p = r.take(2)
+                buf, p = r.buf, r.pos
+                if p + 2 <= len(buf):
+                    r.pos = p + 2
+                else:
+                    buf, p = r.take(2)
                 _t = _S0.unpack_from(buf, p)[0]
                 self.so_fport = _t
             else:
                 self.so_fport = None
             _at = 'so_lport'
             if self._has_so_lport(version_id):
-                buf, p = r.take(2)
+                buf, p = r.buf, r.pos
+                if p + 2 <= len(buf):
+                    r.pos = p + 2
+                else:
+                    buf, p = r.take(2)
                 _t = _S0.unpack_from(buf, p)[0]
                 self.so_lport = _t
             else:
@@ -251,7 +279,11 @@ pre_load attaches a tcpcb and presets both address families to AF_INET."""
             else:
                 self.lhost = None
             _at = 'so_iptos'
-            buf, p = r.take(7)
+            buf, p = r.buf, r.pos
+            if p + 7 <= len(buf):
+                r.pos = p + 7
+            else:
+                buf, p = r.take(7)
             (self.so_iptos, self.so_emu, self.so_type, self.so_state,) = _S3.unpack_from(buf, p)
             _at = 'so_rcv'
             self.so_rcv._load_nested(r, 0)
@@ -341,14 +373,22 @@ AF_INET6, which sends nothing more; any other value fails the load)."""
             self.family._load_nested(r, 0)
             _at = 'sin_addr'
             if self._has_sin_addr(version_id):
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 _t = _S2.unpack_from(buf, p)[0]
                 self.sin_addr = _t
             else:
                 self.sin_addr = None
             _at = 'sin_port'
             if self._has_sin_port(version_id):
-                buf, p = r.take(2)
+                buf, p = r.buf, r.pos
+                if p + 2 <= len(buf):
+                    r.pos = p + 2
+                else:
+                    buf, p = r.take(2)
                 _t = _S0.unpack_from(buf, p)[0]
                 self.sin_port = _t
             else:
@@ -401,7 +441,11 @@ class SlirpFamily(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'portable_family'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.portable_family,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -444,7 +488,11 @@ through the tmp struct."""
         _at = ""
         try:
             _at = 'sb_cc'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.sb_cc, self.sb_datalen,) = _S4.unpack_from(buf, p)
             _at = 'offsets'
             self.offsets._load_nested(r, 0)
@@ -497,7 +545,11 @@ are below sb_datalen)."""
         _at = ""
         try:
             _at = 'woff'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.woff, self.roff,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -574,7 +626,11 @@ class SlirpTcpcb(_rt.VMStateObject):
         _at = ""
         try:
             _at = 't_state'
-            buf, p = r.take(119)
+            buf, p = r.buf, r.pos
+            if p + 119 <= len(buf):
+                r.pos = p + 119
+            else:
+                buf, p = r.take(119)
             _v = _S5.unpack_from(buf, p)
             self.t_state = _v[0]
             self.t_timer = list(_v[1:5])

@@ -78,11 +78,19 @@ depend on the -icount configuration, not on migrated state."""
         _at = ""
         try:
             _at = 'cpu_ticks_offset'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.cpu_ticks_offset,) = _S0.unpack_from(buf, p)
             _at = 'cpu_clock_offset'
             if version_id >= 2:
-                buf, p = r.take(8)
+                buf, p = r.buf, r.pos
+                if p + 8 <= len(buf):
+                    r.pos = p + 8
+                else:
+                    buf, p = r.take(8)
                 (self.cpu_clock_offset,) = _S1.unpack_from(buf, p)
             else:
                 self.cpu_clock_offset = None
@@ -112,7 +120,11 @@ depend on the -icount configuration, not on migrated state."""
         _at = ""
         try:
             _at = 'qemu_icount_bias'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.qemu_icount_bias, self.qemu_icount,) = _S2.unpack_from(buf, p)
             _at = ""
             _rt.load_subsections(self, r, b'timer/icount', False, self._SUBSECTIONS['timer/icount'])
@@ -143,7 +155,11 @@ depend on the -icount configuration, not on migrated state."""
         _at = ""
         try:
             _at = 'vm_clock_warp_start'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.vm_clock_warp_start, self.icount_warp_timer,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -163,7 +179,11 @@ depend on the -icount configuration, not on migrated state."""
         _at = ""
         try:
             _at = 'icount_rt_timer'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.icount_rt_timer, self.icount_vm_timer,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -183,7 +203,11 @@ depend on the -icount configuration, not on migrated state."""
         _at = ""
         try:
             _at = 'icount_time_shift'
-            buf, p = r.take(10)
+            buf, p = r.buf, r.pos
+            if p + 10 <= len(buf):
+                r.pos = p + 10
+            else:
+                buf, p = r.take(10)
             (self.icount_time_shift, self.last_delta,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -47,7 +47,11 @@ post_load rejects a setup_index/setup_len outside the device's data_buf."""
         _at = ""
         try:
             _at = 'addr'
-            buf, p = r.take(29)
+            buf, p = r.buf, r.pos
+            if p + 29 <= len(buf):
+                r.pos = p + 29
+            else:
+                buf, p = r.take(29)
             _v = _S0.unpack_from(buf, p)
             self.addr = _v[0]
             self.state = _v[1]

@@ -98,7 +98,11 @@ hid_post_load clamps head/n and restarts the idle timer."""
             _at = 'queue'
             self.queue = _rt.load_struct_array(r, HIDPointerEvent, 16, 1, self.queue)
             _at = 'head'
-            buf, p = r.take(13)
+            buf, p = r.buf, r.pos
+            if p + 13 <= len(buf):
+                r.pos = p + 13
+            else:
+                buf, p = r.take(13)
             (self.head, self.n, self.protocol, self.idle,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -145,7 +149,11 @@ class HIDPointerEvent(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'xdx'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.xdx, self.ydy, self.dz, self.buttons_state,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

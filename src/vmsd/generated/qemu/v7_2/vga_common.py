@@ -85,16 +85,28 @@ mapping from these registers."""
         _at = ""
         try:
             _at = 'latch'
-            buf, p = r.take(1096)
+            buf, p = r.buf, r.pos
+            if p + 1096 <= len(buf):
+                r.pos = p + 1096
+            else:
+                buf, p = r.take(1096)
             (self.latch, self.sr_index, self.sr, self.gr_index, self.gr, self.ar_index, self.ar, self.ar_flip_flop, self.cr_index, self.cr, self.msr, self.fcr, self.st00, self.st01, self.dac_state, self.dac_sub_index, self.dac_read_index, self.dac_write_index, self.dac_cache, self.palette, self.bank_offset,) = _S0.unpack_from(buf, p)
             _at = 'is_vbe_vmstate'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             _t = _S1.unpack_from(buf, p)[0]
             if _t != self.is_vbe_vmstate:
                 _rt.check_failed('is_vbe_vmstate', f'{_t:#x} != {self.is_vbe_vmstate:#x}', r.tell() - 1)
             self.is_vbe_vmstate = _t
             _at = 'vbe_index'
-            buf, p = r.take(34)
+            buf, p = r.buf, r.pos
+            if p + 34 <= len(buf):
+                r.pos = p + 34
+            else:
+                buf, p = r.take(34)
             _v = _S2.unpack_from(buf, p)
             self.vbe_index = _v[0]
             self.vbe_regs = list(_v[1:11])
@@ -135,7 +147,11 @@ mapping from these registers."""
         _at = ""
         try:
             _at = 'big_endian_fb'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.big_endian_fb,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

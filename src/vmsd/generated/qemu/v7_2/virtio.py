@@ -202,7 +202,11 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         _at = ""
         try:
             _at = 'device_endian'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.device_endian,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -222,7 +226,11 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         _at = ""
         try:
             _at = 'guest_features'
-            buf, p = r.take(8)
+            buf, p = r.buf, r.pos
+            if p + 8 <= len(buf):
+                r.pos = p + 8
+            else:
+                buf, p = r.take(8)
             (self.guest_features,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -278,7 +286,11 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         _at = ""
         try:
             _at = 'broken'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.broken,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -318,7 +330,11 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         _at = ""
         try:
             _at = 'started'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.started,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -356,7 +372,11 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         _at = ""
         try:
             _at = 'disabled'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.disabled,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -399,7 +419,11 @@ class VirtQueueState(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'avail'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             (self.avail, self.used,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -445,7 +469,11 @@ class PackedVirtQueueState(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'last_avail_idx'
-            buf, p = r.take(10)
+            buf, p = r.buf, r.pos
+            if p + 10 <= len(buf):
+                r.pos = p + 10
+            else:
+                buf, p = r.take(10)
             (self.last_avail_idx, self.last_avail_wrap_counter, self.used_idx, self.used_wrap_counter, self.inuse,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -487,7 +515,11 @@ class VirtQueueRingSize(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'num_default'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.num_default,) = _S5.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -564,7 +596,11 @@ interface is not disabled ("disable-modern" off, the default)."""
         _at = ""
         try:
             _at = 'dfselect'
-            buf, p = r.take(16)
+            buf, p = r.buf, r.pos
+            if p + 16 <= len(buf):
+                r.pos = p + 16
+            else:
+                buf, p = r.take(16)
             _v = _S6.unpack_from(buf, p)
             self.dfselect = _v[0]
             self.gfselect = _v[1]
@@ -613,7 +649,11 @@ class VirtIOPCIQueue(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'num'
-            buf, p = r.take(28)
+            buf, p = r.buf, r.pos
+            if p + 28 <= len(buf):
+                r.pos = p + 28
+            else:
+                buf, p = r.take(28)
             _v = _S7.unpack_from(buf, p)
             self.num = _v[0]
             self.enabled = _v[1]

@@ -151,20 +151,32 @@ set; iov_base is zero)."""
         try:
             _at = 'vq_index'
             if self.multiqueue(version_id):
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 _t = _S0.unpack_from(buf, p)[0]
                 self.vq_index = _t
             else:
                 self.vq_index = None
             _at = 'ndescs'
             if self.packed(version_id):
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 _t = _S0.unpack_from(buf, p)[0]
                 self.ndescs = _t
             else:
                 self.ndescs = None
             _at = 'elem'
-            buf, p = r.take(49168)
+            buf, p = r.buf, r.pos
+            if p + 49168 <= len(buf):
+                r.pos = p + 49168
+            else:
+                buf, p = r.take(49168)
             (self.elem,) = _S1.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -205,13 +205,21 @@ field is then absent too."""
         _at = ""
         try:
             _at = 'mac'
-            buf, p = r.take(6)
+            buf, p = r.buf, r.pos
+            if p + 6 <= len(buf):
+                r.pos = p + 6
+            else:
+                buf, p = r.take(6)
             _v = _S0.unpack_from(buf, p)
             self.mac = list(_v[0:6])
             _at = 'vqs'
             self.vqs._load_nested(r, 0)
             _at = 'mergeable_rx_bufs'
-            buf, p = r.take(12)
+            buf, p = r.buf, r.pos
+            if p + 12 <= len(buf):
+                r.pos = p + 12
+            else:
+                buf, p = r.take(12)
             (self.mergeable_rx_bufs, self.status, self.promisc, self.allmulti, self.mac_table_in_use,) = _S1.unpack_from(buf, p)
             _at = 'mac_table_macs'
             if self._has_mac_table_macs(version_id):
@@ -224,18 +232,30 @@ field is then absent too."""
             else:
                 self.mac_table_unused = None
             _at = 'vlans'
-            buf, p = r.take(512)
+            buf, p = r.buf, r.pos
+            if p + 512 <= len(buf):
+                r.pos = p + 512
+            else:
+                buf, p = r.take(512)
             (self.vlans,) = _S2.unpack_from(buf, p)
             _at = 'has_vnet'
             self.has_vnet._load_nested(r, 0)
             _at = 'multi_overflow'
-            buf, p = r.take(6)
+            buf, p = r.buf, r.pos
+            if p + 6 <= len(buf):
+                r.pos = p + 6
+            else:
+                buf, p = r.take(6)
             (self.multi_overflow, self.uni_overflow, self.alluni, self.nomulti, self.nouni, self.nobcast,) = _S3.unpack_from(buf, p)
             _at = 'has_ufo'
             self.has_ufo._load_nested(r, 0)
             _at = 'max_queue_pairs'
             if self.max_queue_pairs_gt_1(version_id):
-                buf, p = r.take(2)
+                buf, p = r.buf, r.pos
+                if p + 2 <= len(buf):
+                    r.pos = p + 2
+                else:
+                    buf, p = r.take(2)
                 _t = _S4.unpack_from(buf, p)[0]
                 if _t != self.max_queue_pairs:
                     _rt.check_failed('max_queue_pairs', f'{_t:#x} != {self.max_queue_pairs:#x}', r.tell() - 2)
@@ -244,7 +264,11 @@ field is then absent too."""
                 self.max_queue_pairs = None
             _at = 'curr_queue_pairs'
             if self.max_queue_pairs_gt_1(version_id):
-                buf, p = r.take(2)
+                buf, p = r.buf, r.pos
+                if p + 2 <= len(buf):
+                    r.pos = p + 2
+                else:
+                    buf, p = r.take(2)
                 _t = _S4.unpack_from(buf, p)[0]
                 self.curr_queue_pairs = _t
             else:
@@ -256,7 +280,11 @@ field is then absent too."""
                 self.tx_waiting_1 = None
             _at = 'curr_guest_offloads'
             if self.has_ctrl_guest_offloads(version_id):
-                buf, p = r.take(8)
+                buf, p = r.buf, r.pos
+                if p + 8 <= len(buf):
+                    r.pos = p + 8
+                else:
+                    buf, p = r.take(8)
                 _t = _S5.unpack_from(buf, p)[0]
                 self.curr_guest_offloads = _t
             else:
@@ -324,7 +352,11 @@ field is then absent too."""
         _at = ""
         try:
             _at = 'rss_enabled'
-            buf, p = r.take(51)
+            buf, p = r.buf, r.pos
+            if p + 51 <= len(buf):
+                r.pos = p + 51
+            else:
+                buf, p = r.take(51)
             _v = _S6.unpack_from(buf, p)
             self.rss_enabled = _v[0]
             self.rss_redirect = _v[1]
@@ -382,7 +414,11 @@ class VirtIONetQueueTxWaiting(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'tx_waiting'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.tx_waiting,) = _S7.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -425,7 +461,11 @@ needs it when the local peer lacks it)."""
         _at = ""
         try:
             _at = 'has_vnet_hdr'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.has_vnet_hdr,) = _S7.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -467,7 +507,11 @@ class VirtIONetHasUfo(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'has_ufo'
-            buf, p = r.take(1)
+            buf, p = r.buf, r.pos
+            if p + 1 <= len(buf):
+                r.pos = p + 1
+            else:
+                buf, p = r.take(1)
             (self.has_ufo,) = _S8.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -46,13 +46,21 @@ post_load re-enables the pointer handler for the loaded mode."""
         _at = ""
         try:
             _at = 'queue_size'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             _t = _S0.unpack_from(buf, p)[0]
             if _t != self.queue_size:
                 _rt.check_failed('queue_size', f'{_t:#x} != {self.queue_size:#x}', r.tell() - 4)
             self.queue_size = _t
             _at = 'queue'
-            buf, p = r.take(4101)
+            buf, p = r.buf, r.pos
+            if p + 4101 <= len(buf):
+                r.pos = p + 4101
+            else:
+                buf, p = r.take(4101)
             _v = _S1.unpack_from(buf, p)
             self.queue = list(_v[0:1024])
             self.nb_queue = _v[1024]

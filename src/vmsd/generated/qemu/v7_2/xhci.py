@@ -131,7 +131,11 @@ msix_load re-applies the vector masks."""
         _at = ""
         try:
             _at = 'msix'
-            buf, p = r.take(258)
+            buf, p = r.buf, r.pos
+            if p + 258 <= len(buf):
+                r.pos = p + 258
+            else:
+                buf, p = r.take(258)
             (self.msix,) = _S0.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -212,7 +216,11 @@ description is the same (QEMU describes a variable array like a fixed one)."""
             else:
                 self.intr = None
             _at = 'usbcmd'
-            buf, p = r.take(48)
+            buf, p = r.buf, r.pos
+            if p + 48 <= len(buf):
+                r.pos = p + 48
+            else:
+                buf, p = r.take(48)
             (self.usbcmd, self.usbsts, self.dnctrl, self.crcr_low, self.crcr_high, self.dcbaap_low, self.dcbaap_high, self.config, self.mfindex_start, self.mfwrap_timer,) = _S1.unpack_from(buf, p)
             _at = 'cmd_ring'
             if version_id >= 1:
@@ -278,7 +286,11 @@ class XHCIRing(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'dequeue'
-            buf, p = r.take(9)
+            buf, p = r.buf, r.pos
+            if p + 9 <= len(buf):
+                r.pos = p + 9
+            else:
+                buf, p = r.take(9)
             (self.dequeue, self.ccs,) = _S2.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -320,7 +332,11 @@ class XHCIPort(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'portsc'
-            buf, p = r.take(4)
+            buf, p = r.buf, r.pos
+            if p + 4 <= len(buf):
+                r.pos = p + 4
+            else:
+                buf, p = r.take(4)
             (self.portsc,) = _S3.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -363,7 +379,11 @@ class XHCISlot(_rt.VMStateObject):
         _at = ""
         try:
             _at = 'enabled'
-            buf, p = r.take(2)
+            buf, p = r.buf, r.pos
+            if p + 2 <= len(buf):
+                r.pos = p + 2
+            else:
+                buf, p = r.take(2)
             (self.enabled, self.addressed,) = _S4.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -412,7 +432,11 @@ migrates: see xhci-intr)."""
         _at = ""
         try:
             _at = 'type'
-            buf, p = r.take(26)
+            buf, p = r.buf, r.pos
+            if p + 26 <= len(buf):
+                r.pos = p + 26
+            else:
+                buf, p = r.take(26)
             (self.type, self.ccode, self.ptr, self.length, self.flags, self.slotid, self.epid,) = _S5.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -473,18 +497,30 @@ make the interrupter array non-compressible in the JSON description
         _at = ""
         try:
             _at = 'iman'
-            buf, p = r.take(47)
+            buf, p = r.buf, r.pos
+            if p + 47 <= len(buf):
+                r.pos = p + 47
+            else:
+                buf, p = r.take(47)
             (self.iman, self.imod, self.erstsz, self.erstba_low, self.erstba_high, self.erdp_low, self.erdp_high, self.msix_used, self.er_pcs, self.er_start, self.er_size, self.er_ep_idx, self.er_full_unused,) = _S6.unpack_from(buf, p)
             _at = 'ev_buffer_put'
             if self._has_ev_buffer_put(version_id):
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 _t = _S3.unpack_from(buf, p)[0]
                 self.ev_buffer_put = _t
             else:
                 self.ev_buffer_put = None
             _at = 'ev_buffer_get'
             if self._has_ev_buffer_get(version_id):
-                buf, p = r.take(4)
+                buf, p = r.buf, r.pos
+                if p + 4 <= len(buf):
+                    r.pos = p + 4
+                else:
+                    buf, p = r.take(4)
                 _t = _S3.unpack_from(buf, p)[0]
                 self.ev_buffer_get = _t
             else:
