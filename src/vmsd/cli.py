@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
-from vmsd.grammar.diagnostics import SpecError
 from vmsd.runtime.errors import VMSDError
 from vmsd.streamtools import ToolError
 
@@ -201,6 +199,8 @@ def _multifd(args: argparse.Namespace, caps: dict[str, bool]) -> Any:
             raise ToolError(f"parameter {next(iter(raw))!r} needs --capability multifd=on")
         return None
     try:
+        import uuid
+
         uid = uuid.UUID(args.uuid).bytes if getattr(args, "uuid", None) else bytes(16)
         return config_from(raw, args.peer_version, uid)
     except ValueError as e:
@@ -299,9 +299,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if exc.code else EXIT_OK
     try:
         return int(args.func(args))
-    except SpecError as exc:
-        print(exc.render(), file=sys.stderr)
-        return EXIT_FINDINGS
     except VMSDError as exc:
         print(f"vmsd {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FINDINGS
@@ -315,3 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # transports: refused, timed out, disk full
         print(f"vmsd {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FINDINGS
+    except Exception as exc:
+        # Spec errors come only from commands that loaded the grammar; the
+        # stream tools start faster without importing it.
+        diagnostics = sys.modules.get("vmsd.grammar.diagnostics")
+        if diagnostics is not None and isinstance(exc, diagnostics.SpecError):
+            print(exc.render(), file=sys.stderr)
+            return EXIT_FINDINGS
+        raise

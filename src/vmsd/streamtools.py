@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ast as pyast
 import enum
 import functools
 import importlib
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,8 @@ def load_specs(specs_dir: Path | None) -> SpecSet:
     if not specs:
         raise ToolError(f"no .vmsd files under {specs_dir}")
     files = compile_specs(specs, str(specs_dir))
+    import tempfile
+
     tmp = Path(tempfile.mkdtemp(prefix="vmsd-specs-"))
     package = f"vmsd_user_specs_{abs(hash(str(specs_dir.resolve())))}"
     for rel, text in files.items():
@@ -286,7 +286,9 @@ def _parse_value(raw: str) -> Any:
     except ValueError:
         pass
     try:
-        return pyast.literal_eval(raw)
+        import ast
+
+        return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         return raw
 
