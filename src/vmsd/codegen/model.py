@@ -551,8 +551,14 @@ class ModuleBuilder:
         const = self.formats.get(fmt)
         first = next((f.name for f in run if f.name), "unused")
         reads: list[str] = []
+        byte_list = len(targets) == 1 and fmt == f">{index}B" and run[0].kind == "scalar"
         if index == 0:
             reads.append(f"r.take({size})")
+        elif byte_list:
+            # A uint8 array alone (an IDE drive's 128 KiB buffer): list() of the
+            # bytes, four times faster than unpacking and copying a tuple.
+            reads.extend(_take(size))
+            reads.append(f"{targets[0].split(' = ')[0]} = list(buf[p : p + {size}])")
         elif simple:
             names = [t.split(" = ")[0] for t in targets]
             reads.extend(_take(size))
@@ -679,6 +685,8 @@ class ModuleBuilder:
         cols = _int_dim(dims[1]) if len(dims) == 2 else 1
         total = f"{n} * {cols}" if cols != 1 else n
         lines = [f"_n = {total}", f"buf, p = r.take(_n * {width})", f"_v = struct.unpack_from(f'>{{_n}}{code}', buf, p)"]
+        if code == "B" and cols == 1 and not conv:
+            return [*lines[:2], f"{attr} = list(buf[p : p + _n])"]
         items = f"[{conv}(x) for x in _v]" if conv else "list(_v)"
         if cols != 1:
             tmp = f"_items_{python_attr_name(f.name or '')}"

@@ -122,8 +122,7 @@ class Heavy(_rt.VMStateObject):
                 r.pos = p + 64
             else:
                 buf, p = r.take(64)
-            _v = _S2.unpack_from(buf, p)
-            self.regs = list(_v[0:64])
+            self.regs = list(buf[p : p + 64])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

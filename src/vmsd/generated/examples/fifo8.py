@@ -55,8 +55,7 @@ class Fifo8(_rt.VMStateObject):
             _at = 'data'
             _n = _rt.count(self.capacity)
             buf, p = r.take(_n * 1)
-            _v = struct.unpack_from(f'>{_n}B', buf, p)
-            self.data = list(_v)
+            self.data = list(buf[p : p + _n])
             _at = 'head'
             buf, p = r.buf, r.pos
             if p + 8 <= len(buf):

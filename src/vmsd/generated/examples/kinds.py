@@ -431,8 +431,7 @@ class Kinds(_rt.VMStateObject):
             _at = 'vals'
             _n = _rt.count(self.n * 2)
             buf, p = r.take(_n * 1)
-            _v = struct.unpack_from(f'>{_n}B', buf, p)
-            self.vals = list(_v)
+            self.vals = list(buf[p : p + _n])
             _at = 'words'
             _n = _rt.count(self.n)
             buf, p = r.take(_n * 2)

@@ -2470,8 +2470,7 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
                 r.pos = p + 4096
             else:
                 buf, p = r.take(4096)
-            _v = _S27.unpack_from(buf, p)
-            self.vmcs12 = list(_v[0:4096])
+            self.vmcs12 = list(buf[p : p + 4096])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -2496,8 +2495,7 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
                 r.pos = p + 4096
             else:
                 buf, p = r.take(4096)
-            _v = _S27.unpack_from(buf, p)
-            self.shadow_vmcs12 = list(_v[0:4096])
+            self.shadow_vmcs12 = list(buf[p : p + 4096])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

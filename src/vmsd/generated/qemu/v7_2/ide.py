@@ -415,8 +415,7 @@ written as a fixed array."""
                     r.pos = p + 131076
                 else:
                     buf, p = r.take(131076)
-                _v = _S8.unpack_from(buf, p)
-                self.io_buffer = list(_v[0:131076])
+                self.io_buffer = list(buf[p : p + 131076])
             _at = 'cur_io_buffer_offset'
             buf, p = r.buf, r.pos
             if p + 17 <= len(buf):

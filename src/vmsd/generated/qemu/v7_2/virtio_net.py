@@ -210,8 +210,7 @@ field is then absent too."""
                 r.pos = p + 6
             else:
                 buf, p = r.take(6)
-            _v = _S0.unpack_from(buf, p)
-            self.mac = list(_v[0:6])
+            self.mac = list(buf[p : p + 6])
             _at = 'vqs'
             self.vqs._load_nested(r, 0)
             _at = 'mergeable_rx_bufs'
