@@ -135,34 +135,42 @@ def _register_pckbd(module: Any) -> None:
         def extended_state_needed(self, version_id: int) -> bool:
             return True  # the i8042 "extended-state" property: off only for machines <= 6.0
 
-        def pre_load(self) -> None:
-            self.outport = 0x100  # out of uint8 range: marks "pckbd_outport subsection absent"
-
+        # QEMU's pre_load marks outport (0x100, out of uint8 range) and
+        # post_load recomputes it when the subsection did not overwrite the
+        # mark.  The same decision from the subsections seen keeps pre_load
+        # free, so that load() may start from a bare instance.
         def post_load(self, version_id: int) -> None:
-            if self.outport == 0x100:
+            if "pckbd_outport" not in _loaded(self):
                 self.outport = 0xCF | ((self.status & 0x01) << 4) | (self.status & 0x20)
 
 
 def _register_fdc(module: Any) -> None:
     @register
     class FloppyController(module.FDCtrl):  # type: ignore[misc]
-        def pre_load(self) -> None:
-            self.phase = 0  # FD_PHASE_RECONSTRUCT
+        phase: int
+        msr: int
 
+        # QEMU: pre_load sets phase = FD_PHASE_RECONSTRUCT (0), post_load
+        # rebuilds it when still 0 (subsection absent, or present with 0).
         def post_load(self, version_id: int) -> None:
-            if self.phase == 0:
+            if "fdc/phase" not in _loaded(self) or self.phase == 0:
                 self.phase = _reconstructed_fdc_phase(self.msr)
 
 
 def _register_serial(module: Any) -> None:
     @register
     class UART16550(module.SerialState):  # type: ignore[misc]
-        def pre_load(self) -> None:
-            self.thr_ipending = -1
-            self.poll_msl = -1
+        thr_ipending: int
+        iir: int
 
+        # QEMU: pre_load sets thr_ipending and poll_msl to -1; post_load
+        # recomputes thr_ipending when still -1.  Decided from the
+        # subsections seen instead (see I8042).
         def post_load(self, version_id: int) -> None:
-            if self.thr_ipending == -1:
+            seen = _loaded(self)
+            if "serial/poll" not in seen:
+                self.poll_msl = -1
+            if "serial/thr_ipending" not in seen or self.thr_ipending == -1:
                 self.thr_ipending = int((self.iir & 0x06) == 0x02)
 
 
@@ -175,6 +183,11 @@ def _register_configuration(module: Any) -> None:
 
         def uuid_needed(self, version_id: int) -> bool:
             return bool(self.uuid != bytes(16))
+
+
+def _loaded(obj: Any) -> set[str]:
+    """The subsections the load in progress has read (for post_load hooks)."""
+    return loaded_subsections(obj) or set()
 
 
 def loaded_subsections(obj: Any) -> set[str] | None:
