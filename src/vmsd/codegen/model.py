@@ -84,6 +84,7 @@ class ClassModel:
     table: str  # source of the VmsdSpec expression
     flat_struct: str | None = None  # the one Struct of a state that is a single fused run
     flat_targets: tuple[str, ...] = ()
+    flat_defaults: tuple[str, ...] = ()  # default value source of each flat target
     peeks: bool = False  # custom predicates here or in nested structs may look at the reader
 
     @property
@@ -122,9 +123,13 @@ class ModuleModel:
     classes: list[ClassModel]
 
     @property
+    def uses_flat(self) -> bool:
+        return any(c.flat_struct for c in self.classes)
+
+    @property
     def typing_names(self) -> list[str]:
         names = ["ClassVar"]
-        if any(c.flat_struct for c in self.classes):
+        if self.uses_flat:
             names.insert(0, "Any")
         if self.classes:
             names.append("Self")
@@ -224,6 +229,7 @@ class ModuleBuilder:
         attr_models = [
             self.attr_model(a.field, a.field.name in optional, a.in_subsection, sees) for a in known.values() if a.field.name
         ]
+        defaults = {a.name: a.default for a in attr_models}
         predicates: list[tuple[str, str]] = []
         abstract: list[str] = []
         for f, _ in walk_fields(v.fields, v.subsections):
@@ -263,6 +269,7 @@ class ModuleBuilder:
             table=table,
             flat_struct=flat[0] if flat else None,
             flat_targets=tuple(flat[1]) if flat else (),
+            flat_defaults=tuple(defaults[t.removeprefix("self.")] for t in flat[1]) if flat else (),
             peeks=self.peeks(v),
         )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import contextvars
+import itertools
 import struct
 from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
@@ -322,11 +323,16 @@ def fresh(cls: Callable[[], T]) -> T:
     fields or ``pre_load``) is built with all of them.
     """
     ctor: Any = _IMPLS.get(cls, cls)
+    obj: T = ctor._fresh() if _quick(ctor) else ctor()
+    return obj
+
+
+def _quick(ctor: Any) -> bool:
+    """Whether instances of ``ctor`` may be made without its ``__init__`` (see :func:`fresh`)."""
     quick = _QUICK.get(ctor)
     if quick is None:
         quick = _QUICK[ctor] = _starts_fresh(ctor)
-    obj: T = ctor._fresh() if quick else ctor()
-    return obj
+    return quick
 
 
 class _Absent:
@@ -357,26 +363,37 @@ def _starts_fresh(ctor: Any) -> bool:
 
 def new_array(cls: Callable[[], T], n: int) -> list[T]:
     """``n`` fresh elements of the class registered for ``cls``."""
-    ctor = impl(cls)
+    ctor: Any = impl(cls)
+    if getattr(ctor, "_FLAT", None) is not None and _quick(ctor):
+        # All of a flat element is its one fused run: build from its default row.
+        built: list[T] = ctor._from_rows(itertools.repeat(ctor._FLAT_DEFAULTS, n))
+        return built
     return [ctor() for _ in range(n)]
 
 
 def load_struct_array(r: Reader, cls: Callable[[], T], n: int, version: int, existing: list[T]) -> list[T]:
-    out: list[T] = []
     ctor: Any = impl(cls)
     flat: struct.Struct | None = getattr(ctor, "_FLAT", None)
     if flat is not None and n > 0 and ctor.pre_load is _NO_HOOK_PRE and ctor.post_load is _NO_HOOK_POST:
-        # One fused run per element and no hooks: unpack all elements at once.
+        # One fused run per element and no hooks: unpack all elements at once,
+        # into the elements there are and then into new ones.
         size = flat.size * n
         buf, p = r.take(size)
-        # _set_flat assigns every attribute of a generated flat class, so new
-        # elements need no defaults first (a registered subclass may add some).
-        bare = ctor.__dict__.get("_generated", False)
-        for i, values in enumerate(flat.iter_unpack(memoryview(buf)[p : p + size])):
-            obj: Any = existing[i] if i < len(existing) else (object.__new__(ctor) if bare else ctor())
-            obj._set_flat(values)
-            out.append(obj)
+        rows = flat.iter_unpack(memoryview(buf)[p : p + size])
+        keep = min(len(existing), n)
+        out: list[T] = existing[:keep] if keep else []
+        for obj in out:
+            obj._set_flat(next(rows))  # type: ignore[attr-defined]
+        if keep < n:
+            if _quick(ctor):
+                out += ctor._from_rows(rows)
+            else:
+                for values in rows:
+                    new = ctor()
+                    new._set_flat(values)
+                    out.append(new)
         return out
+    out = []
     for i in range(n):
         obj = existing[i] if i < len(existing) else fresh(cls)
         try:

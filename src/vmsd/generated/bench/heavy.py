@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -57,8 +58,20 @@ class HeavyEntry(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, False, 0, 0, 0, 0, 0, 0, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.addr, self.len, self.flags, self.kind, self.prio, self.deadline, self.credit, self.seq, self.vector, self.qid, self.valid, self.dirty, self.state, self.owner, self.delta, self.crc, self.cookie, self.refs, self.gen, self.expiry,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.addr, self.len, self.flags, self.kind, self.prio, self.deadline, self.credit, self.seq, self.vector, self.qid, self.valid, self.dirty, self.state, self.owner, self.delta, self.crc, self.cookie, self.refs, self.gen, self.expiry,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -112,8 +113,20 @@ class PitChannel(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S2
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.count, self.latched_count, self.count_latched, self.status_latched, self.status, self.read_state, self.write_state, self.write_latch, self.rw_mode, self.mode, self.bcd, self.gate, self.count_load_time, self.next_transition_time,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.count, self.latched_count, self.count_latched, self.status_latched, self.status, self.read_state, self.write_state, self.write_latch, self.rw_mode, self.mode, self.bcd, self.gate, self.count_load_time, self.next_transition_time,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

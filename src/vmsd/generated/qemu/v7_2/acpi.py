@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -43,8 +44,20 @@ class APMState(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.apmc, self.apms,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.apmc, self.apms,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -160,8 +173,20 @@ class AcpiPciHpPciStatus(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S2
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.up, self.down,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.up, self.down,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -209,8 +234,20 @@ class MemStatus(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (False, False, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.is_enabled, self.is_inserting, self.ost_event, self.ost_status,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.is_enabled, self.is_inserting, self.ost_event, self.ost_status,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -264,8 +301,20 @@ describes nothing for devs)."""
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.selector,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.selector,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -313,8 +362,20 @@ class AcpiCpuStatus(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (False, False, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.is_inserting, self.is_removing, self.ost_event, self.ost_status,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.is_inserting, self.is_removing, self.ost_event, self.ost_status,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -369,8 +430,20 @@ dev_count * 10 more bytes here than this spec reads."""
 
     _FLAT: ClassVar[struct.Struct | None] = _S5
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.selector, self.command,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.selector, self.command,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -429,8 +502,20 @@ class TCOIORegs(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S6
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.rld, self.din, self.dout, self.sts1, self.sts2, self.cnt1, self.cnt2, self.msg1, self.msg2, self.wdcnt, self.tmr, self.sw_irq_gen, self.tco_timer, self.expire_time, self.timeouts_no,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.rld, self.din, self.dout, self.sts1, self.sts2, self.cnt1, self.cnt2, self.msg1, self.msg2, self.wdcnt, self.tmr, self.sw_irq_gen, self.tco_timer, self.expire_time, self.timeouts_no,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -272,8 +273,20 @@ class NCQTransferState(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0, 0, False, False,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.sector_count, self.lba, self.tag, self.cmd, self.slot, self.used, self.halt,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.sector_count, self.lba, self.tag, self.cmd, self.slot, self.used, self.halt,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -1892,8 +1893,20 @@ class SegmentCache(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S21
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.selector, self.base, self.limit, self.flags,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.selector, self.base, self.limit, self.flags,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1975,8 +1988,20 @@ class FPRegTmp(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S22
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.tmp_mant, self.tmp_exp,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.tmp_mant, self.tmp_exp,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2022,8 +2047,20 @@ class XmmReg(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.q0, self.q1,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.q0, self.q1,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2069,8 +2106,20 @@ class YmmhReg(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.q2, self.q3,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.q2, self.q3,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2118,8 +2167,20 @@ class ZmmhReg(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S23
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.q4, self.q5, self.q6, self.q7,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.q4, self.q5, self.q6, self.q7,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2171,8 +2232,20 @@ class Hi16ZmmReg(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S24
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0, 0, 0, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.q0, self.q1, self.q2, self.q3, self.q4, self.q5, self.q6, self.q7,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.q0, self.q1, self.q2, self.q3, self.q4, self.q5, self.q6, self.q7,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2218,8 +2291,20 @@ class BndReg(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.lb, self.ub,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.lb, self.ub,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2265,8 +2350,20 @@ class MtrrVar(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.base, self.mask,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.base, self.mask,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2313,8 +2410,20 @@ class LbrRecord(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S9
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.from_, self.to, self.info,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.from_, self.to, self.info,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

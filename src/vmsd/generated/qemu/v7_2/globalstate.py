@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -44,8 +45,20 @@ run state is neither "running" nor "paused".  The language has no top-level
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, bytes(100),)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.size, self.runstate,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.size, self.runstate,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -47,8 +48,20 @@ Transcribes vmstate_hpet_timer ("hpet_timer") in hw/timer/hpet.c (QEMU 7.2)."""
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0, 0, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.tn, self.config, self.cmp, self.fsb, self.period, self.wrap_flag, self.qemu_timer,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.tn, self.config, self.cmp, self.fsb, self.period, self.wrap_flag, self.qemu_timer,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -52,8 +53,20 @@ Transcribes vmstate_pic_common ("i8259") in hw/intc/i8259_common.c (QEMU 7.2).""
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.last_irr, self.irr, self.imr, self.isr, self.priority_add, self.irq_base, self.read_reg_select, self.poll, self.special_mask, self.init_state, self.auto_eoi, self.rotate_on_auto_eoi, self.special_fully_nested_mode, self.init4, self.single_mode, self.elcr,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.last_irr, self.irr, self.imr, self.isr, self.priority_add, self.irq_base, self.read_reg_select, self.poll, self.special_mask, self.init_state, self.auto_eoi, self.rotate_on_auto_eoi, self.special_fully_nested_mode, self.init4, self.single_mode, self.elcr,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -319,8 +320,20 @@ true by default) gates the whole section, not a field."""
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.config_reg,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.config_reg,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -46,8 +47,20 @@ GPE byte array, saved big-endian like any VMSTATE uint16."""
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.sts, self.en,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.sts, self.en,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -93,8 +106,20 @@ class PIIX4PciStatus(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S1
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.up, self.down,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.up, self.down,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -46,8 +47,20 @@ Transcribes vmstate_ps2_common ("PS2 Common State") in hw/input/ps2.c (QEMU 7.2)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0, bytes(256),)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.write_cmd, self.queue_rptr, self.queue_wptr, self.queue_count, self.queue_data,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.write_cmd, self.queue_rptr, self.queue_wptr, self.queue_count, self.queue_data,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

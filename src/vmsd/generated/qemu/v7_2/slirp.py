@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -131,8 +132,20 @@ class BOOTPClient(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S1
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, bytes(6),)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.allocated, self.macaddr,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.allocated, self.macaddr,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -434,8 +447,20 @@ class SlirpFamily(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.portable_family,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.portable_family,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -538,8 +563,20 @@ are below sb_datalen)."""
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.woff, self.roff,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.woff, self.roff,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

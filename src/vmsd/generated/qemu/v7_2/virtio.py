@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -412,8 +413,20 @@ class VirtQueueState(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.avail, self.used,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.avail, self.used,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -462,8 +475,20 @@ class PackedVirtQueueState(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, False, 0, False, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.last_avail_idx, self.last_avail_wrap_counter, self.used_idx, self.used_wrap_counter, self.inuse,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.last_avail_idx, self.last_avail_wrap_counter, self.used_idx, self.used_wrap_counter, self.inuse,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -508,8 +533,20 @@ class VirtQueueRingSize(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S5
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.num_default,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.num_default,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

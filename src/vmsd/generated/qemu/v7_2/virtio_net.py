@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -406,8 +407,20 @@ class VirtIONetQueueTxWaiting(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S7
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.tx_waiting,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.tx_waiting,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -453,8 +466,20 @@ needs it when the local peer lacks it)."""
 
     _FLAT: ClassVar[struct.Struct | None] = _S7
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.has_vnet_hdr,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.has_vnet_hdr,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -499,8 +524,20 @@ class VirtIONetHasUfo(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S8
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.has_ufo,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.has_ufo,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

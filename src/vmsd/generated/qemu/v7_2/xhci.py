@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 
@@ -124,8 +125,20 @@ msix_load re-applies the vector masks."""
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (bytes(258),)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.msix,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.msix,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -279,8 +292,20 @@ class XHCIRing(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S2
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, False,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.dequeue, self.ccs,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.dequeue, self.ccs,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -325,8 +350,20 @@ class XHCIPort(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.portsc,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.portsc,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -372,8 +409,20 @@ class XHCISlot(_rt.VMStateObject):
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (False, False,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.enabled, self.addressed,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.enabled, self.addressed,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -425,8 +474,20 @@ migrates: see xhci-intr)."""
 
     _FLAT: ClassVar[struct.Struct | None] = _S5
 
+    _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0, 0, 0, 0,)
+
     def _set_flat(self, values: tuple[Any, ...]) -> None:
         (self.type, self.ccode, self.ptr, self.length, self.flags, self.slotid, self.epid,) = values
+
+    @classmethod
+    def _from_rows(cls, rows: Iterator[tuple[Any, ...]]) -> list[Self]:
+        new = object.__new__
+        out = []
+        for values in rows:
+            self = new(cls)
+            (self.type, self.ccode, self.ptr, self.length, self.flags, self.slotid, self.epid,) = values
+            out.append(self)
+        return out
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
