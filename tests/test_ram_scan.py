@@ -32,15 +32,18 @@ NAMES = [b"pc.ram", b"vga.vram", b"/rom@etc/acpi/tables"]
 
 
 @st.composite
-def sections(draw: st.DrawFn) -> bytes:
-    """A RAM section as QEMU writes it: optional block list, runs of zero /
-    normal / XBZRLE pages naming their block or continuing it, EOS."""
+def sections(draw: st.DrawFn, ignore_shared: bool = False) -> bytes:
+    """A RAM section as QEMU writes it: optional block list (with block
+    addresses under x-ignore-shared), runs of zero / normal / XBZRLE pages
+    naming their block or continuing it, EOS."""
     out = bytearray()
     if draw(st.booleans()):
         sizes = [draw(st.integers(1, 64)) * PAGE for _ in NAMES]
         out += struct.pack(">Q", sum(sizes) | RAM_SAVE_FLAG_MEM_SIZE)
         for name, size in zip(NAMES, sizes, strict=True):
             out += bytes([len(name)]) + name + struct.pack(">Q", size)
+            if ignore_shared:
+                out += struct.pack(">Q", draw(st.integers(0, 1 << 40)))
     named = False
     for _ in range(draw(st.integers(0, 12))):
         kind = draw(st.sampled_from(["zero", "page", "xbzrle"]))
@@ -65,7 +68,7 @@ def sections(draw: st.DrawFn) -> bytes:
     return bytes(out)
 
 
-def _parsed(data: bytes) -> RamPayload:
+def _parsed(data: bytes, ignore_shared: bool = False) -> RamPayload:
     """The same section through the record parser (a streaming reader never scans)."""
 
     class Source:
@@ -78,16 +81,17 @@ def _parsed(data: bytes) -> RamPayload:
             self.at += n
             return n
 
-    return read_ram(Reader.from_file(Source(data)))
+    return read_ram(Reader.from_file(Source(data)), ignore_shared=ignore_shared)
 
 
 @settings(max_examples=150, deadline=None)
-@given(sections(), st.binary(max_size=16))
-def test_scan_summary_equals_parsed_records(data: bytes, tail: bytes) -> None:
+@given(st.booleans().flatmap(lambda shared: st.tuples(st.just(shared), sections(shared))), st.binary(max_size=16))
+def test_scan_summary_equals_parsed_records(case: tuple[bool, bytes], tail: bytes) -> None:
+    shared, data = case
     r = Reader(data + tail)
-    scanned = read_ram(r)
+    scanned = read_ram(r, ignore_shared=shared)
     assert r.tell() == len(data)
-    parsed = _parsed(data)
+    parsed = _parsed(data, shared)
     assert scanned.record_count == len(parsed.records)
     assert scanned.block_list() == parsed.block_list()
     assert scanned.pages_by_block() == parsed.pages_by_block()
