@@ -53,6 +53,19 @@ class AttrModel:
     doc: str | None
     fresh: str | None = None  # value load() starts from, None when loading always assigns it first
     fill: str | None = None  # statement completing a fresh instance after its load
+    value: str = ""  # the default's value source
+    factory: bool = False  # built per instance (lists, nested structs)
+
+    @property
+    def init_default(self) -> str:
+        """Default of the ``__init__`` parameter: a shared sentinel for built defaults."""
+        return "_rt.DEFAULT" if self.factory else self.value
+
+    @property
+    def init_value(self) -> str:
+        if self.factory:
+            return f"{self.value} if {self.name} is _rt.DEFAULT else {self.name}"
+        return self.name
 
 
 @attrs.frozen
@@ -333,7 +346,7 @@ class ModuleBuilder:
             default = "attrs.field(factory=list)"
         name = python_attr_name(f.name)
         start, fill = self.fresh_value(f, name, value, factory, optional, in_subsection, sees)
-        return AttrModel(name, ann, default, f.doc, start, fill)
+        return AttrModel(name, ann, default, f.doc, start, fill, value, factory)
 
     def fresh_value(
         self, f: ast.Field, name: str, value: str, factory: bool, optional: bool, in_subsection: bool, sees: bool

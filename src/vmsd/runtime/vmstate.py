@@ -348,6 +348,18 @@ class _Absent:
 
 
 ABSENT: Any = _Absent()
+
+
+class _Default:
+    """Default of a generated ``__init__`` parameter whose default is built per instance."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()
 _QUICK: dict[Any, bool] = {}
 _SEES_DEFAULTS = ("__init__", "__attrs_attrs__", "__attrs_post_init__", "pre_load")
 
