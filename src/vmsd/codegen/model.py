@@ -98,6 +98,7 @@ class ClassModel:
     flat_struct: str | None = None  # the one Struct of a state that is a single fused run
     flat_targets: tuple[str, ...] = ()
     flat_defaults: tuple[str, ...] = ()  # default value source of each flat target
+    row_writes: tuple[str, ...] = ()  # a state that is one fused run: the statements writing it (to ``out``)
     peeks: bool = False  # custom predicates here or in nested structs may look at the reader
 
     @property
@@ -140,9 +141,13 @@ class ModuleModel:
         return any(c.flat_struct for c in self.classes)
 
     @property
+    def uses_rows(self) -> bool:
+        return any(c.row_writes for c in self.classes)
+
+    @property
     def typing_names(self) -> list[str]:
         names = ["ClassVar"]
-        if self.uses_flat:
+        if self.uses_rows:
             names.insert(0, "Any")
         if self.classes:
             names.append("Self")
@@ -183,7 +188,7 @@ class ModuleBuilder:
         self.tool_version = tool_version
         self.formats = _Formats()
         # Set by steps(): the Struct and targets when the fields are one simple fused run.
-        self.flat_run: tuple[str, list[str]] | None = None
+        self.flat_run: tuple[str, list[str], list[str], bool] | None = None
         self.imports: dict[tuple[str, ...], set[str]] = {}
 
     # -- names ---------------------------------------------------------------
@@ -254,7 +259,8 @@ class ModuleBuilder:
         load, save, table_fields = self.steps(v.fields, ctx, predicates)
         # A "flat" state is one fused run of single scalars: arrays of it load
         # with one iter_unpack over all elements.
-        flat = self.flat_run if not v.subsections else None
+        run = self.flat_run if not v.subsections else None
+        flat = run if run is not None and run[3] else None
         if v.subsections:
             load.append('_at = ""')
             load.append(f"_rt.load_subsections(self, r, {v.name.encode()!r}, True, self._SUBSECTIONS[{v.name!r}])")
@@ -283,6 +289,7 @@ class ModuleBuilder:
             flat_struct=flat[0] if flat else None,
             flat_targets=tuple(flat[1]) if flat else (),
             flat_defaults=tuple(defaults[t.removeprefix("self.")] for t in flat[1]) if flat else (),
+            row_writes=tuple(run[2]) if run else (),
             peeks=self.peeks(v),
         )
 
@@ -481,7 +488,7 @@ class ModuleBuilder:
         tables: list[str] = []
         run: list[ast.Field] = []
         names = _qemu_names(fields)
-        runs: list[tuple[str, list[str]] | None] = []
+        runs: list[tuple[str, list[str], list[str], bool] | None] = []
 
         def flush() -> None:
             if run:
@@ -513,8 +520,11 @@ class ModuleBuilder:
             return f.enum is None and f.check is None and all(isinstance(d, ast.IntLit) for d in f.dims)
         return f.kind in ("bytes", "unused") and all(isinstance(d, ast.IntLit) for d in f.dims)
 
-    def fused(self, run: list[ast.Field], load: list[str], save: list[str], ctx: _Ctx) -> tuple[str, list[str]] | None:
-        """Statements for one fused run; its Struct and targets when it is all single values.
+    def fused(
+        self, run: list[ast.Field], load: list[str], save: list[str], ctx: _Ctx
+    ) -> tuple[str, list[str], list[str], bool] | None:
+        """Statements for one fused run; unless it depends on a version: its
+        Struct, targets, write statements and whether it is all single values.
 
         A run of fields present ``since`` a version is read and written under
         one version test; below it, vmsd-level fields become None.
@@ -593,7 +603,7 @@ class ModuleBuilder:
         if not since:
             load.extend(reads)
             save.extend(writes)
-            return (const, [t.split(" = ")[0] for t in targets]) if simple and index else None
+            return (const, [t.split(" = ")[0] for t in targets], writes, simple) if index else None
         load.append(f"if version_id >= {since}:")
         load.extend("    " + line for line in reads)
         if absent:

@@ -423,6 +423,16 @@ _NO_HOOK_POST = VMStateObject.post_load
 def save_struct_array(w: Writer, values: Sequence[T], n: int, version: int, name: str) -> None:
     if len(values) != n:
         raise SaveError(f"'{name}' has {len(values)} elements, expected {n}")
+    kind: Any = type(values[0]) if values else None
+    if kind is not None and "_save_rows" in kind.__dict__ and all(type(v) is kind for v in values):
+        # Elements of one generated flat class (no hooks): one loop of packs.
+        # Anything wrong is left to the element-wise path below, which names it.
+        start = len(w.buf)
+        try:
+            kind._save_rows(values, w.buf)
+            return
+        except (VMSDError, struct.error, TypeError, OverflowError):
+            del w.buf[start:]
     for i, obj in enumerate(values):
         try:
             obj._save_nested(w, version)
@@ -610,9 +620,10 @@ def as_loaded_subclass(cls: type[T]) -> type[T] | None:
         return None
 
     def predicate(names: list[str]) -> Callable[[Any, int], bool]:
+        wanted = frozenset(names)
+
         def decide(self: Any, version_id: int) -> bool:
-            loaded = self.__dict__.get("_vmsd_loaded_subsections", ())
-            return any(n in loaded for n in names)
+            return not wanted.isdisjoint(self.__dict__.get("_vmsd_loaded_subsections", ()))
 
         return decide
 

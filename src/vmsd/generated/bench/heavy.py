@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -153,6 +153,11 @@ class HeavyEntry(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S0.pack(self.addr, self.len, self.flags, self.kind, self.prio, self.deadline, self.credit, self.seq, self.vector, self.qid, self.valid, self.dirty, self.state, self.owner, self.delta, self.crc, self.cookie, self.refs, self.gen, self.expiry)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 

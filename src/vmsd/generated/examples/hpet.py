@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -297,6 +297,11 @@ class HpetTimer(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S4.pack(self.tn, self.config, self.cmp, self.fsb, self.period, self.wrap_flag, self.qemu_timer)
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -214,6 +214,11 @@ class PitChannel(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S2.pack(self.count, self.latched_count, self.count_latched, self.status_latched, self.status, self.read_state, self.write_state, self.write_latch, self.rw_mode, self.mode, self.bcd, self.gate, self.count_load_time, self.next_transition_time)
 
     _FLAT: ClassVar[struct.Struct | None] = _S2
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import abc
 import enum
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -102,6 +102,11 @@ class KindsElem(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S0.pack(self.id, self.bias)
+
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
@@ -187,6 +192,11 @@ class KindsKey(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S1.pack(self.lo, self.hi)
+
     _FLAT: ClassVar[struct.Struct | None] = _S1
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
@@ -271,6 +281,11 @@ class KindsTmp(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S2.pack(self.mant, self.exp)
 
     _FLAT: ClassVar[struct.Struct | None] = _S2
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -67,6 +67,11 @@ class APMState(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S0.pack(self.apmc, self.apms)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
@@ -214,6 +219,12 @@ class PMSMBus(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.smb_data, 32, 'smb_data')
+            out += _S1.pack(self.smb_stat, self.smb_ctl, self.smb_cmd, self.smb_addr, self.smb_data0, self.smb_data1, self.smb_index, *self.smb_data, self.smb_auxctl, self.smb_blkdata, self.i2c_enable, self.op_done, self.in_i2c_block_read, self.start_transaction_on_status_read)
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -296,6 +307,11 @@ class AcpiPciHpPciStatus(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S2.pack(self.up, self.down)
 
     _FLAT: ClassVar[struct.Struct | None] = _S2
 
@@ -392,6 +408,11 @@ class MemStatus(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S3.pack(self.is_enabled, self.is_inserting, self.ost_event, self.ost_status)
+
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (False, False, 0, 0,)
@@ -480,6 +501,11 @@ describes nothing for devs)."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S4.pack(self.selector)
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
@@ -576,6 +602,11 @@ class AcpiCpuStatus(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S3.pack(self.is_inserting, self.is_removing, self.ost_event, self.ost_status)
+
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (False, False, 0, 0,)
@@ -669,6 +700,11 @@ dev_count * 10 more bytes here than this spec reads."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S5.pack(self.selector, self.command)
 
     _FLAT: ClassVar[struct.Struct | None] = _S5
 
@@ -819,6 +855,11 @@ class TCOIORegs(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S6.pack(self.rld, self.din, self.dout, self.sts1, self.sts2, self.cnt1, self.cnt2, self.msg1, self.msg2, self.wdcnt, self.tmr, self.sw_irq_gen, self.tco_timer, self.expire_time, self.timeouts_no)
 
     _FLAT: ClassVar[struct.Struct | None] = _S6
 

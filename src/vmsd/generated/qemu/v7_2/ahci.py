@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -498,6 +498,11 @@ class NCQTransferState(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S3.pack(self.sector_count, self.lba, self.tag, self.cmd, self.slot, self.used, self.halt)
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -2511,6 +2511,11 @@ class SegmentCache(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S21.pack(self.selector, self.base, self.limit, self.flags)
+
     _FLAT: ClassVar[struct.Struct | None] = _S21
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0,)
@@ -2654,6 +2659,11 @@ class FPRegTmp(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S22.pack(self.tmp_mant, self.tmp_exp)
+
     _FLAT: ClassVar[struct.Struct | None] = _S22
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
@@ -2739,6 +2749,11 @@ class XmmReg(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S4.pack(self.q0, self.q1)
+
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
@@ -2823,6 +2838,11 @@ class YmmhReg(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S4.pack(self.q2, self.q3)
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
@@ -2918,6 +2938,11 @@ class ZmmhReg(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S23.pack(self.q4, self.q5, self.q6, self.q7)
 
     _FLAT: ClassVar[struct.Struct | None] = _S23
 
@@ -3034,6 +3059,11 @@ class Hi16ZmmReg(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S24.pack(self.q0, self.q1, self.q2, self.q3, self.q4, self.q5, self.q6, self.q7)
+
     _FLAT: ClassVar[struct.Struct | None] = _S24
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0, 0, 0, 0, 0, 0, 0,)
@@ -3119,6 +3149,11 @@ class BndReg(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S4.pack(self.lb, self.ub)
+
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
@@ -3203,6 +3238,11 @@ class MtrrVar(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S4.pack(self.base, self.mask)
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
@@ -3293,6 +3333,11 @@ class LbrRecord(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S9.pack(self.from_, self.to, self.info)
 
     _FLAT: ClassVar[struct.Struct | None] = _S9
 

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar, Self
+from collections.abc import Sequence
+from typing import Any, ClassVar, Self
 
 
 import attrs
@@ -87,6 +88,13 @@ Transcribes vmstate_i8257_regs ("dma_regs") in hw/dma/i8257.c (QEMU 7.2)."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.now, 2, 'now')
+            _rt.check_len(self.base, 2, 'base')
+            out += _S0.pack(*self.now, *self.base, self.mode, self.page, self.pageh, self.dack, self.eop)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -68,6 +68,12 @@ run state is neither "running" nor "paused".  The language has no top-level
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.runstate, 100, 'runstate')
+            out += _S0.pack(self.size, self.runstate)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -91,6 +91,11 @@ Transcribes vmstate_hpet_timer ("hpet_timer") in hw/timer/hpet.c (QEMU 7.2)."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S0.pack(self.tn, self.config, self.cmp, self.fsb, self.period, self.wrap_flag, self.qemu_timer)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 

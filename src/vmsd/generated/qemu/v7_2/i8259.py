@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -132,6 +132,11 @@ Transcribes vmstate_pic_common ("i8259") in hw/intc/i8259_common.c (QEMU 7.2).""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S0.pack(self.last_irr, self.irr, self.imr, self.isr, self.priority_add, self.irq_base, self.read_reg_select, self.poll, self.special_mask, self.init_state, self.auto_eoi, self.rotate_on_auto_eoi, self.special_fully_nested_mode, self.init4, self.single_mode, self.elcr)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 

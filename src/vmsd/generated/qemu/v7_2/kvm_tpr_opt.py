@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar, Self
+from collections.abc import Sequence
+from typing import Any, ClassVar, Self
 
 
 import attrs
@@ -280,6 +281,12 @@ class VAPICHandlers(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.get_tpr, 8, 'get_tpr')
+            out += _S2.pack(self.set_tpr, self.set_tpr_eax, *self.get_tpr, self.get_tpr_stack)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

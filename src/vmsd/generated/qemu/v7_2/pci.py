@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -291,6 +291,13 @@ class PCIEAERErr(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.header, 4, 'header')
+            _rt.check_len(self.prefix, 4, 'prefix')
+            out += _S2.pack(self.status, self.source_id, self.flags, *self.header, *self.prefix)
+
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
@@ -463,6 +470,11 @@ true by default) gates the whole section, not a field."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S4.pack(self.config_reg)
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 

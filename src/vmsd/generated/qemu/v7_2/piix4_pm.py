@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -70,6 +70,11 @@ GPE byte array, saved big-endian like any VMSTATE uint16."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S0.pack(self.sts, self.en)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
@@ -155,6 +160,11 @@ class PIIX4PciStatus(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S1.pack(self.up, self.down)
 
     _FLAT: ClassVar[struct.Struct | None] = _S1
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -57,6 +57,11 @@ Transcribes vmstate_port92_isa ("port92") in hw/i386/port92.c (QEMU 7.2)."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S0.pack(self.outport)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 

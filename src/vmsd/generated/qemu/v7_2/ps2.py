@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -82,6 +82,12 @@ Transcribes vmstate_ps2_common ("PS2 Common State") in hw/input/ps2.c (QEMU 7.2)
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.queue_data, 256, 'queue_data')
+            out += _S0.pack(self.write_cmd, self.queue_rptr, self.queue_wptr, self.queue_count, self.queue_data)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 

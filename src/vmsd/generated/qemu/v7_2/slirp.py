@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -185,6 +185,12 @@ class BOOTPClient(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.macaddr, 6, 'macaddr')
+            out += _S1.pack(self.allocated, self.macaddr)
 
     _FLAT: ClassVar[struct.Struct | None] = _S1
 
@@ -627,6 +633,11 @@ class SlirpFamily(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S0.pack(self.portable_family)
+
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
@@ -802,6 +813,11 @@ are below sb_datalen)."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S4.pack(self.woff, self.roff)
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
@@ -1078,6 +1094,12 @@ class SlirpTcpcb(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.t_timer, 4, 't_timer')
+            out += _S5.pack(self.t_state, *self.t_timer, self.t_rxtshift, self.t_rxtcur, self.t_dupacks, self.t_maxseg, self.t_force, self.t_flags, self.snd_una, self.snd_nxt, self.snd_up, self.snd_wl1, self.snd_wl2, self.iss, self.snd_wnd, self.rcv_wnd, self.rcv_nxt, self.rcv_up, self.irs, self.rcv_adv, self.snd_max, self.snd_cwnd, self.snd_ssthresh, self.t_idle, self.t_rtt, self.t_rtseq, self.t_srtt, self.t_rttvar, self.t_rttmin, self.max_sndwnd, self.t_oobflags, self.t_iobc, self.t_softerror, self.snd_scale, self.rcv_scale, self.request_r_scale, self.requested_s_scale, self.ts_recent, self.ts_recent_age, self.last_ack_sent)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import struct
-from typing import ClassVar, Self
+from collections.abc import Sequence
+from typing import Any, ClassVar, Self
 
 
 import attrs
@@ -88,6 +89,12 @@ post_load rejects a setup_index/setup_len outside the device's data_buf."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.setup_buf, 8, 'setup_buf')
+            out += _S0.pack(self.addr, self.state, self.remote_wakeup, self.setup_state, self.setup_len, self.setup_index, *self.setup_buf)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -238,6 +238,11 @@ class HIDPointerEvent(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S1.pack(self.xdx, self.ydy, self.dz, self.buttons_state)
 
     _FLAT: ClassVar[struct.Struct | None] = _S1
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -491,6 +491,11 @@ class VirtQueueState(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S3.pack(self.avail, self.used)
+
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, 0,)
@@ -591,6 +596,11 @@ class PackedVirtQueueState(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S4.pack(self.last_avail_idx, self.last_avail_wrap_counter, self.used_idx, self.used_wrap_counter, self.inuse)
+
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, False, 0, False, 0,)
@@ -670,6 +680,11 @@ class VirtQueueRingSize(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S5.pack(self.num_default)
 
     _FLAT: ClassVar[struct.Struct | None] = _S5
 
@@ -893,6 +908,14 @@ class VirtIOPCIQueue(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.desc, 2, 'desc')
+            _rt.check_len(self.avail, 2, 'avail')
+            _rt.check_len(self.used, 2, 'used')
+            out += _S7.pack(self.num, self.enabled, *self.desc, *self.avail, *self.used)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
         _at = ""

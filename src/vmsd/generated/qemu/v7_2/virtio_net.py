@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -587,6 +587,11 @@ class VirtIONetQueueTxWaiting(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S7.pack(self.tx_waiting)
+
     _FLAT: ClassVar[struct.Struct | None] = _S7
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
@@ -668,6 +673,11 @@ needs it when the local peer lacks it)."""
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S7.pack(self.has_vnet_hdr)
+
     _FLAT: ClassVar[struct.Struct | None] = _S7
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0,)
@@ -747,6 +757,11 @@ class VirtIONetHasUfo(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S8.pack(self.has_ufo)
 
     _FLAT: ClassVar[struct.Struct | None] = _S8
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 
@@ -174,6 +174,12 @@ msix_load re-applies the vector masks."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            _rt.check_len(self.msix, 258, 'msix')
+            out += _S0.pack(self.msix)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
 
@@ -442,6 +448,11 @@ class XHCIRing(_rt.VMStateObject):
         self = object.__new__(cls)
         return self
 
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S2.pack(self.dequeue, self.ccs)
+
     _FLAT: ClassVar[struct.Struct | None] = _S2
 
     _FLAT_DEFAULTS: ClassVar[tuple[Any, ...]] = (0, False,)
@@ -521,6 +532,11 @@ class XHCIPort(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S3.pack(self.portsc)
 
     _FLAT: ClassVar[struct.Struct | None] = _S3
 
@@ -606,6 +622,11 @@ class XHCISlot(_rt.VMStateObject):
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S4.pack(self.enabled, self.addressed)
 
     _FLAT: ClassVar[struct.Struct | None] = _S4
 
@@ -717,6 +738,11 @@ migrates: see xhci-intr)."""
     def _fresh(cls) -> Self:
         self = object.__new__(cls)
         return self
+
+    @staticmethod
+    def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
+        for self in objs:
+            out += _S5.pack(self.type, self.ccode, self.ptr, self.length, self.flags, self.slotid, self.epid)
 
     _FLAT: ClassVar[struct.Struct | None] = _S5
 
