@@ -68,3 +68,14 @@ def test_a_post_load_hook_sees_every_field_set() -> None:
         _IMPLS.pop(Serial, None)
     assert seen and ABSENT not in seen[0].values()
     assert seen[0]["recv_fifo"] == source.recv_fifo and seen[0]["divider"] == 7
+
+
+def test_a_bad_element_of_a_packed_struct_array_is_named() -> None:
+    from vmsd.generated.bench.heavy import Heavy, HeavyEntry
+    from vmsd.runtime import SaveError
+
+    good = Heavy(count=2, entries=[HeavyEntry(addr=1), HeavyEntry(addr=2)])
+    assert Heavy.load(good.save()) == good  # the packed loop wrote both elements
+    bad = Heavy(count=2, entries=[HeavyEntry(addr=1), HeavyEntry(addr=1 << 64)])
+    with pytest.raises(SaveError, match=r"entries.*\[1\]"):
+        bad.save()
