@@ -255,8 +255,9 @@ def _zero_run(buf: bytes, pos: int, end: int) -> int:
     flag bits in C (low byte 0x22, bits 8-11 clear) instead of per record.
     """
     total = 0
+    probe = 64  # grows while the run lasts: a lone zero page costs a 64-record look, not a 64 Ki one
     while True:
-        n = min((end - pos) // 9, 1 << 16)
+        n = min((end - pos) // 9, probe)
         if n < 8:
             return total
         low = buf[pos + 7 : pos + 9 * n : 9]
@@ -267,6 +268,7 @@ def _zero_run(buf: bytes, pos: int, end: int) -> int:
         pos += 9 * k
         if k < n:
             return total
+        probe = min(probe * 8, 1 << 16)
 
 
 def _read_records(r: Reader, ignore_shared: bool, postcopy: bool, block_named: bool) -> list[RamRecord]:
