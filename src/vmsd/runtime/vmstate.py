@@ -129,21 +129,10 @@ class VMStateObject(abc.ABC):
         """Build the registered class for this vmsd from its wire encoding."""
         ctor: Any = _IMPLS.get(cls, cls)
         if type(data) is bytes and _QUICK.get(ctor) and "_generated" in ctor.__dict__ and not ctor._PEEKS:
-            # The common case inline (a generated class from bytes): what
-            # load_into does, without the steps that are no-ops here.
-            v = ctor.VERSION_ID if version_id is None else version_id
-            if not ctor.MINIMUM_VERSION_ID <= v <= ctor.VERSION_ID:
-                check_version(ctor.VMSD_NAME, v, ctor.VERSION_ID, ctor.MINIMUM_VERSION_ID, 0)
+            # The common case (a generated class from bytes) without load_into's
+            # checks for readers, subclasses and published readers.
             new: Self = ctor._fresh()
-            r = Reader(data)
-            try:
-                new._load_fields(r, v)
-                new._fill()
-                new.post_load(v)
-            except VMSDError as e:
-                raise e.within(ctor.VMSD_NAME) from None
-            if r.pos != len(data):
-                raise MalformedStream(f"{len(data) - r.pos} bytes left after the last field", offset=r.tell(), path=ctor.VMSD_NAME)
+            new._read(Reader(data), ctor.VERSION_ID if version_id is None else version_id, True)
             return new
         obj = fresh(cls)
         obj.load_into(data, version_id)
@@ -152,13 +141,20 @@ class VMStateObject(abc.ABC):
     def load_into(self, data: Reader | bytes | bytearray | memoryview, version_id: int | None = None) -> None:
         """Load into this object, as QEMU loads into an existing device."""
         r = data if isinstance(data, Reader) else Reader(data)
-        whole = r is not data
         v = self.VERSION_ID if version_id is None else version_id
-        if not self.MINIMUM_VERSION_ID <= v <= self.VERSION_ID:
-            check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, r.tell())
         # Publishing the reader costs a context-variable round trip per load:
         # only custom predicates and user hooks (registered subclasses) use it.
         token = _CURRENT_READER.set(r) if self._PEEKS or "_generated" not in type(self).__dict__ else None
+        try:
+            self._read(r, v, r is not data)
+        finally:
+            if token is not None:
+                _CURRENT_READER.reset(token)
+
+    def _read(self, r: Reader, v: int, whole: bool) -> None:
+        """The load proper; ``whole``: ``r`` holds exactly this object's bytes."""
+        if not self.MINIMUM_VERSION_ID <= v <= self.VERSION_ID:
+            check_version(self.VMSD_NAME, v, self.VERSION_ID, self.MINIMUM_VERSION_ID, r.tell())
         try:
             self.pre_load()
             self._load_fields(r, v)
@@ -166,9 +162,6 @@ class VMStateObject(abc.ABC):
             self.post_load(v)
         except VMSDError as e:
             raise e.within(self.VMSD_NAME) from None
-        finally:
-            if token is not None:
-                _CURRENT_READER.reset(token)
         if whole and r.pos != len(r.buf):
             # Given the bytes of one object, leftovers mean the spec and the data disagree.
             left = len(r.buf) - r.pos
