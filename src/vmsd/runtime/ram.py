@@ -77,27 +77,33 @@ class RamPayload:
             self._records = _read_records(Reader(self._raw), self._summary.ignore_shared, self._summary.postcopy, True)
         return self._records
 
+    def _unparsed(self) -> _Summary | None:
+        """The scanner's summary while the records have not been parsed (then they are the truth)."""
+        return self._summary if self._records is None else None
+
     @property
     def record_count(self) -> int:
-        if self._records is None and self._summary is not None:
-            return self._summary.count
-        return len(self.records)
+        summary = self._unparsed()
+        return summary.count if summary is not None else len(self.records)
 
     def block_list(self) -> list[RamBlock]:
         """The blocks announced by MEM_SIZE records (QEMU sends them in the first section)."""
-        if self._records is None and self._summary is not None:
-            return list(self._summary.blocks)
+        summary = self._unparsed()
+        if summary is not None:
+            return list(summary.blocks)
         return [b for rec in self.records for b in rec.blocks]
 
     def names_block(self) -> bool:
         """Whether a page record here names its block (later sections may then CONTINUE)."""
-        if self._records is None and self._summary is not None:
-            return bool(self._summary.pages)
+        summary = self._unparsed()
+        if summary is not None:
+            return bool(summary.pages)
         return any(rec.block for rec in self.records)
 
     def pages_by_block(self) -> dict[str, dict[str, int]]:
-        if self._records is None and self._summary is not None:
-            return {name: dict(kinds) for name, kinds in self._summary.pages.items()}
+        summary = self._unparsed()
+        if summary is not None:
+            return {name: dict(kinds) for name, kinds in summary.pages.items()}
         out: dict[str, dict[str, int]] = {}
         current = ""
         for rec in self.records:
