@@ -393,16 +393,17 @@ class MultifdReceiver:
         try:
             while True:
                 try:
-                    _read_into(ch, hv)
-                except TransportError as e:
+                    whole = _read_into(ch, hv, may_end=True)
+                except TransportError:
                     if self._stopping:
                         return
-                    if e.message.startswith("stream ended after 0 "):
+                    raise
+                if not whole:
+                    if not self._stopping:
                         # Closed between packets: the peer gave up, most likely because
                         # another channel failed first; that one's error is the cause.
-                        self._note(i, f"{name}: closed by the peer between packets", weak=True)
-                        return
-                    raise
+                        self._note(f"{name}: closed by the peer between packets", weak=True)
+                    return
                 magic, version, flags, alloc, normal, size, _num, zero = _HEAD.unpack_from(head)
                 if magic != MULTIFD_MAGIC:
                     raise MalformedStream(f"received packet magic {magic:#x} and expected magic {MULTIFD_MAGIC:#x}")
@@ -426,9 +427,9 @@ class MultifdReceiver:
             if self._stopping:
                 return
             reason = e.message if isinstance(e, VMSDError | TransportError) else f"{type(e).__name__}: {e}"
-            self._note(i, f"{name}: {reason}", weak=False)
+            self._note(f"{name}: {reason}", weak=False)
 
-    def _note(self, i: int, message: str, weak: bool) -> None:
+    def _note(self, message: str, weak: bool) -> None:
         """Keep the first failure as the cause; an orderly close only until a real error shows up."""
         with self._lock:
             if self._error is None or (self._error_weak and not weak):
@@ -550,14 +551,18 @@ def _inflate(decomp: Any, data: memoryview, want: int, method: str, zbound: Zstd
     return out
 
 
-def _read_into(ch: Channel, view: memoryview) -> None:
+def _read_into(ch: Channel, view: memoryview, may_end: bool = False) -> bool:
+    """Fill ``view``; False when ``may_end`` and the stream ended before its first byte."""
     got = 0
     n = len(view)
     while got < n:
         k = ch.readinto(view[got:])
         if k == 0:
+            if may_end and got == 0:
+                return False
             raise TransportError(ch.name, f"stream ended after {got} of {n} bytes")
         got += k
+    return True
 
 
 # -- connections --------------------------------------------------------------------------------------------------
