@@ -47,6 +47,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import argparse  # noqa: E402
 import math  # noqa: E402
+import mmap  # noqa: E402
 import multiprocessing  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -311,13 +312,13 @@ def peer_main(mode: str, uri: str, ram_path: Path, size: int, prealloc: bool,
 
 def _vmsd_to_vmsd(size: int, src_ram_path: Path, prealloc: bool) -> Result:
     dst_path = shm_file("dst", size)
-    sock = f"/tmp/vmsd-bench-{_RUN_ID}.sock"
+    uri = f"tcp:127.0.0.1:{_free_port()}"  # loopback TCP, as QEMU->QEMU
     try:
-        peer = _peer("machine", f"unix:{sock}", str(dst_path), str(size), str(int(prealloc)))
+        peer = _peer("machine", uri, str(dst_path), str(size), str(int(prealloc)))
         try:
             with _vmsd_source(src_ram_path, size) as m:
                 t0 = time.perf_counter()
-                info = Migration(m, f"unix:{sock}", capabilities={"return-path": True},
+                info = Migration(m, uri, capabilities={"return-path": True},
                                  parameters={"max-bandwidth": 0}, multifd=_vmsd_multifd("10.0")).run()
                 wall = time.perf_counter() - t0
             if info["status"] != "completed":
@@ -478,7 +479,25 @@ def print_ceilings(nbytes: int, runs: int) -> None:
     print(f"{'vmsd zero_pages, half zero (2 MiB runs)':<40} {fmt_rates(zero_detect(nbytes, runs))}")
 
 
+def back_memory(nbytes: int) -> None:
+    """Touch and free ``nbytes`` of anonymous memory, so that the next case's first touches are cheap.
+
+    On a VM whose host backs guest memory lazily (and takes back what the
+    guest frees, via free page reporting), the first touch of a guest page
+    can cost a host page fault: the 2 GiB a case writes on its destination
+    took anywhere from 1.5 to 7.7 s for the same vmsd run, and QEMU's from 1.6
+    to 8.1 s, depending on what the previous case had freed.  Touching the
+    memory just before each case gives every case the same start: the guest
+    reuses these just-freed, host-backed pages.
+    """
+    with mmap.mmap(-1, nbytes) as mm:
+        pages = np.frombuffer(mm, dtype=np.uint8)
+        pages[::4096] = 1
+        del pages
+
+
 def run_case(name: str, case: Case, size: int, mix: str, src: Path) -> Result:
+    back_memory(size + 512 * MIB)  # the destination's RAM, and room for what both processes allocate
     try:
         return case(size, mix, src)
     except Exception as e:  # one broken case or run should not hide the others' numbers

@@ -254,6 +254,9 @@ class RamLoader:
         # Multifd: called at each sync point -- every EOS with 7.2's layout, every MULTIFD_FLUSH with the newest.
         self.sync_hook: Callable[[], None] | None = None
         self.legacy_sync = False
+        # Receive buffers outlive each run of pages: a sender's sections end every 50 ms or so, and
+        # fresh megabytes per section would be zero-filled and page-faulted all over again.
+        self._buffers: list[bytearray] = []
 
     def load_section(self, r: Reader) -> None:
         """Read and apply records up to and including EOS."""
@@ -303,7 +306,7 @@ class RamLoader:
         """
         source = r.source
         assert source is not None
-        pipe = _Receiver(source)
+        pipe = _Receiver(source, self._buffers)
         tail = r.buf[r.pos:]
         at = r.tell()
         received = False
@@ -330,7 +333,7 @@ class RamLoader:
                 pipe.recycle(buf)
         finally:
             rest = pipe.stop()
-            r.rebuffer(tail + rest, at)
+            r.rebuffer(b"".join([tail, *rest]), at)
         return received or bool(rest)
 
     @staticmethod
@@ -475,12 +478,14 @@ class RamLoader:
 class _Receiver:
     """A thread reading a byte source into a few reused buffers, ahead of the thread applying them."""
 
-    def __init__(self, source: ByteSource) -> None:
+    def __init__(self, source: ByteSource, buffers: list[bytearray]) -> None:
         self.source = source
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self.full: queue.SimpleQueue[tuple[bytearray, int] | BaseException | None] = queue.SimpleQueue()
-        for _ in range(_BUFFERS):
-            self.free.put(bytearray(_RESERVE + _READ))
+        if not buffers:
+            buffers += [bytearray(_RESERVE + _READ) for _ in range(_BUFFERS)]
+        for buf in buffers:
+            self.free.put(buf)
         self.fd = source.fileno() if hasattr(source, "fileno") else -1
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # stop() ends a wait for input at once
@@ -526,14 +531,15 @@ class _Receiver:
     def recycle(self, buf: bytearray) -> None:
         self.free.put(buf)
 
-    def stop(self) -> bytes:
-        """End the thread; the bytes it read that were not taken, in order."""
+    def stop(self) -> list[memoryview]:
+        """End the thread; the bytes it read that were not taken, in order (views of the loader's buffers,
+        valid until the next receiver reuses them)."""
         self._stop.set()
         os.write(self._wake_w, b"x")
         self._thread.join()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        rest = bytearray()
+        rest: list[memoryview] = []
         while True:
             try:
                 item = self.full.get_nowait()
@@ -541,11 +547,10 @@ class _Receiver:
                 break
             if isinstance(item, tuple):
                 buf, end = item
-                rest += buf[_RESERVE:end]
+                rest.append(memoryview(buf)[_RESERVE:end])
             elif isinstance(item, BaseException):
                 raise item
-        return bytes(rest)
-
+        return rest
 
 def _drop_page_views(e: BaseException) -> None:
     """Clear the failed frames' locals: a page view kept alive by the traceback would pin the mapping (and the
