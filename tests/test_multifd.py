@@ -171,11 +171,61 @@ def test_bad_compression_stream() -> None:
     cfg = MultifdConfig(channels=1, compression="zlib")
     err = _receive_one(cfg, _packet("pc.ram", [0], b"\x78\x01garbage-not-deflate", flags=0x02))
     assert "multifd channel 0: zlib stream is corrupt" in err.message
-    cfg = MultifdConfig(channels=1, compression="zstd")
-    short = zstandard.ZstdCompressor().compressobj()
-    data = short.compress(bytes(100)) + short.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-    err = _receive_one(cfg, _packet("pc.ram", [0], data, flags=0x04))
+    # Stored blocks are counted before inflating: nothing is written.
+    stored = b"\x28\xb5\x2f\xfd\x00\x58" + (100 << 3).to_bytes(3, "little") + bytes(100)
+    err = _receive_one(MultifdConfig(channels=1, compression="zstd"), _packet("pc.ram", [0], stored, flags=0x04))
     assert "zstd payload inflated to 100 bytes, expected 4096" in err.message
+    garbage = b"\x28\xb5\x2f\xfd\x00\x58" + (40 << 3 | 2 << 1).to_bytes(3, "little") + b"\xff" * 40
+    err = _zstd_error(garbage, [0])
+    assert "multifd channel 0: zstd stream is corrupt" in err.message
+
+
+def _zstd_error(data: bytes, offsets: list[int]) -> MultifdError:
+    """The error a one-channel zstd receiver ends with after one packet (pages may be written: QEMU's too)."""
+    with RamBlocks() as blocks:
+        blocks.create("pc.ram", 16 * PAGE_SIZE)
+        a, b = socket.socketpair()
+        rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [Channel("test channel", sock=b)],
+                             blocks)
+        a.sendall(_packet("pc.ram", offsets, data, flags=0x04))
+        a.close()
+        with pytest.raises(MultifdError) as e:
+            rx.sync()
+        rx.close()
+    return e.value
+
+
+def _zstd_packet(payload: bytes) -> bytes:
+    z = zstandard.ZstdCompressor().compressobj()
+    return z.compress(payload) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+
+def test_a_compressed_zstd_payload_must_fill_its_pages_exactly() -> None:
+    """Compressed blocks give no exact size up front: each run must fill (as QEMU checks), and nothing may be left."""
+    err = _zstd_error(_zstd_packet(b"vmsd" * 500), [0, PAGE_SIZE])
+    assert "multifd channel 0: zstd payload inflated to less than its 8192 bytes of pages" in err.message
+    err = _zstd_error(_zstd_packet(b"vmsd" * 3 * PAGE_SIZE), [0, 2 * PAGE_SIZE])  # 3 pages' worth for 2
+    assert "inflates past its 8192 bytes of pages" in err.message
+
+
+def test_zstd_pages_in_scattered_runs() -> None:
+    """Many short runs per packet: the decoder's held-back output must reach every run."""
+    pages = [0, 2, 3, 5, 9, 10, 11, 15]
+    content = b"".join(bytes([p + 1]) * 8 + bytes(PAGE_SIZE - 8) for p in pages)
+    data = _zstd_packet(content)
+    with RamBlocks() as blocks:
+        block = blocks.create("pc.ram", 16 * PAGE_SIZE)
+        a, b = socket.socketpair()
+        rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [Channel("test channel", sock=b)],
+                             blocks)
+        a.sendall(_packet("pc.ram", [p * PAGE_SIZE for p in pages], data, flags=0x04))
+        a.sendall(_packet("", [], b"", flags=0x01))  # SYNC
+        rx.sync()
+        for p in range(16):
+            want = bytes([p + 1]) * 8 + bytes(PAGE_SIZE - 8) if p in pages else bytes(PAGE_SIZE)
+            assert block.view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] == want
+        a.close()
+        rx.close()
 
 
 def test_a_zstd_bomb_is_refused_before_inflating() -> None:

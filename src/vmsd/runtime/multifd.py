@@ -33,7 +33,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any, cast
 
 import attrs
 import numpy as np
@@ -334,7 +334,6 @@ class MultifdReceiver:
         self._error_weak = False  # the error so far is only a channel closed between packets
         self._lock = threading.Lock()
         self._stopping = False
-        self._zbound: list[ZstdBound | None] = [None] * len(channels)
         # Per-channel receive buffers for compressed payloads (at most two packets of pages, checked before use).
         self._payload = [bytearray(2 * PAGES_PER_PACKET * PAGE_SIZE + 4096) for _ in channels]
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd recv {i}", daemon=True)
@@ -381,12 +380,10 @@ class MultifdReceiver:
         stats = self.stats[i]
         name = f"multifd channel {i}"
         decomp: Any = None
-        self._zbound[i] = None
         if cfg.compression == "zlib":
             decomp = zlib.decompressobj()
         elif cfg.compression == "zstd":
-            decomp = zstandard.ZstdDecompressor().decompressobj()
-            self._zbound[i] = ZstdBound()
+            decomp = _ZstdPages()
         head = bytearray(HEADER_SIZE)
         hv = memoryview(head)
         mask = _COMPRESSION_MASK[cfg.layout]
@@ -463,12 +460,14 @@ class MultifdReceiver:
                 raise MalformedStream(f"compressed payload of {size} bytes for {normal} pages")
             payload = memoryview(self._payload[stats.channel])[:size]
             _read_into(ch, payload)
-            out = memoryview(_inflate(decomp, payload, normal * PAGE_SIZE, self.config.compression,
-                                      self._zbound[stats.channel]))
-            at = 0
-            for p, n in runs:  # slices of a memoryview: no copy on the way into RAM
-                block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = out[at:at + n * PAGE_SIZE]
-                at += n * PAGE_SIZE
+            if isinstance(decomp, _ZstdPages):
+                decomp.inflate_into(payload, block, runs, normal * PAGE_SIZE)
+            else:
+                out = memoryview(_inflate(decomp, payload, normal * PAGE_SIZE, self.config.compression))
+                at = 0
+                for p, n in runs:  # slices of a memoryview: no copy on the way into RAM
+                    block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = out[at:at + n * PAGE_SIZE]
+                    at += n * PAGE_SIZE
             stats.bytes += size
         for p in pages[normal:]:
             if block.words[p].any():  # fresh memory is zero already: leave it unallocated
@@ -484,9 +483,8 @@ _ZSTD_BLOCK_MAX = 128 << 10
 class ZstdBound:
     """Walks a channel's zstd frame across packets: how much a payload can inflate to, before inflating it.
 
-    python-zstandard's streaming decompressor has no output limit, and a few
-    bytes of zstd can claim 128 KiB each.  Block headers say it all: raw and
-    RLE blocks give exactly their size, a compressed block at most 128 KiB.
+    A few bytes of zstd can claim 128 KiB each.  Block headers say it all: raw
+    and RLE blocks give exactly their size, a compressed block at most 128 KiB.
     QEMU (and we) flush each packet on a block boundary, so a payload is
     whole blocks, the first one after the frame header.
     """
@@ -495,8 +493,10 @@ class ZstdBound:
         self.in_frame = False
         self.checksum = False
 
-    def bound(self, data: memoryview) -> int:
+    def bound(self, data: memoryview) -> tuple[int, bool]:
+        """(most bytes ``data`` inflates to, whether that is exact: no compressed block)."""
         out = 0
+        exact = True
         i, n = 0, len(data)
         while i < n:
             if not self.in_frame:
@@ -522,6 +522,7 @@ class ZstdBound:
                 i += 1
             elif kind == 2:
                 out += _ZSTD_BLOCK_MAX
+                exact = False
                 i += size
             else:
                 raise MalformedStream("zstd block of the reserved type")
@@ -530,21 +531,103 @@ class ZstdBound:
                 i += 4 if self.checksum else 0
         if i != n:
             raise MalformedStream("zstd block runs past the payload")
-        return out
+        return out, exact
 
 
-def _inflate(decomp: Any, data: memoryview, want: int, method: str, zbound: ZstdBound | None = None) -> bytes:
-    if zbound is not None:
-        most = zbound.bound(data)
+class _Drained(Exception):
+    """The zstd reader asked for input beyond the packet's payload."""
+
+
+# An empty stored block: inflates to nothing, and is valid wherever a block may start.
+_ZSTD_EMPTY_BLOCK = b"\x00\x00\x00"
+
+
+class _ZstdFeed:
+    """What python-zstandard's stream reader pulls input from: one packet's payload, then at most one empty block.
+
+    The reader asks for input before it lets the decoder hand out output it
+    already holds, so once the payload is all taken, each ``readinto`` may
+    need one empty block to push that output out.  Beyond that, more input
+    means the payload is short; ``b""`` is never returned, as the reader
+    would take it for the end of the stream, for good.
+    """
+
+    def __init__(self) -> None:
+        self.data: memoryview | None = None
+        self.nudge = False
+
+    def read(self, size: int) -> memoryview | bytes:
+        if self.data is not None:
+            data, self.data = self.data, None
+            return data
+        if self.nudge:
+            self.nudge = False
+            return _ZSTD_EMPTY_BLOCK
+        raise _Drained
+
+
+class _ZstdPages:
+    """A channel's zstd stream, inflated straight into the pages' place in RAM.
+
+    ``stream_reader(...).readinto`` fills a slice of the mapping with the GIL
+    released, so there is no intermediate buffer and no copy.  Every run of
+    pages must fill completely, as QEMU's ``zstd_recv_pages`` checks, and
+    then the decoder must hold nothing more: a payload that inflates past
+    its pages is an error too (QEMU does not notice that one).  Stored and
+    RLE blocks, the usual case for incompressible pages, are counted before
+    inflating, and a payload that could inflate far beyond its pages is
+    refused then (see :class:`ZstdBound`).
+    """
+
+    def __init__(self) -> None:
+        self.bound = ZstdBound()
+        self.feed = _ZstdFeed()
+        # The reader only ever calls read(); the stub asks for a whole IO[bytes].
+        source = cast(IO[bytes], self.feed)
+        self.reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20, closefd=False)
+        self._probe = bytearray(1)
+
+    def inflate_into(self, payload: memoryview, block: RamBlock, runs: list[tuple[int, int]], want: int) -> None:
+        most, exact = self.bound.bound(payload)
         if most > 2 * want + 2 * _ZSTD_BLOCK_MAX:
-            raise MalformedStream(f"zstd payload of {len(data)} bytes could inflate to {most} bytes, "
+            raise MalformedStream(f"zstd payload of {len(payload)} bytes could inflate to {most} bytes, "
                                   f"for {want} bytes of pages")
+        if exact and most != want:
+            raise MalformedStream(f"zstd payload inflated to {most} bytes, expected {want}")
+        feed, reader = self.feed, self.reader
+        feed.data = payload
+        done = 0
+        try:
+            for p, n in runs:
+                end = (p + n) * PAGE_SIZE
+                at = p * PAGE_SIZE
+                while at < end:  # a read may stop short of the slice
+                    feed.nudge = True
+                    got = reader.readinto(block.view[at:end])
+                    if got <= 0:
+                        raise _Drained  # the end of the frame
+                    at += got
+                    done += got
+        except _Drained:
+            raise MalformedStream(f"zstd payload inflated to less than its {want} bytes of pages "
+                                  f"(the first {done} bytes filled)") from None
+        except zstandard.ZstdError as e:
+            raise MalformedStream(f"zstd stream is corrupt ({e})") from None
+        feed.data, feed.nudge = None, True
+        try:
+            extra = reader.readinto(self._probe)
+        except _Drained:
+            return  # all input taken, no output held back
+        except zstandard.ZstdError as e:
+            raise MalformedStream(f"zstd stream is corrupt ({e})") from None
+        if extra:
+            raise MalformedStream(f"zstd payload of {len(payload)} bytes inflates past its {want} bytes of pages")
+
+
+def _inflate(decomp: Any, data: memoryview, want: int, method: str) -> bytes:
     try:
-        if method == "zlib":
-            out: bytes = decomp.decompress(data, want + 1)
-        else:
-            out = decomp.decompress(data)
-    except (zlib.error, zstandard.ZstdError) as e:
+        out: bytes = decomp.decompress(data, want + 1)
+    except zlib.error as e:
         raise MalformedStream(f"{method} stream is corrupt ({e})") from None
     if len(out) != want:
         raise MalformedStream(f"{method} payload inflated to {len(out)} bytes, expected {want}")
