@@ -379,9 +379,9 @@ class MultifdReceiver:
         cfg = self.config
         stats = self.stats[i]
         name = f"multifd channel {i}"
-        decomp: Any = None
+        decomp: _ZlibPages | _ZstdPages | None = None
         if cfg.compression == "zlib":
-            decomp = zlib.decompressobj()
+            decomp = _ZlibPages()
         elif cfg.compression == "zstd":
             decomp = _ZstdPages()
         head = bytearray(HEADER_SIZE)
@@ -434,7 +434,7 @@ class MultifdReceiver:
                 self._error_weak = weak
 
     def _pages(self, ch: Channel, head: bytearray, comp_flag: int, normal: int, zero: int, size: int,
-               decomp: Any, stats: ChannelStats) -> None:
+               decomp: _ZlibPages | _ZstdPages | None, stats: ChannelStats) -> None:
         raw = bytes(head[64:320])
         name = raw[:255].split(b"\0", 1)[0].decode(errors="replace")
         block = self.blocks.get(name)
@@ -460,14 +460,7 @@ class MultifdReceiver:
                 raise MalformedStream(f"compressed payload of {size} bytes for {normal} pages")
             payload = memoryview(self._payload[stats.channel])[:size]
             _read_into(ch, payload)
-            if isinstance(decomp, _ZstdPages):
-                decomp.inflate_into(payload, block, runs, normal * PAGE_SIZE)
-            else:
-                out = memoryview(_inflate(decomp, payload, normal * PAGE_SIZE, self.config.compression))
-                at = 0
-                for p, n in runs:  # slices of a memoryview: no copy on the way into RAM
-                    block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = out[at:at + n * PAGE_SIZE]
-                    at += n * PAGE_SIZE
+            decomp.inflate_into(payload, block, runs, normal * PAGE_SIZE)
             stats.bytes += size
         for p in pages[normal:]:
             if block.words[p].any():  # fresh memory is zero already: leave it unallocated
@@ -608,30 +601,37 @@ class _ZstdPages:
                         raise _Drained  # the end of the frame
                     at += got
                     done += got
+            feed.data, feed.nudge = None, True
+            try:
+                extra = reader.readinto(self._probe)
+            except _Drained:
+                return  # all input taken, no output held back
         except _Drained:
             raise MalformedStream(f"zstd payload inflated to less than its {want} bytes of pages "
                                   f"(the first {done} bytes filled)") from None
-        except zstandard.ZstdError as e:
-            raise MalformedStream(f"zstd stream is corrupt ({e})") from None
-        feed.data, feed.nudge = None, True
-        try:
-            extra = reader.readinto(self._probe)
-        except _Drained:
-            return  # all input taken, no output held back
         except zstandard.ZstdError as e:
             raise MalformedStream(f"zstd stream is corrupt ({e})") from None
         if extra:
             raise MalformedStream(f"zstd payload of {len(payload)} bytes inflates past its {want} bytes of pages")
 
 
-def _inflate(decomp: Any, data: memoryview, want: int, method: str) -> bytes:
-    try:
-        out: bytes = decomp.decompress(data, want + 1)
-    except zlib.error as e:
-        raise MalformedStream(f"{method} stream is corrupt ({e})") from None
-    if len(out) != want:
-        raise MalformedStream(f"{method} payload inflated to {len(out)} bytes, expected {want}")
-    return out
+class _ZlibPages:
+    """A channel's zlib stream: each payload inflated (at most one byte past its pages) and copied into RAM."""
+
+    def __init__(self) -> None:
+        self.decomp = zlib.decompressobj()
+
+    def inflate_into(self, payload: memoryview, block: RamBlock, runs: list[tuple[int, int]], want: int) -> None:
+        try:
+            out = memoryview(self.decomp.decompress(payload, want + 1))
+        except zlib.error as e:
+            raise MalformedStream(f"zlib stream is corrupt ({e})") from None
+        if len(out) != want:
+            raise MalformedStream(f"zlib payload inflated to {len(out)} bytes, expected {want}")
+        at = 0
+        for p, n in runs:  # slices of a memoryview: no copy on the way into RAM
+            block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = out[at:at + n * PAGE_SIZE]
+            at += n * PAGE_SIZE
 
 
 def _read_into(ch: Channel, view: memoryview, may_end: bool = False) -> bool:
