@@ -300,6 +300,82 @@ def test_a_channel_dying_mid_transfer_fails_cleanly() -> None:
         assert rx.error is not None and "multifd channel 1" in str(rx.error), rx.error
 
 
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        got = s.recv(n - len(buf))
+        if not got:
+            raise ConnectionError("closed")
+        buf += got
+    return bytes(buf)
+
+
+class _Corrupter:
+    """A proxy for one multifd connection: forwards ``packets`` packets, then a packet with a bad magic, then stops
+    reading from the source -- a destination channel that went wrong.  It hangs up on the source only when the
+    destination hangs up on it, as a direct connection would."""
+
+    def __init__(self, target_port: int, packets: int) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.target, self.packets = target_port, packets
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.server.accept()
+        up = socket.create_connection(("127.0.0.1", self.target))
+        up.sendall(_recv_exact(conn, 64))  # the initial packet
+        for _ in range(self.packets):
+            head = _recv_exact(conn, HEADER_SIZE)
+            size = struct.unpack_from(">I", head, 20)[0]
+            up.sendall(head + _recv_exact(conn, size))
+        up.sendall(b"\xff" * HEADER_SIZE)
+        up.settimeout(60)
+        try:
+            up.recv(1)  # until the destination shuts the channel down
+        except OSError:
+            pass
+        for s in (conn, up):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        self.server.close()
+
+
+def test_a_bad_packet_on_a_stalled_channel_fails_both_ends() -> None:
+    """A destination channel that fails shuts its connections down, as QEMU's does: the main-channel loader
+    and the source are not left waiting for each other."""
+    cfg = MultifdConfig(channels=2, layout="10.0")
+    port = free_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    with make_machine(ram=64 * MIB) as src, make_machine(ram=64 * MIB) as dst:
+        fill(src)
+        ram, devs = ram_of(src), devices_of(src)
+        rx = Receiver(dst, uri, cfg)
+        mig = Migration(src, uri, parameters={"max-bandwidth": 0}, multifd=cfg)
+        proxy = _Corrupter(port, 2)
+        real_open = mig._open_multifd
+
+        def open_via_proxy(c: MultifdConfig) -> None:
+            real_open(MultifdConfig(channels=1, layout=c.layout))
+            mig._multifd_channels.append(open_outgoing(f"tcp:127.0.0.1:{proxy.port}"))
+
+        mig._open_multifd = open_via_proxy  # type: ignore[method-assign]
+        done: list[dict[str, Any]] = []
+        runner = threading.Thread(target=lambda: done.append(mig.run()), daemon=True)
+        runner.start()
+        runner.join(30)
+        rx.join()
+        assert done, "the source is still waiting"
+        info = done[0]
+        assert info["status"] == "failed", info
+        assert "multifd channel 1" in info["error-desc"], info["error-desc"]
+        assert src.running
+        assert ram_of(src) == ram, "the source's RAM changed"
+        assert devices_of(src) == devs
+        assert rx.error is not None and "multifd channel 1" in str(rx.error) and "magic" in str(rx.error), rx.error
+
+
 def test_xbzrle_and_multifd_are_incompatible() -> None:
     with make_machine(ram=4 * MIB) as m, pytest.raises(ValueError, match="not compatible"):
         Migration(m, "tcp:127.0.0.1:1", capabilities={"xbzrle": True, "multifd": True})

@@ -682,7 +682,7 @@ class Incoming:
             cfg = self.multifd
             if cfg is None:
                 raise ValueError("multifd channels without a multifd configuration")
-            receiver = MultifdReceiver(cfg, multifd_channels, blocks)
+            receiver = MultifdReceiver(cfg, multifd_channels, blocks, on_failure=ch.shutdown_read)
             loader.sync_hook = receiver.sync
             loader.legacy_sync = cfg.legacy_sync
         r = Reader(source=ch)

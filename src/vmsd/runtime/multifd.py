@@ -323,10 +323,14 @@ class MultifdSender:
 class MultifdReceiver:
     """Channel threads applying packets into ``blocks``; :meth:`sync` is the main channel's sync point."""
 
-    def __init__(self, config: MultifdConfig, channels: list[Channel], blocks: RamBlocks) -> None:
+    def __init__(self, config: MultifdConfig, channels: list[Channel], blocks: RamBlocks,
+                 on_failure: Callable[[], None] | None = None) -> None:
         self.config = config
         self.channels = channels  # indexed by channel id
         self.blocks = blocks
+        # Called once, from the failing channel's thread, when a channel fails for real (not an orderly
+        # close): the main-channel loader may be blocked on a source that waits for this channel.
+        self._on_failure = on_failure
         self.stats = [ChannelStats(i) for i in range(len(channels))]
         self._synced = [threading.Semaphore(0) for _ in channels]
         self._release = [threading.Semaphore(0) for _ in channels]
@@ -427,11 +431,22 @@ class MultifdReceiver:
             self._note(f"{name}: {reason}", weak=False)
 
     def _note(self, message: str, weak: bool) -> None:
-        """Keep the first failure as the cause; an orderly close only until a real error shows up."""
+        """Keep the first failure as the cause; an orderly close only until a real error shows up.
+
+        The first real failure shuts every channel down, as QEMU's
+        ``multifd_recv_terminate_threads`` does: a source blocked writing to
+        the failed channel learns of it instead of waiting for good.
+        """
         with self._lock:
+            first = self._error is None or self._error_weak
             if self._error is None or (self._error_weak and not weak):
                 self._error = MultifdError(message)
                 self._error_weak = weak
+        if first and not weak:
+            for ch in self.channels:
+                ch.shutdown()
+            if self._on_failure is not None:
+                self._on_failure()
 
     def _pages(self, ch: Channel, head: bytearray, comp_flag: int, normal: int, zero: int, size: int,
                decomp: _ZlibPages | _ZstdPages | None, stats: ChannelStats) -> None:

@@ -364,6 +364,13 @@ class Channel:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
 
+    def shutdown_read(self) -> None:
+        """Stop reading from a socket: a thread blocked reading it sees the end of the stream; writing still works
+        (a return-path answer can go out).  No-op for other descriptors."""
+        if self._sock is not None and not self.closed:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RD)
+
     def close(self) -> None:
         """Close; raises :class:`TransportError` if completing the transfer failed."""
         if self.closed:
