@@ -288,10 +288,12 @@ class MultifdSender:
                 payload: list[Any] = views
                 size = len(normal_l) * PAGE_SIZE
                 if comp is not None and normal_l:
-                    data = b"".join(comp.compress(v) for v in views)
-                    data += comp.flush(zlib.Z_SYNC_FLUSH if cfg.compression == "zlib"
-                                       else zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-                    payload, size = [data], len(data)
+                    # The compressor's pieces go out as they are (one iovec each): joining them would copy
+                    # every compressed byte once more.
+                    payload = [comp.compress(v) for v in views]
+                    payload.append(comp.flush(zlib.Z_SYNC_FLUSH if cfg.compression == "zlib"
+                                              else zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+                    size = sum(len(part) for part in payload)
                 flags = COMPRESSION_FLAGS[cfg.compression] if (normal_l or cfg.layout != "7.2") else 0
                 head = self._header(flags, block.name, normal_l, zero_l, size)
                 ch.writev([head, *payload])
