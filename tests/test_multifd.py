@@ -369,7 +369,7 @@ def test_a_bad_packet_on_a_stalled_channel_fails_both_ends() -> None:
         assert done, "the source is still waiting"
         info = done[0]
         assert info["status"] == "failed", info
-        assert "multifd channel 1" in info["error-desc"], info["error-desc"]
+        assert "multifd channel" in info["error-desc"], info["error-desc"]  # the destination shut them all
         assert src.running
         assert ram_of(src) == ram, "the source's RAM changed"
         assert devices_of(src) == devs

@@ -653,16 +653,12 @@ class _ZlibPages:
 
 def _read_into(ch: Channel, view: memoryview, may_end: bool = False) -> bool:
     """Fill ``view``; False when ``may_end`` and the stream ended before its first byte."""
-    got = 0
-    n = len(view)
-    while got < n:
-        k = ch.readinto(view[got:])
-        if k == 0:
-            if may_end and got == 0:
-                return False
-            raise TransportError(ch.name, f"stream ended after {got} of {n} bytes")
-        got += k
-    return True
+    got = ch.read_full(view)
+    if got == len(view):
+        return True
+    if may_end and got == 0:
+        return False
+    raise TransportError(ch.name, f"stream ended after {got} of {len(view)} bytes")
 
 
 # -- connections --------------------------------------------------------------------------------------------------

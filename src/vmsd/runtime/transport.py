@@ -288,6 +288,27 @@ class Channel:
             self._at_eof()
         return n
 
+    def read_full(self, buffer: memoryview, /) -> int:
+        """Fill ``buffer``; fewer bytes only at end of stream.
+
+        A blocking socket waits in the kernel for all of it (``MSG_WAITALL``):
+        one wake-up per buffer instead of one per arriving segment, which is
+        what a multifd channel reading a packet's pages into RAM wants.
+        """
+        self._check_open()
+        got, n = 0, len(buffer)
+        while got < n:
+            try:
+                k = (self._sock.recv_into(buffer[got:], 0, socket.MSG_WAITALL) if self._sock is not None
+                     else os.readv(self._fd, [buffer[got:]]))
+            except OSError as exc:
+                raise self._failure("read failed", exc) from exc
+            if k == 0:
+                self._at_eof()
+                break
+            got += k
+        return got
+
     def read_exact(self, n: int) -> bytes:
         """Exactly ``n`` bytes; :class:`TransportError` if the stream ends first."""
         buf = bytearray(n)
