@@ -376,6 +376,24 @@ def test_a_bad_packet_on_a_stalled_channel_fails_both_ends() -> None:
         assert rx.error is not None and "multifd channel 1" in str(rx.error) and "magic" in str(rx.error), rx.error
 
 
+@pytest.mark.parametrize(("source", "destination"), [("7.2", "10.0"), ("10.0", "7.2")])
+def test_mismatched_layouts_fail_with_a_hint(source: str, destination: str) -> None:
+    """QEMU does not negotiate the layout: a wrong --peer-version must fail, naming it, not wait for good."""
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    with make_machine(ram=32 * MIB) as src, make_machine(ram=32 * MIB) as dst:
+        fill(src)
+        ram, devs = ram_of(src), devices_of(src)
+        rx = Receiver(dst, uri, MultifdConfig(channels=2, layout=destination, sync_stall=1.0))
+        info = Migration(src, uri, parameters={"max-bandwidth": 0},
+                         multifd=MultifdConfig(channels=2, layout=source)).run()
+        rx.join()
+        assert info["status"] == "failed", info
+        assert src.running and ram_of(src) == ram and devices_of(src) == devs
+        assert rx.error is not None and "--peer-version" in str(rx.error), rx.error
+        if destination == "10.0":
+            assert "waited" in str(rx.error) and "7.2" in str(rx.error), rx.error
+
+
 def test_xbzrle_and_multifd_are_incompatible() -> None:
     with make_machine(ram=4 * MIB) as m, pytest.raises(ValueError, match="not compatible"):
         Migration(m, "tcp:127.0.0.1:1", capabilities={"xbzrle": True, "multifd": True})

@@ -71,6 +71,10 @@ class MultifdConfig:
     layout: str = "10.0"
     zero_page_detection: str = "multifd"  # none | legacy | multifd (10.0 layout only)
     uuid: bytes = bytes(16)
+    # Receiver: how long every channel may wait at a sync point the main channel does not reach.  A source
+    # writes the main channel's sync record right after its channels' SYNC packets, so a long wait means
+    # the two sides disagree on the layout (QEMU does not negotiate it) and would otherwise wait for good.
+    sync_stall: float = 20.0
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.channels <= 255:
@@ -336,6 +340,7 @@ class MultifdReceiver:
         self.stats = [ChannelStats(i) for i in range(len(channels))]
         self._synced = [threading.Semaphore(0) for _ in channels]
         self._release = [threading.Semaphore(0) for _ in channels]
+        self._at_sync = [False for _ in channels]  # waiting for the main channel to reach a sync point
         self._error: MultifdError | None = None
         self._error_weak = False  # the error so far is only a channel closed between packets
         self._lock = threading.Lock()
@@ -412,8 +417,10 @@ class MultifdReceiver:
                     raise MalformedStream(f"received packet magic {magic:#x} and expected magic {MULTIFD_MAGIC:#x}")
                 if version != MULTIFD_VERSION:
                     raise MalformedStream(f"received packet version {version} and expected version 1")
-                if cfg.layout == "7.2":
-                    zero = 0  # unused field in 7.2
+                if cfg.layout == "7.2" and zero:
+                    # QEMU 7.2 leaves this field zero; newer sources count the packet's zero pages there.
+                    raise MalformedStream(f"packet with {zero} zero pages: the source uses the newer multifd "
+                                          f"layout, not 7.2's (--peer-version)")
                 if alloc > PAGES_PER_PACKET or normal > alloc or zero > alloc - normal:
                     raise MalformedStream(f"packet with {alloc} allocated, {normal} normal and {zero} zero pages "
                                           f"(at most {PAGES_PER_PACKET})")
@@ -422,15 +429,31 @@ class MultifdReceiver:
                 if normal or zero:
                     self._pages(ch, head, flags & mask, normal, zero, size, decomp, stats)
                 if flags & FLAG_SYNC:
+                    self._at_sync[i] = True
                     self._synced[i].release()
-                    self._release[i].acquire()
-                    if self._stopping:
+                    if not self._wait_release(i):
                         return
+                    self._at_sync[i] = False
         except BaseException as e:
             if self._stopping:
                 return
             reason = e.message if isinstance(e, VMSDError | TransportError) else f"{type(e).__name__}: {e}"
             self._note(f"{name}: {reason}", weak=False)
+
+    def _wait_release(self, i: int) -> bool:
+        """Wait at a sync point until the main channel reaches it; False to stop the thread."""
+        waited = 0.0
+        while not self._release[i].acquire(timeout=0.5):
+            if self._stopping or self._error is not None:
+                return False
+            waited += 0.5
+            if waited >= self.config.sync_stall and all(self._at_sync):
+                other = "7.2" if self.config.layout != "7.2" else "a newer one"
+                self._note(f"multifd: every channel has waited {waited:g} s at a sync point the main channel "
+                           f"does not reach; is the source's layout {other} rather than "
+                           f"{self.config.layout} (--peer-version)?", weak=False)
+                return False
+        return not self._stopping
 
     def _note(self, message: str, weak: bool) -> None:
         """Keep the first failure as the cause; an orderly close only until a real error shows up.

@@ -467,7 +467,10 @@ class RamLoader:
             blocks.complete = True
             return True
         if flags == RAM_SAVE_FLAG_MULTIFD_FLUSH:
-            if self.sync_hook is not None and not self.legacy_sync:
+            if self.sync_hook is not None:
+                if self.legacy_sync:  # QEMU 7.2 has no such record: it syncs at every EOS
+                    raise MalformedStream("a MULTIFD_FLUSH record: the source uses the newer multifd layout, "
+                                          "not 7.2's (--peer-version)", offset=at)
                 self.sync_hook()
             return False
         if flags & RAM_SAVE_FLAG_HOOK:
