@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import zlib
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from vmsd.qemu72 import spec_set
 from vmsd.qmp import load_stream, save_stream
-from vmsd.runtime.errors import MalformedStream
+from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader, Writer
 from vmsd.runtime.ram import (
     RAM_SAVE_FLAG_COMPRESS_PAGE,
@@ -360,3 +361,37 @@ def test_qemu_stream_loads_and_saves(qemu_stream: bytes, tmp_path: Path) -> None
                 assert f.read() == expected
         finally:
             q.stop()
+
+
+@pytest.mark.parametrize("prealloc", [False, True])
+def test_store_pages_writes_strided_pages_into_place(prealloc: bool) -> None:
+    """Records are 8-byte headers each followed by a page: the pages land contiguously, seen by the mapping."""
+    stride = PAGE_SIZE + 8
+    rng = np.random.default_rng(3)
+    records = rng.integers(0, 256, 1500 * stride, dtype=np.uint8).tobytes()  # more pages than one pwritev takes
+    with RamBlock.memfd("m", 2048 * PAGE_SIZE, prealloc=prealloc) as block:
+        block.store_pages(100, memoryview(records), 8, stride, 1500)
+        for i in (0, 1023, 1024, 1499):
+            assert bytes(block.page(100 + i)) == records[8 + i * stride:8 + i * stride + PAGE_SIZE]
+        assert not block.words[:100].any() and not block.words[1600:].any()
+
+
+def test_store_pages_falls_back_to_the_mapping_where_the_file_refuses_writes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")  # hugetlbfs
+
+    monkeypatch.setattr(os, "pwritev", refuse)
+    with RamBlock.memfd("m", 8 * PAGE_SIZE) as block:
+        block.store_pages(2, memoryview(b"\x07" * (3 * PAGE_SIZE)), 0, PAGE_SIZE, 3)
+        assert bytes(block.view[2 * PAGE_SIZE:5 * PAGE_SIZE]) == b"\x07" * (3 * PAGE_SIZE)
+
+
+def test_store_pages_on_a_full_filesystem_is_an_error_naming_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", full)
+    with RamBlock.memfd("pc.ram", 8 * PAGE_SIZE) as block, \
+            pytest.raises(VMSDError, match=r"RAM block 'pc\.ram': cannot store pages: No space left on device"):
+        block.store_pages(0, memoryview(bytes(PAGE_SIZE)), 0, PAGE_SIZE, 1)

@@ -370,12 +370,11 @@ class RamLoader:
         first, last = int(pages[0]), int(pages[-1])
         contiguous = last - first + 1 == n and (n == 1 or bool((np.diff(pages) == 1).all()))
         if flags == _NORMAL:
-            src = np.ndarray((n, PAGE_SIZE), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride, 1))
-            rows = block.bytes_.reshape(-1, PAGE_SIZE)
             if contiguous:
-                rows[first:last + 1] = src
+                block.store_pages(first, memoryview(buf), pos + 8, stride, n)
             else:
-                rows[pages] = src
+                src = np.ndarray((n, PAGE_SIZE), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride, 1))
+                block.bytes_.reshape(-1, PAGE_SIZE)[pages] = src
             self.counters.normal += n
         else:
             fills = np.ndarray((n,), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride,))
