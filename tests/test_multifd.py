@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 import threading
@@ -160,6 +162,44 @@ def _receive_one(cfg: MultifdConfig, data: bytes) -> MultifdError:
         rx.close()
         assert bytes(block.view) == before  # a rejected packet writes nothing
         return e.value
+
+
+def _receive_pages(offsets: list[int], payload: bytes) -> bytes:
+    """Feed one uncompressed packet and a SYNC to a one-channel receiver; the block's bytes afterwards."""
+    with RamBlocks() as blocks:
+        block = blocks.create("pc.ram", 16 * PAGE_SIZE)
+        a, b = socket.socketpair()
+        rx = MultifdReceiver(MultifdConfig(channels=1), [Channel("test channel", sock=b)], blocks)
+        a.sendall(_packet("pc.ram", offsets, payload) + _packet("", [], b"", flags=1))
+        rx.sync()
+        a.close()
+        rx.close()
+        return bytes(block.view)
+
+
+@pytest.mark.parametrize("refuse", [None, "socket", "file"])
+def test_uncompressed_pages_are_spliced_or_read_into_place(monkeypatch: pytest.MonkeyPatch, refuse: str | None) -> None:
+    """Pages go from the socket into the RAM file by splice; where a descriptor does not splice
+    (EINVAL: the socket's kind, or a file like hugetlbfs that takes no writes) they are read or copied."""
+    real = os.splice
+    calls: list[bool] = []
+
+    def splice(src: int, dst: int, count: int, **kw: Any) -> int:
+        calls.append(kw.get("offset_dst") is not None)
+        if refuse == "socket" and kw.get("offset_dst") is None:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if refuse == "file" and kw.get("offset_dst") is not None:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(src, dst, count, **kw)
+
+    monkeypatch.setattr(os, "splice", splice)
+    pages = np.random.default_rng(5).integers(0, 256, 5 * PAGE_SIZE, dtype=np.uint8).tobytes()
+    got = _receive_pages([3 * PAGE_SIZE, 4 * PAGE_SIZE, 9 * PAGE_SIZE, 10 * PAGE_SIZE, 11 * PAGE_SIZE], pages)
+    want = bytearray(16 * PAGE_SIZE)
+    want[3 * PAGE_SIZE:5 * PAGE_SIZE] = pages[:2 * PAGE_SIZE]
+    want[9 * PAGE_SIZE:12 * PAGE_SIZE] = pages[2 * PAGE_SIZE:]
+    assert got == bytes(want)
+    assert calls and (refuse == "socket" or True in calls)  # the path under test was taken
 
 
 def test_packet_offset_outside_its_block() -> None:

@@ -27,6 +27,10 @@ the GIL, so the channel threads run in parallel with the migration thread.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 import queue
 import struct
 import threading
@@ -347,6 +351,9 @@ class MultifdReceiver:
         self._stopping = False
         # Per-channel receive buffers for compressed payloads (at most two packets of pages, checked before use).
         self._payload = [bytearray(2 * PAGES_PER_PACKET * PAGE_SIZE + 4096) for _ in channels]
+        # Per-channel pipes for splicing uncompressed pages from the socket into the RAM file (see _splice).
+        self._pipes: list[tuple[int, int] | None] = [_pipe() if config.compression == "none" else None
+                                                     for _ in channels]
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd recv {i}", daemon=True)
                          for i in range(len(channels))]
         for t in self._threads:
@@ -382,6 +389,11 @@ class MultifdReceiver:
             sem.release()
         for t in self._threads:
             t.join(10)
+        for pipe in self._pipes:
+            if pipe is not None:
+                os.close(pipe[0])
+                os.close(pipe[1])
+        self._pipes = []
         for ch in self.channels:
             ch.abort()
 
@@ -455,6 +467,47 @@ class MultifdReceiver:
                 return False
         return not self._stopping
 
+    def _splice(self, ch: Channel, i: int, block: RamBlock, page: int, n: int) -> bool:
+        """Move ``n`` pages from the channel into the RAM file at ``page`` without a copy into user space.
+
+        The kernel moves the socket's buffers into a pipe and copies them
+        into the file's page cache: no user-space copy, and, as with
+        :meth:`RamBlock.store_pages`, fresh pages are neither zero-filled nor
+        faulted in first.  False (nothing consumed) where the descriptors do
+        not splice; the caller then reads into the mapping.
+        """
+        pipe = self._pipes[i] if i < len(self._pipes) else None
+        if pipe is None:
+            return False
+        r, w = pipe
+        want, at, done = n * PAGE_SIZE, page * PAGE_SIZE, 0
+        while done < want:
+            try:
+                k = os.splice(ch.fileno(), w, want - done, flags=os.SPLICE_F_MOVE)
+            except OSError as e:
+                if e.errno == errno.EINVAL and done == 0:
+                    self._pipes[i] = None
+                    os.close(r)
+                    os.close(w)
+                    return False
+                raise TransportError(ch.name, f"read failed: {e.strerror}", e.errno) from None
+            if k == 0:
+                raise TransportError(ch.name, f"stream ended after {done} of {want} bytes")
+            out = 0
+            while out < k:
+                try:
+                    out += os.splice(r, block.fd, k - out, offset_dst=at + done + out, flags=os.SPLICE_F_MOVE)
+                except OSError as e:
+                    if e.errno == errno.EINVAL:  # a file that takes no writes (hugetlbfs): drain, copy, and stop
+                        rest = os.read(r, k - out)
+                        block.view[at + done + out:at + done + out + len(rest)] = rest
+                        out += len(rest)
+                        block.refuses_fd_writes()
+                        continue
+                    raise VMSDError(f"RAM block '{block.name}': cannot store pages: {e.strerror}") from None
+            done += k
+        return True
+
     def _note(self, message: str, weak: bool) -> None:
         """Keep the first failure as the cause; an orderly close only until a real error shows up.
 
@@ -493,7 +546,8 @@ class MultifdReceiver:
         runs = _runs(pages[:normal])
         if decomp is None:
             for p, n in runs:
-                _read_into(ch, block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE])
+                if not (block.stores_via_fd and self._splice(ch, stats.channel, block, p, n)):
+                    _read_into(ch, block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE])
             stats.bytes += normal * PAGE_SIZE
         elif normal:
             if size > 2 * normal * PAGE_SIZE + 4096:
@@ -507,6 +561,16 @@ class MultifdReceiver:
                 block.words[p] = 0
         stats.pages += normal
         stats.zero_pages += zero
+
+
+def _pipe() -> tuple[int, int] | None:
+    """A pipe that holds a whole packet's pages where the system allows it; None where splicing is not available."""
+    if not hasattr(os, "splice"):
+        return None
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size the default 64 KiB stays
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PAGES_PER_PACKET * PAGE_SIZE)
+    return r, w
 
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

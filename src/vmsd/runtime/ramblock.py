@@ -127,6 +127,15 @@ class RamBlock:
         self.view[offset:offset + length] = data
         self.mark_dirty(offset, length)
 
+    @property
+    def stores_via_fd(self) -> bool:
+        """Whether incoming pages are best written through :attr:`fd` (see :meth:`store_pages`)."""
+        return self._store_via_fd
+
+    def refuses_fd_writes(self) -> None:
+        """The file took no write through its descriptor: store through the mapping from now on."""
+        self._store_via_fd = False
+
     def store_pages(self, first: int, src: memoryview, offset: int, stride: int, n: int) -> None:
         """Write ``n`` pages at page ``first`` from ``src``: page i is ``src[offset + i*stride:][:PAGE_SIZE]``.
 
