@@ -202,6 +202,26 @@ def test_uncompressed_pages_are_spliced_or_read_into_place(monkeypatch: pytest.M
     assert calls and (refuse == "socket" or True in calls)  # the path under test was taken
 
 
+def test_zero_pages_in_packets_clear_data_and_leave_holes_unallocated() -> None:
+    """Newest layout: a packet's zero pages must end up zero; pages never written stay holes in the file."""
+    with RamBlocks() as blocks:
+        block = blocks.create("pc.ram", 64 * PAGE_SIZE)
+        block.bytes_[8 * PAGE_SIZE:10 * PAGE_SIZE] = 0xAB  # pages 8, 9 hold data; the rest is a hole
+        head = bytearray(_packet("pc.ram", [8 * PAGE_SIZE, 9 * PAGE_SIZE, 40 * PAGE_SIZE, 41 * PAGE_SIZE], b"",
+                                 normal=0))
+        struct.pack_into(">I", head, 32, 4)  # four zero pages
+        a, b = socket.socketpair()
+        rx = MultifdReceiver(MultifdConfig(channels=1), [Channel("test channel", sock=b)], blocks)
+        a.sendall(bytes(head) + _packet("", [], b"", flags=1))
+        rx.sync()
+        a.close()
+        rx.close()
+        with pytest.raises(OSError) as nothing:  # no data past page 9: pages 40 and 41 stayed holes
+            os.lseek(block.fd, 10 * PAGE_SIZE, os.SEEK_DATA)
+        assert nothing.value.errno == errno.ENXIO
+        assert not block.words.any()
+
+
 def test_packet_offset_outside_its_block() -> None:
     err = _receive_one(MultifdConfig(channels=1), _packet("pc.ram", [16 * PAGE_SIZE], bytes(PAGE_SIZE)))
     assert "multifd channel 0: packet offset 0x10000 is outside RAM block 'pc.ram'" in err.message

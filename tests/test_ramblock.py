@@ -395,3 +395,12 @@ def test_store_pages_on_a_full_filesystem_is_an_error_naming_the_block(monkeypat
     with RamBlock.memfd("pc.ram", 8 * PAGE_SIZE) as block, \
             pytest.raises(VMSDError, match=r"RAM block 'pc\.ram': cannot store pages: No space left on device"):
         block.store_pages(0, memoryview(bytes(PAGE_SIZE)), 0, PAGE_SIZE, 1)
+
+
+def test_resident_tells_written_pages_from_holes_without_allocating() -> None:
+    with RamBlock.memfd("m", 16 * PAGE_SIZE) as block:
+        block.bytes_[3 * PAGE_SIZE] = 1
+        block.store_pages(7, memoryview(bytes(2 * PAGE_SIZE)), 0, PAGE_SIZE, 2)
+        assert np.flatnonzero(block.resident(0, 16)).tolist() == [3, 7, 8]
+        assert block.resident(10, 6).tolist() == [False] * 6
+        assert os.fstat(block.fd).st_blocks * 512 == 3 * PAGE_SIZE  # asking allocated nothing

@@ -13,6 +13,7 @@ first; a new block goes before the first strictly smaller one, as
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -29,6 +30,18 @@ _WORDS_PER_PAGE = PAGE_SIZE // 8
 _ZERO_CHUNK_PAGES = 256  # 1 MiB: the second look at a mixed chunk is served from cache
 _MADV_POPULATE_WRITE = 23  # <linux/mman.h>; Python's mmap module only names it from 3.13 on
 _IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
+
+def _libc() -> ctypes.CDLL | None:
+    """The C library, for ``mincore`` (which Python's mmap does not offer)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
 
 Pages = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -192,6 +205,22 @@ class RamBlock:
             return
         if data < stop * PAGE_SIZE:
             yield data // PAGE_SIZE, stop
+
+    def resident(self, first: int, n: int) -> BoolArray:
+        """For pages ``first .. first+n-1``: whether the file holds a page there (False: a hole, known zero).
+
+        Asks ``mincore``, which neither reads nor allocates: touching a hole
+        of a tmpfs file through the mapping, even to read it, allocates a
+        zeroed page.  Where ``mincore`` is not available every page counts
+        as resident.
+        """
+        vec = np.ones(n, dtype=np.uint8)
+        if _LIBC is not None and n:
+            addr = self.bytes_.ctypes.data + first * PAGE_SIZE
+            if _LIBC.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(n * PAGE_SIZE),
+                             ctypes.c_void_p(vec.ctypes.data)) != 0:
+                vec[:] = 1
+        return (vec & 1).astype(np.bool_)
 
     # -- dirty tracking -----------------------------------------------------------------------------------------------
     def _new_bitmap(self) -> npt.NDArray[np.uint64]:
