@@ -404,3 +404,16 @@ def test_resident_tells_written_pages_from_holes_without_allocating() -> None:
         assert np.flatnonzero(block.resident(0, 16)).tolist() == [3, 7, 8]
         assert block.resident(10, 6).tolist() == [False] * 6
         assert os.fstat(block.fd).st_blocks * 512 == 3 * PAGE_SIZE  # asking allocated nothing
+
+
+def test_zero_mask_answers_holes_without_reading_them() -> None:
+    from vmsd.runtime.ramwire import zero_mask
+
+    with RamBlock.memfd("m", 64 * PAGE_SIZE) as block:
+        block.bytes_[5 * PAGE_SIZE + 100] = 1  # page 5: data
+        block.bytes_[6 * PAGE_SIZE] = 0  # page 6: held, all zero
+        contiguous = np.arange(0, 16, dtype=np.int64)
+        assert np.flatnonzero(~zero_mask(block, contiguous)).tolist() == [5]
+        scattered = np.array([1, 5, 6, 9, 40], dtype=np.int64)
+        assert zero_mask(block, scattered).tolist() == [True, False, True, True, True]
+        assert os.fstat(block.fd).st_blocks * 512 == 2 * PAGE_SIZE  # pages 5 and 6 only

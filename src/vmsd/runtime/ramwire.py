@@ -84,20 +84,40 @@ class RamCounters:
 
 
 def zero_mask(block: RamBlock, pages: Pages) -> npt.NDArray[np.bool_]:
-    """True for each listed page that is all zero; contiguous runs are scanned in place."""
+    """True for each listed page that is all zero; contiguous runs are scanned in place.
+
+    Pages the file does not hold (holes, see :meth:`RamBlock.resident`) are
+    zero without being read: reading one through the mapping would allocate
+    it, and a sparse guest's source would fill up with zero pages.
+    """
     n = int(pages.size)
     if n == 0:
         return np.zeros(0, dtype=np.bool_)
     first, last = int(pages[0]), int(pages[-1])
     words = block.words
-    if last - first + 1 == n:
+    contiguous = last - first + 1 == n
+    if contiguous or last - first < 64 * n:  # one mincore call over the span, not one per page
+        held = block.resident(first, last - first + 1)
+        if not contiguous:
+            held = held[pages - first]
+        if not held.all():
+            partial: npt.NDArray[np.bool_] = ~held
+            inside = np.flatnonzero(held)
+            partial[inside] = _zero_rows(words, pages[inside])
+            return partial
+    if contiguous:
         rows = words[first:last + 1]
         mask: npt.NDArray[np.bool_] = rows[:, 0] == 0
         cand = np.flatnonzero(mask)
         if cand.size:
             mask[cand] = ~rows[cand].any(axis=1) if cand.size < n else ~rows.any(axis=1)
         return mask
-    mask = words[pages, 0] == 0
+    return _zero_rows(words, pages)
+
+
+def _zero_rows(words: npt.NDArray[np.uint64], pages: Pages) -> npt.NDArray[np.bool_]:
+    """Whether each of ``pages`` is all zero, reading whole pages only where the first word is zero."""
+    mask: npt.NDArray[np.bool_] = words[pages, 0] == 0
     cand = np.flatnonzero(mask)
     if cand.size:
         mask[cand] = ~words[pages[cand]].any(axis=1)
