@@ -356,7 +356,12 @@ class Migration:
             sender.send(block, normal, zeros)
             enc.counters.duplicate += int(zeros.size)
         else:
+            # The zero pages' records go out first: the destination's main thread applies them while the
+            # channels carry the normal pages, instead of after them.
             buffers += enc.encode(block, zeros)
+            if buffers:
+                self._send(buffers, enc.counters.transferred - before)
+                buffers = []
             sender.send(block, normal, zeros[:0])
         enc.counters.normal += int(normal.size)
         if buffers:
