@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -306,19 +307,49 @@ def test_unknown_block_and_wrong_compression_flag() -> None:
     assert "compression flag 0x2, expected 0x0 (none)" in err.message
 
 
-class _Killer:
-    """A proxy for one multifd connection that forwards ``limit`` bytes, then resets it."""
+class _Proxy:
+    """A proxy for one multifd connection: ``relay`` decides what reaches the destination, then both ends
+    are reset."""
 
-    def __init__(self, target_port: int, limit: int) -> None:
+    def __init__(self, target_port: int) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
-        self.target, self.limit = target_port, limit
+        self.target = target_port
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    def relay(self, conn: socket.socket, up: socket.socket) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         conn, _ = self.server.accept()
         up = socket.create_connection(("127.0.0.1", self.target))
+        self.relay(conn, up)
+        for s in (conn, up):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        self.server.close()
+
+
+def _second_channel_via(mig: Migration, proxy: _Proxy) -> None:
+    """Open a two-channel migration's channel 0 directly and channel 1 through ``proxy``."""
+    real_open = mig._open_multifd
+
+    def open_via_proxy(c: MultifdConfig) -> None:
+        real_open(MultifdConfig(channels=1, layout=c.layout))
+        mig._multifd_channels.append(open_outgoing(f"tcp:127.0.0.1:{proxy.port}"))
+
+    mig._open_multifd = open_via_proxy  # type: ignore[method-assign]
+
+
+class _Killer(_Proxy):
+    """Forwards ``limit`` bytes, then resets the connection."""
+
+    def __init__(self, target_port: int, limit: int) -> None:
+        self.limit = limit
+        super().__init__(target_port)
+
+    def relay(self, conn: socket.socket, up: socket.socket) -> None:
         sent = 0
         while sent < self.limit:
             data = conn.recv(65536)
@@ -326,10 +357,6 @@ class _Killer:
                 break
             up.sendall(data)
             sent += len(data)
-        for s in (conn, up):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close()
-        self.server.close()
 
 
 def test_a_channel_dying_mid_transfer_fails_cleanly() -> None:
@@ -342,14 +369,7 @@ def test_a_channel_dying_mid_transfer_fails_cleanly() -> None:
         ram, devs = ram_of(src), devices_of(src)
         rx = Receiver(dst, uri, cfg)
         mig = Migration(src, uri, parameters={"max-bandwidth": 0}, multifd=cfg)
-        killer = _Killer(port, 2 * MIB)
-        real_open = mig._open_multifd
-
-        def open_via_proxy(c: MultifdConfig) -> None:  # channel 0 direct, channel 1 through the killer
-            real_open(MultifdConfig(channels=1, layout=c.layout))
-            mig._multifd_channels.append(open_outgoing(f"tcp:127.0.0.1:{killer.port}"))
-
-        mig._open_multifd = open_via_proxy  # type: ignore[method-assign]
+        _second_channel_via(mig, _Killer(port, 2 * MIB))
         info = mig.run()
         rx.join()
         assert info["status"] == "failed", info
@@ -370,21 +390,16 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-class _Corrupter:
-    """A proxy for one multifd connection: forwards ``packets`` packets, then a packet with a bad magic, then stops
-    reading from the source -- a destination channel that went wrong.  It hangs up on the source only when the
-    destination hangs up on it, as a direct connection would."""
+class _Corrupter(_Proxy):
+    """Forwards ``packets`` packets, then a packet with a bad magic, then stops reading from the source -- a
+    destination channel that went wrong.  It hangs up on the source only when the destination hangs up on it,
+    as a direct connection would."""
 
     def __init__(self, target_port: int, packets: int) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.target, self.packets = target_port, packets
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.packets = packets
+        super().__init__(target_port)
 
-    def _run(self) -> None:
-        conn, _ = self.server.accept()
-        up = socket.create_connection(("127.0.0.1", self.target))
+    def relay(self, conn: socket.socket, up: socket.socket) -> None:
         up.sendall(_recv_exact(conn, 64))  # the initial packet
         for _ in range(self.packets):
             head = _recv_exact(conn, HEADER_SIZE)
@@ -392,14 +407,8 @@ class _Corrupter:
             up.sendall(head + _recv_exact(conn, size))
         up.sendall(b"\xff" * HEADER_SIZE)
         up.settimeout(60)
-        try:
+        with contextlib.suppress(OSError):
             up.recv(1)  # until the destination shuts the channel down
-        except OSError:
-            pass
-        for s in (conn, up):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close()
-        self.server.close()
 
 
 def test_a_bad_packet_on_a_stalled_channel_fails_both_ends() -> None:
@@ -413,14 +422,7 @@ def test_a_bad_packet_on_a_stalled_channel_fails_both_ends() -> None:
         ram, devs = ram_of(src), devices_of(src)
         rx = Receiver(dst, uri, cfg)
         mig = Migration(src, uri, parameters={"max-bandwidth": 0}, multifd=cfg)
-        proxy = _Corrupter(port, 2)
-        real_open = mig._open_multifd
-
-        def open_via_proxy(c: MultifdConfig) -> None:
-            real_open(MultifdConfig(channels=1, layout=c.layout))
-            mig._multifd_channels.append(open_outgoing(f"tcp:127.0.0.1:{proxy.port}"))
-
-        mig._open_multifd = open_via_proxy  # type: ignore[method-assign]
+        _second_channel_via(mig, _Corrupter(port, 2))
         done: list[dict[str, Any]] = []
         runner = threading.Thread(target=lambda: done.append(mig.run()), daemon=True)
         runner.start()
