@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib
 import os
@@ -397,12 +398,12 @@ def test_store_pages_on_a_full_filesystem_is_an_error_naming_the_block(monkeypat
         block.store_pages(0, memoryview(bytes(PAGE_SIZE)), 0, PAGE_SIZE, 1)
 
 
-def test_resident_tells_written_pages_from_holes_without_allocating() -> None:
+def test_holds_tells_written_pages_from_holes_without_allocating() -> None:
     with RamBlock.memfd("m", 16 * PAGE_SIZE) as block:
         block.bytes_[3 * PAGE_SIZE] = 1
         block.store_pages(7, memoryview(bytes(2 * PAGE_SIZE)), 0, PAGE_SIZE, 2)
-        assert np.flatnonzero(block.resident(0, 16)).tolist() == [3, 7, 8]
-        assert block.resident(10, 6).tolist() == [False] * 6
+        assert np.flatnonzero(block.holds(0, 16)).tolist() == [3, 7, 8]
+        assert block.holds(10, 6).tolist() == [False] * 6
         assert os.fstat(block.fd).st_blocks * 512 == 3 * PAGE_SIZE  # asking allocated nothing
 
 
@@ -417,3 +418,21 @@ def test_zero_mask_answers_holes_without_reading_them() -> None:
         scattered = np.array([1, 5, 6, 9, 40], dtype=np.int64)
         assert zero_mask(block, scattered).tolist() == [True, False, True, True, True]
         assert os.fstat(block.fd).st_blocks * 512 == 2 * PAGE_SIZE  # pages 5 and 6 only
+
+
+def test_holds_counts_a_page_mincore_misses_as_held_when_the_file_has_data_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """mincore says no for a swapped-out page: SEEK_DATA must overrule it, or a swapped page would pass for zero."""
+    import vmsd.runtime.ramblock as ramblock
+
+    class Swapped:  # a C library whose mincore reports every page as not in memory
+        @staticmethod
+        def mincore(addr: object, length: ctypes.c_size_t, vec: ctypes.c_void_p) -> int:
+            ctypes.memset(vec, 0, length.value // PAGE_SIZE)
+            return 0
+
+    with RamBlock.memfd("m", 32 * PAGE_SIZE) as block:
+        block.bytes_[4 * PAGE_SIZE] = 1
+        block.bytes_[20 * PAGE_SIZE:22 * PAGE_SIZE] = 2
+        monkeypatch.setattr(ramblock, "_LIBC", Swapped())
+        assert np.flatnonzero(block.holds(0, 32)).tolist() == [4, 20, 21]

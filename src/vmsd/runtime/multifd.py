@@ -569,7 +569,7 @@ def _clear_pages(block: RamBlock, pages: list[int]) -> None:
     of a tmpfs file through the mapping would allocate a zeroed page there.
     """
     for p, n in _runs(pages):
-        held = np.flatnonzero(block.resident(p, n)) + p
+        held = np.flatnonzero(block.holds(p, n)) + p
         if held.size:
             hot = held[block.words[held].any(axis=1)]
             if hot.size:

@@ -206,21 +206,37 @@ class RamBlock:
         if data < stop * PAGE_SIZE:
             yield data // PAGE_SIZE, stop
 
-    def resident(self, first: int, n: int) -> BoolArray:
+    def holds(self, first: int, n: int) -> BoolArray:
         """For pages ``first .. first+n-1``: whether the file holds a page there (False: a hole, known zero).
 
         Asks ``mincore``, which neither reads nor allocates: touching a hole
         of a tmpfs file through the mapping, even to read it, allocates a
-        zeroed page.  Where ``mincore`` is not available every page counts
-        as resident.
+        zeroed page.  ``mincore`` also says no for a page swapped out, so
+        each gap it reports is checked with ``SEEK_DATA``, for which a
+        swapped page is data.  Where ``mincore`` is not available every page
+        counts as held.
         """
         vec = np.ones(n, dtype=np.uint8)
-        if _LIBC is not None and n:
-            addr = self.bytes_.ctypes.data + first * PAGE_SIZE
-            if _LIBC.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(n * PAGE_SIZE),
-                             ctypes.c_void_p(vec.ctypes.data)) != 0:
-                vec[:] = 1
-        return (vec & 1).astype(np.bool_)
+        if _LIBC is None or n == 0:
+            return vec.astype(np.bool_)
+        addr = self.bytes_.ctypes.data + first * PAGE_SIZE
+        if _LIBC.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(n * PAGE_SIZE), ctypes.c_void_p(vec.ctypes.data)):
+            return np.ones(n, dtype=np.bool_)
+        held: BoolArray = (vec & 1).astype(np.bool_)
+        gaps = np.flatnonzero(~held)
+        i = 0
+        while i < gaps.size:
+            try:
+                data = os.lseek(self.fd, (first + int(gaps[i])) * PAGE_SIZE, os.SEEK_DATA) // PAGE_SIZE - first
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # holes up to the end of the file
+                    break
+                return np.ones(n, dtype=np.bool_)
+            if data >= n:
+                break
+            held[data] = True  # data: in memory already, or swapped out
+            i = int(np.searchsorted(gaps, data + 1))
+        return held
 
     # -- dirty tracking -----------------------------------------------------------------------------------------------
     def _new_bitmap(self) -> npt.NDArray[np.uint64]:

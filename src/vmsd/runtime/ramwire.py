@@ -86,7 +86,7 @@ class RamCounters:
 def zero_mask(block: RamBlock, pages: Pages) -> npt.NDArray[np.bool_]:
     """True for each listed page that is all zero; contiguous runs are scanned in place.
 
-    Pages the file does not hold (holes, see :meth:`RamBlock.resident`) are
+    Pages the file does not hold (holes, see :meth:`RamBlock.holds`) are
     zero without being read: reading one through the mapping would allocate
     it, and a sparse guest's source would fill up with zero pages.
     """
@@ -97,7 +97,7 @@ def zero_mask(block: RamBlock, pages: Pages) -> npt.NDArray[np.bool_]:
     words = block.words
     contiguous = last - first + 1 == n
     if contiguous or last - first < 64 * n:  # one mincore call over the span, not one per page
-        held = block.resident(first, last - first + 1)
+        held = block.holds(first, last - first + 1)
         if not contiguous:
             held = held[pages - first]
         if not held.all():
