@@ -436,3 +436,27 @@ def test_holds_counts_a_page_mincore_misses_as_held_when_the_file_has_data_there
         block.bytes_[20 * PAGE_SIZE:22 * PAGE_SIZE] = 2
         monkeypatch.setattr(ramblock, "_LIBC", Swapped())
         assert np.flatnonzero(block.holds(0, 32)).tolist() == [4, 20, 21]
+
+
+def test_zero_records_clear_data_and_leave_holes_unallocated() -> None:
+    """Main channel: ZERO records, in a contiguous run and scattered, zero the pages that hold data and leave
+    the holes among them unallocated."""
+    from vmsd.runtime.ramwire import RamEncoder, RamLoader
+
+    with RamBlocks() as src_blocks, RamBlocks() as dst_blocks:
+        src = src_blocks.create("pc.ram", 64 * PAGE_SIZE)
+        src.bytes_[0] = 1  # page 0 carries data, so the block is named by a normal page
+        dst = dst_blocks.create("pc.ram", 64 * PAGE_SIZE)
+        dst.bytes_[3 * PAGE_SIZE:5 * PAGE_SIZE] = 7  # stale data the zero pages must clear
+        dst.bytes_[30 * PAGE_SIZE] = 7
+        enc = RamEncoder()
+        data = enc.block_list(src_blocks) + enc.eos()
+        for pages in (np.arange(0, 12, dtype=np.int64), np.array([30, 40, 50], dtype=np.int64)):
+            data += b"".join(bytes(b) for b in enc.encode(src, pages))
+        data += enc.eos()
+        loader = RamLoader(dst_blocks)
+        r = Reader(data)
+        loader.load_section(r)
+        loader.load_section(r)
+        assert os.fstat(dst.fd).st_blocks * 512 == 4 * PAGE_SIZE  # pages 0, 3, 4 and 30 only
+        assert os.pread(dst.fd, 64 * PAGE_SIZE, 0) == os.pread(src.fd, 64 * PAGE_SIZE, 0)  # reads allocate nothing

@@ -556,24 +556,9 @@ class MultifdReceiver:
             _read_into(ch, payload)
             decomp.inflate_into(payload, block, runs, normal * PAGE_SIZE)
             stats.bytes += size
-        if zero:
-            _clear_pages(block, pages[normal:])
+        block.clear(offsets[normal:] // PAGE_SIZE)
         stats.pages += normal
         stats.zero_pages += zero
-
-
-def _clear_pages(block: RamBlock, pages: list[int]) -> None:
-    """Make a packet's zero pages zero, looking only at pages the file holds.
-
-    Fresh memory is zero already and stays unallocated: even reading a hole
-    of a tmpfs file through the mapping would allocate a zeroed page there.
-    """
-    for p, n in _runs(pages):
-        held = np.flatnonzero(block.holds(p, n)) + p
-        if held.size:
-            hot = held[block.words[held].any(axis=1)]
-            if hot.size:
-                block.words[hot] = 0
 
 
 def _pipe() -> tuple[int, int] | None:

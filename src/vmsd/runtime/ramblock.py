@@ -31,6 +31,7 @@ _ZERO_CHUNK_PAGES = 256  # 1 MiB: the second look at a mixed chunk is served fro
 _MADV_POPULATE_WRITE = 23  # <linux/mman.h>; Python's mmap module only names it from 3.13 on
 _IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 
+
 def _libc() -> ctypes.CDLL | None:
     """The C library, for ``mincore`` (which Python's mmap does not offer)."""
     try:
@@ -186,26 +187,6 @@ class RamBlock:
             raise ValueError(f"range {offset:#x}+{length:#x} is outside RAM block '{self.name}' "
                              f"of {self.used_length:#x} bytes")
 
-    def allocated(self, start: int, stop: int) -> Iterator[tuple[int, int]]:
-        """Page ranges ``[a, b)`` within ``[start, stop)`` that may hold data: the rest are holes, known zero.
-
-        Asks the file where its data starts (``SEEK_DATA``, which memfd and
-        tmpfs answer) so that checking fresh memory for zeros neither reads
-        nor allocates it.  Only the leading hole is skipped: asking for the
-        next hole too (``SEEK_HOLE``) walks every page of a fully populated
-        file up to its end, which cost seconds per call on a preallocated
-        2 GiB destination.  Without that support the whole range is reported.
-        """
-        try:
-            data = os.lseek(self.fd, start * PAGE_SIZE, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole up to the end of the file
-                return
-            yield start, stop
-            return
-        if data < stop * PAGE_SIZE:
-            yield data // PAGE_SIZE, stop
-
     def holds(self, first: int, n: int) -> BoolArray:
         """For pages ``first .. first+n-1``: whether the file holds a page there (False: a hole, known zero).
 
@@ -237,6 +218,26 @@ class RamBlock:
             held[data] = True  # data: in memory already, or swapped out
             i = int(np.searchsorted(gaps, data + 1))
         return held
+
+    def clear(self, pages: Pages) -> None:
+        """Make ``pages`` zero, as a destination does with the zero pages it receives.
+
+        Only pages the file holds (:meth:`holds`) are looked at, and only
+        those not zero already are written: fresh memory stays unallocated.
+        """
+        if pages.size == 0:
+            return
+        for run in np.split(pages, np.flatnonzero(np.diff(pages) != 1) + 1):
+            first, n = int(run[0]), int(run.size)
+            held = self.holds(first, n)
+            if held.all():  # a view of the rows: nothing copied
+                rows = self.words[first:first + n]
+                rows[np.flatnonzero(rows.any(axis=1))] = 0
+                continue
+            inside = np.flatnonzero(held) + first
+            hot = inside[self.words[inside].any(axis=1)]
+            if hot.size:
+                self.words[hot] = 0
 
     # -- dirty tracking -----------------------------------------------------------------------------------------------
     def _new_bitmap(self) -> npt.NDArray[np.uint64]:

@@ -400,18 +400,7 @@ class RamLoader:
             fills = np.ndarray((n,), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride,))
             if fills.any():
                 return 0  # a non-zero fill byte is legal but odd: the per-record path takes it
-            # Only memory that is not already zero is written, as QEMU does, so untouched pages stay unallocated.
-            words = block.words
-            if contiguous:
-                for a, b in block.allocated(first, last + 1):
-                    hot = words[a:b]
-                    nonzero = np.flatnonzero(hot.max(axis=1))
-                    if nonzero.size:
-                        hot[nonzero] = 0
-            else:
-                targets = pages[words[pages].max(axis=1) != 0]
-                if targets.size:
-                    words[targets] = 0
+            block.clear(pages)  # as QEMU, only memory that is not zero already is written
             self.counters.duplicate += n
         if self.mark_dirty:
             block.mark_pages(pages)
