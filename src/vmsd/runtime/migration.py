@@ -358,7 +358,7 @@ class Migration:
         else:
             # The zero pages' records go out first: the destination's main thread applies them while the
             # channels carry the normal pages, instead of after them.
-            buffers += enc.encode(block, zeros)
+            buffers += enc.encode(block, zeros, zero=zero[zero])  # scanned above: not read twice
             if buffers:
                 self._send(buffers, enc.counters.transferred - before)
                 buffers = []

@@ -165,12 +165,16 @@ class RamEncoder:
         self.counters.transferred += 8
         return _U64.pack(RAM_SAVE_FLAG_EOS)
 
-    def encode(self, block: RamBlock, pages: Pages, age: int = 0, last_stage: bool = False) -> Buffers:
-        """Records for ``pages`` (ascending indices) of ``block``, as buffers to write in order."""
+    def encode(self, block: RamBlock, pages: Pages, age: int = 0, last_stage: bool = False,
+               zero: npt.NDArray[np.bool_] | None = None) -> Buffers:
+        """Records for ``pages`` (ascending indices) of ``block``, as buffers to write in order.
+
+        ``zero``: which pages are all zero, when the caller has scanned them already.
+        """
         if pages.size == 0:
             return []
         out: Buffers = []
-        zero = zero_mask(block, pages)
+        zero = zero_mask(block, pages) if zero is None else zero
         if self.cache is not None and self.xbzrle_enabled:
             self._encode_xbzrle(out, block, pages, zero, age, last_stage)
             return out
