@@ -398,6 +398,66 @@ def test_store_pages_on_a_full_filesystem_is_an_error_naming_the_block(monkeypat
         block.store_pages(0, memoryview(bytes(PAGE_SIZE)), 0, PAGE_SIZE, 1)
 
 
+def test_populate_maps_just_the_run_and_keeps_its_contents() -> None:
+    with RamBlock.memfd("m", 16 * PAGE_SIZE) as block:
+        block.bytes_[5 * PAGE_SIZE] = 9
+        block.populate(4, 3)
+        assert np.flatnonzero(block.holds(0, 16)).tolist() == [4, 5, 6]
+        assert block.bytes_[5 * PAGE_SIZE] == 9 and not block.words[4].any() and not block.words[6].any()
+
+
+class _Madvise:
+    """Stands in for a block's mapping, with an madvise that fails as told and counts its calls."""
+
+    def __init__(self, mm: object, err: int) -> None:
+        self.mm, self.err, self.calls = mm, err, 0
+
+    def madvise(self, *args: int) -> None:
+        self.calls += 1
+        raise OSError(self.err, os.strerror(self.err))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.mm, name)
+
+
+def test_populate_steps_aside_on_a_kernel_without_populate_write() -> None:
+    with RamBlock.memfd("m", 8 * PAGE_SIZE) as block:
+        mm = block._mm
+        fake = _Madvise(mm, errno.EINVAL)
+        block._mm = fake  # type: ignore[assignment]
+        try:
+            block.populate(0, 2)
+            block.populate(2, 2)  # not asked again
+        finally:
+            block._mm = mm
+        assert fake.calls == 1
+        block.view[0:PAGE_SIZE] = b"\x01" * PAGE_SIZE  # the copy's own page faults do the work
+
+
+def test_populate_on_a_full_filesystem_is_an_error_naming_the_block() -> None:
+    """Where the copy through the mapping would die of SIGBUS, populating first turns it into an error."""
+    with RamBlock.memfd("pc.ram", 8 * PAGE_SIZE) as block:
+        mm = block._mm
+        block._mm = _Madvise(mm, errno.EFAULT)  # type: ignore[assignment]
+        try:
+            with pytest.raises(VMSDError, match=r"RAM block 'pc\.ram': cannot store pages: Bad address"):
+                block.populate(0, 2)
+        finally:
+            block._mm = mm
+
+
+def test_populate_after_prealloc_asks_nothing() -> None:
+    with RamBlock.memfd("m", 8 * PAGE_SIZE, prealloc=True) as block:
+        mm = block._mm
+        fake = _Madvise(mm, errno.EFAULT)
+        block._mm = fake  # type: ignore[assignment]
+        try:
+            block.populate(0, 8)
+        finally:
+            block._mm = mm
+        assert fake.calls == 0
+
+
 def test_holds_tells_written_pages_from_holes_without_allocating() -> None:
     with RamBlock.memfd("m", 16 * PAGE_SIZE) as block:
         block.bytes_[3 * PAGE_SIZE] = 1

@@ -547,6 +547,7 @@ class MultifdReceiver:
         if decomp is None:
             for p, n in runs:
                 if not (block.stores_via_fd and self._splice(ch, stats.channel, block, p, n)):
+                    block.populate(p, n)
                     _read_into(ch, block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE])
             stats.bytes += normal * PAGE_SIZE
         elif normal:
@@ -696,6 +697,7 @@ class _ZstdPages:
             for p, n in runs:
                 end = (p + n) * PAGE_SIZE
                 at = p * PAGE_SIZE
+                block.populate(p, n)
                 while at < end:  # a read may stop short of the slice
                     feed.nudge = True
                     got = reader.readinto(block.view[at:end])
@@ -732,6 +734,7 @@ class _ZlibPages:
             raise MalformedStream(f"zlib payload inflated to {len(out)} bytes, expected {want}")
         at = 0
         for p, n in runs:  # slices of a memoryview: no copy on the way into RAM
+            block.populate(p, n)
             block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = out[at:at + n * PAGE_SIZE]
             at += n * PAGE_SIZE
 
