@@ -30,6 +30,7 @@ from vmsd.runtime.multifd import (
     MultifdConfig,
     MultifdError,
     MultifdReceiver,
+    MultifdSender,
     accept_all,
     initial_packet,
 )
@@ -136,6 +137,44 @@ def test_a_channel_that_never_connects() -> None:
             accept_all(lambda: lst.accept(0.5), cfg, 0.5)
         main_peer.close()
         one.close()
+
+
+def test_a_stalled_channel_holds_up_no_other() -> None:
+    """Batches go to whichever channel is free, as in QEMU: while channel 0's peer reads nothing,
+    channel 1 carries everything but the batch channel 0 is stuck writing; SYNC still reaches both."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    got = [0, 0]
+
+    def drain(i: int) -> None:
+        while chunk := pairs[i][1].recv(1 << 20):
+            got[i] += len(chunk)
+
+    with RamBlocks() as blocks:
+        block = blocks.create("pc.ram", 32 * MIB)
+        sender = MultifdSender(MultifdConfig(channels=2), [Channel(f"c{i}", sock=p[0]) for i, p in enumerate(pairs)])
+        readers = [threading.Thread(target=drain, args=(1,))]
+        readers[0].start()
+        sending = threading.Thread(target=sender.send, args=(block, np.arange(block.npages), np.arange(0)))
+        sending.start()
+        sending.join(10)
+        stuck = sending.is_alive()
+        readers.append(threading.Thread(target=drain, args=(0,)))
+        readers[1].start()  # let channel 0 go, whatever happened
+        sending.join(10)
+        sender.sync()
+        sender.close()
+        for a, _ in pairs:
+            a.close()
+        for t in readers:
+            t.join(10)
+        assert not stuck, "the sender waited for the stalled channel"
+        packets = [st.packets for st in sender.stats]
+        # 64 batches of 128 pages and one SYNC each; channel 0 took what its socket buffer held, and one more
+        assert packets[0] < 10 and packets[0] + packets[1] == 64 + 2
+        assert sum(st.pages for st in sender.stats) == block.npages
+        assert got == [64 + st.bytes for st in sender.stats]  # after each channel's initial packet
+        for _, b in pairs:
+            b.close()
 
 
 def _packet(name: str, offsets: list[int], payload: bytes, flags: int = 0, normal: int | None = None) -> bytes:

@@ -175,8 +175,35 @@ def _runs(pages: list[int]) -> list[tuple[int, int]]:
 _STOP = object()
 
 
+class _SyncPoint:
+    """One SYNC packet per channel: queued once per channel, each thread takes one and waits for the rest."""
+
+    def __init__(self, channels: int) -> None:
+        self.left = channels
+        self.cond = threading.Condition()
+
+    def arrive(self) -> None:
+        with self.cond:
+            self.left -= 1
+            self.cond.notify_all()
+
+    def wait(self, give_up: Callable[[], bool]) -> bool:
+        """Until every channel has sent its SYNC; False if ``give_up`` says so first."""
+        with self.cond:
+            while self.left:
+                if give_up():
+                    return False
+                self.cond.wait(0.1)
+        return True
+
+
 class MultifdSender:
-    """Channel threads that send page batches; :meth:`sync` is QEMU's ``multifd_send_sync_main``."""
+    """Channel threads that send page batches; :meth:`sync` is QEMU's ``multifd_send_sync_main``.
+
+    Packets wait in one queue that every channel's thread takes from, as
+    QEMU hands a batch to whichever channel is idle: a thread that is
+    descheduled or slowed by its peer holds up no other channel.
+    """
 
     def __init__(self, config: MultifdConfig, channels: list[Channel]) -> None:
         self.config = config
@@ -184,9 +211,9 @@ class MultifdSender:
         self.stats = [ChannelStats(i) for i in range(len(channels))]
         self._packet_num = 0
         self._num_lock = threading.Lock()
-        self._next = 0
         self._error: MultifdError | None = None
-        self._queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=4) for _ in channels]
+        self._stopping = False
+        self._work: queue.Queue[Any] = queue.Queue(maxsize=2 * len(channels))
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd send {i}", daemon=True)
                          for i in range(len(channels))]
         for i, ch in enumerate(channels):
@@ -199,62 +226,64 @@ class MultifdSender:
         return sum(s.bytes for s in self.stats)
 
     def send(self, block: RamBlock, normal: Pages, zero: Pages) -> None:
-        """Queue pages of one block in packets of at most 128 pages, round-robin over the channels."""
+        """Queue pages of one block in packets of at most 128 pages."""
         step = PAGES_PER_PACKET
         n_norm, n_zero = int(normal.size), int(zero.size)
         i = j = 0
         while i < n_norm or j < n_zero:
             take_n = min(step, n_norm - i)
             take_z = min(step - take_n, n_zero - j)
-            self._put(self._next, (block, normal[i:i + take_n], zero[j:j + take_z]))
-            self._next = (self._next + 1) % len(self.channels)
+            self._put((block, normal[i:i + take_n], zero[j:j + take_z]))
             i += take_n
             j += take_z
 
     def sync(self) -> None:
-        """One SYNC packet on every channel, after all queued pages; returns once all are written."""
-        done = [threading.Event() for _ in self.channels]
-        for i in range(len(self.channels)):
-            self._put(i, done[i])
-        for ev in done:
-            while not ev.wait(0.1):
-                self._check()
+        """One SYNC packet on every channel, after all queued pages; returns once all are written.
+
+        A thread that took the sync point sends its SYNC and takes no more
+        work until every channel has, so each channel gets exactly one, and
+        after every batch queued before it.
+        """
+        point = _SyncPoint(len(self.channels))
+        for _ in self.channels:
+            self._put(point)
+        point.wait(lambda: self._error is not None)
         self._check()
 
     def close(self) -> None:
         """Stop the threads (queued work is dropped on error); the caller closes the channels."""
-        for i in range(len(self.channels)):
+        for _ in self.channels:
             while True:
                 try:
-                    self._queues[i].put(_STOP, timeout=0.1)
+                    self._work.put(_STOP, timeout=0.1)
                     break
                 except queue.Full:
-                    if self._error is None and self._threads[i].is_alive():
+                    if self._error is None and any(t.is_alive() for t in self._threads):
                         continue
-                    self._drain(i)
+                    self._drain()
         for t in self._threads:
             t.join(10)
 
     def abort(self) -> None:
         """Wake blocked threads by shutting the sockets down, then stop them."""
+        self._stopping = True
         for ch in self.channels:
             ch.shutdown()
-        for i in range(len(self.channels)):
-            self._drain(i)
+        self._drain()
         self.close()
 
-    def _drain(self, i: int) -> None:
+    def _drain(self) -> None:
         while True:
             try:
-                self._queues[i].get_nowait()
+                self._work.get_nowait()
             except queue.Empty:
                 return
 
-    def _put(self, i: int, job: Any) -> None:
+    def _put(self, job: Any) -> None:
         while True:
             self._check()
             try:
-                self._queues[i].put(job, timeout=0.1)
+                self._work.put(job, timeout=0.1)
                 return
             except queue.Full:
                 continue
@@ -280,15 +309,17 @@ class MultifdSender:
             comp = zstandard.ZstdCompressor(level=cfg.zstd_level).compressobj()
         try:
             while True:
-                job = self._queues[i].get()
+                job = self._work.get()
                 if job is _STOP:
                     return
-                if isinstance(job, threading.Event):
+                if isinstance(job, _SyncPoint):
                     head = self._header(FLAG_SYNC, "", [], [], 0)
                     ch.write(head)
                     stats.bytes += len(head)
                     stats.packets += 1
-                    job.set()
+                    job.arrive()
+                    if not job.wait(lambda: self._error is not None or self._stopping):
+                        return
                     continue
                 block, normal, zero = job
                 normal_l, zero_l = normal.tolist(), zero.tolist()
