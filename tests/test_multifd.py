@@ -308,22 +308,39 @@ def test_a_compressed_zstd_payload_must_fill_its_pages_exactly() -> None:
     assert "inflates past its 8192 bytes of pages" in err.message
 
 
-def test_zstd_pages_in_scattered_runs() -> None:
-    """Many short runs per packet: the decoder's held-back output must reach every run."""
+def _frame_per_run(pages: list[int], content: bytes) -> bytes:
+    """How our sender frames a packet: each run of pages its own frame, compressed in one call."""
+    z = zstandard.ZstdCompressor()
+    out, at = [], 0
+    for run in np.split(np.array(pages), np.flatnonzero(np.diff(pages) != 1) + 1):
+        n = int(run.size) * PAGE_SIZE
+        out.append(z.compress(content[at:at + n]))
+        at += n
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("framing", ["stream", "frame per run", "both"])
+def test_zstd_pages_in_scattered_runs(framing: str) -> None:
+    """Many short runs per packet: the decoder's held-back output must reach every run, whether the
+    channel is one frame flushed per packet (QEMU) or a frame per run (us), or frames then a stream."""
     pages = [0, 2, 3, 5, 9, 10, 11, 15]
     content = b"".join(bytes([p + 1]) * 8 + bytes(PAGE_SIZE - 8) for p in pages)
-    data = _zstd_packet(content)
+    packets = {"stream": [_zstd_packet(content)], "frame per run": [_frame_per_run(pages, content)],
+               # QEMU's frame never ends, so only ours can come before it
+               "both": [_frame_per_run(pages, content), _frame_per_run(pages, content), _zstd_packet(content)]}
     with RamBlocks() as blocks:
         block = blocks.create("pc.ram", 16 * PAGE_SIZE)
         a, b = socket.socketpair()
         rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [Channel("test channel", sock=b)],
                              blocks)
-        a.sendall(_packet("pc.ram", [p * PAGE_SIZE for p in pages], data, flags=0x04))
-        a.sendall(_packet("", [], b"", flags=0x01))  # SYNC
-        rx.sync()
-        for p in range(16):
-            want = bytes([p + 1]) * 8 + bytes(PAGE_SIZE - 8) if p in pages else bytes(PAGE_SIZE)
-            assert block.view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] == want
+        for data in packets[framing]:
+            block.bytes_[:] = 7
+            a.sendall(_packet("pc.ram", [p * PAGE_SIZE for p in pages], data, flags=0x04))
+            a.sendall(_packet("", [], b"", flags=0x01))  # SYNC
+            rx.sync()
+            for p in range(16):
+                want = bytes([p + 1]) * 8 + bytes(PAGE_SIZE - 8) if p in pages else b"\x07" * PAGE_SIZE
+                assert block.view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] == want
         a.close()
         rx.close()
 
@@ -522,11 +539,24 @@ def _multifd_on(q: Qemu, channels: int, compression: str) -> None:
 
 
 def _guest_ram(path: Path, size: int) -> None:
-    """Random and zero 1 MiB chunks, written before QEMU maps the file."""
+    """1 MiB chunks, written before QEMU maps the file: zero, random, compressible (so that compressed
+    blocks, not only stored ones, cross the wire), and random pages between zero pages (runs of one
+    page, several to a packet)."""
     rng = np.random.default_rng(3)
+    text = b"".join(b"page %6d of a guest that compresses well; " % i for i in range(MIB // 40 + 1))[:MIB]
     with open(path, "wb") as f:
         for i in range(size // MIB):
-            f.write(rng.bytes(MIB) if i % 2 else bytes(MIB))
+            kind = i % 4
+            if kind == 0:
+                f.write(bytes(MIB))
+            elif kind == 1:
+                f.write(rng.bytes(MIB))
+            elif kind == 2:
+                f.write(text)
+            else:
+                pages = np.frombuffer(rng.bytes(MIB), dtype=np.uint8).reshape(-1, PAGE_SIZE).copy()
+                pages[::2] = 0
+                f.write(pages.tobytes())
 
 
 def _round_trip(start: Any, shm: Path, tmp_path: Path, channels: int, compression: str, version: str) -> None:

@@ -306,7 +306,7 @@ class MultifdSender:
         if cfg.compression == "zlib":
             comp = zlib.compressobj(cfg.zlib_level)
         elif cfg.compression == "zstd":
-            comp = zstandard.ZstdCompressor(level=cfg.zstd_level).compressobj()
+            comp = zstandard.ZstdCompressor(level=cfg.zstd_level)
         try:
             while True:
                 job = self._work.get()
@@ -328,10 +328,13 @@ class MultifdSender:
                 size = len(normal_l) * PAGE_SIZE
                 if comp is not None and normal_l:
                     # The compressor's pieces go out as they are (one iovec each): joining them would copy
-                    # every compressed byte once more.
+                    # every compressed byte once more.  zstd compresses each run as a frame of its own, in
+                    # one call straight from RAM into its output: a streaming compressor would copy the
+                    # pages into its window and its output once more, which on incompressible pages costs
+                    # as much as compressing.  QEMU's receivers decode frame after frame (tested).
                     payload = [comp.compress(v) for v in views]
-                    payload.append(comp.flush(zlib.Z_SYNC_FLUSH if cfg.compression == "zlib"
-                                              else zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+                    if cfg.compression == "zlib":
+                        payload.append(comp.flush(zlib.Z_SYNC_FLUSH))
                     size = sum(len(part) for part in payload)
                 flags = COMPRESSION_FLAGS[cfg.compression] if (normal_l or cfg.layout != "7.2") else 0
                 head = self._header(flags, block.name, normal_l, zero_l, size)
@@ -608,31 +611,41 @@ _ZSTD_BLOCK_MAX = 128 << 10
 
 
 class ZstdBound:
-    """Walks a channel's zstd frame across packets: how much a payload can inflate to, before inflating it.
+    """Walks a channel's zstd frames across packets: how much a payload can inflate to, before inflating it.
 
     A few bytes of zstd can claim 128 KiB each.  Block headers say it all: raw
     and RLE blocks give exactly their size, a compressed block at most 128 KiB.
-    QEMU (and we) flush each packet on a block boundary, so a payload is
-    whole blocks, the first one after the frame header.
+    A frame that states its content size (ours: one per run of pages) gives at
+    most that, which the decoder enforces.  QEMU (and we) flush each packet on
+    a block boundary, so a payload is whole blocks, the first one after a
+    frame header where no frame is open.
     """
 
     def __init__(self) -> None:
         self.in_frame = False
         self.checksum = False
+        self.content: int | None = None  # the open frame's stated content size
+        self.counted = 0  # what the open frame's blocks so far can inflate to
 
     def bound(self, data: memoryview) -> tuple[int, bool]:
         """(most bytes ``data`` inflates to, whether that is exact: no compressed block)."""
         out = 0
         exact = True
         i, n = 0, len(data)
+        self.counted = 0  # a frame left open by the last packet: its earlier blocks were counted there
         while i < n:
             if not self.in_frame:
                 if bytes(data[i:i + 4]) != _ZSTD_MAGIC or i + 5 > n:
                     raise MalformedStream("zstd payload does not start a frame or a block")
                 fhd = data[i + 4]
                 single = (fhd >> 5) & 1
-                fcs = (fhd >> 6) & 3
-                i += 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fcs]
+                fcs_size = ((1 if single else 0), 2, 4, 8)[fhd >> 6]
+                i += 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+                if i + fcs_size > n:
+                    raise MalformedStream("zstd frame header cut short")
+                self.content = int.from_bytes(data[i:i + fcs_size], "little") + (256 if fcs_size == 2 else 0) \
+                    if fcs_size else None
+                i += fcs_size
                 self.checksum = bool((fhd >> 2) & 1)
                 self.in_frame = True
                 continue
@@ -642,23 +655,25 @@ class ZstdBound:
             last, kind, size = head & 1, (head >> 1) & 3, head >> 3
             i += 3
             if kind == 0:  # raw
-                out += size
+                self.counted += size
                 i += size
             elif kind == 1:  # RLE: one byte repeated
-                out += size
+                self.counted += size
                 i += 1
             elif kind == 2:
-                out += _ZSTD_BLOCK_MAX
+                self.counted += _ZSTD_BLOCK_MAX
                 exact = False
                 i += size
             else:
                 raise MalformedStream("zstd block of the reserved type")
             if last:
+                out += self.counted if self.content is None else min(self.counted, self.content)
+                self.counted = 0
                 self.in_frame = False
                 i += 4 if self.checksum else 0
         if i != n:
             raise MalformedStream("zstd block runs past the payload")
-        return out, exact
+        return out + self.counted, exact
 
 
 class _Drained(Exception):
@@ -667,6 +682,8 @@ class _Drained(Exception):
 
 # An empty stored block: inflates to nothing, and is valid wherever a block may start.
 _ZSTD_EMPTY_BLOCK = b"\x00\x00\x00"
+# An empty frame (single segment, content size 0, one empty last block): valid wherever a frame may start.
+_ZSTD_EMPTY_FRAME = _ZSTD_MAGIC + b"\x20\x00\x01\x00\x00"
 
 
 class _ZstdFeed:
@@ -674,14 +691,17 @@ class _ZstdFeed:
 
     The reader asks for input before it lets the decoder hand out output it
     already holds, so once the payload is all taken, each ``readinto`` may
-    need one empty block to push that output out.  Beyond that, more input
-    means the payload is short; ``b""`` is never returned, as the reader
-    would take it for the end of the stream, for good.
+    need one empty block to push that output out (an empty frame where the
+    payload ended a frame: QEMU's sources keep one frame per channel, ours
+    send a frame per run).  Beyond that, more input means the payload is
+    short; ``b""`` is never returned, as the reader would take it for the
+    end of the stream, for good.
     """
 
     def __init__(self) -> None:
         self.data: memoryview | None = None
         self.nudge = False
+        self.filler = _ZSTD_EMPTY_BLOCK
 
     def read(self, size: int) -> memoryview | bytes:
         if self.data is not None:
@@ -689,7 +709,7 @@ class _ZstdFeed:
             return data
         if self.nudge:
             self.nudge = False
-            return _ZSTD_EMPTY_BLOCK
+            return self.filler
         raise _Drained
 
 
@@ -711,7 +731,8 @@ class _ZstdPages:
         self.feed = _ZstdFeed()
         # The reader only ever calls read(); the stub asks for a whole IO[bytes].
         source = cast(IO[bytes], self.feed)
-        self.reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20, closefd=False)
+        self.reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20, closefd=False,
+                                                                 read_across_frames=True)
         self._probe = bytearray(1)
 
     def inflate_into(self, payload: memoryview, block: RamBlock, runs: list[tuple[int, int]], want: int) -> None:
@@ -723,6 +744,7 @@ class _ZstdPages:
             raise MalformedStream(f"zstd payload inflated to {most} bytes, expected {want}")
         feed, reader = self.feed, self.reader
         feed.data = payload
+        feed.filler = _ZSTD_EMPTY_BLOCK if self.bound.in_frame else _ZSTD_EMPTY_FRAME
         done = 0
         try:
             for p, n in runs:
