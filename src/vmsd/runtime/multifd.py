@@ -714,16 +714,22 @@ class _ZstdFeed:
 
 
 class _ZstdPages:
-    """A channel's zstd stream, inflated straight into the pages' place in RAM.
+    """A channel's zstd stream, inflated into a packet-sized buffer and written into RAM.
 
-    ``stream_reader(...).readinto`` fills a slice of the mapping with the GIL
-    released, so there is no intermediate buffer and no copy.  Every run of
-    pages must fill completely, as QEMU's ``zstd_recv_pages`` checks, and
-    then the decoder must hold nothing more: a payload that inflates past
-    its pages is an error too (QEMU does not notice that one).  Stored and
-    RLE blocks, the usual case for incompressible pages, are counted before
-    inflating, and a payload that could inflate far beyond its pages is
-    refused then (see :class:`ZstdBound`).
+    ``stream_reader(...).readinto`` fills the buffer with the GIL released;
+    the pages then go into the RAM file with ``pwritev``
+    (:meth:`RamBlock.store_pages`), which allocates the file's pages without
+    zero-filling them first.  Inflating straight into the mapping saves a
+    copy of a cache-hot buffer but has the kernel clear every fresh page
+    first, the larger cost (on this VM a third of the receiver's time).
+    Where the block is written through its mapping anyway (preallocated),
+    each run is inflated in place.  The payload must fill its pages
+    exactly, as QEMU's ``zstd_recv_pages`` checks, and then the decoder must
+    hold nothing more: a payload that inflates past its pages is an error
+    too (QEMU does not notice that one), found before anything is written.
+    Stored and RLE blocks, the usual case for incompressible pages, are
+    counted before inflating, and a payload that could inflate far beyond
+    its pages is refused then (see :class:`ZstdBound`).
     """
 
     def __init__(self) -> None:
@@ -734,6 +740,7 @@ class _ZstdPages:
         self.reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20, closefd=False,
                                                                  read_across_frames=True)
         self._probe = bytearray(1)
+        self._stage = bytearray(PAGES_PER_PACKET * PAGE_SIZE)
 
     def inflate_into(self, payload: memoryview, block: RamBlock, runs: list[tuple[int, int]], want: int) -> None:
         most, exact = self.bound.bound(payload)
@@ -745,24 +752,28 @@ class _ZstdPages:
         feed, reader = self.feed, self.reader
         feed.data = payload
         feed.filler = _ZSTD_EMPTY_BLOCK if self.bound.in_frame else _ZSTD_EMPTY_FRAME
+        staged = block.stores_via_fd
+        targets = [memoryview(self._stage)[:want]]
+        if not staged:
+            targets = [block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] for p, n in runs]
+            for p, n in runs:
+                block.populate(p, n)
         done = 0
         try:
-            for p, n in runs:
-                end = (p + n) * PAGE_SIZE
-                at = p * PAGE_SIZE
-                block.populate(p, n)
-                while at < end:  # a read may stop short of the slice
+            for target in targets:
+                at = 0
+                while at < len(target):  # a read may stop short of the slice
                     feed.nudge = True
-                    got = reader.readinto(block.view[at:end])
+                    got = reader.readinto(target[at:])
                     if got <= 0:
-                        raise _Drained  # the end of the frame
+                        raise _Drained  # the end of the stream
                     at += got
                     done += got
             feed.data, feed.nudge = None, True
             try:
                 extra = reader.readinto(self._probe)
             except _Drained:
-                return  # all input taken, no output held back
+                extra = 0  # all input taken, no output held back
         except _Drained:
             raise MalformedStream(f"zstd payload inflated to less than its {want} bytes of pages "
                                   f"(the first {done} bytes filled)") from None
@@ -770,6 +781,8 @@ class _ZstdPages:
             raise MalformedStream(f"zstd stream is corrupt ({e})") from None
         if extra:
             raise MalformedStream(f"zstd payload of {len(payload)} bytes inflates past its {want} bytes of pages")
+        if staged:
+            _store_runs(block, targets[0], runs)
 
 
 class _ZlibPages:
@@ -785,11 +798,19 @@ class _ZlibPages:
             raise MalformedStream(f"zlib stream is corrupt ({e})") from None
         if len(out) != want:
             raise MalformedStream(f"zlib payload inflated to {len(out)} bytes, expected {want}")
-        at = 0
-        for p, n in runs:  # slices of a memoryview: no copy on the way into RAM
+        _store_runs(block, out, runs)
+
+
+def _store_runs(block: RamBlock, pages: memoryview, runs: list[tuple[int, int]]) -> None:
+    """Write ``pages``, one packet's pages back to back, into their runs of ``block``."""
+    at = 0
+    for p, n in runs:
+        if block.stores_via_fd:
+            block.store_pages(p, pages, at, PAGE_SIZE, n)
+        else:  # slices of a memoryview: no copy on the way into RAM
             block.populate(p, n)
-            block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = out[at:at + n * PAGE_SIZE]
-            at += n * PAGE_SIZE
+            block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = pages[at:at + n * PAGE_SIZE]
+        at += n * PAGE_SIZE
 
 
 def _read_into(ch: Channel, view: memoryview, may_end: bool = False) -> bool:
