@@ -31,6 +31,7 @@ from vmsd.runtime.multifd import (
     MultifdError,
     MultifdReceiver,
     MultifdSender,
+    _ZstdFeed,
     accept_all,
     initial_packet,
 )
@@ -347,6 +348,45 @@ def test_zstd_pages_in_scattered_runs(framing: str, prealloc: bool) -> None:
             for p in range(16):
                 want = bytes([p + 1]) * 8 + bytes(PAGE_SIZE - 8) if p in pages else b"\x07" * PAGE_SIZE
                 assert block.view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] == want
+        a.close()
+        rx.close()
+
+
+@pytest.mark.parametrize("prealloc", [False, True], ids=["pwritev", "in place"])
+def test_stored_zstd_frames_are_written_without_the_decoder(monkeypatch: pytest.MonkeyPatch, prealloc: bool) -> None:
+    """Incompressible runs, a frame each (what our sender makes of them), are all stored blocks: the pages
+    are written straight from the payload (a run of 40 pages spans two blocks).  A later packet in QEMU's
+    one-frame style still goes through the decoder, which the shortcut left between frames."""
+    pages = [*range(0, 40), 50, 60, 61]
+    content = np.random.default_rng(8).integers(0, 256, len(pages) * PAGE_SIZE, dtype=np.uint8).tobytes()
+    ours = _frame_per_run(pages, content)
+    qemu = _zstd_packet(content[:3 * PAGE_SIZE])
+    reads: list[int] = []  # the decoder asking for input
+    real = _ZstdFeed.read
+
+    def read(self: _ZstdFeed, size: int) -> memoryview | bytes:
+        reads.append(size)
+        return real(self, size)
+
+    monkeypatch.setattr(_ZstdFeed, "read", read)
+    with RamBlocks() as blocks:
+        block = blocks.create("pc.ram", 64 * PAGE_SIZE)
+        if prealloc:
+            block.prealloc()
+        a, b = socket.socketpair()
+        rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [Channel("test channel", sock=b)],
+                             blocks)
+        a.sendall(_packet("pc.ram", [p * PAGE_SIZE for p in pages], ours, flags=0x04) + _packet("", [], b"", flags=1))
+        rx.sync()
+        assert not reads  # the decoder was not asked for input
+        for i, p in enumerate(pages):
+            assert block.view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] == content[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+        assert not block.words[40:50].any()
+        a.sendall(_packet("pc.ram", [10 * PAGE_SIZE, 11 * PAGE_SIZE, 12 * PAGE_SIZE], qemu, flags=0x04)
+                  + _packet("", [], b"", flags=1))
+        rx.sync()
+        assert reads
+        assert block.view[10 * PAGE_SIZE:13 * PAGE_SIZE] == content[:3 * PAGE_SIZE]
         a.close()
         rx.close()
 

@@ -377,6 +377,24 @@ def test_store_pages_writes_strided_pages_into_place(prealloc: bool) -> None:
         assert not block.words[:100].any() and not block.words[1600:].any()
 
 
+@pytest.mark.parametrize("cut", [1, PAGE_SIZE, 3 * PAGE_SIZE + 5])
+def test_store_views_finishes_a_short_write(monkeypatch: pytest.MonkeyPatch, cut: int) -> None:
+    """pwritev may write less than asked (a signal, a nearly full file): the rest follows, byte-exact."""
+    real = os.pwritev
+
+    def short(fd: int, views: list[memoryview], at: int) -> int:
+        data = b"".join(bytes(v) for v in views)[:cut]
+        return real(fd, [data], at)
+
+    monkeypatch.setattr(os, "pwritev", short)
+    data = np.random.default_rng(4).integers(0, 256, 5 * PAGE_SIZE, dtype=np.uint8).tobytes()
+    with RamBlock.memfd("m", 8 * PAGE_SIZE) as block:
+        mv = memoryview(data)
+        block.store_views(2, [mv[:3 * PAGE_SIZE + 100], mv[3 * PAGE_SIZE + 100:]])
+        assert bytes(block.view[2 * PAGE_SIZE:7 * PAGE_SIZE]) == data
+        assert not block.words[:2].any() and not block.words[7:].any()
+
+
 def test_store_pages_falls_back_to_the_mapping_where_the_file_refuses_writes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object) -> int:

@@ -626,6 +626,9 @@ class ZstdBound:
         self.checksum = False
         self.content: int | None = None  # the open frame's stated content size
         self.counted = 0  # what the open frame's blocks so far can inflate to
+        # After bound(): where the payload is whole frames of stored blocks only, without checksums, whose
+        # sizes agree with their frames' content sizes, the (offset, size) of each block's bytes.
+        self.stored: list[tuple[int, int]] | None = None
 
     def bound(self, data: memoryview) -> tuple[int, bool]:
         """(most bytes ``data`` inflates to, whether that is exact: no compressed block)."""
@@ -633,6 +636,7 @@ class ZstdBound:
         exact = True
         i, n = 0, len(data)
         self.counted = 0  # a frame left open by the last packet: its earlier blocks were counted there
+        stored: list[tuple[int, int]] | None = None if self.in_frame else []
         while i < n:
             if not self.in_frame:
                 if bytes(data[i:i + 4]) != _ZSTD_MAGIC or i + 5 > n:
@@ -647,6 +651,8 @@ class ZstdBound:
                     if fcs_size else None
                 i += fcs_size
                 self.checksum = bool((fhd >> 2) & 1)
+                if self.checksum:
+                    stored = None
                 self.in_frame = True
                 continue
             if i + 3 > n:
@@ -655,24 +661,31 @@ class ZstdBound:
             last, kind, size = head & 1, (head >> 1) & 3, head >> 3
             i += 3
             if kind == 0:  # raw
+                if stored is not None:
+                    stored.append((i, size))
                 self.counted += size
                 i += size
             elif kind == 1:  # RLE: one byte repeated
+                stored = None
                 self.counted += size
                 i += 1
             elif kind == 2:
+                stored = None
                 self.counted += _ZSTD_BLOCK_MAX
                 exact = False
                 i += size
             else:
                 raise MalformedStream("zstd block of the reserved type")
             if last:
+                if self.content is not None and self.content != self.counted:
+                    stored = None  # the decoder will say what is wrong
                 out += self.counted if self.content is None else min(self.counted, self.content)
                 self.counted = 0
                 self.in_frame = False
                 i += 4 if self.checksum else 0
         if i != n:
             raise MalformedStream("zstd block runs past the payload")
+        self.stored = stored if not self.in_frame else None
         return out + self.counted, exact
 
 
@@ -749,6 +762,13 @@ class _ZstdPages:
                                   f"for {want} bytes of pages")
         if exact and most != want:
             raise MalformedStream(f"zstd payload inflated to {most} bytes, expected {want}")
+        stored = self.bound.stored
+        if stored is not None and most == want and all(size % PAGE_SIZE == 0 for _, size in stored):
+            # Whole frames of stored blocks (ours, for incompressible pages): the pages are in the payload
+            # as they are, and no later frame refers back to them.  Write them from there, as QEMU's
+            # decoder would copy them, without inflating them into a buffer first.
+            _store_runs(block, payload, runs, stored)
+            return
         feed, reader = self.feed, self.reader
         feed.data = payload
         feed.filler = _ZSTD_EMPTY_BLOCK if self.bound.in_frame else _ZSTD_EMPTY_FRAME
@@ -801,16 +821,25 @@ class _ZlibPages:
         _store_runs(block, out, runs)
 
 
-def _store_runs(block: RamBlock, pages: memoryview, runs: list[tuple[int, int]]) -> None:
-    """Write ``pages``, one packet's pages back to back, into their runs of ``block``."""
-    at = 0
+def _store_runs(block: RamBlock, data: memoryview, runs: list[tuple[int, int]],
+                pieces: list[tuple[int, int]] | None = None) -> None:
+    """Write one packet's pages into their runs of ``block``: back to back in ``data``, or in ``pieces``
+    of it ((offset, size) in whole pages, in order), one write per run."""
+    at = [(0, len(data))] if pieces is None else pieces
+    k, off, left = 0, at[0][0], at[0][1]
     for p, n in runs:
-        if block.stores_via_fd:
-            block.store_pages(p, pages, at, PAGE_SIZE, n)
-        else:  # slices of a memoryview: no copy on the way into RAM
+        views = []
+        need = n * PAGE_SIZE
+        while need:
+            while not left:
+                k += 1
+                off, left = at[k]
+            take = min(need, left)
+            views.append(data[off:off + take])
+            off, left, need = off + take, left - take, need - take
+        if not block.stores_via_fd:
             block.populate(p, n)
-            block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] = pages[at:at + n * PAGE_SIZE]
-        at += n * PAGE_SIZE
+        block.store_views(p, views)
 
 
 def _read_into(ch: Channel, view: memoryview, may_end: bool = False) -> bool:

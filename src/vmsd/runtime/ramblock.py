@@ -165,25 +165,47 @@ class RamBlock:
         (hugetlbfs).  A full filesystem is an error, not the mapping's SIGBUS.
         """
         if self._store_via_fd:
-            views = [src[o:o + PAGE_SIZE] for o in range(offset, offset + n * stride, stride)]
+            views = [src[offset:offset + n * PAGE_SIZE]] if stride == PAGE_SIZE else \
+                [src[o:o + PAGE_SIZE] for o in range(offset, offset + n * stride, stride)]
             try:
-                for i in range(0, n, _IOV_MAX):
-                    part = views[i:i + _IOV_MAX]
-                    at = (first + i) * PAGE_SIZE
-                    done = os.pwritev(self.fd, part, at)
-                    while done < len(part) * PAGE_SIZE:  # short write: finish page by page
-                        k, rest = divmod(done, PAGE_SIZE)
-                        done += os.pwrite(self.fd, part[k][rest:], at + done)
-                return
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise VMSDError(f"RAM block '{self.name}': cannot store pages: {e.strerror}") from None
-                self._store_via_fd = False
+                if self._write_fd(first * PAGE_SIZE, views):
+                    return
             finally:
                 del views
         rows = self.bytes_.reshape(-1, PAGE_SIZE)
         rows[first:first + n] = np.ndarray((n, PAGE_SIZE), dtype=np.uint8, buffer=src, offset=offset,
                                            strides=(stride, 1))
+
+    def store_views(self, first: int, views: list[memoryview]) -> None:
+        """Write ``views`` back to back from page ``first``, whole pages in all (see :meth:`store_pages`)."""
+        at = first * PAGE_SIZE
+        if self._store_via_fd and self._write_fd(at, views):
+            return
+        for v in views:
+            self.view[at:at + len(v)] = v
+            at += len(v)
+
+    def _write_fd(self, at: int, views: list[memoryview]) -> bool:
+        """``pwritev`` at ``at``; False (and writes through the mapping from now on) if the file refuses."""
+        try:
+            for i in range(0, len(views), _IOV_MAX):
+                part = views[i:i + _IOV_MAX]
+                want = sum(len(v) for v in part)
+                done = os.pwritev(self.fd, part, at)
+                while done < want:  # short write: finish view by view
+                    k = 0
+                    skip = done
+                    while skip >= len(part[k]):
+                        skip -= len(part[k])
+                        k += 1
+                    done += os.pwrite(self.fd, part[k][skip:], at + done)
+                at += want
+            return True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise VMSDError(f"RAM block '{self.name}': cannot store pages: {e.strerror}") from None
+            self._store_via_fd = False
+            return False
 
     def populate(self, first: int, n: int) -> None:
         """Map pages ``first`` to ``first + n`` for writing, before a copy through the mapping fills them.
