@@ -31,6 +31,7 @@ from vmsd.runtime.multifd import (
     MultifdError,
     MultifdReceiver,
     MultifdSender,
+    _store_runs,
     _ZstdFeed,
     accept_all,
     initial_packet,
@@ -389,6 +390,21 @@ def test_stored_zstd_frames_are_written_without_the_decoder(monkeypatch: pytest.
         assert block.view[10 * PAGE_SIZE:13 * PAGE_SIZE] == content[:3 * PAGE_SIZE]
         a.close()
         rx.close()
+
+
+@pytest.mark.parametrize("prealloc", [False, True], ids=["pwritev", "in place"])
+def test_pieces_split_anywhere_land_in_their_runs(prealloc: bool) -> None:
+    """Stored blocks need not end on page boundaries: pieces and runs are matched byte by byte."""
+    pages = np.random.default_rng(9).integers(0, 256, 3 * PAGE_SIZE, dtype=np.uint8).tobytes()
+    data = pages[:5000] + b"gap" + pages[5000:]
+    with RamBlocks() as blocks:
+        block = blocks.create("pc.ram", 16 * PAGE_SIZE)
+        if prealloc:
+            block.prealloc()
+        _store_runs(block, memoryview(data), [(2, 1), (7, 2)], [(0, 5000), (5003, 3 * PAGE_SIZE - 5000)])
+        assert block.view[2 * PAGE_SIZE:3 * PAGE_SIZE] == pages[:PAGE_SIZE]
+        assert block.view[7 * PAGE_SIZE:9 * PAGE_SIZE] == pages[PAGE_SIZE:]
+        assert not block.words[:2].any() and not block.words[3:7].any() and not block.words[9:].any()
 
 
 def test_a_zstd_bomb_is_refused_before_inflating() -> None:

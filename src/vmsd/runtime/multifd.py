@@ -763,7 +763,7 @@ class _ZstdPages:
         if exact and most != want:
             raise MalformedStream(f"zstd payload inflated to {most} bytes, expected {want}")
         stored = self.bound.stored
-        if stored is not None and most == want and all(size % PAGE_SIZE == 0 for _, size in stored):
+        if stored is not None and most == want:
             # Whole frames of stored blocks (ours, for incompressible pages): the pages are in the payload
             # as they are, and no later frame refers back to them.  Write them from there, as QEMU's
             # decoder would copy them, without inflating them into a buffer first.
@@ -824,7 +824,7 @@ class _ZlibPages:
 def _store_runs(block: RamBlock, data: memoryview, runs: list[tuple[int, int]],
                 pieces: list[tuple[int, int]] | None = None) -> None:
     """Write one packet's pages into their runs of ``block``: back to back in ``data``, or in ``pieces``
-    of it ((offset, size) in whole pages, in order), one write per run."""
+    of it ((offset, size), in order, not necessarily whole pages), one write per run."""
     at = [(0, len(data))] if pieces is None else pieces
     k, off, left = 0, at[0][0], at[0][1]
     for p, n in runs:
