@@ -324,6 +324,29 @@ def test_cancel_leaves_the_source_running() -> None:
         assert rx.error is not None and rx.incoming.status == "failed"
 
 
+def test_cancel_while_the_writer_is_blocked_on_a_peer_that_reads_nothing() -> None:
+    """The main channel is written from a thread: with the socket full and the peer silent, cancel still
+    ends the migration at once, the source running with its RAM, and the writer thread gone."""
+    with socket.create_server(("127.0.0.1", 0)) as server, make_machine() as src:
+        fill(src)
+        before = ram_of(src)
+        mig = Migration(src, f"tcp:127.0.0.1:{server.getsockname()[1]}")
+        mig.start()
+        peer, _ = server.accept()
+        with peer:
+            deadline = time.monotonic() + 10
+            while mig.query().get("ram", {}).get("transferred", 0) < 4 * MIB and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # the socket buffers are full by now: the writer waits in the kernel
+            assert mig.query()["status"] == "active"
+            t0 = time.monotonic()
+            mig.cancel()
+            info = mig.wait(10)
+        assert info["status"] == "cancelled" and time.monotonic() - t0 < 5
+        assert src.running
+        assert ram_of(src) == before
+
+
 def test_settings_use_qemu_names_and_checks() -> None:
     caps, params = parse_settings({"xbzrle": True}, {"downtime-limit": 100})
     assert caps["xbzrle"] and params["downtime-limit"] == 100 and params["max-bandwidth"] == 32 * MIB

@@ -36,6 +36,7 @@ bytes would go unnoticed, as in QEMU without a return path.
 from __future__ import annotations
 
 import errno
+import queue
 import struct
 import threading
 import time
@@ -182,6 +183,66 @@ class _Pass:
         return out
 
 
+class _WriteBehind:
+    """Writes the main channel's buffers from a thread, so that the migration thread encodes the next
+    chunk (zero scan and copy, numpy, GIL released) while the kernel copies this one into the socket.
+
+    At most ``depth`` batches wait.  The first write error is kept, later batches are dropped, and the
+    error is raised to the migration thread at its next :meth:`write` or :meth:`flush`.
+    """
+
+    def __init__(self, ch: Channel, depth: int = 2) -> None:
+        self.ch = ch
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[list[Any] | threading.Event | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="migration writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+            elif self.error is None:
+                try:
+                    self.ch.writev(item)
+                except BaseException as e:  # raised in the migration thread
+                    self.error = e
+
+    def write(self, buffers: list[Any]) -> None:
+        self._put(buffers)
+
+    def flush(self) -> None:
+        """Return once everything handed over so far is written."""
+        done = threading.Event()
+        self._put(done)
+        while not done.wait(0.1):
+            self._check()
+        self._check()
+
+    def stop(self) -> None:
+        """End the thread (after the queued batches, or at once if the channel was aborted)."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join(10)
+
+    def _put(self, item: list[Any] | threading.Event) -> None:
+        while True:
+            self._check()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 class Migration:
     """Precopy of ``machine`` to ``uri``: :meth:`start` in a thread or :meth:`run` in this one."""
 
@@ -212,6 +273,7 @@ class Migration:
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self._channel: Channel | None = None
+        self._writer: _WriteBehind | None = None
         self._lock = threading.Lock()
         # timing and counters (QEMU's names in query())
         self._start = 0.0
@@ -277,6 +339,7 @@ class Migration:
         if cfg is not None and cfg.layout != "7.2":  # the newest QEMU opens its multifd channels first
             self._open_multifd(cfg)
         self._channel = open_outgoing(self.uri, timeout=self.timeout)
+        self._writer = _WriteBehind(self._channel)
         if cfg is not None and cfg.layout == "7.2":  # 7.2 takes the first connection it accepts as main
             self._open_multifd(cfg)
         self._check_cancel()
@@ -399,9 +462,9 @@ class Migration:
             self.encoder.counters.transferred += 8
 
     def _send(self, buffers: list[Any], nbytes: int | None = None) -> None:
-        ch = self._channel
-        assert ch is not None
-        ch.writev(buffers)
+        writer = self._writer
+        assert writer is not None
+        writer.write(buffers)
         self._window_bytes += sum(len(b) for b in buffers) if nbytes is None else nbytes
 
     def _update_counters(self, todo: _Pass) -> None:
@@ -490,8 +553,11 @@ class Migration:
                     payload=dev.state)
             for i, dev in enumerate(m.devices.values())
         ])])
-        ch = self._channel
-        assert ch is not None
+        ch, writer = self._channel, self._writer
+        assert ch is not None and writer is not None
+        writer.flush()
+        writer.stop()
+        self._writer = None
         if self._sender is not None:
             self._sender.close()
             for mch in self._multifd_channels:
@@ -527,7 +593,11 @@ class Migration:
     def _fail(self, e: BaseException) -> None:
         ch, self._channel = self._channel, None
         if ch is not None:
+            ch.shutdown()  # wake the writer thread if it is blocked on a peer that stopped reading
             ch.abort()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.stop()
         if self._sender is not None:
             self._sender.abort()
         for mch in self._multifd_channels:
