@@ -36,7 +36,7 @@ from vmsd.runtime.multifd import (
     accept_all,
     initial_packet,
 )
-from vmsd.runtime.ramblock import PAGE_SIZE, RamBlocks
+from vmsd.runtime.ramblock import PAGE_SIZE, RamBlock, RamBlocks
 from vmsd.runtime.transport import Channel, listen, open_outgoing
 
 MIB = 1 << 20
@@ -324,6 +324,16 @@ def _frame_per_run(pages: list[int], content: bytes) -> bytes:
     return b"".join(out)
 
 
+def _zstd_receiver(blocks: RamBlocks, pages: int, prealloc: bool) -> tuple[RamBlock, socket.socket, MultifdReceiver]:
+    """A block "pc.ram" of ``pages`` pages and a one-channel zstd receiver; the sending end of its socket."""
+    block = blocks.create("pc.ram", pages * PAGE_SIZE)
+    if prealloc:
+        block.prealloc()
+    a, b = socket.socketpair()
+    rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [Channel("test channel", sock=b)], blocks)
+    return block, a, rx
+
+
 @pytest.mark.parametrize("prealloc", [False, True], ids=["staged then pwritev", "in place"])
 @pytest.mark.parametrize("framing", ["stream", "frame per run", "both"])
 def test_zstd_pages_in_scattered_runs(framing: str, prealloc: bool) -> None:
@@ -335,12 +345,7 @@ def test_zstd_pages_in_scattered_runs(framing: str, prealloc: bool) -> None:
                # QEMU's frame never ends, so only ours can come before it
                "both": [_frame_per_run(pages, content), _frame_per_run(pages, content), _zstd_packet(content)]}
     with RamBlocks() as blocks:
-        block = blocks.create("pc.ram", 16 * PAGE_SIZE)
-        if prealloc:
-            block.prealloc()
-        a, b = socket.socketpair()
-        rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [Channel("test channel", sock=b)],
-                             blocks)
+        block, a, rx = _zstd_receiver(blocks, 16, prealloc)
         for data in packets[framing]:
             block.bytes_[:] = 7
             a.sendall(_packet("pc.ram", [p * PAGE_SIZE for p in pages], data, flags=0x04))
@@ -371,12 +376,7 @@ def test_stored_zstd_frames_are_written_without_the_decoder(monkeypatch: pytest.
 
     monkeypatch.setattr(_ZstdFeed, "read", read)
     with RamBlocks() as blocks:
-        block = blocks.create("pc.ram", 64 * PAGE_SIZE)
-        if prealloc:
-            block.prealloc()
-        a, b = socket.socketpair()
-        rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [Channel("test channel", sock=b)],
-                             blocks)
+        block, a, rx = _zstd_receiver(blocks, 64, prealloc)
         a.sendall(_packet("pc.ram", [p * PAGE_SIZE for p in pages], ours, flags=0x04) + _packet("", [], b"", flags=1))
         rx.sync()
         assert not reads  # the decoder was not asked for input
