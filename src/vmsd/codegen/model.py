@@ -9,6 +9,7 @@ fused into one format) and the statement lists of ``_load_fields`` and
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Iterable
 
@@ -263,7 +264,7 @@ class ModuleBuilder:
         flat = run if run is not None and run[3] else None
         if v.subsections:
             load.append('_at = ""')
-            load.append(f"_rt.load_subsections(self, r, {v.name.encode()!r}, True, self._SUBSECTIONS[{v.name!r}])")
+            load.extend(_subsections_load(v.name, True))
         subs, sub_tables = self.subsections(v.subsections, v.name, ctx, predicates, save)
         table = (
             f"_schema.VmsdSpec({v.name!r}, {v.version}, {v.minimum}, (\n"
@@ -312,24 +313,27 @@ class ModuleBuilder:
             slug = module_name(s.name.split("/")[-1]).lower()
             method = f"_load_sub_{slug}"
             needed: str | None = None
+            test = ""  # the save-time test: a custom predicate's call, a spec predicate's expression inline
             if isinstance(s.needed, ast.Custom):
                 needed = s.needed.method
+                test = f"self.{needed}(version_id)"
             elif s.needed is not None:
                 needed = f"_needed_{slug}"
-                predicates.append((needed, self.expr(s.needed, ctx)))
+                test = self.expr(s.needed, ctx)
+                predicates.append((needed, test))
             load, save, table_fields = self.steps(s.fields, ctx, predicates)
             nested_models, nested_tables = self.subsections(s.subsections, s.name, ctx, predicates, save)
             if s.subsections:
                 load.append('_at = ""')
-                load.append(f"_rt.load_subsections(self, r, {s.name.encode()!r}, False, self._SUBSECTIONS[{s.name!r}])")
+                load.extend(_subsections_load(s.name, False))
             models.append(SubsectionModel(s.name, parent, method, f"_save_sub_{slug}", s.version, s.minimum, needed, load, save))
             models.extend(nested_models)
             emit = [
                 f"_rt.write_subsection_header(w, {s.name.encode()!r}, {s.version})",
                 f"self._save_sub_{slug}(w, {s.version})",
             ]
-            if needed:
-                parent_save.append(f"if self.{needed}(version_id):")
+            if test:
+                parent_save.append(f"if {test}:")
                 emit = ["    " + line for line in emit]
             parent_save.extend(emit)
             tables.append(
@@ -491,15 +495,36 @@ class ModuleBuilder:
         runs: list[tuple[str, list[str], list[str], bool] | None] = []
 
         def flush() -> None:
-            if run:
+            if not run:
+                return
+            pieces = [list(g) for _, g in itertools.groupby(run, key=lambda f: f.since)]
+            if len(pieces) == 1:
                 runs.append(self.fused(run, load, save, ctx))
-                run.clear()
+            else:
+                # Fields from several versions on: at a version that has them
+                # all (saving and loading the newest, the usual case) one
+                # Struct call covers them; older versions (and loads whose
+                # bytes are not all buffered yet) go run by run.
+                newest = max(f.since or 0 for f in run)
+                whole_load: list[str] = []
+                whole_save: list[str] = []
+                self.fused(run, whole_load, whole_save, ctx, whole=newest)
+                part_load: list[str] = []
+                part_save: list[str] = []
+                for piece in pieces:
+                    self.fused(piece, part_load, part_save, ctx)
+                load.extend(whole_load)
+                save.append(f"if version_id >= {newest}:")
+                save.extend("    " + line for line in whole_save)
+                for out, part in ((load, part_load), (save, part_save)):
+                    out.append("else:")
+                    out.extend("    " + line for line in part)
+                runs.append(None)
+            run.clear()
 
         for f in fields:
             tables.append(self.table_entry(f, names[id(f)], ctx))
             if self.fusable(f):
-                if run and run[0].since != f.since:
-                    flush()
                 run.append(f)
                 continue
             flush()
@@ -521,15 +546,18 @@ class ModuleBuilder:
         return f.kind in ("bytes", "unused") and all(isinstance(d, ast.IntLit) for d in f.dims)
 
     def fused(
-        self, run: list[ast.Field], load: list[str], save: list[str], ctx: _Ctx
+        self, run: list[ast.Field], load: list[str], save: list[str], ctx: _Ctx, whole: int = 0
     ) -> tuple[str, list[str], list[str], bool] | None:
         """Statements for one fused run; unless it depends on a version: its
         Struct, targets, write statements and whether it is all single values.
 
         A run of fields present ``since`` a version is read and written under
-        one version test; below it, vmsd-level fields become None.
+        one version test; below it, vmsd-level fields become None.  ``whole``:
+        the run spans several ``since`` values, the newest of which is
+        ``whole``; the statements cover versions that have them all, and the
+        caller adds the others (``else:``).
         """
-        since = run[0].since
+        since = 0 if whole else run[0].since
         fmt = ">"
         size = 0
         targets: list[str] = []  # per value-producing field: how to assign from _v
@@ -541,7 +569,7 @@ class ModuleBuilder:
         for f in run:
             attr = f"self.{python_attr_name(f.name)}" if f.name else ""
             value = attr
-            if since and f.name and f.name in ctx.optional:
+            if (since or whole) and f.name and f.name in ctx.optional:
                 absent.append(attr)
                 value = f"{attr} if {attr} is not None else _rt.missing({f.name!r})"
             if f.kind == "unused":
@@ -554,7 +582,7 @@ class ModuleBuilder:
                 size += n
                 targets.append(f"{attr} = _v[{index}]")
                 values.append(value)
-                checks.append(f"_rt.check_len({value}, {n}, {f.name!r})")
+                checks.extend(_len_check(value, str(n), f.name))
                 index += 1
                 continue
             code, width = SCALAR_FORMAT[f.type]
@@ -571,7 +599,7 @@ class ModuleBuilder:
                 simple = False
                 targets.append(f"{attr} = list(_v[{index}:{index + total}])")
                 values.append(f"*{value}" if value == attr else f"*({value})")
-                checks.append(f"_rt.check_len({value}, {total}, {f.name!r})")
+                checks.extend(_len_check(value, str(total), f.name))
             else:
                 simple = False
                 rows, cols = dims
@@ -580,26 +608,31 @@ class ModuleBuilder:
             index += total
         const = self.formats.get(fmt)
         first = next((f.name for f in run if f.name), "unused")
-        reads: list[str] = []
+        unpack: list[str] = []  # once the run's bytes are at buf[p:]
         byte_list = len(targets) == 1 and fmt == f">{index}B" and run[0].kind == "scalar"
-        if index == 0:
-            reads.append(f"r.take({size})")
-        elif byte_list:
+        if byte_list:
             # A uint8 array alone (an IDE drive's 128 KiB buffer): list() of the
             # bytes, four times faster than unpacking and copying a tuple.
-            reads.extend(_take(size))
-            reads.append(f"{targets[0].split(' = ')[0]} = list(buf[p : p + {size}])")
-        elif simple:
+            unpack.append(f"{targets[0].split(' = ')[0]} = list(buf[p : p + {size}])")
+        elif simple and index:
             names = [t.split(" = ")[0] for t in targets]
-            reads.extend(_take(size))
-            reads.append(f"({', '.join(names)},) = {const}.unpack_from(buf, p)")
-        else:
-            reads.extend(_take(size))
-            reads.append(f"_v = {const}.unpack_from(buf, p)")
-            reads.extend(targets)
+            unpack.append(f"({', '.join(names)},) = {const}.unpack_from(buf, p)")
+        elif index:
+            unpack.append(f"_v = {const}.unpack_from(buf, p)")
+            unpack.extend(targets)
+        reads = [*_take(size), *unpack] if index else [f"r.take({size})"]
         writes = [*checks, f"out += {const}.pack({', '.join(values)})"]
-        load.append(f"_at = {first!r}")
         save.append(f"_at = {first!r}")
+        if whole:
+            # Only when the bytes are buffered: a short input takes the
+            # run-by-run path, whose errors name the field that is cut.
+            load.append("buf, p = r.buf, r.pos")
+            load.append(f"if version_id >= {whole} and p + {size} <= len(buf):")
+            load.append(f"    r.pos = p + {size}")
+            load.extend("    " + line for line in unpack)
+            save.extend(writes)
+            return None
+        load.append(f"_at = {first!r}")
         if not since:
             load.extend(reads)
             save.extend(writes)
@@ -733,7 +766,7 @@ class ModuleBuilder:
             assert f.expr is not None
             return [f"if not ({self.expr(f.expr, ctx)}):", f"    raise _rt.SaveError('validation {f.wire_name} fails for this state')"]
         if f.kind == "bytes":
-            return [f"_rt.check_len({value}, {self.count_src(f.dims[0], ctx)}, {f.name!r})", f"out += {value}"]
+            return [*_len_check(value, self.count_src(f.dims[0], ctx), f.name), f"out += {value}"]
         if f.kind == "bitmap":
             return [f"_rt.save_bitmap(w, {value}, {self.count_src(f.dims[0], ctx)}, {f.name!r})"]
         if f.kind == "opaque":
@@ -763,7 +796,7 @@ class ModuleBuilder:
                 f"_flat = _rt.flat({value}, _n, {cols}, {f.name!r})",
                 f"out += struct.pack(f'>{{len(_flat)}}{code}', *_flat)",
             ]
-        return [f"_rt.check_len({value}, {n}, {f.name!r})", f"out += struct.pack(f'>{{len({value})}}{code}', *{value})"]
+        return [*_len_check(value, n, f.name), f"out += struct.pack(f'>{{len({value})}}{code}', *{value})"]
 
     # -- description tables ------------------------------------------------------------
     def table_entry(self, f: ast.Field, qemu_name: str, ctx: _Ctx) -> str:
@@ -860,6 +893,22 @@ def _take(size: int) -> list[str]:
         "else:",
         f"    buf, p = r.take({size})",
     ]
+
+
+def _subsections_load(parent: str, top: bool) -> list[str]:
+    """The subsection loop, entered only when a subsection may follow (the next
+    byte is QEMU_VM_SUBSECTION or not read yet) or the object keeps track of
+    the subsections it was loaded with."""
+    return [
+        "buf, p = r.buf, r.pos",
+        "if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:",
+        f"    _rt.load_subsections(self, r, {parent.encode()!r}, {top}, self._SUBSECTIONS[{parent!r}])",
+    ]
+
+
+def _len_check(value: str, n: str, name: str | None) -> list[str]:
+    """The length test inline, the call (which words the error) only when it fails."""
+    return [f"if len({value}) != {n}:", f"    _rt.check_len({value}, {n}, {name!r})"]
 
 
 def _truth(e: ast.Expr, src: str) -> str:

@@ -54,14 +54,15 @@ _NO_SCRATCH = bytearray()
 class Reader:
     """Reads QEMU primitives from memory or from a :class:`ByteSource`."""
 
-    __slots__ = ("_base", "_eof", "_scratch", "_source", "buf", "pos")
+    __slots__ = ("_base", "_scratch", "_source", "buf", "eof", "pos")
 
     def __init__(self, data: bytes | bytearray | memoryview = b"", source: ByteSource | None = None) -> None:
         self.buf: bytes = data if type(data) is bytes else bytes(data)
         self.pos = 0
         self._base = 0
         self._source = source
-        self._eof = source is None
+        # True once nothing lies beyond ``buf``: memory input, or a source that ended.
+        self.eof = source is None
         self._scratch = _NO_SCRATCH  # reused receive buffer, grown on the first read from the source
 
     @classmethod
@@ -74,18 +75,18 @@ class Reader:
 
     def remaining(self) -> int | None:
         """Bytes left, when known (memory input); ``None`` for open streams."""
-        return len(self.buf) - self.pos if self._eof else None
+        return len(self.buf) - self.pos if self.eof else None
 
     def _more(self, want: int, cap: int = _CHUNK) -> bool:
         """Append up to ``want`` bytes (at least 64 KiB, at most ``cap``) from the source; False at end of input."""
-        if self._eof or self._source is None:
+        if self.eof or self._source is None:
             return False
         size = min(max(want, 65536), cap)
         if len(self._scratch) < size:
             self._scratch = bytearray(size)
         got = self._source.readinto(memoryview(self._scratch)[:size]) or 0
         if got <= 0:
-            self._eof = True
+            self.eof = True
             return False
         # Drop what was consumed so the buffer never holds more than one
         # outstanding request plus one chunk.
@@ -97,7 +98,7 @@ class Reader:
     @property
     def source(self) -> ByteSource | None:
         """The stream being read (None for memory input or once it ended)."""
-        return None if self._eof else self._source
+        return None if self.eof else self._source
 
     def rebuffer(self, data: bytes, offset: int) -> None:
         """Make ``data``, which starts at absolute ``offset``, the unread buffer.
@@ -152,11 +153,11 @@ class Reader:
             self.pos += k
             done = k
         while done < n:
-            if self._source is None or self._eof:
+            if self._source is None or self.eof:
                 raise TruncatedStream(f"expected {n} bytes, stream ended after {done}", offset=self.tell())
             got = self._source.readinto(view[done:]) or 0
             if got <= 0:
-                self._eof = True
+                self.eof = True
                 continue
             done += got
             self._base += got

@@ -94,6 +94,13 @@ class VMStateObject(abc.ABC):
     # Whether loading may run a custom predicate (here or in a nested
     # struct): only then does the load publish its reader (current_reader).
     _PEEKS: ClassVar[bool] = False
+    # Whether instances have a __dict__ (registered subclasses usually do),
+    # where the subsection loop records which subsections a load read.
+    _TRACKED: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._TRACKED = cls.__dictoffset__ != 0
 
     @classmethod
     def _fresh(cls) -> Self:
@@ -128,11 +135,22 @@ class VMStateObject(abc.ABC):
     def load(cls, data: Reader | bytes | bytearray | memoryview, version_id: int | None = None) -> Self:
         """Build the registered class for this vmsd from its wire encoding."""
         ctor: Any = _IMPLS.get(cls, cls)
-        if type(data) is bytes and _QUICK.get(ctor) and "_generated" in ctor.__dict__ and not ctor._PEEKS:
-            # The common case (a generated class from bytes) without load_into's
-            # checks for readers, subclasses and published readers.
+        if type(data) is bytes and (_DIRECT.get(ctor) or _direct(ctor)):
+            # The common case, a generated class from bytes: no hooks to call
+            # (generated classes have none), no reader to publish.
             new: Self = ctor._fresh()
-            new._read(Reader(data), ctor.VERSION_ID if version_id is None else version_id, True)
+            r = Reader(data)
+            v = ctor.VERSION_ID if version_id is None else version_id
+            if not ctor.MINIMUM_VERSION_ID <= v <= ctor.VERSION_ID:
+                check_version(ctor.VMSD_NAME, v, ctor.VERSION_ID, ctor.MINIMUM_VERSION_ID, 0)
+            try:
+                new._load_fields(r, v)
+                if _DIRECT[ctor] == _FILLS:
+                    new._fill()
+            except VMSDError as e:
+                raise e.within(ctor.VMSD_NAME) from None
+            if r.pos != len(data):
+                _leftovers(r, ctor.VMSD_NAME)
             return new
         obj = fresh(cls)
         obj.load_into(data, version_id)
@@ -163,12 +181,18 @@ class VMStateObject(abc.ABC):
         except VMSDError as e:
             raise e.within(self.VMSD_NAME) from None
         if whole and r.pos != len(r.buf):
-            # Given the bytes of one object, leftovers mean the spec and the data disagree.
-            left = len(r.buf) - r.pos
-            raise MalformedStream(f"{left} bytes left after the last field", offset=r.tell(), path=self.VMSD_NAME)
+            _leftovers(r, self.VMSD_NAME)
 
     def save(self, w: Writer | None = None, version_id: int | None = None) -> bytes:
         """Encode at ``version_id`` (default: the newest); returns the bytes written."""
+        if w is None and version_id is None and (_DIRECT.get(type(self)) or _direct(type(self))):
+            # A generated class on its own: no hooks to call, a fresh buffer.
+            w = Writer()
+            try:
+                self._save_fields(w, self.VERSION_ID)
+            except VMSDError as e:
+                raise e.within(self.VMSD_NAME) from None
+            return bytes(w.buf)
         w = Writer() if w is None else w
         start = len(w.buf)
         v = self.VERSION_ID if version_id is None else version_id
@@ -197,6 +221,26 @@ class VMStateObject(abc.ABC):
             self._save_fields(w, version_id)
         finally:
             self.post_save()
+
+
+def _leftovers(r: Reader, name: str) -> NoReturn:
+    # Given the bytes of one object, leftovers mean the spec and the data disagree.
+    raise MalformedStream(f"{len(r.buf) - r.pos} bytes left after the last field", offset=r.tell(), path=name)
+
+
+# Classes loaded and saved without hooks or a published reader: generated
+# classes themselves (not registered subclasses) whose loads run no custom
+# predicate.  Values: 0 (not direct), _PLAIN, or _FILLS (has a _fill step).
+_DIRECT: dict[Any, int] = {}
+_PLAIN, _FILLS = 1, 2
+
+
+def _direct(ctor: Any) -> int:
+    kind = 0
+    if "_generated" in ctor.__dict__ and "_fresh" in ctor.__dict__ and not ctor._PEEKS:
+        kind = _FILLS if "_fill" in ctor.__dict__ else _PLAIN
+    _DIRECT[ctor] = kind
+    return kind
 
 
 # The reader of the load in progress: custom predicates whose answer is in the

@@ -281,7 +281,8 @@ class Heavy(_rt.VMStateObject):
             _at = 'entries'
             _rt.save_struct_array(w, self.entries, _rt.count(self.count), 1, 'entries')
             _at = 'regs'
-            _rt.check_len(self.regs, 64, 'regs')
+            if len(self.regs) != 64:
+                _rt.check_len(self.regs, 64, 'regs')
             out += _S2.pack(*self.regs)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -107,7 +107,8 @@ class Fifo8(_rt.VMStateObject):
             _at = 'capacity'
             out += _S0.pack(self.capacity)
             _at = 'data'
-            _rt.check_len(self.data, _rt.count(self.capacity), 'data')
+            if len(self.data) != _rt.count(self.capacity):
+                _rt.check_len(self.data, _rt.count(self.capacity), 'data')
             out += struct.pack(f'>{len(self.data)}B', *self.data)
             _at = 'head'
             out += _S1.pack(self.head, self.num)

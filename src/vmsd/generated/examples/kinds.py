@@ -29,7 +29,8 @@ _S7 = struct.Struct('>6s')
 _S8 = struct.Struct('>16s3xd2dqi')
 _S9 = struct.Struct('>Q')
 _S10 = struct.Struct('>q')
-_S11 = struct.Struct('>H')
+_S11 = struct.Struct('>BB')
+_S12 = struct.Struct('>H')
 
 
 class Mode(enum.IntEnum):
@@ -387,7 +388,9 @@ class KindsSub(_rt.VMStateObject):
                 buf, p = r.take(1)
             (self.a,) = _S3.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, b'kinds_sub', True, self._SUBSECTIONS['kinds_sub'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'kinds_sub', True, self._SUBSECTIONS['kinds_sub'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -397,7 +400,7 @@ class KindsSub(_rt.VMStateObject):
             out = w.buf
             _at = 'a'
             out += _S3.pack(self.a)
-            if self._needed_extra(version_id):
+            if self.a != 0:
                 _rt.write_subsection_header(w, b'kinds_sub/extra', 1)
                 self._save_sub_extra(w, 1)
         except _rt.VMSDError as e:
@@ -834,7 +837,9 @@ class Kinds(_rt.VMStateObject):
             else:
                 self.hook = None
             _at = ""
-            _rt.load_subsections(self, r, b'kinds', True, self._SUBSECTIONS['kinds'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'kinds', True, self._SUBSECTIONS['kinds'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -843,7 +848,8 @@ class Kinds(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'flags'
-            _rt.check_len(self.flags, 3, 'flags')
+            if len(self.flags) != 3:
+                _rt.check_len(self.flags, 3, 'flags')
             out += _S5.pack(*self.flags, *_rt.flat(self.grid, 2, 3, 'grid'))
             _at = 'mode'
             out += _S3.pack(self.mode)
@@ -856,20 +862,26 @@ class Kinds(_rt.VMStateObject):
             _at = 'n'
             out += _S4.pack(self.n)
             _at = 'vals'
-            _rt.check_len(self.vals, _rt.count(self.n * 2), 'vals')
+            if len(self.vals) != _rt.count(self.n * 2):
+                _rt.check_len(self.vals, _rt.count(self.n * 2), 'vals')
             out += struct.pack(f'>{len(self.vals)}B', *self.vals)
             _at = 'words'
-            _rt.check_len(self.words, _rt.count(self.n), 'words')
+            if len(self.words) != _rt.count(self.n):
+                _rt.check_len(self.words, _rt.count(self.n), 'words')
             out += struct.pack(f'>{len(self.words)}H', *self.words)
             _at = 'mac'
-            _rt.check_len(self.mac, 6, 'mac')
+            if len(self.mac) != 6:
+                _rt.check_len(self.mac, 6, 'mac')
             out += _S7.pack(self.mac)
             _at = 'blob'
-            _rt.check_len(self.blob, _rt.count(self.n), 'blob')
+            if len(self.blob) != _rt.count(self.n):
+                _rt.check_len(self.blob, _rt.count(self.n), 'blob')
             out += self.blob
             _at = 'config'
-            _rt.check_len(self.config, 16, 'config')
-            _rt.check_len(self.fpr, 2, 'fpr')
+            if len(self.config) != 16:
+                _rt.check_len(self.config, 16, 'config')
+            if len(self.fpr) != 2:
+                _rt.check_len(self.fpr, 2, 'fpr')
             out += _S8.pack(self.config, self.ratio, *self.fpr, self.deadline, self.nbits)
             _at = 'dirty'
             _rt.save_bitmap(w, self.dirty, _rt.count(self.nbits), 'dirty')
@@ -911,7 +923,7 @@ class Kinds(_rt.VMStateObject):
             if self.hook_present(version_id):
                 _v_hook = self.hook if self.hook is not None else _rt.missing('hook')
                 out += _S10.pack(_v_hook)
-            if self._needed_more(version_id):
+            if _rt.opt(self.late, 'late') != 0:
                 _rt.write_subsection_header(w, b'kinds/more', 2)
                 self._save_sub_more(w, 2)
         except _rt.VMSDError as e:
@@ -922,23 +934,30 @@ class Kinds(_rt.VMStateObject):
     def _load_sub_more(self, r: Reader, version_id: int) -> None:
         _at = ""
         try:
-            _at = 'more_a'
             buf, p = r.buf, r.pos
-            if p + 1 <= len(buf):
-                r.pos = p + 1
+            if version_id >= 2 and p + 2 <= len(buf):
+                r.pos = p + 2
+                (self.more_a, self.more_b,) = _S11.unpack_from(buf, p)
             else:
-                buf, p = r.take(1)
-            (self.more_a,) = _S3.unpack_from(buf, p)
-            _at = 'more_b'
-            if version_id >= 2:
+                _at = 'more_a'
                 buf, p = r.buf, r.pos
                 if p + 1 <= len(buf):
                     r.pos = p + 1
                 else:
                     buf, p = r.take(1)
-                (self.more_b,) = _S3.unpack_from(buf, p)
+                (self.more_a,) = _S3.unpack_from(buf, p)
+                _at = 'more_b'
+                if version_id >= 2:
+                    buf, p = r.buf, r.pos
+                    if p + 1 <= len(buf):
+                        r.pos = p + 1
+                    else:
+                        buf, p = r.take(1)
+                    (self.more_b,) = _S3.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, b'kinds/more', False, self._SUBSECTIONS['kinds/more'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'kinds/more', False, self._SUBSECTIONS['kinds/more'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -946,12 +965,16 @@ class Kinds(_rt.VMStateObject):
         _at = ""
         try:
             out = w.buf
-            _at = 'more_a'
-            out += _S3.pack(self.more_a)
-            _at = 'more_b'
             if version_id >= 2:
-                out += _S3.pack(self.more_b)
-            if self._needed_deep(version_id):
+                _at = 'more_a'
+                out += _S11.pack(self.more_a, self.more_b)
+            else:
+                _at = 'more_a'
+                out += _S3.pack(self.more_a)
+                _at = 'more_b'
+                if version_id >= 2:
+                    out += _S3.pack(self.more_b)
+            if self.more_a > 7:
                 _rt.write_subsection_header(w, b'kinds/more/deep', 1)
                 self._save_sub_deep(w, 1)
         except _rt.VMSDError as e:
@@ -968,7 +991,7 @@ class Kinds(_rt.VMStateObject):
                 r.pos = p + 2
             else:
                 buf, p = r.take(2)
-            (self.deep,) = _S11.unpack_from(buf, p)
+            (self.deep,) = _S12.unpack_from(buf, p)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -977,7 +1000,7 @@ class Kinds(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'deep'
-            out += _S11.pack(self.deep)
+            out += _S12.pack(self.deep)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
         except (struct.error, TypeError, OverflowError) as e:

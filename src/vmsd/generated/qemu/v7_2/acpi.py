@@ -222,7 +222,8 @@ class PMSMBus(_rt.VMStateObject):
     @staticmethod
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
-            _rt.check_len(self.smb_data, 32, 'smb_data')
+            if len(self.smb_data) != 32:
+                _rt.check_len(self.smb_data, 32, 'smb_data')
             out += _S1.pack(self.smb_stat, self.smb_ctl, self.smb_cmd, self.smb_addr, self.smb_data0, self.smb_data1, self.smb_index, *self.smb_data, self.smb_auxctl, self.smb_blkdata, self.i2c_enable, self.op_done, self.in_i2c_block_read, self.start_transaction_on_status_read)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
@@ -257,7 +258,8 @@ class PMSMBus(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'smb_stat'
-            _rt.check_len(self.smb_data, 32, 'smb_data')
+            if len(self.smb_data) != 32:
+                _rt.check_len(self.smb_data, 32, 'smb_data')
             out += _S1.pack(self.smb_stat, self.smb_ctl, self.smb_cmd, self.smb_addr, self.smb_data0, self.smb_data1, self.smb_index, *self.smb_data, self.smb_auxctl, self.smb_blkdata, self.i2c_enable, self.op_done, self.in_i2c_block_read, self.start_transaction_on_status_read)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -195,7 +195,9 @@ subsection is absent."""
             self.next_time = _v[44]
             self.timer_expiry = _v[45]
             _at = ""
-            _rt.load_subsections(self, r, b'apic', True, self._SUBSECTIONS['apic'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'apic', True, self._SUBSECTIONS['apic'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -204,13 +206,18 @@ subsection is absent."""
         try:
             out = w.buf
             _at = 'apicbase'
-            _rt.check_len(self.isr, 8, 'isr')
-            _rt.check_len(self.tmr, 8, 'tmr')
-            _rt.check_len(self.irr, 8, 'irr')
-            _rt.check_len(self.lvt, 6, 'lvt')
-            _rt.check_len(self.icr, 2, 'icr')
+            if len(self.isr) != 8:
+                _rt.check_len(self.isr, 8, 'isr')
+            if len(self.tmr) != 8:
+                _rt.check_len(self.tmr, 8, 'tmr')
+            if len(self.irr) != 8:
+                _rt.check_len(self.irr, 8, 'irr')
+            if len(self.lvt) != 6:
+                _rt.check_len(self.lvt, 6, 'lvt')
+            if len(self.icr) != 2:
+                _rt.check_len(self.icr, 2, 'icr')
             out += _S0.pack(self.apicbase, self.id, self.arb_id, self.tpr, self.spurious_vec, self.log_dest, self.dest_mode, *self.isr, *self.tmr, *self.irr, *self.lvt, self.esr, *self.icr, self.divide_conf, self.count_shift, self.initial_count, self.initial_count_load_time, self.next_time, self.timer_expiry)
-            if self._needed_apic_sipi(version_id):
+            if self.wait_for_sipi != 0:
                 _rt.write_subsection_header(w, b'apic_sipi', 1)
                 self._save_sub_apic_sipi(w, 1)
         except _rt.VMSDError as e:

@@ -117,7 +117,9 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
             _at = 'name'
             self.name = r.read(_rt.count(self.len))
             _at = ""
-            _rt.load_subsections(self, r, b'configuration', True, self._SUBSECTIONS['configuration'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'configuration', True, self._SUBSECTIONS['configuration'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -128,12 +130,13 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
             _at = 'len'
             out += _S0.pack(self.len)
             _at = 'name'
-            _rt.check_len(self.name, _rt.count(self.len), 'name')
+            if len(self.name) != _rt.count(self.len):
+                _rt.check_len(self.name, _rt.count(self.len), 'name')
             out += self.name
             if self.target_page_bits_needed(version_id):
                 _rt.write_subsection_header(w, b'configuration/target-page-bits', 1)
                 self._save_sub_target_page_bits(w, 1)
-            if self._needed_capabilities(version_id):
+            if self.caps_count != 0:
                 _rt.write_subsection_header(w, b'configuration/capabilities', 1)
                 self._save_sub_capabilities(w, 1)
             if self.uuid_needed(version_id):
@@ -214,7 +217,8 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
         try:
             out = w.buf
             _at = 'uuid'
-            _rt.check_len(self.uuid, 16, 'uuid')
+            if len(self.uuid) != 16:
+                _rt.check_len(self.uuid, 16, 'uuid')
             out += _S1.pack(self.uuid)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -98,7 +98,9 @@ is -1 ("no exception pending")."""
                 buf, p = r.take(8)
             (self.halted, self.interrupt_request,) = _S0.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, b'cpu_common', True, self._SUBSECTIONS['cpu_common'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'cpu_common', True, self._SUBSECTIONS['cpu_common'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -111,7 +113,7 @@ is -1 ("no exception pending")."""
             if self.exception_index_needed(version_id):
                 _rt.write_subsection_header(w, b'cpu_common/exception_index', 1)
                 self._save_sub_exception_index(w, 1)
-            if self._needed_crash_occurred(version_id):
+            if bool(self.crash_occurred):
                 _rt.write_subsection_header(w, b'cpu_common/crash_occurred', 1)
                 self._save_sub_crash_occurred(w, 1)
         except _rt.VMSDError as e:

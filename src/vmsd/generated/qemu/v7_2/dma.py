@@ -92,8 +92,10 @@ Transcribes vmstate_i8257_regs ("dma_regs") in hw/dma/i8257.c (QEMU 7.2)."""
     @staticmethod
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
-            _rt.check_len(self.now, 2, 'now')
-            _rt.check_len(self.base, 2, 'base')
+            if len(self.now) != 2:
+                _rt.check_len(self.now, 2, 'now')
+            if len(self.base) != 2:
+                _rt.check_len(self.base, 2, 'base')
             out += _S0.pack(*self.now, *self.base, self.mode, self.page, self.pageh, self.dack, self.eop)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
@@ -121,8 +123,10 @@ Transcribes vmstate_i8257_regs ("dma_regs") in hw/dma/i8257.c (QEMU 7.2)."""
         try:
             out = w.buf
             _at = 'now'
-            _rt.check_len(self.now, 2, 'now')
-            _rt.check_len(self.base, 2, 'base')
+            if len(self.now) != 2:
+                _rt.check_len(self.now, 2, 'now')
+            if len(self.base) != 2:
+                _rt.check_len(self.base, 2, 'base')
             out += _S0.pack(*self.now, *self.base, self.mode, self.page, self.pageh, self.dack, self.eop)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

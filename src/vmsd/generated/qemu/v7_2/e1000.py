@@ -614,7 +614,9 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
             self.mac_reg_mta = list(_v[188:316])
             self.mac_reg_vfta = list(_v[316:444])
             _at = ""
-            _rt.load_subsections(self, r, b'e1000', True, self._SUBSECTIONS['e1000'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'e1000', True, self._SUBSECTIONS['e1000'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -628,13 +630,20 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
             if self._has_field(version_id):
                 out += bytes(4)
             _at = 'rxbuf_size'
-            _rt.check_len(self.tx_header, 256, 'tx_header')
-            _rt.check_len(self.tx_data, 65536, 'tx_data')
-            _rt.check_len(self.eeprom_data, 64, 'eeprom_data')
-            _rt.check_len(self.phy_reg, 32, 'phy_reg')
-            _rt.check_len(self.mac_reg_ra, 32, 'mac_reg_ra')
-            _rt.check_len(self.mac_reg_mta, 128, 'mac_reg_mta')
-            _rt.check_len(self.mac_reg_vfta, 128, 'mac_reg_vfta')
+            if len(self.tx_header) != 256:
+                _rt.check_len(self.tx_header, 256, 'tx_header')
+            if len(self.tx_data) != 65536:
+                _rt.check_len(self.tx_data, 65536, 'tx_data')
+            if len(self.eeprom_data) != 64:
+                _rt.check_len(self.eeprom_data, 64, 'eeprom_data')
+            if len(self.phy_reg) != 32:
+                _rt.check_len(self.phy_reg, 32, 'phy_reg')
+            if len(self.mac_reg_ra) != 32:
+                _rt.check_len(self.mac_reg_ra, 32, 'mac_reg_ra')
+            if len(self.mac_reg_mta) != 128:
+                _rt.check_len(self.mac_reg_mta, 128, 'mac_reg_mta')
+            if len(self.mac_reg_vfta) != 128:
+                _rt.check_len(self.mac_reg_vfta, 128, 'mac_reg_vfta')
             out += _S0.pack(self.rxbuf_size, self.rxbuf_min_shift, self.eecd_val_in, self.eecd_bitnum_in, self.eecd_bitnum_out, self.eecd_reading, self.eecd_old_eecd, self.mig_ipcss, self.mig_ipcso, self.mig_ipcse, self.mig_tucss, self.mig_tucso, self.mig_tucse, self.mig_paylen, self.mig_hdr_len, self.mig_mss, self.tx_size, self.tx_tso_frames, self.tx_sum_needed, self.mig_ip, self.mig_tcp, self.tx_header, self.tx_data, *self.eeprom_data, *self.phy_reg, self.mac_reg_ctrl, self.mac_reg_eecd, self.mac_reg_eerd, self.mac_reg_gprc, self.mac_reg_gptc, self.mac_reg_icr, self.mac_reg_ics, self.mac_reg_imc, self.mac_reg_ims, self.mac_reg_ledctl, self.mac_reg_manc, self.mac_reg_mdic, self.mac_reg_mpc, self.mac_reg_pba, self.mac_reg_rctl, self.mac_reg_rdbah, self.mac_reg_rdbal, self.mac_reg_rdh, self.mac_reg_rdlen, self.mac_reg_rdt, self.mac_reg_status, self.mac_reg_swsm, self.mac_reg_tctl, self.mac_reg_tdbah, self.mac_reg_tdbal, self.mac_reg_tdh, self.mac_reg_tdlen, self.mac_reg_tdt, self.mac_reg_torh, self.mac_reg_torl, self.mac_reg_toth, self.mac_reg_totl, self.mac_reg_tpr, self.mac_reg_tpt, self.mac_reg_txdctl, self.mac_reg_wufc, self.mac_reg_vet, *self.mac_reg_ra, *self.mac_reg_mta, *self.mac_reg_vfta)
             if self.mit_state_needed(version_id):
                 _rt.write_subsection_header(w, b'e1000/mit_state', 1)
@@ -693,7 +702,8 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
         try:
             out = w.buf
             _at = 'mac_reg'
-            _rt.check_len(self.mac_reg, 32768, 'mac_reg')
+            if len(self.mac_reg) != 32768:
+                _rt.check_len(self.mac_reg, 32768, 'mac_reg')
             out += _S2.pack(*self.mac_reg)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -107,7 +107,9 @@ post_load revalidates the medium (fd_revalidate)."""
                 buf, p = r.take(3)
             (self.head, self.track, self.sect,) = _S0.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, b'fdrive', True, self._SUBSECTIONS['fdrive'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'fdrive', True, self._SUBSECTIONS['fdrive'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -117,12 +119,12 @@ post_load revalidates the medium (fd_revalidate)."""
             out = w.buf
             _at = 'head'
             out += _S0.pack(self.head, self.track, self.sect)
-            if self._needed_media_changed(version_id):
+            if self.media_changed != 1:
                 _rt.write_subsection_header(w, b'fdrive/media_changed', 1)
                 self._save_sub_media_changed(w, 1)
             _rt.write_subsection_header(w, b'fdrive/media_rate', 1)
             self._save_sub_media_rate(w, 1)
-            if self._needed_perpendicular(version_id):
+            if self.perpendicular != 0:
                 _rt.write_subsection_header(w, b'fdrive/perpendicular', 1)
                 self._save_sub_perpendicular(w, 1)
         except _rt.VMSDError as e:
@@ -435,7 +437,9 @@ fdctrl_realize_common), so it is written as a fixed array."""
             else:
                 self.drives = None
             _at = ""
-            _rt.load_subsections(self, r, b'fdc', True, self._SUBSECTIONS['fdc'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'fdc', True, self._SUBSECTIONS['fdc'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -444,7 +448,8 @@ fdctrl_realize_common), so it is written as a fixed array."""
         try:
             out = w.buf
             _at = 'sra'
-            _rt.check_len(self.fifo, 512, 'fifo')
+            if len(self.fifo) != 512:
+                _rt.check_len(self.fifo, 512, 'fifo')
             out += _S2.pack(self.sra, self.srb, self.dor_vmstate, self.tdr, self.dsr, self.msr, self.status0, self.status1, self.status2, *self.fifo, self.data_pos, self.data_len, self.data_state, self.data_dir, self.eot, self.timer0, self.timer1, self.precomp_trk, self.config, self.lock, self.pwrd)
             _at = 'num_floppies'
             out += _S1.pack(self.num_floppies)
@@ -452,13 +457,13 @@ fdctrl_realize_common), so it is written as a fixed array."""
             if version_id >= 1:
                 _v_drives = self.drives if self.drives is not None else _rt.missing('drives')
                 _rt.save_struct_array(w, _v_drives, 2, 1, 'drives')
-            if self._needed_reset_sensei(version_id):
+            if self.reset_sensei != 0:
                 _rt.write_subsection_header(w, b'fdc/reset_sensei', 1)
                 self._save_sub_reset_sensei(w, 1)
-            if self._needed_result_timer(version_id):
+            if self.result_timer != (-1):
                 _rt.write_subsection_header(w, b'fdc/result_timer', 1)
                 self._save_sub_result_timer(w, 1)
-            if self._needed_phase(version_id):
+            if (((((self.msr & 32) != 0) or ((self.msr & 128) == 0)) and (self.phase != 2)) or ((((self.msr & 160) == 128) and ((self.msr & 64) != 0)) and (self.phase != 3))) or ((((self.msr & 160) == 128) and ((self.msr & 64) == 0)) and (self.phase != 1)):
                 _rt.write_subsection_header(w, b'fdc/phase', 1)
                 self._save_sub_phase(w, 1)
         except _rt.VMSDError as e:

@@ -139,7 +139,9 @@ class FWCfgState(_rt.VMStateObject):
             else:
                 self.cur_offset = None
             _at = ""
-            _rt.load_subsections(self, r, b'fw_cfg', True, self._SUBSECTIONS['fw_cfg'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'fw_cfg', True, self._SUBSECTIONS['fw_cfg'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

@@ -72,7 +72,8 @@ run state is neither "running" nor "paused".  The language has no top-level
     @staticmethod
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
-            _rt.check_len(self.runstate, 100, 'runstate')
+            if len(self.runstate) != 100:
+                _rt.check_len(self.runstate, 100, 'runstate')
             out += _S0.pack(self.size, self.runstate)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
@@ -110,7 +111,8 @@ run state is neither "running" nor "paused".  The language has no top-level
         try:
             out = w.buf
             _at = 'size'
-            _rt.check_len(self.runstate, 100, 'runstate')
+            if len(self.runstate) != 100:
+                _rt.check_len(self.runstate, 100, 'runstate')
             out += _S0.pack(self.size, self.runstate)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

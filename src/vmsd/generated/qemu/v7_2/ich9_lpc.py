@@ -189,7 +189,9 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
             self.smi_en = _v[37]
             self.smi_sts = _v[38]
             _at = ""
-            _rt.load_subsections(self, r, b'ich9_pm', True, self._SUBSECTIONS['ich9_pm'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'ich9_pm', True, self._SUBSECTIONS['ich9_pm'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -198,8 +200,10 @@ class ICH9LPCPMRegs(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'pm1_evt_sts'
-            _rt.check_len(self.gpe_sts, 16, 'gpe_sts')
-            _rt.check_len(self.gpe_en, 16, 'gpe_en')
+            if len(self.gpe_sts) != 16:
+                _rt.check_len(self.gpe_sts, 16, 'gpe_sts')
+            if len(self.gpe_en) != 16:
+                _rt.check_len(self.gpe_en, 16, 'gpe_en')
             out += _S0.pack(self.pm1_evt_sts, self.pm1_evt_en, self.pm1_cnt_cnt, self.tmr_timer, self.tmr_overflow_time, *self.gpe_sts, *self.gpe_en, self.smi_en, self.smi_sts)
             if self.memhp_needed(version_id):
                 _rt.write_subsection_header(w, b'ich9_pm/memhp', 1)
@@ -440,7 +444,9 @@ cpuhp and pcihp."""
             self.chip_config = list(_v[0:16384])
             self.sci_level = _v[16384]
             _at = ""
-            _rt.load_subsections(self, r, b'ICH9LPC', True, self._SUBSECTIONS['ICH9LPC'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'ICH9LPC', True, self._SUBSECTIONS['ICH9LPC'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -455,9 +461,10 @@ cpuhp and pcihp."""
             _at = 'pm'
             self.pm._save_nested(w, 1)
             _at = 'chip_config'
-            _rt.check_len(self.chip_config, 16384, 'chip_config')
+            if len(self.chip_config) != 16384:
+                _rt.check_len(self.chip_config, 16384, 'chip_config')
             out += _S2.pack(*self.chip_config, self.sci_level)
-            if self._needed_rst_cnt(version_id):
+            if self.rst_cnt != 0:
                 _rt.write_subsection_header(w, b'ICH9LPC/rst_cnt', 1)
                 self._save_sub_rst_cnt(w, 1)
             if self.smi_feat_needed(version_id):
@@ -513,7 +520,8 @@ cpuhp and pcihp."""
         try:
             out = w.buf
             _at = 'smi_guest_features_le'
-            _rt.check_len(self.smi_guest_features_le, 8, 'smi_guest_features_le')
+            if len(self.smi_guest_features_le) != 8:
+                _rt.check_len(self.smi_guest_features_le, 8, 'smi_guest_features_le')
             out += _S4.pack(*self.smi_guest_features_le, self.smi_features_ok, self.smi_negotiated_features)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

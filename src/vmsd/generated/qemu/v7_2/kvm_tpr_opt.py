@@ -285,7 +285,8 @@ class VAPICHandlers(_rt.VMStateObject):
     @staticmethod
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
-            _rt.check_len(self.get_tpr, 8, 'get_tpr')
+            if len(self.get_tpr) != 8:
+                _rt.check_len(self.get_tpr, 8, 'get_tpr')
             out += _S2.pack(self.set_tpr, self.set_tpr_eax, *self.get_tpr, self.get_tpr_stack)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
@@ -310,7 +311,8 @@ class VAPICHandlers(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'set_tpr'
-            _rt.check_len(self.get_tpr, 8, 'get_tpr')
+            if len(self.get_tpr) != 8:
+                _rt.check_len(self.get_tpr, 8, 'get_tpr')
             out += _S2.pack(self.set_tpr, self.set_tpr_eax, *self.get_tpr, self.get_tpr_stack)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

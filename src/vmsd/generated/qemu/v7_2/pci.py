@@ -150,16 +150,19 @@ INTA..INTD as four big-endian int32 values, each 0 or 1."""
             _at = 'config'
             if self.migrate_is_not_pcie(version_id):
                 _v_config = self.config if self.config is not None else _rt.missing('config')
-                _rt.check_len(_v_config, 256, 'config')
+                if len(_v_config) != 256:
+                    _rt.check_len(_v_config, 256, 'config')
                 out += _v_config
             _at = 'config_pcie'
             if self.migrate_is_pcie(version_id):
                 _v_config_pcie = self.config_pcie if self.config_pcie is not None else _rt.missing('config_pcie')
-                _rt.check_len(_v_config_pcie, 4096, 'config_pcie')
+                if len(_v_config_pcie) != 4096:
+                    _rt.check_len(_v_config_pcie, 4096, 'config_pcie')
                 out += _v_config_pcie
             _at = 'irq_state'
             if version_id >= 2:
-                _rt.check_len(self.irq_state if self.irq_state is not None else _rt.missing('irq_state'), 16, 'irq_state')
+                if len(self.irq_state if self.irq_state is not None else _rt.missing('irq_state')) != 16:
+                    _rt.check_len(self.irq_state if self.irq_state is not None else _rt.missing('irq_state'), 16, 'irq_state')
                 out += _S1.pack(self.irq_state if self.irq_state is not None else _rt.missing('irq_state'))
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -294,8 +297,10 @@ class PCIEAERErr(_rt.VMStateObject):
     @staticmethod
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
-            _rt.check_len(self.header, 4, 'header')
-            _rt.check_len(self.prefix, 4, 'prefix')
+            if len(self.header) != 4:
+                _rt.check_len(self.header, 4, 'header')
+            if len(self.prefix) != 4:
+                _rt.check_len(self.prefix, 4, 'prefix')
             out += _S2.pack(self.status, self.source_id, self.flags, *self.header, *self.prefix)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
@@ -321,8 +326,10 @@ class PCIEAERErr(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'status'
-            _rt.check_len(self.header, 4, 'header')
-            _rt.check_len(self.prefix, 4, 'prefix')
+            if len(self.header) != 4:
+                _rt.check_len(self.header, 4, 'header')
+            if len(self.prefix) != 4:
+                _rt.check_len(self.prefix, 4, 'prefix')
             out += _S2.pack(self.status, self.source_id, self.flags, *self.header, *self.prefix)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -593,7 +600,8 @@ registered as its own section "PCIBUS" for every root bus."""
             _at = 'nirq'
             out += _S0.pack(self.nirq)
             _at = 'irq_count'
-            _rt.check_len(self.irq_count, _rt.count(self.nirq), 'irq_count')
+            if len(self.irq_count) != _rt.count(self.nirq):
+                _rt.check_len(self.irq_count, _rt.count(self.nirq), 'irq_count')
             out += struct.pack(f'>{len(self.irq_count)}i', *self.irq_count)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -128,7 +128,9 @@ their subsections are absent."""
                 buf, p = r.take(4)
             (self.write_cmd, self.status, self.mode, self.pending_tmp,) = _S0.unpack_from(buf, p)
             _at = ""
-            _rt.load_subsections(self, r, b'pckbd', True, self._SUBSECTIONS['pckbd'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'pckbd', True, self._SUBSECTIONS['pckbd'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -138,7 +140,7 @@ their subsections are absent."""
             out = w.buf
             _at = 'write_cmd'
             out += _S0.pack(self.write_cmd, self.status, self.mode, self.pending_tmp)
-            if self._needed_pckbd_outport(version_id):
+            if self.outport != ((207 | ((self.status & 1) << 4)) | (self.status & 32)):
                 _rt.write_subsection_header(w, b'pckbd_outport', 1)
                 self._save_sub_pckbd_outport(w, 1)
             if self.extended_state_needed(version_id):

@@ -96,7 +96,9 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
             else:
                 self.pci_irq_levels_vmstate = None
             _at = ""
-            _rt.load_subsections(self, r, b'PIIX3', True, self._SUBSECTIONS['PIIX3'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'PIIX3', True, self._SUBSECTIONS['PIIX3'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -108,9 +110,10 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
             self.dev._save_nested(w, 2)
             _at = 'pci_irq_levels_vmstate'
             if version_id >= 3:
-                _rt.check_len(self.pci_irq_levels_vmstate if self.pci_irq_levels_vmstate is not None else _rt.missing('pci_irq_levels_vmstate'), 4, 'pci_irq_levels_vmstate')
+                if len(self.pci_irq_levels_vmstate if self.pci_irq_levels_vmstate is not None else _rt.missing('pci_irq_levels_vmstate')) != 4:
+                    _rt.check_len(self.pci_irq_levels_vmstate if self.pci_irq_levels_vmstate is not None else _rt.missing('pci_irq_levels_vmstate'), 4, 'pci_irq_levels_vmstate')
                 out += _S0.pack(*(self.pci_irq_levels_vmstate if self.pci_irq_levels_vmstate is not None else _rt.missing('pci_irq_levels_vmstate')))
-            if self._needed_rcr(version_id):
+            if self.rcr != 0:
                 _rt.write_subsection_header(w, b'PIIX3/rcr', 1)
                 self._save_sub_rcr(w, 1)
         except _rt.VMSDError as e:

@@ -447,7 +447,9 @@ use_acpi_hotplug_bridge && !not_migrate_acpi_index (the
             else:
                 self.acpi_index = None
             _at = ""
-            _rt.load_subsections(self, r, b'piix4_pm', True, self._SUBSECTIONS['piix4_pm'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'piix4_pm', True, self._SUBSECTIONS['piix4_pm'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 

@@ -189,7 +189,8 @@ class BOOTPClient(_rt.VMStateObject):
     @staticmethod
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
-            _rt.check_len(self.macaddr, 6, 'macaddr')
+            if len(self.macaddr) != 6:
+                _rt.check_len(self.macaddr, 6, 'macaddr')
             out += _S1.pack(self.allocated, self.macaddr)
 
     _FLAT: ClassVar[struct.Struct | None] = _S1
@@ -227,7 +228,8 @@ class BOOTPClient(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'allocated'
-            _rt.check_len(self.macaddr, 6, 'macaddr')
+            if len(self.macaddr) != 6:
+                _rt.check_len(self.macaddr, 6, 'macaddr')
             out += _S1.pack(self.allocated, self.macaddr)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -762,7 +764,8 @@ through the tmp struct."""
             _at = 'offsets'
             self.offsets._save_nested(w, 0)
             _at = 'sb_data'
-            _rt.check_len(self.sb_data, _rt.count(self.sb_datalen), 'sb_data')
+            if len(self.sb_data) != _rt.count(self.sb_datalen):
+                _rt.check_len(self.sb_data, _rt.count(self.sb_datalen), 'sb_data')
             out += self.sb_data
         except _rt.VMSDError as e:
             raise e.within(_at) from None
@@ -1098,7 +1101,8 @@ class SlirpTcpcb(_rt.VMStateObject):
     @staticmethod
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
-            _rt.check_len(self.t_timer, 4, 't_timer')
+            if len(self.t_timer) != 4:
+                _rt.check_len(self.t_timer, 4, 't_timer')
             out += _S5.pack(self.t_state, *self.t_timer, self.t_rxtshift, self.t_rxtcur, self.t_dupacks, self.t_maxseg, self.t_force, self.t_flags, self.snd_una, self.snd_nxt, self.snd_up, self.snd_wl1, self.snd_wl2, self.iss, self.snd_wnd, self.rcv_wnd, self.rcv_nxt, self.rcv_up, self.irs, self.rcv_adv, self.snd_max, self.snd_cwnd, self.snd_ssthresh, self.t_idle, self.t_rtt, self.t_rtseq, self.t_srtt, self.t_rttvar, self.t_rttmin, self.max_sndwnd, self.t_oobflags, self.t_iobc, self.t_softerror, self.snd_scale, self.rcv_scale, self.request_r_scale, self.requested_s_scale, self.ts_recent, self.ts_recent_age, self.last_ack_sent)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
@@ -1159,7 +1163,8 @@ class SlirpTcpcb(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 't_state'
-            _rt.check_len(self.t_timer, 4, 't_timer')
+            if len(self.t_timer) != 4:
+                _rt.check_len(self.t_timer, 4, 't_timer')
             out += _S5.pack(self.t_state, *self.t_timer, self.t_rxtshift, self.t_rxtcur, self.t_dupacks, self.t_maxseg, self.t_force, self.t_flags, self.snd_una, self.snd_nxt, self.snd_up, self.snd_wl1, self.snd_wl2, self.iss, self.snd_wnd, self.rcv_wnd, self.rcv_nxt, self.rcv_up, self.irs, self.rcv_adv, self.snd_max, self.snd_cwnd, self.snd_ssthresh, self.t_idle, self.t_rtt, self.t_rtseq, self.t_srtt, self.t_rttvar, self.t_rttmin, self.max_sndwnd, self.t_oobflags, self.t_iobc, self.t_softerror, self.snd_scale, self.rcv_scale, self.request_r_scale, self.requested_s_scale, self.ts_recent, self.ts_recent_age, self.last_ack_sent)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

@@ -93,7 +93,8 @@ post_load rejects a setup_index/setup_len outside the device's data_buf."""
     @staticmethod
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
-            _rt.check_len(self.setup_buf, 8, 'setup_buf')
+            if len(self.setup_buf) != 8:
+                _rt.check_len(self.setup_buf, 8, 'setup_buf')
             out += _S0.pack(self.addr, self.state, self.remote_wakeup, self.setup_state, self.setup_len, self.setup_index, *self.setup_buf)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
@@ -121,7 +122,8 @@ post_load rejects a setup_index/setup_len outside the device's data_buf."""
         try:
             out = w.buf
             _at = 'addr'
-            _rt.check_len(self.setup_buf, 8, 'setup_buf')
+            if len(self.setup_buf) != 8:
+                _rt.check_len(self.setup_buf, 8, 'setup_buf')
             out += _S0.pack(self.addr, self.state, self.remote_wakeup, self.setup_state, self.setup_len, self.setup_index, *self.setup_buf)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

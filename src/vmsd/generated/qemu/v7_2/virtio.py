@@ -214,14 +214,16 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         _at = ""
         try:
             _at = ""
-            _rt.load_subsections(self, r, b'virtio', True, self._SUBSECTIONS['virtio'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'virtio', True, self._SUBSECTIONS['virtio'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
     def _save_fields(self, w: Writer, version_id: int) -> None:
         _at = ""
         try:
-            if self._needed_device_endian(version_id):
+            if self.device_endian != 1:
                 _rt.write_subsection_header(w, b'virtio/device_endian', 1)
                 self._save_sub_device_endian(w, 1)
             if self.features_64bit_needed(version_id):
@@ -233,19 +235,19 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
             if self.ringsize_needed(version_id):
                 _rt.write_subsection_header(w, b'virtio/ringsize', 1)
                 self._save_sub_ringsize(w, 1)
-            if self._needed_broken(version_id):
+            if bool(self.broken):
                 _rt.write_subsection_header(w, b'virtio/broken', 1)
                 self._save_sub_broken(w, 1)
             if self.extra_state_needed(version_id):
                 _rt.write_subsection_header(w, b'virtio/extra_state', 1)
                 self._save_sub_extra_state(w, 1)
-            if self._needed_started(version_id):
+            if bool(self.started):
                 _rt.write_subsection_header(w, b'virtio/started', 1)
                 self._save_sub_started(w, 1)
             if self.packed_virtqueues_needed(version_id):
                 _rt.write_subsection_header(w, b'virtio/packed_virtqueues', 1)
                 self._save_sub_packed_virtqueues(w, 1)
-            if self._needed_disabled(version_id):
+            if bool(self.disabled):
                 _rt.write_subsection_header(w, b'virtio/disabled', 1)
                 self._save_sub_disabled(w, 1)
         except _rt.VMSDError as e:
@@ -803,7 +805,9 @@ interface is not disabled ("disable-modern" off, the default)."""
         _at = ""
         try:
             _at = ""
-            _rt.load_subsections(self, r, b'virtio_pci', True, self._SUBSECTIONS['virtio_pci'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'virtio_pci', True, self._SUBSECTIONS['virtio_pci'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -841,7 +845,8 @@ interface is not disabled ("disable-modern" off, the default)."""
         try:
             out = w.buf
             _at = 'dfselect'
-            _rt.check_len(self.pci_guest_features, 2, 'pci_guest_features')
+            if len(self.pci_guest_features) != 2:
+                _rt.check_len(self.pci_guest_features, 2, 'pci_guest_features')
             out += _S6.pack(self.dfselect, self.gfselect, *self.pci_guest_features)
             _at = 'vqs'
             _rt.save_struct_array(w, self.vqs, 1024, 1, 'vqs')
@@ -912,9 +917,12 @@ class VirtIOPCIQueue(_rt.VMStateObject):
     @staticmethod
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
-            _rt.check_len(self.desc, 2, 'desc')
-            _rt.check_len(self.avail, 2, 'avail')
-            _rt.check_len(self.used, 2, 'used')
+            if len(self.desc) != 2:
+                _rt.check_len(self.desc, 2, 'desc')
+            if len(self.avail) != 2:
+                _rt.check_len(self.avail, 2, 'avail')
+            if len(self.used) != 2:
+                _rt.check_len(self.used, 2, 'used')
             out += _S7.pack(self.num, self.enabled, *self.desc, *self.avail, *self.used)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
@@ -940,9 +948,12 @@ class VirtIOPCIQueue(_rt.VMStateObject):
         try:
             out = w.buf
             _at = 'num'
-            _rt.check_len(self.desc, 2, 'desc')
-            _rt.check_len(self.avail, 2, 'avail')
-            _rt.check_len(self.used, 2, 'used')
+            if len(self.desc) != 2:
+                _rt.check_len(self.desc, 2, 'desc')
+            if len(self.avail) != 2:
+                _rt.check_len(self.avail, 2, 'avail')
+            if len(self.used) != 2:
+                _rt.check_len(self.used, 2, 'used')
             out += _S7.pack(self.num, self.enabled, *self.desc, *self.avail, *self.used)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

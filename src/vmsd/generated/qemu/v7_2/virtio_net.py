@@ -450,7 +450,9 @@ field is then absent too."""
             else:
                 self.curr_guest_offloads = None
             _at = ""
-            _rt.load_subsections(self, r, b'virtio-net-device', True, self._SUBSECTIONS['virtio-net-device'])
+            buf, p = r.buf, r.pos
+            if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:
+                _rt.load_subsections(self, r, b'virtio-net-device', True, self._SUBSECTIONS['virtio-net-device'])
         except _rt.VMSDError as e:
             raise e.within(_at) from None
 
@@ -459,7 +461,8 @@ field is then absent too."""
         try:
             out = w.buf
             _at = 'mac'
-            _rt.check_len(self.mac, 6, 'mac')
+            if len(self.mac) != 6:
+                _rt.check_len(self.mac, 6, 'mac')
             out += _S0.pack(*self.mac)
             _at = 'vqs'
             self.vqs._save_nested(w, 0)
@@ -468,15 +471,18 @@ field is then absent too."""
             _at = 'mac_table_macs'
             if self._has_mac_table_macs(version_id):
                 _v_mac_table_macs = self.mac_table_macs if self.mac_table_macs is not None else _rt.missing('mac_table_macs')
-                _rt.check_len(_v_mac_table_macs, _rt.count(self.mac_table_in_use * 6), 'mac_table_macs')
+                if len(_v_mac_table_macs) != _rt.count(self.mac_table_in_use * 6):
+                    _rt.check_len(_v_mac_table_macs, _rt.count(self.mac_table_in_use * 6), 'mac_table_macs')
                 out += _v_mac_table_macs
             _at = 'mac_table_unused'
             if self._has_mac_table_unused(version_id):
                 _v_mac_table_unused = self.mac_table_unused if self.mac_table_unused is not None else _rt.missing('mac_table_unused')
-                _rt.check_len(_v_mac_table_unused, _rt.count(self.mac_table_in_use * 6), 'mac_table_unused')
+                if len(_v_mac_table_unused) != _rt.count(self.mac_table_in_use * 6):
+                    _rt.check_len(_v_mac_table_unused, _rt.count(self.mac_table_in_use * 6), 'mac_table_unused')
                 out += _v_mac_table_unused
             _at = 'vlans'
-            _rt.check_len(self.vlans, 512, 'vlans')
+            if len(self.vlans) != 512:
+                _rt.check_len(self.vlans, 512, 'vlans')
             out += _S2.pack(self.vlans)
             _at = 'has_vnet'
             self.has_vnet._save_nested(w, 0)
@@ -500,7 +506,7 @@ field is then absent too."""
             if self.has_ctrl_guest_offloads(version_id):
                 _v_curr_guest_offloads = self.curr_guest_offloads if self.curr_guest_offloads is not None else _rt.missing('curr_guest_offloads')
                 out += _S5.pack(_v_curr_guest_offloads)
-            if self._needed_rss(version_id):
+            if bool(self.rss_enabled):
                 _rt.write_subsection_header(w, b'virtio-net-device/rss', 1)
                 self._save_sub_rss(w, 1)
         except _rt.VMSDError as e:
@@ -538,10 +544,12 @@ field is then absent too."""
         try:
             out = w.buf
             _at = 'rss_enabled'
-            _rt.check_len(self.rss_key, 40, 'rss_key')
+            if len(self.rss_key) != 40:
+                _rt.check_len(self.rss_key, 40, 'rss_key')
             out += _S6.pack(self.rss_enabled, self.rss_redirect, self.rss_populate_hash, self.rss_hash_types, self.rss_indirections_len, self.rss_default_queue, *self.rss_key)
             _at = 'rss_indirections_table'
-            _rt.check_len(self.rss_indirections_table, _rt.count(self.rss_indirections_len), 'rss_indirections_table')
+            if len(self.rss_indirections_table) != _rt.count(self.rss_indirections_len):
+                _rt.check_len(self.rss_indirections_table, _rt.count(self.rss_indirections_len), 'rss_indirections_table')
             out += struct.pack(f'>{len(self.rss_indirections_table)}H', *self.rss_indirections_table)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

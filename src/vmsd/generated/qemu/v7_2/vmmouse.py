@@ -114,7 +114,8 @@ post_load re-enables the pointer handler for the loaded mode."""
             _at = 'queue_size'
             out += _S0.pack(self.queue_size)
             _at = 'queue'
-            _rt.check_len(self.queue, 1024, 'queue')
+            if len(self.queue) != 1024:
+                _rt.check_len(self.queue, 1024, 'queue')
             out += _S1.pack(*self.queue, self.nb_queue, self.status, self.absolute)
         except _rt.VMSDError as e:
             raise e.within(_at) from None

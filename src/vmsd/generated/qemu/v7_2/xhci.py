@@ -178,7 +178,8 @@ msix_load re-applies the vector masks."""
     @staticmethod
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
-            _rt.check_len(self.msix, 258, 'msix')
+            if len(self.msix) != 258:
+                _rt.check_len(self.msix, 258, 'msix')
             out += _S0.pack(self.msix)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
@@ -216,7 +217,8 @@ msix_load re-applies the vector masks."""
         try:
             out = w.buf
             _at = 'msix'
-            _rt.check_len(self.msix, 258, 'msix')
+            if len(self.msix) != 258:
+                _rt.check_len(self.msix, 258, 'msix')
             out += _S0.pack(self.msix)
         except _rt.VMSDError as e:
             raise e.within(_at) from None
