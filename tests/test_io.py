@@ -71,6 +71,21 @@ def test_objects_load_from_a_trickling_stream() -> None:
     assert r.tell() == len(data)
 
 
+@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("step", [None, 1, 5])
+def test_fields_of_several_versions_load_at_each_version(version: int, step: int | None) -> None:
+    # divider (since 2), rbr..scr, fcr_vmstate (since 3): one Struct call at
+    # version 3 when all 11 bytes are buffered, run by run otherwise.
+    dev = Serial(divider=7, rbr=1, ier=2, iir=3, lcr=4, mcr=5, lsr=6, msr=7, scr=8, fcr_vmstate=9, poll_msl=1)
+    data = dev.save(version_id=version)
+    assert data[:2] == b"\x00\x07" and data[2:10] == bytes(range(1, 9))
+    assert (data[10] == 9) == (version == 3)
+    loaded = Serial.load(data if step is None else Reader(source=Trickle(data, step)), version_id=version)
+    assert loaded.fcr_vmstate == (9 if version == 3 else None)
+    assert (loaded.divider, loaded.scr, loaded.poll_msl) == (7, 8, 1)
+    assert loaded.save(version_id=version) == data
+
+
 def test_truncation_names_field_and_offset() -> None:
     data = Serial(divider=7).save()
     with pytest.raises(TruncatedStream) as info:
@@ -79,6 +94,10 @@ def test_truncation_names_field_and_offset() -> None:
     assert isinstance(err, EOFError) and isinstance(err, VMSDError)
     assert err.path == "serial.rbr" and err.offset == 2
     assert str(err) == "serial.rbr: expected 8 bytes, stream ended after 3 (at offset 0x2)"
+    # Cut inside the part present since version 3: the error names that field.
+    with pytest.raises(TruncatedStream) as info:
+        Serial.load(Serial(divider=7).save()[:10])
+    assert info.value.path == "serial.fcr_vmstate" and info.value.offset == 10
 
 
 def test_huge_length_field_allocates_only_what_arrives() -> None:
