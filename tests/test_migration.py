@@ -347,6 +347,39 @@ def test_cancel_while_the_writer_is_blocked_on_a_peer_that_reads_nothing() -> No
         assert ram_of(src) == before
 
 
+def test_write_behind_keeps_order_and_writes_small_batches_itself() -> None:
+    """Large batches go to the writer thread; a small one is written by the caller only when nothing is in
+    flight, so the channel sees every batch in the order given."""
+    from vmsd.runtime.migration import _HAND_OVER_BYTES, _WriteBehind
+
+    seen: list[bytes] = []
+    gate = threading.Event()
+
+    class Channel:
+        def writev(self, buffers: list[bytes]) -> int:
+            if len(buffers[0]) >= _HAND_OVER_BYTES:
+                gate.wait(5)
+            seen.append(b"".join(buffers)[:1])
+            return sum(len(b) for b in buffers)
+
+    writer = _WriteBehind(Channel())  # type: ignore[arg-type]
+    try:
+        writer.write([b"a"], 1)
+        assert seen == [b"a"]  # nothing in flight: written before write() returned
+        writer.write([b"b" * _HAND_OVER_BYTES], _HAND_OVER_BYTES)
+        writer.write([b"c"], 1)  # the large batch is still being written: this one queues behind it
+        time.sleep(0.1)
+        assert seen == [b"a"]
+        gate.set()
+        writer.flush()
+        assert seen == [b"a", b"b", b"c"]
+        writer.write([b"d"], 1)
+        assert seen[-1] == b"d"
+    finally:
+        gate.set()
+        writer.stop()
+
+
 def test_settings_use_qemu_names_and_checks() -> None:
     caps, params = parse_settings({"xbzrle": True}, {"downtime-limit": 100})
     assert caps["xbzrle"] and params["downtime-limit"] == 100 and params["max-bandwidth"] == 32 * MIB

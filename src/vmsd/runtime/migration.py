@@ -91,6 +91,7 @@ MIG_RP_MSG_SHUT = 1
 BUFFER_DELAY = 0.1  # seconds: QEMU's bandwidth window
 MAX_WAIT = 0.05  # seconds: longest iteration
 _CHUNK_PAGES = 2048  # pages encoded and written at a time (8 MiB of normal pages)
+_HAND_OVER_BYTES = 1 << 20  # smaller batches are written by the migration thread itself (see _WriteBehind)
 
 PARAMETER_DEFAULTS: dict[str, int] = {
     "max-bandwidth": 32 << 20,  # bytes/s, QEMU's MAX_THROTTLE; 0 = unlimited
@@ -189,12 +190,17 @@ class _WriteBehind:
 
     At most ``depth`` batches wait.  The first write error is kept, later batches are dropped, and the
     error is raised to the migration thread at its next :meth:`write` or :meth:`flush`.
+
+    A small batch (zero-page records, section framing) is written by the caller when nothing is queued
+    or being written: handing it over would cost two thread switches for a copy shorter than either.
     """
 
     def __init__(self, ch: Channel, depth: int = 2) -> None:
         self.ch = ch
         self.error: BaseException | None = None
         self._queue: queue.Queue[list[Any] | threading.Event | None] = queue.Queue(maxsize=depth)
+        self._busy = 0  # batches handed over and not yet written
+        self._busy_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="migration writer", daemon=True)
         self._thread.start()
 
@@ -202,13 +208,23 @@ class _WriteBehind:
         while (item := self._queue.get()) is not None:
             if isinstance(item, threading.Event):
                 item.set()
-            elif self.error is None:
+                continue
+            if self.error is None:
                 try:
                     self.ch.writev(item)
                 except BaseException as e:  # raised in the migration thread
                     self.error = e
+            with self._busy_lock:
+                self._busy -= 1
 
-    def write(self, buffers: list[Any]) -> None:
+    def write(self, buffers: list[Any], nbytes: int) -> None:
+        if nbytes < _HAND_OVER_BYTES and not self._busy:
+            # Nothing is in flight (the count only drops once a batch is written): order is kept.
+            self._check()
+            self.ch.writev(buffers)
+            return
+        with self._busy_lock:
+            self._busy += 1
         self._put(buffers)
 
     def flush(self) -> None:
@@ -464,8 +480,9 @@ class Migration:
     def _send(self, buffers: list[Any], nbytes: int | None = None) -> None:
         writer = self._writer
         assert writer is not None
-        writer.write(buffers)
-        self._window_bytes += sum(len(b) for b in buffers) if nbytes is None else nbytes
+        nbytes = sum(len(b) for b in buffers) if nbytes is None else nbytes
+        writer.write(buffers, nbytes)
+        self._window_bytes += nbytes
 
     def _update_counters(self, todo: _Pass) -> None:
         """QEMU's migration_update_counters + migration_rate_limit, every BUFFER_DELAY."""
