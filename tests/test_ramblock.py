@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from vmsd.qemu72 import spec_set
 from vmsd.qmp import load_stream, save_stream
+from vmsd.runtime import iovec
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader, Writer
 from vmsd.runtime.ram import (
@@ -377,40 +378,51 @@ def test_store_pages_writes_strided_pages_into_place(prealloc: bool) -> None:
         assert not block.words[:100].any() and not block.words[1600:].any()
 
 
+def _iov_bytes(p: int, count: int) -> bytes:
+    """What the ``count`` iovecs at address ``p`` point to, back to back."""
+    rows = np.ctypeslib.as_array((ctypes.c_uint64 * (2 * count)).from_address(p)).reshape(-1, 2)
+    return b"".join(ctypes.string_at(int(a), int(n)) for a, n in rows)
+
+
+def _failing_pwritev(err: int) -> object:
+    def fail(fd: int, p: int, count: int, at: int) -> int:
+        ctypes.set_errno(err)
+        return -1
+
+    return fail
+
+
 @pytest.mark.parametrize("cut", [1, PAGE_SIZE, 3 * PAGE_SIZE + 5])
 def test_store_views_finishes_a_short_write(monkeypatch: pytest.MonkeyPatch, cut: int) -> None:
     """pwritev may write less than asked (a signal, a nearly full file): the rest follows, byte-exact."""
-    real = os.pwritev
 
-    def short(fd: int, views: list[memoryview], at: int) -> int:
-        data = b"".join(bytes(v) for v in views)[:cut]
-        return real(fd, [data], at)
+    def short(fd: int, p: int, count: int, at: int) -> int:
+        return os.pwrite(fd, _iov_bytes(p, count)[:cut], at)
 
-    monkeypatch.setattr(os, "pwritev", short)
+    monkeypatch.setattr(iovec, "_PWRITEV", short)
     data = np.random.default_rng(4).integers(0, 256, 5 * PAGE_SIZE, dtype=np.uint8).tobytes()
     with RamBlock.memfd("m", 8 * PAGE_SIZE) as block:
         mv = memoryview(data)
         block.store_views(2, [mv[:3 * PAGE_SIZE + 100], mv[3 * PAGE_SIZE + 100:]])
         assert bytes(block.view[2 * PAGE_SIZE:7 * PAGE_SIZE]) == data
         assert not block.words[:2].any() and not block.words[7:].any()
+        stride = PAGE_SIZE + 8
+        records = bytes(8) + b"".join(bytes(8) + data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(5))
+        block.store_pages(1, memoryview(records), 16, stride, 5)  # strided pages, cut anywhere
+        assert bytes(block.view[PAGE_SIZE:6 * PAGE_SIZE]) == data
 
 
 def test_store_pages_falls_back_to_the_mapping_where_the_file_refuses_writes(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object) -> int:
-        raise OSError(errno.EINVAL, "Invalid argument")  # hugetlbfs
-
-    monkeypatch.setattr(os, "pwritev", refuse)
+    monkeypatch.setattr(iovec, "_PWRITEV", _failing_pwritev(errno.EINVAL))  # hugetlbfs
     with RamBlock.memfd("m", 8 * PAGE_SIZE) as block:
         block.store_pages(2, memoryview(b"\x07" * (3 * PAGE_SIZE)), 0, PAGE_SIZE, 3)
         assert bytes(block.view[2 * PAGE_SIZE:5 * PAGE_SIZE]) == b"\x07" * (3 * PAGE_SIZE)
+        assert not block.stores_via_fd
 
 
 def test_store_pages_on_a_full_filesystem_is_an_error_naming_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(*args: object) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "pwritev", full)
+    monkeypatch.setattr(iovec, "_PWRITEV", _failing_pwritev(errno.ENOSPC))
     with RamBlock.memfd("pc.ram", 8 * PAGE_SIZE) as block, \
             pytest.raises(VMSDError, match=r"RAM block 'pc\.ram': cannot store pages: No space left on device"):
         block.store_pages(0, memoryview(bytes(PAGE_SIZE)), 0, PAGE_SIZE, 1)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from vmsd.runtime.errors import RegistryError
+from vmsd.runtime.iovec import Scattered, write_scattered
 from vmsd.runtime.machine import Machine
 from vmsd.runtime.migration import Incoming, IncomingResult, Migration
 from vmsd.runtime.multifd import MultifdConfig
@@ -56,7 +57,7 @@ def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0,
 def write_snapshot(result: IncomingResult, output: Path) -> None:
     """One RAM pass (START with the block list, one PART, END) and the device sections, written atomically."""
     tmp = output.with_name(output.name + ".partial")
-    enc = RamEncoder()
+    enc = RamEncoder(zero_copy=True)
     try:
         with open(tmp, "wb") as f:
             conf = result.configuration.state if result.configuration is not None else None
@@ -70,7 +71,11 @@ def write_snapshot(result: IncomingResult, output: Path) -> None:
                 for start in range(0, block.npages, _PAGES_PER_WRITE):
                     pages = np.arange(start, min(start + _PAGES_PER_WRITE, block.npages), dtype=np.int64)
                     for buf in enc.encode(block, pages):
-                        f.write(buf)
+                        if isinstance(buf, Scattered):  # pages straight from the received RAM
+                            f.flush()
+                            write_scattered(f.fileno(), buf)
+                        else:
+                            f.write(buf)
             f.write(enc.eos() + footer)
             f.write(section_head(QEMU_VM_SECTION_END, ram_id) + enc.eos() + footer)
             f.write(stream_tail(result.sections))

@@ -285,7 +285,7 @@ class Migration:
         self.status = "none"
         self.error: str | None = None
         cache = XbzrleCache(self.parameters["xbzrle-cache-size"]) if self.capabilities["xbzrle"] else None
-        self.encoder = RamEncoder(cache)
+        self.encoder = RamEncoder(cache, zero_copy=True)  # the main channel writes pages from RAM (Channel.writev)
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self._channel: Channel | None = None

@@ -24,12 +24,12 @@ import numpy as np
 import numpy.typing as npt
 
 from vmsd.runtime.errors import VMSDError
+from vmsd.runtime.iovec import Scattered, buffer_address, write_scattered
 
 PAGE_SIZE = 4096
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 _ZERO_CHUNK_PAGES = 256  # 1 MiB: the second look at a mixed chunk is served from cache
 _MADV_POPULATE_WRITE = 23  # <linux/mman.h>; Python's mmap module only names it from 3.13 on
-_IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -165,13 +165,16 @@ class RamBlock:
         (hugetlbfs).  A full filesystem is an error, not the mapping's SIGBUS.
         """
         if self._store_via_fd:
-            views = [src[offset:offset + n * PAGE_SIZE]] if stride == PAGE_SIZE else \
-                [src[o:o + PAGE_SIZE] for o in range(offset, offset + n * stride, stride)]
-            try:
-                if self._write_fd(first * PAGE_SIZE, views):
-                    return
-            finally:
-                del views
+            # The pages' addresses as one iovec array (see vmsd.runtime.iovec): no Python object per page.
+            base = buffer_address(src) + offset
+            if stride == PAGE_SIZE:
+                iov = np.array([[base, n * PAGE_SIZE]], dtype=np.uint64)
+            else:
+                iov = np.empty((n, 2), dtype=np.uint64)
+                iov[:, 0] = base + stride * np.arange(n, dtype=np.uint64)
+                iov[:, 1] = PAGE_SIZE
+            if self._write_iov(first * PAGE_SIZE, Scattered(iov, (src,))):
+                return
         rows = self.bytes_.reshape(-1, PAGE_SIZE)
         rows[first:first + n] = np.ndarray((n, PAGE_SIZE), dtype=np.uint8, buffer=src, offset=offset,
                                            strides=(stride, 1))
@@ -179,27 +182,18 @@ class RamBlock:
     def store_views(self, first: int, views: list[memoryview]) -> None:
         """Write ``views`` back to back from page ``first``, whole pages in all (see :meth:`store_pages`)."""
         at = first * PAGE_SIZE
-        if self._store_via_fd and self._write_fd(at, views):
-            return
+        if self._store_via_fd:
+            iov = np.array([(buffer_address(v), len(v)) for v in views], dtype=np.uint64).reshape(-1, 2)
+            if self._write_iov(at, Scattered(iov, tuple(views))):
+                return
         for v in views:
             self.view[at:at + len(v)] = v
             at += len(v)
 
-    def _write_fd(self, at: int, views: list[memoryview]) -> bool:
-        """``pwritev`` at ``at``; False (and writes through the mapping from now on) if the file refuses."""
+    def _write_iov(self, at: int, data: Scattered) -> bool:
+        """``pwritev`` of ``data`` at ``at``; False (and writes through the mapping from now on) if the file refuses."""
         try:
-            for i in range(0, len(views), _IOV_MAX):
-                part = views[i:i + _IOV_MAX]
-                want = sum(len(v) for v in part)
-                done = os.pwritev(self.fd, part, at)
-                while done < want:  # short write: finish view by view
-                    k = 0
-                    skip = done
-                    while skip >= len(part[k]):
-                        skip -= len(part[k])
-                        k += 1
-                    done += os.pwrite(self.fd, part[k][skip:], at + done)
-                at += want
+            write_scattered(self.fd, data, at)
             return True
         except OSError as e:
             if e.errno != errno.EINVAL:

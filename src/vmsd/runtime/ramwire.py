@@ -28,6 +28,7 @@ import numpy.typing as npt
 from vmsd.runtime import xbzrle
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import ByteSource, Reader, Writer
+from vmsd.runtime.iovec import Scattered
 from vmsd.runtime.ram import (
     RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_CONTINUE,
@@ -62,7 +63,7 @@ _RESERVE = 8192
 _READ = 1 << 20
 _BUFFERS = 4
 
-Buffers = list[bytes | memoryview]
+Buffers = list[bytes | memoryview | Scattered]
 
 
 @attrs.define
@@ -142,8 +143,11 @@ class RamEncoder:
     non-zero pages go through the cache one by one.
     """
 
-    def __init__(self, cache: xbzrle.XbzrleCache | None = None) -> None:
+    def __init__(self, cache: xbzrle.XbzrleCache | None = None, zero_copy: bool = False) -> None:
         self.cache = cache
+        # Normal pages as Scattered records (headers here, pages left in the mapping) for a writer
+        # that takes them (Channel.writev), instead of copied with their headers into one buffer.
+        self.zero_copy = zero_copy
         self.xbzrle_enabled = False
         self.last_block: RamBlock | None = None
         self.counters = RamCounters()
@@ -196,8 +200,17 @@ class RamEncoder:
         self._count(is_zero, 1, len(head) + len(payload))
         self.last_block = block
 
-    def _run(self, block: RamBlock, pages: Pages, is_zero: bool) -> memoryview:
+    def _run(self, block: RamBlock, pages: Pages, is_zero: bool) -> memoryview | Scattered:
         n = int(pages.size)
+        if self.zero_copy and not is_zero:
+            wire = ((pages << 12) | _NORMAL).astype(_BE64)
+            iov = np.empty((2 * n, 2), dtype=np.uint64)
+            iov[0::2, 0] = wire.ctypes.data + 8 * np.arange(n, dtype=np.uint64)
+            iov[0::2, 1] = 8
+            iov[1::2, 0] = block.bytes_.ctypes.data + pages.astype(np.uint64) * PAGE_SIZE
+            iov[1::2, 1] = PAGE_SIZE
+            self._count(False, n, n * _NORMAL_STRIDE)
+            return Scattered(iov, (wire, block))
         stride = _ZERO_STRIDE if is_zero else _NORMAL_STRIDE
         rec = np.empty((n, stride), dtype=np.uint8)
         heads = (pages << 12) | (_ZERO if is_zero else _NORMAL)
@@ -638,6 +651,7 @@ def ram_records(blocks: RamBlocks) -> list[RamRecord]:
     out = bytearray(enc.block_list(blocks) + enc.eos())
     for block in blocks:
         for buf in enc.encode(block, np.arange(block.npages, dtype=np.int64)):
+            assert not isinstance(buf, Scattered)  # zero_copy is off
             out += buf
     out += enc.eos() + enc.eos()
     r = Reader(bytes(out))

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import IO
 
+from vmsd.runtime.iovec import Scattered, write_scattered
+
 __all__ = [
     "URI",
     "Channel",
@@ -350,9 +352,33 @@ class Channel:
             raise self._failure("write failed", exc) from exc
         return total
 
-    def writev(self, buffers: Iterable[_Buffer], /) -> int:
-        """Write all buffers in order with scatter/gather I/O; returns the total."""
+    def writev(self, buffers: Iterable[_Buffer | Scattered], /) -> int:
+        """Write all buffers in order with scatter/gather I/O; returns the total.
+
+        :class:`Scattered` items (pages written straight from RAM) go to the
+        descriptor as their own iovec arrays, between the plain buffers around them.
+        """
         self._check_open()
+        items = list(buffers)
+        if not any(type(b) is Scattered for b in items):
+            return self._writev(items)  # type: ignore[arg-type]
+        total = 0
+        plain: list[_Buffer] = []
+        for b in items:
+            if not isinstance(b, Scattered):
+                plain.append(b)
+                continue
+            if plain:
+                total += self._writev(plain)
+                plain = []
+            try:
+                write_scattered(self.fileno(), b)
+            except OSError as exc:
+                raise self._failure("write failed", exc) from exc
+            total += b.nbytes
+        return total + (self._writev(plain) if plain else 0)
+
+    def _writev(self, buffers: list[_Buffer]) -> int:
         views = [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
         total = sum(len(v) for v in views)
         i = 0
