@@ -135,7 +135,10 @@ class VMStateObject(abc.ABC):
     def load(cls, data: Reader | bytes | bytearray | memoryview, version_id: int | None = None) -> Self:
         """Build the registered class for this vmsd from its wire encoding."""
         ctor: Any = _IMPLS.get(cls, cls)
-        if type(data) is bytes and (_DIRECT.get(ctor) or _direct(ctor)):
+        direct = _DIRECT.get(ctor)
+        if direct is None:
+            direct = _direct(ctor)
+        if type(data) is bytes and direct:
             # The common case, a generated class from bytes: no hooks to call
             # (generated classes have none), no reader to publish.
             new: Self = ctor._fresh()
@@ -145,7 +148,7 @@ class VMStateObject(abc.ABC):
                 check_version(ctor.VMSD_NAME, v, ctor.VERSION_ID, ctor.MINIMUM_VERSION_ID, 0)
             try:
                 new._load_fields(r, v)
-                if _DIRECT[ctor] == _FILLS:
+                if direct == _FILLS:
                     new._fill()
             except VMSDError as e:
                 raise e.within(ctor.VMSD_NAME) from None
@@ -185,7 +188,10 @@ class VMStateObject(abc.ABC):
 
     def save(self, w: Writer | None = None, version_id: int | None = None) -> bytes:
         """Encode at ``version_id`` (default: the newest); returns the bytes written."""
-        if w is None and version_id is None and (_DIRECT.get(type(self)) or _direct(type(self))):
+        direct = _DIRECT.get(type(self))
+        if direct is None:
+            direct = _direct(type(self))
+        if w is None and version_id is None and direct:
             # A generated class on its own: no hooks to call, a fresh buffer.
             w = Writer()
             try:
