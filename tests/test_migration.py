@@ -327,7 +327,8 @@ def test_cancel_leaves_the_source_running() -> None:
 def test_cancel_while_the_writer_is_blocked_on_a_peer_that_reads_nothing() -> None:
     """The main channel is written from a thread: with the socket full and the peer silent, cancel still
     ends the migration at once, the source running with its RAM, and the writer thread gone."""
-    with socket.create_server(("127.0.0.1", 0)) as server, make_machine() as src:
+    # More RAM than the socket buffers and the writer's queue hold: the migration is still in its RAM phase.
+    with socket.create_server(("127.0.0.1", 0)) as server, make_machine(ram=128 * MIB) as src:
         fill(src)
         before = ram_of(src)
         mig = Migration(src, f"tcp:127.0.0.1:{server.getsockname()[1]}")
