@@ -81,7 +81,9 @@ def write_scattered(fd: int, data: Scattered, at: int | None = None) -> None:
             if err == errno.EINTR:
                 continue
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                select.select([], [fd], [])
+                poller = select.poll()  # not select(): descriptors past FD_SETSIZE
+                poller.register(fd, select.POLLOUT)
+                poller.poll()
                 continue
             raise OSError(err, os.strerror(err))
         done += got
