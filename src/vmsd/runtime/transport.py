@@ -359,12 +359,9 @@ class Channel:
         descriptor as their own iovec arrays, between the plain buffers around them.
         """
         self._check_open()
-        items = list(buffers)
-        if not any(type(b) is Scattered for b in items):
-            return self._writev(items)  # type: ignore[arg-type]
         total = 0
         plain: list[_Buffer] = []
-        for b in items:
+        for b in buffers:
             if not isinstance(b, Scattered):
                 plain.append(b)
                 continue
