@@ -186,7 +186,8 @@ class _Pass:
 
 class _WriteBehind:
     """Writes the main channel's buffers from a thread, so that the migration thread encodes the next
-    chunk (zero scan and copy, numpy, GIL released) while the kernel copies this one into the socket.
+    chunk (zero scan and record headers, numpy, GIL released) while the kernel copies this one's pages
+    from RAM into the socket.
 
     At most ``depth`` batches wait.  The first write error is kept, later batches are dropped, and the
     error is raised to the migration thread at its next :meth:`write` or :meth:`flush`.

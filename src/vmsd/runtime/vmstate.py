@@ -243,7 +243,7 @@ _PLAIN, _FILLS = 1, 2
 
 def _direct(ctor: Any) -> int:
     kind = 0
-    if "_generated" in ctor.__dict__ and "_fresh" in ctor.__dict__ and not ctor._PEEKS:
+    if "_generated" in ctor.__dict__ and not ctor._PEEKS:  # generated classes all define _fresh
         kind = _FILLS if "_fill" in ctor.__dict__ else _PLAIN
     _DIRECT[ctor] = kind
     return kind
