@@ -156,6 +156,33 @@ def test_zero_pages_match_naive(npages: int, pokes: list[tuple[int, int]], fill_
             zero_pages(b, [npages])
 
 
+@given(st.integers(1, 1200), st.lists(st.tuples(st.integers(0, 1200 * PAGE_SIZE), st.integers(1, 255)), max_size=40),
+       st.sampled_from(["zero", "first-word-zero", "mixed"]), st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=80, deadline=None)
+def test_zero_mask_matches_naive_for_runs_and_scattered_pages(npages: int, pokes: list[tuple[int, int]],
+                                                              fill: str, seed: int) -> None:
+    """zero_mask reads runs of candidate pages in place, piece by piece: every way of listing pages agrees with
+    a page-by-page look, whatever the content (pieces all zero, pages zero only at their first word, a mix)."""
+    from vmsd.runtime.ramwire import zero_mask
+
+    rng = np.random.default_rng(seed)
+    with RamBlock.memfd("z", npages * PAGE_SIZE) as b:
+        os.pwrite(b.fd, bytes(b.used_length), 0)  # held everywhere: every page is read, none is a hole
+        if fill != "zero":
+            rows = np.frombuffer(b.view, np.uint8).reshape(npages, PAGE_SIZE)
+            chosen = rng.random(npages) < (1.0 if fill == "first-word-zero" else 0.3)
+            rows[chosen, 8 + rng.integers(0, PAGE_SIZE - 8)] = 1  # data, but never in the first word
+        for off, value in pokes:
+            b.bytes_[off % b.used_length] = value
+        naive = np.array([not any(b.view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]) for p in range(npages)])
+        every = np.arange(npages, dtype=np.int64)
+        start = int(rng.integers(0, npages))
+        listings = [every, every[start:], every[::2], np.sort(rng.choice(every, size=(npages + 1) // 2, replace=False)),
+                    np.concatenate([every[:npages // 3], every[2 * npages // 3:]])]
+        for pages in listings:
+            assert zero_mask(b, pages).tolist() == naive[pages].tolist()
+
+
 def test_zero_pages_last_word_only() -> None:
     with RamBlock.memfd("z", 1024 * PAGE_SIZE) as b:
         b.bytes_[PAGE_SIZE * 700 - 1] = 1  # last byte of page 699
