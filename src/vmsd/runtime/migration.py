@@ -518,7 +518,17 @@ class Migration:
             new = b.take_dirty()
             dirtied += int(new.size)
             old = unsent.get(b.name)
-            merged = np.union1d(old, new) if old is not None and old.size else new
+            if old is None or not old.size:
+                merged = new
+            elif not new.size:
+                merged = old
+            else:
+                # A page map, not np.union1d: numpy 2's union1d hashes and sorts, 0.2 s for a 2 GiB
+                # guest's pages, and this runs while the guest is paused for the last pass.
+                both = np.zeros(b.npages, dtype=np.bool_)
+                both[old] = True
+                both[new] = True
+                merged = np.flatnonzero(both)
             if merged.size:
                 pages.append((b, merged))
         self.dirty_sync_count += 1
