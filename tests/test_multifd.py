@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import socket
 import struct
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
 
 from test_migration import Dirtier, devices_of, fill, free_port, make_machine, ram_of
 from vmsd.cli import main
@@ -31,6 +34,7 @@ from vmsd.runtime.multifd import (
     MultifdError,
     MultifdReceiver,
     MultifdSender,
+    _runs,
     _store_runs,
     _ZstdFeed,
     accept_all,
@@ -390,6 +394,15 @@ def test_stored_zstd_frames_are_written_without_the_decoder(monkeypatch: pytest.
         assert block.view[10 * PAGE_SIZE:13 * PAGE_SIZE] == content[:3 * PAGE_SIZE]
         a.close()
         rx.close()
+
+
+@given(st.one_of(st.lists(st.integers(0, 300), max_size=140),
+                 st.builds(lambda a, n: list(range(a, a + n)), st.integers(0, 1 << 40), st.integers(0, 128))))
+def test_runs_cover_the_pages_in_order(pages: list[int]) -> None:
+    """Packets' pages as (first, count) runs: consecutive pages join a run, anything else starts one."""
+    runs = _runs(pages)
+    assert [p for first, n in runs for p in range(first, first + n)] == pages
+    assert all(a + n != b for (a, n), (b, _) in itertools.pairwise(runs))
 
 
 @pytest.mark.parametrize("prealloc", [False, True], ids=["pwritev", "in place"])
