@@ -92,6 +92,7 @@ def main() -> None:
         "pc rich (BIOS ran 1 s)": (work / "rich.mig", dict(args=rich, run_seconds=1.0)),
         "q35 rich (BIOS ran 1 s)": (work / "q35.mig", dict(args=rich, machine="q35", run_seconds=1.0)),
         "pc rich, 2 GiB guest": (work / "rich2g.mig", dict(args=[*rich, "-m", "2G"], run_seconds=1.0)),
+        "pc rich, 8 GiB guest": (work / "rich8g.mig", dict(args=[*rich, "-m", "8G"], run_seconds=1.0)),
     }
     for path, kw in streams.values():
         save_stream(path, **kw)  # type: ignore[arg-type]
