@@ -70,7 +70,7 @@ def write_scattered(fd: int, data: Scattered, at: int | None = None) -> None:
     a descriptor in non-blocking mode is waited on until it takes more.
     """
     iov = data.iov
-    ends = np.cumsum(iov[:, 1])
+    ends: npt.NDArray[np.uint64] | None = None  # where each piece ends, worked out on the first short write
     i, done = 0, 0  # next piece, bytes of the stream written so far
     while i < len(iov):
         count = min(IOV_MAX, len(iov) - i)
@@ -87,6 +87,10 @@ def write_scattered(fd: int, data: Scattered, at: int | None = None) -> None:
                 continue
             raise OSError(err, os.strerror(err))
         done += got
+        if done == data.nbytes:
+            return  # the usual case: one call took it all
+        if ends is None:
+            ends = np.cumsum(iov[:, 1])
         k = int(np.searchsorted(ends, done, side="right"))  # pieces now written whole
         if k < len(iov) and (ends[k] - iov[k, 1]) < done:
             # A piece written in part: go on from the rest of it, on a copy (the caller's rows stay as they are).
