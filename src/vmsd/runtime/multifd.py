@@ -164,7 +164,7 @@ def _runs(pages: list[int]) -> list[tuple[int, int]]:
     """(first page, count) for each run of consecutive pages."""
     n = len(pages)
     if n and pages[-1] - pages[0] == n - 1 and pages == list(range(pages[0], pages[0] + n)):
-        return [(pages[0], n)]  # the usual packet, one run: a tenth of the loop's time
+        return [(pages[0], n)]  # the usual packet, one run: a fifth of the loop's time
     out: list[tuple[int, int]] = []
     for p in pages:
         if out and out[-1][0] + out[-1][1] == p:
