@@ -442,23 +442,28 @@ def zero_pages(block: RamBlock, pages: npt.ArrayLike | None = None) -> BoolArray
     Works on 64-bit words in 1 MiB chunks: a page whose first word is set is
     non-zero without reading the rest; a chunk whose first words are all zero
     is tested as a whole first and page by page (from cache) only if needed.
+    Listed pages are scanned in place run by run (consecutive ascending
+    pages); where runs are short, the pages whose first word is zero are
+    gathered and tested instead.
     """
     words = block.words
-    if pages is not None:
-        idx = np.asarray(pages, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= block.npages):
-            raise IndexError(f"page index outside RAM block '{block.name}' of {block.npages} pages")
-        if idx.size == 0:
-            return np.zeros(0, dtype=np.bool_)
-        # Contiguous ascending runs are scanned in place; anything else page by page.
-        if idx.size > 1 and bool(np.all(np.diff(idx) == 1)):
-            return _zero_run(words[int(idx[0]):int(idx[-1]) + 1])
-        out = np.empty(idx.size, dtype=np.bool_)
-        for i, p in enumerate(idx.tolist()):
-            row = words[p]
-            out[i] = not (row[0] or row.any())
-        return out
-    return _zero_run(words)
+    if pages is None:
+        return _zero_run(words)
+    idx = np.asarray(pages, dtype=np.int64)
+    if idx.size == 0:
+        return np.zeros(0, dtype=np.bool_)
+    if idx.min() < 0 or idx.max() >= block.npages:
+        raise IndexError(f"page index outside RAM block '{block.name}' of {block.npages} pages")
+    cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+    if cuts.size * 16 <= idx.size:
+        # Gathering rows with fancy indexing would copy every page before looking at it.
+        runs = np.split(idx, cuts) if cuts.size else [idx]
+        return np.concatenate([_zero_run(words[int(r[0]):int(r[-1]) + 1]) for r in runs])
+    zero: BoolArray = words[idx, 0] == 0
+    cand = np.flatnonzero(zero)
+    if cand.size:
+        zero[cand] = words[idx[cand]].max(axis=1) == 0
+    return zero
 
 
 def _zero_run(words: npt.NDArray[np.uint64]) -> BoolArray:

@@ -12,7 +12,6 @@ block list, EOS) goes through a per-record path with QEMU's checks.
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue
 import select
@@ -47,7 +46,7 @@ from vmsd.runtime.ram import (
     write_ram,
 )
 from vmsd.runtime.ram import RamBlock as RamBlockInfo
-from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks
+from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks, zero_pages
 
 _U64 = struct.Struct(">Q")
 _BE64 = np.dtype(">u8")
@@ -86,7 +85,7 @@ class RamCounters:
 
 
 def zero_mask(block: RamBlock, pages: Pages) -> npt.NDArray[np.bool_]:
-    """True for each listed page that is all zero; contiguous runs are scanned in place.
+    """True for each listed page that is all zero (see :func:`zero_pages`).
 
     Pages the file does not hold (holes, see :meth:`RamBlock.holds`) are
     zero without being read: reading one through the mapping would allocate
@@ -96,71 +95,16 @@ def zero_mask(block: RamBlock, pages: Pages) -> npt.NDArray[np.bool_]:
     if n == 0:
         return np.zeros(0, dtype=np.bool_)
     first, last = int(pages[0]), int(pages[-1])
-    words = block.words
-    contiguous = last - first + 1 == n
-    if contiguous or last - first < 64 * n:  # one mincore call over the span, not one per page
+    if last - first < 64 * n:  # one mincore call over the span, not one per page
         held = block.holds(first, last - first + 1)
-        if not contiguous:
+        if last - first + 1 != n:
             held = held[pages - first]
         if not held.all():
             partial: npt.NDArray[np.bool_] = ~held
             inside = np.flatnonzero(held)
-            partial[inside] = _zero_rows(words, pages[inside])
+            partial[inside] = zero_pages(block, pages[inside])
             return partial
-    if contiguous:
-        mask: npt.NDArray[np.bool_] = words[first:last + 1, 0] == 0
-        cand = np.flatnonzero(mask)
-        if cand.size:
-            mask[cand] = _all_zero(words, cand + first)
-        return mask
-    return _zero_rows(words, pages)
-
-
-def _zero_rows(words: npt.NDArray[np.uint64], pages: Pages) -> npt.NDArray[np.bool_]:
-    """Whether each of ``pages`` is all zero, reading whole pages only where the first word is zero."""
-    mask: npt.NDArray[np.bool_] = words[pages, 0] == 0
-    cand = np.flatnonzero(mask)
-    if cand.size:
-        mask[cand] = _all_zero(words, pages[cand])
-    return mask
-
-
-_PIECE_PAGES = 256  # 1 MiB: a piece that is not all zero is looked at again page by page, from cache
-
-
-def _all_zero(words: npt.NDArray[np.uint64], pages: Pages) -> npt.NDArray[np.bool_]:
-    """Whether each of ``pages`` is all zero.
-
-    Runs of consecutive pages are read in place, a piece at a time: gathering
-    them with fancy indexing would copy each page first, which for a guest
-    whose free memory is zero was half of the sender's zero detection.  A
-    piece is first reduced as a whole, which is faster than page by page
-    while pieces keep turning out all zero; after one that does not, pieces
-    go page by page until one is all zero again.  Scattered pages are
-    gathered all the same (short runs, few pages).
-    """
-    n = int(pages.size)
-    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
-    if cuts.size * 16 > n:
-        return ~_any_rows(words[pages])
-    out = np.ones(n, dtype=np.bool_)
-    bounds = [0, *cuts.tolist(), n]
-    whole = True
-    for a, b in itertools.pairwise(bounds):
-        first = int(pages[a]) - a
-        for s in range(a, b, _PIECE_PAGES):
-            e = min(b, s + _PIECE_PAGES)
-            piece = words[first + s:first + e]
-            if whole and not piece.max():
-                continue
-            rows = ~_any_rows(piece)
-            out[s:e] = rows
-            whole = bool(rows.all())
-    return out
-
-
-def _any_rows(rows: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
-    return rows.any(axis=1)  # type: ignore[return-value]  # numpy's stubs allow a scalar for any axis
+    return zero_pages(block, pages)
 
 
 def _runs(mask: npt.NDArray[np.bool_]) -> Iterator[tuple[int, int, bool]]:
