@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zstandard
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from test_migration import Dirtier, devices_of, fill, free_port, make_machine, ram_of
@@ -362,16 +362,24 @@ def test_zstd_pages_in_scattered_runs(framing: str, prealloc: bool) -> None:
         rx.close()
 
 
-@pytest.mark.parametrize("prealloc", [False, True], ids=["pwritev", "in place"])
-def test_stored_zstd_frames_are_written_without_the_decoder(monkeypatch: pytest.MonkeyPatch, prealloc: bool) -> None:
-    """Incompressible runs, a frame each (what our sender makes of them), are all stored blocks: the pages
-    are written straight from the payload (a run of 40 pages spans two blocks).  A later packet in QEMU's
-    one-frame style still goes through the decoder, which the shortcut left between frames."""
-    pages = [*range(0, 40), 50, 60, 61]
-    content = np.random.default_rng(8).integers(0, 256, len(pages) * PAGE_SIZE, dtype=np.uint8).tobytes()
-    ours = _frame_per_run(pages, content)
-    qemu = _zstd_packet(content[:3 * PAGE_SIZE])
-    reads: list[int] = []  # the decoder asking for input
+def _splices(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the bytes each splice into a file moves, from now on."""
+    real = os.splice
+    into_file: list[int] = []
+
+    def splice(src: int, dst: int, count: int, **kw: Any) -> int:
+        n = real(src, dst, count, **kw)
+        if kw.get("offset_dst") is not None:
+            into_file.append(n)
+        return n
+
+    monkeypatch.setattr(os, "splice", splice)
+    return into_file
+
+
+def _decoder_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records each time the zstd decoder asks for input, from now on."""
+    reads: list[int] = []
     real = _ZstdFeed.read
 
     def read(self: _ZstdFeed, size: int) -> memoryview | bytes:
@@ -379,11 +387,27 @@ def test_stored_zstd_frames_are_written_without_the_decoder(monkeypatch: pytest.
         return real(self, size)
 
     monkeypatch.setattr(_ZstdFeed, "read", read)
+    return reads
+
+
+@pytest.mark.parametrize("prealloc", [False, True], ids=["spliced", "in place"])
+def test_stored_zstd_frames_are_written_without_the_decoder(monkeypatch: pytest.MonkeyPatch, prealloc: bool) -> None:
+    """Incompressible runs, a frame each (what our sender makes of them), are all stored blocks: the pages
+    go from the socket into the RAM file by splice, or, where the block is written in place, straight from
+    the payload (a run of 40 pages spans two blocks).  A later packet in QEMU's one-frame style still goes
+    through the decoder, which the shortcut left between frames."""
+    pages = [*range(0, 40), 50, 60, 61]
+    content = np.random.default_rng(8).integers(0, 256, len(pages) * PAGE_SIZE, dtype=np.uint8).tobytes()
+    ours = _frame_per_run(pages, content)
+    qemu = _zstd_packet(content[:3 * PAGE_SIZE])
+    reads = _decoder_reads(monkeypatch)
+    into_file = _splices(monkeypatch)
     with RamBlocks() as blocks:
         block, a, rx = _zstd_receiver(blocks, 64, prealloc)
         a.sendall(_packet("pc.ram", [p * PAGE_SIZE for p in pages], ours, flags=0x04) + _packet("", [], b"", flags=1))
         rx.sync()
         assert not reads  # the decoder was not asked for input
+        assert sum(into_file) == (0 if prealloc else len(pages) * PAGE_SIZE)
         for i, p in enumerate(pages):
             assert block.view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] == content[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
         assert not block.words[40:50].any()
@@ -392,6 +416,113 @@ def test_stored_zstd_frames_are_written_without_the_decoder(monkeypatch: pytest.
         rx.sync()
         assert reads
         assert block.view[10 * PAGE_SIZE:13 * PAGE_SIZE] == content[:3 * PAGE_SIZE]
+        a.close()
+        rx.close()
+
+
+def _stored_frame(content: bytes, blocks: list[int], ends: bool = True, states: int | None = None) -> bytes:
+    """A single-segment zstd frame of raw blocks of the sizes ``blocks`` (``content`` in turn), the kind our
+    sender makes of incompressible pages; ``states``: the content size its header gives (default: true)."""
+    out = [b"\x28\xb5\x2f\xfd\xe0", (len(content) if states is None else states).to_bytes(8, "little")]
+    at = 0
+    for k, n in enumerate(blocks):
+        last = ends and k == len(blocks) - 1
+        out += [(n << 3 | last).to_bytes(3, "little"), content[at:at + n]]
+        at += n
+    return b"".join(out)
+
+
+_RND = np.random.default_rng(12).integers(0, 256, 64 * PAGE_SIZE, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("case", ["raw then RLE", "stored then QEMU's frame", "frame open across packets",
+                                  "a block across runs"])
+def test_splicing_stops_where_frames_are_not_stored(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """Splicing stops at the first thing that is not a stored block of a frame that ends in the payload;
+    what it spliced is read back from RAM and the whole payload goes through the decoder, so every page
+    ends up right however the payload mixes blocks and frames."""
+    half = _RND[:32 * PAGE_SIZE] + bytes(32 * PAGE_SIZE)  # zstd stores the first 128 KiB, RLEs the rest
+    packets = {  # (pages, payload, content), one packet after another
+        "raw then RLE": [(list(range(64)), zstandard.ZstdCompressor().compress(half), half)],
+        "stored then QEMU's frame": [([0, 1, 5, 6], _stored_frame(_RND[:2 * PAGE_SIZE], [2 * PAGE_SIZE])
+                                      + _zstd_packet(_RND[2 * PAGE_SIZE:4 * PAGE_SIZE]), _RND[:4 * PAGE_SIZE])],
+        "frame open across packets": [([7], _stored_frame(_RND[:2 * PAGE_SIZE], [PAGE_SIZE], ends=False),
+                                        _RND[:PAGE_SIZE]),
+                                       ([9], (PAGE_SIZE << 3 | 1).to_bytes(3, "little") + _RND[PAGE_SIZE:2 * PAGE_SIZE],
+                                        _RND[PAGE_SIZE:2 * PAGE_SIZE])],
+        "a block across runs": [([1, 3, 4, 8], _stored_frame(_RND[:4 * PAGE_SIZE], [PAGE_SIZE // 2, 3 * PAGE_SIZE,
+                                                                                    PAGE_SIZE // 2]),
+                                 _RND[:4 * PAGE_SIZE])],
+    }[case]
+    reads = _decoder_reads(monkeypatch)
+    into_file = _splices(monkeypatch)
+    with RamBlocks() as blocks:
+        block, a, rx = _zstd_receiver(blocks, 64, False)
+        want = bytearray(64 * PAGE_SIZE)
+        for pages, payload, content in packets:
+            a.sendall(_packet("pc.ram", [p * PAGE_SIZE for p in pages], payload, flags=0x04))
+            for i, p in enumerate(pages):
+                want[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = content[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+        a.sendall(_packet("", [], b"", flags=1))
+        rx.sync()
+        assert bytes(block.view) == bytes(want)
+        assert into_file  # something was spliced first
+        assert bool(reads) == (case != "a block across runs")
+        a.close()
+        rx.close()
+
+
+@pytest.mark.parametrize("case", ["content size", "past the pages"])
+def test_a_bad_stored_frame_found_while_splicing(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """A stored frame that disagrees with its header or its pages, after one that spliced fine: the error
+    the decoder's checks give, as for any payload (the pages spliced before it stay written)."""
+    good = _stored_frame(_RND[:PAGE_SIZE], [PAGE_SIZE])
+    bad = {"content size": _stored_frame(_RND[:PAGE_SIZE], [PAGE_SIZE], states=2 * PAGE_SIZE),
+           "past the pages": _stored_frame(_RND[:2 * PAGE_SIZE], [2 * PAGE_SIZE])}[case]
+    message = {"content size": "zstd stream is corrupt",
+               "past the pages": "zstd payload inflated to 12288 bytes, expected 8192"}[case]
+    into_file = _splices(monkeypatch)
+    with RamBlocks() as blocks:
+        _, a, rx = _zstd_receiver(blocks, 16, False)
+        a.sendall(_packet("pc.ram", [0, PAGE_SIZE], good + bad, flags=0x04))
+        a.close()
+        with pytest.raises(MultifdError) as e:
+            rx.sync()
+        rx.close()
+    assert message in e.value.message
+    assert into_file
+
+
+_PAGE_KINDS = {"random": _RND[:PAGE_SIZE], "zero": bytes(PAGE_SIZE), "text": b"vmsd" * (PAGE_SIZE // 4)}
+
+
+@settings(max_examples=40, deadline=None)
+@given(pages=st.lists(st.integers(0, 63), min_size=1, max_size=64, unique=True).map(sorted),
+       kinds=st.lists(st.sampled_from(sorted(_PAGE_KINDS)), min_size=64, max_size=64),
+       framing=st.sampled_from(["frame per run", "stream", "stored"]),
+       cuts=st.lists(st.integers(0, 64 * PAGE_SIZE), max_size=6))
+def test_any_zstd_payload_lands_in_its_pages(pages: list[int], kinds: list[str], framing: str,
+                                             cuts: list[int]) -> None:
+    """Whatever the framing (ours, QEMU's, or one stored frame cut into blocks anywhere) and contents,
+    each page of a packet ends up in RAM as sent, and nothing else is touched."""
+    content = b"".join(_PAGE_KINDS[kinds[p]][:-1] + bytes([p]) for p in pages)
+    if framing == "frame per run":
+        payload = _frame_per_run(pages, content)
+    elif framing == "stream":
+        payload = _zstd_packet(content)
+    else:
+        ends = sorted({c for c in cuts if 0 < c < len(content)} | {len(content)})
+        sizes = [b - a for a, b in itertools.pairwise([0, *ends])]
+        sizes = [piece for n in sizes for piece in [128 << 10] * (n >> 17) + [n & ((128 << 10) - 1)] if piece]
+        payload = _stored_frame(content, sizes)
+    with RamBlocks() as blocks:
+        block, a, rx = _zstd_receiver(blocks, 64, False)
+        a.sendall(_packet("pc.ram", [p * PAGE_SIZE for p in pages], payload, flags=0x04) + _packet("", [], b"", flags=1))
+        rx.sync()
+        want = bytearray(64 * PAGE_SIZE)
+        for i, p in enumerate(pages):
+            want[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = content[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+        assert bytes(block.view) == bytes(want)
         a.close()
         rx.close()
 

@@ -20,16 +20,21 @@ sent before its k-th SYNC are in RAM before the receiver passes the main
 channel's k-th sync point, and no page is sent twice between two sync points.
 
 Pages go from the RAM mapping to the socket without copies (``sendmsg`` with
-memoryviews of page runs) and come back straight into their place in RAM
-(``recv_into`` on slices of the mapping); socket I/O, zlib and zstd release
-the GIL, so the channel threads run in parallel with the migration thread.
+memoryviews of page runs) and come back into their place in RAM without
+passing through user space where the kernel allows (``splice`` from the
+socket into the RAM file: uncompressed pages, and zstd's stored blocks), else
+straight into the mapping (``recv_into`` on its slices); socket I/O, zlib and
+zstd release the GIL, so the channel threads run in parallel with the
+migration thread.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import queue
 import struct
@@ -388,8 +393,9 @@ class MultifdReceiver:
         self._stopping = False
         # Per-channel receive buffers for compressed payloads (at most two packets of pages, checked before use).
         self._payload = [bytearray(2 * PAGES_PER_PACKET * PAGE_SIZE + 4096) for _ in channels]
-        # Per-channel pipes for splicing uncompressed pages from the socket into the RAM file (see _splice).
-        self._pipes: list[tuple[int, int] | None] = [_pipe() if config.compression == "none" else None
+        # Per-channel pipes for splicing pages from the socket into the RAM file: uncompressed (see _splice)
+        # or in stored zstd blocks (see _splice_stored).
+        self._pipes: list[tuple[int, int] | None] = [_pipe() if config.compression != "zlib" else None
                                                      for _ in channels]
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd recv {i}", daemon=True)
                          for i in range(len(channels))]
@@ -504,8 +510,8 @@ class MultifdReceiver:
                 return False
         return not self._stopping
 
-    def _splice(self, ch: Channel, i: int, block: RamBlock, page: int, n: int) -> bool:
-        """Move ``n`` pages from the channel into the RAM file at ``page`` without a copy into user space.
+    def _splice(self, ch: Channel, i: int, block: RamBlock, at: int, want: int) -> bool:
+        """Move ``want`` bytes from the channel into the RAM file at offset ``at`` without a copy into user space.
 
         The kernel moves the socket's buffers into a pipe and copies them
         into the file's page cache: no user-space copy, and, as with
@@ -517,7 +523,7 @@ class MultifdReceiver:
         if pipe is None:
             return False
         r, w = pipe
-        want, at, done = n * PAGE_SIZE, page * PAGE_SIZE, 0
+        done = 0
         while done < want:
             try:
                 k = os.splice(ch.fileno(), w, want - done, flags=os.SPLICE_F_MOVE)
@@ -544,6 +550,70 @@ class MultifdReceiver:
                     raise VMSDError(f"RAM block '{block.name}': cannot store pages: {e.strerror}") from None
             done += k
         return True
+
+    def _splice_stored(self, ch: Channel, i: int, block: RamBlock, runs: list[tuple[int, int]],
+                       payload: memoryview) -> int | None:
+        """Splice a payload of stored zstd frames from the socket into RAM; None when it took it all.
+
+        Our sender's frames for incompressible runs (single segment, content
+        size stated, no checksum or dictionary) are the pages as they are,
+        with a 3-byte header before each 128 KiB.  Headers are read into
+        ``payload``; each block's bytes go from the socket through a pipe into
+        the RAM file at their place in ``runs``, as uncompressed pages do
+        (:meth:`_splice`): one copy fewer than receiving the payload and
+        writing it out.  At anything else (another kind of frame or block, a
+        frame still open where the payload ends, sizes that disagree) this
+        stops, puts the part of the payload it consumed back together in
+        ``payload`` (block bytes read back from RAM) and returns its length:
+        the caller reads the rest and inflates the whole payload as usual,
+        which also reports what is wrong.  The pages spliced by then are
+        written again with the same bytes, or, for a malformed payload, stay
+        written (as QEMU's receiver leaves the pages before the bad one).
+        """
+        if i >= len(self._pipes) or self._pipes[i] is None:
+            return 0
+        size = len(payload)
+        ends = list(itertools.accumulate(n * PAGE_SIZE for _, n in runs))  # where each run ends in the content
+        spliced: list[tuple[int, int, int]] = []  # (payload offset, RAM offset, bytes)
+
+        def give_back(pos: int) -> int:
+            for at, ram, n in spliced:
+                payload[at:at + n] = block.view[ram:ram + n]
+            return pos
+
+        pos = out = 0
+        while pos < size:
+            if pos + 5 > size:
+                return give_back(pos)
+            _read_into(ch, payload[pos:pos + 5])
+            fhd = payload[pos + 4]
+            end = pos + _frame_header_size(fhd)
+            if bytes(payload[pos:pos + 4]) != _ZSTD_MAGIC or fhd & 0x2F != 0x20 or end + 3 > size:
+                return give_back(pos + 5)
+            _read_into(ch, payload[pos + 5:end + 3])  # the rest of the header, the first block's header
+            content = _frame_content(payload[pos:end])
+            pos, counted = end, 0
+            while True:
+                last, kind, n = _block_header(payload, pos)
+                pos += 3
+                if kind or n > _ZSTD_BLOCK_MAX or pos + n > size or out + n > ends[-1]:
+                    return give_back(pos)
+                while n:  # the block's bytes, run by run
+                    r = bisect.bisect_right(ends, out)
+                    ram = runs[r][0] * PAGE_SIZE + out - (ends[r - 1] if r else 0)
+                    take = min(n, ends[r] - out)
+                    if not self._splice(ch, i, block, ram, take):
+                        return give_back(pos)
+                    spliced.append((pos, ram, take))
+                    pos, out, counted, n = pos + take, out + take, counted + take, n - take
+                if last:
+                    break
+                if pos + 3 > size:
+                    return give_back(pos)
+                _read_into(ch, payload[pos:pos + 3])
+            if counted != content:
+                return give_back(pos)
+        return None if out == ends[-1] else give_back(pos)
 
     def _note(self, message: str, weak: bool) -> None:
         """Keep the first failure as the cause; an orderly close only until a real error shows up.
@@ -583,7 +653,7 @@ class MultifdReceiver:
         runs = _runs(pages[:normal])
         if decomp is None:
             for p, n in runs:
-                if not (block.stores_via_fd and self._splice(ch, stats.channel, block, p, n)):
+                if not (block.stores_via_fd and self._splice(ch, stats.channel, block, p * PAGE_SIZE, n * PAGE_SIZE)):
                     block.populate(p, n)
                     _read_into(ch, block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE])
             stats.bytes += normal * PAGE_SIZE
@@ -591,8 +661,12 @@ class MultifdReceiver:
             if size > 2 * normal * PAGE_SIZE + 4096:
                 raise MalformedStream(f"compressed payload of {size} bytes for {normal} pages")
             payload = memoryview(self._payload[stats.channel])[:size]
-            _read_into(ch, payload)
-            decomp.inflate_into(payload, block, runs, normal * PAGE_SIZE)
+            taken: int | None = 0
+            if isinstance(decomp, _ZstdPages) and not decomp.bound.in_frame and block.stores_via_fd:
+                taken = self._splice_stored(ch, stats.channel, block, runs, payload)
+            if taken is not None:
+                _read_into(ch, payload[taken:])
+                decomp.inflate_into(payload, block, runs, normal * PAGE_SIZE)
             stats.bytes += size
         block.clear(offsets[normal:] // PAGE_SIZE)
         stats.pages += normal
@@ -611,6 +685,28 @@ def _pipe() -> tuple[int, int] | None:
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ZSTD_BLOCK_MAX = 128 << 10
+
+
+def _frame_header_size(fhd: int) -> int:
+    """The bytes of a zstd frame header, magic number included, from its descriptor byte."""
+    single = (fhd >> 5) & 1
+    return 5 + (1 - single) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
+
+
+def _frame_content(header: memoryview) -> int | None:
+    """The content size a whole frame header states; None where it states none."""
+    fhd = header[4]
+    size = ((fhd >> 5) & 1, 2, 4, 8)[fhd >> 6]
+    if not size:
+        return None
+    value = int.from_bytes(header[len(header) - size:], "little")
+    return value + 256 if size == 2 else value
+
+
+def _block_header(data: memoryview, i: int) -> tuple[int, int, int]:
+    """(last, kind, size) of the 3-byte zstd block header at ``i``."""
+    head = data[i] | data[i + 1] << 8 | data[i + 2] << 16
+    return head & 1, (head >> 1) & 3, head >> 3
 
 
 class ZstdBound:
@@ -644,24 +740,19 @@ class ZstdBound:
             if not self.in_frame:
                 if bytes(data[i:i + 4]) != _ZSTD_MAGIC or i + 5 > n:
                     raise MalformedStream("zstd payload does not start a frame or a block")
-                fhd = data[i + 4]
-                single = (fhd >> 5) & 1
-                fcs_size = ((1 if single else 0), 2, 4, 8)[fhd >> 6]
-                i += 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
-                if i + fcs_size > n:
+                end = i + _frame_header_size(data[i + 4])
+                if end > n:
                     raise MalformedStream("zstd frame header cut short")
-                self.content = int.from_bytes(data[i:i + fcs_size], "little") + (256 if fcs_size == 2 else 0) \
-                    if fcs_size else None
-                i += fcs_size
-                self.checksum = bool((fhd >> 2) & 1)
+                self.content = _frame_content(data[i:end])
+                self.checksum = bool((data[i + 4] >> 2) & 1)
                 if self.checksum:
                     stored = None
                 self.in_frame = True
+                i = end
                 continue
             if i + 3 > n:
                 raise MalformedStream("zstd block header cut short")
-            head = data[i] | data[i + 1] << 8 | data[i + 2] << 16
-            last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+            last, kind, size = _block_header(data, i)
             i += 3
             if kind == 0:  # raw
                 if stored is not None:
