@@ -183,6 +183,34 @@ def test_a_stalled_channel_holds_up_no_other() -> None:
             b.close()
 
 
+@pytest.mark.parametrize("pages", ["normal", "zero"])
+def test_packets_of_zero_pages_do_not_wait_for_a_busy_channel(pages: str) -> None:
+    """At most two packets per channel with pages to send wait in the queue; packets that only list zero
+    pages cost a channel next to nothing, so they are queued at once, and the migration thread goes on
+    to its next chunk while the channel works through what is queued."""
+    a, b = socket.socketpair()
+    with RamBlocks() as blocks:
+        block = blocks.create("pc.ram", 32 * MIB)
+        sender = MultifdSender(MultifdConfig(channels=1), [Channel("c0", sock=a)])
+        # The channel's thread takes the first packet and stays stuck writing it; two more may wait.
+        normal = np.arange((4 if pages == "normal" else 3) * 128)
+        zero = np.arange(4 * 128, block.npages)  # and then, in the newest layout, 60 packets of zero pages
+
+        def send() -> None:
+            with contextlib.suppress(MultifdError):  # the abort below, while it waits
+                sender.send(block, normal, zero)
+
+        sending = threading.Thread(target=send)
+        sending.start()  # nobody reads the channel's peer
+        sending.join(3)
+        waited = sending.is_alive()
+        sender.abort()
+        sending.join(10)
+    a.close()
+    b.close()
+    assert waited == (pages == "normal")
+
+
 def _packet(name: str, offsets: list[int], payload: bytes, flags: int = 0, normal: int | None = None) -> bytes:
     head = bytearray(HEADER_SIZE)
     n = len(offsets) if normal is None else normal

@@ -210,7 +210,11 @@ class MultifdSender:
 
     Packets wait in one queue that every channel's thread takes from, as
     QEMU hands a batch to whichever channel is idle: a thread that is
-    descheduled or slowed by its peer holds up no other channel.
+    descheduled or slowed by its peer holds up no other channel.  At most
+    two packets per channel with pages to send may wait; packets of zero
+    pages only (newest layout) cost the channel almost nothing, so they do
+    not count: counted, they would leave the channels idle while the
+    migration thread scans the next chunk of a half-zero guest.
     """
 
     def __init__(self, config: MultifdConfig, channels: list[Channel]) -> None:
@@ -221,7 +225,8 @@ class MultifdSender:
         self._num_lock = threading.Lock()
         self._error: MultifdError | None = None
         self._stopping = False
-        self._work: queue.Queue[Any] = queue.Queue(maxsize=2 * len(channels))
+        self._work: queue.Queue[Any] = queue.Queue()
+        self._credits = threading.Semaphore(2 * len(channels))  # for packets with pages to send
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd send {i}", daemon=True)
                          for i in range(len(channels))]
         for i, ch in enumerate(channels):
@@ -241,7 +246,7 @@ class MultifdSender:
         while i < n_norm or j < n_zero:
             take_n = min(step, n_norm - i)
             take_z = min(step - take_n, n_zero - j)
-            self._put((block, normal[i:i + take_n], zero[j:j + take_z]))
+            self._put((block, normal[i:i + take_n], zero[j:j + take_z]), take_n > 0)
             i += take_n
             j += take_z
 
@@ -254,21 +259,16 @@ class MultifdSender:
         """
         point = _SyncPoint(len(self.channels))
         for _ in self.channels:
-            self._put(point)
+            self._put(point, False)
         point.wait(lambda: self._error is not None)
         self._check()
 
     def close(self) -> None:
         """Stop the threads (queued work is dropped on error); the caller closes the channels."""
+        if self._error is not None:
+            self._drain()
         for _ in self.channels:
-            while True:
-                try:
-                    self._work.put(_STOP, timeout=0.1)
-                    break
-                except queue.Full:
-                    if self._error is None and any(t.is_alive() for t in self._threads):
-                        continue
-                    self._drain()
+            self._work.put(_STOP)
         for t in self._threads:
             t.join(10)
 
@@ -287,14 +287,11 @@ class MultifdSender:
             except queue.Empty:
                 return
 
-    def _put(self, job: Any) -> None:
-        while True:
+    def _put(self, job: Any, counted: bool) -> None:
+        while counted and not self._credits.acquire(timeout=0.1):
             self._check()
-            try:
-                self._work.put(job, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        self._check()
+        self._work.put(job)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -330,6 +327,8 @@ class MultifdSender:
                         return
                     continue
                 block, normal, zero = job
+                if normal.size:
+                    self._credits.release()
                 normal_l, zero_l = normal.tolist(), zero.tolist()
                 views = [block.view[p * PAGE_SIZE:(p + n) * PAGE_SIZE] for p, n in _runs(normal_l)]
                 payload: list[Any] = views
