@@ -649,9 +649,11 @@ class _Killer(_Proxy):
             sent += len(data)
 
 
-def test_a_channel_dying_mid_transfer_fails_cleanly() -> None:
-    """The destination sees channel 1 reset; the source fails naming a channel and keeps running intact."""
-    cfg = MultifdConfig(channels=2, layout="7.2")
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_channel_dying_mid_transfer_fails_cleanly(compression: str) -> None:
+    """The destination sees channel 1 reset (pages spliced or zstd's stored blocks spliced, mid-packet);
+    the source fails naming a channel and keeps running intact."""
+    cfg = MultifdConfig(channels=2, layout="7.2", compression=compression)
     port = free_port()
     uri = f"tcp:127.0.0.1:{port}"
     with make_machine(ram=32 * MIB) as src, make_machine(ram=32 * MIB) as dst:
