@@ -516,7 +516,7 @@ class MultifdReceiver:
         into the file's page cache: no user-space copy, and, as with
         :meth:`RamBlock.store_pages`, fresh pages are neither zero-filled nor
         faulted in first.  False (nothing consumed) where the descriptors do
-        not splice; the caller then reads into the mapping.
+        not splice; the caller then reads the bytes another way.
         """
         pipe = self._pipes[i] if i < len(self._pipes) else None
         if pipe is None:
@@ -857,9 +857,10 @@ class _ZstdPages:
             raise MalformedStream(f"zstd payload inflated to {most} bytes, expected {want}")
         stored = self.bound.stored
         if stored is not None and most == want:
-            # Whole frames of stored blocks (ours, for incompressible pages): the pages are in the payload
-            # as they are, and no later frame refers back to them.  Write them from there, as QEMU's
-            # decoder would copy them, without inflating them into a buffer first.
+            # Whole frames of stored blocks (ours, for incompressible pages) that were not spliced (a block
+            # written in place, no splice, or a payload MultifdReceiver._splice_stored gave back): the pages
+            # are in the payload as they are, and no later frame refers back to them.  Write them from
+            # there, as QEMU's decoder would copy them, without inflating them into a buffer first.
             _store_runs(block, payload, runs, stored)
             return
         feed, reader = self.feed, self.reader
