@@ -69,7 +69,7 @@ DEVICES = ["mc146818rtc", "serial", "i8254", "apic", "ioapic", "vga", "e1000", "
 
 
 def qemu_device(name: str) -> object:
-    from vmsd.qemu72 import spec_set
+    from vmsd.qemu.v7_2 import spec_set
     from vmsd.runtime.vmstate import impl
 
     cls = spec_set().get(name)

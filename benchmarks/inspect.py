@@ -24,9 +24,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from vmsd.qemu72 import spec_set  # noqa: E402
-from vmsd.qmp import Qemu, save_stream  # noqa: E402
-from vmsd.runtime.stream import (  # noqa: E402
+from vmsd.migration.stream import (  # noqa: E402
     MIG_CMD_PACKAGED,
     QEMU_VM_SECTION_FULL,
     Command,
@@ -34,6 +32,8 @@ from vmsd.runtime.stream import (  # noqa: E402
     read_stream,
     write_stream,
 )
+from vmsd.qemu.v7_2 import spec_set  # noqa: E402
+from vmsd.testing.qmp import Qemu, save_stream  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "vmsd-bench"
 VMSD = [sys.executable, "-m", "vmsd"]

@@ -64,12 +64,13 @@ from types import FrameType  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from vmsd.qmp import Qemu, QMPError  # noqa: E402
-from vmsd.runtime.machine import Machine  # noqa: E402
-from vmsd.runtime.migration import Incoming, Migration  # noqa: E402
-from vmsd.runtime.multifd import MultifdConfig, accept_all  # noqa: E402
-from vmsd.runtime.ramblock import RamBlock, RamBlocks, zero_pages  # noqa: E402
-from vmsd.runtime.transport import listen  # noqa: E402
+from vmsd.migration.incoming import Incoming  # noqa: E402
+from vmsd.migration.machine import Machine  # noqa: E402
+from vmsd.migration.multifd import MultifdConfig, accept_all  # noqa: E402
+from vmsd.migration.precopy import Migration  # noqa: E402
+from vmsd.migration.ram.blocks import RamBlock, RamBlocks, zero_pages  # noqa: E402
+from vmsd.migration.transport import listen  # noqa: E402
+from vmsd.testing.qmp import Qemu, QMPError  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -291,7 +292,7 @@ def _peer_done(proc: subprocess.Popen[str], timeout: float) -> None:
 def peer_main(mode: str, uri: str, ram_path: Path, size: int, prealloc: bool,
               multifd: MultifdConfig | None) -> int:
     """A vmsd destination: ``machine`` (vmsd -> vmsd) or ``snapshot`` (QEMU -> vmsd, blocks as announced)."""
-    from vmsd.qemu72 import spec_set
+    from vmsd.qemu.v7_2 import spec_set
 
     if mode == "machine":
         m = Machine(MACHINE)

@@ -22,7 +22,7 @@ from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from vmsd.runtime.ramblock import PAGE_SIZE, RamBlock, zero_pages  # noqa: E402
+from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, zero_pages  # noqa: E402
 
 
 def rates(fn: Callable[[], object], nbytes: int, runs: int) -> list[float]:

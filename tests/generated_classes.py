@@ -6,10 +6,10 @@ import importlib
 import pkgutil
 
 import vmsd.generated
-from vmsd import qemu72
 from vmsd.generated.examples.hpet import Hpet
 from vmsd.generated.examples.kinds import Kinds
-from vmsd.qemu72 import spec_set
+from vmsd.qemu import v7_2 as qemu72
+from vmsd.qemu.v7_2 import spec_set
 from vmsd.runtime import VMStateObject, register
 from vmsd.runtime.vmstate import as_loaded_subclass, impl
 

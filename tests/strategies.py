@@ -95,7 +95,7 @@ def _set_pci_config(obj: Any, express: bool) -> None:
 
 def _xhci_function(obj: Any, draw: st.DrawFn) -> None:
     """Every xHCI function is PCI Express: its loader insists on the 4096-byte config."""
-    from vmsd.qemu_extents import XHCIPciFunction
+    from vmsd.qemu.v7_2.extents import XHCIPciFunction
 
     function = XHCIPciFunction()
     _set_pci_config(function, True)

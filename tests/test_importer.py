@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 
 from vmsd.codegen.compiler import compile_specs
-from vmsd.importer import ImportQemuError, import_qemu
-from vmsd.qmp import QEMU_BINARY, save_stream
+from vmsd.migration.stream import SpecSet, find_trailer, read_stream, write_stream
 from vmsd.runtime import VMStateObject, register
-from vmsd.runtime.stream import SpecSet, find_trailer, read_stream, write_stream
 from vmsd.runtime.vmstate import impl
-from vmsd.streamtools import ToolError
+from vmsd.testing.qmp import QEMU_BINARY, save_stream
+from vmsd.tools.importer import ImportQemuError, import_qemu
+from vmsd.tools.streams import ToolError
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -480,7 +480,7 @@ def test_pc_stream_types(pc_dump: Path, pc_stream: Path, tmp_path: Path) -> None
     # The strongest check of the types: the imported specs decode QEMU's own
     # stream (sizes checked against the trailer) and write it back unchanged.
     modules = compile_and_import(paths, tmp_path)
-    from vmsd.qemu72 import spec_set
+    from vmsd.qemu.v7_2 import spec_set
 
     config = SpecSet({"configuration": spec_set().get("configuration")})
     data = pc_stream.read_bytes()

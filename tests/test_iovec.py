@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmsd.runtime import iovec
-from vmsd.runtime.iovec import Scattered, buffer_address, write_scattered
-from vmsd.runtime.ramblock import PAGE_SIZE, RamBlock
-from vmsd.runtime.ramwire import RamEncoder
-from vmsd.runtime.transport import Channel
+from vmsd.migration import iovec
+from vmsd.migration.iovec import Scattered, buffer_address, write_scattered
+from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock
+from vmsd.migration.ram.wire import RamEncoder
+from vmsd.migration.transport import Channel
 
 
 def _scattered(pieces: list[bytes]) -> Scattered:

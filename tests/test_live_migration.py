@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vmsd.cli import main
-from vmsd.qmp import Qemu, load_stream
+from vmsd.testing.qmp import Qemu, load_stream
 
 MEM = "32M"
 

@@ -22,15 +22,16 @@ from hypothesis import strategies as st
 
 from vmsd.generated.examples.i8254 import I8254, PitChannel
 from vmsd.generated.examples.serial import Serial
-from vmsd.progress import Progress, summary
+from vmsd.migration.incoming import Incoming, IncomingResult
+from vmsd.migration.machine import Machine
+from vmsd.migration.precopy import Migration, parse_settings
+from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlocks
+from vmsd.migration.ram.records import read_ram
+from vmsd.migration.ram.wire import RamEncoder, RamLoader, apply_ram
+from vmsd.migration.transport import register_fd
 from vmsd.runtime.errors import VMSDError
 from vmsd.runtime.io import Reader
-from vmsd.runtime.machine import Machine
-from vmsd.runtime.migration import Incoming, IncomingResult, Migration, parse_settings
-from vmsd.runtime.ram import read_ram
-from vmsd.runtime.ramblock import PAGE_SIZE, RamBlocks
-from vmsd.runtime.ramwire import RamEncoder, RamLoader, apply_ram
-from vmsd.runtime.transport import register_fd
+from vmsd.tools.progress import Progress, summary
 
 MIB = 1 << 20
 
@@ -282,7 +283,7 @@ def test_xbzrle_sends_deltas_of_rewritten_pages() -> None:
 def test_last_pass_takes_unsent_pages_and_pages_dirtied_since() -> None:
     """The final dirty sync merges what the pass had not sent with what the guest dirtied meanwhile: sorted,
     each page once, whichever side is empty."""
-    from vmsd.runtime.migration import _Pass
+    from vmsd.migration.precopy import _Pass
 
     with make_machine(ram=1 * MIB) as m:
         mig = Migration(m, "file:/dev/null")
@@ -375,7 +376,7 @@ def test_cancel_while_the_writer_is_blocked_on_a_peer_that_reads_nothing() -> No
 def test_write_behind_keeps_order_and_writes_small_batches_itself() -> None:
     """Large batches go to the writer thread; a small one is written by the caller only when nothing is in
     flight, so the channel sees every batch in the order given."""
-    from vmsd.runtime.migration import _HAND_OVER_BYTES, _WriteBehind
+    from vmsd.migration.precopy import _HAND_OVER_BYTES, _WriteBehind
 
     seen: list[bytes] = []
     gate = threading.Event()
@@ -443,8 +444,8 @@ _DEST = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_migration import make_machine
-from vmsd.runtime.migration import Incoming
-from vmsd.runtime.transport import listen
+from vmsd.migration.incoming import Incoming
+from vmsd.migration.transport import listen
 m = make_machine()
 with listen({uri!r}) as lst:
     print("ready", flush=True)
@@ -516,7 +517,7 @@ _FSIZE = """
 import resource, signal, sys
 sys.path.insert(0, {tests!r})
 from test_migration import make_machine, fill
-from vmsd.runtime.migration import Migration
+from vmsd.migration.precopy import Migration
 m = make_machine()
 fill(m)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -562,7 +563,7 @@ def test_destination_refuses_garbage() -> None:
         r, w = socket.socketpair()
         w.sendall(b"\x51\x45\x56\x4d\x00\x00\x00\x03" + os.urandom(64))
         w.close()
-        from vmsd.runtime.transport import Channel
+        from vmsd.migration.transport import Channel
 
         with pytest.raises(VMSDError):
             Incoming(dst).load(Channel("socketpair", sock=r))
@@ -590,7 +591,7 @@ def _socket_reader(data: bytes, close: bool) -> tuple[Reader, socket.socket]:
             a.close()
 
     threading.Thread(target=send, daemon=True).start()
-    from vmsd.runtime.transport import Channel
+    from vmsd.migration.transport import Channel
 
     return Reader(source=Channel("socketpair", sock=b)), a
 

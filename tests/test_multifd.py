@@ -24,10 +24,9 @@ from hypothesis import strategies as st
 
 from test_migration import Dirtier, devices_of, fill, free_port, make_machine, ram_of
 from vmsd.cli import main
-from vmsd.qmp import Qemu
-from vmsd.runtime.machine import Machine
-from vmsd.runtime.migration import Incoming, IncomingResult, Migration
-from vmsd.runtime.multifd import (
+from vmsd.migration.incoming import Incoming, IncomingResult
+from vmsd.migration.machine import Machine
+from vmsd.migration.multifd import (
     HEADER_SIZE,
     MULTIFD_MAGIC,
     MultifdConfig,
@@ -40,8 +39,10 @@ from vmsd.runtime.multifd import (
     accept_all,
     initial_packet,
 )
-from vmsd.runtime.ramblock import PAGE_SIZE, RamBlock, RamBlocks
-from vmsd.runtime.transport import Channel, listen, open_outgoing
+from vmsd.migration.precopy import Migration
+from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks
+from vmsd.migration.transport import Channel, listen, open_outgoing
+from vmsd.testing.qmp import Qemu
 
 MIB = 1 << 20
 
@@ -856,7 +857,7 @@ def test_qemu72_refuses_a_wrong_uuid(shm: Path, tmp_path: Path, capsys: pytest.C
 # -- QEMU 10.0 (the newest layout) as the peer ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def qemu10() -> tuple[list[str], dict[str, str]]:
-    from vmsd.qemu10 import ensure_qemu10, qemu10_command
+    from vmsd.testing.qemu10 import ensure_qemu10, qemu10_command
 
     return qemu10_command(ensure_qemu10())
 

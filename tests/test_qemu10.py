@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from vmsd.qemu10 import ensure_qemu10, qemu10_command
-from vmsd.qmp import Qemu, QMPError
+from vmsd.testing.qemu10 import ensure_qemu10, qemu10_command
+from vmsd.testing.qmp import Qemu, QMPError
 
 MEM = "32M"
 MEM_BYTES = 32 << 20

@@ -12,11 +12,8 @@ from pathlib import Path
 import pytest
 
 from vmsd.cli import main
-from vmsd.qemu72 import spec_set
-from vmsd.qmp import QEMU_BINARY, Qemu, load_stream, save_stream
-from vmsd.runtime import VMSDError
-from vmsd.runtime.ram import RamPayload
-from vmsd.runtime.stream import (
+from vmsd.migration.ram.records import RamPayload
+from vmsd.migration.stream import (
     MIG_CMD_PACKAGED,
     QEMU_VM_SECTION_FULL,
     Command,
@@ -25,6 +22,9 @@ from vmsd.runtime.stream import (
     read_stream,
     write_stream,
 )
+from vmsd.qemu.v7_2 import spec_set
+from vmsd.runtime import VMSDError
+from vmsd.testing.qmp import QEMU_BINARY, Qemu, load_stream, save_stream
 
 RICH = [
     "-netdev", "user,id=n0", "-device", "e1000,netdev=n0",

@@ -13,9 +13,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmsd.runtime.errors import VMSDError
-from vmsd.runtime.io import Reader, Writer
-from vmsd.runtime.ram import (
+from vmsd.migration.ram.records import (
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_MEM_SIZE,
@@ -26,6 +24,8 @@ from vmsd.runtime.ram import (
     read_ram,
     write_ram,
 )
+from vmsd.runtime.errors import VMSDError
+from vmsd.runtime.io import Reader, Writer
 
 PAGE = 4096
 NAMES = [b"pc.ram", b"vga.vram", b"/rom@etc/acpi/tables"]

@@ -15,12 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmsd.qemu72 import spec_set
-from vmsd.qmp import load_stream, save_stream
-from vmsd.runtime import iovec
-from vmsd.runtime.errors import MalformedStream, VMSDError
-from vmsd.runtime.io import Reader, Writer
-from vmsd.runtime.ram import (
+from vmsd.migration import iovec
+from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks, zero_pages
+from vmsd.migration.ram.records import (
     RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
@@ -33,10 +30,13 @@ from vmsd.runtime.ram import (
     read_ram,
     write_ram,
 )
-from vmsd.runtime.ram import RamBlock as RamBlockInfo
-from vmsd.runtime.ramblock import PAGE_SIZE, RamBlock, RamBlocks, zero_pages
-from vmsd.runtime.ramwire import apply_ram, ram_records, ram_section_payloads
-from vmsd.runtime.stream import read_stream, write_stream
+from vmsd.migration.ram.records import RamBlock as RamBlockInfo
+from vmsd.migration.ram.wire import apply_ram, ram_records, ram_section_payloads
+from vmsd.migration.stream import read_stream, write_stream
+from vmsd.qemu.v7_2 import spec_set
+from vmsd.runtime.errors import MalformedStream, VMSDError
+from vmsd.runtime.io import Reader, Writer
+from vmsd.testing.qmp import load_stream, save_stream
 
 
 def open_fds() -> set[str]:
@@ -163,7 +163,7 @@ def test_zero_mask_matches_naive_for_runs_and_scattered_pages(npages: int, pokes
                                                               fill: str, seed: int) -> None:
     """zero_mask reads runs of candidate pages in place, piece by piece: every way of listing pages agrees with
     a page-by-page look, whatever the content (pieces all zero, pages zero only at their first word, a mix)."""
-    from vmsd.runtime.ramwire import zero_mask
+    from vmsd.migration.ram.wire import zero_mask
 
     rng = np.random.default_rng(seed)
     with RamBlock.memfd("z", npages * PAGE_SIZE) as b:
@@ -278,7 +278,7 @@ def test_xbzrle_records() -> None:
         ram = blocks.create("pc.ram", PAGE_SIZE)
         ram.write(0, old)
         try:
-            xbzrle = importlib.import_module("vmsd.runtime.xbzrle")
+            xbzrle = importlib.import_module("vmsd.migration.ram.xbzrle")
         except ImportError:
             rec = RamRecord(RAM_SAVE_FLAG_XBZRLE, 0, block="pc.ram", data=b"\x01\x00\x02\x01\x00")
             with pytest.raises(MalformedStream, match=r"XBZRLE pages need vmsd\.runtime\.xbzrle"):
@@ -525,7 +525,7 @@ def test_holds_tells_written_pages_from_holes_without_allocating() -> None:
 
 
 def test_zero_mask_answers_holes_without_reading_them() -> None:
-    from vmsd.runtime.ramwire import zero_mask
+    from vmsd.migration.ram.wire import zero_mask
 
     with RamBlock.memfd("m", 64 * PAGE_SIZE) as block:
         block.bytes_[5 * PAGE_SIZE + 100] = 1  # page 5: data
@@ -540,7 +540,7 @@ def test_zero_mask_answers_holes_without_reading_them() -> None:
 def test_holds_counts_a_page_mincore_misses_as_held_when_the_file_has_data_there(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """mincore says no for a swapped-out page: SEEK_DATA must overrule it, or a swapped page would pass for zero."""
-    import vmsd.runtime.ramblock as ramblock
+    import vmsd.migration.ram.blocks as ramblock
 
     class Swapped:  # a C library whose mincore reports every page as not in memory
         @staticmethod
@@ -558,7 +558,7 @@ def test_holds_counts_a_page_mincore_misses_as_held_when_the_file_has_data_there
 def test_zero_records_clear_data_and_leave_holes_unallocated() -> None:
     """Main channel: ZERO records, in a contiguous run and scattered, zero the pages that hold data and leave
     the holes among them unallocated."""
-    from vmsd.runtime.ramwire import RamEncoder, RamLoader
+    from vmsd.migration.ram.wire import RamEncoder, RamLoader
 
     with RamBlocks() as src_blocks, RamBlocks() as dst_blocks:
         src = src_blocks.create("pc.ram", 64 * PAGE_SIZE)

@@ -28,10 +28,7 @@ from typing import Any
 import pytest
 
 from vmsd.cli import main
-from vmsd.qemu72 import spec_set
-from vmsd.qmp import QMPError, load_stream, save_stream
-from vmsd.runtime.errors import MalformedStream, RegistryError, TruncatedStream, VersionMismatch, VMSDError
-from vmsd.runtime.stream import (
+from vmsd.migration.stream import (
     QEMU_VM_SECTION_FULL,
     QEMU_VM_SECTION_PART,
     Section,
@@ -40,6 +37,9 @@ from vmsd.runtime.stream import (
     read_stream,
     write_stream,
 )
+from vmsd.qemu.v7_2 import spec_set
+from vmsd.runtime.errors import MalformedStream, RegistryError, TruncatedStream, VersionMismatch, VMSDError
+from vmsd.testing.qmp import QMPError, load_stream, save_stream
 
 MAGIC = struct.pack(">I", 0x5145564D)
 HEADER = MAGIC + struct.pack(">I", 3)
@@ -816,7 +816,7 @@ def test_malformed_trailer_entry(
 
 
 def test_non_utf8_idstr_round_trips(real: Real, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from vmsd.runtime.stream import write_stream
+    from vmsd.migration.stream import write_stream
 
     timer = real.full("timer")
     name = b"\xff" * 200 + b"/timer"
@@ -1167,7 +1167,7 @@ def test_qemu_accepts_missing_trailer(real: Real, tmp_path: Path) -> None:
 
 
 def test_trailer_with_float_rewrites(real: Real) -> None:
-    from vmsd.runtime.stream import write_stream
+    from vmsd.migration.stream import write_stream
 
     old = b'"index": 148,'
     assert old in real.data[real.trailer :]

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmsd import streamtools
-from vmsd.qemu72 import spec_set
-from vmsd.qmp import save_stream
+from vmsd.migration.stream import Command, Section, SpecSet, Stream, read_stream, write_stream
+from vmsd.qemu.v7_2 import spec_set
 from vmsd.runtime.errors import VMSDError
-from vmsd.runtime.stream import Command, Section, SpecSet, Stream, read_stream, write_stream
+from vmsd.testing.qmp import save_stream
+from vmsd.tools import streams as streamtools
 
 HEADER = b"QEVM\x00\x00\x00\x03"
 

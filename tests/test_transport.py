@@ -13,11 +13,8 @@ from typing import Any
 
 import pytest
 
-from vmsd.qemu72 import spec_set
-from vmsd.qmp import Qemu, QMPError, save_stream
-from vmsd.runtime.io import Reader, Writer
-from vmsd.runtime.stream import read_stream
-from vmsd.runtime.transport import (
+from vmsd.migration.stream import read_stream
+from vmsd.migration.transport import (
     Channel,
     ExecURI,
     FdURI,
@@ -33,6 +30,9 @@ from vmsd.runtime.transport import (
     register_fd,
     unregister_fd,
 )
+from vmsd.qemu.v7_2 import spec_set
+from vmsd.runtime.io import Reader, Writer
+from vmsd.testing.qmp import Qemu, QMPError, save_stream
 
 PAYLOAD = os.urandom(3 << 20) + bytes(1 << 20)  # 4 MiB, random then zeros
 

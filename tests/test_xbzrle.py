@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmsd.runtime import xbzrle as xb
+from vmsd.migration.ram import xbzrle as xb
+from vmsd.migration.ram.xbzrle import XbzrleCache, decode, decode_into, encode
 from vmsd.runtime.errors import MalformedStream
-from vmsd.runtime.xbzrle import XbzrleCache, decode, decode_into, encode
 
 QEMU_SRC = Path("/work/qemu-src/qemu-7.2+dfsg")
 PAGE = 4096

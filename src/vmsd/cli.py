@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vmsd.runtime.errors import VMSDError
-from vmsd.streamtools import ToolError
+from vmsd.tools.streams import ToolError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
@@ -69,8 +69,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from vmsd import streamtools
-    from vmsd.runtime.stream import read_stream
+    from vmsd.migration.stream import read_stream
+    from vmsd.tools import streams as streamtools
 
     stream = read_stream(streamtools.read_input(args.stream), streamtools.load_specs(args.specs))
     if args.json:
@@ -84,7 +84,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
-    from vmsd import streamtools
+    from vmsd.tools import streams as streamtools
 
     data = streamtools.rewrite(streamtools.read_input(args.stream), streamtools.load_specs(args.specs), args.set or [])
     out = Path(args.output)
@@ -100,8 +100,8 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from vmsd import streamtools
-    from vmsd.runtime.stream import read_stream
+    from vmsd.migration.stream import read_stream
+    from vmsd.tools import streams as streamtools
 
     specs = streamtools.load_specs(args.specs)
     a = read_stream(streamtools.read_input(args.a), specs)
@@ -113,7 +113,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_qemu(args: argparse.Namespace) -> int:
-    from vmsd.importer import import_qemu
+    from vmsd.tools.importer import import_qemu
 
     for path in import_qemu(Path(args.dump), Path(args.stream) if args.stream else None, Path(args.output)):
         print(path)
@@ -132,7 +132,8 @@ def _migration_options(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _cmd_incoming(args: argparse.Namespace) -> int:
-    from vmsd import snapshot, streamtools
+    from vmsd.tools import snapshot
+    from vmsd.tools import streams as streamtools
 
     _migration_options(args)  # the receiver decodes whatever the peer chose; names are checked
     caps, _ = _settings(args)
@@ -146,15 +147,16 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
 
 
 def _cmd_outgoing(args: argparse.Namespace) -> int:
-    from vmsd import snapshot, streamtools
-    from vmsd.progress import Progress, summary
+    from vmsd.tools import snapshot
+    from vmsd.tools import streams as streamtools
+    from vmsd.tools.progress import Progress, summary
 
     _migration_options(args)
     caps, params = _settings(args)
     multifd = _multifd(args, caps)
     params.setdefault("max-bandwidth", 0)  # a snapshot does not change: no reason to hold it back
     try:
-        from vmsd.runtime.migration import parse_settings
+        from vmsd.migration.precopy import parse_settings
 
         parse_settings(caps, params)
     except ValueError as e:
@@ -190,7 +192,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, bool], dict[str, int]
 
 def _multifd(args: argparse.Namespace, caps: dict[str, bool]) -> Any:
     """The multifd configuration when ``--capability multifd=on`` (``--peer-version``, ``--uuid``)."""
-    from vmsd.runtime.multifd import config_from
+    from vmsd.migration.multifd import config_from
 
     raw = {name: value for name, _, value in (item.partition("=") for item in args.parameter or [])
            if name in _MULTIFD_PARAMETERS}
@@ -217,7 +219,7 @@ def _size(text: str, what: str) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from vmsd.demo import run
+    from vmsd.tools.demo import run
 
     _migration_options(args)
     caps, params = _settings(args)

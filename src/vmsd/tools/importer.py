@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from vmsd.grammar.semantic import RESERVED, python_class_name
-from vmsd.runtime.stream import find_trailer
+from vmsd.migration.stream import find_trailer
 from vmsd.runtime.vmdesc import Obj
-from vmsd.streamtools import ToolError
+from vmsd.tools.streams import ToolError
 
 __all__ = ["ImportQemuError", "import_qemu"]
 

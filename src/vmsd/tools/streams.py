@@ -11,8 +11,8 @@ from typing import Any
 
 import attrs
 
-from vmsd.runtime.ram import RamPayload
-from vmsd.runtime.stream import SECTION_NAMES, Command, Section, SpecSet, Stream, read_stream, write_stream
+from vmsd.migration.ram.records import RamPayload
+from vmsd.migration.stream import SECTION_NAMES, Command, Section, SpecSet, Stream, read_stream, write_stream
 from vmsd.runtime.vmdesc import Obj, describe
 from vmsd.runtime.vmstate import VMStateObject
 
@@ -23,7 +23,7 @@ class ToolError(Exception):
 
 def load_specs(specs_dir: Path | None) -> SpecSet:
     """The shipped QEMU 7.2 specs, overridden by the .vmsd files of ``specs_dir``."""
-    from vmsd.qemu72 import spec_set
+    from vmsd.qemu.v7_2 import spec_set
 
     shipped = spec_set()
     if specs_dir is None:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import IO
 
-from vmsd.runtime.iovec import Scattered, write_scattered
+from vmsd.migration.iovec import Scattered, write_scattered
 
 __all__ = [
     "URI",

@@ -5,7 +5,7 @@ bytes alternating with zero chunks) and a small ``vga.vram``, plus the
 bundled example devices ``serial`` and ``i8254``.  A workload thread keeps
 dirtying pages of a hot region and changing device registers while the
 machine runs.  The destination is another process
-(``python -m vmsd.livedemo dest``) with the same machine, zeroed; it loads the
+(``python -m vmsd.tools.livedemo dest``) with the same machine, zeroed; it loads the
 migration and reports SHA-256 digests of its RAM blocks and the saved bytes of
 its devices, which must equal the source's once the source has paused.
 """
@@ -28,10 +28,11 @@ import numpy as np
 
 from vmsd.generated.examples.i8254 import I8254, PitChannel
 from vmsd.generated.examples.serial import Serial
-from vmsd.progress import Progress, summary
-from vmsd.runtime.machine import Machine
-from vmsd.runtime.migration import Incoming, Migration
-from vmsd.runtime.ramblock import PAGE_SIZE
+from vmsd.migration.incoming import Incoming
+from vmsd.migration.machine import Machine
+from vmsd.migration.precopy import Migration
+from vmsd.migration.ram.blocks import PAGE_SIZE
+from vmsd.tools.progress import Progress, summary
 
 MACHINE = "vmsd-demo"
 VRAM = 16 << 20
@@ -131,7 +132,7 @@ def run(ram_size: int = 1 << 30, json_lines: bool = False, parameters: dict[str,
           f"moves to another process over loopback TCP", file=out)
     uri = f"tcp:127.0.0.1:{_free_port()}"
     report = Path(os.environ.get("TMPDIR", "/tmp")) / f"vmsd-demo-{os.getpid()}.json"
-    dest = subprocess.Popen([sys.executable, "-m", "vmsd.livedemo", "dest", uri, "--ram", str(ram_size),
+    dest = subprocess.Popen([sys.executable, "-m", "vmsd.tools.livedemo", "dest", uri, "--ram", str(ram_size),
                              "--report", str(report)], stdout=subprocess.PIPE, text=True)
     try:
         assert dest.stdout is not None
@@ -188,7 +189,7 @@ def run(ram_size: int = 1 << 30, json_lines: bool = False, parameters: dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vmsd.livedemo")
+    p = argparse.ArgumentParser(prog="python -m vmsd.tools.livedemo")
     sub = p.add_subparsers(dest="role", required=True)
     d = sub.add_parser("dest", help="the destination process")
     d.add_argument("uri")

@@ -8,7 +8,7 @@ block's lifetime so a later CPR exec can hand it to a new process.
 :class:`RamBlocks` keeps blocks by name in QEMU's RAM-list order (largest
 first; a new block goes before the first strictly smaller one, as
 ``qemu_ram_block_add`` does).  Loading and saving RAM records is
-:mod:`vmsd.runtime.ramwire`'s.
+:mod:`vmsd.migration.ram.wire`'s.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import numpy.typing as npt
 
+from vmsd.migration.iovec import Scattered, buffer_address, write_scattered
 from vmsd.runtime.errors import VMSDError
-from vmsd.runtime.iovec import Scattered, buffer_address, write_scattered
 
 PAGE_SIZE = 4096
 _WORDS_PER_PAGE = PAGE_SIZE // 8
@@ -165,7 +165,7 @@ class RamBlock:
         (hugetlbfs).  A full filesystem is an error, not the mapping's SIGBUS.
         """
         if self._store_via_fd:
-            # The pages' addresses as one iovec array (see vmsd.runtime.iovec): no Python object per page.
+            # The pages' addresses as one iovec array (see vmsd.migration.iovec): no Python object per page.
             base = buffer_address(src) + offset
             if stride == PAGE_SIZE:
                 iov = np.array([[base, n * PAGE_SIZE]], dtype=np.uint64)

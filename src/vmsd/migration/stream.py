@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from vmsd.migration.ram.records import RamPayload, read_ram, write_ram
 from vmsd.runtime.errors import (
     MalformedStream,
     RegistryError,
@@ -28,7 +29,6 @@ from vmsd.runtime.errors import (
 )
 from vmsd.runtime.generic import decode_body, encode_body
 from vmsd.runtime.io import Reader, Writer
-from vmsd.runtime.ram import RamPayload, read_ram, write_ram
 from vmsd.runtime.vmdesc import JSONFloat, Obj, describe, dumps, loads
 from vmsd.runtime.vmstate import as_loaded_subclass, fresh, impl, register, reporting_checks
 
@@ -68,6 +68,9 @@ MIG_CMD_PACKAGED = 7
 MAX_PACKAGED_SIZE = 1 << 32
 
 IDSTR_RAM = "ram"
+MIG_CMD_OPEN_RETURN_PATH = 1
+# Return-path messages (destination -> source).
+MIG_RP_MSG_SHUT = 1
 
 
 @attrs.define

@@ -1,7 +1,7 @@
 """Migration progress for people and for logs.
 
 :class:`Progress` takes the ``query-migrate`` dictionaries a
-:class:`~vmsd.runtime.migration.Migration` reports.  On a terminal it redraws
+:class:`~vmsd.migration.precopy.Migration` reports.  On a terminal it redraws
 one bar line; otherwise it prints a line at most once a second; in JSON-lines
 mode every report is one JSON object per line (with a ``time`` field), for
 log collectors.  :func:`summary` formats the final statistics.

@@ -1,7 +1,7 @@
 """A Python machine: named RAM blocks, typed devices, run state, dirty tracking, throttling.
 
 Device authors build a :class:`Machine`, give it RAM (memfd-backed
-:class:`~vmsd.runtime.ramblock.RamBlock` objects) and devices (instances of
+:class:`~vmsd.migration.ram.blocks.RamBlock` objects) and devices (instances of
 generated classes, each under its section ``idstr`` and instance id), and run
 their guest work inside :meth:`Machine.vcpu`:
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import attrs
 
-from vmsd.runtime.ramblock import RamBlock, RamBlocks
+from vmsd.migration.ram.blocks import RamBlock, RamBlocks
 
 
 @attrs.define

@@ -14,9 +14,9 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+from vmsd.migration.stream import SpecSet
 from vmsd.runtime.errors import TruncatedStream
 from vmsd.runtime.io import Reader
-from vmsd.runtime.stream import SpecSet
 from vmsd.runtime.vmstate import current_reader, loading, register, register_extent
 
 
@@ -38,7 +38,7 @@ register_extent("capability", _capabilities_extent)
 def spec_set() -> SpecSet:
     """The shipped QEMU 7.2 specs; modules load when a stream names their vmsds."""
     try:
-        importlib.import_module("vmsd.qemu_extents")
+        importlib.import_module("vmsd.qemu.v7_2.extents")
     except ModuleNotFoundError:
         pass
     return SpecSet.from_package("vmsd.generated.qemu.v7_2", on_import=_implement)

@@ -25,7 +25,7 @@ def _specs_dir() -> Path:
 def run(ram_size: int = 1 << 30, json_lines: bool = False, capabilities: dict[str, bool] | None = None,
         parameters: dict[str, int] | None = None, live_only: bool = False) -> int:
     """Compile and show the API, live-migrate the demo machine, then round-trip a QEMU stream."""
-    from vmsd import livedemo
+    from vmsd.tools import livedemo
 
     if not live_only:
         _compile_and_show()
@@ -81,10 +81,10 @@ def _qemu_round_trip() -> int:
     """Save a real QEMU 7.2 machine, decode it typed, edit it, and have QEMU load the edit."""
     import shutil
 
-    from vmsd.qemu72 import spec_set
-    from vmsd.qmp import QEMU_BINARY, load_stream, save_stream
-    from vmsd.runtime.stream import read_stream, write_stream
-    from vmsd.streamtools import apply_set
+    from vmsd.migration.stream import read_stream, write_stream
+    from vmsd.qemu.v7_2 import spec_set
+    from vmsd.testing.qmp import QEMU_BINARY, load_stream, save_stream
+    from vmsd.tools.streams import apply_set
 
     print("\n== a real QEMU 7.2 migration stream")
     if shutil.which(QEMU_BINARY) is None:

@@ -1,4 +1,4 @@
-"""Live migration of a :class:`~vmsd.runtime.machine.Machine`: QEMU-style precopy, source and destination.
+"""Live migration of a :class:`~vmsd.migration.machine.Machine`: QEMU-style precopy, source and destination.
 
 The stream is QEMU 7.2's: header, configuration, the ``ram`` section
 (START with the block list, PART per iteration, END with the last dirty pages
@@ -46,48 +46,40 @@ from typing import Any
 import attrs
 import numpy as np
 
-from vmsd.runtime.errors import MalformedStream, RegistryError, VMSDError
-from vmsd.runtime.io import Reader, Writer
-from vmsd.runtime.machine import Machine
-from vmsd.runtime.multifd import (
-    ChannelStats,
+from vmsd.migration.machine import Machine
+from vmsd.migration.multifd import (
     MultifdConfig,
-    MultifdError,
-    MultifdReceiver,
     MultifdSender,
-    accept_all,
 )
-from vmsd.runtime.ram import RAM_SAVE_FLAG_MULTIFD_FLUSH
-from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks
-from vmsd.runtime.ramwire import RamEncoder, RamLoader, zero_mask
-from vmsd.runtime.stream import (
+from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock
+from vmsd.migration.ram.records import RAM_SAVE_FLAG_MULTIFD_FLUSH
+from vmsd.migration.ram.wire import RamEncoder, zero_mask
+from vmsd.migration.ram.xbzrle import XbzrleCache
+from vmsd.migration.stream import (
     IDSTR_RAM,
+    MIG_CMD_OPEN_RETURN_PATH,
+    MIG_RP_MSG_SHUT,
     QEMU_VM_COMMAND,
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_FULL,
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
-    QEMU_VM_VMDESCRIPTION,
-    Configuration,
-    Decoder,
     Section,
-    SpecSet,
     section_footer,
     section_head,
     stream_head,
     stream_tail,
 )
-from vmsd.runtime.transport import Channel, FileURI, TransportError, listen, open_incoming, open_outgoing, parse_uri
+from vmsd.migration.transport import Channel, FileURI, TransportError, open_outgoing, parse_uri
+from vmsd.runtime.errors import RegistryError, VMSDError
+from vmsd.runtime.io import Writer
 from vmsd.runtime.vmstate import impl
-from vmsd.runtime.xbzrle import XbzrleCache
 
 RAM_SECTION_VERSION = 4
 # Not 0: QEMU 7.2 finds the handler of a PART/END section by the id its START
 # set, and every handler not loaded yet still has id 0 -- the first of them
 # (``timer``) would take RAM's records.
 RAM_SECTION_ID = 1
-MIG_CMD_OPEN_RETURN_PATH = 1
-MIG_RP_MSG_SHUT = 1
 BUFFER_DELAY = 0.1  # seconds: QEMU's bandwidth window
 MAX_WAIT = 0.05  # seconds: longest iteration
 _CHUNK_PAGES = 2048  # pages encoded and written at a time (8 MiB of normal pages)
@@ -140,7 +132,7 @@ def parse_settings(capabilities: dict[str, bool] | None, parameters: dict[str, i
 
 def configuration_for(machine_name: str) -> Any:
     """The configuration record QEMU sends first: the machine type name."""
-    from vmsd import qemu72  # the generated QEMU specs are optional for the runtime itself
+    from vmsd.qemu import v7_2 as qemu72  # the generated QEMU specs are optional for the runtime itself
 
     cls = qemu72.spec_set().lookup("configuration", "configuration")
     if cls is None:
@@ -713,169 +705,3 @@ class Migration:
         if self.error is not None:
             out["error-desc"] = self.error
         return out
-
-
-# -- destination ------------------------------------------------------------------------------------------------------
-@attrs.define
-class IncomingResult:
-    """What a destination received: the configuration, RAM, device sections, counters."""
-
-    configuration: Configuration | None
-    blocks: RamBlocks
-    ram_section_id: int
-    sections: list[Section]
-    counters: dict[str, int]
-    seconds: float
-    channels: list[ChannelStats] = attrs.Factory(list)  # multifd, by channel id
-
-
-class Incoming:
-    """Receives a live migration into ``machine`` (or, without one, into fresh RAM blocks).
-
-    With a machine, the peer's block list must match the machine's RAM and
-    every device section must name one of its devices; device state is
-    decoded with the devices' classes, strictly (versions, checks, sizes), and
-    replaces the device objects only once the whole stream has loaded.
-    Without a machine (``specs`` given), blocks are created as announced and
-    device sections decode with ``specs``.
-    """
-
-    def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
-                 blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None) -> None:
-        if machine is None and specs is None:
-            raise ValueError("an Incoming without a machine needs specs")
-        if machine is not None and blocks is not None:
-            raise ValueError("an Incoming into a machine uses the machine's RAM blocks")
-        self.machine = machine
-        self.blocks = blocks  # without a machine: where announced blocks are created (default: memfd)
-        self.multifd = multifd
-        if specs is None:
-            from vmsd import qemu72  # the configuration record's spec
-
-            specs = qemu72.spec_set()
-        self.specs = specs
-        self.status = "none"
-        self.error: str | None = None
-
-    def run(self, uri: str, timeout: float = 60.0) -> IncomingResult:
-        """Accept one migration on ``uri`` and load it."""
-        self.status = "setup"
-        cfg = self.multifd
-        try:
-            if cfg is None:
-                ch = open_incoming(uri, timeout=timeout)
-                channels: list[Channel] = []
-            else:
-                with listen(uri) as lst:
-                    ch, channels = accept_all(lambda: lst.accept(timeout), cfg, timeout)
-        except (TransportError, VMSDError) as e:
-            self.status, self.error = "failed", e.message
-            raise
-        with ch:
-            return self.load(ch, channels)
-
-    def load(self, ch: Channel, multifd_channels: list[Channel] | None = None) -> IncomingResult:
-        """Load the stream of ``ch`` (and the pages of ``multifd_channels``, indexed by channel id)."""
-        start = time.monotonic()
-        m = self.machine
-        blocks = m.ram if m is not None else self.blocks if self.blocks is not None else RamBlocks()
-        loader = RamLoader(blocks, create_missing=m is None)
-        receiver: MultifdReceiver | None = None
-        if multifd_channels:
-            cfg = self.multifd
-            if cfg is None:
-                raise ValueError("multifd channels without a multifd configuration")
-            receiver = MultifdReceiver(cfg, multifd_channels, blocks, on_failure=ch.shutdown_read)
-            loader.sync_hook = receiver.sync
-            loader.legacy_sync = cfg.legacy_sync
-        r = Reader(source=ch)
-        dec = Decoder(b"", self.specs, strict_typed=True, enforce_checks=m is not None, reader=r)
-        ram_ids: set[int] = set()
-
-        def ram(sec: Section) -> None:
-            if sec.kind == QEMU_VM_SECTION_START:
-                ram_ids.add(sec.section_id)
-            loader.load_section(r)
-
-        dec.ram_handler = ram
-        if m is not None:
-            dec.section_classes = {key: type(dev.state) for key, dev in m.devices.items()}
-        self.status = "active"
-        try:
-            dec.read_header()
-            conf = dec.stream.configuration
-            if m is not None and conf is not None:
-                name = bytes(conf.state.name).decode(errors="replace")
-                if name != m.name:
-                    raise MalformedStream(f"Machine type received is '{name}' and local is '{m.name}'")
-            records = dec.records(top=True)
-            _drain_trailer(r)
-            sections = [rec for rec in records if isinstance(rec, Section) and rec.kind == QEMU_VM_SECTION_FULL]
-            if not ram_ids:
-                raise MalformedStream("the stream carries no RAM section")
-        except BaseException as e:
-            self.status = "failed"
-            cause = receiver.failure(0.5) if receiver is not None and not isinstance(e, MultifdError) else None
-            self.error = cause.message if cause is not None else e.message if isinstance(e, VMSDError) else str(e)
-            if dec.return_path:
-                _send_shut(ch, 1)
-            if cause is not None:
-                raise cause from e
-            raise
-        finally:
-            if receiver is not None:
-                receiver.close()
-        if m is not None:  # device state changes only after the whole stream loaded
-            for sec in sections:
-                dev = m.devices[(sec.idstr, sec.instance_id)]
-                dev.state = sec.payload
-                dev.version_id = sec.version_id
-        if dec.return_path:
-            _send_shut(ch, 0)
-        self.status = "completed"
-        counters = attrs.asdict(loader.counters)
-        stats = receiver.stats if receiver is not None else []
-        if receiver is not None:
-            counters["normal"] += sum(st.pages for st in stats)
-            counters["duplicate"] += sum(st.zero_pages for st in stats)
-        return IncomingResult(dec.stream.configuration, blocks, min(ram_ids), sections, counters,
-                              time.monotonic() - start, stats)
-
-
-    def _install(self, m: Machine, sections: list[Section]) -> None:
-        """Replace device state only after everything loaded: a failed load leaves the devices as they were."""
-        loaded: list[tuple[Any, Section]] = []
-        for sec in sections:
-            dev = m.devices.get((sec.idstr, sec.instance_id))
-            if dev is None:
-                raise MalformedStream(f"Unknown savevm section or instance '{sec.idstr}' {sec.instance_id}",
-                                      offset=sec.offset)
-            if not isinstance(sec.payload, type(dev.state).__mro__[0]) and \
-                    getattr(sec.payload, "VMSD_NAME", None) != type(dev.state).VMSD_NAME:
-                raise MalformedStream(f"section '{sec.idstr}' carries '{getattr(sec.payload, 'VMSD_NAME', '?')}', "
-                                      f"the device is '{type(dev.state).VMSD_NAME}'", offset=sec.offset)
-            loaded.append((dev, sec))
-        for dev, sec in loaded:
-            dev.state = sec.payload
-            dev.version_id = sec.version_id
-
-
-def _drain_trailer(r: Reader) -> None:
-    """Read the JSON trailer after EOF, as QEMU's destination does.
-
-    Closing with it unread would make the kernel answer the source's last
-    writes with a reset, and the source would report a failed migration.
-    """
-    if r.peek(1) != bytes([QEMU_VM_VMDESCRIPTION]):
-        return  # end of input, or a source that sends no trailer
-    r.u8()
-    left = r.u32()
-    while left:
-        left -= len(r.read(min(left, 1 << 20)))
-
-
-def _send_shut(ch: Channel, status: int) -> None:
-    try:
-        ch.write(struct.pack(">HHI", MIG_RP_MSG_SHUT, 4, status))
-    except TransportError:
-        pass  # the source is gone; it reports its own failure

@@ -7,7 +7,7 @@ QEMU specs.  It then writes a compact stream -- the configuration, one pass of
 RAM (zero pages and full pages), the device sections as received, EOF and a
 trailer -- to ``SNAPSHOT.partial``, renamed only when complete.  QEMU loads it
 with ``-incoming``.  ``vmsd outgoing SNAPSHOT URI`` loads a snapshot into a
-paused :class:`~vmsd.runtime.machine.Machine` and migrates it with the precopy
+paused :class:`~vmsd.migration.machine.Machine` and migrates it with the precopy
 engine to a QEMU started with ``-incoming`` (capabilities and parameters as
 QEMU names them).
 """
@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from vmsd.runtime.errors import RegistryError
-from vmsd.runtime.iovec import Scattered, write_scattered
-from vmsd.runtime.machine import Machine
-from vmsd.runtime.migration import Incoming, IncomingResult, Migration
-from vmsd.runtime.multifd import MultifdConfig
-from vmsd.runtime.ramwire import RamEncoder
-from vmsd.runtime.stream import (
+from vmsd.migration.incoming import Incoming, IncomingResult
+from vmsd.migration.iovec import Scattered, write_scattered
+from vmsd.migration.machine import Machine
+from vmsd.migration.multifd import MultifdConfig
+from vmsd.migration.precopy import Migration
+from vmsd.migration.ram.wire import RamEncoder
+from vmsd.migration.stream import (
     IDSTR_RAM,
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
@@ -38,7 +38,8 @@ from vmsd.runtime.stream import (
     stream_head,
     stream_tail,
 )
-from vmsd.runtime.transport import open_incoming
+from vmsd.migration.transport import open_incoming
+from vmsd.runtime.errors import RegistryError
 
 _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 

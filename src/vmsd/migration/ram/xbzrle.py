@@ -10,7 +10,7 @@ Wire format of one encoded page (QEMU ``migration/xbzrle.c``)::
 Only the first zero run may have length 0; a trailing zero run is never
 written.  On the RAM stream an XBZRLE record carries ``u8 0x01`` (encoding),
 ``be16 len`` (<= target page size) and then these bytes; the framing lives in
-:mod:`vmsd.runtime.ram`, this module only does the page bytes.
+:mod:`vmsd.migration.ram.records`, this module only does the page bytes.
 
 Encoder facts (7.2 has only the generic, word-at-a-time encoder; the AVX512
 variant arrived in 8.1):

@@ -1,6 +1,6 @@
 """RAM records at memory speed: dirty pages encoded and received in vectorized runs.
 
-:mod:`vmsd.runtime.ram` keeps one object per record so tools can show and
+:mod:`vmsd.migration.ram.records` keeps one object per record so tools can show and
 rewrite a stream byte for byte; a live migration moves hundreds of thousands
 of pages per second and cannot afford that.  Here a run of pages of one kind
 becomes one numpy array of records (``be64 offset|flags`` + payload, stride
@@ -25,11 +25,10 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from vmsd.runtime import xbzrle
-from vmsd.runtime.errors import MalformedStream, VMSDError
-from vmsd.runtime.io import ByteSource, Reader, Writer
-from vmsd.runtime.iovec import Scattered
-from vmsd.runtime.ram import (
+from vmsd.migration.iovec import Scattered
+from vmsd.migration.ram import xbzrle
+from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock, RamBlocks, zero_pages
+from vmsd.migration.ram.records import (
     RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
@@ -45,8 +44,9 @@ from vmsd.runtime.ram import (
     read_ram,
     write_ram,
 )
-from vmsd.runtime.ram import RamBlock as RamBlockInfo
-from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks, zero_pages
+from vmsd.migration.ram.records import RamBlock as RamBlockInfo
+from vmsd.runtime.errors import MalformedStream, VMSDError
+from vmsd.runtime.io import ByteSource, Reader, Writer
 
 _U64 = struct.Struct(">Q")
 _BE64 = np.dtype(">u8")
@@ -259,7 +259,7 @@ class RamLoader:
     ``create_missing``: blocks the peer announces and we lack are created (a
     snapshot receiver); otherwise they are a wrong block list.  Errors name
     the byte offset and block; the pages already applied stay written (see
-    :mod:`vmsd.runtime.ramblock` on why a failed destination is discarded).
+    :mod:`vmsd.migration.ram.blocks` on why a failed destination is discarded).
     """
 
     def __init__(self, blocks: RamBlocks, create_missing: bool = True, ignore_shared: bool = False,
@@ -606,7 +606,7 @@ def _decompress_page(data: bytes, page: memoryview, where: str) -> None:
 
 # -- the same, record objects in and out (stream tools) ---------------------------------------------------------------
 def apply_ram(blocks: RamBlocks, payload: RamPayload, create_missing: bool = True, mark_dirty: bool = False) -> None:
-    """Apply one parsed section's records (:func:`vmsd.runtime.ram.read_ram`) as a :class:`RamLoader` would.
+    """Apply one parsed section's records (:func:`vmsd.migration.ram.records.read_ram`) as a :class:`RamLoader` would.
 
     The blocks *are* the destination's memory, so pages applied before a bad
     record stay written -- as in QEMU, whose destination is discarded when a
@@ -649,7 +649,7 @@ def ram_section_payloads(blocks: RamBlocks, pages_per_part: int | None = None) -
     QEMU splits pages among PART sections by time and bandwidth, so any split
     loads the same memory.  Each PART names the block on its first page
     (QEMU may start one with CONTINUE), which keeps every payload readable on
-    its own by :func:`~vmsd.runtime.ram.read_ram`.
+    its own by :func:`~vmsd.migration.ram.records.read_ram`.
     """
     records = ram_records(blocks)
     body = records[2:-2]

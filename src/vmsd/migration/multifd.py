@@ -48,9 +48,9 @@ import attrs
 import numpy as np
 import zstandard
 
+from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock, RamBlocks
+from vmsd.migration.transport import Channel, TransportError
 from vmsd.runtime.errors import MalformedStream, VMSDError
-from vmsd.runtime.ramblock import PAGE_SIZE, Pages, RamBlock, RamBlocks
-from vmsd.runtime.transport import Channel, TransportError
 
 MULTIFD_MAGIC = 0x11223344
 MULTIFD_VERSION = 1
