@@ -68,6 +68,7 @@ from vmsd.migration.incoming import Incoming  # noqa: E402
 from vmsd.migration.machine import Machine  # noqa: E402
 from vmsd.migration.multifd import MultifdConfig, accept_all  # noqa: E402
 from vmsd.migration.precopy import Migration  # noqa: E402
+from vmsd.migration.profile import peer_profile  # noqa: E402
 from vmsd.migration.ram.blocks import RamBlock, RamBlocks, zero_pages  # noqa: E402
 from vmsd.migration.transport import listen  # noqa: E402
 from vmsd.testing.qmp import Qemu, QMPError  # noqa: E402
@@ -97,7 +98,7 @@ def _vmsd_multifd(layout: str) -> MultifdConfig | None:
     if MULTIFD is None:
         return None
     channels, compression = MULTIFD
-    return MultifdConfig(channels=channels, compression=compression, layout=layout)
+    return MultifdConfig(channels=channels, compression=compression, peer=peer_profile(layout))
 
 
 # -- cases ------------------------------------------------------------------------------------------------------------
@@ -587,7 +588,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.peer:
         mode, uri, ram, size, pre, channels, compression, layout = args.peer
-        cfg = MultifdConfig(channels=int(channels), compression=compression, layout=layout) if int(channels) else None
+        cfg = MultifdConfig(channels=int(channels), compression=compression, peer=peer_profile(layout)) if int(channels) else None
         return peer_main(mode, uri, Path(ram), int(size), pre == "1", cfg)
     if args.quick:
         args.size, args.runs = 256 * MIB, 1

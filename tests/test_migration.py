@@ -408,7 +408,7 @@ def test_write_behind_keeps_order_and_writes_small_batches_itself() -> None:
 
 def test_settings_use_qemu_names_and_checks() -> None:
     caps, params = parse_settings({"xbzrle": True}, {"downtime-limit": 100})
-    assert caps["xbzrle"] and params["downtime-limit"] == 100 and params["max-bandwidth"] == 32 * MIB
+    assert caps["xbzrle"] and params["downtime-limit"] == 100 and params["max-bandwidth"] == 128 * MIB
     with pytest.raises(ValueError, match="capability 'postcopy-ram' is not supported"):
         parse_settings({"postcopy-ram": True}, None)
     with pytest.raises(ValueError, match="parameter 'max-bandwith' is not supported"):

@@ -40,6 +40,7 @@ from vmsd.migration.multifd import (
     initial_packet,
 )
 from vmsd.migration.precopy import Migration
+from vmsd.migration.profile import peer_profile
 from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks
 from vmsd.migration.transport import Channel, listen, open_outgoing
 from vmsd.testing.qmp import Qemu
@@ -82,7 +83,7 @@ def _no_leaked_threads() -> Iterator[None]:
 @pytest.mark.parametrize("layout", ["7.2", "10.0"])
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 def test_vmsd_to_vmsd(layout: str, compression: str) -> None:
-    cfg = MultifdConfig(channels=2 if compression != "none" else 4, compression=compression, layout=layout)
+    cfg = MultifdConfig(channels=2 if compression != "none" else 4, compression=compression, peer=peer_profile(layout))
     uri = f"tcp:127.0.0.1:{free_port()}"
     with make_machine(ram=32 * MIB) as src, make_machine(ram=32 * MIB) as dst:
         fill(src)
@@ -627,7 +628,7 @@ def _second_channel_via(mig: Migration, proxy: _Proxy) -> None:
     real_open = mig._open_multifd
 
     def open_via_proxy(c: MultifdConfig) -> None:
-        real_open(MultifdConfig(channels=1, layout=c.layout))
+        real_open(MultifdConfig(channels=1, peer=c.peer))
         mig._multifd_channels.append(open_outgoing(f"tcp:127.0.0.1:{proxy.port}"))
 
     mig._open_multifd = open_via_proxy  # type: ignore[method-assign]
@@ -654,7 +655,7 @@ class _Killer(_Proxy):
 def test_a_channel_dying_mid_transfer_fails_cleanly(compression: str) -> None:
     """The destination sees channel 1 reset (pages spliced or zstd's stored blocks spliced, mid-packet);
     the source fails naming a channel and keeps running intact."""
-    cfg = MultifdConfig(channels=2, layout="7.2", compression=compression)
+    cfg = MultifdConfig(channels=2, peer=peer_profile("7.2"), compression=compression)
     port = free_port()
     uri = f"tcp:127.0.0.1:{port}"
     with make_machine(ram=32 * MIB) as src, make_machine(ram=32 * MIB) as dst:
@@ -707,7 +708,7 @@ class _Corrupter(_Proxy):
 def test_a_bad_packet_on_a_stalled_channel_fails_both_ends() -> None:
     """A destination channel that fails shuts its connections down, as QEMU's does: the main-channel loader
     and the source are not left waiting for each other."""
-    cfg = MultifdConfig(channels=2, layout="10.0")
+    cfg = MultifdConfig(channels=2, peer=peer_profile("10.0"))
     port = free_port()
     uri = f"tcp:127.0.0.1:{port}"
     with make_machine(ram=64 * MIB) as src, make_machine(ram=64 * MIB) as dst:
@@ -738,9 +739,9 @@ def test_mismatched_layouts_fail_with_a_hint(source: str, destination: str) -> N
     with make_machine(ram=32 * MIB) as src, make_machine(ram=32 * MIB) as dst:
         fill(src)
         ram, devs = ram_of(src), devices_of(src)
-        rx = Receiver(dst, uri, MultifdConfig(channels=2, layout=destination, sync_stall=1.0))
+        rx = Receiver(dst, uri, MultifdConfig(channels=2, peer=peer_profile(destination), sync_stall=1.0))
         info = Migration(src, uri, parameters={"max-bandwidth": 0},
-                         multifd=MultifdConfig(channels=2, layout=source)).run()
+                         multifd=MultifdConfig(channels=2, peer=peer_profile(source))).run()
         rx.join()
         assert info["status"] == "failed", info
         assert src.running and ram_of(src) == ram and devices_of(src) == devs

@@ -20,6 +20,7 @@ from vmsd.migration.ram.records import (
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE,
     RAM_SAVE_FLAG_ZERO,
+    RamContext,
     RamPayload,
     read_ram,
     write_ram,
@@ -81,7 +82,7 @@ def _parsed(data: bytes, ignore_shared: bool = False) -> RamPayload:
             self.at += n
             return n
 
-    return read_ram(Reader.from_file(Source(data)), ignore_shared=ignore_shared)
+    return read_ram(Reader.from_file(Source(data)), RamContext(ignore_shared=ignore_shared))
 
 
 @settings(max_examples=150, deadline=None)
@@ -89,7 +90,7 @@ def _parsed(data: bytes, ignore_shared: bool = False) -> RamPayload:
 def test_scan_summary_equals_parsed_records(case: tuple[bool, bytes], tail: bytes) -> None:
     shared, data = case
     r = Reader(data + tail)
-    scanned = read_ram(r, ignore_shared=shared)
+    scanned = read_ram(r, RamContext(ignore_shared=shared))
     assert r.tell() == len(data)
     parsed = _parsed(data, shared)
     assert scanned.record_count == len(parsed.records)

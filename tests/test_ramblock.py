@@ -25,12 +25,12 @@ from vmsd.migration.ram.records import (
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE,
     RAM_SAVE_FLAG_ZERO,
+    RamBlockInfo,
     RamPayload,
     RamRecord,
     read_ram,
     write_ram,
 )
-from vmsd.migration.ram.records import RamBlock as RamBlockInfo
 from vmsd.migration.ram.wire import apply_ram, ram_records, ram_section_payloads
 from vmsd.migration.stream import read_stream, write_stream
 from vmsd.qemu.v7_2 import spec_set

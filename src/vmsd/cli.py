@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vmsd.migration.profile import NEWEST, PROFILES, peer_profile
 from vmsd.runtime.errors import VMSDError
 from vmsd.tools.streams import ToolError
 
@@ -158,11 +159,12 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
     try:
         from vmsd.migration.precopy import parse_settings
 
-        parse_settings(caps, params)
+        peer = peer_profile(args.peer_version)
+        parse_settings(caps, params, peer)
     except ValueError as e:
         raise ToolError(str(e)) from None
     info = snapshot.outgoing(Path(args.snapshot), args.uri, streamtools.load_specs(args.specs), args.timeout,
-                             caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd)
+                             caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer)
     if not args.json:
         print(summary(info))
     if info["status"] != "completed":
@@ -273,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--capability", action="append", metavar="NAME=on|off")
         p.add_argument("--parameter", action="append", metavar="NAME=VALUE")
         p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the peer (default 60)")
-        p.add_argument("--peer-version", choices=["7.2", "10.0"], default="10.0",
-                       help="multifd packet layout of the QEMU on the other end (QEMU does not negotiate it)")
+        p.add_argument("--peer-version", choices=list(PROFILES), default=NEWEST.version,
+                       help="the QEMU version on the other end: its multifd layout and parameter defaults "
+                            "(QEMU does not negotiate them)")
         p.add_argument("--uuid", help="the UUID in every multifd channel's first packet (a QEMU destination "
                                       "checks it against its -uuid; default all zeros)")
     p = sub.add_parser("import-qemu", help="skeleton specs from QEMU's -dump-vmstate output (types from a stream's trailer)")

@@ -17,6 +17,7 @@ import attrs
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import ChannelStats, MultifdConfig, MultifdError, MultifdReceiver, accept_all
 from vmsd.migration.ram.blocks import RamBlocks
+from vmsd.migration.ram.records import RamContext
 from vmsd.migration.ram.wire import RamLoader
 from vmsd.migration.stream import (
     MIG_RP_MSG_SHUT,
@@ -44,6 +45,7 @@ class IncomingResult:
     counters: dict[str, int]
     seconds: float
     channels: list[ChannelStats] = attrs.Factory(list)  # multifd, by channel id
+    named_blocks: set[str] = attrs.Factory(set)  # blocks some page record named (see RamLoader.named)
 
 
 class Incoming:
@@ -66,11 +68,8 @@ class Incoming:
         self.machine = machine
         self.blocks = blocks  # without a machine: where announced blocks are created (default: memfd)
         self.multifd = multifd
-        if specs is None:
-            from vmsd.qemu import v7_2 as qemu72  # the configuration record's spec
-
-            specs = qemu72.spec_set()
-        self.specs = specs
+        # A machine's devices bring their classes; the configuration record needs no spec.
+        self.specs = specs if specs is not None else SpecSet()
         self.status = "none"
         self.error: str | None = None
 
@@ -109,10 +108,10 @@ class Incoming:
         dec = Decoder(b"", self.specs, strict_typed=True, enforce_checks=m is not None, reader=r)
         ram_ids: set[int] = set()
 
-        def ram(sec: Section) -> None:
+        def ram(sec: Section, context: RamContext) -> None:
             if sec.kind == QEMU_VM_SECTION_START:
                 ram_ids.add(sec.section_id)
-            loader.load_section(r)
+            loader.load_section(r, context)
 
         dec.ram_handler = ram
         if m is not None:
@@ -156,7 +155,8 @@ class Incoming:
             counters["normal"] += sum(st.pages for st in stats)
             counters["duplicate"] += sum(st.zero_pages for st in stats)
         return IncomingResult(dec.stream.configuration, blocks, min(ram_ids), sections, counters,
-                              time.monotonic() - start, stats)
+                              time.monotonic() - start, stats,
+                              loader.named | receiver.named if receiver is not None else loader.named)
 
 
 def _drain_trailer(r: Reader) -> None:

@@ -6,8 +6,8 @@ header (flags, page counts, payload size, a packet number shared by all
 channels, the RAM block name, 128 page offsets) followed by the pages, raw or
 through the channel's persistent zlib/zstd stream.
 
-Two layouts, chosen explicitly because QEMU does not negotiate them
-(:attr:`MultifdConfig.layout`):
+Two layouts, chosen by the peer's profile because QEMU does not negotiate
+them (:attr:`MultifdConfig.peer`, see :mod:`vmsd.migration.profile`):
 
 * ``"7.2"``: zero pages travel on the main channel as ZERO records; every
   RAM section's EOS is a sync point, preceded by one SYNC packet per channel.
@@ -48,6 +48,7 @@ import attrs
 import numpy as np
 import zstandard
 
+from vmsd.migration.profile import NEWEST, PROFILES, PeerProfile, peer_profile
 from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock, RamBlocks
 from vmsd.migration.transport import Channel, TransportError
 from vmsd.runtime.errors import MalformedStream, VMSDError
@@ -59,8 +60,6 @@ HEADER_SIZE = 320 + 8 * PAGES_PER_PACKET  # 1344, always sent in full
 INITIAL_SIZE = 64
 FLAG_SYNC = 0x01
 COMPRESSION_FLAGS = {"none": 0x00, "zlib": 0x02, "zstd": 0x04}
-_COMPRESSION_MASK = {"7.2": 0x0E, "10.0": 0x3E}
-LAYOUTS = ("7.2", "10.0")
 _HEAD = struct.Struct(">IIIIIIQI")  # magic .. zero_pages (36 bytes)
 _INITIAL = struct.Struct(">II16sB")
 
@@ -77,8 +76,8 @@ class MultifdConfig:
     compression: str = "none"
     zlib_level: int = 1
     zstd_level: int = 1
-    layout: str = "10.0"
-    zero_page_detection: str = "multifd"  # none | legacy | multifd (10.0 layout only)
+    peer: PeerProfile = NEWEST
+    zero_page_detection: str = "multifd"  # none | legacy | multifd (peers that list zero pages in packets)
     uuid: bytes = bytes(16)
     # Receiver: how long every channel may wait at a sync point the main channel does not reach.  A source
     # writes the main channel's sync record right after its channels' SYNC packets, so a long wait means
@@ -91,12 +90,10 @@ class MultifdConfig:
         if self.compression not in COMPRESSION_FLAGS:
             raise ValueError(f"parameter 'multifd-compression': '{self.compression}' is not one of "
                              f"{', '.join(COMPRESSION_FLAGS)}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"peer version '{self.layout}' is not one of {', '.join(LAYOUTS)}")
         if self.zero_page_detection not in ("none", "legacy", "multifd"):
             raise ValueError("parameter 'zero-page-detection' expects none, legacy or multifd")
-        if self.layout == "7.2" and self.zero_page_detection == "multifd":
-            self.zero_page_detection = "legacy"  # 7.2 has no zero pages in packets
+        if not self.peer.multifd_zero_pages and self.zero_page_detection == "multifd":
+            self.zero_page_detection = "legacy"  # the peer has no zero pages in packets
         if not 0 <= self.zlib_level <= 9:
             raise ValueError("parameter 'multifd-zlib-level' expects a value between 0 and 9")
         if not 0 <= self.zstd_level <= 20:
@@ -106,12 +103,12 @@ class MultifdConfig:
 
     @property
     def legacy_sync(self) -> bool:
-        """7.2: every section's EOS is a sync point; newest: MULTIFD_FLUSH records are."""
-        return self.layout == "7.2"
+        """Every section's EOS is a sync point (7.2), not MULTIFD_FLUSH records."""
+        return not self.peer.multifd_flush_records
 
     @property
     def zero_pages_in_packets(self) -> bool:
-        return self.layout != "7.2" and self.zero_page_detection == "multifd"
+        return self.peer.multifd_zero_pages and self.zero_page_detection == "multifd"
 
 
 def config_from(parameters: dict[str, str], peer_version: str = "10.0", uuid: bytes = bytes(16)) -> MultifdConfig:
@@ -119,8 +116,9 @@ def config_from(parameters: dict[str, str], peer_version: str = "10.0", uuid: by
     names = {"multifd-channels": "channels", "multifd-compression": "compression",
              "multifd-zlib-level": "zlib_level", "multifd-zstd-level": "zstd_level",
              "zero-page-detection": "zero_page_detection"}
-    kw: dict[str, Any] = {"layout": peer_version, "uuid": uuid}
-    if peer_version == "7.2":
+    peer = peer_profile(peer_version)
+    kw: dict[str, Any] = {"peer": peer, "uuid": uuid}
+    if not peer.multifd_zero_pages:
         kw["zero_page_detection"] = "legacy"
     for name, value in parameters.items():
         field = names.get(name)
@@ -343,7 +341,7 @@ class MultifdSender:
                     if cfg.compression == "zlib":
                         payload.append(comp.flush(zlib.Z_SYNC_FLUSH))
                     size = sum(len(part) for part in payload)
-                flags = COMPRESSION_FLAGS[cfg.compression] if (normal_l or cfg.layout != "7.2") else 0
+                flags = COMPRESSION_FLAGS[cfg.compression] if (normal_l or cfg.peer.multifd_bare_sync) else 0
                 head = self._header(flags, block.name, normal_l, zero_l, size)
                 ch.writev([head, *payload])
                 stats.bytes += len(head) + size
@@ -358,9 +356,9 @@ class MultifdSender:
     def _header(self, flags: int, name: str, normal: list[int], zero: list[int], size: int) -> bytes:
         cfg = self.config
         sync_only = flags == FLAG_SYNC
-        modern_sync = sync_only and cfg.layout != "7.2"
-        alloc = 0 if modern_sync else PAGES_PER_PACKET
-        num = 0 if modern_sync else self._number()
+        bare = sync_only and cfg.peer.multifd_bare_sync
+        alloc = 0 if bare else PAGES_PER_PACKET
+        num = 0 if bare else self._number()
         head = bytearray(HEADER_SIZE)
         _HEAD.pack_into(head, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags, alloc, len(normal), size, num, len(zero))
         raw = name.encode()
@@ -383,6 +381,7 @@ class MultifdReceiver:
         # close): the main-channel loader may be blocked on a source that waits for this channel.
         self._on_failure = on_failure
         self.stats = [ChannelStats(i) for i in range(len(channels))]
+        self.named: set[str] = set()  # blocks some packet named (as RamLoader.named)
         self._synced = [threading.Semaphore(0) for _ in channels]
         self._release = [threading.Semaphore(0) for _ in channels]
         self._at_sync = [False for _ in channels]  # waiting for the main channel to reach a sync point
@@ -451,7 +450,7 @@ class MultifdReceiver:
             decomp = _ZstdPages()
         head = bytearray(HEADER_SIZE)
         hv = memoryview(head)
-        mask = _COMPRESSION_MASK[cfg.layout]
+        mask = cfg.peer.multifd_compression_mask
         try:
             while True:
                 try:
@@ -471,10 +470,10 @@ class MultifdReceiver:
                     raise MalformedStream(f"received packet magic {magic:#x} and expected magic {MULTIFD_MAGIC:#x}")
                 if version != MULTIFD_VERSION:
                     raise MalformedStream(f"received packet version {version} and expected version 1")
-                if cfg.layout == "7.2" and zero:
-                    # QEMU 7.2 leaves this field zero; newer sources count the packet's zero pages there.
-                    raise MalformedStream(f"packet with {zero} zero pages: the source uses the newer multifd "
-                                          f"layout, not 7.2's (--peer-version)")
+                if zero and not cfg.peer.multifd_zero_pages:
+                    # Such a peer leaves this field zero; newer sources count the packet's zero pages there.
+                    raise MalformedStream(f"packet with {zero} zero pages: the source uses a newer multifd "
+                                          f"layout than {cfg.peer}'s (--peer-version)")
                 if alloc > PAGES_PER_PACKET or normal > alloc or zero > alloc - normal:
                     raise MalformedStream(f"packet with {alloc} allocated, {normal} normal and {zero} zero pages "
                                           f"(at most {PAGES_PER_PACKET})")
@@ -502,10 +501,11 @@ class MultifdReceiver:
                 return False
             waited += 0.5
             if waited >= self.config.sync_stall and all(self._at_sync):
-                other = "7.2" if self.config.layout != "7.2" else "a newer one"
+                peer = self.config.peer
+                others = [v for v, p in PROFILES.items() if p.multifd_flush_records != peer.multifd_flush_records]
                 self._note(f"multifd: every channel has waited {waited:g} s at a sync point the main channel "
-                           f"does not reach; is the source's layout {other} rather than "
-                           f"{self.config.layout} (--peer-version)?", weak=False)
+                           f"does not reach; is the source's multifd layout that of QEMU {' or '.join(others)} "
+                           f"rather than {peer}'s (--peer-version)?", weak=False)
                 return False
         return not self._stopping
 
@@ -639,6 +639,7 @@ class MultifdReceiver:
         block = self.blocks.get(name)
         if block is None:
             raise MalformedStream(f"unknown ramblock '{name}'")
+        self.named.add(name)
         offsets = np.frombuffer(head, dtype=">u8", count=normal + zero, offset=320).astype(np.int64)
         bad = np.flatnonzero((offsets > block.used_length - PAGE_SIZE) | (offsets % PAGE_SIZE != 0))
         if bad.size:

@@ -51,31 +51,24 @@ from vmsd.migration.multifd import (
     MultifdConfig,
     MultifdSender,
 )
+from vmsd.migration.profile import NEWEST, PeerProfile
 from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock
-from vmsd.migration.ram.records import RAM_SAVE_FLAG_MULTIFD_FLUSH
+from vmsd.migration.ram.records import RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SECTION_VERSION, RamContext
 from vmsd.migration.ram.wire import RamEncoder, zero_mask
 from vmsd.migration.ram.xbzrle import XbzrleCache
 from vmsd.migration.stream import (
+    CAP_IGNORE_SHARED,
     IDSTR_RAM,
     MIG_CMD_OPEN_RETURN_PATH,
     MIG_RP_MSG_SHUT,
-    QEMU_VM_COMMAND,
-    QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_FULL,
-    QEMU_VM_SECTION_PART,
-    QEMU_VM_SECTION_START,
+    MachineConfiguration,
+    SavevmWriter,
     Section,
-    section_footer,
-    section_head,
-    stream_head,
-    stream_tail,
 )
 from vmsd.migration.transport import Channel, FileURI, TransportError, open_outgoing, parse_uri
-from vmsd.runtime.errors import RegistryError, VMSDError
-from vmsd.runtime.io import Writer
-from vmsd.runtime.vmstate import impl
+from vmsd.runtime.errors import VMSDError
 
-RAM_SECTION_VERSION = 4
 # Not 0: QEMU 7.2 finds the handler of a PART/END section by the id its START
 # set, and every handler not loaded yet still has id 0 -- the first of them
 # (``timer``) would take RAM's records.
@@ -86,7 +79,7 @@ _CHUNK_PAGES = 2048  # pages encoded and written at a time (8 MiB of normal page
 _HAND_OVER_BYTES = 1 << 20  # smaller batches are written by the migration thread itself (see _WriteBehind)
 
 PARAMETER_DEFAULTS: dict[str, int] = {
-    "max-bandwidth": 32 << 20,  # bytes/s, QEMU's MAX_THROTTLE; 0 = unlimited
+    "max-bandwidth": NEWEST.max_bandwidth,  # bytes/s (the peer's profile has the default); 0 = unlimited
     "downtime-limit": 300,  # ms
     "xbzrle-cache-size": 64 << 20,
     "cpu-throttle-initial": 20,
@@ -94,7 +87,7 @@ PARAMETER_DEFAULTS: dict[str, int] = {
     "max-cpu-throttle": 99,
     "throttle-trigger-threshold": 50,
 }
-CAPABILITIES = ("xbzrle", "auto-converge", "return-path", "events", "multifd")
+CAPABILITIES = ("xbzrle", "auto-converge", "return-path", "events", "multifd", "x-ignore-shared")
 
 
 class MigrationError(VMSDError):
@@ -105,15 +98,17 @@ class Cancelled(MigrationError):
     pass
 
 
-def parse_settings(capabilities: dict[str, bool] | None, parameters: dict[str, int] | None
-                   ) -> tuple[dict[str, bool], dict[str, int]]:
-    """Validate QEMU-named capabilities and parameters; unknown names are an error, as in QEMU."""
+def parse_settings(capabilities: dict[str, bool] | None, parameters: dict[str, int] | None,
+                   peer: PeerProfile = NEWEST) -> tuple[dict[str, bool], dict[str, int]]:
+    """Validate QEMU-named capabilities and parameters; unknown names are an error, as in QEMU.
+
+    Parameters not given take ``peer``'s defaults."""
     caps = dict.fromkeys(CAPABILITIES, False)
     for name, on in (capabilities or {}).items():
         if name not in caps:
             raise ValueError(f"capability '{name}' is not supported (supported: {', '.join(CAPABILITIES)})")
         caps[name] = bool(on)
-    params = dict(PARAMETER_DEFAULTS)
+    params = {**PARAMETER_DEFAULTS, "max-bandwidth": peer.max_bandwidth}
     for name, value in (parameters or {}).items():
         if name not in params:
             raise ValueError(f"parameter '{name}' is not supported (supported: {', '.join(PARAMETER_DEFAULTS)})")
@@ -128,19 +123,6 @@ def parse_settings(capabilities: dict[str, bool] | None, parameters: dict[str, i
     if caps["xbzrle"]:
         XbzrleCache(params["xbzrle-cache-size"])  # QEMU's size checks
     return caps, params
-
-
-def configuration_for(machine_name: str) -> Any:
-    """The configuration record QEMU sends first: the machine type name."""
-    from vmsd.qemu import v7_2 as qemu72  # the generated QEMU specs are optional for the runtime itself
-
-    cls = qemu72.spec_set().lookup("configuration", "configuration")
-    if cls is None:
-        raise RegistryError("no spec for the configuration record")
-    name = machine_name.encode()
-    conf: Any = impl(cls)()
-    conf.len, conf.name = len(name), name
-    return conf
 
 
 @attrs.define
@@ -258,12 +240,17 @@ class Migration:
     def __init__(self, machine: Machine, uri: str, capabilities: dict[str, bool] | None = None,
                  parameters: dict[str, int] | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None, timeout: float = 30.0,
-                 multifd: MultifdConfig | None = None) -> None:
+                 multifd: MultifdConfig | None = None, peer: PeerProfile | None = None) -> None:
         self.machine = machine
         self.uri = uri
-        self.capabilities, self.parameters = parse_settings(capabilities, parameters)
+        if peer is None:
+            peer = multifd.peer if multifd is not None else NEWEST
+        elif multifd is not None and multifd.peer != peer:
+            raise ValueError(f"the multifd configuration is for {multifd.peer}, the migration for {peer}")
+        self.peer = peer
+        self.capabilities, self.parameters = parse_settings(capabilities, parameters, peer)
         if multifd is None and self.capabilities["multifd"]:
-            multifd = MultifdConfig()
+            multifd = MultifdConfig(peer=peer)
         if multifd is not None:
             if self.capabilities["xbzrle"]:
                 raise ValueError("capability 'xbzrle' is not compatible with capability 'multifd'")
@@ -279,6 +266,9 @@ class Migration:
         self.error: str | None = None
         cache = XbzrleCache(self.parameters["xbzrle-cache-size"]) if self.capabilities["xbzrle"] else None
         self.encoder = RamEncoder(cache, zero_copy=True)  # the main channel writes pages from RAM (Channel.writev)
+        self._framing = SavevmWriter()
+        # The blocks whose pages go on the wire: with x-ignore-shared, shared blocks stay where they are.
+        self._sent = [b for b in machine.ram if not (self.capabilities["x-ignore-shared"] and b.shared)]
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self._channel: Channel | None = None
@@ -345,27 +335,29 @@ class Migration:
         if not blocks:
             raise MigrationError("the machine has no RAM blocks")
         cfg = self.multifd
-        if cfg is not None and cfg.layout != "7.2":  # the newest QEMU opens its multifd channels first
+        if cfg is not None and cfg.peer.multifd_classifies_channels:  # multifd channels first, as QEMU does
             self._open_multifd(cfg)
         self._channel = open_outgoing(self.uri, timeout=self.timeout)
         self._writer = _WriteBehind(self._channel)
-        if cfg is not None and cfg.layout == "7.2":  # 7.2 takes the first connection it accepts as main
+        if cfg is not None and not cfg.peer.multifd_classifies_channels:  # the first connection is the main one
             self._open_multifd(cfg)
         self._check_cancel()
-        head = Writer()
-        head.write(stream_head(configuration_for(m.name)))
+        f = self._framing
+        ignore_shared = self.capabilities["x-ignore-shared"]
+        caps = (CAP_IGNORE_SHARED,) if ignore_shared else ()
+        head = [f.head(MachineConfiguration(m.name.encode(), caps))]
         if self.capabilities["return-path"]:
-            head.write(struct.pack(">BHH", QEMU_VM_COMMAND, MIG_CMD_OPEN_RETURN_PATH, 0))
-        head.write(section_head(QEMU_VM_SECTION_START, RAM_SECTION_ID, IDSTR_RAM, 0, RAM_SECTION_VERSION))
-        head.write(self.encoder.block_list(m.ram))
-        self._send([head.getvalue()])
+            head.append(f.command(MIG_CMD_OPEN_RETURN_PATH))
+        head.append(f.start(RAM_SECTION_ID, IDSTR_RAM, RAM_SECTION_VERSION))
+        head.append(self.encoder.block_list(m.ram, RamContext(ignore_shared=ignore_shared)))
+        self._send(head)
         self._start_multifd()
         self._multifd_sync(True)
-        self._send([self.encoder.eos(), section_footer(RAM_SECTION_ID)])
+        self._send([self.encoder.eos(), f.footer(RAM_SECTION_ID)])
         # QEMU's first bitmap sync: every page is dirty; the dirty log starts empty.
-        for b in blocks:
+        for b in self._sent:
             b.take_dirty()
-        todo = _Pass([(b, np.arange(b.npages, dtype=np.int64)) for b in blocks])
+        todo = _Pass([(b, np.arange(b.npages, dtype=np.int64)) for b in self._sent])
         self.dirty_sync_count = 1
         now = time.monotonic()
         self._setup_time = now - self._start
@@ -386,7 +378,7 @@ class Migration:
     def _iterate(self, todo: _Pass) -> None:
         """One PART section: dirty pages for at most MAX_WAIT or the window's bandwidth share."""
         started = time.monotonic()
-        buffers: list[Any] = [section_head(QEMU_VM_SECTION_PART, RAM_SECTION_ID)]
+        buffers: list[Any] = [self._framing.part(RAM_SECTION_ID)]
         limit = self.parameters["max-bandwidth"] * BUFFER_DELAY
         while True:
             # Within a bandwidth limit, chunks are no larger than what the window has left.
@@ -406,9 +398,9 @@ class Migration:
                 break
         if buffers:
             self._send(buffers)
-        # 7.2's layout syncs at every section end; the newest once per pass (a MULTIFD_FLUSH).
+        # Older peers sync at every section end; newer ones once per pass (a MULTIFD_FLUSH).
         self._multifd_sync(self.multifd is not None and (self.multifd.legacy_sync or got is None))
-        self._send([self.encoder.eos(), section_footer(RAM_SECTION_ID)], 8)
+        self._send([self.encoder.eos(), self._framing.footer(RAM_SECTION_ID)], 8)
         self._update_counters(todo)
 
     def _send_pages(self, buffers: list[Any], block: RamBlock, pages: Pages, last_stage: bool = False) -> None:
@@ -506,7 +498,7 @@ class Migration:
         unsent = todo.unsent()
         pages: list[tuple[RamBlock, Pages]] = []
         dirtied = 0
-        for b in self.machine.ram:
+        for b in self._sent:
             new = b.take_dirty()
             dirtied += int(new.size)
             old = unsent.get(b.name)
@@ -559,16 +551,16 @@ class Migration:
         down = time.monotonic()
         todo = self._sync(todo)
         before = self._bytes_sent()
-        self._send([section_head(QEMU_VM_SECTION_END, RAM_SECTION_ID)])
+        self._send([self._framing.end(RAM_SECTION_ID)])
         while (got := todo.take(_CHUNK_PAGES)) is not None:
             self._check_cancel()
             block, pages = got
             self._send_pages([], block, pages, last_stage=True)
         self._multifd_sync(True)
-        self._send([self.encoder.eos(), section_footer(RAM_SECTION_ID)])
+        self._send([self.encoder.eos(), self._framing.footer(RAM_SECTION_ID)])
         self._downtime_bytes = self._bytes_sent() - before
         self._remaining = 0
-        self._send([stream_tail([
+        self._send([self._framing.tail([
             Section(QEMU_VM_SECTION_FULL, RAM_SECTION_ID + 1 + i, 0, dev.idstr, dev.instance_id, dev.version_id,
                     payload=dev.state)
             for i, dev in enumerate(m.devices.values())

@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from vmsd.migration.ram.records import RamPayload, read_ram, write_ram
+from vmsd.migration.ram.records import PLAIN, RAM_SECTION_VERSION, RamContext, RamPayload, read_ram, write_ram
 from vmsd.runtime.errors import (
     MalformedStream,
     RegistryError,
@@ -73,10 +73,84 @@ MIG_CMD_OPEN_RETURN_PATH = 1
 MIG_RP_MSG_SHUT = 1
 
 
+CAP_IGNORE_SHARED = b"x-ignore-shared"
+_CAPABILITIES_SUBSECTION = b"configuration/capabilities"
+_CONFIGURATION_SUBSECTIONS = {  # name -> fixed body length (None: the capability list)
+    _CAPABILITIES_SUBSECTION: None,
+    b"configuration/target-page-bits": 4,
+    b"configuration/uuid": 16,
+}
+
+
+@attrs.define
+class MachineConfiguration:
+    """QEMU's configuration record (savevm.c's vmstate_configuration), as the engine writes and reads it.
+
+    A stream tool reads the record through the configuration spec of its spec set (so it shows and
+    rewrites every field); the engine needs only the machine type and the validated capabilities,
+    and must not depend on any QEMU version's spec set for them.
+    """
+
+    name: bytes
+    capabilities: tuple[bytes, ...] = ()  # validated capabilities that are on (x-ignore-shared, mapped-ram)
+
+    def encode(self) -> bytes:
+        """The record's body (after its 0x07 byte), as QEMU saves it at version 1."""
+        w = Writer()
+        w.u32(len(self.name))
+        w.write(self.name)
+        if self.capabilities:
+            w.u8(QEMU_VM_SUBSECTION)
+            w.counted_string(_CAPABILITIES_SUBSECTION)
+            w.u32(1)
+            w.u32(len(self.capabilities))
+            for cap in self.capabilities:
+                w.counted_string(cap)
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> MachineConfiguration:
+        """The record's body; subsections other than the capability list are checked and skipped."""
+        n = r.u32()
+        if n > 255:  # a machine type name is short; a large count is not a configuration record
+            raise MalformedStream(f"machine type name of {n} bytes", offset=r.tell() - 4)
+        name = r.read(n)
+        caps: list[bytes] = []
+        while r.peek(1) == bytes([QEMU_VM_SUBSECTION]):
+            at = r.tell()
+            r.u8()
+            sub = r.counted_string()
+            if sub not in _CONFIGURATION_SUBSECTIONS:
+                raise MalformedStream(f"unknown subsection {sub.decode(errors='replace')!r} of the configuration",
+                                      offset=at)
+            if (version := r.u32()) != 1:
+                raise VersionMismatch(f"subsection {sub.decode()!r} version {version}, only 1 is known", offset=at)
+            size = _CONFIGURATION_SUBSECTIONS[sub]
+            if size is not None:
+                r.read(size)
+                continue
+            for _ in range(r.u32()):
+                caps.append(r.counted_string())
+        return cls(name, tuple(caps))
+
+
+def capabilities_of(configuration: Any) -> tuple[bytes, ...]:
+    """The validated capabilities of a configuration record: ours, or a spec's typed object (whose
+    capability list is one opaque field of counted names)."""
+    if isinstance(configuration, MachineConfiguration):
+        return configuration.capabilities
+    raw = bytes(getattr(configuration, "capabilities", b""))
+    names: list[bytes] = []
+    while raw:
+        names.append(raw[1:1 + raw[0]])
+        raw = raw[1 + raw[0]:]
+    return tuple(names)
+
+
 @attrs.define
 class Configuration:
     offset: int
-    state: Any  # the typed configuration object
+    state: Any  # a MachineConfiguration, or the spec set's typed configuration object
 
 
 @attrs.define
@@ -319,7 +393,7 @@ class Decoder:
         self.strict_typed = strict_typed
         self.stream = Stream()
         # Set by a live receiver: reads one RAM section's records from ``self.r`` into its RAM.
-        self.ram_handler: Callable[[Section], None] | None = None
+        self.ram_handler: Callable[[Section, RamContext], None] | None = None
         # Set by a machine's receiver: the class of each (idstr, instance id) it has; others are unknown.
         self.section_classes: dict[tuple[str, int], type] | None = None
         self.return_path = False  # the source opened QEMU's return path
@@ -334,7 +408,7 @@ class Decoder:
         self.broken_trailer: tuple[int, str] | None = None  # (offset, why) of a framed trailer that is not JSON
         self.open_sections: dict[int, Section] = {}
         self.footers: bool | None = None
-        self.ignore_shared = False
+        self.ram_context = PLAIN  # set from the configuration's capabilities
         self.ram_block_named = False
         self.package_eof = False  # set when a PACKAGED command's records end at an EOF byte
 
@@ -391,16 +465,17 @@ class Decoder:
         return self.stream
 
     def load_configuration(self) -> Any:
+        """The configuration record, typed by the spec set's spec when it has one."""
         cls = self.specs.lookup("configuration", "configuration")
-        if cls is None:
-            raise RegistryError("no spec for the configuration record", offset=self.r.tell())
-        obj = impl(cls)()
         try:
-            obj.load_into(self.r, 0)  # QEMU loads the configuration at version 0
+            if cls is None:
+                obj: Any = MachineConfiguration.decode(self.r)
+            else:
+                obj = impl(cls)()
+                obj.load_into(self.r, 0)  # QEMU loads the configuration at version 0
         except VMSDError as e:
             raise e.in_section("configuration") from None
-        caps = getattr(obj, "capabilities", b"")
-        self.ignore_shared = b"x-ignore-shared" in caps
+        self.ram_context = RamContext(ignore_shared=CAP_IGNORE_SHARED in capabilities_of(obj))
         return obj
 
     def records(self, top: bool) -> list[Section | Command]:
@@ -534,12 +609,13 @@ class Decoder:
 
     def payload(self, sec: Section) -> None:
         if sec.idstr == IDSTR_RAM:
-            if sec.version_id != 4:
-                raise VersionMismatch(f"RAM section version {sec.version_id}, only 4 is known", offset=sec.offset)
+            if sec.version_id != RAM_SECTION_VERSION:
+                raise VersionMismatch(f"RAM section version {sec.version_id}, only {RAM_SECTION_VERSION} is known",
+                                      offset=sec.offset)
             if self.ram_handler is not None:
-                self.ram_handler(sec)
+                self.ram_handler(sec, self.ram_context)
                 return
-            sec.payload = read_ram(self.r, ignore_shared=self.ignore_shared, block_named=self.ram_block_named)
+            sec.payload = read_ram(self.r, self.ram_context, block_named=self.ram_block_named)
             self.ram_block_named = self.ram_block_named or sec.payload.names_block()
             return
         if sec.kind != QEMU_VM_SECTION_FULL:
@@ -770,7 +846,10 @@ def stream_head(configuration: Any, version: int = QEMU_VM_FILE_VERSION) -> byte
     w = Writer()
     w.u32(QEMU_VM_FILE_MAGIC)
     w.u32(version)
-    if configuration is not None:
+    if isinstance(configuration, MachineConfiguration):
+        w.u8(QEMU_VM_CONFIGURATION)
+        w.write(configuration.encode())
+    elif configuration is not None:
         w.u8(QEMU_VM_CONFIGURATION)
         configuration._save_nested(w, configuration.VERSION_ID)
     return w.getvalue()
@@ -789,6 +868,70 @@ def section_head(kind: int, section_id: int, idstr: str = "", instance_id: int =
 
 def section_footer(section_id: int) -> bytes:
     return struct.pack(">BI", QEMU_VM_SECTION_FOOTER, section_id)
+
+
+class SavevmWriter:
+    """QEMU's savevm framing in stream order, as byte strings for the caller to send (no I/O).
+
+    Live migration, snapshots and tools frame their streams with it: the header with the configuration
+    record, commands, START/PART/END/FULL section headers with their footers (QEMU's
+    ``send-section-footer``, on for every machine type since 2.4), EOF and the trailer.  Section payloads
+    come from their codecs (RAM records, device state).  It refuses what QEMU's loader would: a PART or
+    END of a section that was never started or has ended, a second START, a header after EOF.
+    """
+
+    def __init__(self, footers: bool = True) -> None:
+        self.footers = footers
+        self._open: set[int] = set()
+        self._done = False
+
+    def head(self, configuration: Any, version: int = QEMU_VM_FILE_VERSION) -> bytes:
+        """Magic, version and the configuration record (a :class:`MachineConfiguration` or a typed one)."""
+        return stream_head(configuration, version)
+
+    def command(self, cmd: int, data: bytes = b"") -> bytes:
+        self._check_open_stream()
+        return struct.pack(">BHH", QEMU_VM_COMMAND, cmd, len(data)) + data
+
+    def start(self, section_id: int, idstr: str, version_id: int, instance_id: int = 0) -> bytes:
+        """The header of an iterative section's first part (RAM's block list follows)."""
+        self._check_open_stream()
+        if section_id in self._open:
+            raise SaveError(f"section {section_id} ('{idstr}') is started twice")
+        self._open.add(section_id)
+        return section_head(QEMU_VM_SECTION_START, section_id, idstr, instance_id, version_id)
+
+    def part(self, section_id: int) -> bytes:
+        self._check_started(section_id)
+        return section_head(QEMU_VM_SECTION_PART, section_id)
+
+    def end(self, section_id: int) -> bytes:
+        """The header of an iterative section's last part; the section is closed after it."""
+        self._check_started(section_id)
+        self._open.discard(section_id)
+        return section_head(QEMU_VM_SECTION_END, section_id)
+
+    def footer(self, section_id: int) -> bytes:
+        return section_footer(section_id) if self.footers else b""
+
+    def tail(self, sections: list[Section]) -> bytes:
+        """The device (FULL) sections, EOF and the trailer regenerated from their specs; the stream ends."""
+        self._check_open_stream()
+        if self._open:
+            raise SaveError(f"EOF while section(s) {sorted(self._open)} have not ended")
+        for sec in sections:
+            sec.footer = self.footers
+        self._done = True
+        return stream_tail(sections)
+
+    def _check_open_stream(self) -> None:
+        if self._done:
+            raise SaveError("the stream has ended (EOF written)")
+
+    def _check_started(self, section_id: int) -> None:
+        self._check_open_stream()
+        if section_id not in self._open:
+            raise SaveError(f"section {section_id} was not started or has ended")
 
 
 # What encoding a value of the wrong type or range raises before it reaches a

@@ -26,17 +26,15 @@ from vmsd.migration.iovec import Scattered, write_scattered
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import MultifdConfig
 from vmsd.migration.precopy import Migration
+from vmsd.migration.profile import PeerProfile
+from vmsd.migration.ram.records import RAM_SECTION_VERSION, RamContext
 from vmsd.migration.ram.wire import RamEncoder
 from vmsd.migration.stream import (
+    CAP_IGNORE_SHARED,
     IDSTR_RAM,
-    QEMU_VM_SECTION_END,
-    QEMU_VM_SECTION_PART,
-    QEMU_VM_SECTION_START,
+    SavevmWriter,
     SpecSet,
-    section_footer,
-    section_head,
-    stream_head,
-    stream_tail,
+    capabilities_of,
 )
 from vmsd.migration.transport import open_incoming
 from vmsd.runtime.errors import RegistryError
@@ -56,19 +54,24 @@ def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0,
 
 
 def write_snapshot(result: IncomingResult, output: Path) -> None:
-    """One RAM pass (START with the block list, one PART, END) and the device sections, written atomically."""
+    """One RAM pass (START with the block list, one PART, END) and the device sections, written atomically.
+
+    With x-ignore-shared (the configuration says so), the blocks the source left in place -- those no
+    page record named -- get no pages here either: a destination that shares them would refuse any.
+    """
     tmp = output.with_name(output.name + ".partial")
     enc = RamEncoder(zero_copy=True)
+    conf = result.configuration.state if result.configuration is not None else None
+    context = RamContext(ignore_shared=CAP_IGNORE_SHARED in capabilities_of(conf))
+    sent = [b for b in result.blocks if not context.ignore_shared or b.name in result.named_blocks]
+    ram_id = result.ram_section_id
+    framing = SavevmWriter(footers=any(s.footer for s in result.sections) or not result.sections)
     try:
         with open(tmp, "wb") as f:
-            conf = result.configuration.state if result.configuration is not None else None
-            ram_id = result.ram_section_id
-            footer = section_footer(ram_id) if any(s.footer for s in result.sections) or not result.sections else b""
-            f.write(stream_head(conf))
-            f.write(section_head(QEMU_VM_SECTION_START, ram_id, IDSTR_RAM, 0, 4) + enc.block_list(result.blocks)
-                    + enc.eos() + footer)
-            f.write(section_head(QEMU_VM_SECTION_PART, ram_id))
-            for block in result.blocks:
+            f.write(framing.head(conf) + framing.start(ram_id, IDSTR_RAM, RAM_SECTION_VERSION)
+                    + enc.block_list(result.blocks, context) + enc.eos() + framing.footer(ram_id))
+            f.write(framing.part(ram_id))
+            for block in sent:
                 for start in range(0, block.npages, _PAGES_PER_WRITE):
                     pages = np.arange(start, min(start + _PAGES_PER_WRITE, block.npages), dtype=np.int64)
                     for buf in enc.encode(block, pages):
@@ -77,9 +80,9 @@ def write_snapshot(result: IncomingResult, output: Path) -> None:
                             write_scattered(f.fileno(), buf)
                         else:
                             f.write(buf)
-            f.write(enc.eos() + footer)
-            f.write(section_head(QEMU_VM_SECTION_END, ram_id) + enc.eos() + footer)
-            f.write(stream_tail(result.sections))
+            f.write(enc.eos() + framing.footer(ram_id))
+            f.write(framing.end(ram_id) + enc.eos() + framing.footer(ram_id))
+            f.write(framing.tail(result.sections))
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(output)
@@ -112,9 +115,9 @@ def load_machine(snapshot: Path, specs: SpecSet) -> Machine:
 def outgoing(snapshot: Path, uri: str, specs: SpecSet, timeout: float = 60.0,
              capabilities: dict[str, bool] | None = None, parameters: dict[str, int] | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None,
-             multifd: MultifdConfig | None = None) -> dict[str, Any]:
+             multifd: MultifdConfig | None = None, peer: PeerProfile | None = None) -> dict[str, Any]:
     """Migrate a snapshot to a peer (e.g. QEMU with ``-incoming``) with the precopy engine; its ``query-migrate``."""
     with load_machine(snapshot, specs) as m:
         m.resume()  # nothing runs on it; the engine pauses it for the final stage
         return Migration(m, uri, capabilities, parameters, on_progress=on_progress, timeout=timeout,
-                         multifd=multifd).run()
+                         multifd=multifd, peer=peer).run()

@@ -53,8 +53,12 @@ class RamBlock:
 
     page_size = PAGE_SIZE
 
-    def __init__(self, name: str, used_length: int, fd: int, path: str | None = None) -> None:
-        """Map ``used_length`` bytes of ``fd`` (taking ownership of ``fd``)."""
+    def __init__(self, name: str, used_length: int, fd: int, path: str | None = None, shared: bool = False) -> None:
+        """Map ``used_length`` bytes of ``fd`` (taking ownership of ``fd``).
+
+        ``shared``: the memory outlives this process where another one can map it (QEMU's ``share=on``):
+        with x-ignore-shared a migration leaves such a block where it is and sends none of its pages.
+        """
         if used_length <= 0 or used_length % PAGE_SIZE:
             os.close(fd)
             raise ValueError(f"RAM block '{name}': length {used_length:#x} is not a positive multiple of {PAGE_SIZE}")
@@ -64,6 +68,8 @@ class RamBlock:
         self.name = name
         self.used_length = used_length
         self.path = path
+        self.shared = shared
+        self.addr = 0  # guest physical address of the block's region (sent with x-ignore-shared)
         self.fd = fd
         try:
             if os.fstat(fd).st_size < used_length:
@@ -85,10 +91,11 @@ class RamBlock:
 
     # -- construction -------------------------------------------------------------------------------------------------
     @classmethod
-    def memfd(cls, name: str, used_length: int, allow_sealing: bool = False, prealloc: bool = False) -> RamBlock:
+    def memfd(cls, name: str, used_length: int, allow_sealing: bool = False, prealloc: bool = False,
+              shared: bool = False) -> RamBlock:
         flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if allow_sealing else 0)
         fd = os.memfd_create(f"vmsd:{name}", flags)
-        block = cls(name, used_length, fd)
+        block = cls(name, used_length, fd, shared=shared)
         if prealloc:
             block.prealloc()
         return block
@@ -96,11 +103,13 @@ class RamBlock:
     @classmethod
     def from_file(cls, name: str, path: str | os.PathLike[str], used_length: int | None = None,
                   prealloc: bool = False) -> RamBlock:
-        """Share the file at ``path`` (created or extended to ``used_length``; default: its size)."""
+        """Share the file at ``path`` (created or extended to ``used_length``; default: its size).
+
+        The block is ``shared``: another process (a QEMU with ``share=on``) may map the same file."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if used_length is None:
             used_length = os.fstat(fd).st_size
-        block = cls(name, used_length, fd, path=os.fspath(path))
+        block = cls(name, used_length, fd, path=os.fspath(path), shared=True)
         if prealloc:
             block.prealloc()
         return block

@@ -16,6 +16,7 @@ import attrs
 from vmsd.runtime.errors import MalformedStream
 from vmsd.runtime.io import Reader, Writer
 
+RAM_SECTION_VERSION = 4  # the only version of the "ram" section QEMU loads
 RAM_SAVE_FLAG_FULL = 0x01
 RAM_SAVE_FLAG_ZERO = 0x02
 RAM_SAVE_FLAG_MEM_SIZE = 0x04
@@ -34,8 +35,24 @@ _KNOWN = (
 )
 
 
+@attrs.frozen
+class RamContext:
+    """What a RAM section's bytes mean depends on the stream's settings; every reader of RAM records is
+    handed this (by the stream decoder, which learns them from the configuration record), so no parser
+    can be left with its own idea of them."""
+
+    ignore_shared: bool = False  # x-ignore-shared: the block list carries each block's guest address
+    postcopy: bool = False  # postcopy-ram: the block list carries page sizes that differ from the host's
+
+
+# A stream with neither capability on.
+PLAIN = RamContext()
+
+
 @attrs.define
-class RamBlock:
+class RamBlockInfo:
+    """One entry of the MEM_SIZE block list."""
+
     name: str
     used_length: int
     page_size: int | None = None  # sent only with postcopy when it differs from the host page size
@@ -50,7 +67,7 @@ class RamRecord:
     offset: int
     block: str | None = None
     data: bytes = b""  # page bytes, fill byte, XBZRLE or zlib payload
-    blocks: list[RamBlock] = attrs.Factory(list)  # MEM_SIZE only
+    blocks: list[RamBlockInfo] = attrs.Factory(list)  # MEM_SIZE only
 
 
 class RamPayload:
@@ -74,7 +91,7 @@ class RamPayload:
     def records(self) -> list[RamRecord]:
         if self._records is None:
             assert self._raw is not None and self._summary is not None
-            self._records = _read_records(Reader(self._raw), self._summary.ignore_shared, self._summary.postcopy, True)
+            self._records = _read_records(Reader(self._raw), self._summary.context, True)
         return self._records
 
     def _unparsed(self) -> _Summary | None:
@@ -86,7 +103,7 @@ class RamPayload:
         summary = self._unparsed()
         return summary.count if summary is not None else len(self.records)
 
-    def block_list(self) -> list[RamBlock]:
+    def block_list(self) -> list[RamBlockInfo]:
         """The blocks announced by MEM_SIZE records (QEMU sends them in the first section)."""
         summary = self._unparsed()
         if summary is not None:
@@ -132,26 +149,25 @@ class _Summary:
     """What the scanner learned about a section without building records."""
 
     count: int
-    blocks: list[RamBlock]
+    blocks: list[RamBlockInfo]
     pages: dict[str, dict[str, int]]  # block name -> {"zero"/"normal"/...: pages}
-    ignore_shared: bool
-    postcopy: bool
+    context: RamContext
 
 
-def read_ram(r: Reader, ignore_shared: bool = False, postcopy: bool = False, block_named: bool = False) -> RamPayload:
-    """Read records until EOS.  ``ignore_shared``/``postcopy`` follow the stream's capabilities;
+def read_ram(r: Reader, context: RamContext = PLAIN, block_named: bool = False) -> RamPayload:
+    """Read records until EOS, as the stream's ``context`` says they are laid out.
     ``block_named``: an earlier section already named a block, so CONTINUE may come first
     (QEMU keeps its last block across the sections of one migration)."""
     if r.remaining() is not None:  # the whole input is in memory: scan it in place
         start = r.pos
-        scanned = _scan(r.buf, start, ignore_shared, postcopy, block_named)
+        scanned = _scan(r.buf, start, context, block_named)
         if scanned is not None:
             end, summary = scanned
             r.take(end - start)
             return RamPayload(raw=r.buf[start:end], summary=summary)
     # Streaming input, or something the scanner does not accept: the exact
     # parser says what is wrong, and where.
-    return RamPayload(_read_records(r, ignore_shared, postcopy, block_named))
+    return RamPayload(_read_records(r, context, block_named))
 
 
 _U64 = struct.Struct(">Q")
@@ -174,13 +190,13 @@ def _page_kind(flags: int) -> str:
 _ANY_PAGE = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_COMPRESS_PAGE
 
 
-def _scan(buf: bytes, pos: int, ignore_shared: bool, postcopy: bool, block_named: bool) -> tuple[int, _Summary] | None:
+def _scan(buf: bytes, pos: int, context: RamContext, block_named: bool) -> tuple[int, _Summary] | None:
     """Walk one section's records in ``buf``: (end, summary), or None on
     anything unusual (the caller then re-reads with the exact parser)."""
     end = len(buf)
     unpack_u64 = _U64.unpack_from
     count = 0
-    blocks: list[RamBlock] = []
+    blocks: list[RamBlockInfo] = []
     pages: dict[bytes, list[int]] = {}  # per block: zero, normal, xbzrle, compressed
     current: list[int] | None = None
     if block_named:
@@ -236,7 +252,7 @@ def _scan(buf: bytes, pos: int, ignore_shared: bool, postcopy: bool, block_named
             r = Reader(buf[pos - 8 :])
             try:
                 r.u64()
-                blocks += _read_block_list(r, unpack_u64(buf, pos - 8)[0] & ~(TARGET_PAGE_SIZE - 1), ignore_shared, postcopy)
+                blocks += read_block_list(r, unpack_u64(buf, pos - 8)[0] & ~(TARGET_PAGE_SIZE - 1), context)
             except MalformedStream:
                 return None
             pos += r.tell() - 8
@@ -246,7 +262,7 @@ def _scan(buf: bytes, pos: int, ignore_shared: bool, postcopy: bool, block_named
                 for name, counts in pages.items()
                 if any(counts)
             }
-            return pos, _Summary(count, blocks, summary, ignore_shared, postcopy)
+            return pos, _Summary(count, blocks, summary, context)
     return None
 
 
@@ -277,7 +293,7 @@ def _zero_run(buf: bytes, pos: int, end: int) -> int:
         probe = min(probe * 8, 1 << 16)
 
 
-def _read_records(r: Reader, ignore_shared: bool, postcopy: bool, block_named: bool) -> list[RamRecord]:
+def _read_records(r: Reader, context: RamContext, block_named: bool) -> list[RamRecord]:
     records: list[RamRecord] = []
     have_block = block_named
     while True:
@@ -289,7 +305,7 @@ def _read_records(r: Reader, ignore_shared: bool, postcopy: bool, block_named: b
             raise MalformedStream(f"unknown RAM record flags {flags:#x}", offset=at)
         rec = RamRecord(flags, offset)
         if flags & RAM_SAVE_FLAG_MEM_SIZE:
-            rec.blocks = _read_block_list(r, offset, ignore_shared, postcopy)
+            rec.blocks = read_block_list(r, offset, context)
         elif flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_COMPRESS_PAGE):
             if not flags & RAM_SAVE_FLAG_CONTINUE:
                 rec.block = r.counted_string().decode(errors="replace")
@@ -318,8 +334,9 @@ def _read_records(r: Reader, ignore_shared: bool, postcopy: bool, block_named: b
             return records
 
 
-def _read_block_list(r: Reader, total: int, ignore_shared: bool, postcopy: bool) -> list[RamBlock]:
-    blocks: list[RamBlock] = []
+def read_block_list(r: Reader, total: int, context: RamContext) -> list[RamBlockInfo]:
+    """The MEM_SIZE record's block list (after its header word, whose offset bits are ``total``)."""
+    blocks: list[RamBlockInfo] = []
     remaining = total
     while remaining > 0:
         at = r.tell()
@@ -327,10 +344,10 @@ def _read_block_list(r: Reader, total: int, ignore_shared: bool, postcopy: bool)
         used = r.u64()
         if used > remaining:
             raise MalformedStream(f"RAM block '{name}' of {used:#x} bytes exceeds the announced total", offset=at)
-        block = RamBlock(name, used)
-        if postcopy:
+        block = RamBlockInfo(name, used)
+        if context.postcopy:
             block.page_size = r.u64()
-        if ignore_shared:
+        if context.ignore_shared:
             block.addr = r.u64()
         blocks.append(block)
         remaining -= used

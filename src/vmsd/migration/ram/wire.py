@@ -29,6 +29,7 @@ from vmsd.migration.iovec import Scattered
 from vmsd.migration.ram import xbzrle
 from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock, RamBlocks, zero_pages
 from vmsd.migration.ram.records import (
+    PLAIN,
     RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
@@ -38,13 +39,14 @@ from vmsd.migration.ram.records import (
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE,
     RAM_SAVE_FLAG_ZERO,
+    RamBlockInfo,
+    RamContext,
     RamPayload,
     RamRecord,
-    _read_block_list,
+    read_block_list,
     read_ram,
     write_ram,
 )
-from vmsd.migration.ram.records import RamBlock as RamBlockInfo
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import ByteSource, Reader, Writer
 
@@ -135,13 +137,15 @@ class RamEncoder:
         self.counters = RamCounters()
         self._bases: dict[str, int] = {}
 
-    def block_list(self, blocks: RamBlocks) -> bytes:
-        """The MEM_SIZE record of the setup section (without its EOS)."""
+    def block_list(self, blocks: RamBlocks, context: RamContext = PLAIN) -> bytes:
+        """The MEM_SIZE record of the setup section (without its EOS), laid out as ``context`` says."""
         out = bytearray(_U64.pack(blocks.total() | RAM_SAVE_FLAG_MEM_SIZE))
         base = 0
         for b in blocks:
             name = b.name.encode()
             out += bytes([len(name)]) + name + _U64.pack(b.used_length)
+            if context.ignore_shared:
+                out += _U64.pack(b.addr)
             self._bases[b.name] = base  # the page cache keys pages by a global RAM address
             base += b.used_length
         self.counters.transferred += len(out)
@@ -262,14 +266,16 @@ class RamLoader:
     :mod:`vmsd.migration.ram.blocks` on why a failed destination is discarded).
     """
 
-    def __init__(self, blocks: RamBlocks, create_missing: bool = True, ignore_shared: bool = False,
-                 mark_dirty: bool = False) -> None:
+    def __init__(self, blocks: RamBlocks, create_missing: bool = True, mark_dirty: bool = False) -> None:
         self.blocks = blocks
         self.create_missing = create_missing
-        self.ignore_shared = ignore_shared
         self.mark_dirty = mark_dirty
         self.counters = RamCounters()
         self.sections = 0
+        self.context = PLAIN  # the stream's, given with each section
+        # Blocks some page record named.  With x-ignore-shared a source sends no page of its shared blocks,
+        # so after a complete precopy the others are exactly the blocks that stayed where they were.
+        self.named: set[str] = set()
         # Multifd: called at each sync point -- every EOS with 7.2's layout, every MULTIFD_FLUSH with the newest.
         self.sync_hook: Callable[[], None] | None = None
         self.legacy_sync = False
@@ -277,8 +283,9 @@ class RamLoader:
         # fresh megabytes per section would be zero-filled and page-faulted all over again.
         self._buffers: list[bytearray] = []
 
-    def load_section(self, r: Reader) -> None:
-        """Read and apply records up to and including EOS."""
+    def load_section(self, r: Reader, context: RamContext = PLAIN) -> None:
+        """Read and apply records up to and including EOS, laid out as the stream's ``context`` says."""
+        self.context = context
         try:
             self._load(r)
         except VMSDError as e:
@@ -415,7 +422,8 @@ class RamLoader:
         c = self.counters
         if flags & RAM_SAVE_FLAG_MEM_SIZE:
             try:
-                _apply_block_list(blocks, _read_block_list(r, offset, self.ignore_shared, False), self.create_missing)
+                _apply_block_list(blocks, read_block_list(r, offset, self.context), self.create_missing,
+                                  self.context)
             except VMSDError as e:
                 if e.offset is None:
                     e.offset = at
@@ -431,7 +439,11 @@ class RamLoader:
                 found = blocks.get(name)
                 if found is None:
                     raise MalformedStream(f"can't find RAM block '{name}'", offset=at)
+                if found.shared and self.context.ignore_shared:
+                    raise MalformedStream(f"RAM block '{name}' is shared here and x-ignore-shared is on: "
+                                          f"it should not be migrated", offset=at)
                 block = blocks.last_block = found
+                self.named.add(name)
             if offset + PAGE_SIZE > block.used_length:
                 raise MalformedStream(f"illegal RAM offset {offset:#x} in block '{block.name}' "
                                       f"of {block.used_length:#x} bytes", offset=at)
@@ -572,13 +584,18 @@ def _drop_page_views(e: BaseException) -> None:
         seen = seen.__cause__ or seen.__context__
 
 
-def _apply_block_list(blocks: RamBlocks, announced: list[RamBlockInfo], create_missing: bool) -> None:
+def _apply_block_list(blocks: RamBlocks, announced: list[RamBlockInfo], create_missing: bool,
+                      context: RamContext) -> None:
     # Check everything first so a bad list creates nothing.
     for info in announced:
         have = blocks.get(info.name)
         if have is not None and have.used_length != info.used_length:
             raise MalformedStream(f"wrong block list from the peer: RAM block '{info.name}' is "
                                   f"{info.used_length:#x} bytes in the stream, {have.used_length:#x} here")
+        if have is not None and context.ignore_shared and have.shared and info.addr != have.addr:
+            # The block stays where it is only if both sides map it at the same guest address.
+            raise MalformedStream(f"Mismatched GPAs for block '{info.name}': {info.addr or 0:#x} in the stream, "
+                                  f"{have.addr:#x} here")
         if have is None and not create_missing:
             raise MalformedStream(f"wrong block list from the peer: unknown RAM block '{info.name}'")
         if have is None and (info.used_length <= 0 or info.used_length % PAGE_SIZE):
@@ -586,7 +603,7 @@ def _apply_block_list(blocks: RamBlocks, announced: list[RamBlockInfo], create_m
                                   f"of {info.used_length:#x} bytes")
     for info in announced:  # new blocks keep the peer's order (QEMU's list is ordered by maximum length)
         if info.name not in blocks:
-            blocks.create(info.name, info.used_length, append=True)
+            blocks.create(info.name, info.used_length, append=True).addr = info.addr or 0
 
 
 def _decompress_page(data: bytes, page: memoryview, where: str) -> None:
