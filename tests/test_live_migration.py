@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from vmsd.cli import main
+from vmsd.migration.ram.records import RamPayload
+from vmsd.migration.stream import read_stream
+from vmsd.qemu.v7_2 import spec_set
 from vmsd.testing.qmp import Qemu, load_stream
 
 MEM = "32M"
@@ -103,3 +106,48 @@ def test_incoming_peer_that_never_connects_fails_cleanly(tmp_path: Path, capsys:
     assert main(["incoming", f"tcp:127.0.0.1:{_free_port()}", "-o", str(out), "--timeout", "0.5"]) == 1
     assert "vmsd incoming: error:" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_qemu_ignore_shared_through_vmsd_incoming(shm: Path, tmp_path: Path) -> None:
+    """x-ignore-shared end to end: QEMU 7.2 leaves its shared RAM file in place and sends the rest; the
+    snapshot `vmsd incoming` writes carries no page of the shared block, says x-ignore-shared in its
+    configuration and block list, and a QEMU 7.2 destination on the same file loads it and runs."""
+    snapshot = tmp_path / "snap.mig"
+    port = _free_port()
+    result: list[int] = []
+    receiver = threading.Thread(
+        target=lambda: result.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snapshot), "--timeout", "30"]))
+    )
+    receiver.start()
+    ram = shm / "ram"
+    ignore_shared = [{"capability": "x-ignore-shared", "state": True}]
+    with Qemu(_ram_args(ram)) as src:
+        src.qmp.cmd("migrate-set-capabilities", capabilities=ignore_shared)
+        src.qmp.cmd("cont")
+        time.sleep(0.3)
+        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        src.wait_migration(60)
+        receiver.join(60)
+        assert result == [0]
+        source_bytes = ram.read_bytes()
+
+    stream = read_stream(snapshot.read_bytes(), spec_set())
+    assert stream.configuration is not None
+    assert b"x-ignore-shared" in stream.configuration.state.capabilities
+    payloads = [s.payload for s in stream.sections() if isinstance(s.payload, RamPayload)]
+    blocks = {b.name: b for p in payloads for b in p.block_list()}
+    assert all(b.addr is not None for b in blocks.values())
+    paged: set[str] = set()
+    for p in payloads:
+        paged |= set(p.pages_by_block())
+    shared = {name for name, b in blocks.items() if b.used_length == 32 << 20}  # the memory backend
+    assert len(shared) == 1 and not shared & paged, (shared, paged)
+    assert paged == set(blocks) - shared  # every other block (ROMs, vram, ...) is in the snapshot
+
+    dest = load_stream(snapshot, args=_ram_args(ram), capabilities={"x-ignore-shared": True})
+    try:
+        assert ram.read_bytes() == source_bytes  # the load wrote nothing over the shared RAM
+        dest.qmp.cmd("cont")
+        assert dest.qmp.cmd("query-status")["status"] == "running"
+    finally:
+        dest.stop()

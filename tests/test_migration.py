@@ -25,11 +25,11 @@ from vmsd.generated.examples.serial import Serial
 from vmsd.migration.incoming import Incoming, IncomingResult
 from vmsd.migration.machine import Machine
 from vmsd.migration.precopy import Migration, parse_settings
-from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlocks
-from vmsd.migration.ram.records import read_ram
+from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks
+from vmsd.migration.ram.records import RamContext, read_ram
 from vmsd.migration.ram.wire import RamEncoder, RamLoader, apply_ram
 from vmsd.migration.transport import register_fd
-from vmsd.runtime.errors import VMSDError
+from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader
 from vmsd.tools.progress import Progress, summary
 
@@ -645,3 +645,53 @@ def test_loader_takes_odd_zero_fills_and_truncation_in_a_stream() -> None:
             loader2 = RamLoader(dst2)
             err = _run_with_deadline(lambda: (loader2.load_section(r2), loader2.load_section(r2)))
             assert isinstance(err, VMSDError)
+
+
+def _shared_machine(path: Path, name: str = "test-board") -> Machine:
+    """pc.ram in a shared file (as QEMU's memory-backend-file,share=on), vga.vram private."""
+    m = Machine(name)
+    m.ram.add(RamBlock.from_file("pc.ram", path, 8 * MIB))
+    m.add_ram("vga.vram", 2 * MIB)
+    m.add_device("serial", Serial(divider=12, lcr=3, poll_msl=3))
+    m.add_device("i8254", I8254(channels=[PitChannel(mode=3, gate=1) for _ in range(3)]))
+    return m
+
+
+def test_ignore_shared_leaves_shared_blocks_where_they_are(tmp_path: Path) -> None:
+    """x-ignore-shared: the shared block's pages never go on the wire (both sides map the same file), the
+    private block and the devices do; the configuration record and block list say so as QEMU's do."""
+    shared = tmp_path / "pc.ram"
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    with _shared_machine(shared) as src, _shared_machine(shared) as dst:
+        fill(src)
+        dst.device("serial").scr = 0
+        rx = Receiver(dst, uri)
+        info = Migration(src, uri, capabilities={"x-ignore-shared": True}, parameters={"max-bandwidth": 0}).run()
+        rx.join()
+        assert info["status"] == "completed", info
+        assert rx.error is None and rx.result is not None
+        assert ram_of(dst) == ram_of(src) and devices_of(dst) == devices_of(src)
+        vram_pages = 2 * MIB // PAGE_SIZE
+        # Only vga.vram's pages moved (once each: nothing dirtied them), none of pc.ram's.
+        assert info["ram"]["normal"] + info["ram"]["duplicate"] == vram_pages
+        assert rx.result.counters["normal"] + rx.result.counters["duplicate"] == vram_pages
+        assert rx.result.named_blocks == {"vga.vram"}
+        conf = rx.result.configuration
+        assert conf is not None and conf.state.capabilities == (b"x-ignore-shared",)
+
+
+def test_ignore_shared_stream_checks_guest_addresses_and_refuses_pages_of_shared_blocks(tmp_path: Path) -> None:
+    """A destination that shares a block refuses a block list whose address differs and pages of it."""
+    shared = tmp_path / "pc.ram"
+    ctx = RamContext(ignore_shared=True)
+    with _shared_machine(shared) as src, _shared_machine(shared) as dst:
+        enc = RamEncoder()
+        head = enc.block_list(src.ram, ctx) + enc.eos()
+        RamLoader(dst.ram, create_missing=False).load_section(Reader(head), ctx)
+        dst.ram["pc.ram"].addr = 0x100000
+        with pytest.raises(MalformedStream, match=r"Mismatched GPAs for block 'pc\.ram'"):
+            RamLoader(dst.ram, create_missing=False).load_section(Reader(head), ctx)
+        dst.ram["pc.ram"].addr = 0
+        pages = b"".join(bytes(b) for b in enc.encode(src.ram["pc.ram"], np.arange(2, dtype=np.int64)))
+        with pytest.raises(MalformedStream, match=r"'pc\.ram' is shared here and x-ignore-shared is on"):
+            RamLoader(dst.ram, create_missing=False).load_section(Reader(pages + enc.eos()), ctx)

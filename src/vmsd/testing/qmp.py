@@ -152,13 +152,18 @@ def save_stream(path: Path, args: list[str] | None = None, machine: str = "pc", 
         q.migrate_to_file(path)
 
 
-def load_stream(path: Path, args: list[str] | None = None, machine: str = "pc", timeout: float = 60.0) -> Qemu:
-    """A QEMU that loaded ``path`` with ``-incoming``; the caller inspects it and stops it.
+def load_stream(path: Path, args: list[str] | None = None, machine: str = "pc", timeout: float = 60.0,
+                capabilities: dict[str, bool] | None = None) -> Qemu:
+    """A QEMU that loaded ``path`` with ``-incoming`` (and ``capabilities`` set first, as a destination
+    must for x-ignore-shared); the caller inspects it and stops it.
 
     Raises :class:`QMPError` with QEMU's own messages when the load fails.
     """
     q = Qemu(list(args or []), machine=machine, incoming="defer")
     try:
+        if capabilities:
+            q.qmp.cmd("migrate-set-capabilities",
+                      capabilities=[{"capability": c, "state": on} for c, on in capabilities.items()])
         q.qmp.cmd("migrate-incoming", uri=f"exec:cat {path}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
