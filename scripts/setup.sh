@@ -12,9 +12,10 @@ fi
 
 # QEMU 10.0 (bookworm-backports) is the second peer, unpacked into ~/.cache/vmsd/qemu-10.0
 # rather than installed.  A failure here is only a warning: tests/test_qemu10.py then
-# retries the fetch in its fixture and fails loudly.
-if ! bash scripts/fetch-qemu10.sh; then
-    echo "setup.sh: warning: fetching QEMU 10.0 failed (scripts/fetch-qemu10.sh); tests/test_qemu10.py will fail" >&2
+# retries the fetch in its fixture and fails loudly.  The script is package data of
+# vmsd.testing (so an installed vmsd has it too), run here from the source tree.
+if ! bash src/vmsd/testing/fetch-qemu10.sh; then
+    echo "setup.sh: warning: fetching QEMU 10.0 failed (src/vmsd/testing/fetch-qemu10.sh); tests/test_qemu10.py will fail" >&2
 fi
 
 python=${PYTHON:-python3}

@@ -1,4 +1,4 @@
-"""QEMU 10.0 (Debian bookworm-backports, unpacked privately by scripts/fetch-qemu10.sh) as a peer.
+"""QEMU 10.0 (Debian bookworm-backports, unpacked privately by vmsd/testing/fetch-qemu10.sh) as a peer.
 
 The fixture downloads QEMU 10.0 when it is missing (package registry only) and
 fails loudly when that does not work: these tests are never skipped.

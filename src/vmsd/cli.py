@@ -12,6 +12,10 @@ from vmsd.runtime.errors import VMSDError
 from vmsd.tools.streams import ToolError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+# What `pip install 'vmsd[compiler]'` adds.  Without them the runtime, the
+# stream tools and the live demo work; anything that parses or compiles specs
+# stops with one line naming the extra (see main).
+COMPILER_MODULES = frozenset({"lark", "jinja2"})
 
 
 def _repo_root() -> Path | None:
@@ -32,7 +36,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     else:
         repo = _repo_root()
         if repo is None:
-            print("vmsd compile: no SPEC given and not inside the vmsd repository", file=sys.stderr)
+            from vmsd.bundled import specs_dir
+
+            print(f"vmsd compile: no SPEC given and not inside the vmsd repository (the bundled specs are under "
+                  f"{specs_dir()})", file=sys.stderr)
             return EXIT_USAGE
         specs = sorted((repo / "specs").rglob("*.vmsd"))
         out_dir = Path(args.output) if args.output else repo / "src" / "vmsd" / "generated"
@@ -317,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # transports: refused, timed out, disk full
         print(f"vmsd {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FINDINGS
+    except ModuleNotFoundError as exc:
+        if exc.name not in COMPILER_MODULES:
+            raise
+        print(f"vmsd {args.command}: needs the compiler (no module named {exc.name!r}): "
+              "pip install 'vmsd[compiler]'", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:
         # Spec errors come only from commands that loaded the grammar; the
         # stream tools start faster without importing it.

@@ -1,8 +1,9 @@
 """QEMU 10.0 as a second peer, unpacked from Debian bookworm-backports into a private folder.
 
-``scripts/fetch-qemu10.sh`` downloads and unpacks it (nothing is installed
-system-wide, the system QEMU 7.2 stays); this module finds that folder and
-builds the command line and environment to run it, e.g.::
+``fetch-qemu10.sh`` (package data beside this module, so an installed vmsd
+has it too) downloads and unpacks it (nothing is installed system-wide, the
+system QEMU 7.2 stays); this module finds that folder and builds the command
+line and environment to run it, e.g.::
 
     cmd, env = qemu10_command(ensure_qemu10())
     Qemu(args, binary=cmd[0], extra_args=cmd[1:], env=env)
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+from importlib import resources
 from pathlib import Path
 
 DEFAULT_DIR = Path.home() / ".cache" / "vmsd" / "qemu-10.0"
-FETCH_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fetch-qemu10.sh"
+FETCH_SCRIPT = "fetch-qemu10.sh"  # a resource of this package
 BINARY = Path("usr/bin/qemu-system-x86_64")
 LIB_DIR = Path("usr/lib/x86_64-linux-gnu")
 MODULE_DIR = LIB_DIR / "qemu"
@@ -36,21 +38,24 @@ def qemu10_dir() -> Path | None:
 
 
 def ensure_qemu10(timeout: float = 900.0) -> Path:
-    """The QEMU 10.0 folder, running ``scripts/fetch-qemu10.sh`` first if it is missing."""
+    """The QEMU 10.0 folder, running ``fetch-qemu10.sh`` first if it is missing."""
     d = qemu10_dir()
     if d is not None:
         return d
-    if not FETCH_SCRIPT.is_file():
-        raise RuntimeError(f"QEMU 10.0 is not in {_target_dir()} and {FETCH_SCRIPT} is missing")
-    try:
-        proc = subprocess.run(["bash", str(FETCH_SCRIPT)], stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{FETCH_SCRIPT} did not finish within {timeout:.0f} s") from None
+    resource = resources.files(__package__) / FETCH_SCRIPT
+    if not resource.is_file():
+        raise RuntimeError(f"QEMU 10.0 is not in {_target_dir()} and {FETCH_SCRIPT} is missing from {__package__}")
+    # bash needs a file name: as_file gives the installed one (or a temporary copy).
+    with resources.as_file(resource) as script:
+        try:
+            proc = subprocess.run(["bash", str(script)], stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{script} did not finish within {timeout:.0f} s") from None
     d = qemu10_dir()
     if proc.returncode != 0 or d is None:
         output = (proc.stdout + proc.stderr).strip()[-4000:]
-        raise RuntimeError(f"fetching QEMU 10.0 failed (bash {FETCH_SCRIPT}, exit status {proc.returncode}):\n{output}")
+        raise RuntimeError(f"fetching QEMU 10.0 failed (bash {script}, exit status {proc.returncode}):\n{output}")
     return d
 
 

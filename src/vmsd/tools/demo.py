@@ -10,16 +10,9 @@ from pathlib import Path
 
 import attrs
 
-from vmsd.codegen.compiler import compile_specs
+from vmsd.bundled import specs_dir
 from vmsd.runtime import VMSDError
 from vmsd.runtime.vmdesc import describe, dumps
-
-
-def _specs_dir() -> Path:
-    for d in [Path.cwd(), *Path(__file__).resolve().parents]:
-        if (d / "specs" / "examples").is_dir():
-            return d / "specs"
-    raise SystemExit("vmsd demo: the bundled specs/ folder was not found")
 
 
 def run(ram_size: int = 1 << 30, json_lines: bool = False, capabilities: dict[str, bool] | None = None,
@@ -36,11 +29,17 @@ def run(ram_size: int = 1 << 30, json_lines: bool = False, capabilities: dict[st
 
 
 def _compile_and_show() -> None:
-    specs_dir = _specs_dir()
-    specs = sorted(specs_dir.rglob("*.vmsd"))
-    print(f"== compiling {len(specs)} bundled specs from {specs_dir}")
+    # Imported here, not at the top: the compiler needs the [compiler] extra
+    # (lark, jinja2), and the live part runs on the checked-in generated code
+    # without it.  Imported before anything is printed, so that without the
+    # extra the CLI's one-line hint is all the user sees.
+    from vmsd.codegen.compiler import compile_specs
+
+    root = specs_dir()
+    specs = sorted(root.rglob("*.vmsd"))
+    print(f"== compiling {len(specs)} bundled specs from {root}")
     with tempfile.TemporaryDirectory() as tmp:
-        files = compile_specs(specs, str(specs_dir))
+        files = compile_specs(specs, str(root))
         out = Path(tmp) / "demo_generated"
         for rel, text in files.items():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +87,8 @@ def _qemu_round_trip() -> int:
 
     print("\n== a real QEMU 7.2 migration stream")
     if shutil.which(QEMU_BINARY) is None:
-        print(f"   {QEMU_BINARY} is not installed (scripts/setup.sh installs it): skipping this part")
+        print(f"   {QEMU_BINARY} is not installed (apt-get install qemu-system-x86; scripts/setup.sh in a checkout): "
+              "skipping this part")
         return 1
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "pc.mig"

@@ -4,14 +4,18 @@
 #
 #   DIR=${VMSD_QEMU10_DIR:-$HOME/.cache/vmsd/qemu-10.0}
 #
-# The packages are downloaded with a private apt configuration (nothing under
-# /etc/apt or /var/lib/apt is read for sources or written) and unpacked with
-# `dpkg -x` into $DIR.  Besides qemu-system-{x86,common,data} this fetches
-# seabios from backports (QEMU 10.0 depends on seabios >> 1.16.3, bookworm has
-# 1.16.2).  Shared libraries the binary needs but the host lacks are fetched
-# too (from backports if there, else from bookworm) and unpacked into
-# $DIR/usr/lib/x86_64-linux-gnu; they are listed in $DIR/extra-packages.txt and
-# callers must then set LD_LIBRARY_PATH to that folder (src/vmsd/qemu10.py does).
+# The mirror is the host's: the first bookworm entry of its apt sources, or
+# $VMSD_DEBIAN_MIRROR; with neither the script stops (it names no mirror of its
+# own).  The packages are downloaded with a private apt configuration (the
+# host's sources are only read for that entry, nothing under /etc/apt or
+# /var/lib/apt is written) and unpacked with `dpkg -x` into $DIR.  Besides
+# qemu-system-{x86,common,data} this fetches seabios from backports (QEMU 10.0
+# depends on seabios >> 1.16.3, bookworm has 1.16.2).  Shared libraries the
+# binary needs but the host lacks are fetched too (from backports if there,
+# else from bookworm) and unpacked into $DIR/usr/lib/x86_64-linux-gnu; they are
+# listed in $DIR/extra-packages.txt and callers must then set LD_LIBRARY_PATH to
+# that folder (vmsd/testing/qemu10.py, which runs this script from the
+# installed package, does).
 #
 # Idempotent: exits at once when $DIR already holds a working QEMU 10.0.
 set -euo pipefail
@@ -21,7 +25,6 @@ DIR=${DIR%/}
 SUITE=bookworm-backports
 WANT_MAJOR_MINOR=10.0
 MARKER=.vmsd-qemu10
-DEFAULT_MIRROR=http://deb.debian.org/debian
 DEFAULT_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 QEMU_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data seabios)
 
@@ -53,23 +56,51 @@ if [ "$codename" != bookworm ]; then
     log "warning: host is '${codename:-unknown}', not Debian bookworm; trying anyway"
 fi
 
-# Mirror and keyring of the host's bookworm entry (deb822 or one-line format).
+# Mirror and keyring of the host's first enabled "deb" entry for bookworm:
+# deb822 stanzas in sources.list.d/*.sources, then one-line entries in
+# sources.list and sources.list.d/*.list, as apt reads them.
+APT_SOURCES_LIST=/etc/apt/sources.list
+APT_SOURCES_DIR=/etc/apt/sources.list.d
 mirror="" keyring=""
-if [ -r /etc/apt/sources.list.d/debian.sources ]; then
+shopt -s nullglob
+deb822_files=("$APT_SOURCES_DIR"/*.sources)
+oneline_files=("$APT_SOURCES_DIR"/*.list)
+shopt -u nullglob
+[ -r "$APT_SOURCES_LIST" ] && oneline_files=("$APT_SOURCES_LIST" "${oneline_files[@]}")
+if [ "${#deb822_files[@]}" -gt 0 ]; then
     read -r mirror keyring < <(awk '
-        function flush() { if (suites ~ /(^| )bookworm( |$)/ && uri != "" && !done) { print uri, key; done = 1 }
-                           uri = ""; suites = ""; key = "" }
+        function flush() {
+            if (!done && enabled && types ~ / deb / && suites ~ / bookworm / && uri != "") { print uri, key; done = 1 }
+            types = ""; uri = ""; suites = ""; key = ""; enabled = 1
+        }
+        FNR == 1 { flush() }                  # a stanza ends with its file
+        /^[[:space:]]*#/ { next }
         /^[[:space:]]*$/ { flush(); next }
-        /^URIs:/      { uri = $2 }
-        /^Suites:/    { $1 = ""; suites = $0 " " }
-        /^Signed-By:/ { key = $2 }
-        END { flush() }' /etc/apt/sources.list.d/debian.sources) || true
+        tolower($1) == "types:"     { $1 = ""; types = $0 " " }
+        tolower($1) == "uris:"      { uri = $2 }
+        tolower($1) == "suites:"    { $1 = ""; suites = $0 " " }
+        tolower($1) == "signed-by:" { key = $2 }  # a path; an inline key leaves it empty
+        tolower($1) == "enabled:"   { enabled = tolower($2) != "no" }
+        END { flush() }' "${deb822_files[@]}") || true
 fi
-if [ -z "$mirror" ] && [ -r /etc/apt/sources.list ]; then
-    mirror=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/ && $(i+1) == "bookworm") { print $i; exit } }' \
-             /etc/apt/sources.list) || true
+if [ -z "$mirror" ] && [ "${#oneline_files[@]}" -gt 0 ]; then
+    # deb [opt=value ...] URI SUITE COMPONENT...
+    read -r mirror keyring < <(awk '
+        { sub(/#.*/, "") }
+        $1 == "deb" {
+            i = 2; key = ""
+            if ($2 ~ /^\[/) {
+                for (; i <= NF; i++) {
+                    if ($i ~ /signed-by=/) { key = $i; sub(/.*signed-by=/, "", key); sub(/\].*/, "", key) }
+                    if ($i ~ /\]$/) { i++; break }
+                }
+            }
+            if ($(i + 1) == "bookworm") { print $i, key; exit }
+        }' "${oneline_files[@]}") || true
 fi
-mirror=${VMSD_DEBIAN_MIRROR:-${mirror:-$DEFAULT_MIRROR}}
+mirror=${VMSD_DEBIAN_MIRROR:-$mirror}
+[ -n "$mirror" ] || die "no apt source for bookworm in $APT_SOURCES_DIR/*.sources, $APT_SOURCES_LIST or" \
+    "$APT_SOURCES_DIR/*.list; add one, or set VMSD_DEBIAN_MIRROR to the URL of a Debian mirror"
 mirror=${mirror%/}
 case "$keyring" in /*) [ -r "$keyring" ] || keyring="" ;; *) keyring="" ;; esac
 keyring=${keyring:-$DEFAULT_KEYRING}
