@@ -26,8 +26,8 @@ from vmsd.migration.stream import SpecSet, find_trailer, read_stream, write_stre
 from vmsd.runtime import VMStateObject, register
 from vmsd.runtime.vmstate import impl
 from vmsd.testing.qmp import QEMU_BINARY, save_stream
+from vmsd.tools.errors import ToolError
 from vmsd.tools.importer import ImportQemuError, import_qemu
-from vmsd.tools.streams import ToolError
 
 # -- helpers -----------------------------------------------------------------------------------
 

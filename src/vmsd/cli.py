@@ -9,7 +9,7 @@ from typing import Any
 
 from vmsd.migration.profile import NEWEST, PROFILES, peer_profile
 from vmsd.runtime.errors import VMSDError
-from vmsd.tools.streams import ToolError
+from vmsd.tools.errors import ToolError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 # What `pip install 'vmsd[compiler]'` adds.  Without them the runtime, the
@@ -103,7 +103,7 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
         tmp.replace(out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise streamtools.ToolError(f"cannot write {out}: {e.strerror}") from None
+        raise ToolError(f"cannot write {out}: {e.strerror}") from None
     return EXIT_OK
 
 

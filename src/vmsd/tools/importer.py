@@ -29,7 +29,7 @@ from typing import Any
 from vmsd.grammar.semantic import RESERVED, python_class_name
 from vmsd.migration.stream import find_trailer
 from vmsd.runtime.vmdesc import Obj
-from vmsd.tools.streams import ToolError
+from vmsd.tools.errors import ToolError
 
 __all__ = ["ImportQemuError", "import_qemu"]
 

@@ -15,10 +15,7 @@ from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import SECTION_NAMES, Command, Section, SpecSet, Stream, read_stream, write_stream
 from vmsd.runtime.vmdesc import Obj, describe
 from vmsd.runtime.vmstate import VMStateObject
-
-
-class ToolError(Exception):
-    """A usage problem (bad --set path, unreadable file) reported without a traceback."""
+from vmsd.tools.errors import ToolError
 
 
 def load_specs(specs_dir: Path | None) -> SpecSet:
@@ -388,4 +385,4 @@ def _short(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-__all__ = ["ToolError", "apply_set", "diff", "load_specs", "read_input", "rewrite", "stream_json", "stream_tree"]
+__all__ = ["apply_set", "diff", "load_specs", "read_input", "rewrite", "stream_json", "stream_tree"]
