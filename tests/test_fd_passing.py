@@ -21,6 +21,7 @@ from vmsd.migration.transport import (
     TransportError,
     UnixChannel,
     listen,
+    memory_pair,
     open_incoming,
     open_outgoing,
 )
@@ -306,14 +307,18 @@ def refusing(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Channel
         ch = open_outgoing("exec:cat > /dev/null")
         yield ch
         ch.abort()
-    else:
+    elif kind == "fd-pipe":
         r, w = os.pipe()
         os.close(w)
         with open_incoming(f"fd:{r}") as ch:
             yield ch
+    else:
+        a, b = memory_pair()
+        with a, b:
+            yield a
 
 
-@pytest.mark.parametrize("refusing", ["tcp", "file-out", "file-in", "exec", "fd-pipe"], indirect=True)
+@pytest.mark.parametrize("refusing", ["tcp", "file-out", "file-in", "exec", "fd-pipe", "memory"], indirect=True)
 def test_channels_without_a_unix_socket_refuse(refusing: Channel) -> None:
     assert not refusing.passes_fds
     fd = memfd(b"x")

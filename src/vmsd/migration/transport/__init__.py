@@ -36,14 +36,16 @@ and a ``write`` sink for :class:`vmsd.runtime.io.Writer`.
 rules for ``fileno()`` and for passing descriptors in
 :mod:`vmsd.migration.transport.channel`.  Here it is implemented by
 :class:`DescriptorChannel` (pipes, files; ``file:`` and ``exec:`` build on
-it), :class:`SocketChannel` (``tcp:``) and :class:`UnixChannel` (``unix:``,
-passes descriptors).
+it), :class:`SocketChannel` (``tcp:``), :class:`UnixChannel` (``unix:``,
+passes descriptors) and :class:`MemoryChannel` (:func:`memory_pair`, no
+descriptor at all, for tests and as the model of a TLS channel).
 """
 
 from vmsd.migration.transport.channel import BaseChannel, Buffer, Channel
 from vmsd.migration.transport.descriptor import DescriptorChannel, SocketChannel, UnixChannel, socket_channel
 from vmsd.migration.transport.endpoints import Listener, listen, open_incoming, open_outgoing
 from vmsd.migration.transport.errors import ACCEPTED, InvalidURI, TransportError
+from vmsd.migration.transport.memory import MemoryChannel, memory_pair
 from vmsd.migration.transport.uri import (
     URI,
     ExecURI,
@@ -68,12 +70,14 @@ __all__ = [
     "FileURI",
     "InvalidURI",
     "Listener",
+    "MemoryChannel",
     "SocketChannel",
     "TcpURI",
     "TransportError",
     "UnixChannel",
     "UnixURI",
     "listen",
+    "memory_pair",
     "open_incoming",
     "open_outgoing",
     "parse_uri",
