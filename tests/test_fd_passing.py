@@ -16,7 +16,6 @@ import pytest
 from test_transport import Worker
 from vmsd.migration.transport import (
     Channel,
-    DescriptorChannel,
     SocketChannel,
     TransportError,
     UnixChannel,
@@ -24,6 +23,7 @@ from vmsd.migration.transport import (
     memory_pair,
     open_incoming,
     open_outgoing,
+    socket_channel,
 )
 from vmsd.runtime.io import Reader
 
@@ -60,7 +60,7 @@ def memfd(content: bytes) -> int:
 
 def pair() -> tuple[Channel, Channel]:
     a, b = socket.socketpair()
-    return Channel("pair:a", sock=a), Channel("pair:b", sock=b)
+    return socket_channel("pair:a", a), socket_channel("pair:b", b)
 
 
 def same_file(a: int, b: int) -> bool:
@@ -333,16 +333,10 @@ def test_channels_without_a_unix_socket_refuse(refusing: Channel) -> None:
         os.close(fd)
 
 
-def test_the_old_constructor_builds_the_channel_for_its_descriptor() -> None:
+def test_socket_channel_picks_the_channel_for_its_socket() -> None:
     a, b = socket.socketpair(socket.AF_UNIX)
-    with Channel("unix pair", sock=a) as ch:
-        assert type(ch) is UnixChannel and ch.name == "unix pair"
+    with socket_channel("unix pair", a) as ch:
+        assert type(ch) is UnixChannel and ch.name == "unix pair" and ch.passes_fds
     b.close()
-    with Channel("tcp", sock=socket.socket()) as ch:
+    with socket_channel("tcp", socket.socket()) as ch:
         assert type(ch) is SocketChannel and not ch.passes_fds
-    r, w = os.pipe()
-    with Channel("pipe", fd=r) as ch:
-        assert type(ch) is DescriptorChannel and ch.fileno() == r
-    os.close(w)
-    with pytest.raises(TypeError):
-        Channel("neither")

@@ -18,7 +18,7 @@ from vmsd.migration import iovec
 from vmsd.migration.iovec import Scattered, buffer_address, write_scattered
 from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock
 from vmsd.migration.ram.wire import RamEncoder
-from vmsd.migration.transport import Channel
+from vmsd.migration.transport import DescriptorChannel
 
 
 def _scattered(pieces: list[bytes]) -> Scattered:
@@ -86,7 +86,7 @@ def test_a_closed_peer_is_an_os_error() -> None:
 def test_channel_writes_scattered_records_between_plain_buffers(tmp_path: Path) -> None:
     path = tmp_path / "out"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    ch = Channel("test", fd=fd)
+    ch = DescriptorChannel("test", fd=fd)
     try:
         total = ch.writev([b"head", _scattered([b"one", b"", b"two"]), memoryview(b"mid"), _scattered([b"three"]), b"!"])
     finally:

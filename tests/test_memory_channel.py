@@ -204,9 +204,6 @@ def test_multifd_over_memory_uncompressed(memory_transport: list[MemoryChannel])
     _multifd(memory_transport, "none")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="ram.wire._Receiver polls fileno() so that stop() need not wait for the peer; with -1 "
-                          "its thread blocks in readinto until the peer sends more, and stop() waits for it")
 def test_loader_stops_its_receiver_on_a_silent_channel() -> None:
     """The peer sends a RAM section and then waits (for a return-path answer): the section must load."""
     with RamBlocks() as src, RamBlocks() as dst:

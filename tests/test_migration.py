@@ -563,10 +563,10 @@ def test_destination_refuses_garbage() -> None:
         r, w = socket.socketpair()
         w.sendall(b"\x51\x45\x56\x4d\x00\x00\x00\x03" + os.urandom(64))
         w.close()
-        from vmsd.migration.transport import Channel
+        from vmsd.migration.transport import socket_channel
 
         with pytest.raises(VMSDError):
-            Incoming(dst).load(Channel("socketpair", sock=r))
+            Incoming(dst).load(socket_channel("socketpair", r))
 
 
 @pytest.fixture(autouse=True)
@@ -591,9 +591,9 @@ def _socket_reader(data: bytes, close: bool) -> tuple[Reader, socket.socket]:
             a.close()
 
     threading.Thread(target=send, daemon=True).start()
-    from vmsd.migration.transport import Channel
+    from vmsd.migration.transport import socket_channel
 
-    return Reader(source=Channel("socketpair", sock=b)), a
+    return Reader(source=socket_channel("socketpair", b)), a
 
 
 def _run_with_deadline(fn: Any, seconds: float = 10) -> BaseException | None:

@@ -42,7 +42,7 @@ from vmsd.migration.multifd import (
 from vmsd.migration.precopy import Migration
 from vmsd.migration.profile import peer_profile
 from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks
-from vmsd.migration.transport import Channel, listen, open_outgoing
+from vmsd.migration.transport import listen, open_outgoing, socket_channel
 from vmsd.testing.qmp import Qemu
 
 MIB = 1 << 20
@@ -159,7 +159,7 @@ def test_a_stalled_channel_holds_up_no_other() -> None:
 
     with RamBlocks() as blocks:
         block = blocks.create("pc.ram", 32 * MIB)
-        sender = MultifdSender(MultifdConfig(channels=2), [Channel(f"c{i}", sock=p[0]) for i, p in enumerate(pairs)])
+        sender = MultifdSender(MultifdConfig(channels=2), [socket_channel(f"c{i}", p[0]) for i, p in enumerate(pairs)])
         readers = [threading.Thread(target=drain, args=(1,))]
         readers[0].start()
         sending = threading.Thread(target=sender.send, args=(block, np.arange(block.npages), np.arange(0)))
@@ -193,7 +193,7 @@ def test_packets_of_zero_pages_do_not_wait_for_a_busy_channel(pages: str) -> Non
     a, b = socket.socketpair()
     with RamBlocks() as blocks:
         block = blocks.create("pc.ram", 32 * MIB)
-        sender = MultifdSender(MultifdConfig(channels=1), [Channel("c0", sock=a)])
+        sender = MultifdSender(MultifdConfig(channels=1), [socket_channel("c0", a)])
         # The channel's thread takes the first packet and stays stuck writing it; two more may wait.
         normal = np.arange((4 if pages == "normal" else 3) * 128)
         zero = np.arange(4 * 128, block.npages)  # and then, in the newest layout, 60 packets of zero pages
@@ -230,7 +230,7 @@ def _receive_one(cfg: MultifdConfig, data: bytes) -> MultifdError:
         block.bytes_[:] = 9
         before = bytes(block.view)
         a, b = socket.socketpair()
-        rx = MultifdReceiver(cfg, [Channel("test channel", sock=b)], blocks)
+        rx = MultifdReceiver(cfg, [socket_channel("test channel", b)], blocks)
         a.sendall(data)
         a.close()
         with pytest.raises(MultifdError) as e:
@@ -245,7 +245,7 @@ def _receive_pages(offsets: list[int], payload: bytes) -> bytes:
     with RamBlocks() as blocks:
         block = blocks.create("pc.ram", 16 * PAGE_SIZE)
         a, b = socket.socketpair()
-        rx = MultifdReceiver(MultifdConfig(channels=1), [Channel("test channel", sock=b)], blocks)
+        rx = MultifdReceiver(MultifdConfig(channels=1), [socket_channel("test channel", b)], blocks)
         a.sendall(_packet("pc.ram", offsets, payload) + _packet("", [], b"", flags=1))
         rx.sync()
         a.close()
@@ -287,7 +287,7 @@ def test_zero_pages_in_packets_clear_data_and_leave_holes_unallocated() -> None:
                                  normal=0))
         struct.pack_into(">I", head, 32, 4)  # four zero pages
         a, b = socket.socketpair()
-        rx = MultifdReceiver(MultifdConfig(channels=1), [Channel("test channel", sock=b)], blocks)
+        rx = MultifdReceiver(MultifdConfig(channels=1), [socket_channel("test channel", b)], blocks)
         a.sendall(bytes(head) + _packet("", [], b"", flags=1))
         rx.sync()
         a.close()
@@ -323,7 +323,7 @@ def _zstd_error(data: bytes, offsets: list[int]) -> MultifdError:
         block = blocks.create("pc.ram", 16 * PAGE_SIZE)
         block.bytes_[:] = 9
         a, b = socket.socketpair()
-        rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [Channel("test channel", sock=b)],
+        rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [socket_channel("test channel", b)],
                              blocks)
         a.sendall(_packet("pc.ram", offsets, data, flags=0x04))
         a.close()
@@ -364,7 +364,7 @@ def _zstd_receiver(blocks: RamBlocks, pages: int, prealloc: bool) -> tuple[RamBl
     if prealloc:
         block.prealloc()
     a, b = socket.socketpair()
-    rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [Channel("test channel", sock=b)], blocks)
+    rx = MultifdReceiver(MultifdConfig(channels=1, compression="zstd"), [socket_channel("test channel", b)], blocks)
     return block, a, rx
 
 

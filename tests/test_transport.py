@@ -28,6 +28,7 @@ from vmsd.migration.transport import (
     open_outgoing,
     parse_uri,
     register_fd,
+    socket_channel,
     unregister_fd,
 )
 from vmsd.qemu.v7_2 import spec_set
@@ -291,7 +292,7 @@ def test_reader_and_writer_over_a_channel() -> None:
 def test_closed_channel_refuses_io() -> None:
     a, b = socket.socketpair()
     b.close()
-    ch = Channel("test", sock=a)
+    ch = socket_channel("test", a)
     ch.close()
     ch.close()
     with pytest.raises(TransportError, match="closed"):

@@ -311,8 +311,8 @@ class RamLoader:
                     stride = _NORMAL_STRIDE if flags == _NORMAL else _ZERO_STRIDE
                     n = self._apply(block, r.buf, r.pos, len(r.buf), flags, stride, r.tell())
                     r.pos += n * stride
-                    received = r.source is not None and self._needs_input(r.buf, r.pos, len(r.buf)) \
-                        and self._stream(r, block)
+                    received = r.source is not None and _pollable(r.source) \
+                        and self._needs_input(r.buf, r.pos, len(r.buf)) and self._stream(r, block)
                     if n or received:
                         continue
             if self._record(r):
@@ -508,7 +508,7 @@ class _Receiver:
             buffers += [bytearray(_RESERVE + _READ) for _ in range(_BUFFERS)]
         for buf in buffers:
             self.free.put(buf)
-        self.fd = source.fileno() if hasattr(source, "fileno") else -1
+        self.fd = source.fileno()  # type: ignore[attr-defined]  # only started on a _pollable source
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # stop() ends a wait for input at once
         self._thread = threading.Thread(target=self._run, name="vmsd RAM receiver", daemon=True)
@@ -516,9 +516,8 @@ class _Receiver:
 
     def _run(self) -> None:
         poller = select.poll()
-        if self.fd >= 0:
-            poller.register(self.fd, select.POLLIN | select.POLLPRI)
-            poller.register(self._wake_r, select.POLLIN)
+        poller.register(self.fd, select.POLLIN | select.POLLPRI)
+        poller.register(self._wake_r, select.POLLIN)
         try:
             while not self._stop.is_set():
                 try:
@@ -527,11 +526,10 @@ class _Receiver:
                     continue
                 # Wait for input without blocking for good: stop() must be able to end the thread
                 # while the peer is silent (e.g. waiting for a return-path answer).
-                if self.fd >= 0:
-                    ready = {fd for fd, _ in poller.poll()}
-                    if self._wake_r in ready or self._stop.is_set():
-                        self.free.put(buf)
-                        return
+                ready = {fd for fd, _ in poller.poll()}
+                if self._wake_r in ready or self._stop.is_set():
+                    self.free.put(buf)
+                    return
                 got = self.source.readinto(memoryview(buf)[_RESERVE:]) or 0
                 if got <= 0:
                     self.free.put(buf)
@@ -573,6 +571,14 @@ class _Receiver:
             elif isinstance(item, BaseException):
                 raise item
         return rest
+
+def _pollable(source: ByteSource) -> bool:
+    """Whether ``source`` has a descriptor to poll.  The receiver thread must be able to stop while the peer
+    is silent (it may be waiting for our return-path answer); a channel without one (in memory, TLS) is
+    read by the applying thread alone, record by record."""
+    fileno = getattr(source, "fileno", None)
+    return fileno is not None and int(fileno()) >= 0
+
 
 def _drop_page_views(e: BaseException) -> None:
     """Clear the failed frames' locals: a page view kept alive by the traceback would pin the mapping (and the

@@ -61,7 +61,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
-import socket
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Protocol, Self
@@ -79,21 +78,10 @@ class Channel(Protocol):
     exception calls :meth:`abort` instead of :meth:`close`.  ``repr()`` names
     the URI.
 
-    ``Channel(name, sock=s)`` and ``Channel(name, fd=n)`` still build the
-    channel over a socket or descriptor, as when this was that class; new code
-    calls :func:`~vmsd.migration.transport.socket_channel` or
-    :class:`~vmsd.migration.transport.DescriptorChannel` (type checkers refuse
-    to instantiate a protocol).
+    Build one with :func:`~vmsd.migration.transport.socket_channel`,
+    :class:`~vmsd.migration.transport.DescriptorChannel`, the URI openers or
+    :func:`~vmsd.migration.transport.memory_pair`.
     """
-
-    def __new__(cls, name: str, *, fd: int | None = None, sock: socket.socket | None = None) -> Channel:
-        from vmsd.migration.transport.descriptor import DescriptorChannel, socket_channel
-
-        if sock is not None and fd is None:
-            return socket_channel(name, sock)
-        if fd is not None and sock is None:
-            return DescriptorChannel(name, fd=fd)
-        raise TypeError("Channel(name, ...) takes one of fd= and sock=")
 
     @property
     def name(self) -> str:
