@@ -64,6 +64,11 @@ def test_configuration_refuses_unknown_subsections_and_versions() -> None:
         MachineConfiguration.decode(Reader(base + b"\x05\x12configuration/nope" + bytes(4)))
     with pytest.raises(VMSDError, match="version 2"):
         MachineConfiguration.decode(Reader(base + b"\x05\x1econfiguration/target-page-bits" + bytes.fromhex("00000002")))
+    caps = base + IGNORE_SHARED_SUBSECTION[:-20]
+    with pytest.raises(VMSDError, match="4294967295 capabilities"):
+        MachineConfiguration.decode(Reader(caps + bytes.fromhex("ffffffff") + bytes(1 << 16)))
+    with pytest.raises(VMSDError, match="capability 0 of 2 has an empty name"):
+        MachineConfiguration.decode(Reader(caps + bytes.fromhex("00000002") + bytes(2)))
     skipped = base + b"\x05\x1econfiguration/target-page-bits" + bytes.fromhex("00000001 0000000c")
     assert MachineConfiguration.decode(Reader(skipped)) == MachineConfiguration(b"pc")
 

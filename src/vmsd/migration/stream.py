@@ -75,6 +75,8 @@ MIG_RP_MSG_SHUT = 1
 
 CAP_IGNORE_SHARED = b"x-ignore-shared"
 _CAPABILITIES_SUBSECTION = b"configuration/capabilities"
+# QEMU has a few dozen capabilities and refuses a name it does not know, so a longer list is not a stream.
+_MAX_CAPABILITIES = 256
 _CONFIGURATION_SUBSECTIONS = {  # name -> fixed body length (None: the capability list)
     _CAPABILITIES_SUBSECTION: None,
     b"configuration/target-page-bits": 4,
@@ -129,8 +131,14 @@ class MachineConfiguration:
             if size is not None:
                 r.read(size)
                 continue
-            for _ in range(r.u32()):
-                caps.append(r.counted_string())
+            count = r.u32()
+            if count > _MAX_CAPABILITIES:
+                raise MalformedStream(f"{count} capabilities in the configuration", offset=at)
+            for i in range(count):
+                cap = r.counted_string()
+                if not cap:  # QEMU looks each name up and refuses one it does not know
+                    raise MalformedStream(f"capability {i} of {count} has an empty name", offset=at)
+                caps.append(cap)
         return cls(name, tuple(caps))
 
 

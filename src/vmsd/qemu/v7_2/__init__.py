@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vmsd.migration.stream import SpecSet
-from vmsd.runtime.errors import TruncatedStream
+from vmsd.runtime.errors import MalformedStream, TruncatedStream
 from vmsd.runtime.io import Reader
 from vmsd.runtime.vmstate import current_reader, loading, register, register_extent
 
@@ -27,6 +27,9 @@ def _capabilities_extent(r: Reader, obj: Any) -> int:
     for i in range(obj.caps_count):
         if n >= len(ahead):
             raise TruncatedStream(f"{obj.caps_count} capabilities announced, the input ends after {i}", offset=r.tell() + len(ahead))
+        if not ahead[n]:
+            # QEMU looks each name up and refuses one it does not know; no capability is called "".
+            raise MalformedStream(f"capability {i} of {obj.caps_count} has an empty name", offset=r.tell() + n)
         n += 1 + ahead[n]
     return n
 
