@@ -17,6 +17,7 @@ import attrs
 
 from vmsd.grammar import ast
 from vmsd.grammar.semantic import FLOAT_TYPES, Resolved, python_attr_name, walk_fields, walk_subsections
+from vmsd.runtime.markers import QEMU_VM_SUBSECTION
 
 # struct format letter and wire size of each scalar type
 SCALAR_FORMAT: dict[str, tuple[str, int]] = {
@@ -901,7 +902,7 @@ def _subsections_load(parent: str, top: bool) -> list[str]:
     the subsections it was loaded with."""
     return [
         "buf, p = r.buf, r.pos",
-        "if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:",
+        f"if (buf[p] == {QEMU_VM_SUBSECTION} if p < len(buf) else not r.eof) or self._TRACKED:",
         f"    _rt.load_subsections(self, r, {parent.encode()!r}, {top}, self._SUBSECTIONS[{parent!r}])",
     ]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader, Writer
+from vmsd.runtime.markers import NULLPTR_MARKER, QEMU_VM_SUBSECTION
 from vmsd.runtime.vmdesc import Obj
-from vmsd.runtime.vmstate import NULLPTR_MARKER, QEMU_VM_SUBSECTION
 
 _SCALARS: dict[str, struct.Struct] = {
     name: struct.Struct(fmt)
