@@ -16,27 +16,9 @@ from collections.abc import Iterable
 import attrs
 
 from vmsd.grammar import ast
-from vmsd.grammar.semantic import FLOAT_TYPES, Resolved, python_attr_name, walk_fields, walk_subsections
+from vmsd.grammar.semantic import Resolved, python_attr_name, walk_fields, walk_subsections
 from vmsd.runtime.markers import QEMU_VM_SUBSECTION
-
-# struct format letter and wire size of each scalar type
-SCALAR_FORMAT: dict[str, tuple[str, int]] = {
-    "bool": ("?", 1),
-    "int8": ("b", 1),
-    "int16": ("h", 2),
-    "int32": ("i", 4),
-    "int64": ("q", 8),
-    "uint8": ("B", 1),
-    "uint16": ("H", 2),
-    "uint32": ("I", 4),
-    "uint64": ("Q", 8),
-    "timer": ("q", 8),
-    "float64": ("d", 8),
-    "cpudouble": ("d", 8),
-}
-# QEMU's JSON type name of each scalar (VMStateInfo names)
-SCALAR_INFO = {t: t for t in SCALAR_FORMAT} | {"cpudouble": "CPU_Double_U", "float64": "float64"}
-PY_TYPE = {t: "int" for t in SCALAR_FORMAT} | {"bool": "bool", "float64": "float", "cpudouble": "float"}
+from vmsd.runtime.scalars import BY_NAME
 
 _C_OPS = {"&&": "and", "||": "or"}
 _BOOL_OPS = frozenset({"&&", "||", "==", "!=", "<", "<=", ">", ">="})
@@ -395,7 +377,7 @@ class ModuleBuilder:
     def annotation_and_default(self, f: ast.Field) -> tuple[str, str, bool]:
         """Annotation, default value source, and whether it must be built per instance."""
         if f.kind == "scalar":
-            base = self.enum_ref(f) if id(f) in self.r.enum_target else PY_TYPE[f.type]
+            base = self.enum_ref(f) if id(f) in self.r.enum_target else BY_NAME[f.type].py_type
             zero = _scalar_default(f)
             if id(f) in self.r.enum_target:
                 zero = f"{base}({zero})"
@@ -586,7 +568,8 @@ class ModuleBuilder:
                 checks.extend(_len_check(value, str(n), f.name))
                 index += 1
                 continue
-            code, width = SCALAR_FORMAT[f.type]
+            scalar = BY_NAME[f.type]
+            code, width = scalar.fmt, scalar.size
             dims = [_int_dim(d) for d in f.dims]
             total = 1
             for d in dims:
@@ -730,7 +713,8 @@ class ModuleBuilder:
                 return [f"{attr} = _rt.load_nullable_array(r, {n}, {version}, {existing})"]
             return [f"{attr} = _rt.load_struct_array(r, {cls}, {n}, {version}, {existing})"]
         # scalars that are not fused: enums, checks, conditional or variable arrays
-        code, width = SCALAR_FORMAT[f.type]
+        scalar = BY_NAME[f.type]
+        code, width = scalar.fmt, scalar.size
         conv = self.enum_ref(f) if id(f) in self.r.enum_target else ""
         if not f.dims:
             const = self.formats.get(">" + code)
@@ -785,7 +769,7 @@ class ModuleBuilder:
             n = self.count_src(f.dims[0], ctx)
             fn = "save_nullable_array" if f.nullable else "save_struct_array"
             return [f"_rt.{fn}(w, {value}, {n}, {version}, {f.name!r})"]
-        code, _ = SCALAR_FORMAT[f.type]
+        code = BY_NAME[f.type].fmt
         if not f.dims:
             const = self.formats.get(">" + code)
             return [f"out += {const}.pack({value})"]
@@ -805,12 +789,16 @@ class ModuleBuilder:
         kw: dict[str, str] = {}
         flags: list[str] = []
         if f.kind == "scalar":
-            info = SCALAR_INFO[f.type]
+            scalar = BY_NAME[f.type]
+            info = scalar.info
             if f.check == "equal":
-                info = "int64 equal" if f.type == "uint64" else f"{f.type} equal"
+                # The checker allows 'equal' on int8, int16 and int64 too, which QEMU
+                # has no check for: those are named after the type.
+                info = scalar.equal_info or f"{f.type} equal"
             elif f.check == "le":
-                info = "int32 le"
-            kw["elem_size"] = str(SCALAR_FORMAT[f.type][1])
+                assert scalar.le_info is not None
+                info = scalar.le_info
+            kw["elem_size"] = str(scalar.size)
         elif f.kind == "bytes":
             info = f.info or "buffer"
             flags.append("VMS_BUFFER" if isinstance(f.dims[0], ast.IntLit) else "VMS_VBUFFER")
@@ -859,11 +847,12 @@ class ModuleBuilder:
             elif i == 0:
                 counter, mult = _counter(d)
                 kw["count_attr"] = repr(python_attr_name(counter))
-                ctype = ctx.attrs_[counter].type
                 if f.kind in ("bytes", "bitmap"):
                     kw["elem_size"] = "1" if f.kind == "bytes" else "0"
                 else:
-                    flags.append(f"VMS_VARRAY_{ctype.upper()}")
+                    varray = BY_NAME[ctx.attrs_[counter].type].varray_flag
+                    assert varray is not None
+                    flags.append(varray)
                 if mult != 1:
                     kw["multiply"] = str(mult)
                     flags.append("VMS_MULTIPLY_ELEMENTS" if f.kind not in ("bytes",) else "VMS_MULTIPLY")
@@ -962,8 +951,9 @@ def _int_dim(d: ast.Expr) -> int:
 
 
 def _scalar_default(f: ast.Field) -> str:
-    if f.type == "bool":
+    py_type = BY_NAME[f.type].py_type
+    if py_type == "bool":
         return "True" if f.default else "False"
-    if f.type in FLOAT_TYPES:
+    if py_type == "float":
         return repr(float(f.default)) if f.default is not None else "0.0"
     return str(int(f.default)) if f.default is not None else "0"
