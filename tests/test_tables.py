@@ -1,21 +1,26 @@
-"""The language's scalar table (vmsd.runtime.scalars) agrees with each stage that reads it."""
+"""The language's tables (vmsd.runtime.scalars, vmsd.runtime.kinds) agree with each stage that reads them."""
 
 from __future__ import annotations
 
 import re
 import struct
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from vmsd.codegen.compiler import render
-from vmsd.grammar.loader import load_text
+from vmsd.grammar.loader import load, load_text
 from vmsd.grammar.parser import _parser
+from vmsd.grammar.semantic import walk_fields
 from vmsd.runtime.generic import decode_body, encode_body
 from vmsd.runtime.io import Reader, Writer
+from vmsd.runtime.kinds import KINDS
 from vmsd.runtime.scalars import BY_INFO, BY_NAME, SCALARS, Scalar
 from vmsd.runtime.vmdesc import describe
+
+SPECS = Path(__file__).parent.parent / "specs"
 
 # The VMStateInfo names QEMU gives fixed-size scalar values
 # (migration/vmstate-types.c, migration/savevm.c): what a stream's JSON says.
@@ -34,6 +39,23 @@ def test_every_scalar_type_of_the_grammar_has_one_row() -> None:
     assert alternatives is not None, pattern
     assert set(alternatives.group(1).split("|")) == set(BY_NAME)
     assert len(BY_NAME) == len(SCALARS)
+
+
+def test_every_field_rule_of_the_grammar_is_a_kind() -> None:
+    rules = {str(r.origin.name) for r in _parser().rules}
+    assert {name.removesuffix("_field") for name in rules if name.endswith("_field")} == set(KINDS)
+
+
+def _kinds_in(paths: list[Path]) -> set[str]:
+    program = load(paths)
+    return {f.kind for spec in program.files.values() for v in spec.vmsds for f, _ in walk_fields(v.fields, v.subsections)}
+
+
+def test_every_kind_appears_in_the_shipped_specs() -> None:
+    # kinds.vmsd is property-tested field by field; an opaque field needs a
+    # registered extent, which QEMU's specs have.
+    assert _kinds_in([SPECS / "examples" / "kinds.vmsd"]) == set(KINDS) - {"opaque"}
+    assert "opaque" in _kinds_in(sorted((SPECS / "qemu").rglob("*.vmsd")))
 
 
 @pytest.mark.parametrize("s", SCALARS, ids=lambda s: s.name)

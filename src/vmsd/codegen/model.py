@@ -17,6 +17,7 @@ import attrs
 
 from vmsd.grammar import ast
 from vmsd.grammar.semantic import Resolved, python_attr_name, walk_fields, walk_subsections
+from vmsd.runtime.kinds import KINDS
 from vmsd.runtime.markers import QEMU_VM_SUBSECTION
 from vmsd.runtime.scalars import BY_NAME
 
@@ -687,7 +688,7 @@ class ModuleBuilder:
             return [f"{attr} = _rt.load_bitmap(r, {self.count_src(f.dims[0], ctx)})"]
         if f.kind == "opaque":
             return [f"{attr} = r.read(_rt.opaque_extent({f.info!r}, r, self))"]
-        if f.kind in ("struct", "list", "map"):
+        if KINDS[f.kind].nested:
             target = self.r.struct_target[id(f)]
             cls = self.class_ref(target)
             version = f.struct_version if f.struct_version is not None else target.version
@@ -756,7 +757,7 @@ class ModuleBuilder:
             return [f"_rt.save_bitmap(w, {value}, {self.count_src(f.dims[0], ctx)}, {f.name!r})"]
         if f.kind == "opaque":
             return [f"out += {value}"]
-        if f.kind in ("struct", "list", "map"):
+        if KINDS[f.kind].nested:
             target = self.r.struct_target[id(f)]
             version = f.struct_version if f.struct_version is not None else target.version
             if f.kind == "list":
@@ -838,7 +839,7 @@ class ModuleBuilder:
             info = "validate"
             flags += ["VMS_ARRAY", "VMS_MUST_EXIST"]
         args += [repr(info), repr(f.kind)]
-        if f.kind in ("struct", "list", "map"):
+        if KINDS[f.kind].nested:
             kw["struct"] = self.class_ref(self.r.struct_target[id(f)])
         dims: list[int] = []
         for i, d in enumerate(f.dims):

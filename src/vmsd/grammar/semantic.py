@@ -16,6 +16,7 @@ import attrs
 from vmsd.grammar import ast
 from vmsd.grammar.diagnostics import Diagnostic, SpecError
 from vmsd.grammar.loader import Program
+from vmsd.runtime.kinds import KINDS
 from vmsd.runtime.scalars import BY_NAME
 
 # Names the generated classes use themselves.
@@ -153,7 +154,7 @@ class _Checker:
             for v in spec.vmsds:
                 self.collect_attrs(v)
                 for f, _ in walk_fields(v.fields, v.subsections):
-                    if f.kind in ("struct", "list", "map"):
+                    if KINDS[f.kind].nested:
                         self.check_struct_ref(path, f)
         for path, spec in self.p.files.items():
             for v in spec.vmsds:
@@ -254,16 +255,15 @@ class _Checker:
             elif f.kind == "unused":
                 if f.size <= 0:
                     self.error(f.pos, "unused size must be positive")
-            elif f.kind in ("struct", "list", "map"):
-                if f.kind == "struct":
-                    if f.tmp and (f.dims or f.nullable):
-                        self.error(f.pos, f"tmp struct '{f.name}' must be a single struct (VMSTATE_WITH_TMP)")
-                    if len(f.dims) > 1:
-                        self.error(f.pos, f"struct arrays have one dimension; '{f.name}' has {len(f.dims)}")
-                    for d in f.dims:
-                        self.check_length(v, f, d, earlier, what)
-                    if f.nullable and (not f.dims or not isinstance(f.dims[0], ast.IntLit)):
-                        self.error(f.pos, f"nullable struct '{f.name}' must be a fixed-size array (VMSTATE_ARRAY_OF_POINTER_TO_STRUCT)")
+            elif f.kind == "struct":
+                if f.tmp and (f.dims or f.nullable):
+                    self.error(f.pos, f"tmp struct '{f.name}' must be a single struct (VMSTATE_WITH_TMP)")
+                if len(f.dims) > 1:
+                    self.error(f.pos, f"struct arrays have one dimension; '{f.name}' has {len(f.dims)}")
+                for d in f.dims:
+                    self.check_length(v, f, d, earlier, what)
+                if f.nullable and (not f.dims or not isinstance(f.dims[0], ast.IntLit)):
+                    self.error(f.pos, f"nullable struct '{f.name}' must be a fixed-size array (VMSTATE_ARRAY_OF_POINTER_TO_STRUCT)")
             elif f.kind == "validate":
                 assert f.expr is not None
                 self.check_expr(v, f.expr, earlier, f, "validation")
@@ -394,7 +394,7 @@ class _Checker:
                 self.error(e.pos, f"unknown function '{e.function}'; expressions have only len()")
                 return
             target = self.resolve_ref(v, e.ref, earlier, user, role)
-            if target is not None and not (target.dims or target.kind in ("list", "map", "bytes")):
+            if target is not None and not (target.dims or KINDS[target.kind].measured):
                 self.error(e.ref.pos, f"len() needs an array, list or map; '{target.name}' is a single {target.kind}")
         elif isinstance(e, ast.Ref):
             target = self.resolve_ref(v, e, earlier, user, role)
