@@ -43,7 +43,6 @@ class ImportQemuError(ToolError):
 # A C size alone is taken for the unsigned integer of that size.
 _GUESS_BY_SIZE = {s.size: s.name for s in SCALARS if s.integer and not s.signed}
 _NULL_TYPES = frozenset({"nullptr", "ptr-marker"})
-_INLINE_TYPES = frozenset({"vstruct", "tmp", "qtailq", "qlist", "gtree"})
 
 # Identifiers a field must not take: the generated class's own names, and
 # names its class body uses (an attribute would shadow them).
