@@ -9,20 +9,10 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
+from vmsd.runtime.scalars import BY_INFO
 from vmsd.runtime.schema import FieldSpec
 from vmsd.runtime.vmstate import impl
 
-INT_BOUNDS = {
-    "int8": (-(1 << 7), (1 << 7) - 1),
-    "int16": (-(1 << 15), (1 << 15) - 1),
-    "int32": (-(1 << 31), (1 << 31) - 1),
-    "int64": (-(1 << 63), (1 << 63) - 1),
-    "timer": (-(1 << 63), (1 << 63) - 1),
-    "uint8": (0, (1 << 8) - 1),
-    "uint16": (0, (1 << 16) - 1),
-    "uint32": (0, (1 << 32) - 1),
-    "uint64": (0, (1 << 64) - 1),
-}
 MAX_ELEMS = 4
 # Above this many elements a fixed-size array draws a short head and pads it:
 # QEMU states such as vmcs12 (4 KiB) would otherwise exhaust hypothesis.
@@ -42,11 +32,12 @@ def exact_bytes(n: int) -> st.SearchStrategy[bytes]:
 
 
 def scalar(info: str) -> st.SearchStrategy[Any]:
-    if info == "bool":
+    s, _ = BY_INFO[info]
+    if s.py_type == "bool":
         return st.booleans()
-    if info in ("float64", "CPU_Double_U"):
+    if s.range is None:
         return st.floats(allow_nan=False, width=64)
-    return st.integers(*INT_BOUNDS[info])
+    return st.integers(*s.range)
 
 
 @st.composite
@@ -116,7 +107,7 @@ def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.Se
         base = f.info
         elem = scalar(base)
         if isinstance(current, enum.Enum):
-            elem = st.integers(*INT_BOUNDS[_int_type(f)]).map(type(current))
+            elem = elem.map(type(current))
         pad = current[0] if isinstance(current, list) and current and not isinstance(current[0], list) else 0
         if f.count_attr is not None:
             n = max(getattr(obj, f.count_attr), 0) * f.multiply
@@ -167,6 +158,3 @@ def _opaque(obj: Any, f: FieldSpec) -> st.SearchStrategy[bytes]:
         return st.lists(name, min_size=count, max_size=count).map(lambda ns: b"".join(bytes([len(n)]) + n for n in ns))
     pytest.skip(f"no strategy for the device-specific encoding '{f.info}' (covered by real QEMU streams)")
 
-
-def _int_type(f: FieldSpec) -> str:
-    return f.info.split()[0]

@@ -77,7 +77,7 @@ def test_runtime_imports_without_compiler_dependencies() -> None:
         "        if name.split('.')[0] in ('lark', 'jinja2'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import vmsd.runtime, vmsd.runtime.generic, vmsd.runtime.vmdesc\n"
+        "import vmsd.runtime, vmsd.runtime.generic, vmsd.runtime.kinds, vmsd.runtime.markers, vmsd.runtime.scalars, vmsd.runtime.vmdesc\n"
         "from vmsd.generated.examples.serial import Serial\n"
         "assert Serial.load(Serial().save()) == Serial()\n"
         "assert 'lark' not in sys.modules and 'jinja2' not in sys.modules\n"

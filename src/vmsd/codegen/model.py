@@ -16,26 +16,10 @@ from collections.abc import Iterable
 import attrs
 
 from vmsd.grammar import ast
-from vmsd.grammar.semantic import FLOAT_TYPES, Resolved, python_attr_name, walk_fields, walk_subsections
-
-# struct format letter and wire size of each scalar type
-SCALAR_FORMAT: dict[str, tuple[str, int]] = {
-    "bool": ("?", 1),
-    "int8": ("b", 1),
-    "int16": ("h", 2),
-    "int32": ("i", 4),
-    "int64": ("q", 8),
-    "uint8": ("B", 1),
-    "uint16": ("H", 2),
-    "uint32": ("I", 4),
-    "uint64": ("Q", 8),
-    "timer": ("q", 8),
-    "float64": ("d", 8),
-    "cpudouble": ("d", 8),
-}
-# QEMU's JSON type name of each scalar (VMStateInfo names)
-SCALAR_INFO = {t: t for t in SCALAR_FORMAT} | {"cpudouble": "CPU_Double_U", "float64": "float64"}
-PY_TYPE = {t: "int" for t in SCALAR_FORMAT} | {"bool": "bool", "float64": "float", "cpudouble": "float"}
+from vmsd.grammar.semantic import Resolved, python_attr_name, walk_fields, walk_subsections
+from vmsd.runtime.kinds import KINDS
+from vmsd.runtime.markers import QEMU_VM_SUBSECTION
+from vmsd.runtime.scalars import BY_NAME
 
 _C_OPS = {"&&": "and", "||": "or"}
 _BOOL_OPS = frozenset({"&&", "||", "==", "!=", "<", "<=", ">", ">="})
@@ -394,7 +378,7 @@ class ModuleBuilder:
     def annotation_and_default(self, f: ast.Field) -> tuple[str, str, bool]:
         """Annotation, default value source, and whether it must be built per instance."""
         if f.kind == "scalar":
-            base = self.enum_ref(f) if id(f) in self.r.enum_target else PY_TYPE[f.type]
+            base = self.enum_ref(f) if id(f) in self.r.enum_target else BY_NAME[f.type].py_type
             zero = _scalar_default(f)
             if id(f) in self.r.enum_target:
                 zero = f"{base}({zero})"
@@ -585,7 +569,8 @@ class ModuleBuilder:
                 checks.extend(_len_check(value, str(n), f.name))
                 index += 1
                 continue
-            code, width = SCALAR_FORMAT[f.type]
+            scalar = BY_NAME[f.type]
+            code, width = scalar.fmt, scalar.size
             dims = [_int_dim(d) for d in f.dims]
             total = 1
             for d in dims:
@@ -703,7 +688,7 @@ class ModuleBuilder:
             return [f"{attr} = _rt.load_bitmap(r, {self.count_src(f.dims[0], ctx)})"]
         if f.kind == "opaque":
             return [f"{attr} = r.read(_rt.opaque_extent({f.info!r}, r, self))"]
-        if f.kind in ("struct", "list", "map"):
+        if KINDS[f.kind].nested:
             target = self.r.struct_target[id(f)]
             cls = self.class_ref(target)
             version = f.struct_version if f.struct_version is not None else target.version
@@ -729,7 +714,8 @@ class ModuleBuilder:
                 return [f"{attr} = _rt.load_nullable_array(r, {n}, {version}, {existing})"]
             return [f"{attr} = _rt.load_struct_array(r, {cls}, {n}, {version}, {existing})"]
         # scalars that are not fused: enums, checks, conditional or variable arrays
-        code, width = SCALAR_FORMAT[f.type]
+        scalar = BY_NAME[f.type]
+        code, width = scalar.fmt, scalar.size
         conv = self.enum_ref(f) if id(f) in self.r.enum_target else ""
         if not f.dims:
             const = self.formats.get(">" + code)
@@ -771,7 +757,7 @@ class ModuleBuilder:
             return [f"_rt.save_bitmap(w, {value}, {self.count_src(f.dims[0], ctx)}, {f.name!r})"]
         if f.kind == "opaque":
             return [f"out += {value}"]
-        if f.kind in ("struct", "list", "map"):
+        if KINDS[f.kind].nested:
             target = self.r.struct_target[id(f)]
             version = f.struct_version if f.struct_version is not None else target.version
             if f.kind == "list":
@@ -784,7 +770,7 @@ class ModuleBuilder:
             n = self.count_src(f.dims[0], ctx)
             fn = "save_nullable_array" if f.nullable else "save_struct_array"
             return [f"_rt.{fn}(w, {value}, {n}, {version}, {f.name!r})"]
-        code, _ = SCALAR_FORMAT[f.type]
+        code = BY_NAME[f.type].fmt
         if not f.dims:
             const = self.formats.get(">" + code)
             return [f"out += {const}.pack({value})"]
@@ -804,12 +790,16 @@ class ModuleBuilder:
         kw: dict[str, str] = {}
         flags: list[str] = []
         if f.kind == "scalar":
-            info = SCALAR_INFO[f.type]
+            scalar = BY_NAME[f.type]
+            info = scalar.info
             if f.check == "equal":
-                info = "int64 equal" if f.type == "uint64" else f"{f.type} equal"
+                # The checker allows 'equal' on int8, int16 and int64 too, which QEMU
+                # has no check for: those are named after the type.
+                info = scalar.equal_info or f"{f.type} equal"
             elif f.check == "le":
-                info = "int32 le"
-            kw["elem_size"] = str(SCALAR_FORMAT[f.type][1])
+                assert scalar.le_info is not None
+                info = scalar.le_info
+            kw["elem_size"] = str(scalar.size)
         elif f.kind == "bytes":
             info = f.info or "buffer"
             flags.append("VMS_BUFFER" if isinstance(f.dims[0], ast.IntLit) else "VMS_VBUFFER")
@@ -849,7 +839,7 @@ class ModuleBuilder:
             info = "validate"
             flags += ["VMS_ARRAY", "VMS_MUST_EXIST"]
         args += [repr(info), repr(f.kind)]
-        if f.kind in ("struct", "list", "map"):
+        if KINDS[f.kind].nested:
             kw["struct"] = self.class_ref(self.r.struct_target[id(f)])
         dims: list[int] = []
         for i, d in enumerate(f.dims):
@@ -858,11 +848,12 @@ class ModuleBuilder:
             elif i == 0:
                 counter, mult = _counter(d)
                 kw["count_attr"] = repr(python_attr_name(counter))
-                ctype = ctx.attrs_[counter].type
                 if f.kind in ("bytes", "bitmap"):
                     kw["elem_size"] = "1" if f.kind == "bytes" else "0"
                 else:
-                    flags.append(f"VMS_VARRAY_{ctype.upper()}")
+                    varray = BY_NAME[ctx.attrs_[counter].type].varray_flag
+                    assert varray is not None
+                    flags.append(varray)
                 if mult != 1:
                     kw["multiply"] = str(mult)
                     flags.append("VMS_MULTIPLY_ELEMENTS" if f.kind not in ("bytes",) else "VMS_MULTIPLY")
@@ -901,7 +892,7 @@ def _subsections_load(parent: str, top: bool) -> list[str]:
     the subsections it was loaded with."""
     return [
         "buf, p = r.buf, r.pos",
-        "if (buf[p] == 5 if p < len(buf) else not r.eof) or self._TRACKED:",
+        f"if (buf[p] == {QEMU_VM_SUBSECTION} if p < len(buf) else not r.eof) or self._TRACKED:",
         f"    _rt.load_subsections(self, r, {parent.encode()!r}, {top}, self._SUBSECTIONS[{parent!r}])",
     ]
 
@@ -961,8 +952,9 @@ def _int_dim(d: ast.Expr) -> int:
 
 
 def _scalar_default(f: ast.Field) -> str:
-    if f.type == "bool":
+    py_type = BY_NAME[f.type].py_type
+    if py_type == "bool":
         return "True" if f.default else "False"
-    if f.type in FLOAT_TYPES:
+    if py_type == "float":
         return repr(float(f.default)) if f.default is not None else "0.0"
     return str(int(f.default)) if f.default is not None else "0"

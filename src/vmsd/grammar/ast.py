@@ -74,7 +74,7 @@ Condition = Expr | Custom
 
 @attrs.frozen
 class Field:
-    kind: str  # scalar | bytes | unused | struct | bitmap | list | map | validate | opaque
+    kind: str  # a name of vmsd.runtime.kinds.KINDS
     name: str | None
     pos: Pos
     type: str = ""  # scalar type, or referenced vmsd for struct/list/map

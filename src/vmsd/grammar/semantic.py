@@ -16,22 +16,9 @@ import attrs
 from vmsd.grammar import ast
 from vmsd.grammar.diagnostics import Diagnostic, SpecError
 from vmsd.grammar.loader import Program
+from vmsd.runtime.kinds import KINDS
+from vmsd.runtime.scalars import BY_NAME
 
-INT_RANGES: dict[str, tuple[int, int]] = {
-    "bool": (0, 1),
-    "int8": (-(1 << 7), (1 << 7) - 1),
-    "int16": (-(1 << 15), (1 << 15) - 1),
-    "int32": (-(1 << 31), (1 << 31) - 1),
-    "int64": (-(1 << 63), (1 << 63) - 1),
-    "uint8": (0, (1 << 8) - 1),
-    "uint16": (0, (1 << 16) - 1),
-    "uint32": (0, (1 << 32) - 1),
-    "uint64": (0, (1 << 64) - 1),
-    "timer": (-(1 << 63), (1 << 63) - 1),
-}
-FLOAT_TYPES = frozenset({"float64", "cpudouble"})
-# QEMU can count variable arrays and buffers only with these field types.
-COUNTER_TYPES = frozenset({"uint8", "uint16", "uint32", "int32"})
 # Names the generated classes use themselves.
 RESERVED = frozenset(
     {
@@ -167,7 +154,7 @@ class _Checker:
             for v in spec.vmsds:
                 self.collect_attrs(v)
                 for f, _ in walk_fields(v.fields, v.subsections):
-                    if f.kind in ("struct", "list", "map"):
+                    if KINDS[f.kind].nested:
                         self.check_struct_ref(path, f)
         for path, spec in self.p.files.items():
             for v in spec.vmsds:
@@ -176,10 +163,12 @@ class _Checker:
         return self.r
 
     def check_enum(self, e: ast.Enum) -> None:
-        if e.base not in INT_RANGES or e.base in ("bool", "timer"):
+        base = BY_NAME[e.base]
+        if not base.integer:
             self.error(e.pos, f"enum '{e.name}' must have an integer base type, not '{e.base}'")
             return
-        lo, hi = INT_RANGES[e.base]
+        assert base.range is not None
+        lo, hi = base.range
         seen: set[str] = set()
         for m in e.members:
             if m.name in seen:
@@ -266,16 +255,15 @@ class _Checker:
             elif f.kind == "unused":
                 if f.size <= 0:
                     self.error(f.pos, "unused size must be positive")
-            elif f.kind in ("struct", "list", "map"):
-                if f.kind == "struct":
-                    if f.tmp and (f.dims or f.nullable):
-                        self.error(f.pos, f"tmp struct '{f.name}' must be a single struct (VMSTATE_WITH_TMP)")
-                    if len(f.dims) > 1:
-                        self.error(f.pos, f"struct arrays have one dimension; '{f.name}' has {len(f.dims)}")
-                    for d in f.dims:
-                        self.check_length(v, f, d, earlier, what)
-                    if f.nullable and (not f.dims or not isinstance(f.dims[0], ast.IntLit)):
-                        self.error(f.pos, f"nullable struct '{f.name}' must be a fixed-size array (VMSTATE_ARRAY_OF_POINTER_TO_STRUCT)")
+            elif f.kind == "struct":
+                if f.tmp and (f.dims or f.nullable):
+                    self.error(f.pos, f"tmp struct '{f.name}' must be a single struct (VMSTATE_WITH_TMP)")
+                if len(f.dims) > 1:
+                    self.error(f.pos, f"struct arrays have one dimension; '{f.name}' has {len(f.dims)}")
+                for d in f.dims:
+                    self.check_length(v, f, d, earlier, what)
+                if f.nullable and (not f.dims or not isinstance(f.dims[0], ast.IntLit)):
+                    self.error(f.pos, f"nullable struct '{f.name}' must be a fixed-size array (VMSTATE_ARRAY_OF_POINTER_TO_STRUCT)")
             elif f.kind == "validate":
                 assert f.expr is not None
                 self.check_expr(v, f.expr, earlier, f, "validation")
@@ -288,7 +276,7 @@ class _Checker:
             if i and not isinstance(d, ast.IntLit):
                 self.error(_pos(d), "only the first dimension of an array may be variable")
             self.check_length(v, f, d, earlier, f"'{f.name}'")
-        is_int = f.type in INT_RANGES and f.type != "timer"
+        scalar = BY_NAME[f.type]
         if f.enum is not None:
             found = self.find_enum(path, f.enum)
             if found is None:
@@ -296,28 +284,29 @@ class _Checker:
             else:
                 self.r.enum_target[id(f)] = found[0]
                 self.r.enum_file[id(f)] = found[1]
-                if not is_int or f.type == "bool":
+                if not scalar.integer:
                     self.error(f.enum_pos or f.pos, f"enum '{f.enum}' needs an integer field, not {f.type}")
         if f.check is not None:
             if f.dims:
                 self.error(f.pos, f"'{f.check}' checks a single value; '{f.name}' is an array")
-            elif not is_int or f.type == "bool":
+            elif not scalar.integer:
                 self.error(f.pos, f"'{f.check}' needs a single integer field, not {f.type}")
-            elif f.check == "le" and f.type != "int32":
+            elif f.check == "le" and scalar.le_info is None:
                 self.error(f.pos, f"'le' exists only for int32 fields (QEMU's INT32_POSITIVE_LE), not {f.type}")
         if f.default is not None:
             dpos = f.default_pos or f.pos
-            if f.type in FLOAT_TYPES:
+            if scalar.py_type == "float":
                 if isinstance(f.default, bool):
                     self.error(dpos, f"default {f.default} does not fit {f.type}")
-            elif f.type == "bool":
+            elif scalar.py_type == "bool":
                 if not isinstance(f.default, bool) and f.default not in (0, 1):
                     self.error(dpos, f"default {f.default} is out of range for bool")
             elif isinstance(f.default, float | bool):
                 shown = str(f.default).lower() if isinstance(f.default, bool) else f.default
                 self.error(dpos, f"default {shown} is not an integer ({f.name} is {f.type})")
             else:
-                lo, hi = INT_RANGES[f.type]
+                assert scalar.range is not None
+                lo, hi = scalar.range
                 if not lo <= int(f.default) <= hi:
                     self.error(dpos, f"default {f.default} is out of range for {f.type} ({lo}..{hi})")
 
@@ -329,12 +318,16 @@ class _Checker:
             self.r.struct_target[id(f)] = target
             if f.struct_version is not None and not target.minimum <= f.struct_version <= target.version:
                 self.error(f.pos, f"struct version {f.struct_version} is outside {target.name}'s range {target.minimum}..{target.version}")
-        if f.kind == "map" and f.key is not None and f.key not in INT_RANGES:
-            key = self.find_vmsd(path, f.key)
-            if key is None:
-                self.error(f.pos, f"unknown map key type '{f.key}' in field '{f.name}'")
-            else:
-                self.r.key_target[id(f)] = key
+        if f.kind == "map" and f.key is not None:
+            # A scalar key is stored directly in the GTree: any integer type (bool
+            # and timer too).  Any other key type names a vmsd.
+            scalar = BY_NAME.get(f.key)
+            if scalar is None or scalar.range is None:
+                key = self.find_vmsd(path, f.key)
+                if key is None:
+                    self.error(f.pos, f"unknown map key type '{f.key}' in field '{f.name}'")
+                else:
+                    self.r.key_target[id(f)] = key
 
     def check_length(self, v: ast.Vmsd, f: ast.Field, d: ast.Expr, earlier: list[ast.Field], what: str) -> None:
         if isinstance(d, ast.IntLit):
@@ -360,9 +353,9 @@ class _Checker:
         target = self.resolve_name(v, counter, earlier, f, "length")
         if target is None:
             return
-        if target.kind != "scalar" or target.dims or target.type not in INT_RANGES or target.type in ("bool", "timer"):
+        if target.kind != "scalar" or target.dims or not BY_NAME[target.type].integer:
             self.error(counter.pos, f"length of {what} uses '{target.name}', which is not an integer field")
-        elif target.type not in COUNTER_TYPES:
+        elif BY_NAME[target.type].varray_flag is None:
             self.error(counter.pos, f"length of {what} uses '{target.name}' of type {target.type}; QEMU counts with uint8, uint16, uint32 or int32 only")
 
     def resolve_name(self, v: ast.Vmsd, ref: ast.Ref, earlier: list[ast.Field] | None, user: ast.Field | None, role: str) -> ast.Field | None:
@@ -401,11 +394,11 @@ class _Checker:
                 self.error(e.pos, f"unknown function '{e.function}'; expressions have only len()")
                 return
             target = self.resolve_ref(v, e.ref, earlier, user, role)
-            if target is not None and not (target.dims or target.kind in ("list", "map", "bytes")):
+            if target is not None and not (target.dims or KINDS[target.kind].measured):
                 self.error(e.ref.pos, f"len() needs an array, list or map; '{target.name}' is a single {target.kind}")
         elif isinstance(e, ast.Ref):
             target = self.resolve_ref(v, e, earlier, user, role)
-            if target is not None and (target.kind != "scalar" or target.dims or target.type in FLOAT_TYPES):
+            if target is not None and (target.kind != "scalar" or target.dims or BY_NAME[target.type].py_type == "float"):
                 self.error(e.pos, f"'{'.'.join(e.parts)}' is not an integer value and cannot be used in a {role}")
 
     def resolve_ref(self, v: ast.Vmsd, ref: ast.Ref, earlier: list[ast.Field] | None, user: ast.Field | None, role: str) -> ast.Field | None:

@@ -14,32 +14,12 @@ from typing import Any
 
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader, Writer
+from vmsd.runtime.markers import NULLPTR_MARKER, QEMU_VM_SUBSECTION
+from vmsd.runtime.scalars import BY_INFO
 from vmsd.runtime.vmdesc import Obj
-from vmsd.runtime.vmstate import NULLPTR_MARKER, QEMU_VM_SUBSECTION
 
-_SCALARS: dict[str, struct.Struct] = {
-    name: struct.Struct(fmt)
-    for name, fmt in {
-        "bool": ">?",
-        "int8": ">b",
-        "int16": ">h",
-        "int32": ">i",
-        "int64": ">q",
-        "uint8": ">B",
-        "uint16": ">H",
-        "uint32": ">I",
-        "uint64": ">Q",
-        "int32 equal": ">i",
-        "uint8 equal": ">B",
-        "uint16 equal": ">H",
-        "uint32 equal": ">I",
-        "int64 equal": ">Q",
-        "int32 le": ">i",
-        "timer": ">q",
-        "float64": ">d",
-        "CPU_Double_U": ">d",
-    }.items()
-}
+# QEMU's scalar type names (checked variants included), each with its codec.
+_SCALARS: dict[str, struct.Struct] = {info: struct.Struct(">" + s.fmt) for info, (s, _) in BY_INFO.items()}
 
 
 def _bodies(entry: Obj) -> list[Obj]:

@@ -17,7 +17,7 @@ class FieldSpec:
     name: str  # QEMU's name in JSON, already numbered (``unused[1]``)
     attr: str | None  # Python attribute; None for unused and validate
     info: str  # QEMU's type name in JSON (``uint8``, ``int32 equal``, ``struct`` …)
-    kind: str  # scalar | bytes | unused | struct | bitmap | list | map | validate
+    kind: str  # a name of vmsd.runtime.kinds.KINDS
     elem_size: int = 0  # wire bytes of one element when fixed
     dims: tuple[int, ...] = ()  # fixed dimensions; () for a single element
     count_attr: str | None = None  # attribute holding a variable count

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmsd.runtime.kinds import KINDS
 from vmsd.runtime.schema import FieldSpec, SubsectionSpec, VmsdSpec
 
 
@@ -54,7 +55,7 @@ def _present(obj: Any, f: FieldSpec, version: int) -> bool:
 
 
 def _count(obj: Any, f: FieldSpec) -> int:
-    if f.kind in ("bytes", "bitmap", "unused", "list", "map", "opaque"):
+    if KINDS[f.kind].whole:
         return 1
     if f.kind == "validate":
         return 0  # QEMU's VMSTATE_VALIDATE is an array of zero elements
@@ -76,7 +77,7 @@ def _can_compress(f: FieldSpec) -> bool:
 
 
 def _elements(value: Any, f: FieldSpec) -> list[Any]:
-    if f.kind in ("bytes", "bitmap", "unused", "list", "map", "opaque"):
+    if KINDS[f.kind].whole:
         return [value]
     if not f.dims and f.count_attr is None:
         return [value]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 from vmsd.runtime.errors import CheckFailed, MalformedStream, RegistryError, SaveError, VersionMismatch, VMSDError
 from vmsd.runtime.io import Reader, Writer
+from vmsd.runtime.markers import NULLPTR_MARKER, QEMU_VM_SUBSECTION
 
 __all__ = [
     "API_VERSION",
@@ -44,10 +45,6 @@ if TYPE_CHECKING:
 API_VERSION = 2
 
 SubLoader = Callable[[Any, "Reader", int], None]
-
-QEMU_VM_SUBSECTION = 0x05
-# QEMU writes this byte in place of a NULL slot of an array of pointers.
-NULLPTR_MARKER = 0x30
 
 T = TypeVar("T", bound="VMStateObject")
 V = TypeVar("V")

@@ -28,6 +28,7 @@ from typing import Any
 
 from vmsd.grammar.semantic import RESERVED, python_class_name
 from vmsd.migration.stream import find_trailer
+from vmsd.runtime.scalars import BY_INFO, BY_NAME, SCALARS
 from vmsd.runtime.vmdesc import Obj
 from vmsd.tools.errors import ToolError
 
@@ -39,18 +40,9 @@ class ImportQemuError(ToolError):
 
 
 # -- QEMU type names of the trailer -------------------------------------------
-_SCALARS = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "timer", "float64"})
-_CHECKED = {
-    "int32 equal": ("int32", "equal"),
-    "uint8 equal": ("uint8", "equal"),
-    "uint16 equal": ("uint16", "equal"),
-    "uint32 equal": ("uint32", "equal"),
-    "int64 equal": ("uint64", "equal"),  # QEMU's name for vmstate_info_uint64_equal
-    "int32 le": ("int32", "le"),
-}
-_GUESS_BY_SIZE = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
+# A C size alone is taken for the unsigned integer of that size.
+_GUESS_BY_SIZE = {s.size: s.name for s in SCALARS if s.integer and not s.signed}
 _NULL_TYPES = frozenset({"nullptr", "ptr-marker"})
-_INLINE_TYPES = frozenset({"vstruct", "tmp", "qtailq", "qlist", "gtree"})
 
 # Identifiers a field must not take: the generated class's own names, and
 # names its class body uses (an attribute would shadow them).
@@ -60,12 +52,12 @@ _AVOID_ATTRS = frozenset(RESERVED) | {
 }
 _AVOID_CLASSES = frozenset({"Reader", "Writer", "ClassVar", "None", "True", "False", "VMStateObject"})
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A vmsd name the grammar takes for a keyword or scalar type has to be quoted.
 _GRAMMAR_WORDS = frozenset({
-    "as", "bitmap", "bool", "bytes", "class", "cpudouble", "custom", "enum", "equal", "false", "flags",
-    "float64", "if", "import", "info", "int16", "int32", "int64", "int8", "le", "list", "map", "minimum",
-    "needed", "opaque", "qlist", "since", "struct", "subsection", "timer", "tmp", "true", "uint16",
-    "uint32", "uint64", "uint8", "unused", "validate", "version", "vmsd",
-})
+    "as", "bitmap", "bytes", "class", "custom", "enum", "equal", "false", "flags", "if", "import", "info",
+    "le", "list", "map", "minimum", "needed", "opaque", "qlist", "since", "struct", "subsection", "tmp",
+    "true", "unused", "validate", "version", "vmsd",
+}).union(BY_NAME)
 _TODO_EXISTS = "TODO: transcribe field_exists from the C source"
 _TODO_NEEDED = "TODO: transcribe the needed predicate from the C source"
 
@@ -948,16 +940,14 @@ class _Decl:
                          "give it a real kind, or register an extent for this opaque field")
             return f"opaque \"unknown\" {ident}{wire}"
         t = g.type
-        if t in _SCALARS:
-            return f"{t} {ident}{self.dims(count)}{wire}"
-        if t in _CHECKED:
-            base, check = _CHECKED[t]
+        if t in BY_INFO:
+            scalar, check = BY_INFO[t]
+            if check is None:
+                return f"{scalar.name} {ident}{self.dims(count)}{wire}"
             if count > 1:
                 notes.append(f"TODO: QEMU type {_quote(t)} on an array; the check was dropped")
-                return f"{base} {ident}{self.dims(count)}{wire}"
-            return f"{base} {ident}{wire} {check}"
-        if t == "CPU_Double_U":
-            return f"cpudouble {ident}{self.dims(count)}{wire}"
+                return f"{scalar.name} {ident}{self.dims(count)}{wire}"
+            return f"{scalar.name} {ident}{wire} {check}"
         if t == "buffer":
             if g.total <= 0:
                 notes.append("GUESS: empty buffer in the stream; its length comes from another field")

@@ -60,6 +60,7 @@ from vmsd.generated.qemu.v7_2.virtio_net import VirtIONetDevice
 from vmsd.generated.qemu.v7_2.xhci import XHCIPciState
 from vmsd.runtime.errors import MalformedStream, RegistryError, VMSDError
 from vmsd.runtime.io import Reader
+from vmsd.runtime.markers import QEMU_VM_SECTION_FOOTER
 from vmsd.runtime.vmstate import fresh, register, register_extent, reporting_checks
 
 __all__ = [
@@ -73,7 +74,6 @@ __all__ = [
     "register_virtio_device",
 ]
 
-QEMU_VM_SECTION_FOOTER = 0x7E
 PCI_CONFIG_SPACE_SIZE = 256
 PCIE_CONFIG_SPACE_SIZE = 4096
 PCI_STATUS = 0x06
