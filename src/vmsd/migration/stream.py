@@ -29,6 +29,7 @@ from vmsd.runtime.errors import (
 )
 from vmsd.runtime.generic import decode_body, encode_body
 from vmsd.runtime.io import Reader, Writer
+from vmsd.runtime.markers import QEMU_VM_SECTION_FOOTER, QEMU_VM_SUBSECTION
 from vmsd.runtime.vmdesc import JSONFloat, Obj, describe, dumps, loads
 from vmsd.runtime.vmstate import as_loaded_subclass, fresh, impl, register, reporting_checks
 
@@ -40,11 +41,9 @@ QEMU_VM_SECTION_START = 0x01
 QEMU_VM_SECTION_PART = 0x02
 QEMU_VM_SECTION_END = 0x03
 QEMU_VM_SECTION_FULL = 0x04
-QEMU_VM_SUBSECTION = 0x05
 QEMU_VM_VMDESCRIPTION = 0x06
 QEMU_VM_CONFIGURATION = 0x07
 QEMU_VM_COMMAND = 0x08
-QEMU_VM_SECTION_FOOTER = 0x7E
 
 SECTION_NAMES = {1: "START", 2: "PART", 3: "END", 4: "FULL"}
 
