@@ -33,12 +33,12 @@ from vmsd.migration.multifd import (
     MultifdError,
     MultifdReceiver,
     MultifdSender,
-    _runs,
-    _store_runs,
-    _ZstdFeed,
     accept_all,
     initial_packet,
 )
+from vmsd.migration.multifd.codecs import _ZstdFeed
+from vmsd.migration.multifd.packet import runs
+from vmsd.migration.multifd.pageio import store_runs
 from vmsd.migration.precopy import Migration
 from vmsd.migration.profile import peer_profile
 from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks
@@ -561,9 +561,9 @@ def test_any_zstd_payload_lands_in_its_pages(pages: list[int], kinds: list[str],
                  st.builds(lambda a, n: list(range(a, a + n)), st.integers(0, 1 << 40), st.integers(0, 128))))
 def test_runs_cover_the_pages_in_order(pages: list[int]) -> None:
     """Packets' pages as (first, count) runs: consecutive pages join a run, anything else starts one."""
-    runs = _runs(pages)
-    assert [p for first, n in runs for p in range(first, first + n)] == pages
-    assert all(a + n != b for (a, n), (b, _) in itertools.pairwise(runs))
+    got = runs(pages)
+    assert [p for first, n in got for p in range(first, first + n)] == pages
+    assert all(a + n != b for (a, n), (b, _) in itertools.pairwise(got))
 
 
 @pytest.mark.parametrize("prealloc", [False, True], ids=["pwritev", "in place"])
@@ -575,7 +575,7 @@ def test_pieces_split_anywhere_land_in_their_runs(prealloc: bool) -> None:
         block = blocks.create("pc.ram", 16 * PAGE_SIZE)
         if prealloc:
             block.prealloc()
-        _store_runs(block, memoryview(data), [(2, 1), (7, 2)], [(0, 5000), (5003, 3 * PAGE_SIZE - 5000)])
+        store_runs(block, memoryview(data), [(2, 1), (7, 2)], [(0, 5000), (5003, 3 * PAGE_SIZE - 5000)])
         assert block.view[2 * PAGE_SIZE:3 * PAGE_SIZE] == pages[:PAGE_SIZE]
         assert block.view[7 * PAGE_SIZE:9 * PAGE_SIZE] == pages[PAGE_SIZE:]
         assert not block.words[:2].any() and not block.words[3:7].any() and not block.words[9:].any()
