@@ -303,6 +303,14 @@ def test_packet_offset_outside_its_block() -> None:
     assert "multifd channel 0: packet offset 0x10000 is outside RAM block 'pc.ram'" in err.message
 
 
+def test_a_huge_offset_is_not_a_negative_one() -> None:
+    """Offsets are unsigned: one of 2**64 - 4096 is outside the block, not its last page counted from the end."""
+    head = bytearray(_packet("pc.ram", [(1 << 64) - PAGE_SIZE], b"", normal=0))
+    struct.pack_into(">I", head, 32, 1)  # a zero page
+    err = _receive_one(MultifdConfig(channels=1), bytes(head))
+    assert "multifd channel 0: packet offset 0xfffffffffffff000 is outside RAM block 'pc.ram'" in err.message
+
+
 def test_bad_compression_stream() -> None:
     cfg = MultifdConfig(channels=1, compression="zlib")
     err = _receive_one(cfg, _packet("pc.ram", [0], b"\x78\x01garbage-not-deflate", flags=0x02))
