@@ -144,7 +144,7 @@ class PacketHeader:
         if bad.size:
             raise MalformedStream(f"packet offset {int(offsets[bad[0]]):#x} is outside RAM block '{self.block}' "
                                   f"of {block_length:#x} bytes")
-        return (offsets // PAGE_SIZE).astype(np.int64)
+        return (offsets // PAGE_SIZE).view(np.int64)  # all below 2**52 now
 
     def check_compression(self, method_flag: int, method: str) -> None:
         """A packet with normal pages must name the channel's compression method."""
