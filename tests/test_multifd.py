@@ -42,7 +42,7 @@ from vmsd.migration.multifd.pageio import store_runs
 from vmsd.migration.precopy import Migration
 from vmsd.migration.profile import peer_profile
 from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks
-from vmsd.migration.transport import listen, open_outgoing, socket_channel
+from vmsd.migration.transport import listen, memory_pair, open_outgoing, socket_channel
 from vmsd.testing.qmp import Qemu
 
 MIB = 1 << 20
@@ -145,6 +145,30 @@ def test_a_channel_that_never_connects() -> None:
             accept_all(lambda: lst.accept(0.5), cfg, 0.5)
         main_peer.close()
         one.close()
+
+
+@pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
+def test_channels_without_a_descriptor(compression: str) -> None:
+    """Channels with no descriptor to splice from (memory, TLS) carry pages too: they are read instead."""
+    with RamBlocks() as src, RamBlocks() as dst:
+        block = src.create("pc.ram", 4 * MIB)
+        block.bytes_[:MIB] = np.random.default_rng(2).integers(0, 256, MIB, dtype=np.uint8)
+        block.bytes_[2 * MIB:3 * MIB] = 7
+        into = dst.create("pc.ram", 4 * MIB)
+        into.bytes_[:] = 1
+        cfg = MultifdConfig(channels=2, compression=compression)
+        pairs = [memory_pair(f"m{i}") for i in range(2)]
+        sender = MultifdSender(cfg, [a for a, _ in pairs])
+        for i, (_, b) in enumerate(pairs):
+            assert b.read_exact(64) == initial_packet(cfg.uuid, i)
+        rx = MultifdReceiver(cfg, [b for _, b in pairs], dst)
+        zero = ~block.words.any(axis=1)
+        sender.send(block, np.flatnonzero(~zero), np.flatnonzero(zero))
+        sender.sync()
+        rx.sync()
+        sender.close()
+        rx.close()
+        assert bytes(into.view) == bytes(block.view)
 
 
 def test_a_stalled_channel_holds_up_no_other() -> None:

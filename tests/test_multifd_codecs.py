@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
-from typing import cast
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from vmsd.migration.multifd.zstd_frames import (
     frame_header_size,
 )
 from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks
-from vmsd.migration.transport import Channel
+from vmsd.migration.transport import MemoryChannel, memory_pair
 from vmsd.runtime.errors import MalformedStream
 
 PAGES = 64
@@ -38,20 +37,12 @@ _KINDS = {"random": lambda p: _RND[p * PAGE_SIZE:(p + 1) * PAGE_SIZE], "zero": l
           "text": lambda p: ((b"vmsd page %d " % p) * PAGE_SIZE)[:PAGE_SIZE]}
 
 
-class _Bytes:
-    """A channel that reads from bytes: all :class:`PageReader` asks of a channel when it does not splice."""
-
-    name = "bytes"
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.at = 0
-
-    def read_full(self, view: memoryview) -> int:
-        n = min(len(view), len(self.data) - self.at)
-        view[:n] = self.data[self.at:self.at + n]
-        self.at += n
-        return n
+def _channel(data: bytes) -> MemoryChannel:
+    """A channel without a descriptor (so nothing is spliced) that holds ``data``, then ends."""
+    a, b = memory_pair(capacity=len(data) + 1)
+    a.write(data)
+    a.close()
+    return b
 
 
 @contextlib.contextmanager
@@ -82,8 +73,10 @@ def _send(codec: Codec, level: int, packets: list[tuple[list[int], bytes]]) -> l
 def _receive(codec: Codec, block: RamBlock, packets: list[tuple[list[int], bytes]],
              payloads: list[tuple[bytes, int]]) -> None:
     """Through one channel's decompressor, packet after packet; each lands in its pages, and only there."""
-    channel = _Bytes(b"".join(p for p, _ in payloads))
-    decomp = codec.decompressor(PageReader(cast(Channel, channel), splice=False))
+    channel = _channel(b"".join(p for p, _ in payloads))
+    reader = PageReader(channel, splice=codec.splices)
+    assert not reader.splices
+    decomp = codec.decompressor(reader)
     want = bytearray(block.view)
     for (pages, content), (_, size) in zip(packets, payloads, strict=True):
         took = decomp.recv(block, runs(pages), len(pages), size)
@@ -91,7 +84,7 @@ def _receive(codec: Codec, block: RamBlock, packets: list[tuple[list[int], bytes
         for i, p in enumerate(pages):
             want[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = content[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
         assert bytes(block.view) == bytes(want)
-    assert channel.at == len(channel.data)
+    assert channel.read_full(memoryview(bytearray(1))) == 0  # every byte taken, no more
 
 
 # Packets as (pages, kind of each of the block's pages), one after another on a channel.
@@ -152,7 +145,7 @@ def test_codecs_name_their_packet_flags() -> None:
 
 def test_a_compressed_payload_too_large_for_its_pages() -> None:
     with _block(False) as block:
-        decomp = CODECS["zlib"].decompressor(PageReader(cast(Channel, _Bytes(b"")), splice=False))
+        decomp = CODECS["zlib"].decompressor(PageReader(_channel(b""), splice=False))
         with pytest.raises(MalformedStream, match="compressed payload of 12289 bytes for 1 pages"):
             decomp.recv(block, [(0, 1)], 1, 2 * PAGE_SIZE + 4097)
 

@@ -34,7 +34,8 @@ class PageReader:
 
     def __init__(self, ch: Channel, splice: bool) -> None:
         self.ch = ch
-        self._pipe = _pipe() if splice else None
+        # A channel without a descriptor (memory, TLS: fileno() is -1) is read through its methods only.
+        self._pipe = _pipe() if splice and ch.fileno() >= 0 else None
 
     @property
     def splices(self) -> bool:
