@@ -197,9 +197,6 @@ def test_multifd_over_memory_zlib(memory_transport: list[MemoryChannel]) -> None
     _multifd(memory_transport, "zlib")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="MultifdReceiver splices ch.fileno() without checking for -1 (EBADF); "
-                          "it needs a pipe only for channels with a descriptor")
 def test_multifd_over_memory_uncompressed(memory_transport: list[MemoryChannel]) -> None:
     _multifd(memory_transport, "none")
 

@@ -33,16 +33,16 @@ from vmsd.migration.multifd import (
     MultifdError,
     MultifdReceiver,
     MultifdSender,
-    _runs,
-    _store_runs,
-    _ZstdFeed,
     accept_all,
     initial_packet,
 )
+from vmsd.migration.multifd.codecs import _ZstdFeed
+from vmsd.migration.multifd.packet import runs
+from vmsd.migration.multifd.pageio import store_runs
 from vmsd.migration.precopy import Migration
 from vmsd.migration.profile import peer_profile
 from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks
-from vmsd.migration.transport import listen, open_outgoing, socket_channel
+from vmsd.migration.transport import listen, memory_pair, open_outgoing, socket_channel
 from vmsd.testing.qmp import Qemu
 
 MIB = 1 << 20
@@ -145,6 +145,30 @@ def test_a_channel_that_never_connects() -> None:
             accept_all(lambda: lst.accept(0.5), cfg, 0.5)
         main_peer.close()
         one.close()
+
+
+@pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
+def test_channels_without_a_descriptor(compression: str) -> None:
+    """Channels with no descriptor to splice from (memory, TLS) carry pages too: they are read instead."""
+    with RamBlocks() as src, RamBlocks() as dst:
+        block = src.create("pc.ram", 4 * MIB)
+        block.bytes_[:MIB] = np.random.default_rng(2).integers(0, 256, MIB, dtype=np.uint8)
+        block.bytes_[2 * MIB:3 * MIB] = 7
+        into = dst.create("pc.ram", 4 * MIB)
+        into.bytes_[:] = 1
+        cfg = MultifdConfig(channels=2, compression=compression)
+        pairs = [memory_pair(f"m{i}") for i in range(2)]
+        sender = MultifdSender(cfg, [a for a, _ in pairs])
+        for i, (_, b) in enumerate(pairs):
+            assert b.read_exact(64) == initial_packet(cfg.uuid, i)
+        rx = MultifdReceiver(cfg, [b for _, b in pairs], dst)
+        zero = ~block.words.any(axis=1)
+        sender.send(block, np.flatnonzero(~zero), np.flatnonzero(zero))
+        sender.sync()
+        rx.sync()
+        sender.close()
+        rx.close()
+        assert bytes(into.view) == bytes(block.view)
 
 
 def test_a_stalled_channel_holds_up_no_other() -> None:
@@ -301,6 +325,14 @@ def test_zero_pages_in_packets_clear_data_and_leave_holes_unallocated() -> None:
 def test_packet_offset_outside_its_block() -> None:
     err = _receive_one(MultifdConfig(channels=1), _packet("pc.ram", [16 * PAGE_SIZE], bytes(PAGE_SIZE)))
     assert "multifd channel 0: packet offset 0x10000 is outside RAM block 'pc.ram'" in err.message
+
+
+def test_a_huge_offset_is_not_a_negative_one() -> None:
+    """Offsets are unsigned: one of 2**64 - 4096 is outside the block, not its last page counted from the end."""
+    head = bytearray(_packet("pc.ram", [(1 << 64) - PAGE_SIZE], b"", normal=0))
+    struct.pack_into(">I", head, 32, 1)  # a zero page
+    err = _receive_one(MultifdConfig(channels=1), bytes(head))
+    assert "multifd channel 0: packet offset 0xfffffffffffff000 is outside RAM block 'pc.ram'" in err.message
 
 
 def test_bad_compression_stream() -> None:
@@ -561,9 +593,9 @@ def test_any_zstd_payload_lands_in_its_pages(pages: list[int], kinds: list[str],
                  st.builds(lambda a, n: list(range(a, a + n)), st.integers(0, 1 << 40), st.integers(0, 128))))
 def test_runs_cover_the_pages_in_order(pages: list[int]) -> None:
     """Packets' pages as (first, count) runs: consecutive pages join a run, anything else starts one."""
-    runs = _runs(pages)
-    assert [p for first, n in runs for p in range(first, first + n)] == pages
-    assert all(a + n != b for (a, n), (b, _) in itertools.pairwise(runs))
+    got = runs(pages)
+    assert [p for first, n in got for p in range(first, first + n)] == pages
+    assert all(a + n != b for (a, n), (b, _) in itertools.pairwise(got))
 
 
 @pytest.mark.parametrize("prealloc", [False, True], ids=["pwritev", "in place"])
@@ -575,7 +607,7 @@ def test_pieces_split_anywhere_land_in_their_runs(prealloc: bool) -> None:
         block = blocks.create("pc.ram", 16 * PAGE_SIZE)
         if prealloc:
             block.prealloc()
-        _store_runs(block, memoryview(data), [(2, 1), (7, 2)], [(0, 5000), (5003, 3 * PAGE_SIZE - 5000)])
+        store_runs(block, memoryview(data), [(2, 1), (7, 2)], [(0, 5000), (5003, 3 * PAGE_SIZE - 5000)])
         assert block.view[2 * PAGE_SIZE:3 * PAGE_SIZE] == pages[:PAGE_SIZE]
         assert block.view[7 * PAGE_SIZE:9 * PAGE_SIZE] == pages[PAGE_SIZE:]
         assert not block.words[:2].any() and not block.words[3:7].any() and not block.words[9:].any()

@@ -1,0 +1,52 @@
+"""Telling connections apart: the main channel and each multifd channel, accepted in any order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vmsd.migration.multifd.config import MultifdConfig
+from vmsd.migration.multifd.packet import INITIAL_SIZE, MULTIFD_MAGIC, MultifdError, parse_initial
+from vmsd.migration.transport import Channel, TransportError
+
+
+def classify(ch: Channel, config: MultifdConfig, timeout: float) -> int | None:
+    """None for the main channel (starts with QEVM); a multifd channel's id after its initial packet."""
+    head = ch.peek(4, timeout)
+    if head == b"QEVM":
+        return None
+    if len(head) == 4 and int.from_bytes(head, "big") == MULTIFD_MAGIC:
+        return parse_initial(ch.read_exact(INITIAL_SIZE), config.uuid, config.channels, ch.name)
+    raise MultifdError(f"{ch.name}: a connection that is neither the main channel nor a multifd channel "
+                       f"(starts with {head.hex() or 'nothing'})")
+
+
+def accept_all(accept: Callable[[], Channel], config: MultifdConfig, timeout: float
+               ) -> tuple[Channel, list[Channel]]:
+    """Accept the main channel and every multifd channel, in any order."""
+    main: Channel | None = None
+    multifd: dict[int, Channel] = {}
+    opened: list[Channel] = []
+    try:
+        while main is None or len(multifd) < config.channels:
+            try:
+                ch = accept()
+            except TransportError as e:
+                missing = [str(i) for i in range(config.channels) if i not in multifd]
+                what = (["the main channel"] if main is None else []) + \
+                    ([f"multifd channel(s) {', '.join(missing)}"] if missing else [])
+                raise MultifdError(f"{' and '.join(what)} never connected ({e.message})") from None
+            opened.append(ch)
+            cid = classify(ch, config, timeout)
+            if cid is None:
+                if main is not None:
+                    raise MultifdError(f"{ch.name}: a second main channel")
+                main = ch
+            elif cid in multifd:
+                raise MultifdError(f"{ch.name}: channel id {cid} is already in use")
+            else:
+                multifd[cid] = ch
+    except BaseException:
+        for ch in opened:
+            ch.abort()
+        raise
+    return main, [multifd[i] for i in range(config.channels)]
