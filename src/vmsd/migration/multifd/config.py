@@ -62,7 +62,7 @@ class MultifdConfig:
         return self.peer.multifd_zero_pages and self.zero_page_detection == "multifd"
 
 
-def config_from(parameters: dict[str, str], peer_version: str = "10.0", uuid: bytes = bytes(16)) -> MultifdConfig:
+def config_from(parameters: dict[str, str], peer_version: str = NEWEST.version, uuid: bytes = bytes(16)) -> MultifdConfig:
     """A config from QEMU-named parameters (``multifd-channels``, ``multifd-compression``, ...)."""
     names = {"multifd-channels": "channels", "multifd-compression": "compression",
              "multifd-zlib-level": "zlib_level", "multifd-zstd-level": "zstd_level",
