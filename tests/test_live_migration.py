@@ -44,15 +44,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("xbzrle", [False, True], ids=["plain", "xbzrle"])
-def test_qemu_to_vmsd_incoming_to_qemu(shm: Path, tmp_path: Path, xbzrle: bool) -> None:
-    snapshot = tmp_path / "snap.mig"
-    port = _free_port()
+def _vmsd_incoming(port: int, snapshot: Path) -> tuple[threading.Thread, list[int]]:
+    """`vmsd incoming` on ``port`` writing ``snapshot``, in a thread; its exit status lands in the list."""
     result: list[int] = []
     receiver = threading.Thread(
         target=lambda: result.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snapshot), "--timeout", "30"]))
     )
     receiver.start()
+    return receiver, result
+
+
+@pytest.mark.parametrize("xbzrle", [False, True], ids=["plain", "xbzrle"])
+def test_qemu_to_vmsd_incoming_to_qemu(shm: Path, tmp_path: Path, xbzrle: bool) -> None:
+    snapshot = tmp_path / "snap.mig"
+    port = _free_port()
+    receiver, result = _vmsd_incoming(port, snapshot)
     source_ram = shm / "source"
     with Qemu(_ram_args(source_ram)) as src:
         if xbzrle:
@@ -114,11 +120,7 @@ def test_qemu_ignore_shared_through_vmsd_incoming(shm: Path, tmp_path: Path) -> 
     configuration and block list, and a QEMU 7.2 destination on the same file loads it and runs."""
     snapshot = tmp_path / "snap.mig"
     port = _free_port()
-    result: list[int] = []
-    receiver = threading.Thread(
-        target=lambda: result.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snapshot), "--timeout", "30"]))
-    )
-    receiver.start()
+    receiver, result = _vmsd_incoming(port, snapshot)
     ram = shm / "ram"
     ignore_shared = [{"capability": "x-ignore-shared", "state": True}]
     with Qemu(_ram_args(ram)) as src:
