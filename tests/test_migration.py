@@ -28,7 +28,7 @@ from vmsd.migration.precopy import Migration, parse_settings
 from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks
 from vmsd.migration.ram.records import RamContext, read_ram
 from vmsd.migration.ram.wire import RamEncoder, RamLoader, apply_ram
-from vmsd.migration.transport import register_fd
+from vmsd.migration.transport import listen, register_fd
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader
 from vmsd.tools.progress import Progress, summary
@@ -70,19 +70,21 @@ def free_port() -> int:
 
 
 class Receiver:
-    """An Incoming in a thread."""
+    """An Incoming in a thread, listening before the constructor returns (a source may connect at once)."""
 
     def __init__(self, machine: Machine, uri: str) -> None:
         self.machine = machine
         self.incoming = Incoming(machine)
         self.result: IncomingResult | None = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(uri,), daemon=True)
+        self.listener = listen(uri)
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _run(self, uri: str) -> None:
+    def _run(self) -> None:
         try:
-            self.result = self.incoming.run(uri, timeout=20)
+            with self.listener as lst, lst.accept(20) as ch:
+                self.result = self.incoming.load(ch)
         except BaseException as e:  # the test inspects it
             self.error = e
 

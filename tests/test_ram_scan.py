@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmsd.migration.ram.blocks import RamBlocks
 from vmsd.migration.ram.records import (
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
@@ -25,7 +27,8 @@ from vmsd.migration.ram.records import (
     read_ram,
     write_ram,
 )
-from vmsd.runtime.errors import VMSDError
+from vmsd.migration.ram.wire import RamLoader
+from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader, Writer
 
 PAGE = 4096
@@ -119,3 +122,23 @@ def test_damaged_sections_fail_as_the_parser_does(data: bytes, draw: st.DataObje
         except VMSDError as e:
             got = (type(e), e.message, e.offset)
         assert got == expected
+
+
+@pytest.mark.parametrize("flags", [
+    RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_MEM_SIZE | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_EOS,  # found by hypothesis
+    RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_EOS,
+    RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_PAGE,
+    0,
+])
+def test_every_reader_refuses_a_combination_qemu_refuses(flags: int) -> None:
+    """QEMU dispatches on the flags without CONTINUE, which must name one kind; the scanner, the record
+    parser and the loader all refuse the rest the same way (they used to disagree on which bit won)."""
+    data = struct.pack(">Q", flags) + b"\x06pc.ram" + bytes(PAGE + 16)
+    errors = []
+    for read in (lambda: read_ram(Reader(data)), lambda: _parsed(data),
+                 lambda: RamLoader(RamBlocks()).load_section(Reader(data))):
+        with pytest.raises(MalformedStream) as info:
+            read()
+        errors.append((info.value.message, info.value.offset))
+    assert errors == [(f"unknown combination of migration flags {flags:#x}", 0)] * 3

@@ -34,6 +34,28 @@ _KNOWN = (
     | RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_COMPRESS_PAGE | RAM_SAVE_FLAG_MULTIFD_FLUSH
 )
 
+# QEMU's loader dispatches on the flags without CONTINUE: they must be exactly one of these kinds.
+_KINDS = frozenset({
+    RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_XBZRLE,
+    RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_MULTIFD_FLUSH,
+})
+
+
+def valid_flags(flags: int) -> bool:
+    """Whether a record's flags name one kind QEMU's ``ram_load_precopy`` knows (CONTINUE aside).
+
+    Every reader of RAM records asks this first, so none of them can take a combination (PAGE|MEM_SIZE,
+    say) for something the others refuse."""
+    return flags & ~RAM_SAVE_FLAG_CONTINUE in _KINDS
+
+
+def check_flags(flags: int, at: int) -> None:
+    """Refuse a record QEMU's loader refuses (see :func:`valid_flags`), naming its offset ``at``."""
+    if flags & ~_KNOWN:
+        raise MalformedStream(f"unknown RAM record flags {flags:#x}", offset=at)
+    if not valid_flags(flags):
+        raise MalformedStream(f"unknown combination of migration flags {flags:#x}", offset=at)
+
 
 @attrs.frozen
 class RamContext:
@@ -205,7 +227,7 @@ def _scan(buf: bytes, pos: int, context: RamContext, block_named: bool) -> tuple
         flags = unpack_u64(buf, pos)[0] & (TARGET_PAGE_SIZE - 1)
         pos += 8
         count += 1
-        if flags & ~_KNOWN:
+        if not valid_flags(flags):
             return None
         if flags & _ANY_PAGE:
             if not flags & RAM_SAVE_FLAG_CONTINUE:
@@ -301,8 +323,7 @@ def _read_records(r: Reader, context: RamContext, block_named: bool) -> list[Ram
         word = r.u64()
         flags = word & (TARGET_PAGE_SIZE - 1)
         offset = word & ~(TARGET_PAGE_SIZE - 1)
-        if flags & ~_KNOWN:
-            raise MalformedStream(f"unknown RAM record flags {flags:#x}", offset=at)
+        check_flags(flags, at)
         rec = RamRecord(flags, offset)
         if flags & RAM_SAVE_FLAG_MEM_SIZE:
             rec.blocks = read_block_list(r, offset, context)
@@ -312,26 +333,32 @@ def _read_records(r: Reader, context: RamContext, block_named: bool) -> list[Ram
                 have_block = True
             elif not have_block:
                 raise MalformedStream("RAM page continues a block that was never named", offset=at)
-            if flags & RAM_SAVE_FLAG_ZERO:
-                rec.data = r.read(1)
-            elif flags & RAM_SAVE_FLAG_PAGE:
-                rec.data = r.read(TARGET_PAGE_SIZE)
-            elif flags & RAM_SAVE_FLAG_XBZRLE:
-                head = r.read(3)
-                if head[0] != 1:
-                    raise MalformedStream(f"unknown XBZRLE encoding {head[0]}", offset=at)
-                length = int.from_bytes(head[1:3], "big")
-                if length > TARGET_PAGE_SIZE:
-                    raise MalformedStream(f"XBZRLE length {length} exceeds a page", offset=at)
-                rec.data = head + r.read(length)
-            else:
-                length = r.u32()
-                if length > 2 * TARGET_PAGE_SIZE:
-                    raise MalformedStream(f"compressed page of {length} bytes", offset=at)
-                rec.data = length.to_bytes(4, "big") + r.read(length)
+            rec.data = read_page_payload(r, flags, at)
         records.append(rec)
         if flags & RAM_SAVE_FLAG_EOS:
             return records
+
+
+def read_page_payload(r: Reader, flags: int, at: int) -> bytes:
+    """A page record's payload, after its header word and block name, checked as QEMU's loader checks it:
+    the fill byte (ZERO), the page (PAGE), encoding + be16 length + delta (XBZRLE), be32 length + zlib
+    stream (COMPRESS_PAGE).  ``at``: the record's offset, for errors."""
+    if flags & RAM_SAVE_FLAG_ZERO:
+        return r.read(1)
+    if flags & RAM_SAVE_FLAG_PAGE:
+        return r.read(TARGET_PAGE_SIZE)
+    if flags & RAM_SAVE_FLAG_XBZRLE:
+        head = r.read(3)
+        if head[0] != 1:  # ENCODING_FLAG_XBZRLE, the only encoding there is
+            raise MalformedStream(f"unknown XBZRLE encoding {head[0]}", offset=at)
+        length = int.from_bytes(head[1:3], "big")
+        if length > TARGET_PAGE_SIZE:
+            raise MalformedStream(f"XBZRLE length {length} exceeds a page", offset=at)
+        return head + r.read(length)
+    length = r.u32()
+    if length > 2 * TARGET_PAGE_SIZE:
+        raise MalformedStream(f"compressed page of {length} bytes", offset=at)
+    return length.to_bytes(4, "big") + r.read(length)
 
 
 def read_block_list(r: Reader, total: int, context: RamContext) -> list[RamBlockInfo]:

@@ -35,7 +35,6 @@ from vmsd.migration.ram.records import (
     RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_HOOK,
     RAM_SAVE_FLAG_MEM_SIZE,
-    RAM_SAVE_FLAG_MULTIFD_FLUSH,
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE,
     RAM_SAVE_FLAG_ZERO,
@@ -43,7 +42,9 @@ from vmsd.migration.ram.records import (
     RamContext,
     RamPayload,
     RamRecord,
+    check_flags,
     read_block_list,
+    read_page_payload,
     read_ram,
     write_ram,
 )
@@ -420,6 +421,9 @@ class RamLoader:
         offset = word & ~_FLAG_MASK
         blocks = self.blocks
         c = self.counters
+        if flags & RAM_SAVE_FLAG_HOOK:
+            raise MalformedStream("RDMA hook records are not supported", offset=at)
+        check_flags(flags, at)
         if flags & RAM_SAVE_FLAG_MEM_SIZE:
             try:
                 _apply_block_list(blocks, read_block_list(r, offset, self.context), self.create_missing,
@@ -458,24 +462,15 @@ class RamLoader:
                 r.readinto(page)
                 c.normal += 1
             elif kind == RAM_SAVE_FLAG_XBZRLE:
-                encoding, length = r.u8(), r.u16()
-                if encoding != xbzrle.ENCODING_FLAG_XBZRLE:
-                    raise MalformedStream(f"unknown XBZRLE encoding {encoding}", offset=at)
-                if length > PAGE_SIZE:
-                    raise MalformedStream(f"XBZRLE length {length} exceeds a page", offset=at)
+                delta = read_page_payload(r, kind, at)
                 try:
-                    xbzrle.decode_into(r.read(length), page)
+                    xbzrle.decode_into(memoryview(delta)[3:], page)
                 except ValueError as e:
                     raise MalformedStream(f"XBZRLE page at {offset:#x} in '{block.name}': {e}", offset=at) from None
                 c.xbzrle_pages += 1
-            elif kind == RAM_SAVE_FLAG_COMPRESS_PAGE:
-                length = r.u32()
-                if length > 2 * PAGE_SIZE:
-                    raise MalformedStream(f"compressed page of {length} bytes", offset=at)
-                _decompress_page(length.to_bytes(4, "big") + r.read(length), page,
+            else:  # COMPRESS_PAGE, the one page kind left (check_flags)
+                _decompress_page(read_page_payload(r, kind, at), page,
                                  f"compressed page at {offset:#x} in '{block.name}'")
-            else:
-                raise MalformedStream(f"unknown combination of migration flags {flags:#x}", offset=at)
             del page
             if self.mark_dirty:
                 block.mark_dirty(offset, PAGE_SIZE)
@@ -485,16 +480,13 @@ class RamLoader:
                 self.sync_hook()
             blocks.complete = True
             return True
-        if flags == RAM_SAVE_FLAG_MULTIFD_FLUSH:
-            if self.sync_hook is not None:
-                if self.legacy_sync:  # QEMU 7.2 has no such record: it syncs at every EOS
-                    raise MalformedStream("a MULTIFD_FLUSH record: the source uses the newer multifd layout, "
-                                          "not 7.2's (--peer-version)", offset=at)
-                self.sync_hook()
-            return False
-        if flags & RAM_SAVE_FLAG_HOOK:
-            raise MalformedStream("RDMA hook records are not supported", offset=at)
-        raise MalformedStream(f"unknown combination of migration flags {flags:#x}", offset=at)
+        # What check_flags leaves: MULTIFD_FLUSH, a multifd sync point.
+        if self.sync_hook is not None:
+            if self.legacy_sync:  # a peer without such records syncs at every EOS
+                raise MalformedStream("a MULTIFD_FLUSH record: the source uses a newer multifd layout than "
+                                      "7.2's (--peer-version)", offset=at)
+            self.sync_hook()
+        return False
 
 
 class _Receiver:
