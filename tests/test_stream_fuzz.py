@@ -21,7 +21,7 @@ from vmsd.migration.stream import Command, Section, SpecSet, Stream, read_stream
 from vmsd.qemu.v7_2 import spec_set
 from vmsd.runtime.errors import VMSDError
 from vmsd.testing.qmp import save_stream
-from vmsd.tools import streams as streamtools
+from vmsd.tools import streams
 
 HEADER = b"QEVM\x00\x00\x00\x03"
 
@@ -107,9 +107,9 @@ def check(data: bytes, full_json: bool = False, using: SpecSet | None = None) ->
     except Exception:
         pytest.fail(f"read_stream raised a non-VMSDError:\n{traceback.format_exc()}")
     try:
-        streamtools.stream_tree(stream)
+        streams.stream_tree(stream)
         if full_json:
-            streamtools.stream_json(stream)
+            streams.stream_json(stream)
         once = write_stream(stream)
         again = read_stream(once, using)
         twice = write_stream(again)

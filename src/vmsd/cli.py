@@ -78,23 +78,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
     from vmsd.migration.stream import read_stream
-    from vmsd.tools import streams as streamtools
+    from vmsd.tools import streams
 
-    stream = read_stream(streamtools.read_input(args.stream), streamtools.load_specs(args.specs))
+    stream = read_stream(streams.read_input(args.stream), streams.load_specs(args.specs))
     if args.json:
         # One compact document: json's C encoder only serves the unindented
         # form, several times faster on a stream's megabytes of device state.
-        sys.stdout.write(json.dumps(streamtools.stream_json(stream), separators=(",", ":")))
+        sys.stdout.write(json.dumps(streams.stream_json(stream), separators=(",", ":")))
         sys.stdout.write("\n")
     else:
-        print(streamtools.stream_tree(stream))
+        print(streams.stream_tree(stream))
     return EXIT_OK
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
-    from vmsd.tools import streams as streamtools
+    from vmsd.tools import streams
 
-    data = streamtools.rewrite(streamtools.read_input(args.stream), streamtools.load_specs(args.specs), args.set or [])
+    data = streams.rewrite(streams.read_input(args.stream), streams.load_specs(args.specs), args.set or [])
     out = Path(args.output)
     # Write beside the target and rename, so a failed rewrite never leaves a partial file.
     tmp = out.with_name(out.name + ".partial")
@@ -109,12 +109,12 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     from vmsd.migration.stream import read_stream
-    from vmsd.tools import streams as streamtools
+    from vmsd.tools import streams
 
-    specs = streamtools.load_specs(args.specs)
-    a = read_stream(streamtools.read_input(args.a), specs)
-    b = read_stream(streamtools.read_input(args.b), specs)
-    lines = streamtools.diff(a, b)
+    specs = streams.load_specs(args.specs)
+    a = read_stream(streams.read_input(args.a), specs)
+    b = read_stream(streams.read_input(args.b), specs)
+    lines = streams.diff(a, b)
     for line in lines:
         print(line)
     return EXIT_FINDINGS if lines else EXIT_OK
@@ -141,12 +141,12 @@ def _migration_options(args: argparse.Namespace) -> dict[str, str]:
 
 def _cmd_incoming(args: argparse.Namespace) -> int:
     from vmsd.tools import snapshot
-    from vmsd.tools import streams as streamtools
+    from vmsd.tools import streams
 
     _migration_options(args)  # the receiver decodes whatever the peer chose; names are checked
     caps, _ = _settings(args)
     multifd = _multifd(args, caps)
-    result = snapshot.incoming(args.uri, Path(args.output), streamtools.load_specs(args.specs), args.timeout,
+    result = snapshot.incoming(args.uri, Path(args.output), streams.load_specs(args.specs), args.timeout,
                                multifd=multifd)
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
@@ -156,7 +156,7 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
 
 def _cmd_outgoing(args: argparse.Namespace) -> int:
     from vmsd.tools import snapshot
-    from vmsd.tools import streams as streamtools
+    from vmsd.tools import streams
     from vmsd.tools.progress import Progress, summary
 
     _migration_options(args)
@@ -170,7 +170,7 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
         parse_settings(caps, params, peer)
     except ValueError as e:
         raise ToolError(str(e)) from None
-    info = snapshot.outgoing(Path(args.snapshot), args.uri, streamtools.load_specs(args.specs), args.timeout,
+    info = snapshot.outgoing(Path(args.snapshot), args.uri, streams.load_specs(args.specs), args.timeout,
                              caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer)
     if not args.json:
         print(summary(info))

@@ -3,7 +3,7 @@
 Custom predicates (``custom(name)`` in specs/qemu/7.2) depend on device
 configuration that the stream does not carry; the implementations here
 decide them from the migrated state the way QEMU 7.2's defaults do.
-Extent functions for device-specific encodings live in ``qemu_extents``.
+Extent functions for device-specific encodings live in ``extents`` beside it.
 """
 
 from __future__ import annotations
