@@ -140,8 +140,7 @@ def _migration_options(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _cmd_incoming(args: argparse.Namespace) -> int:
-    from vmsd.tools import snapshot
-    from vmsd.tools import streams
+    from vmsd.tools import snapshot, streams
 
     _migration_options(args)  # the receiver decodes whatever the peer chose; names are checked
     caps, _ = _settings(args)
@@ -155,8 +154,7 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
 
 
 def _cmd_outgoing(args: argparse.Namespace) -> int:
-    from vmsd.tools import snapshot
-    from vmsd.tools import streams
+    from vmsd.tools import snapshot, streams
     from vmsd.tools.progress import Progress, summary
 
     _migration_options(args)
