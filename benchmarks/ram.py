@@ -77,7 +77,7 @@ MIB = 1 << 20
 GIB = 1 << 30
 CHUNK = 2 * MIB  # the unit of the ``half`` mix
 MIXES = ("random", "zero", "half")
-# QEMU 7.2 caps migration at 32 MiB/s unless told otherwise; the cap would be all we measured.
+# QEMU caps migration at 128 MiB/s (max-bandwidth) unless told otherwise; the cap would be all we measured.
 MAX_BANDWIDTH = 100_000_000_000
 RUNNING = False  # resume the source before migrating (set by --running)
 # (channels, compression) of the current table, or None for the main channel only (set per table by main()).

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from vmsd.cli import main
+from vmsd.migration.precopy import parse_settings
+from vmsd.migration.profile import peer_profile
 from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import (
     MIG_CMD_PACKAGED,
@@ -193,3 +195,10 @@ def test_qemu_rejects_what_we_reject(streams: dict[str, Path], tmp_path: Path) -
         read_stream(cut.read_bytes(), spec_set())
     with pytest.raises(Exception, match="load of migration failed"):
         load_stream(cut).stop()
+
+
+def test_parameter_defaults_are_qemus() -> None:
+    """The peer profile's defaults are what QEMU 7.2 reports (max-bandwidth: MAX_THROTTLE, 128 MiB/s)."""
+    with Qemu([]) as q:
+        params = q.qmp.cmd("query-migrate-parameters")
+    assert parse_settings(None, None, peer_profile("7.2"))[1]["max-bandwidth"] == params["max-bandwidth"]
