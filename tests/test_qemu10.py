@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from vmsd.migration.precopy import parse_settings
+from vmsd.migration.profile import peer_profile
 from vmsd.testing.qemu10 import ensure_qemu10, qemu10_command
 from vmsd.testing.qmp import Qemu, QMPError
 
@@ -73,6 +75,9 @@ def test_version(qemu10: Peer) -> None:
         machines = {m["name"] for m in q.qmp.cmd("query-machines")}
         assert {"pc-i440fx-10.0", "pc-i440fx-7.2"} <= machines
         assert q.qmp.cmd("query-status")["status"] == "prelaunch"
+        # The 10.0 profile's defaults are what this QEMU reports.
+        defaults = parse_settings(None, None, peer_profile("10.0"))[1]
+        assert q.qmp.cmd("query-migrate-parameters")["max-bandwidth"] == defaults["max-bandwidth"]
 
 
 @pytest.mark.parametrize("multifd", [False, True], ids=["precopy", "multifd"])
