@@ -15,8 +15,13 @@ trailer.  The source follows QEMU's ``migration_iteration_run``:
 * XBZRLE (capability ``xbzrle``) starts after the first complete pass;
 * auto-converge (capability ``auto-converge``) throttles the machine when the
   bytes dirtied in a sync period exceed ``throttle-trigger-threshold`` percent
-  of the bytes sent, twice in a row: ``cpu-throttle-initial`` then
-  ``+cpu-throttle-increment`` up to ``max-cpu-throttle``.
+  of the bytes sent, at every second such period: ``cpu-throttle-initial``
+  then ``+cpu-throttle-increment`` up to ``max-cpu-throttle``.
+
+Those rules are :mod:`vmsd.migration.policy`, functions of the numbers this
+module measures; the counters and the ``query-migrate`` answer are
+:mod:`vmsd.migration.stats`; the status changes go through the table of
+:mod:`vmsd.migration.status`.
 
 Failure or cancel at any point leaves the source machine running with its RAM
 and devices as they were (the source only reads them); a ``file:`` target is
@@ -46,6 +51,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from vmsd.migration import policy
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import (
     MultifdConfig,
@@ -56,6 +62,8 @@ from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock
 from vmsd.migration.ram.records import RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SECTION_VERSION, RamContext
 from vmsd.migration.ram.wire import RamEncoder, zero_mask
 from vmsd.migration.ram.xbzrle import XbzrleCache
+from vmsd.migration.stats import MigrationStats
+from vmsd.migration.status import MigrationStatus, check_transition
 from vmsd.migration.stream import (
     CAP_IGNORE_SHARED,
     IDSTR_RAM,
@@ -73,8 +81,6 @@ from vmsd.runtime.errors import VMSDError
 # set, and every handler not loaded yet still has id 0 -- the first of them
 # (``timer``) would take RAM's records.
 RAM_SECTION_ID = 1
-BUFFER_DELAY = 0.1  # seconds: QEMU's bandwidth window
-MAX_WAIT = 0.05  # seconds: longest iteration
 _CHUNK_PAGES = 2048  # pages encoded and written at a time (8 MiB of normal pages)
 _HAND_OVER_BYTES = 1 << 20  # smaller batches are written by the migration thread itself (see _WriteBehind)
 
@@ -262,8 +268,13 @@ class Migration:
         self._multifd_seen = 0
         self.on_progress = on_progress
         self.timeout = timeout
-        self.status = "none"
+        self.status = MigrationStatus.NONE  # changed only by _set_status
+        self._status_lock = threading.Lock()
         self.error: str | None = None
+        self.stats = MigrationStats()
+        # Its count of high periods lasts the whole migration, as QEMU's RAMState's does.
+        self._auto_converge = policy.AutoConverge.from_parameters(self.parameters) \
+            if self.capabilities["auto-converge"] else None
         cache = XbzrleCache(self.parameters["xbzrle-cache-size"]) if self.capabilities["xbzrle"] else None
         self.encoder = RamEncoder(cache, zero_copy=True)  # the main channel writes pages from RAM (Channel.writev)
         self._framing = SavevmWriter()
@@ -273,28 +284,6 @@ class Migration:
         self._thread: threading.Thread | None = None
         self._channel: Channel | None = None
         self._writer: _WriteBehind | None = None
-        self._lock = threading.Lock()
-        # timing and counters (QEMU's names in query())
-        self._start = 0.0
-        self._setup_time = 0.0
-        self._end: float | None = None
-        self._downtime: float | None = None
-        self._downtime_bytes = 0
-        self.dirty_sync_count = 0
-        self._threshold = 0
-        self._bandwidth = 0.0  # bytes/s in the last window
-        self._mbps = 0.0
-        self._pages_per_second = 0.0
-        self._expected_downtime = 0.0
-        self._dirty_pages_rate = 0
-        self._remaining = 0
-        self._window_start = 0.0
-        self._window_bytes = 0
-        self._window_pages = 0
-        self._period_start = 0.0
-        self._period_dirty = 0
-        self._period_bytes = 0
-        self._dirty_rate_high = 0
         self._paused_here = False
 
     # -- control ------------------------------------------------------------------------------------------------------
@@ -317,8 +306,7 @@ class Migration:
 
     def run(self) -> dict[str, Any]:
         """Migrate; returns the final :meth:`query`.  Never raises for migration failures: see ``status``."""
-        self._start = time.monotonic()
-        self._set_status("setup")
+        self._set_status(MigrationStatus.SETUP)
         try:
             self._migrate()
         except BaseException as e:  # every failure must leave the source running
@@ -358,43 +346,38 @@ class Migration:
         for b in self._sent:
             b.take_dirty()
         todo = _Pass([(b, np.arange(b.npages, dtype=np.int64)) for b in self._sent])
-        self.dirty_sync_count = 1
-        now = time.monotonic()
-        self._setup_time = now - self._start
-        self._window_start = self._period_start = now
-        self._set_status("active")
+        st = self.stats
+        st.dirty_sync_count = 1
+        self._set_status(MigrationStatus.ACTIVE)
         while True:
             self._check_cancel()
-            pending = todo.remaining()
-            if pending * PAGE_SIZE < self._threshold:
+            pending = todo.remaining() * PAGE_SIZE
+            if policy.should_sync(pending, st.threshold):
                 todo = self._sync(todo)
-                pending = todo.remaining()
-            self._remaining = pending * PAGE_SIZE
-            if pending == 0 or pending * PAGE_SIZE < self._threshold:
+                pending = todo.remaining() * PAGE_SIZE
+            st.remaining = pending
+            if policy.should_complete(pending, st.threshold):
                 self._complete(todo)
                 return
             self._iterate(todo)
 
     def _iterate(self, todo: _Pass) -> None:
-        """One PART section: dirty pages for at most MAX_WAIT or the window's bandwidth share."""
+        """One PART section: dirty pages for at most policy.MAX_WAIT or the window's bandwidth share."""
         started = time.monotonic()
         buffers: list[Any] = [self._framing.part(RAM_SECTION_ID)]
-        limit = self.parameters["max-bandwidth"] * BUFFER_DELAY
+        st = self.stats
+        max_bandwidth = self.parameters["max-bandwidth"]
         while True:
-            # Within a bandwidth limit, chunks are no larger than what the window has left.
-            budget = _CHUNK_PAGES if not limit else int(limit - self._window_bytes) // PAGE_SIZE + 1
-            got = todo.take(max(1, min(_CHUNK_PAGES, budget)))
+            got = todo.take(policy.chunk_pages(max_bandwidth, st.window_bytes, _CHUNK_PAGES))
             if got is None:  # the pass is complete: XBZRLE starts with the next one
                 self.encoder.xbzrle_enabled = self.capabilities["xbzrle"]
                 break
             block, pages = got
-            self._window_pages += int(pages.size)
+            st.window_pages += int(pages.size)
             self._send_pages(buffers, block, pages)
             buffers = []
             self._check_cancel()
-            if time.monotonic() - started > MAX_WAIT:
-                break
-            if limit and self._window_bytes >= limit:
+            if policy.iteration_over(time.monotonic() - started, max_bandwidth, st.window_bytes):
                 break
         if buffers:
             self._send(buffers)
@@ -409,7 +392,7 @@ class Migration:
         before = enc.counters.transferred
         sender = self._sender
         if sender is None:
-            buffers += enc.encode(block, pages, age=self.dirty_sync_count, last_stage=last_stage)
+            buffers += enc.encode(block, pages, age=self.stats.dirty_sync_count, last_stage=last_stage)
             self._send(buffers, enc.counters.transferred - before)
             return
         cfg = self.multifd
@@ -439,7 +422,7 @@ class Migration:
         """Bytes the channel threads wrote since the last look count in the bandwidth window."""
         if self._sender is not None:
             total = self._sender.total_bytes
-            self._window_bytes += total - self._multifd_seen
+            self.stats.window_bytes += total - self._multifd_seen
             self._multifd_seen = total
 
     def _open_multifd(self, cfg: MultifdConfig) -> None:
@@ -467,30 +450,23 @@ class Migration:
         assert writer is not None
         nbytes = sum(len(b) for b in buffers) if nbytes is None else nbytes
         writer.write(buffers, nbytes)
-        self._window_bytes += nbytes
+        self.stats.window_bytes += nbytes
 
     def _update_counters(self, todo: _Pass) -> None:
-        """QEMU's migration_update_counters + migration_rate_limit, every BUFFER_DELAY."""
+        """QEMU's migration_update_counters + migration_rate_limit, after each iteration."""
         self._account_multifd()
+        st = self.stats
         now = time.monotonic()
-        spent = now - self._window_start
-        limit = self.parameters["max-bandwidth"] * BUFFER_DELAY
-        if limit and self._window_bytes >= limit and spent < BUFFER_DELAY:
-            self._cancel.wait(BUFFER_DELAY - spent)  # rate limit: the window's share is used
+        delay = policy.rate_limit_delay(self.parameters["max-bandwidth"], st.window_bytes, now - st.window_start)
+        if delay:
+            self._cancel.wait(delay)  # a cancel ends the wait
             now = time.monotonic()
-            spent = now - self._window_start
-        if spent < BUFFER_DELAY:
+        spent = now - st.window_start
+        if not policy.window_closed(spent):
             return
-        self._bandwidth = self._window_bytes / spent
-        self._threshold = int(self._bandwidth * self.parameters["downtime-limit"] / 1000)
-        self._mbps = self._window_bytes * 8 / spent / 1e6
-        self._pages_per_second = self._window_pages / spent
-        self._remaining = todo.remaining() * PAGE_SIZE
-        if self._bandwidth:
-            self._expected_downtime = self._remaining / self._bandwidth
-        self._period_bytes += self._window_bytes
-        self._window_bytes = self._window_pages = 0
-        self._window_start = now
+        st.remaining = todo.remaining() * PAGE_SIZE
+        st.close_window(now, policy.window_rates(st.window_bytes, st.window_pages, spent, st.remaining,
+                                                 self.parameters["downtime-limit"]))
         self._progress()
 
     def _sync(self, todo: _Pass) -> _Pass:
@@ -515,40 +491,25 @@ class Migration:
                 merged = np.flatnonzero(both)
             if merged.size:
                 pages.append((b, merged))
-        self.dirty_sync_count += 1
-        self._period_dirty += dirtied
+        st = self.stats
+        st.dirty_sync_count += 1
+        st.period_dirty += dirtied
         now = time.monotonic()
-        if now - self._period_start > 1.0:
-            self._trigger_throttle()
-            self._dirty_pages_rate = int(self._period_dirty / (now - self._period_start))
-            self._period_start = now
-            self._period_dirty = 0
-            self._period_bytes = 0
+        elapsed = now - st.period_start
+        if policy.period_over(elapsed):
+            if self._auto_converge is not None:  # QEMU's migration_trigger_throttle
+                pct = self._auto_converge.period_end(st.period_dirty, st.period_sent(), self.machine.throttle)
+                if pct is not None:
+                    self.machine.set_throttle(pct)
+            st.close_period(now, policy.dirty_pages_rate(st.period_dirty, elapsed))
         return _Pass(pages)
-
-    def _trigger_throttle(self) -> None:
-        """QEMU's migration_trigger_throttle / mig_throttle_guest_down."""
-        if not self.capabilities["auto-converge"]:
-            return
-        p = self.parameters
-        sent = self._period_bytes + self._window_bytes
-        if self._period_dirty * PAGE_SIZE > sent * p["throttle-trigger-threshold"] / 100:
-            self._dirty_rate_high += 1
-            if self._dirty_rate_high >= 2:
-                self._dirty_rate_high = 0
-                m = self.machine
-                if m.throttle == 0:
-                    m.set_throttle(p["cpu-throttle-initial"])
-                else:
-                    m.set_throttle(min(m.throttle + p["cpu-throttle-increment"], p["max-cpu-throttle"]))
 
     def _complete(self, todo: _Pass) -> None:
         """Pause, send the last dirty pages, the devices, EOF and the trailer."""
         m = self.machine
         m.pause(timeout=self.timeout)
         self._paused_here = True
-        self._set_status("device")
-        down = time.monotonic()
+        self._set_status(MigrationStatus.DEVICE)  # the downtime starts
         todo = self._sync(todo)
         before = self._bytes_sent()
         self._send([self._framing.end(RAM_SECTION_ID)])
@@ -558,8 +519,8 @@ class Migration:
             self._send_pages([], block, pages, last_stage=True)
         self._multifd_sync(True)
         self._send([self.encoder.eos(), self._framing.footer(RAM_SECTION_ID)])
-        self._downtime_bytes = self._bytes_sent() - before
-        self._remaining = 0
+        self.stats.downtime_bytes = self._bytes_sent() - before
+        self.stats.remaining = 0
         self._send([self._framing.tail([
             Section(QEMU_VM_SECTION_FULL, RAM_SECTION_ID + 1 + i, 0, dev.idstr, dev.instance_id, dev.version_id,
                     payload=dev.state)
@@ -578,10 +539,7 @@ class Migration:
             self._await_shut(ch)
         ch.close()
         self._channel = None
-        end = time.monotonic()
-        self._downtime = end - down
-        self._end = end
-        self._set_status("completed")  # the machine stays paused, as QEMU's source in postmigrate
+        self._set_status(MigrationStatus.COMPLETED)  # the machine stays paused, as QEMU's source in postmigrate
 
     def _await_shut(self, ch: Channel) -> None:
         """Wait for the destination's MIG_RP_MSG_SHUT on the return path."""
@@ -617,10 +575,9 @@ class Migration:
         if self._paused_here:
             self.machine.resume()
             self._paused_here = False
-        self._end = time.monotonic()
         if self._cancel.is_set():
             self.error = "migration cancelled"
-            self._set_status("cancelled")
+            self._set_status(MigrationStatus.CANCELLED)
             return
         if isinstance(e, TransportError):
             reason = e.message if e.errno not in (errno.EPIPE, errno.ECONNRESET) else \
@@ -630,11 +587,18 @@ class Migration:
         else:
             reason = f"{type(e).__name__}: {e}"
         self.error = reason
-        self._set_status("failed")
+        self._set_status(MigrationStatus.FAILED)
 
-    def _set_status(self, status: str) -> None:
-        with self._lock:
-            self.status = status
+    def _set_status(self, new: MigrationStatus) -> None:
+        """Every status change: checked against :data:`~vmsd.migration.status.TRANSITIONS` (an illegal one
+        raises :class:`~vmsd.migration.status.IllegalTransition`), its time recorded in the statistics
+        before the new status is visible to :meth:`query`."""
+        now = time.monotonic()
+        # Check and change at once: two run() calls on one Migration must not both leave "none".
+        with self._status_lock:
+            check_transition(self.status, new)
+            self.stats.entered(new, now)
+            self.status = new
 
     def _progress(self) -> None:
         if self.on_progress is not None:
@@ -643,55 +607,15 @@ class Migration:
     # -- statistics ---------------------------------------------------------------------------------------------------
     def query(self) -> dict[str, Any]:
         """The answer QEMU's ``query-migrate`` would give, with its names."""
-        now = time.monotonic()
-        out: dict[str, Any] = {"status": self.status}
-        if self.status == "none":
-            return out
-        end = self._end if self._end is not None else now
-        out["total-time"] = int((end - self._start) * 1000)
-        out["setup-time"] = int(self._setup_time * 1000)
-        if self._downtime is not None:
-            out["downtime"] = int(self._downtime * 1000)
-        elif self.status == "active":
-            out["expected-downtime"] = int(self._expected_downtime * 1000)
-        c = self.encoder.counters
-        total = self.machine.ram.total()
-        multifd_bytes = self._sender.total_bytes if self._sender is not None else 0
-        out["ram"] = {
-            "transferred": c.transferred + multifd_bytes,
-            "remaining": self._remaining,
-            "total": total,
-            "duplicate": c.duplicate,
-            "skipped": c.skipped,
-            "normal": c.normal,
-            "normal-bytes": c.normal_bytes,
-            "dirty-pages-rate": self._dirty_pages_rate,
-            "mbps": round(self._mbps if self._end is None else
-                          (c.transferred + multifd_bytes) * 8 / max(end - self._start, 1e-9) / 1e6,
-                          3),
-            "dirty-sync-count": self.dirty_sync_count,
-            "postcopy-requests": 0,
-            "page-size": PAGE_SIZE,
-            "multifd-bytes": multifd_bytes,
-            "pages-per-second": int(self._pages_per_second),
-            "precopy-bytes": c.transferred + multifd_bytes - self._downtime_bytes,
-            "downtime-bytes": self._downtime_bytes,
-            "postcopy-bytes": 0,
-        }
-        cache = self.encoder.cache
-        if cache is not None:
-            out["xbzrle-cache"] = {
-                "cache-size": self.parameters["xbzrle-cache-size"],
-                "bytes": c.xbzrle_bytes,
-                "pages": c.xbzrle_pages,
-                "cache-miss": c.xbzrle_cache_miss,
-                "cache-miss-rate": round(c.xbzrle_cache_miss / max(c.xbzrle_cache_miss + c.xbzrle_pages, 1), 6),
-                "encoding-rate": round(c.xbzrle_pages * PAGE_SIZE / max(c.xbzrle_bytes, 1), 3)
-                if c.xbzrle_pages else 0,
-                "overflow": c.xbzrle_overflow,
-            }
-        if self._sender is not None:  # not in QEMU's answer: per-channel counters
-            out["multifd-channels"] = [attrs.asdict(st) for st in self._sender.stats]
+        status = self.status
+        if status is MigrationStatus.NONE:
+            return {"status": status.value}
+        sender = self._sender
+        out = self.stats.query(status, time.monotonic(), self.encoder.counters,
+                               sender.total_bytes if sender is not None else 0, self.machine.ram.total(),
+                               self.parameters["xbzrle-cache-size"] if self.encoder.cache is not None else None)
+        if sender is not None:  # not in QEMU's answer: per-channel counters
+            out["multifd-channels"] = [attrs.asdict(st) for st in sender.stats]
         if self.machine.throttle:
             out["cpu-throttle-percentage"] = self.machine.throttle
         if self.error is not None:
