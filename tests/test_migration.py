@@ -28,6 +28,7 @@ from vmsd.migration.precopy import Migration, parse_settings
 from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock, RamBlocks
 from vmsd.migration.ram.records import RamContext, read_ram
 from vmsd.migration.ram.wire import RamEncoder, RamLoader, apply_ram
+from vmsd.migration.status import IllegalTransition
 from vmsd.migration.transport import listen, register_fd
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader
@@ -406,6 +407,17 @@ def test_write_behind_keeps_order_and_writes_small_batches_itself() -> None:
     finally:
         gate.set()
         writer.stop()
+
+
+def test_a_finished_migration_refuses_to_run_again() -> None:
+    """completed -> setup is not in the status table: a second run() is refused before it changes anything."""
+    with make_machine(ram=1 * MIB) as m:
+        mig = Migration(m, "file:/dev/null", parameters={"max-bandwidth": 0})
+        first = mig.run()
+        assert first["status"] == "completed"
+        with pytest.raises(IllegalTransition, match="completed -> setup"):
+            mig.run()
+        assert mig.query() == first  # the timings of the migration that ran are untouched
 
 
 def test_settings_use_qemu_names_and_checks() -> None:
