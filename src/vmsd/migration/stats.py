@@ -20,6 +20,8 @@ from vmsd.migration.status import MigrationStatus
 
 @attrs.define
 class MigrationStats:
+    """What one migration measured so far; the window and period fields are the inputs of vmsd.migration.policy."""
+
     start: float = 0.0
     paused: float = 0.0  # the machine paused for the last pass at
     setup_time: float = 0.0  # seconds from start to the first iteration

@@ -46,6 +46,7 @@ TRANSITIONS: Mapping[MigrationStatus, frozenset[MigrationStatus]] = {
     _S.CANCELLED: frozenset(),
 }
 
+
 class IllegalTransition(AssertionError):
     """A status change the table does not allow: a bug in the engine, not a failed migration."""
 
