@@ -1,9 +1,12 @@
-"""Live migration of a :class:`~vmsd.migration.machine.Machine`: QEMU-style precopy, source and destination.
+"""Live migration of a :class:`~vmsd.migration.machine.Machine`: the source side of QEMU-style precopy.
 
-The stream is QEMU 7.2's: header, configuration, the ``ram`` section
-(START with the block list, PART per iteration, END with the last dirty pages
-while the machine is paused), one FULL section per device, EOF and the JSON
-trailer.  The source follows QEMU's ``migration_iteration_run``:
+The stream is QEMU's (framed by :class:`~vmsd.migration.stream.SavevmWriter`,
+wire choices from the peer's :mod:`~vmsd.migration.profile`): header,
+configuration, the ``ram`` section (START with the block list, PART per
+iteration, END with the last dirty pages while the machine is paused), one
+FULL section per device, EOF and the JSON trailer.  With ``x-ignore-shared``
+the shared blocks' pages stay where they are.  The source follows QEMU's
+``migration_iteration_run``:
 
 * every 100 ms the bandwidth of the last window gives the threshold
   ``bandwidth x downtime-limit``; when the pending dirty bytes fit under it
@@ -28,9 +31,7 @@ and devices as they were (the source only reads them); a ``file:`` target is
 removed, never left looking complete.  :meth:`Migration.query` answers with
 QEMU's ``query-migrate`` names.
 
-The destination (:class:`Incoming`) applies RAM records straight into its
-blocks and loads device sections into the machine's typed device objects,
-checking versions, sizes and checks as QEMU's loader does.
+The destination is :mod:`vmsd.migration.incoming`.
 
 With the ``return-path`` capability (QEMU's name) the source opens QEMU's
 return path and only reports ``completed`` once the destination answers
