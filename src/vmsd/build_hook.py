@@ -12,7 +12,10 @@ In the device author's ``pyproject.toml``::
 
 The hook writes the generated modules into ``output`` before hatchling
 collects the files, so the wheel ships them and mypy sees them like any other
-module.  Keep checked-in output honest in CI with
+module.  It also writes a ``py.typed`` marker into the top-level package that
+holds ``output`` (``src/mydevice/py.typed`` here) unless one is there: without
+it mypy skips the installed package and its consumers lose the types
+(see :mod:`vmsd.codegen.package`).  Keep checked-in output honest in CI with
 ``vmsd compile -o src/mydevice/state specs/*.vmsd --check``.
 """
 
@@ -29,23 +32,13 @@ class VmsdBuildHook(BuildHookInterface):  # type: ignore[type-arg]
     PLUGIN_NAME = "vmsd"
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
-        from vmsd.codegen.compiler import compile_specs
+        from vmsd.codegen.package import write_package
 
-        root = Path(self.root)
-        spec_dir = root / str(self.config.get("specs", "specs"))
-        output = root / str(self.config.get("output", "generated"))
-        specs = sorted(spec_dir.rglob("*.vmsd"))
-        if not specs:
-            raise ValueError(f"vmsd build hook: no .vmsd files under {spec_dir}")
-        files = compile_specs(specs, str(spec_dir.relative_to(root)) if spec_dir.is_relative_to(root) else None)
-        for rel, text in files.items():
-            target = output / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists() or target.read_text(encoding="utf-8") != text:
-                target.write_text(text, encoding="utf-8")
-        init = output / "__init__.py"
-        if not init.exists():
-            init.write_text('"""Generated vmsd modules."""\n', encoding="utf-8")
+        try:
+            write_package(Path(self.root), str(self.config.get("specs", "specs")),
+                          str(self.config.get("output", "generated")))
+        except ValueError as exc:
+            raise ValueError(f"vmsd build hook: {exc}") from None
 
 
 @hookimpl

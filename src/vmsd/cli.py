@@ -28,6 +28,7 @@ def _repo_root() -> Path | None:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from vmsd.codegen.compiler import compile_specs
+    from vmsd.codegen.package import ensure_marker, marker_path
 
     if args.specs:
         specs = [Path(s) for s in args.specs]
@@ -57,11 +58,18 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             tmp = target.with_suffix(".py.tmp")
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(target)
+    # Output inside a package makes it typed for consumers: the marker goes to its top-level package (PEP 561).
+    marker = marker_path(out_dir)
+    missing = marker is not None and not marker.exists()
     if args.check:
         for target in stale:
             print(f"stale: {target}")
-        return EXIT_FINDINGS if stale else EXIT_OK
+        if missing:
+            print(f"missing: {marker}")
+        return EXIT_FINDINGS if stale or missing else EXIT_OK
     print(f"wrote {len(stale)} of {len(files)} files under {out_dir}")
+    if ensure_marker(out_dir) is not None:
+        print(f"wrote {marker}")
     return EXIT_OK
 
 
