@@ -12,73 +12,34 @@ system QEMU, part of the test set-up as in test_qemu_interop.py.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from installed import ROOT, make_venv, ok, run
 from vmsd.migration.stream import read_stream
 from vmsd.qemu.v7_2 import spec_set
 from vmsd.testing.qmp import save_stream
 
-ROOT = Path(__file__).resolve().parents[1]
-INSTALL_TIMEOUT = 600.0
-RUN_TIMEOUT = 240.0
 EXTRA_HINT = "pip install 'vmsd[compiler]'"
 
-# The environment of every command: without these the fresh virtualenv could
-# import vmsd from the checkout (PYTHONPATH=src) or from another environment.
-_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-
-
-def _run(cmd: list[str | Path], cwd: Path, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=_ENV, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def _ok(cmd: list[str | Path], cwd: Path, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    proc = _run(cmd, cwd, timeout)
-    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dist = tmp_path_factory.mktemp("dist")
-    # Build isolation on: the wheel is built with what [build-system] declares, as pip would from an sdist.
-    _ok([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", dist, ROOT], dist, INSTALL_TIMEOUT)
-    (built,) = dist.glob("vmsd-*.whl")
-    return built
-
-
-def _venv(parent: Path, requirement: str) -> Path:
-    """A new virtualenv under ``parent`` with ``requirement`` installed; its bin folder."""
-    _ok([sys.executable, "-m", "venv", parent / "venv"], parent)
-    bin_dir = parent / "venv" / "bin"
-    _ok([bin_dir / "python", "-m", "pip", "install", "--quiet", requirement], parent, INSTALL_TIMEOUT)
-    where = Path(_ok([bin_dir / "python", "-c", "import vmsd; print(vmsd.__file__)"], parent).stdout.strip())
-    assert where.resolve().is_relative_to((parent / "venv").resolve()), f"vmsd imported from {where}, not the new venv"
-    return bin_dir
-
-
-@pytest.fixture(scope="module")
-def bare(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bare(vmsd_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``pip install vmsd``: no extras."""
-    return _venv(tmp_path_factory.mktemp("bare"), str(wheel))
+    return make_venv(tmp_path_factory.mktemp("bare"), str(vmsd_wheel))
 
 
 @pytest.fixture(scope="module")
-def full(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def full(vmsd_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``pip install 'vmsd[compiler]'``."""
-    return _venv(tmp_path_factory.mktemp("full"), f"{wheel}[compiler]")
+    return make_venv(tmp_path_factory.mktemp("full"), f"{vmsd_wheel}[compiler]")
 
 
 def test_live_demo_without_compiler(bare: Path, tmp_path: Path) -> None:
     for module in ("lark", "jinja2"):
-        assert _run([bare / "python", "-c", f"import {module}"], tmp_path).returncode != 0, f"{module} is installed"
-    out = _ok([bare / "vmsd", "demo", "--live-only", "--ram", "64M"], tmp_path).stdout
+        assert run([bare / "python", "-c", f"import {module}"], tmp_path).returncode != 0, f"{module} is installed"
+    out = ok([bare / "vmsd", "demo", "--live-only", "--ram", "64M"], tmp_path).stdout
     assert "RAM block pc.ram" in out and "DIFFERENT" not in out
     assert "OK: the destination holds the source's final RAM and device state" in out
 
@@ -86,7 +47,7 @@ def test_live_demo_without_compiler(bare: Path, tmp_path: Path) -> None:
 def test_inspect_real_qemu_stream(bare: Path, tmp_path: Path) -> None:
     stream = tmp_path / "pc.mig"
     save_stream(stream, args=["-device", "isa-serial"])
-    doc = json.loads(_ok([bare / "vmsd", "inspect", "--json", stream], tmp_path).stdout)
+    doc = json.loads(ok([bare / "vmsd", "inspect", "--json", stream], tmp_path).stdout)
     devices = [r for r in doc["records"] if r.get("type") == "FULL"]
     by_spec = {(r["idstr"], r["instance_id"]) for r in devices if r.get("decoded_by") == "spec"}
     assert {("mc146818rtc", 0), ("serial", 0)} <= by_spec
@@ -94,14 +55,14 @@ def test_inspect_real_qemu_stream(bare: Path, tmp_path: Path) -> None:
     here = read_stream(stream.read_bytes(), spec_set()).full_sections()
     assert [(r["idstr"], r["instance_id"]) for r in devices] == [(s.idstr, s.instance_id) for s in here]
     assert by_spec == {(s.idstr, s.instance_id) for s in here if s.generic_body is None}
-    tree = _ok([bare / "vmsd", "inspect", stream], tmp_path).stdout
+    tree = ok([bare / "vmsd", "inspect", stream], tmp_path).stdout
     assert "FULL mc146818rtc" in tree and "[mc146818rtc, decoded by spec]" in tree
 
 
 @pytest.mark.parametrize("argv", [["compile", "serial.vmsd", "-o", "out"], ["check", "serial.vmsd"], ["demo"]])
 def test_compiler_commands_name_the_extra(bare: Path, tmp_path: Path, argv: list[str]) -> None:
     (tmp_path / "serial.vmsd").write_text((ROOT / "specs" / "examples" / "serial.vmsd").read_text())
-    proc = _run([bare / "vmsd", *argv], tmp_path)
+    proc = run([bare / "vmsd", *argv], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and EXTRA_HINT in proc.stderr, proc.stderr
     assert proc.stdout == ""
@@ -110,7 +71,7 @@ def test_compiler_commands_name_the_extra(bare: Path, tmp_path: Path, argv: list
 def test_compile_a_spec_and_import_it(full: Path, tmp_path: Path) -> None:
     for name in ("serial.vmsd", "fifo8.vmsd"):  # serial.vmsd imports fifo8.vmsd
         (tmp_path / name).write_text((ROOT / "specs" / "examples" / name).read_text())
-    out = _ok([full / "vmsd", "compile", "serial.vmsd", "-o", "out/mydev"], tmp_path).stdout
+    out = ok([full / "vmsd", "compile", "serial.vmsd", "-o", "out/mydev"], tmp_path).stdout
     assert out.startswith("wrote 2 of 2 files under out/mydev")
     # The module compiled here saves the bytes of the one generated from the bundled spec.
     check = """
@@ -122,11 +83,11 @@ assert wire == serial.Serial(**args).save(), wire.hex()
 assert Serial.load(wire) == Serial(**args)
 print(len(wire))
 """
-    assert int(_ok([full / "python", "-c", check], tmp_path / "out").stdout) > 0
+    assert int(ok([full / "python", "-c", check], tmp_path / "out").stdout) > 0
 
 
 def test_bare_compile_names_the_bundled_specs(full: Path, tmp_path: Path) -> None:
-    proc = _run([full / "vmsd", "compile"], tmp_path)
+    proc = run([full / "vmsd", "compile"], tmp_path)
     assert proc.returncode == 2 and "not inside the vmsd repository" in proc.stderr
     bundled = Path(proc.stderr.rstrip().rpartition("under ")[2].rstrip(")"))
     assert bundled.is_relative_to(full.parent) and (bundled / "examples" / "serial.vmsd").is_file()
@@ -135,7 +96,7 @@ def test_bare_compile_names_the_bundled_specs(full: Path, tmp_path: Path) -> Non
 
 
 def test_full_demo_compiles_the_bundled_specs(full: Path, tmp_path: Path) -> None:
-    out = _ok([full / "vmsd", "demo", "--ram", "64M"], tmp_path).stdout
+    out = ok([full / "vmsd", "demo", "--ram", "64M"], tmp_path).stdout
     compiled_from = out.splitlines()[0].rpartition(" from ")[2]
     assert Path(compiled_from).resolve().is_relative_to(full.parent.resolve()), out[:400]
     assert "loaded back equal: True" in out

@@ -73,6 +73,22 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_new(args: argparse.Namespace) -> int:
+    from vmsd.tools.scaffold import new_package
+
+    folder = Path(args.path)
+    try:
+        written = new_package(folder, args.name)
+    except ToolError as exc:  # a name or folder to choose again: usage, not a finding
+        print(f"vmsd new: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"created a device package in {folder}:")
+    for rel in written:
+        print(f"  {rel}")
+    print(f"next: cd {folder} && pip install '.[dev]' && sh ci/check.sh")
+    return EXIT_OK
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from vmsd.grammar.loader import load
     from vmsd.grammar.semantic import check
@@ -250,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="DIR", help="output directory (default: current directory, or vmsd.generated in the repository)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 and name the files that would change")
     p.set_defaults(func=_cmd_compile)
+    p = sub.add_parser("new", help="start a device package: specs, build hook, generated state, test, CI script")
+    p.add_argument("path", metavar="PATH", help="folder to create (it must not exist or be empty)")
+    p.add_argument("--name", help="Python package name (default: the folder's name, '-' as '_')")
+    p.set_defaults(func=_cmd_new)
     p = sub.add_parser("check", help="parse and check specs without generating code")
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.set_defaults(func=_cmd_check)
