@@ -20,9 +20,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from installed import ENV, make_venv, ok, run
 
 import vmsd
+from installed import ENV, make_venv, ok, run
 from vmsd.cli import main
 
 NAME = "mydevice"
