@@ -156,7 +156,7 @@ def test_the_projects_ci_script_passes(author: tuple[Path, Path]) -> None:
     env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}"}
     proc = ok(["sh", "ci/check.sh"], project, env=env)
     assert "Success: no issues found in 4 source files" in proc.stdout
-    assert re.search(r"^5 passed\b", proc.stdout, re.MULTILINE), proc.stdout
+    assert re.search(r"\b5 passed in\b", proc.stdout), proc.stdout
 
 
 def test_installed_classes_round_trip(author: tuple[Path, Path], tmp_path: Path) -> None:
@@ -172,6 +172,7 @@ def test_consumer_type_checks(author: tuple[Path, Path], tmp_path: Path) -> None
     bin_dir, _ = author
     (tmp_path / "good.py").write_text(GOOD)
     proc = run([bin_dir / "mypy", *MYPY, "good.py"], tmp_path)
+    # Without the package's py.typed this is the issue's `Skipping analyzing ... [import-untyped]`.
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
 
 
@@ -182,4 +183,5 @@ def test_consumer_misuse_is_reported(author: tuple[Path, Path], tmp_path: Path) 
     (tmp_path / "bad.py").write_text(head + "".join(line + "\n" for line, _ in BAD))
     proc = run([bin_dir / "mypy", *MYPY, "bad.py"], tmp_path)
     assert proc.returncode == 1 and proc.stderr == "", proc.stderr
-    assert proc.stdout.splitlines() == [f"bad.py:{first + i}: {error}" for i, (_, error) in enumerate(BAD)]
+    errors = [line for line in proc.stdout.splitlines() if ": note: " not in line]  # notes point at definitions
+    assert errors == [f"bad.py:{first + i}: {error}" for i, (_, error) in enumerate(BAD)]
