@@ -4,7 +4,7 @@ The layout lives in ``templates/device_package`` (package data, so an
 installed wheel can do it): every file there is written with ``.tmpl``
 dropped, a ``__name__`` path segment replaced by the package name, and
 ``${name}``/``${vmsd_version}`` substituted (:class:`string.Template`, so
-TOML and YAML braces need no escaping).  The ``.tmpl`` suffix keeps mypy,
+the braces of TOML tables and Python dicts need no escaping).  The ``.tmpl`` suffix keeps mypy,
 ruff and pytest from taking the templates for vmsd's own modules.  The
 generated package is then compiled exactly as the build hook compiles it.
 """
