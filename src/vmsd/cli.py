@@ -59,17 +59,18 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(target)
     # Output inside a package makes it typed for consumers: the marker goes to its top-level package (PEP 561).
-    marker = marker_path(out_dir)
-    missing = marker is not None and not marker.exists()
     if args.check:
         for target in stale:
             print(f"stale: {target}")
+        marker = marker_path(out_dir)
+        missing = marker is not None and not marker.exists()
         if missing:
             print(f"missing: {marker}")
         return EXIT_FINDINGS if stale or missing else EXIT_OK
     print(f"wrote {len(stale)} of {len(files)} files under {out_dir}")
-    if ensure_marker(out_dir) is not None:
-        print(f"wrote {marker}")
+    written = ensure_marker(out_dir)
+    if written is not None:
+        print(f"wrote {written}")
     return EXIT_OK
 
 
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="generate Python modules from .vmsd specs")
     p.add_argument("specs", nargs="*", metavar="SPEC")
     p.add_argument("-o", "--output", metavar="DIR", help="output directory (default: current directory, or vmsd.generated in the repository)")
-    p.add_argument("--check", action="store_true", help="write nothing; exit 1 and name the files that would change")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 and name the files that would change (and a missing py.typed)")
     p.set_defaults(func=_cmd_compile)
     p = sub.add_parser("new", help="start a device package: specs, build hook, generated state, test, CI script")
     p.add_argument("path", metavar="PATH", help="folder to create (it must not exist or be empty)")
