@@ -1,14 +1,26 @@
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from installed import build_vmsd_wheel  # found through the path set just above
+from fds import open_fds  # found through the path set just above
+from installed import build_vmsd_wheel
 
 
 @pytest.fixture(scope="session")
 def vmsd_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """vmsd's wheel built from this checkout, once for every test that installs it."""
     return build_vmsd_wheel(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture
+def no_leaked_fds() -> Iterator[None]:
+    """Fail a test that leaves a descriptor open (modules that handle descriptors use it for every test)."""
+    before = open_fds()
+    yield
+    leaked = open_fds() - before
+    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}

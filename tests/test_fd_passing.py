@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import resource
 import socket
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fds import open_fds
 from test_transport import Worker
 from vmsd.migration.transport import (
     Channel,
@@ -30,26 +30,7 @@ from vmsd.runtime.io import Reader
 FD_BYTE = b" "  # what QEMU's qemu_file_put_fd sends each descriptor with
 
 
-def _open_fds() -> set[int]:
-    """Open descriptors (not the one listdir held while reading the directory)."""
-    listed = {int(fd) for fd in os.listdir("/proc/self/fd")}
-    return {fd for fd in listed if _is_open(fd)}
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        fcntl.fcntl(fd, fcntl.F_GETFD)
-    except OSError:
-        return False
-    return True
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_fds() -> Iterator[None]:
-    before = _open_fds()
-    yield
-    leaked = _open_fds() - before
-    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+pytestmark = pytest.mark.usefixtures("no_leaked_fds")
 
 
 def memfd(content: bytes) -> int:
@@ -189,9 +170,9 @@ def test_peek_leaves_descriptors_where_they_are() -> None:
     fd = memfd(b"x")
     with src, dst:
         src.send_fds(FD_BYTE, [fd])
-        before = _open_fds()
+        before = open_fds()
         assert dst.peek(1, timeout=5) == FD_BYTE
-        assert _open_fds() == before  # peeking received no copy of the descriptor
+        assert open_fds() == before  # peeking received no copy of the descriptor
         data, (got,) = dst.recv_fds(1, 1)
         assert data == FD_BYTE and same_file(fd, got)
         os.close(got)
@@ -220,9 +201,9 @@ def test_descriptors_nobody_took_are_closed_with_the_channel() -> None:
     src, dst = pair()
     fds = [memfd(b"x") for _ in range(3)]
     src.send_fds(FD_BYTE, fds)
-    before = _open_fds()
+    before = open_fds()
     assert dst.read_exact(1) == FD_BYTE
-    assert len(_open_fds() - before) == 3  # received, kept for take_fds
+    assert len(open_fds() - before) == 3  # received, kept for take_fds
     dst.close()
     src.close()
     for fd in fds:
@@ -237,10 +218,10 @@ def test_more_descriptors_than_asked_for_are_closed() -> None:
     fds = [memfd(b"x") for _ in range(3)]
     with src, dst:
         src.send_fds(FD_BYTE, fds)
-        before = _open_fds()
+        before = open_fds()
         with pytest.raises(TransportError, match=r"^pair:b: 3 descriptors came with 1 bytes, at most 2 expected"):
             dst.recv_fds(1, 2)
-        assert _open_fds() == before
+        assert open_fds() == before
     for fd in fds:
         os.close(fd)
 
@@ -251,7 +232,7 @@ def test_truncated_ancillary_data_closes_what_arrived() -> None:
     fds = [memfd(b"x") for _ in range(3)]
     src.send_fds(FD_BYTE, fds)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    open_now = _open_fds()
+    open_now = open_fds()
     free = [n for n in range(max(open_now) + 3) if n not in open_now]
     resource.setrlimit(resource.RLIMIT_NOFILE, (free[1], hard))  # only free[0] is below the limit
     try:
@@ -259,7 +240,7 @@ def test_truncated_ancillary_data_closes_what_arrived() -> None:
             dst.recv_fds(1, 3)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert _open_fds() == open_now
+    assert open_fds() == open_now
     dst.close()
     src.close()
     for fd in fds:

@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +38,7 @@ from vmsd.testing.qmp import Qemu, QMPError, save_stream
 PAYLOAD = os.urandom(3 << 20) + bytes(1 << 20)  # 4 MiB, random then zeros
 
 
-def _fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_fds() -> Iterator[None]:
-    before = _fds()
-    yield
-    leaked = _fds() - before
-    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+pytestmark = pytest.mark.usefixtures("no_leaked_fds")
 
 
 class Worker(threading.Thread):
