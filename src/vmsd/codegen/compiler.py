@@ -8,6 +8,7 @@ from pathlib import Path, PurePosixPath
 import jinja2
 
 import vmsd
+from vmsd.codegen.literals import comment_text, docstring_body
 from vmsd.codegen.model import ModuleBuilder, module_name
 from vmsd.grammar.loader import Program, display_path, load
 from vmsd.grammar.semantic import check
@@ -25,6 +26,8 @@ def _env() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["pyrepr"] = repr
+    env.filters["docstring"] = docstring_body
+    env.filters["comment"] = comment_text
     return env
 
 
