@@ -227,7 +227,7 @@ def _scan(buf: bytes, pos: int, context: RamContext, block_named: bool) -> tuple
         flags = unpack_u64(buf, pos)[0] & (TARGET_PAGE_SIZE - 1)
         pos += 8
         count += 1
-        if not valid_flags(flags):
+        if flags & ~RAM_SAVE_FLAG_CONTINUE not in _KINDS:  # valid_flags, inline: this loop is the tools' hot path
             return None
         if flags & _ANY_PAGE:
             if not flags & RAM_SAVE_FLAG_CONTINUE:

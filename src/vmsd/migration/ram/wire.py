@@ -304,6 +304,8 @@ class RamLoader:
         blocks = self.blocks
         c = self.counters
         start = r.tell()
+        # Whether a receiver thread may read ahead (asked once: it does not change within a section).
+        threaded = r.source is not None and _pollable(r.source)
         while True:
             block = blocks.last_block
             if block is not None and len(r.buf) - r.pos >= 8:
@@ -312,8 +314,7 @@ class RamLoader:
                     stride = _NORMAL_STRIDE if flags == _NORMAL else _ZERO_STRIDE
                     n = self._apply(block, r.buf, r.pos, len(r.buf), flags, stride, r.tell())
                     r.pos += n * stride
-                    received = r.source is not None and _pollable(r.source) \
-                        and self._needs_input(r.buf, r.pos, len(r.buf)) and self._stream(r, block)
+                    received = threaded and self._needs_input(r.buf, r.pos, len(r.buf)) and self._stream(r, block)
                     if n or received:
                         continue
             if self._record(r):
