@@ -880,11 +880,12 @@ def section_footer(section_id: int) -> bytes:
 class SavevmWriter:
     """QEMU's savevm framing in stream order, as byte strings for the caller to send (no I/O).
 
-    Live migration, snapshots and tools frame their streams with it: the header with the configuration
-    record, commands, START/PART/END/FULL section headers with their footers (QEMU's
-    ``send-section-footer``, on for every machine type since 2.4), EOF and the trailer.  Section payloads
-    come from their codecs (RAM records, device state).  It refuses what QEMU's loader would: a PART or
-    END of a section that was never started or has ended, a second START, a header after EOF.
+    Live migration and snapshots frame their streams with it: the header with the configuration record,
+    commands, START/PART/END/FULL section headers with their footers (QEMU's ``send-section-footer``, on
+    for every machine type since 2.4), EOF and the trailer.  Section payloads come from their codecs (RAM
+    records, device state).  It refuses what QEMU's loader would: a PART or END of a section that was
+    never started or has ended, a second START, a header after EOF.  (:func:`write_stream` writes records
+    back as they were read, oddities included, so it uses the framing functions directly.)
     """
 
     def __init__(self, footers: bool = True) -> None:
