@@ -163,9 +163,11 @@ def test_vmsd_inspects_a_saved_stream(private_peer: Peer, shm: Path, tmp_path: P
     assert sum(pages) == sum(blocks.values()) // PAGE
 
 
-def test_live_migration_to_vmsd_incoming_and_back(private_peer: Peer, shm: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("return_path", [False, True], ids=["plain", "return-path"])
+def test_live_migration_to_vmsd_incoming_and_back(private_peer: Peer, shm: Path, tmp_path: Path,
+                                                  return_path: bool) -> None:
     """QEMU (its guest running) -> ``vmsd incoming`` -> snapshot -> the same QEMU version loads it: same RAM."""
-    _to_vmsd_and_back(private_peer, private_peer.machine, shm, tmp_path)
+    _to_vmsd_and_back(private_peer, private_peer.machine, shm, tmp_path, return_path)
 
 
 @pytest.mark.xfail(strict=True, reason="issue 18: no spec for 11.1's piix4_pm/cpuhp subsection, and a live "
@@ -174,16 +176,19 @@ def test_qemu11_with_acpi_to_vmsd_incoming(shm: Path, tmp_path: Path) -> None:
     _to_vmsd_and_back(Peer.fetched("11.1"), "pc", shm, tmp_path)
 
 
-def _to_vmsd_and_back(peer: Peer, machine: str, shm: Path, tmp_path: Path) -> None:
+def _to_vmsd_and_back(peer: Peer, machine: str, shm: Path, tmp_path: Path, return_path: bool = False) -> None:
     snapshot = tmp_path / "snap.mig"
+    vmsd_caps = ["--capability", "return-path=on"] if return_path else []
     port = free_port()
     result: list[int] = []
     receiver = threading.Thread(target=lambda: result.append(main(
         ["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snapshot), "--timeout", "30",
-         "--peer-version", peer.version])))
+         "--peer-version", peer.version, *vmsd_caps])))
     receiver.start()
     try:
         with peer.start(_ram_args(shm / "source"), machine=machine) as src:
+            if return_path:
+                src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
             src.qmp.cmd("cont")  # SeaBIOS runs and dirties pages while the migration iterates
             time.sleep(0.3)
             deadline = time.monotonic() + TIMEOUT
@@ -206,13 +211,19 @@ def _to_vmsd_and_back(peer: Peer, machine: str, shm: Path, tmp_path: Path) -> No
         assert (shm / "dest").read_bytes() == source
 
 
-def test_vmsd_outgoing_to_it(private_peer: Peer, shm: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("return_path", [False, True], ids=["plain", "return-path"])
+def test_vmsd_outgoing_to_it(private_peer: Peer, shm: Path, tmp_path: Path, return_path: bool) -> None:
     """A stream the QEMU saved goes live from ``vmsd outgoing`` into the same QEMU version: same RAM."""
     saved = tmp_path / "saved.mig"
     source = _save(private_peer, shm / "source", saved)
     port = free_port()
     with private_peer.start(_ram_args(shm / "dest"), incoming="defer") as dst:
+        caps: list[str] = []
+        if return_path:
+            dst.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+            caps = ["--capability", "return-path=on"]
         dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-        assert main(["outgoing", str(saved), f"tcp:127.0.0.1:{port}", "--peer-version", private_peer.version]) == 0
+        assert main(["outgoing", str(saved), f"tcp:127.0.0.1:{port}", "--peer-version", private_peer.version,
+                     *caps]) == 0
         _wait_status(dst, "completed", time.monotonic() + TIMEOUT)
         assert (shm / "dest").read_bytes() == source
