@@ -31,7 +31,7 @@ class Peer:
         return cls(version, cmd, env, SPEC_COVERED_MACHINE[version])
 
     def start(self, args: list[str], incoming: str | None = None, memory: str = "32M",
-              machine: str | None = None) -> Qemu:
-        """This QEMU, paused (``-S``), with ``-nodefaults``, QMP and ``args``."""
+              machine: str | None = None, nodefaults: bool = True) -> Qemu:
+        """This QEMU, paused (``-S``), with QMP and ``args`` (and ``-nodefaults`` unless told otherwise)."""
         return Qemu(args, machine=machine or self.machine, memory=memory, incoming=incoming, binary=self.cmd[0],
-                    extra_args=self.cmd[1:], env=self.env)
+                    extra_args=self.cmd[1:], env=self.env, nodefaults=nodefaults)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from private_peers import Peer
+from private_peers import PRIVATE_QEMUS, Peer
 from test_migration import free_port
 from vmsd.cli import main
 from vmsd.migration.precopy import parse_settings
@@ -90,6 +90,25 @@ def test_version(private_peer: Peer) -> None:
         # The profile's defaults are what this QEMU reports.
         defaults = parse_settings(None, None, peer_profile(private_peer.version))[1]
         assert q.qmp.cmd("query-migrate-parameters")["max-bandwidth"] == defaults["max-bandwidth"]
+
+
+@pytest.mark.parametrize("machine", ["pc", "q35"])
+def test_runs_apart_from_the_system_qemu(private_peer: Peer, machine: str) -> None:
+    """With its default devices (audio and display modules are looked for then) the QEMU uses no module of
+    the system's QEMU 7.2, which would abort it; 11.1 maps no shared object from outside its folder at all."""
+    private = PRIVATE_QEMUS[private_peer.version]
+    folder = private.present()
+    assert folder is not None
+    with private_peer.start([], machine=machine, nodefaults=False) as q:
+        assert q.qmp.cmd("query-status")["status"] == "prelaunch"
+        classes = {d["class_info"]["class"] for d in q.qmp.cmd("query-pci")[0]["devices"]}
+        assert {0x0200, 0x0300} <= classes  # the default NIC and VGA are there
+        maps = Path(f"/proc/{q.proc.pid}/maps").read_text().splitlines()
+    objects = {Path(line.split(maxsplit=5)[5]) for line in maps if ".so" in line.split("/")[-1]}
+    assert objects
+    assert not [o for o in objects if o.parent == Path("/usr/lib/x86_64-linux-gnu/qemu")]
+    if private_peer.version == "11.1":
+        assert all(o.is_relative_to(folder) for o in objects), objects
 
 
 @pytest.mark.parametrize("multifd", [False, True], ids=["precopy", "multifd"])

@@ -169,6 +169,21 @@ unpack() {
     fi
 }
 
+# bundle_link FOLDER EXEC_DIR: QEMU looks for its modules, firmware and
+# configuration under EXEC_DIR/qemu-bundle (EXEC_DIR: the folder of
+# /proc/self/exe, relative to FOLDER) before its compiled-in /usr paths, which
+# are the host's QEMU 7.2 ones: a 7.2 module loaded into another QEMU aborts it
+# ("Only modules from the same build can be loaded").  A link from there back
+# to FOLDER keeps QEMU inside FOLDER.  Folders fetched before this link
+# existed get it when the script finds them complete.
+bundle_link() {
+    local link=$1/$2/qemu-bundle up
+    [ -L "$link" ] && return 0
+    up=$(sed 's#[^/][^/]*#..#g' <<<"$2")
+    ln -s "$up" "$link" 2>/dev/null || [ -L "$link" ] || die "cannot create $link"
+    [ -d "$link/usr/share/qemu" ] || die "$link does not lead back to $1"
+}
+
 # put_in_place VERSION: the verified stage becomes DIR, marked with VERSION.
 put_in_place() {
     echo "$1" >"$STAGE/$MARKER"

@@ -15,7 +15,8 @@
 # else from bookworm) and unpacked into $DIR/usr/lib/x86_64-linux-gnu; they are
 # listed in $DIR/extra-packages.txt and callers must then set LD_LIBRARY_PATH to
 # that folder (vmsd/testing/qemu10.py, which runs this script from the
-# installed package, does).
+# installed package, does).  $DIR/usr/bin/qemu-bundle keeps QEMU from loading
+# the host's QEMU 7.2 modules (see bundle_link in fetch-qemu-common.sh).
 #
 # Idempotent: exits at once when $DIR already holds a working QEMU 10.0.
 set -euo pipefail
@@ -42,6 +43,7 @@ works() {
 }
 
 if works "$DIR"; then
+    bundle_link "$DIR" usr/bin
     log "QEMU $WANT_MAJOR_MINOR already present in $DIR"
     exit 0
 fi
@@ -117,6 +119,7 @@ if [ -n "$missing" ] || [ "$need_ipxe" = 1 ]; then
     log "extra packages unpacked into $DIR: ${extra[*]}"
 fi
 printf '%s\n' "${extra[@]}" | sed '/^$/d' >"$STAGE/extra-packages.txt"
+bundle_link "$STAGE" usr/bin
 
 # ---- verify and put in place ---------------------------------------------------
 works "$STAGE" || {

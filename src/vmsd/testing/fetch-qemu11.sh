@@ -12,7 +12,8 @@
 # only.  $DIR/bin/qemu-system-x86_64 is the command to run: a wrapper that
 # execs that loader (same PID, descriptors and environment, so it can be the
 # argv[0] of a QEMU cpr-exec-command).  Packages that are no libraries
-# (systemd, debconf, passwd, ...) are left out of the closure.
+# (systemd, debconf, passwd, ...) are left out of the closure.  Nothing of the
+# host's QEMU 7.2 (modules, firmware, /etc/qemu) is used.
 #
 # VMSD_QEMU11_VERSION (default 11.1) is the upstream major.minor required of
 # sid's qemu-system-x86; the script stops when sid has another.
@@ -49,6 +50,7 @@ works() {
 }
 
 if works "$DIR"; then
+    bundle_link "$DIR" "$LIB"
     log "QEMU $WANT_MAJOR_MINOR already present in $DIR"
     exit 0
 fi
@@ -100,6 +102,9 @@ printf '%s\n' "${pkgs[@]}" >"$STAGE/packages.txt"
 missing=$("$STAGE/$LOADER" --library-path "$STAGE/$LIB" --list "$STAGE/usr/bin/qemu-system-x86_64" 2>&1 \
           | awk '/not found/ { print $1 }' | sort -u)
 [ -z "$missing" ] || die "libraries missing from the closure: $(echo $missing)"
+
+# /proc/self/exe is the loader, so its folder holds the qemu-bundle link.
+bundle_link "$STAGE" "$LIB"
 
 # The wrapper finds its folder from its own path, so the stage can be renamed;
 # the private firmware folders come before QEMU's compiled-in /usr/share/qemu

@@ -33,6 +33,9 @@ class PrivateQemu:
     env_var: str          # overrides the folder
     fetch_script: str     # a resource of this package
     executable: Path      # relative to the folder: what ``command`` starts
+    # Relative to the folder: the link that keeps QEMU off the host's QEMU 7.2 modules and data (made by
+    # the fetch scripts, which add it to a folder fetched before they made it).
+    bundle_link: Path
     # (folder) -> the command line and the extra environment that run this QEMU.
     build_command: Callable[[Path], Command]
 
@@ -43,7 +46,7 @@ class PrivateQemu:
     def present(self) -> Path | None:
         """The folder if the QEMU in it is there (fetched completely: the scripts rename it into place last)."""
         d = self.target_dir()
-        return d if os.access(d / self.executable, os.X_OK) else None
+        return d if os.access(d / self.executable, os.X_OK) and (d / self.bundle_link).is_symlink() else None
 
     def ensure(self, timeout: float = 900.0) -> Path:
         """The folder, running the fetch script first if it is missing."""

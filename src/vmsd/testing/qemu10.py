@@ -36,7 +36,8 @@ def _command(d: Path) -> Command:
 
 
 QEMU10 = PrivateQemu(version="10.0", folder_name="qemu-10.0", env_var="VMSD_QEMU10_DIR",
-                     fetch_script="fetch-qemu10.sh", executable=BINARY, build_command=_command)
+                     fetch_script="fetch-qemu10.sh", executable=BINARY, bundle_link=Path("usr/bin/qemu-bundle"),
+                     build_command=_command)
 
 
 def ensure_qemu10(timeout: float = 900.0) -> Path:

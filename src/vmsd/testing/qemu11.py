@@ -19,6 +19,7 @@ WRAPPER = Path("bin/qemu-system-x86_64")
 
 QEMU11 = PrivateQemu(version="11.1", folder_name="qemu-11.1", env_var="VMSD_QEMU11_DIR",
                      fetch_script="fetch-qemu11.sh", executable=WRAPPER,
+                     bundle_link=Path("usr/lib/x86_64-linux-gnu/qemu-bundle"),
                      build_command=lambda d: ([str(d / WRAPPER)], {}))
 
 
