@@ -9,6 +9,7 @@ compared byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -25,6 +26,9 @@ from test_migration import free_port
 from vmsd.cli import main
 from vmsd.migration.precopy import parse_settings
 from vmsd.migration.profile import peer_profile
+from vmsd.migration.ram.records import RamPayload
+from vmsd.migration.stream import read_stream
+from vmsd.qemu.v7_2 import spec_set
 from vmsd.testing.qmp import Qemu, QMPError
 
 MEM = "32M"
@@ -78,6 +82,40 @@ def _save(peer: Peer, ram: Path, out: Path, machine: str | None = None) -> bytes
         q.qmp.cmd("migrate", uri=f"file:{out}")
         _wait_status(q, "completed", time.monotonic() + TIMEOUT)
         return ram.read_bytes()
+
+
+@contextlib.contextmanager
+def _vmsd_incoming(peer: Peer, snapshot: Path, *options: str) -> Iterator[str]:
+    """`vmsd incoming` writing ``snapshot``, in a thread for the block; yields the URI it listens on and
+    asserts afterwards that it succeeded."""
+    port = free_port()
+    result: list[int] = []
+    receiver = threading.Thread(target=lambda: result.append(main(
+        ["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snapshot), "--timeout", "30",
+         "--peer-version", peer.version, *options])))
+    receiver.start()
+    try:
+        yield f"tcp:127.0.0.1:{port}"
+    finally:
+        receiver.join(60)
+    assert result == [0]
+
+
+def _migrate_running(src: Qemu, uri: str) -> None:
+    """Let the guest run (SeaBIOS dirties pages while the migration iterates) and migrate it to ``uri``
+    (retried until the receiver listens); the source is paused once it completed."""
+    src.qmp.cmd("cont")
+    time.sleep(0.3)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            src.qmp.cmd("migrate", uri=uri)
+            break
+        except QMPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    _wait_status(src, "completed", time.monotonic() + TIMEOUT)
 
 
 def test_version(private_peer: Peer) -> None:
@@ -197,33 +235,12 @@ def test_qemu11_with_acpi_to_vmsd_incoming(shm: Path, tmp_path: Path) -> None:
 
 def _to_vmsd_and_back(peer: Peer, machine: str, shm: Path, tmp_path: Path, return_path: bool = False) -> None:
     snapshot = tmp_path / "snap.mig"
-    vmsd_caps = ["--capability", "return-path=on"] if return_path else []
-    port = free_port()
-    result: list[int] = []
-    receiver = threading.Thread(target=lambda: result.append(main(
-        ["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snapshot), "--timeout", "30",
-         "--peer-version", peer.version, *vmsd_caps])))
-    receiver.start()
-    try:
-        with peer.start(_ram_args(shm / "source"), machine=machine) as src:
-            if return_path:
-                src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
-            src.qmp.cmd("cont")  # SeaBIOS runs and dirties pages while the migration iterates
-            time.sleep(0.3)
-            deadline = time.monotonic() + TIMEOUT
-            while True:  # until vmsd listens
-                try:
-                    src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-                    break
-                except QMPError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            _wait_status(src, "completed", time.monotonic() + TIMEOUT)
-            source = (shm / "source").read_bytes()  # paused after completion: stable
-    finally:
-        receiver.join(60)
-    assert result == [0]
+    with _vmsd_incoming(peer, snapshot, *(["--capability", "return-path=on"] if return_path else [])) as uri, \
+            peer.start(_ram_args(shm / "source"), machine=machine) as src:
+        if return_path:
+            src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+        _migrate_running(src, uri)
+        source = (shm / "source").read_bytes()
     with peer.start(_ram_args(shm / "dest"), incoming="defer", machine=machine) as dst:
         dst.qmp.cmd("migrate-incoming", uri=f"file:{snapshot}")
         _wait_status(dst, "completed", time.monotonic() + TIMEOUT)
@@ -246,3 +263,33 @@ def test_vmsd_outgoing_to_it(private_peer: Peer, shm: Path, tmp_path: Path, retu
                      *caps]) == 0
         _wait_status(dst, "completed", time.monotonic() + TIMEOUT)
         assert (shm / "dest").read_bytes() == source
+
+
+def test_ignore_shared_through_vmsd_incoming(private_peer: Peer, shm: Path, tmp_path: Path) -> None:
+    """x-ignore-shared: the QEMU leaves its shared RAM file in place; `vmsd incoming`'s snapshot says
+    x-ignore-shared and carries no page of that block, and the same QEMU version on the same file loads it
+    without writing over it, and runs."""
+    snapshot = tmp_path / "snap.mig"
+    ram = shm / "ram"
+    ignore_shared = [{"capability": "x-ignore-shared", "state": True}]
+    with _vmsd_incoming(private_peer, snapshot) as uri, private_peer.start(_ram_args(ram)) as src:
+        src.qmp.cmd("migrate-set-capabilities", capabilities=ignore_shared)
+        _migrate_running(src, uri)
+        source = ram.read_bytes()
+
+    stream = read_stream(snapshot.read_bytes(), spec_set())
+    assert stream.configuration is not None
+    assert b"x-ignore-shared" in stream.configuration.state.capabilities
+    payloads = [s.payload for s in stream.sections() if isinstance(s.payload, RamPayload)]
+    blocks = {b.name for p in payloads for b in p.block_list()}
+    paged = {name for p in payloads for name in p.pages_by_block()}
+    assert "m" in blocks and "m" not in paged
+    assert paged  # the ROMs are not shared: they are in the snapshot
+
+    with private_peer.start(_ram_args(ram), incoming="defer") as dst:
+        dst.qmp.cmd("migrate-set-capabilities", capabilities=ignore_shared)
+        dst.qmp.cmd("migrate-incoming", uri=f"file:{snapshot}")
+        _wait_status(dst, "completed", time.monotonic() + TIMEOUT)
+        assert ram.read_bytes() == source
+        dst.qmp.cmd("cont")
+        assert dst.qmp.cmd("query-status")["status"] == "running"
