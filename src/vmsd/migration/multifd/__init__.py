@@ -11,7 +11,7 @@ them (:attr:`MultifdConfig.peer`, see :mod:`vmsd.migration.profile`):
 
 * ``"7.2"``: zero pages travel on the main channel as ZERO records; every
   RAM section's EOS is a sync point, preceded by one SYNC packet per channel.
-* ``"10.0"`` (newest): zero pages are listed in the packets (after the normal
+* ``"10.0"`` and ``"11.1"`` (newest; the same layout): zero pages are listed in the packets (after the normal
   offsets, no payload); SYNC packets only at setup, at the end of each pass
   and at the end, each matched by a MULTIFD_FLUSH record on the main channel.
 
