@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from installed import ROOT, make_venv, ok, run
+from installed import ENV, ROOT, make_venv, ok, run
+from private_peers import PRIVATE_QEMUS, Peer
 from vmsd.migration.stream import read_stream
 from vmsd.qemu.v7_2 import spec_set
 from vmsd.testing.qmp import save_stream
@@ -102,3 +103,16 @@ def test_full_demo_compiles_the_bundled_specs(full: Path, tmp_path: Path) -> Non
     assert "loaded back equal: True" in out
     assert "OK: the destination holds the source's final RAM and device state" in out
     assert "byte-identical = True" in out and "saved it back as 0x55" in out
+
+
+def test_fetch_scripts_run_from_the_installed_package(bare: Path, tmp_path: Path, private_peer: Peer) -> None:
+    """The fetch scripts are package data and source their common part from beside themselves: run from the
+    installed package on a folder fetched already, each says so and exits at once (nothing downloaded)."""
+    private = PRIVATE_QEMUS[private_peer.version]
+    folder = private.present()
+    assert folder is not None
+    code = "import importlib.resources as r; print(r.files('vmsd.testing'))"
+    installed = Path(ok([bare / "python", "-c", code], tmp_path).stdout.strip())
+    assert installed.resolve().is_relative_to(bare.parent.resolve())  # the venv's copy, not the checkout's
+    proc = ok(["bash", installed / private.fetch_script], tmp_path, env={**ENV, private.env_var: str(folder)})
+    assert f"QEMU {private.version} already present in {folder}" in proc.stderr
