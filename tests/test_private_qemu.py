@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ from vmsd.migration.profile import peer_profile
 from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import read_stream
 from vmsd.qemu.v7_2 import spec_set
-from vmsd.testing.qmp import Qemu, QMPError
+from vmsd.testing.qmp import QMP, Qemu, QMPError
 
 MEM = "32M"
 MEM_BYTES = 32 << 20
@@ -295,3 +296,50 @@ def test_ignore_shared_through_vmsd_incoming(private_peer: Peer, shm: Path, tmp_
         assert ram.read_bytes() == source
         dst.qmp.cmd("cont")
         assert dst.qmp.cmd("query-status")["status"] == "running"
+
+
+def test_qemu11_wrapper_serves_as_cpr_exec_command(tmp_path: Path) -> None:
+    """The 11.1 wrapper is exec-safe: named as QEMU's cpr-exec-command, it replaces the running QEMU in the same
+    process, which finds the CPR state (a descriptor named in the environment) and resumes the guest."""
+    wrapper = Peer.fetched("11.1").cmd[0]
+    qmp_path, state = tmp_path / "qmp.sock", tmp_path / "vm.state"
+    args = ["-M", "pc,acpi=off,memory-backend=ram", "-m", MEM, "-nodefaults", "-display", "none", "-serial", "none",
+            "-object", f"memory-backend-memfd,id=ram,size={MEM},share=on",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    marker = f"VMSD_TEST_MARK={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    with open(tmp_path / "qemu.log", "wb") as log:
+        proc = subprocess.Popen([wrapper, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+    try:
+        qmp = QMP(str(qmp_path), timeout=TIMEOUT)
+        assert qmp.cmd("query-status")["running"] is True
+        qmp.cmd("migrate-set-parameters", **{"mode": "cpr-exec",
+                                             "cpr-exec-command": [wrapper, *args, "-incoming", f"file:{state}"]})
+        qmp_path.unlink()  # the new QEMU listens there again
+        qmp.cmd("migrate", uri=f"file:{state}")
+        qmp.close()
+        deadline = time.monotonic() + TIMEOUT
+        while not qmp_path.exists():
+            assert proc.poll() is None, (tmp_path / "qemu.log").read_text()
+            assert time.monotonic() < deadline, "the new QEMU never listened"
+            time.sleep(0.05)
+        qmp = QMP(str(qmp_path), timeout=TIMEOUT)
+        while (status := qmp.cmd("query-migrate").get("status")) not in ("completed", "failed"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status == "completed", (tmp_path / "qemu.log").read_text()
+        assert qmp.cmd("query-status")["running"] is True
+        # The same process is QEMU (run by its folder's loader: the wrapper exec'd and did not fork), now
+        # with the exec'd command line and the environment it was started with.
+        loader = Path(wrapper).parent.parent / "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+        assert Path(os.readlink(f"/proc/{proc.pid}/exe")) == loader.resolve()
+        assert b"-incoming" in Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert marker.encode() in Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        qmp.cmd("quit")
+        qmp.close()
+        proc.wait(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
