@@ -31,8 +31,8 @@ WANT_MAJOR_MINOR=${VMSD_QEMU11_VERSION:-11.1}
 QEMU_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu)
 # Not needed to run QEMU, and their dependencies (PAM, debconf front ends, a
 # second systemd library) would be dragged in with them.
-EXCLUDE=" adduser base-passwd cdebconf debconf dpkg init-system-helpers login login.defs opensysusers passwd
-          perl-base sensible-utils systemd systemd-standalone-sysusers systemd-sysv systemd-timesyncd "
+EXCLUDE=(adduser base-passwd cdebconf debconf dpkg init-system-helpers login login.defs opensysusers passwd
+         perl-base sensible-utils systemd systemd-standalone-sysusers systemd-sysv systemd-timesyncd)
 WRAPPER=bin/qemu-system-x86_64
 LIB=usr/lib/x86_64-linux-gnu
 LOADER=$LIB/ld-linux-x86-64.so.2
@@ -64,9 +64,10 @@ lock_and_stage "$WANT_MAJOR_MINOR"
 # ones and without virtual packages (a library QEMU needs is never only virtual:
 # the loader check below would say so).
 closure() {
-    local -A seen=()
+    local -A seen=() excluded=()
     local -a level=("$@") next
     local p
+    for p in "${EXCLUDE[@]}"; do excluded[$p]=1; done
     while [ "${#level[@]}" -gt 0 ]; do
         for p in "${level[@]}"; do seen[$p]=1; done
         mapfile -t next < <(apt-cache "${APT_OPTS[@]}" depends "${DEPENDS_OPTS[@]}" "${level[@]}" | awk '
@@ -77,8 +78,7 @@ closure() {
             }' | sort -u)
         level=()
         for p in "${next[@]}"; do
-            [ -n "${seen[$p]:-}" ] && continue
-            case "$EXCLUDE" in *" $p "*) continue ;; esac
+            [ -n "${seen[$p]:-}${excluded[$p]:-}" ] && continue
             level+=("$p")
         done
     done
