@@ -46,8 +46,9 @@ PROFILES: dict[str, PeerProfile] = {
                        multifd_classifies_channels=False, multifd_compression_mask=0x0E, multifd_bare_sync=False),
     "10.0": PeerProfile("10.0", multifd_flush_records=True, multifd_zero_pages=True,
                         multifd_classifies_channels=True, multifd_compression_mask=0x3E, multifd_bare_sync=True),
-    # On the wire as 10.0 (checked against 11.1.3 streams, precopy and multifd, both ways); what it no longer
-    # does (the ENABLE_COLO command, the zero-blocks capability) vmsd never sent.
+    # On the wire as 10.0 (checked against 11.1.3: precopy and multifd both ways, none/zlib/zstd, the same
+    # defaults). What 11.1 dropped vmsd never sends: command 8 (ENABLE_COLO, refused as deprecated since
+    # 10.2) and the zero-blocks capability.
     "11.1": PeerProfile("11.1", multifd_flush_records=True, multifd_zero_pages=True,
                         multifd_classifies_channels=True, multifd_compression_mask=0x3E, multifd_bare_sync=True),
 }
