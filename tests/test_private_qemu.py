@@ -261,6 +261,25 @@ def test_vmsd_outgoing_to_it(private_peer: Peer, shm: Path, tmp_path: Path, retu
         assert (shm / "dest").read_bytes() == source
 
 
+@pytest.mark.parametrize(("source", "destination", "machine"), [
+    ("10.0", "11.1", "pc-i440fx-10.0"),  # an upgrade: 10.0 sends no CPU hot-plug state, 11.1 needs none
+    ("11.1", "10.0", "pc-i440fx-10.0,acpi=off"),  # back: without ACPI (see SPEC_COVERED_MACHINE)
+])
+def test_vmsd_outgoing_across_versions(shm: Path, tmp_path: Path, source: str, destination: str,
+                                       machine: str) -> None:
+    """A stream one version saved for the machine type both know goes from ``vmsd outgoing`` into the other
+    version (re-encoded from vmsd's typed sections): same RAM."""
+    saved = tmp_path / "saved.mig"
+    ram = _save(Peer.fetched(source), shm / "source", saved, machine)
+    target = Peer.fetched(destination)
+    port = free_port()
+    with target.start(_ram_args(shm / "dest"), incoming="defer", machine=machine) as dst:
+        dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        assert main(["outgoing", str(saved), f"tcp:127.0.0.1:{port}", "--peer-version", destination]) == 0
+        _wait_status(dst, "completed", time.monotonic() + TIMEOUT)
+        assert (shm / "dest").read_bytes() == ram
+
+
 def test_ignore_shared_through_vmsd_incoming(private_peer: Peer, shm: Path, tmp_path: Path) -> None:
     """x-ignore-shared: the QEMU leaves its shared RAM file in place; `vmsd incoming`'s snapshot says
     x-ignore-shared and carries no page of that block, and the same QEMU version on the same file loads it
