@@ -170,6 +170,10 @@ class _ToAst(Transformer[Token, Any]):
         info, name, *rest = items
         return self._field("opaque", name, name, rest, info=_string(info))
 
+    def fd_field(self, items: list[Any]) -> ast.Field:
+        name, *rest = items
+        return self._field("fd", name, name, rest)
+
     @v_args(meta=True)
     def validate_field(self, meta: Any, items: list[Any]) -> ast.Field:
         label, expr = items

@@ -55,7 +55,7 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A vmsd name the grammar takes for a keyword or scalar type has to be quoted.
 _GRAMMAR_WORDS = frozenset({
     "as", "bitmap", "bytes", "class", "custom", "enum", "equal", "false", "flags", "if", "import", "info",
-    "le", "list", "map", "minimum", "needed", "opaque", "qlist", "since", "struct", "subsection", "tmp",
+    "fd", "le", "list", "map", "minimum", "needed", "opaque", "qlist", "since", "struct", "subsection", "tmp",
     "true", "unused", "validate", "version", "vmsd",
 }).union(BY_NAME)
 _TODO_EXISTS = "TODO: transcribe field_exists from the C source"
@@ -957,6 +957,8 @@ class _Decl:
             elif f.size == 0:
                 notes.append(f"GUESS: {g.total} bytes in the stream; the length may come from another field")
             return f"bytes {ident}[{g.total}]{wire}"
+        if t == "fd":
+            return f"fd {ident}{wire}"
         if t == "bitmap":
             notes.append(f"GUESS: {g.total * 8} bits fill the {g.total} bytes seen; the bit count comes from another field")
             return f"bitmap {ident}[{max(g.total * 8, 64)}]{wire}"
