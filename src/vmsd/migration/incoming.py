@@ -14,6 +14,11 @@ import time
 
 import attrs
 
+from vmsd.migration.cpr import KEEPS_RAM, MODES
+from vmsd.migration.cpr.exec import find_state
+from vmsd.migration.cpr.ram import AdoptedRam
+from vmsd.migration.cpr.state import CprError, CprState
+from vmsd.migration.cpr.transfer import receive_state
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import ChannelStats, MultifdConfig, MultifdError, MultifdReceiver, accept_all
 from vmsd.migration.ram.blocks import RamBlocks
@@ -29,7 +34,16 @@ from vmsd.migration.stream import (
     Section,
     SpecSet,
 )
-from vmsd.migration.transport import Channel, TransportError, listen, open_incoming
+from vmsd.migration.transport import (
+    Channel,
+    Listener,
+    TcpURI,
+    TransportError,
+    UnixURI,
+    listen,
+    open_incoming,
+    parse_uri,
+)
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader
 
@@ -60,7 +74,20 @@ class Incoming:
     """
 
     def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
-                 blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None) -> None:
+                 blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None, mode: str = "normal",
+                 cpr_channel: str | None = None) -> None:
+        """``mode`` is the migration mode of the old side (QEMU's ``mode``).  In cpr-transfer the CPR state
+        arrives first on ``cpr_channel`` (a ``unix:`` URI we listen on), in cpr-exec it is found through
+        the environment; either way the RAM blocks are built on the memory it hands over (a machine
+        given here must have none of its own) and no page may come on the main channel."""
+        if mode not in MODES:
+            raise ValueError(f"migration mode '{mode}' is not one of {', '.join(MODES)}")
+        if (mode == "cpr-transfer") != (cpr_channel is not None):
+            raise ValueError("a cpr channel is what cpr-transfer needs, and only it")
+        if cpr_channel is not None and not isinstance(parse_uri(cpr_channel), UnixURI):
+            raise ValueError("the cpr channel must be a unix: socket")
+        if mode in KEEPS_RAM and multifd is not None:
+            raise ValueError(f"migration mode '{mode}' does not use multifd channels")
         if machine is None and specs is None:
             raise ValueError("an Incoming without a machine needs specs")
         if machine is not None and blocks is not None:
@@ -72,30 +99,76 @@ class Incoming:
         self.specs = specs if specs is not None else SpecSet()
         self.status = "none"
         self.error: str | None = None
+        self.mode = mode
+        self.cpr_channel = cpr_channel
+        self.cpr_state: CprState | None = None  # what the old side handed over (CPR modes)
 
     def run(self, uri: str, timeout: float = 60.0) -> IncomingResult:
-        """Accept one migration on ``uri`` and load it."""
+        """Accept one migration on ``uri`` (after the CPR state, in cpr-transfer) and load it."""
+        if self.mode == "cpr-transfer" and not isinstance(parse_uri(uri), TcpURI | UnixURI):
+            raise ValueError("in cpr-transfer the main channel is a socket (tcp: or unix:)")
         self.status = "setup"
         cfg = self.multifd
+        lst: Listener | None = None
+        channels: list[Channel] = []
         try:
-            if cfg is None:
-                ch = open_incoming(uri, timeout=timeout)
-                channels: list[Channel] = []
-            else:
-                with listen(uri) as lst:
-                    ch, channels = accept_all(lambda: lst.accept(timeout), cfg, timeout)
+            try:
+                if self.mode == "cpr-transfer":
+                    lst = self._receive_cpr_state(uri, timeout)
+                elif self.mode == "cpr-exec":
+                    self._adopt(find_state())
+                if cfg is not None:
+                    with listen(uri) as mlst:
+                        ch, channels = accept_all(lambda: mlst.accept(timeout), cfg, timeout)
+                elif lst is not None:
+                    ch = lst.accept(timeout)
+                else:
+                    ch = open_incoming(uri, timeout=timeout)
+            finally:
+                if lst is not None:
+                    lst.close()
         except (TransportError, VMSDError) as e:
             self.status, self.error = "failed", e.message
+            self._drop_cpr_state()
             raise
         with ch:
-            return self.load(ch, channels)
+            try:
+                return self.load(ch, channels)
+            finally:
+                self._drop_cpr_state()
+
+    def _receive_cpr_state(self, uri: str, timeout: float) -> Listener | None:
+        """cpr-transfer: the CPR state from the old side, then listen on ``uri``, then hang up (the signal)."""
+        assert self.cpr_channel is not None
+        with listen(self.cpr_channel, backlog=1) as clst, clst.accept(timeout) as cch:
+            self._adopt(receive_state(cch))
+            # The old side connects the main channel when it sees the hang-up: listen before it.
+            return listen(uri, backlog=1)
+
+    def _adopt(self, state: CprState) -> None:
+        """RAM blocks from now on map the memory ``state`` hands over."""
+        blocks = self.machine.ram if self.machine is not None else self.blocks
+        if blocks is None:
+            blocks = self.blocks = RamBlocks()
+        if len(blocks):
+            state.close()
+            raise CprError(f"a {self.mode} destination takes its RAM from the old side, but it already has "
+                           f"RAM blocks ({', '.join(blocks.names())})")
+        self.cpr_state = state
+        blocks.factory = AdoptedRam(state)
+
+    def _drop_cpr_state(self) -> None:
+        """Close the descriptors of the CPR state that no RAM block took (vhost, tap, ...: not ours to use)."""
+        if self.cpr_state is not None:
+            self.cpr_state.close()
 
     def load(self, ch: Channel, multifd_channels: list[Channel] | None = None) -> IncomingResult:
         """Load the stream of ``ch`` (and the pages of ``multifd_channels``, indexed by channel id)."""
         start = time.monotonic()
         m = self.machine
         blocks = m.ram if m is not None else self.blocks if self.blocks is not None else RamBlocks()
-        loader = RamLoader(blocks, create_missing=m is None)
+        in_place = self.mode in KEEPS_RAM
+        loader = RamLoader(blocks, create_missing=m is None or in_place)
         receiver: MultifdReceiver | None = None
         if multifd_channels:
             cfg = self.multifd
@@ -111,7 +184,7 @@ class Incoming:
         def ram(sec: Section, context: RamContext) -> None:
             if sec.kind == QEMU_VM_SECTION_START:
                 ram_ids.add(sec.section_id)
-            loader.load_section(r, context)
+            loader.load_section(r, attrs.evolve(context, in_place=True) if in_place else context)
 
         dec.ram_handler = ram
         if m is not None:

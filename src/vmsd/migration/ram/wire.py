@@ -444,6 +444,9 @@ class RamLoader:
                 found = blocks.get(name)
                 if found is None:
                     raise MalformedStream(f"can't find RAM block '{name}'", offset=at)
+                if self.context.in_place:
+                    raise MalformedStream(f"a page of RAM block '{name}' although its memory was handed over "
+                                          f"(CPR): no page may come", offset=at)
                 if found.shared and self.context.ignore_shared:
                     raise MalformedStream(f"RAM block '{name}' is shared here and x-ignore-shared is on: "
                                           f"it should not be migrated", offset=at)
