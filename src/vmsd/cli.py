@@ -170,8 +170,9 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     _migration_options(args)  # the receiver decodes whatever the peer chose; names are checked
     caps, _ = _settings(args)
     multifd = _multifd(args, caps)
+    mode, cpr_channel = _cpr_options(args)
     result = snapshot.incoming(args.uri, Path(args.output), streams.load_specs(args.specs), args.timeout,
-                               multifd=multifd)
+                               multifd=multifd, mode=mode, cpr_channel=cpr_channel)
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
           f"sections in {result.seconds:.2f}s; snapshot written to {args.output}")
@@ -193,13 +194,24 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
         parse_settings(caps, params, peer)
     except ValueError as e:
         raise ToolError(str(e)) from None
+    mode, cpr_channel = _cpr_options(args)
     info = snapshot.outgoing(Path(args.snapshot), args.uri, streams.load_specs(args.specs), args.timeout,
-                             caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer)
+                             caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer,
+                             mode=mode, cpr_channel=cpr_channel)
     if not args.json:
         print(summary(info))
     if info["status"] != "completed":
         raise ToolError(f"migration {info['status']}: {info.get('error-desc', '')}")
     return EXIT_OK
+
+
+def _cpr_options(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``--mode`` and ``--cpr-channel``: cpr-transfer needs a unix: cpr channel, no other mode takes one."""
+    if args.mode == "cpr-transfer" and not (args.cpr_channel or "").startswith("unix:"):
+        raise ToolError("--mode cpr-transfer needs --cpr-channel unix:PATH")
+    if args.mode != "cpr-transfer" and args.cpr_channel is not None:
+        raise ToolError("--cpr-channel is only for --mode cpr-transfer")
+    return args.mode, args.cpr_channel
 
 
 _MULTIFD_PARAMETERS = ("multifd-channels", "multifd-compression", "multifd-zlib-level", "multifd-zstd-level",
@@ -314,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(QEMU does not negotiate them)")
         p.add_argument("--uuid", help="the UUID in every multifd channel's first packet (a QEMU destination "
                                       "checks it against its -uuid; default all zeros)")
+        p.add_argument("--mode", choices=("normal", "cpr-reboot", "cpr-transfer"), default="normal",
+                       help="QEMU's migration mode; cpr-transfer hands guest RAM over as memfds on --cpr-channel "
+                            "instead of copying it (see docs/cpr.md)")
+        p.add_argument("--cpr-channel", metavar="unix:PATH",
+                       help="cpr-transfer: the unix socket of the CPR state (QEMU's 'cpr' channel); "
+                            + ("vmsd listens on it" if name == "incoming" else "the new QEMU listens on it"))
     p = sub.add_parser("import-qemu", help="skeleton specs from QEMU's -dump-vmstate output (types from a stream's trailer)")
     p.add_argument("dump", metavar="DUMP.json")
     p.add_argument("--stream", metavar="FILE", help="a migration stream whose trailer gives the field types")

@@ -43,9 +43,13 @@ _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 
 
 def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0,
-             multifd: MultifdConfig | None = None) -> IncomingResult:
-    """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads."""
-    result = Incoming(specs=specs, multifd=multifd).run(uri, timeout)
+             multifd: MultifdConfig | None = None, mode: str = "normal",
+             cpr_channel: str | None = None) -> IncomingResult:
+    """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads.
+
+    In cpr-transfer the old side hands its RAM over as memfds on ``cpr_channel``; the snapshot's pages
+    are read from them."""
+    result = Incoming(specs=specs, multifd=multifd, mode=mode, cpr_channel=cpr_channel).run(uri, timeout)
     try:
         write_snapshot(result, output)
     finally:
@@ -115,9 +119,12 @@ def load_machine(snapshot: Path, specs: SpecSet) -> Machine:
 def outgoing(snapshot: Path, uri: str, specs: SpecSet, timeout: float = 60.0,
              capabilities: dict[str, bool] | None = None, parameters: dict[str, int] | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None,
-             multifd: MultifdConfig | None = None, peer: PeerProfile | None = None) -> dict[str, Any]:
-    """Migrate a snapshot to a peer (e.g. QEMU with ``-incoming``) with the precopy engine; its ``query-migrate``."""
+             multifd: MultifdConfig | None = None, peer: PeerProfile | None = None, mode: str = "normal",
+             cpr_channel: str | None = None) -> dict[str, Any]:
+    """Migrate a snapshot to a peer (e.g. QEMU with ``-incoming``) with the precopy engine; its ``query-migrate``.
+
+    In cpr-transfer the snapshot's RAM (loaded into memfds) is handed to the new QEMU on ``cpr_channel``."""
     with load_machine(snapshot, specs) as m:
         m.resume()  # nothing runs on it; the engine pauses it for the final stage
         return Migration(m, uri, capabilities, parameters, on_progress=on_progress, timeout=timeout,
-                         multifd=multifd, peer=peer).run()
+                         multifd=multifd, peer=peer, mode=mode, cpr_channel=cpr_channel).run()
