@@ -6,6 +6,7 @@ assertions are on what is left: the exit status, one line on stderr, no temporar
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,10 @@ import pytest
 
 from cli_process import one_line_error, run, vmsd
 from listening import wait_listening
+from test_migration import MIB, fill, make_machine
+from vmsd.migration.precopy import Migration
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
 
 
 def _free_port() -> int:
@@ -67,3 +72,27 @@ def test_signal_while_waiting_for_a_source(tmp_path: Path, sig: signal.Signals, 
     assert proc.returncode == status, err
     assert one_line_error(err, "incoming"), err
     assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_during_outgoing_to_a_file(tmp_path: Path) -> None:
+    snapshot = tmp_path / "snap.mig"
+    with make_machine(16 * MIB) as m:
+        fill(m)  # half random: 8 MiB to send at 1 MB/s, far longer than the test waits
+        assert Migration(m, f"file:{snapshot}", parameters={"max-bandwidth": 0}).run()["status"] == "completed"
+    proc = vmsd("outgoing", str(snapshot), f"file:{tmp_path / 'copy.mig'}", "--specs", str(SPECS / "examples"),
+                "--parameter", "max-bandwidth=1M", "--json")
+    try:
+        assert proc.stderr is not None
+        progress = json.loads(proc.stderr.readline())  # the progress lines: under way, copy.mig not yet there
+        assert progress["status"] == "active", progress
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".copy.mig.")]  # its temporary file
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    *progress_lines, last = err.splitlines()
+    assert last == "vmsd outgoing: terminated" and all(json.loads(line) for line in progress_lines)
+    assert os.listdir(tmp_path) == ["snap.mig"]

@@ -142,3 +142,20 @@ def test_signal_during_the_snapshot_write(source: Qemu, tmp_path: Path, sig: sig
     assert os.listdir(tmp_path) == []
     assert _finished(source)["status"] == "failed"
     _still_runs(source)
+
+
+def test_sigterm_mid_transfer(source: Qemu, tmp_path: Path) -> None:
+    source.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 100_000})  # about 100 KB/s: it stays mid-way
+    port = _free_port()
+    proc = _receiver(port, tmp_path / "snap.mig")
+    source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    deadline = time.monotonic() + 60
+    while not (info := source.qmp.cmd("query-migrate")).get("ram", {}).get("transferred"):
+        assert info.get("status") in ("setup", "active") and time.monotonic() < deadline, info
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    rc, err = _end(proc)
+    assert rc == 143 and one_line_error(err, "incoming"), err
+    assert os.listdir(tmp_path) == []
+    assert _finished(source)["status"] == "failed"
+    _still_runs(source)
