@@ -221,8 +221,7 @@ def _refuse_existing_file_uri(uri: str, force: bool) -> None:
     from vmsd.migration.transport import FileURI, parse_uri
 
     target = parse_uri(uri)
-    if not force and isinstance(target, FileURI) and not target.offset and (
-            os.path.islink(target.path) or os.path.isfile(target.path)):
+    if not force and isinstance(target, FileURI) and not target.offset and os.path.isfile(target.path):
         raise OutputExists(f"{target.path} exists")
 
 
@@ -399,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: terminated", file=sys.stderr)
         return EXIT_SIGTERM
     except OutputExists as exc:
-        print(f"{prefix}: error: {exc} (--force replaces it)", file=sys.stderr)
+        hint = " (--force replaces it)" if hasattr(args, "force") else ""
+        print(f"{prefix}: error: {exc}{hint}", file=sys.stderr)
         return EXIT_FINDINGS
     except (VMSDError, ToolError) as exc:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
