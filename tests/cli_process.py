@@ -35,6 +35,13 @@ def vmsd(*args: str, hold_commit: bool = False) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def vmsd_binary(*args: str) -> subprocess.Popen[bytes]:
+    """``vmsd ARGS`` from this checkout, stdout (a stream, say) and stderr piped as bytes."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.Popen([sys.executable, "-m", "vmsd", *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def run(*args: str, timeout: float = 120) -> tuple[int, str]:
     """``vmsd ARGS`` to its end: exit status and stderr."""
     proc = vmsd(*args)

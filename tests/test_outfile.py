@@ -12,15 +12,21 @@ import os
 import secrets
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from test_migration import MIB, make_machine
+from cli_process import vmsd_binary
+from listening import wait_listening
+from test_migration import MIB, free_port, make_machine
 from vmsd.cli import main
 from vmsd.migration.precopy import Migration
+from vmsd.migration.stream import read_stream
+from vmsd.migration.transport import open_outgoing
 from vmsd.runtime.outfile import OutputError, OutputExists, OutputFile, write_file
+from vmsd.tools.streams import load_specs
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 
@@ -272,3 +278,49 @@ def test_specs_folder_leaves_no_temporary_folder(stream: Path, tmp_path: Path,
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert main(["inspect", str(stream), "--specs", str(SPECS / "examples")]) == 0
     assert os.listdir(scratch) == []
+
+
+# ------------------------------------------------------------------ file: URIs and standard output
+
+
+def test_file_uri_writes_a_fifo_in_place(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    with open_outgoing(f"file:{fifo}") as ch:
+        ch.write(b"through the pipe")
+    reader.join(30)
+    assert got == [b"through the pipe"]
+    assert os.listdir(tmp_path) == ["fifo"] and stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+def test_file_uri_follows_a_link_as_qemu_does(tmp_path: Path) -> None:
+    real = tmp_path / "real.mig"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.mig"
+    link.symlink_to(real)
+    with open_outgoing(f"file:{link}") as ch:
+        ch.write(b"new stream")
+    assert link.is_symlink() and real.read_bytes() == b"new stream" and _mode(real) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["link.mig", "real.mig"]
+
+
+def test_incoming_to_stdout(tmp_path: Path) -> None:
+    port = free_port()
+    proc = vmsd_binary("incoming", f"tcp:127.0.0.1:{port}", "-o", "-", "--specs", str(SPECS / "examples"))
+    try:
+        wait_listening(port, alive=lambda: proc.poll() is None)
+        with make_machine(4 * MIB) as m:
+            info = Migration(m, f"tcp:127.0.0.1:{port}", capabilities={"return-path": True},
+                             parameters={"max-bandwidth": 0}).run()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert info["status"] == "completed" and proc.returncode == 0, err
+    assert b"snapshot written to -" in err  # the summary keeps out of the snapshot's way
+    stream = read_stream(out, load_specs(SPECS / "examples"))
+    assert {s.idstr for s in stream.full_sections()} == {"serial", "i8254"}
