@@ -22,6 +22,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from listening import wait_listening
 from test_migration import Dirtier, devices_of, fill, free_port, make_machine, ram_of
 from vmsd.cli import main
 from vmsd.migration.incoming import Incoming, IncomingResult
@@ -843,7 +844,7 @@ def _round_trip(start: Any, shm: Path, tmp_path: Path, channels: int, compressio
     t = threading.Thread(target=lambda: rc.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snap),
                                                         "--timeout", "30", *opts])))
     t.start()
-    time.sleep(0.3)
+    wait_listening(port, alive=t.is_alive)
     with start(_ram(shm / "src"), None) as src:
         _multifd_on(src, channels, compression)
         src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 10**10})

@@ -4,13 +4,16 @@ RAM records are applied straight into the blocks (and multifd packets by
 the channel threads); device sections decode with the machine's device
 classes, strictly, and replace the device objects only once the whole stream
 has loaded, so a failed load leaves the machine as it was.  With QEMU's return
-path open the source is answered ``SHUT`` with the load's status.
+path open the source is answered ``SHUT`` with the load's status -- success
+only after ``commit`` (a snapshot writer, say) has kept what was received, so
+a source is never told to drop a VM whose state was then lost.
 """
 
 from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 
 import attrs
 
@@ -71,11 +74,15 @@ class Incoming:
     replaces the device objects only once the whole stream has loaded.
     Without a machine (``specs`` given), blocks are created as announced and
     device sections decode with ``specs``.
+
+    ``commit`` is called with the result once the whole stream has loaded and
+    before the source is told so; if it raises, the load fails (the source
+    hears ``SHUT`` with failure and keeps the VM) and the exception propagates.
     """
 
     def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
                  blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None, mode: str = "normal",
-                 cpr_channel: str | None = None) -> None:
+                 cpr_channel: str | None = None, commit: Callable[[IncomingResult], None] | None = None) -> None:
         """``mode`` is the migration mode of the old side (QEMU's ``mode``).  In cpr-transfer the CPR state
         arrives first on ``cpr_channel`` (a ``unix:`` URI we listen on), in cpr-exec it is found through
         the environment; either way the RAM blocks are built on the memory it hands over (a machine
@@ -95,6 +102,7 @@ class Incoming:
         self.machine = machine
         self.blocks = blocks  # without a machine: where announced blocks are created (default: memfd)
         self.multifd = multifd
+        self.commit = commit
         # A machine's devices bring their classes; the configuration record needs no spec.
         self.specs = specs if specs is not None else SpecSet()
         self.status = "none"
@@ -202,6 +210,19 @@ class Incoming:
             sections = [rec for rec in records if isinstance(rec, Section) and rec.kind == QEMU_VM_SECTION_FULL]
             if not ram_ids:
                 raise MalformedStream("the stream carries no RAM section")
+            counters = attrs.asdict(loader.counters)
+            stats: list[ChannelStats] = []
+            named = loader.named
+            if receiver is not None:
+                receiver.close()  # every page is in: the channels' threads are done
+                stats, named = receiver.stats, named | receiver.named
+                receiver = None
+                counters["normal"] += sum(st.pages for st in stats)
+                counters["duplicate"] += sum(st.zero_pages for st in stats)
+            result = IncomingResult(dec.stream.configuration, blocks, min(ram_ids), sections, counters,
+                                    time.monotonic() - start, stats, named)
+            if self.commit is not None:
+                self.commit(result)
         except BaseException as e:
             self.status = "failed"
             cause = receiver.failure(0.5) if receiver is not None and not isinstance(e, MultifdError) else None
@@ -222,14 +243,7 @@ class Incoming:
         if dec.return_path:
             _send_shut(ch, 0)
         self.status = "completed"
-        counters = attrs.asdict(loader.counters)
-        stats = receiver.stats if receiver is not None else []
-        if receiver is not None:
-            counters["normal"] += sum(st.pages for st in stats)
-            counters["duplicate"] += sum(st.zero_pages for st in stats)
-        return IncomingResult(dec.stream.configuration, blocks, min(ram_ids), sections, counters,
-                              time.monotonic() - start, stats,
-                              loader.named | receiver.named if receiver is not None else loader.named)
+        return result
 
 
 def _drain_trailer(r: Reader) -> None:

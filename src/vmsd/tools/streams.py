@@ -33,18 +33,20 @@ def load_specs(specs_dir: Path | None) -> SpecSet:
     files = compile_specs(specs, str(specs_dir))
     import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix="vmsd-specs-"))
-    package = f"vmsd_user_specs_{abs(hash(str(specs_dir.resolve())))}"
-    for rel, text in files.items():
-        target = tmp / package / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-    (tmp / package / "__init__.py").write_text("")
-    sys.path.insert(0, str(tmp))
-    try:
-        modules = [importlib.import_module(f"{package}." + ".".join(rel.with_suffix("").parts)) for rel in files if rel.name != "__init__.py"]
-    finally:
-        sys.path.remove(str(tmp))
+    # Imported modules live on in memory: the folder is only needed while importing.
+    with tempfile.TemporaryDirectory(prefix="vmsd-specs-") as tmp:
+        package = f"vmsd_user_specs_{abs(hash(str(specs_dir.resolve())))}"
+        for rel, text in files.items():
+            target = Path(tmp) / package / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        (Path(tmp) / package / "__init__.py").write_text("")
+        sys.path.insert(0, tmp)
+        try:
+            modules = [importlib.import_module(f"{package}." + ".".join(rel.with_suffix("").parts))
+                       for rel in files if rel.name != "__init__.py"]
+        finally:
+            sys.path.remove(tmp)
     return shipped.merged(SpecSet.from_modules(modules))
 
 
