@@ -102,8 +102,12 @@ def test_state_round_trips(entries: list[tuple[str, int, int]], version: str) ->
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_hostile_state_raises_only_our_errors(data: bytes) -> None:
-    with pytest.raises(VMSDError):
-        read_state(Reader(b"QCPR\0\0\0\x01" + data if data[:1] != b"Q" else data))
+    """Random bytes after the header: a state (an empty list is one) or one of our errors, nothing else."""
+    try:
+        state = read_state(Reader(b"QCPR\0\0\0\x01" + data if data[:1] != b"Q" else data))
+    except VMSDError:
+        return
+    assert all(e.fd >= 0 for e in state.entries)  # numbers of descriptors to adopt, never negative
 
 
 @pytest.mark.parametrize("cut", [0, 3, 8, 12, 30, 60, len(QEMU_11_1_STATE) - 1])
