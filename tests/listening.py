@@ -28,3 +28,28 @@ def wait_listening(port: int, timeout: float = 30.0, alive: Callable[[], bool] =
         if time.monotonic() > deadline:
             raise AssertionError(f"nothing listens on port {port} after {timeout}s")
         time.sleep(0.02)
+
+
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix's Flags of a listening socket
+
+
+def unix_listening(path: str) -> bool:
+    """Whether a unix socket bound to ``path`` listens (bind creates the file before listen)."""
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & _SO_ACCEPTCON:
+                return True
+    return False
+
+
+def wait_unix_listening(path: str, timeout: float = 30.0, alive: Callable[[], bool] = lambda: True) -> None:
+    """As :func:`wait_listening`, for a unix socket at ``path``."""
+    deadline = time.monotonic() + timeout
+    while not unix_listening(path):
+        if not alive():
+            raise AssertionError(f"the server meant to listen on {path} is gone")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing listens on {path} after {timeout}s")
+        time.sleep(0.01)

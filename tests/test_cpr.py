@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from listening import wait_unix_listening
 from test_migration import devices_of, fill, make_machine, ram_of
 from vmsd.migration.cpr import exec as cpr_exec
 from vmsd.migration.cpr.state import CprEntry, CprError, read_state, write_state
@@ -172,12 +173,8 @@ def sockets(tmp_path: Path) -> Iterator[tuple[str, str]]:
     yield f"unix:{tmp_path / 'main.sock'}", f"unix:{tmp_path / 'cpr.sock'}"
 
 
-def _wait_listening(path: str) -> None:
-    import time
-    deadline = time.monotonic() + 20
-    while not os.path.exists(path[len("unix:"):]):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+def _wait_listening(uri: str) -> None:
+    wait_unix_listening(uri[len("unix:"):])
 
 
 def test_cpr_transfer_hands_memory_over_without_copying(sockets: tuple[str, str]) -> None:

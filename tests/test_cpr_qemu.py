@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from listening import wait_unix_listening
 from private_peers import Peer
 from vmsd.migration.incoming import Incoming
 from vmsd.migration.transport import open_incoming
@@ -59,12 +60,7 @@ def _wait(q: Qemu, want: str) -> dict[str, Any]:
 
 
 def _wait_path(path: Path, proc: subprocess.Popen[str] | None = None) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not path.exists():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"exited before listening: {proc.communicate()}")
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
+    wait_unix_listening(str(path), TIMEOUT, alive=lambda: proc is None or proc.poll() is None)
 
 
 def _snapshot_ram(snapshot: Path) -> dict[str, bytes]:
