@@ -45,7 +45,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         specs = sorted((repo / "specs").rglob("*.vmsd"))
         out_dir = Path(args.output) if args.output else repo / "src" / "vmsd" / "generated"
         root = str(repo / "specs")
-    files = compile_specs(specs, root)
+    files = compile_specs(specs, root, outside_imports=args.allow_outside_imports)
     stale = []
     for rel, text in sorted(files.items()):
         target = out_dir / rel
@@ -94,7 +94,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from vmsd.grammar.loader import load
     from vmsd.grammar.semantic import check
 
-    check(load([Path(s) for s in args.specs]))
+    check(load([Path(s) for s in args.specs], outside_imports=args.allow_outside_imports))
     print(f"{len(args.specs)} spec(s) ok")
     return EXIT_OK
 
@@ -259,6 +259,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                live_only=args.live_only)
 
 
+_OUTSIDE_HELP = "let an import name a file outside the folders of the SPECs (by default refused)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmsd", description="Typed QEMU VMState descriptions and migration streams.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="*", metavar="SPEC")
     p.add_argument("-o", "--output", metavar="DIR", help="output directory (default: current directory, or vmsd.generated in the repository)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 and name the files that would change (and a missing py.typed)")
+    p.add_argument("--allow-outside-imports", action="store_true", help=_OUTSIDE_HELP)
     p.set_defaults(func=_cmd_compile)
     p = sub.add_parser("new", help="start a device package: specs, build hook, generated state, test, CI script")
     p.add_argument("path", metavar="PATH", help="folder to create (it must not exist or be empty)")
@@ -273,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_new)
     p = sub.add_parser("check", help="parse and check specs without generating code")
     p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("--allow-outside-imports", action="store_true", help=_OUTSIDE_HELP)
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("inspect", help="decode a QEMU migration stream into a tree or JSON")
     p.add_argument("stream", metavar="STREAM", help="stream file, or - for standard input")
