@@ -100,8 +100,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    import json
-
     from vmsd.migration.stream import read_stream
     from vmsd.tools import streams
 
@@ -109,10 +107,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         # One compact document: json's C encoder only serves the unindented
         # form, several times faster on a stream's megabytes of device state.
-        sys.stdout.write(json.dumps(streams.stream_json(stream), separators=(",", ":")))
+        streams.write_json(stream, sys.stdout)
         sys.stdout.write("\n")
     else:
-        print(streams.stream_tree(stream))
+        for line in streams.tree_lines(stream):
+            print(line)
     return EXIT_OK
 
 
@@ -170,8 +169,9 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     _migration_options(args)  # the receiver decodes whatever the peer chose; names are checked
     caps, _ = _settings(args)
     multifd = _multifd(args, caps)
+    max_ram = _size(args.max_ram, "--max-ram") if args.max_ram is not None else None
     result = snapshot.incoming(args.uri, Path(args.output), streams.load_specs(args.specs), args.timeout,
-                               multifd=multifd)
+                               multifd=multifd, max_ram=max_ram)
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
           f"sections in {result.seconds:.2f}s; snapshot written to {args.output}")
@@ -242,11 +242,11 @@ def _multifd(args: argparse.Namespace, caps: dict[str, bool]) -> Any:
 
 
 def _size(text: str, what: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     scale = units.get(text[-1:].upper(), 1)
     digits = text[:-1] if scale > 1 else text
     if not digits.isdigit():
-        raise ToolError(f"{what}: expected a number with an optional K/M/G suffix, got {text!r}")
+        raise ToolError(f"{what}: expected a number with an optional K/M/G/T suffix, got {text!r}")
     return int(digits) * scale
 
 
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("uri", metavar="URI")
             p.add_argument("-o", "--output", required=True, metavar="SNAPSHOT")
             p.add_argument("--specs", type=Path, metavar="DIR")
+            p.add_argument("--max-ram", metavar="SIZE", help="refuse a peer announcing more RAM than this "
+                                                             "(K/M/G/T suffix; default: this host's memory)")
             p.set_defaults(func=_cmd_incoming)
         else:
             p.add_argument("snapshot", metavar="SNAPSHOT")

@@ -14,6 +14,7 @@ import time
 
 import attrs
 
+from vmsd.migration.limits import default_max_ram
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import ChannelStats, MultifdConfig, MultifdError, MultifdReceiver, accept_all
 from vmsd.migration.ram.blocks import RamBlocks
@@ -60,13 +61,16 @@ class Incoming:
     """
 
     def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
-                 blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None) -> None:
+                 blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None,
+                 max_ram: int | None = None) -> None:
         if machine is None and specs is None:
             raise ValueError("an Incoming without a machine needs specs")
         if machine is not None and blocks is not None:
             raise ValueError("an Incoming into a machine uses the machine's RAM blocks")
         self.machine = machine
         self.blocks = blocks  # without a machine: where announced blocks are created (default: memfd)
+        # Without a machine or blocks: the RAM a peer may announce (default: this host's memory).
+        self.max_ram = max_ram
         self.multifd = multifd
         # A machine's devices bring their classes; the configuration record needs no spec.
         self.specs = specs if specs is not None else SpecSet()
@@ -94,7 +98,8 @@ class Incoming:
         """Load the stream of ``ch`` (and the pages of ``multifd_channels``, indexed by channel id)."""
         start = time.monotonic()
         m = self.machine
-        blocks = m.ram if m is not None else self.blocks if self.blocks is not None else RamBlocks()
+        blocks = (m.ram if m is not None else self.blocks if self.blocks is not None
+                  else RamBlocks(limit=self.max_ram if self.max_ram is not None else default_max_ram()))
         loader = RamLoader(blocks, create_missing=m is None)
         receiver: MultifdReceiver | None = None
         if multifd_channels:

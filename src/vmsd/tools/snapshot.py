@@ -43,9 +43,12 @@ _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 
 
 def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0,
-             multifd: MultifdConfig | None = None) -> IncomingResult:
-    """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads."""
-    result = Incoming(specs=specs, multifd=multifd).run(uri, timeout)
+             multifd: MultifdConfig | None = None, max_ram: int | None = None) -> IncomingResult:
+    """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads.
+
+    ``max_ram``: the most RAM the peer may announce (default: this host's memory).
+    """
+    result = Incoming(specs=specs, multifd=multifd, max_ram=max_ram).run(uri, timeout)
     try:
         write_snapshot(result, output)
     finally:
