@@ -54,7 +54,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         specs = sorted((repo / "specs").rglob("*.vmsd"))
         out_dir = Path(args.output) if args.output else repo / "src" / "vmsd" / "generated"
         root = str(repo / "specs")
-    files = compile_specs(specs, root)
+    files = compile_specs(specs, root, outside_imports=args.allow_outside_imports)
     stale = []
     for rel, text in sorted(files.items()):
         target = out_dir / rel
@@ -102,14 +102,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from vmsd.grammar.loader import load
     from vmsd.grammar.semantic import check
 
-    check(load([Path(s) for s in args.specs]))
+    check(load([Path(s) for s in args.specs], outside_imports=args.allow_outside_imports))
     print(f"{len(args.specs)} spec(s) ok")
     return EXIT_OK
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    import json
-
     from vmsd.migration.stream import read_stream
     from vmsd.tools import streams
 
@@ -117,10 +115,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         # One compact document: json's C encoder only serves the unindented
         # form, several times faster on a stream's megabytes of device state.
-        sys.stdout.write(json.dumps(streams.stream_json(stream), separators=(",", ":")))
+        streams.write_json(stream, sys.stdout)
         sys.stdout.write("\n")
     else:
-        print(streams.stream_tree(stream))
+        for line in streams.tree_lines(stream):
+            print(line)
     return EXIT_OK
 
 
@@ -179,8 +178,10 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     caps, _ = _settings(args)
     multifd = _multifd(args, caps)
     mode, cpr_channel = _cpr_options(args)
+    max_ram = _size(args.max_ram, "--max-ram") if args.max_ram is not None else None
     result = snapshot.incoming(args.uri, args.output, streams.load_specs(args.specs), args.timeout,
-                               multifd=multifd, force=args.force, mode=mode, cpr_channel=cpr_channel)
+                               multifd=multifd, force=args.force, mode=mode, cpr_channel=cpr_channel,
+                               max_ram=max_ram)
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
           f"sections in {result.seconds:.2f}s; snapshot written to {args.output}",
@@ -277,11 +278,11 @@ def _multifd(args: argparse.Namespace, caps: dict[str, bool]) -> Any:
 
 
 def _size(text: str, what: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     scale = units.get(text[-1:].upper(), 1)
     digits = text[:-1] if scale > 1 else text
     if not digits.isdigit():
-        raise ToolError(f"{what}: expected a number with an optional K/M/G suffix, got {text!r}")
+        raise ToolError(f"{what}: expected a number with an optional K/M/G/T suffix, got {text!r}")
     return int(digits) * scale
 
 
@@ -294,6 +295,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                live_only=args.live_only)
 
 
+_OUTSIDE_HELP = "let an import name a file outside the folders of the SPECs (by default refused)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmsd", description="Typed QEMU VMState descriptions and migration streams.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -301,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="*", metavar="SPEC")
     p.add_argument("-o", "--output", metavar="DIR", help="output directory (default: current directory, or vmsd.generated in the repository)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 and name the files that would change (and a missing py.typed)")
+    p.add_argument("--allow-outside-imports", action="store_true", help=_OUTSIDE_HELP)
     p.set_defaults(func=_cmd_compile)
     p = sub.add_parser("new", help="start a device package: specs, build hook, generated state, test, CI script")
     p.add_argument("path", metavar="PATH", help="folder to create (it must not exist or be empty)")
@@ -308,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_new)
     p = sub.add_parser("check", help="parse and check specs without generating code")
     p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("--allow-outside-imports", action="store_true", help=_OUTSIDE_HELP)
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("inspect", help="decode a QEMU migration stream into a tree or JSON")
     p.add_argument("stream", metavar="STREAM", help="stream file, or - for standard input")
@@ -337,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the snapshot (0600), or - for standard output")
             p.add_argument("--force", action="store_true", help="replace SNAPSHOT if it exists")
             p.add_argument("--specs", type=Path, metavar="DIR")
+            p.add_argument("--max-ram", metavar="SIZE", help="refuse a peer announcing more RAM than this "
+                                                             "(K/M/G/T suffix; default: this host's memory)")
             p.set_defaults(func=_cmd_incoming)
         else:
             p.add_argument("snapshot", metavar="SNAPSHOT")

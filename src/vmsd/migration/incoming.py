@@ -22,6 +22,7 @@ from vmsd.migration.cpr.exec import find_state
 from vmsd.migration.cpr.ram import AdoptedRam
 from vmsd.migration.cpr.state import CprError, CprState
 from vmsd.migration.cpr.transfer import receive_state
+from vmsd.migration.limits import default_max_ram
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import ChannelStats, MultifdConfig, MultifdError, MultifdReceiver, accept_all
 from vmsd.migration.ram.blocks import RamBlocks
@@ -82,7 +83,8 @@ class Incoming:
 
     def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
                  blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None, mode: str = "normal",
-                 cpr_channel: str | None = None, commit: Callable[[IncomingResult], None] | None = None) -> None:
+                 cpr_channel: str | None = None, commit: Callable[[IncomingResult], None] | None = None,
+                 max_ram: int | None = None) -> None:
         """``mode`` is the migration mode of the old side (QEMU's ``mode``).  In cpr-transfer the CPR state
         arrives first on ``cpr_channel`` (a ``unix:`` URI we listen on), in cpr-exec it is found through
         the environment; either way the RAM blocks are built on the memory it hands over (a machine
@@ -101,6 +103,8 @@ class Incoming:
             raise ValueError("an Incoming into a machine uses the machine's RAM blocks")
         self.machine = machine
         self.blocks = blocks  # without a machine: where announced blocks are created (default: memfd)
+        # Without a machine or blocks: the RAM a peer may announce (default: this host's memory).
+        self.max_ram = max_ram
         self.multifd = multifd
         self.commit = commit
         # A machine's devices bring their classes; the configuration record needs no spec.
@@ -174,7 +178,8 @@ class Incoming:
         """Load the stream of ``ch`` (and the pages of ``multifd_channels``, indexed by channel id)."""
         start = time.monotonic()
         m = self.machine
-        blocks = m.ram if m is not None else self.blocks if self.blocks is not None else RamBlocks()
+        blocks = (m.ram if m is not None else self.blocks if self.blocks is not None
+                  else RamBlocks(limit=self.max_ram if self.max_ram is not None else default_max_ram()))
         in_place = self.mode in KEEPS_RAM
         loader = RamLoader(blocks, create_missing=m is None or in_place)
         receiver: MultifdReceiver | None = None

@@ -123,6 +123,9 @@ def _decode_gtree(r: Reader, entry: Obj) -> list[tuple[Any, Any]]:
     nnodes = r.u32()
     bodies = _bodies(entry)
     keyed = len(bodies) == 2 * nnodes and nnodes > 0
+    if not keyed and nnodes > len(bodies):
+        # The trailer describes each node's body; a node without one cannot be read.
+        raise MalformedStream(f"tree announces {nnodes} nodes, its description has {len(bodies)}", offset=start)
     out: list[tuple[Any, Any]] = []
     for i in range(nnodes):
         if not r.u8():

@@ -26,6 +26,7 @@ import numpy as np
 
 from vmsd.migration.incoming import Incoming, IncomingResult
 from vmsd.migration.iovec import Scattered, write_scattered
+from vmsd.migration.limits import default_max_ram
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import MultifdConfig
 from vmsd.migration.precopy import Migration
@@ -49,14 +50,14 @@ _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 
 def incoming(uri: str, output: Path | str, specs: SpecSet, timeout: float = 60.0,
              multifd: MultifdConfig | None = None, force: bool = False, mode: str = "normal",
-             cpr_channel: str | None = None) -> IncomingResult:
+             cpr_channel: str | None = None, max_ram: int | None = None) -> IncomingResult:
     """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads.
 
     ``output`` may be ``-`` (standard output); an existing file is replaced only with ``force``.  In
     cpr-transfer the old side hands its RAM over as memfds on ``cpr_channel``; the snapshot's pages are
-    read from them.
+    read from them.  ``max_ram``: the most RAM the peer may announce (default: this host's memory).
     """
-    blocks = RamBlocks()
+    blocks = RamBlocks(limit=max_ram if max_ram is not None else default_max_ram())
     try:
         with OutputFile(output, force=force, private=True, stdout=True) as out:
             return Incoming(specs=specs, multifd=multifd, blocks=blocks, mode=mode, cpr_channel=cpr_channel,

@@ -603,6 +603,11 @@ def _apply_block_list(blocks: RamBlocks, announced: list[RamBlockInfo], create_m
         if have is None and (info.used_length <= 0 or info.used_length % PAGE_SIZE):
             raise MalformedStream(f"wrong block list from the peer: RAM block '{info.name}' "
                                   f"of {info.used_length:#x} bytes")
+    if blocks.limit is not None:
+        total = blocks.total() + sum(info.used_length for info in announced if info.name not in blocks)
+        if total > blocks.limit:
+            raise MalformedStream(f"the peer announces {total:#x} bytes of RAM, above the limit of "
+                                  f"{blocks.limit:#x} (max-ram)")
     for info in announced:  # new blocks keep the peer's order (QEMU's list is ordered by maximum length)
         if info.name not in blocks:
             blocks.create(info.name, info.used_length, append=True).addr = info.addr or 0
