@@ -96,19 +96,19 @@ class _ToAst(Transformer[Token, Any]):
         name = next(t for t in items if isinstance(t, Token) and t.type == "NAME")
         return ast.EnumMember(str(name), items[-1], self._pos(name), "\n".join(docs) or None)
 
-    def class_clause(self, items: list[Token]) -> str:
-        return str(items[0])
+    def class_clause(self, items: list[Token]) -> _ClassClause:
+        return _ClassClause(str(items[0]), self._pos(items[0]))
 
     @v_args(meta=True)
     def vmsd_decl(self, meta: Any, items: list[Any]) -> ast.Vmsd:
         name_tok, version, minimum, *rest = items
-        class_name = rest[0] if rest and isinstance(rest[0], str) and not isinstance(rest[0], Token) else None
-        members = _attach_docs(rest[1:] if class_name is not None else rest)
+        clause = rest[0] if rest and isinstance(rest[0], _ClassClause) else None
+        members = _attach_docs(rest[1:] if clause is not None else rest)
         fields = tuple(m for m in members if isinstance(m, ast.Field))
         subs = tuple(m for m in members if isinstance(m, ast.Subsection))
         return ast.Vmsd(
-            _name(name_tok), _int(version), _int(minimum), class_name, fields, subs,
-            self._pos(name_tok), self._pos(version), self._pos(minimum),
+            _name(name_tok), _int(version), _int(minimum), clause.name if clause else None, fields, subs,
+            self._pos(name_tok), self._pos(version), self._pos(minimum), class_pos=clause.pos if clause else None,
         )
 
     @v_args(meta=True)
@@ -283,6 +283,12 @@ def _expr_pos(e: Any) -> ast.Pos:
 class _Clause:
     def __init__(self, **values: Any) -> None:
         self.values = values
+
+
+@attrs.frozen
+class _ClassClause:
+    name: str
+    pos: ast.Pos
 
 
 class _Needed:
