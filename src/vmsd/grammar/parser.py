@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast as pyast
 import functools
+import warnings
 from importlib import resources
 from typing import Any
 
@@ -59,8 +60,26 @@ def _int(text: str) -> int:
     return int(digits, 0) if digits[:2].lower() in ("0x", "0b") else int(digits, 10)
 
 
+class _BadString(Exception):
+    """A quoted string whose escapes Python cannot decode (reported by parse with its position)."""
+
+    def __init__(self, tok: Token, reason: str) -> None:
+        super().__init__(reason)
+        self.tok = tok
+        self.reason = reason
+
+
 def _string(tok: Token) -> str:
-    value = pyast.literal_eval(str(tok))
+    text = str(tok)
+    if "\0" in text:
+        raise _BadString(tok, "a NUL character in a string; write \\x00")
+    try:
+        # An unknown escape such as \q is a warning in Python; here it is an error on every version.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            value = pyast.literal_eval(text)
+    except SyntaxError as exc:
+        raise _BadString(tok, f"cannot read this string: {str(exc.msg).removeprefix('(unicode error) ')}") from None
     assert isinstance(value, str)
     return value
 
@@ -325,7 +344,13 @@ def parse(source: str, path: str) -> ast.SpecFile:
         tree = _parser().parse(source)
     except lark.exceptions.UnexpectedInput as exc:
         raise SpecError([_syntax_diagnostic(exc, path, source)], {path: source}) from None
-    items = _ToAst(path).transform(tree)
+    try:
+        items = _ToAst(path).transform(tree)
+    except lark.exceptions.VisitError as exc:
+        if not isinstance(exc.orig_exc, _BadString):
+            raise
+        bad = exc.orig_exc
+        raise SpecError([Diagnostic(ast.Pos(path, bad.tok.line or 1, bad.tok.column or 1), bad.reason)], {path: source}) from None
     return ast.SpecFile(
         path,
         source,
