@@ -509,3 +509,27 @@ def test_raw_control_characters(tmp_path: Path, raw: str, capsys: pytest.Capture
     assert code == 0, err
     dev = _compiled(tmp_path, spec.read_text(encoding="utf-8"))["Dev"]
     assert dev.__doc__ == f"doc {raw}" and dev.VMSD.fields[0].name == f"a{raw}b"
+
+
+def test_the_language_reference_lists_the_reserved_names() -> None:
+    """docs/spec-names.md lists each set of vmsd.grammar.pynames exactly."""
+    doc = " ".join((ROOT / "docs" / "spec-names.md").read_text(encoding="utf-8").split())
+    lists = {
+        "Imported by every generated module:": pynames.IMPORTED,
+        "Builtins read in class bodies and `__init__`:": pynames.CLASS_BUILTINS,
+        "Builtins read in methods:": pynames.METHOD_BUILTINS,
+        "Variables of generated functions:": pynames.LOCALS,
+        "Attributes of every generated class:": pynames.CLASS_API,
+    }
+    for label, names in lists.items():
+        listed = doc.split(f"**{label}**", 1)[1].split(".", 1)[0]
+        assert set(re.findall(r"`([^`]+)`", listed)) == names, label
+
+
+def test_a_module_cannot_also_be_a_package(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a.vmsd").write_text("vmsd one version 1 minimum 1 { uint8 x }\n")
+    (tmp_path / "a" / "b.vmsd").write_text("vmsd two version 1 minimum 1 { uint8 x }\n")
+    with pytest.raises(SpecError) as caught:
+        compile_specs([tmp_path / "a.vmsd", tmp_path / "a" / "b.vmsd"], str(tmp_path))
+    assert caught.value.render().startswith(f"{tmp_path / 'a.vmsd'}:1:1: error: this file would be module 'a', which is also the package")
