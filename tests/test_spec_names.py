@@ -496,15 +496,20 @@ def test_validation_label_is_text_in_the_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("raw", ["\x00", "\x1b[2J", "\x07"])
 def test_raw_control_characters(tmp_path: Path, raw: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Written raw (not as an escape) inside a quoted string, a NUL is a located error rather than a traceback
-    from Python's parser; other control characters, and any in a doc comment, stay text."""
+    from Python's parser, and the error shows it as an escape; other control characters, and any in a doc
+    comment, stay text.  A form feed in a comment does not shift the line the error shows."""
     from vmsd.cli import EXIT_FINDINGS, main
 
     spec = tmp_path / "dev.vmsd"
-    spec.write_text(f'## doc {raw}\nvmsd dev version 1 minimum 1 class Dev {{\n    uint8 a as "a{raw}b"\n}}\n', encoding="utf-8")
+    spec.write_text(f'# \x0c\n## doc {raw}\nvmsd dev version 1 minimum 1 class Dev {{\n    uint8 a as "a{raw}b"\n}}\n',
+                    encoding="utf-8")
     code = main(["check", str(spec)])
     err = capsys.readouterr().err
     if raw == "\x00":
-        assert code == EXIT_FINDINGS and err.startswith(f"{spec}:3:16: error: a NUL character in a string")
+        assert code == EXIT_FINDINGS
+        assert err == (f"{spec}:4:16: error: a NUL character in a string; write \\x00\n"
+                       '        uint8 a as "a\\x00b"\n'
+                       "                   ^\n")
         return
     assert code == 0, err
     dev = _compiled(tmp_path, spec.read_text(encoding="utf-8"))["Dev"]
