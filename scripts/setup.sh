@@ -10,12 +10,21 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq qemu-system-x86 >/dev/null
 fi
 
-# QEMU 10.0 (bookworm-backports) is the second peer, unpacked into ~/.cache/vmsd/qemu-10.0
-# rather than installed.  A failure here is only a warning: tests/test_qemu10.py then
-# retries the fetch in its fixture and fails loudly.  The script is package data of
-# vmsd.testing (so an installed vmsd has it too), run here from the source tree.
-if ! bash src/vmsd/testing/fetch-qemu10.sh; then
-    echo "setup.sh: warning: fetching QEMU 10.0 failed (src/vmsd/testing/fetch-qemu10.sh); tests/test_qemu10.py will fail" >&2
+# QEMU 10.0 (bookworm-backports) and 11.1 (sid, with its own glibc) are the other
+# peers, unpacked into ~/.cache/vmsd/qemu-10.0 and qemu-11.1 rather than installed.
+# A failure here is only a warning: the tests that use them retry the fetch in
+# their fixtures and fail loudly.  The scripts are package data of vmsd.testing
+# (so an installed vmsd has them too), run here from the source tree.
+for v in 10 11; do
+    if ! bash "src/vmsd/testing/fetch-qemu$v.sh"; then
+        echo "setup.sh: warning: fetching QEMU $v (src/vmsd/testing/fetch-qemu$v.sh) failed; its interop tests will fail" >&2
+    fi
+done
+
+# QEMU 7.2's XBZRLE C source, the reference tests/test_xbzrle.py compiles (same rule: a warning here,
+# the test's fixture retries and fails loudly).
+if ! bash scripts/fetch-qemu72-src.sh; then
+    echo "setup.sh: warning: fetching QEMU 7.2's sources failed (scripts/fetch-qemu72-src.sh); tests/test_xbzrle.py will fail" >&2
 fi
 
 python=${PYTHON:-python3}

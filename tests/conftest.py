@@ -9,12 +9,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fds import open_fds  # found through the path set just above
 from installed import build_vmsd_wheel
+from private_peers import PRIVATE_QEMUS, Peer
 
 
 @pytest.fixture(scope="session")
 def vmsd_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """vmsd's wheel built from this checkout, once for every test that installs it."""
     return build_vmsd_wheel(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="session", params=list(PRIVATE_QEMUS))
+def private_peer(request: pytest.FixtureRequest) -> Peer:
+    """Each QEMU in a private folder (10.0, 11.1) in turn, fetched when missing: its tests are never skipped."""
+    return Peer.fetched(request.param)
 
 
 @pytest.fixture

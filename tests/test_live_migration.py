@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from listening import wait_listening
 from vmsd.cli import main
 from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import read_stream
@@ -65,15 +66,8 @@ def test_qemu_to_vmsd_incoming_to_qemu(shm: Path, tmp_path: Path, xbzrle: bool) 
             src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "xbzrle", "state": True}])
         src.qmp.cmd("cont")  # the BIOS runs and dirties pages while the migration iterates
         time.sleep(0.3)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_listening(port, alive=receiver.is_alive)
+        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         src.wait_migration(60)
         receiver.join(60)
         assert result == [0]

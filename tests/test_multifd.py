@@ -22,6 +22,8 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from listening import wait_listening
+from private_peers import Peer
 from test_migration import Dirtier, devices_of, fill, free_port, make_machine, ram_of
 from vmsd.cli import main
 from vmsd.migration.incoming import Incoming, IncomingResult
@@ -843,7 +845,7 @@ def _round_trip(start: Any, shm: Path, tmp_path: Path, channels: int, compressio
     t = threading.Thread(target=lambda: rc.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snap),
                                                         "--timeout", "30", *opts])))
     t.start()
-    time.sleep(0.3)
+    wait_listening(port, alive=t.is_alive)
     with start(_ram(shm / "src"), None) as src:
         _multifd_on(src, channels, compression)
         src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 10**10})
@@ -887,20 +889,9 @@ def test_qemu72_refuses_a_wrong_uuid(shm: Path, tmp_path: Path, capsys: pytest.C
         assert "received uuid" in dst.output() and "expected uuid" in dst.output()
 
 
-# -- QEMU 10.0 (the newest layout) as the peer ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def qemu10() -> tuple[list[str], dict[str, str]]:
-    from vmsd.testing.qemu10 import ensure_qemu10, qemu10_command
-
-    return qemu10_command(ensure_qemu10())
-
-
-def _q10(peer: tuple[list[str], dict[str, str]], args: list[str], incoming: str | None = None) -> Qemu:
-    cmd, env = peer
-    return Qemu(args, machine="pc", memory="64", incoming=incoming, binary=cmd[0], extra_args=cmd[1:], env=env)
-
-
+# -- QEMU 10.0 and 11.1 (the newest layout) as the peer ---------------------------------------------------------------
 @pytest.mark.parametrize(("channels", "compression"), [(2, "none"), (4, "zstd"), (2, "zlib")])
-def test_qemu10_to_vmsd_and_back(qemu10: tuple[list[str], dict[str, str]], shm: Path, tmp_path: Path,
-                                 channels: int, compression: str) -> None:
-    _round_trip(lambda args, incoming: _q10(qemu10, args, incoming), shm, tmp_path, channels, compression, "10.0")
+def test_private_qemu_to_vmsd_and_back(private_peer: Peer, shm: Path, tmp_path: Path,
+                                       channels: int, compression: str) -> None:
+    _round_trip(lambda args, incoming: private_peer.start(args, incoming, memory="64"), shm, tmp_path, channels,
+                compression, private_peer.version)

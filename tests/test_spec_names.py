@@ -117,6 +117,7 @@ def _field_roles(n: str) -> str:
         vmsd bits version 1 minimum 1 class Bits {{ uint32 n = 8  bitmap {n}[n] }}
         vmsd flt version 1 minimum 1 class Flt {{ float64 {n} = 1.5  bool z = true }}
         vmsd slots version 1 minimum 1 class Slots {{ struct inner? {n}[2] }}
+        vmsd fds version 1 minimum 1 class Fds {{ fd {n} }}
         """)
 
 

@@ -81,13 +81,14 @@ def render(program: Program, root: str | None = None) -> dict[tuple[str, ...], t
     return out
 
 
-def compile_specs(specs: list[Path], root: str | None = None) -> dict[Path, str]:
+def compile_specs(specs: list[Path], root: str | None = None, outside_imports: bool = False) -> dict[Path, str]:
     """Relative output paths (``pkg/mod.py``, ``pkg/__init__.py``) and their text.
 
     Each package's ``__init__`` indexes the vmsds of its modules, so that tools
-    import only the modules a stream needs.
+    import only the modules a stream needs.  ``outside_imports`` lets specs
+    import files outside their own folders.
     """
-    modules = render(load(specs), root)
+    modules = render(load(specs, outside_imports), root)
     files: dict[Path, str] = {}
     packages: dict[tuple[str, ...], dict[str, list[str]]] = {}
     for parts, (text, names) in modules.items():

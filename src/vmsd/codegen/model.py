@@ -418,6 +418,8 @@ class ModuleBuilder:
             return "int", "0", False
         if f.kind == "opaque":
             return "bytes", 'b""', False
+        if f.kind == "fd":
+            return "int", "-1", False  # -1: no descriptor, as QEMU's unset fds
         target = self.r.struct_target[id(f)]
         cls = self.class_ref(target)
         if f.kind == "struct":
@@ -711,6 +713,8 @@ class ModuleBuilder:
             return [f"{attr} = _rt.load_bitmap(r, {self.count_src(f.dims[0], ctx)})"]
         if f.kind == "opaque":
             return [f"{attr} = r.read(_rt.opaque_extent({f.info!r}, r, self))"]
+        if f.kind == "fd":
+            return [f"{attr} = r.get_fd()"]
         if KINDS[f.kind].nested:
             target = self.r.struct_target[id(f)]
             cls = self.class_ref(target)
@@ -780,6 +784,8 @@ class ModuleBuilder:
             return [f"_rt.save_bitmap(w, {value}, {self.count_src(f.dims[0], ctx)}, {f.name!r})"]
         if f.kind == "opaque":
             return [f"out += {value}"]
+        if f.kind == "fd":
+            return [f"w.put_fd({value})"]
         if KINDS[f.kind].nested:
             target = self.r.struct_target[id(f)]
             version = f.struct_version if f.struct_version is not None else target.version
@@ -828,6 +834,9 @@ class ModuleBuilder:
             flags.append("VMS_BUFFER" if isinstance(f.dims[0], ast.IntLit) else "VMS_VBUFFER")
         elif f.kind == "opaque":
             info = f.info or "opaque"
+        elif f.kind == "fd":
+            info = "fd"
+            kw["elem_size"] = "4"  # QEMU describes the int32 it holds
         elif f.kind == "unused":
             info = "unused_buffer"
             kw["elem_size"] = str(f.size)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import keyword
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 
 from vmsd.grammar.pynames import MEMBER_RESERVED, module_name_problem, python_class_name
 from vmsd.migration.stream import find_trailer
+from vmsd.runtime.outfile import OutputError, write_file
 from vmsd.runtime.scalars import BY_INFO, BY_NAME, SCALARS
 from vmsd.runtime.vmdesc import Obj
 from vmsd.tools.errors import ToolError
@@ -50,7 +52,7 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A vmsd name the grammar takes for a keyword or scalar type has to be quoted.
 _GRAMMAR_WORDS = frozenset({
     "as", "bitmap", "bytes", "class", "custom", "enum", "equal", "false", "flags", "if", "import", "info",
-    "le", "list", "map", "minimum", "needed", "opaque", "qlist", "since", "struct", "subsection", "tmp",
+    "fd", "le", "list", "map", "minimum", "needed", "opaque", "qlist", "since", "struct", "subsection", "tmp",
     "true", "unused", "validate", "version", "vmsd",
 }).union(BY_NAME)
 _TODO_EXISTS = "TODO: transcribe field_exists from the C source"
@@ -952,6 +954,8 @@ class _Decl:
             elif f.size == 0:
                 notes.append(f"GUESS: {g.total} bytes in the stream; the length may come from another field")
             return f"bytes {ident}[{g.total}]{wire}"
+        if t == "fd":
+            return f"fd {ident}{wire}"
         if t == "bitmap":
             notes.append(f"GUESS: {g.total * 8} bits fill the {g.total} bytes seen; the bit count comes from another field")
             return f"bitmap {ident}[{max(g.total * 8, 64)}]{wire}"
@@ -985,7 +989,7 @@ def _align(lines: Iterable[_Line]) -> list[str]:
     return out
 
 
-def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path) -> list[Path]:
+def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path, force: bool = False) -> list[Path]:
     """Write skeleton ``.vmsd`` specs for a QEMU ``-dump-vmstate`` file into ``out_dir``.
 
     CLI contract (``vmsd import-qemu DUMP.json [--stream FILE] -o DIR``):
@@ -995,8 +999,10 @@ def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path) -> lis
       same QEMU with its JSON trailer; its field types, array lengths and wire
       sizes replace guesses for every vmsd it contains (matched by vmsd name),
       and sections of the stream the dump lacks (``cpu``, ``timer`` ...) are
-      imported from the trailer alone.  ``-o DIR``: created if missing; the
-      files written there are overwritten, others are left alone.
+      imported from the trailer alone.  ``-o DIR``: created if missing; if a
+      file to write is there already (an earlier import, edited since, say),
+      nothing is written unless ``force`` (``--force``) replaces them; other
+      files are left alone.
     * Writes one ``<vmsd>.vmsd`` per distinct top-level layout (its doc comment
       lists the QOM types sharing it) and ``common.vmsd`` (``common_2.vmsd``
       ... when two shared layouts have the same name) for nested layouts used
@@ -1016,15 +1022,18 @@ def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path) -> lis
     files = imp.plan()
     texts = {f.stem: imp.render(f) for f in files}
     out_dir = Path(out_dir)
+    written = [out_dir / f"{f.stem}.vmsd" for f in files]
+    present = [p.name for p in written if os.path.lexists(p)]
+    if present and not force:
+        raise ImportQemuError(f"{out_dir} already has {', '.join(present)} (--force replaces them)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        written = []
-        for f in files:
-            path = out_dir / f"{f.stem}.vmsd"
-            path.write_text(texts[f.stem], encoding="utf-8")
-            written.append(path)
+        for f, path in zip(files, written, strict=True):
+            write_file(path, texts[f.stem], force=force)
     except OSError as exc:
         raise ImportQemuError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+    except OutputError as exc:
+        raise ImportQemuError(str(exc)) from None
     _self_check(written)
     return written
 

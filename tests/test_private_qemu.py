@@ -1,0 +1,229 @@
+"""QEMU 10.0 (Debian bookworm-backports) and 11.1 (Debian sid) as peers of each other and of vmsd.
+
+They live in private folders (vmsd.testing.qemu10, vmsd.testing.qemu11); the
+``private_peer`` fixture fetches one when it is missing (package registry
+only) and fails loudly when that does not work: these tests are never skipped.
+Guest RAM is a memory-backend-file under /dev/shm, so both sides' RAM can be
+compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from private_peers import Peer
+from test_migration import free_port
+from vmsd.cli import main
+from vmsd.migration.precopy import parse_settings
+from vmsd.migration.profile import peer_profile
+from vmsd.testing.qmp import Qemu, QMPError
+
+MEM = "32M"
+MEM_BYTES = 32 << 20
+PAGE = 4096
+TIMEOUT = 15.0
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    d = Path("/dev/shm") / f"vmsd-peer-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
+def _ram_args(path: Path) -> list[str]:
+    return ["-object", f"memory-backend-file,id=m,size={MEM},mem-path={path},share=on", "-machine", "memory-backend=m"]
+
+
+def _wait_status(q: Qemu, want: str, deadline: float) -> dict[str, Any]:
+    while True:
+        if q.proc.poll() is not None:
+            raise QMPError(f"QEMU exited with status {q.proc.returncode}: {q.output()}")
+        info: dict[str, Any] = q.qmp.cmd("query-migrate")
+        status = info.get("status")
+        if status == want:
+            return info
+        if status in ("failed", "cancelled"):
+            raise QMPError(f"migration {status}: {info.get('error-desc', '')} {q.output()}")
+        if time.monotonic() > deadline:
+            raise QMPError(f"no {want!r} migration status in time (last: {info}) {q.output()}")
+        time.sleep(0.02)
+
+
+def _run_bios(q: Qemu) -> None:
+    """Let SeaBIOS run briefly, so that RAM and devices hold state of a guest that ran, then pause again."""
+    q.qmp.cmd("cont")
+    time.sleep(0.3)
+    q.qmp.cmd("stop")
+
+
+def _save(peer: Peer, ram: Path, out: Path, machine: str | None = None) -> bytes:
+    """``out``: the stream ``peer`` saves with ``migrate file:`` after running the BIOS; returns its RAM."""
+    with peer.start(_ram_args(ram), machine=machine) as q:
+        _run_bios(q)
+        q.qmp.cmd("migrate", uri=f"file:{out}")
+        _wait_status(q, "completed", time.monotonic() + TIMEOUT)
+        return ram.read_bytes()
+
+
+def test_version(private_peer: Peer) -> None:
+    with private_peer.start([]) as q:
+        version = q.qmp.cmd("query-version")["qemu"]
+        assert f"{version['major']}.{version['minor']}" == private_peer.version
+        machines = {m["name"] for m in q.qmp.cmd("query-machines")}
+        assert {f"pc-i440fx-{private_peer.version}", "pc-i440fx-7.2"} <= machines
+        assert q.qmp.cmd("query-status")["status"] == "prelaunch"
+        # The profile's defaults are what this QEMU reports.
+        defaults = parse_settings(None, None, peer_profile(private_peer.version))[1]
+        assert q.qmp.cmd("query-migrate-parameters")["max-bandwidth"] == defaults["max-bandwidth"]
+
+
+@pytest.mark.parametrize("multifd", [False, True], ids=["precopy", "multifd"])
+def test_live_migration_between_two_of_them(private_peer: Peer, shm: Path, multifd: bool) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    src_ram, dst_ram = shm / "source", shm / "dest"
+    pattern = os.urandom(MEM_BYTES)
+    src_ram.write_bytes(pattern)  # memory-backend-file maps the existing file: the guest RAM starts random
+    caps = [{"capability": "multifd", "state": True}] if multifd else []
+    with private_peer.start(_ram_args(src_ram)) as src, \
+            private_peer.start(_ram_args(dst_ram), incoming="defer") as dst:
+        if multifd:
+            dst.qmp.cmd("migrate-set-capabilities", capabilities=caps)
+            dst.qmp.cmd("migrate-set-parameters", **{"multifd-channels": 2})
+        dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+        listening = dst.qmp.cmd("query-migrate")["socket-address"]
+        port = int(next(a["port"] for a in listening if a.get("type") == "inet"))
+
+        if multifd:
+            src.qmp.cmd("migrate-set-capabilities", capabilities=caps)
+        src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 30, **({"multifd-channels": 2} if multifd else {})})
+        params = src.qmp.cmd("query-migrate-parameters")
+        assert params["max-bandwidth"] == 4 << 30
+        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+
+        info = _wait_status(src, "completed", deadline)
+        _wait_status(dst, "completed", deadline)
+        assert info["ram"]["total"] >= MEM_BYTES
+        if multifd:
+            assert dst.qmp.cmd("query-migrate-parameters")["multifd-channels"] == 2
+            assert info["ram"]["multifd-bytes"] >= MEM_BYTES // 2  # the pages went over the multifd channels
+        else:
+            assert info["ram"].get("multifd-bytes", 0) == 0
+        # Neither side runs now (-S; the destination does not autostart): the RAM files are stable.
+        assert src.qmp.cmd("query-status")["running"] is False
+        assert dst.qmp.cmd("query-status")["running"] is False
+        source = src_ram.read_bytes()
+        dest = dst_ram.read_bytes()
+    assert len(dest) == MEM_BYTES
+    assert dest == source
+    # Nothing ran in the guest: the high half of RAM is still the random pattern, so it really was copied.
+    half = MEM_BYTES // 2
+    assert source[half:] == pattern[half:]
+
+
+@pytest.mark.parametrize("machine", ["pc", "q35"])
+def test_vmsd_inspects_a_saved_stream(private_peer: Peer, shm: Path, tmp_path: Path, machine: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Every section of the stream is decoded, by a spec or (a layout the 7.2 specs do not match) by the trailer."""
+    saved = tmp_path / "saved.mig"
+    _save(private_peer, shm / "ram", saved, machine)
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(saved)]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    stream = json.loads(out)
+    raw = saved.read_bytes()
+    at = stream["trailer"]["offset"] + 5  # the VMDESCRIPTION command byte and the be32 size come first
+    trailer = json.loads(raw[at:at + stream["trailer"]["size"]])
+    # --json gives byte strings in hex.
+    assert bytes.fromhex(stream["configuration"]["name"]).decode() == f"pc-{'i440fx' if machine == 'pc' else 'q35'}-{private_peer.version}"
+    devices = [r for r in stream["records"] if r["type"] == "FULL"]
+    described = {(d["name"], d["instance_id"]) for d in trailer["devices"]}
+    assert {(r["idstr"], r["instance_id"]) for r in devices} == described
+    assert all(r["decoded_by"] in ("spec", "trailer") for r in devices)
+    # Every page of every RAM block is in the stream once (the guest was paused), as a zero or a normal page.
+    ram = [r["ram"] for r in stream["records"] if r.get("idstr") == "ram"]
+    blocks = next(r["blocks"] for r in ram if "blocks" in r)
+    assert blocks["m"] == MEM_BYTES
+    pages = [n for r in ram for per_block in r.get("pages", {}).values() for n in per_block.values()]
+    assert sum(pages) == sum(blocks.values()) // PAGE
+
+
+@pytest.mark.parametrize("return_path", [False, True], ids=["plain", "return-path"])
+def test_live_migration_to_vmsd_incoming_and_back(private_peer: Peer, shm: Path, tmp_path: Path,
+                                                  return_path: bool) -> None:
+    """QEMU (its guest running) -> ``vmsd incoming`` -> snapshot -> the same QEMU version loads it: same RAM."""
+    _to_vmsd_and_back(private_peer, private_peer.machine, shm, tmp_path, return_path)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18: no spec for 11.1's piix4_pm/cpuhp subsection, and a live "
+                                       "stream has no trailer to decode it from (vmsd incoming stops, naming it)")
+def test_qemu11_with_acpi_to_vmsd_incoming(shm: Path, tmp_path: Path) -> None:
+    _to_vmsd_and_back(Peer.fetched("11.1"), "pc", shm, tmp_path)
+
+
+def _to_vmsd_and_back(peer: Peer, machine: str, shm: Path, tmp_path: Path, return_path: bool = False) -> None:
+    snapshot = tmp_path / "snap.mig"
+    vmsd_caps = ["--capability", "return-path=on"] if return_path else []
+    port = free_port()
+    result: list[int] = []
+    receiver = threading.Thread(target=lambda: result.append(main(
+        ["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snapshot), "--timeout", "30",
+         "--peer-version", peer.version, *vmsd_caps])))
+    receiver.start()
+    try:
+        with peer.start(_ram_args(shm / "source"), machine=machine) as src:
+            if return_path:
+                src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+            src.qmp.cmd("cont")  # SeaBIOS runs and dirties pages while the migration iterates
+            time.sleep(0.3)
+            deadline = time.monotonic() + TIMEOUT
+            while True:  # until vmsd listens
+                try:
+                    src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+                    break
+                except QMPError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            _wait_status(src, "completed", time.monotonic() + TIMEOUT)
+            source = (shm / "source").read_bytes()  # paused after completion: stable
+    finally:
+        receiver.join(60)
+    assert result == [0]
+    with peer.start(_ram_args(shm / "dest"), incoming="defer", machine=machine) as dst:
+        dst.qmp.cmd("migrate-incoming", uri=f"file:{snapshot}")
+        _wait_status(dst, "completed", time.monotonic() + TIMEOUT)
+        assert (shm / "dest").read_bytes() == source
+
+
+@pytest.mark.parametrize("return_path", [False, True], ids=["plain", "return-path"])
+def test_vmsd_outgoing_to_it(private_peer: Peer, shm: Path, tmp_path: Path, return_path: bool) -> None:
+    """A stream the QEMU saved goes live from ``vmsd outgoing`` into the same QEMU version: same RAM."""
+    saved = tmp_path / "saved.mig"
+    source = _save(private_peer, shm / "source", saved)
+    port = free_port()
+    with private_peer.start(_ram_args(shm / "dest"), incoming="defer") as dst:
+        caps: list[str] = []
+        if return_path:
+            dst.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+            caps = ["--capability", "return-path=on"]
+        dst.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        assert main(["outgoing", str(saved), f"tcp:127.0.0.1:{port}", "--peer-version", private_peer.version,
+                     *caps]) == 0
+        _wait_status(dst, "completed", time.monotonic() + TIMEOUT)
+        assert (shm / "dest").read_bytes() == source
