@@ -12,6 +12,7 @@ import ast as pyast
 import functools
 import math
 import threading
+import warnings
 from collections.abc import Iterator
 from importlib import resources
 from typing import Any, TypeVar
@@ -122,8 +123,27 @@ def _float(tok: Token) -> float:
     return value
 
 
+class _BadString(Exception):
+    """A quoted string whose escapes Python cannot decode, at a line and column of the text."""
+
+    def __init__(self, tok: Token, message: str) -> None:
+        super().__init__(message)
+        self.line = tok.line or 1
+        self.col = tok.column or 1
+        self.message = message
+
+
 def _string(tok: Token) -> str:
-    value = pyast.literal_eval(str(tok))
+    text = str(tok)
+    if "\0" in text:
+        raise _BadString(tok, "a NUL character in a string; write \\x00")
+    try:
+        # An unknown escape such as \q is a warning in Python; here it is an error on every version.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            value = pyast.literal_eval(text)
+    except SyntaxError as exc:
+        raise _BadString(tok, f"cannot read this string: {str(exc.msg).removeprefix('(unicode error) ')}") from None
     assert isinstance(value, str)
     return value
 
@@ -171,18 +191,18 @@ class _ToAst(Transformer[Token, Any]):
         name = next(t for t in items if isinstance(t, Token) and t.type == "NAME")
         return ast.EnumMember(str(name), items[-1], self._pos(name), "\n".join(docs) or None)
 
-    def class_clause(self, items: list[Token]) -> str:
-        return str(items[0])
+    def class_clause(self, items: list[Token]) -> _ClassClause:
+        return _ClassClause(str(items[0]), self._pos(items[0]))
 
     def vmsd_decl(self, items: list[Any]) -> ast.Vmsd:
         name_tok, version, minimum, *rest = items
-        class_name = rest[0] if rest and isinstance(rest[0], str) and not isinstance(rest[0], Token) else None
-        members = _attach_docs(rest[1:] if class_name is not None else rest)
+        clause = rest[0] if rest and isinstance(rest[0], _ClassClause) else None
+        members = _attach_docs(rest[1:] if clause is not None else rest)
         fields = tuple(m for m in members if isinstance(m, ast.Field))
         subs = tuple(m for m in members if isinstance(m, ast.Subsection))
         return ast.Vmsd(
-            _name(name_tok), _int(version), _int(minimum), class_name, fields, subs,
-            self._pos(name_tok), self._pos(version), self._pos(minimum),
+            _name(name_tok), _int(version), _int(minimum), clause.name if clause else None, fields, subs,
+            self._pos(name_tok), self._pos(version), self._pos(minimum), class_pos=clause.pos if clause else None,
         )
 
     def subsection(self, items: list[Any]) -> ast.Subsection:
@@ -361,6 +381,12 @@ class _Clause:
         self.values = values
 
 
+@attrs.frozen
+class _ClassClause:
+    name: str
+    pos: ast.Pos
+
+
 class _Needed:
     def __init__(self, cond: ast.Condition) -> None:
         self.cond = cond
@@ -399,7 +425,7 @@ def parse(source: str, path: str) -> ast.SpecFile:
             items: list[Any] = parser.parse(source)  # type: ignore[assignment]
         except lark.exceptions.UnexpectedInput as exc:
             raise SpecError([_syntax_diagnostic(exc, path, source)], {path: source}) from None
-        except _Limit as exc:
+        except (_Limit, _BadString) as exc:
             raise SpecError([Diagnostic(ast.Pos(path, exc.line, exc.col), exc.message)], {path: source}) from None
         finally:
             builder.reset("<none>")

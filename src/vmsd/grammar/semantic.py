@@ -7,8 +7,6 @@ here once; the code generator only reads the answers.
 
 from __future__ import annotations
 
-import keyword
-import re
 from collections.abc import Callable, Iterator
 
 import attrs
@@ -17,29 +15,15 @@ from vmsd.grammar import ast
 from vmsd.grammar.diagnostics import Diagnostic, SpecError
 from vmsd.grammar.limits import MAX_STRUCT_DEPTH, MAX_UNUSED_BYTES
 from vmsd.grammar.loader import Program
+from vmsd.grammar.pynames import (
+    enum_member_problem,
+    member_name_problem,
+    module_name_problem,
+    python_attr_name,
+    python_class_name,
+)
 from vmsd.runtime.kinds import KINDS
 from vmsd.runtime.scalars import BY_NAME
-
-# Names the generated classes use themselves.
-RESERVED = frozenset(
-    {
-        "load", "load_into", "save", "to_bytes", "from_bytes", "pre_load", "post_load",
-        "pre_save", "post_save", "vmdesc", "VMSD", "VMSD_NAME", "VERSION_ID",
-        "MINIMUM_VERSION_ID", "version_id", "version",
-        # names the class body itself uses in defaults (a field would shadow them)
-        "attrs", "bytes", "list",
-    }
-)
-
-
-def python_class_name(vmsd_name: str) -> str:
-    parts = [p for p in re.split(r"[^A-Za-z0-9]+", vmsd_name) if p]
-    name = "".join(p[0].upper() + p[1:] for p in parts) or "Vmsd"
-    return "V" + name if name[0].isdigit() else name
-
-
-def python_attr_name(name: str) -> str:
-    return name + "_" if keyword.iskeyword(name) or keyword.issoftkeyword(name) else name
 
 
 @attrs.frozen
@@ -49,6 +33,7 @@ class Attr:
     field: ast.Field
     index: int  # position in stream order within the whole class
     in_subsection: bool
+    py: str  # the Python attribute (see vmsd.grammar.pynames)
 
 
 @attrs.define
@@ -61,6 +46,13 @@ class Resolved:
     enum_target: dict[int, ast.Enum] = attrs.Factory(dict)  # id(field) -> enum
     enum_file: dict[int, str] = attrs.Factory(dict)
     attrs_of: dict[int, dict[str, Attr]] = attrs.Factory(dict)  # id(vmsd) -> attributes by name
+    py_names: dict[int, str] = attrs.Factory(dict)  # id(field) -> its Python attribute
+    # per file: the class and enum names of the file and of the files it imports
+    module_names: dict[str, frozenset[str]] = attrs.Factory(dict)
+
+    def attr(self, f: ast.Field) -> str:
+        """The Python attribute of a named field."""
+        return self.py_names[id(f)]
 
     def vmsd_of_struct(self, f: ast.Field) -> ast.Vmsd:
         return self.struct_target[id(f)]
@@ -178,6 +170,14 @@ class _Checker:
 
     # -- entry ---------------------------------------------------------------
     def run(self) -> Resolved:
+        for path, spec in self.p.files.items():
+            for v in spec.vmsds:
+                self.r.class_names[id(v)] = v.class_name or python_class_name(v.name)
+                self.r.vmsd_file[id(v)] = path
+        own = {path: frozenset([*(e.name for e in spec.enums), *(self.r.class_names[id(v)] for v in spec.vmsds)])
+               for path, spec in self.p.files.items()}
+        for path in self.p.files:
+            self.r.module_names[path] = frozenset().union(*(own[f] for f in self.visible_files(path)))
         # Names are unique per file (one generated module); files that do not
         # import each other may reuse them (e.g. specs for two QEMU versions).
         for path, spec in self.p.files.items():
@@ -185,14 +185,14 @@ class _Checker:
             seen_class: dict[str, ast.Vmsd] = {}
             names: dict[str, ast.Pos] = {}
             for e in spec.enums:
-                self.check_enum(e)
+                self.check_enum(e, self.r.module_names[path])
                 if e.name in names:
                     self.error(e.pos, f"duplicate declaration '{e.name}'")
+                elif (why := module_name_problem(e.name)) is not None:
+                    self.error(e.pos, f"enum name '{e.name}' cannot be used ({why}); rename the enum")
                 names[e.name] = e.pos
             for v in spec.vmsds:
-                cname = v.class_name or python_class_name(v.name)
-                self.r.class_names[id(v)] = cname
-                self.r.vmsd_file[id(v)] = path
+                cname = self.r.class_names[id(v)]
                 # One mistake, one message: a duplicate name also clashes as a class.
                 if v.name in seen_vmsd:
                     other = seen_vmsd[v.name].pos
@@ -200,23 +200,47 @@ class _Checker:
                 elif cname in seen_class:
                     self.error(v.pos, f"vmsd '{v.name}' would generate class '{cname}', already used by vmsd '{seen_class[cname].name}'; pick another with 'class'")
                 elif cname in names:
-                    self.error(v.pos, f"duplicate declaration '{cname}'")
+                    self.error(v.class_pos or v.pos, f"duplicate declaration '{cname}'")
+                elif (why := module_name_problem(cname)) is not None:
+                    if v.class_pos is not None:
+                        self.error(v.class_pos, f"class name '{cname}' cannot be used ({why}); pick another")
+                    else:
+                        self.error(v.pos, f"vmsd '{v.name}' would generate class '{cname}' ({why}); pick another with 'class'")
                 seen_vmsd.setdefault(v.name, v)
                 seen_class.setdefault(cname, v)
                 names.setdefault(cname, v.pos)
         for path, spec in self.p.files.items():
             for v in spec.vmsds:
-                self.collect_attrs(v)
+                self.collect_attrs(path, v)
                 for f, _ in walk_fields(v.fields, v.subsections):
                     if KINDS[f.kind].nested:
                         self.check_struct_ref(path, f)
         for path, spec in self.p.files.items():
             for v in spec.vmsds:
                 self.check_vmsd(path, v)
+            self.check_imported_names(path, spec, own[path])
         self.check_struct_cycles()
         return self.r
 
-    def check_enum(self, e: ast.Enum) -> None:
+    def check_imported_names(self, path: str, spec: ast.SpecFile, own: frozenset[str]) -> None:
+        """A class or enum of another file that this file's module imports must not meet one of its own
+        names, or another imported one of that name, in the module's namespace."""
+        imported: dict[str, str] = {}
+        for v in spec.vmsds:
+            for f, _ in walk_fields(v.fields, v.subsections):
+                used = [(self.r.class_names[id(t)], self.r.vmsd_file[id(t)], f"struct '{t.name}'")
+                        for t in (self.r.struct_target.get(id(f)), self.r.key_target.get(id(f))) if t is not None]
+                if id(f) in self.r.enum_target:
+                    used.append((self.r.enum_target[id(f)].name, self.r.enum_file[id(f)], f"enum '{f.enum}'"))
+                for name, home, what in used:
+                    if home == path:
+                        continue
+                    if name in own:
+                        self.error(f.pos, f"{what} comes from {home} as '{name}', a name this file declares too; rename one of them")
+                    elif imported.setdefault(name, home) != home:
+                        self.error(f.pos, f"{what} comes from {home} as '{name}', and another '{name}' from {imported[name]}; rename one of them")
+
+    def check_enum(self, e: ast.Enum, module_names: frozenset[str]) -> None:
         base = BY_NAME[e.base]
         if not base.integer:
             self.error(e.pos, f"enum '{e.name}' must have an integer base type, not '{e.base}'")
@@ -227,12 +251,15 @@ class _Checker:
         for m in e.members:
             if m.name in seen:
                 self.error(m.pos, f"duplicate member '{m.name}' in enum '{e.name}'")
+            elif (why := enum_member_problem(m.name, module_names)) is not None:
+                self.error(m.pos, f"enum member '{m.name}' cannot be used ({why}); rename it")
             seen.add(m.name)
             if not lo <= m.value <= hi:
                 self.error(m.pos, f"value {m.value} of '{e.name}.{m.name}' is out of range for {e.base} ({lo}..{hi})")
 
-    def collect_attrs(self, v: ast.Vmsd) -> None:
+    def collect_attrs(self, path: str, v: ast.Vmsd) -> None:
         attrs_by_name: dict[str, Attr] = {}
+        by_attr: dict[str, ast.Field] = {}
         order = 0
         for f, in_sub in walk_fields(v.fields, v.subsections):
             if f.name is not None:
@@ -240,11 +267,20 @@ class _Checker:
                     first = attrs_by_name[f.name].field.pos
                     self.error(f.pos, f"duplicate field '{f.name}' in vmsd '{v.name}' (first at line {first.line})")
                     continue
-                if f.name in RESERVED:
-                    self.error(f.pos, f"field name '{f.name}' is reserved by the generated class; keep the QEMU name with 'as \"{f.name}\"' and rename the field")
-                elif f.name.startswith("_"):
+                py = python_attr_name(f.name, self.r.module_names[path])
+                if f.name.startswith("_"):
                     self.error(f.pos, f"field name '{f.name}' must not start with '_'")
-                attrs_by_name[f.name] = Attr(f, order, in_sub)
+                elif py in by_attr:
+                    other = by_attr[py]
+                    if py != f.name:
+                        self.error(f.pos, f"field '{f.name}' would be the Python attribute '{py}' (Python or the generated code uses "
+                                          f"'{f.name}'), which field '{other.name}' (line {other.pos.line}) is; rename one of them")
+                    else:
+                        self.error(f.pos, f"field '{f.name}' is the Python attribute that field '{other.name}' (line {other.pos.line}) "
+                                          f"becomes (Python or the generated code uses '{other.name}'); rename one of them")
+                by_attr.setdefault(py, f)
+                attrs_by_name[f.name] = Attr(f, order, in_sub, py)
+                self.r.py_names[id(f)] = py
             order += 1
         self.r.attrs_of[id(v)] = attrs_by_name
 
@@ -253,11 +289,13 @@ class _Checker:
             self.error(v.version_pos, f"version {v.version} is out of range (0..2147483647)")
         if v.minimum > v.version:
             self.error(v.minimum_pos, f"minimum version {v.minimum} is above version {v.version}")
-        attrs_by_name = self.r.attrs_of[id(v)]
+        py_attrs = {a.py for a in self.r.attrs_of[id(v)].values()}
         customs = self.custom_methods(v)
         for name, pos in customs.items():
-            if name in attrs_by_name or name in RESERVED:
+            if name in py_attrs:
                 self.error(pos, f"custom predicate '{name}' clashes with a field or generated name")
+            elif (why := member_name_problem(name, self.r.module_names[path])) is not None:
+                self.error(pos, f"custom predicate '{name}' cannot be used ({why}); rename it")
         earlier = _Loaded()
         self.check_fields(path, v, v.fields, earlier, v.version)
         seen_subs: dict[str, ast.Pos] = {}

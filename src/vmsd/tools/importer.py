@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmsd.grammar.semantic import RESERVED, python_class_name
+from vmsd.grammar.pynames import MEMBER_RESERVED, module_name_problem, python_class_name
 from vmsd.migration.stream import find_trailer
 from vmsd.runtime.outfile import OutputError, write_file
 from vmsd.runtime.scalars import BY_INFO, BY_NAME, SCALARS
@@ -46,13 +46,8 @@ class ImportQemuError(ToolError):
 _GUESS_BY_SIZE = {s.size: s.name for s in SCALARS if s.integer and not s.signed}
 _NULL_TYPES = frozenset({"nullptr", "ptr-marker"})
 
-# Identifiers a field must not take: the generated class's own names, and
-# names its class body uses (an attribute would shadow them).
-_AVOID_ATTRS = frozenset(RESERVED) | {
-    "attrs", "ClassVar", "abc", "enum", "struct", "bytes", "list", "int", "bool", "float",
-    "dict", "tuple", "str", "object", "super", "property", "staticmethod", "classmethod",
-}
-_AVOID_CLASSES = frozenset({"Reader", "Writer", "ClassVar", "None", "True", "False", "VMStateObject"})
+# Identifiers a field does not take: the compiler would give it a trailing underscore (pynames).
+_AVOID_ATTRS = MEMBER_RESERVED
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A vmsd name the grammar takes for a keyword or scalar type has to be quoted.
 _GRAMMAR_WORDS = frozenset({
@@ -666,7 +661,7 @@ class _Importer:
     # -- class names and struct references ---------------------------------------------------
     def _name_classes(self, files: list[_File]) -> None:
         vmsd_names = {d.name for f in files for d in f.decls}
-        taken: set[str] = set(_AVOID_CLASSES)
+        taken: set[str] = set()
         self.cls: dict[int, str] = {}
         self.explicit: set[int] = set()
         for f in files:
@@ -675,7 +670,7 @@ class _Importer:
                 if keyword.iskeyword(base):
                     base += "_"
                 cname, n = base, 2
-                while cname in taken or cname.lower() in {t.lower() for t in taken}:
+                while cname in taken or cname.lower() in {t.lower() for t in taken} or module_name_problem(cname):
                     cname, n = f"{base}{n}", n + 1
                 taken.add(cname)
                 self.cls[id(d)] = cname
@@ -724,7 +719,7 @@ class _Importer:
     def _rename_class(self, d: _Desc) -> None:
         base = python_class_name(d.name) + "Vmsd"
         cname, n = base, 2
-        while cname in self.taken_classes or cname in self.vmsd_names:
+        while cname in self.taken_classes or cname in self.vmsd_names or module_name_problem(cname):
             cname, n = f"{base}{n}", n + 1
         self.taken_classes.add(cname)
         self.cls[id(d)] = cname
