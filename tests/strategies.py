@@ -123,6 +123,8 @@ def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.Se
             n = max(getattr(obj, f.count_attr), 0) * f.multiply
             return exact_bytes(n)
         return exact_bytes(f.elem_size)
+    if f.kind == "fd":
+        return st.integers(-(1 << 31), (1 << 31) - 1)  # without a descriptor channel: be32 numbers
     if f.kind == "bitmap":
         nbits = f.dims[0] if f.dims else max(getattr(obj, f.count_attr or ""), 0) * f.multiply
         return st.integers(0, (1 << ((nbits + 63) // 64 * 64)) - 1)

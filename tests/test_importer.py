@@ -141,7 +141,7 @@ def desc(name: str, version: int, minimum: int, fields: list[dict[str, Any]] | N
 
 
 BASE = desc("toybase", 2, 1, [
-    fld("version_id", 4),
+    fld("save", 4),
     fld("config", 256, exists=True),
     fld("config", 4096, exists=True),
     fld("irq_state", 16, version=2),
@@ -205,7 +205,7 @@ def test_handwritten_dump_layout(toy_files: dict[str, str]) -> None:
 
 def test_handwritten_dump_fields(toy_files: dict[str, str]) -> None:
     common, toy = toy_files["common.vmsd"], toy_files["toy.vmsd"]
-    assert line_of(common, r"version_id") == 'uint32 version_id_field as "version_id"  # GUESS: C size 4 -> uint32 (no trailer)'
+    assert line_of(common, r"save") == 'uint32 save_field as "save"  # GUESS: C size 4 -> uint32 (no trailer)'
     assert line_of(common, r"config\[256\]").startswith("bytes config[256] if custom(config_exists)")
     assert line_of(common, r"config_2").startswith('bytes config_2[4096] as "config" if custom(config_2_exists)')
     assert "since 2" in line_of(common, "irq_state")
@@ -291,7 +291,7 @@ def bus_fields(with_t: bool) -> list[dict[str, Any]]:
 
 def toy_trailer() -> dict[str, Any]:
     base = {"vmsd_name": "toybase", "version": 2, "fields": [
-        entry("version_id", "int32 le", 4), entry("config[0]", "pci config", 256), entry("irq_state", "pci irq state", 16)]}
+        entry("save", "int32 le", 4), entry("config[0]", "pci config", 256), entry("irq_state", "pci irq state", 16)]}
     return {"page_size": 4096, "devices": [
         {"name": "toy", "instance_id": 0, "vmsd_name": "toy", "version": 3, "fields": [
             entry("parent_obj", "struct", 276, struct=base),
@@ -320,7 +320,7 @@ def test_trailer_types(tmp_path: Path) -> None:
     files = {p.name: p.read_text() for p in paths}
     common, toy, bus = files["common.vmsd"], files["toy.vmsd"], files["bus.vmsd"]
     assert "and the JSON trailer of the migration stream toy.mig" in toy
-    assert line_of(common, "version_id") == 'int32 version_id_field as "version_id" le'
+    assert line_of(common, "save") == 'int32 save_field as "save" le'
     assert line_of(common, r"config\[256\]").startswith('bytes config[256] info "pci config" if custom(config_exists)')
     assert "GUESS" in line_of(common, "config_2")  # not sent: still a guess
     assert line_of(common, "irq_state") == 'bytes irq_state[16] info "pci irq state" since 2'
@@ -471,7 +471,7 @@ def test_pc_stream_types(pc_dump: Path, pc_stream: Path, tmp_path: Path) -> None
     # QEMU's "int32 equal", "uint8 equal", "int32 le" become checks.
     assert line_of(texts["pcibus.vmsd"], "nirq") == "int32 nirq equal"
     assert line_of(texts["common.vmsd"], "num_floppies") == "uint8 num_floppies equal"
-    assert line_of(texts["common.vmsd"], r'as "version_id"') == 'int32 version_id_field as "version_id" le'
+    assert line_of(texts["common.vmsd"], r'int32 version_id') == 'int32 version_id le'
     assert line_of(texts["timer.vmsd"], "unused") == "unused 8"
     assert line_of(texts["cpu.vmsd"], "env_regs") == 'uint64 env_regs[16] as "env.regs"'
     # Sections the dump lacks are rebuilt from the trailer.

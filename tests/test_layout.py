@@ -18,7 +18,8 @@ PACKAGE = SRC / "vmsd"
 # What each layer may import from the package (besides itself and the layers it lists).
 ALLOWED: dict[str, tuple[str, ...]] = {
     "vmsd.runtime": (),
-    "vmsd.migration": ("vmsd.runtime",),
+    # The CPR state's layout is a shipped spec: the engine reads and writes it with the generated classes.
+    "vmsd.migration": ("vmsd.runtime", "vmsd.generated"),
     "vmsd.generated": ("vmsd.runtime",),
     # The language's tables live in the runtime, where generated code and the interpretive decoder read them.
     "vmsd.grammar": ("vmsd.runtime.kinds", "vmsd.runtime.scalars"),

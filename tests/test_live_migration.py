@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_migration import wait_listening
+from listening import wait_listening
 from vmsd.cli import main
 from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import read_stream
@@ -46,14 +46,12 @@ def _free_port() -> int:
 
 
 def _vmsd_incoming(port: int, snapshot: Path) -> tuple[threading.Thread, list[int]]:
-    """`vmsd incoming` on ``port`` writing ``snapshot``, in a thread, listening when this returns; its exit
-    status lands in the list."""
+    """`vmsd incoming` on ``port`` writing ``snapshot``, in a thread; its exit status lands in the list."""
     result: list[int] = []
     receiver = threading.Thread(
         target=lambda: result.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snapshot), "--timeout", "30"]))
     )
     receiver.start()
-    wait_listening(port)
     return receiver, result
 
 
@@ -68,7 +66,8 @@ def test_qemu_to_vmsd_incoming_to_qemu(shm: Path, tmp_path: Path, xbzrle: bool) 
             src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "xbzrle", "state": True}])
         src.qmp.cmd("cont")  # the BIOS runs and dirties pages while the migration iterates
         time.sleep(0.3)
-        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")  # vmsd listens already
+        wait_listening(port, alive=receiver.is_alive)
+        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         src.wait_migration(60)
         receiver.join(60)
         assert result == [0]

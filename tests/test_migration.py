@@ -70,20 +70,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_listening(port: int, timeout: float = 30.0) -> None:
-    """Until something listens on 127.0.0.1:``port`` (read from /proc/net/tcp: a probing connection would be
-    taken for the peer's).  QEMU's ``migrate`` to a port nobody listens on yet fails later, not at once."""
-    local = f"0100007F:{port:04X}"
-    deadline = time.monotonic() + timeout
-    while True:
-        with open("/proc/net/tcp") as f:
-            if any(fields[1] == local and fields[3] == "0A" for fields in (line.split() for line in f)):
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-        time.sleep(0.01)
-
-
 class Receiver:
     """An Incoming in a thread, listening before the constructor returns (a source may connect at once)."""
 

@@ -22,8 +22,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from listening import wait_listening
 from private_peers import Peer
-from test_migration import Dirtier, devices_of, fill, free_port, make_machine, ram_of, wait_listening
+from test_migration import Dirtier, devices_of, fill, free_port, make_machine, ram_of
 from vmsd.cli import main
 from vmsd.migration.incoming import Incoming, IncomingResult
 from vmsd.migration.machine import Machine
@@ -844,7 +845,7 @@ def _round_trip(start: Any, shm: Path, tmp_path: Path, channels: int, compressio
     t = threading.Thread(target=lambda: rc.append(main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snap),
                                                         "--timeout", "30", *opts])))
     t.start()
-    wait_listening(port)
+    wait_listening(port, alive=t.is_alive)
     with start(_ram(shm / "src"), None) as src:
         _multifd_on(src, channels, compression)
         src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 10**10})

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
+from listening import wait_listening
 from private_peers import PRIVATE_QEMUS, Peer
-from test_migration import free_port, wait_listening
+from test_migration import free_port
 from vmsd.cli import main
 from vmsd.migration.precopy import parse_settings
 from vmsd.migration.profile import peer_profile
@@ -96,7 +97,7 @@ def _vmsd_incoming(peer: Peer, snapshot: Path, *options: str) -> Iterator[str]:
          "--peer-version", peer.version, *options])))
     receiver.start()
     try:
-        wait_listening(port, TIMEOUT)
+        wait_listening(port, TIMEOUT, alive=receiver.is_alive)
         yield f"tcp:127.0.0.1:{port}"
     finally:
         receiver.join(60)

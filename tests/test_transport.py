@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -295,13 +296,14 @@ def test_closed_channel_refuses_io() -> None:
 
 def test_file_both_directions(tmp_path: Path) -> None:
     path = tmp_path / "state.mig"
-    partial = tmp_path / "state.mig.partial"
     ch = open_outgoing(f"file:{path}")
     ch.write(PAYLOAD[:1000])
-    assert partial.exists() and not path.exists()
+    [partial] = tmp_path.iterdir()  # a temporary name beside it until complete
+    assert partial.name.startswith(".state.mig.") and not path.exists()
+    assert stat.S_IMODE(partial.stat().st_mode) == 0o600  # it holds guest RAM
     ch.writev([memoryview(PAYLOAD)[1000:5000], PAYLOAD[5000:]])
     ch.close()
-    assert path.read_bytes() == PAYLOAD and not partial.exists()
+    assert path.read_bytes() == PAYLOAD and os.listdir(tmp_path) == ["state.mig"]
     assert recv_all(open_incoming(f"file:{path}")) == PAYLOAD
 
 
@@ -312,7 +314,7 @@ def test_file_replaces_only_on_success(tmp_path: Path) -> None:
         ch.write(PAYLOAD)
         raise RuntimeError("producer failed")
     assert path.read_bytes() == b"old complete stream"
-    assert not (tmp_path / "state.mig.partial").exists()
+    assert os.listdir(tmp_path) == ["state.mig"]
     ch = open_outgoing(f"file:{path}")
     ch.write(b"abc")
     ch.abort()
@@ -349,7 +351,7 @@ def test_file_dev_full_is_enospc() -> None:
         ch.write(PAYLOAD)
     assert info.value.errno == errno.ENOSPC
     assert "file:/dev/full" in str(info.value)
-    assert not os.path.exists("/dev/full.partial")
+    assert not [n for n in os.listdir("/dev") if n.startswith(".full.")]
 
 
 @pytest.mark.parametrize("call", ["write", "writev"])

@@ -10,6 +10,7 @@ temporary directory, loaded with ctypes.
 from __future__ import annotations
 
 import ctypes
+import os
 import random
 import re
 import shutil
@@ -25,7 +26,10 @@ from vmsd.migration.ram import xbzrle as xb
 from vmsd.migration.ram.xbzrle import XbzrleCache, decode, decode_into, encode
 from vmsd.runtime.errors import MalformedStream
 
-QEMU_SRC = Path("/work/qemu-src/qemu-7.2+dfsg")
+# QEMU 7.2's migration/xbzrle.c and util/cutils.c, fetched by scripts/fetch-qemu72-src.sh
+# (scripts/setup.sh runs it; the fixture below runs it again when they are missing).
+QEMU_SRC = Path(os.environ.get("VMSD_QEMU72_SRC", Path.home() / ".cache" / "vmsd" / "qemu-7.2-src"))
+FETCH_SRC = Path(__file__).resolve().parent.parent / "scripts" / "fetch-qemu72-src.sh"
 PAGE = 4096
 
 
@@ -319,7 +323,9 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Ref]:
     xbzrle_c = QEMU_SRC / "migration" / "xbzrle.c"
     cutils_c = QEMU_SRC / "util" / "cutils.c"
     if not xbzrle_c.exists() or not cutils_c.exists():
-        pytest.skip(f"QEMU 7.2 source not unpacked at {QEMU_SRC}; differential test against C needs it")
+        fetch = subprocess.run(["bash", str(FETCH_SRC)], capture_output=True, text=True, check=False, timeout=900)
+        if fetch.returncode != 0:
+            pytest.fail(f"{FETCH_SRC.name} could not fetch QEMU 7.2's sources into {QEMU_SRC}:\n{fetch.stderr}")
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler (gcc/cc) to build the QEMU reference")

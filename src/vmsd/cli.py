@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from vmsd.migration.profile import NEWEST, PROFILES, peer_profile
 from vmsd.runtime.errors import VMSDError
+from vmsd.runtime.outfile import OutputExists
 from vmsd.tools.errors import ToolError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+# A shell's status for a process ended by SIGINT / SIGTERM (128 + the signal's number).
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 # What `pip install 'vmsd[compiler]'` adds.  Without them the runtime, the
 # stream tools and the live demo work; anything that parses or compiles specs
 # stops with one line naming the extra (see main).
@@ -29,6 +37,7 @@ def _repo_root() -> Path | None:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from vmsd.codegen.compiler import compile_specs
     from vmsd.codegen.package import ensure_marker, marker_path
+    from vmsd.runtime.outfile import write_file
 
     if args.specs:
         specs = [Path(s) for s in args.specs]
@@ -45,7 +54,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         specs = sorted((repo / "specs").rglob("*.vmsd"))
         out_dir = Path(args.output) if args.output else repo / "src" / "vmsd" / "generated"
         root = str(repo / "specs")
-    files = compile_specs(specs, root)
+    files = compile_specs(specs, root, outside_imports=args.allow_outside_imports)
     stale = []
     for rel, text in sorted(files.items()):
         target = out_dir / rel
@@ -54,10 +63,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             continue
         stale.append(target)
         if not args.check:
+            # Generated modules are regenerated, never edited: replacing them is what compile is for.
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".py.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(target)
+            write_file(target, text, force=True)
     # Output inside a package makes it typed for consumers: the marker goes to its top-level package (PEP 561).
     if args.check:
         for target in stale:
@@ -94,14 +102,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from vmsd.grammar.loader import load
     from vmsd.grammar.semantic import check
 
-    check(load([Path(s) for s in args.specs]))
+    check(load([Path(s) for s in args.specs], outside_imports=args.allow_outside_imports))
     print(f"{len(args.specs)} spec(s) ok")
     return EXIT_OK
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    import json
-
     from vmsd.migration.stream import read_stream
     from vmsd.tools import streams
 
@@ -109,26 +115,26 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         # One compact document: json's C encoder only serves the unindented
         # form, several times faster on a stream's megabytes of device state.
-        sys.stdout.write(json.dumps(streams.stream_json(stream), separators=(",", ":")))
+        streams.write_json(stream, sys.stdout)
         sys.stdout.write("\n")
     else:
-        print(streams.stream_tree(stream))
+        for line in streams.tree_lines(stream):
+            print(line)
     return EXIT_OK
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
+    from vmsd.runtime.outfile import OutputFile
     from vmsd.tools import streams
 
-    data = streams.rewrite(streams.read_input(args.stream), streams.load_specs(args.specs), args.set or [])
-    out = Path(args.output)
-    # Write beside the target and rename, so a failed rewrite never leaves a partial file.
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ToolError(f"cannot write {out}: {e.strerror}") from None
+    # The output is checked before the work; a stream holds guest RAM (0600).
+    with OutputFile(args.output, force=args.force, private=True, stdout=True) as out:
+        data = streams.rewrite(streams.read_input(args.stream), streams.load_specs(args.specs), args.set or [])
+        try:
+            out.file.write(data)
+        except OSError as e:
+            raise ToolError(f"cannot write {args.output}: {e.strerror}") from None
+        out.commit()
     return EXIT_OK
 
 
@@ -148,7 +154,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _cmd_import_qemu(args: argparse.Namespace) -> int:
     from vmsd.tools.importer import import_qemu
 
-    for path in import_qemu(Path(args.dump), Path(args.stream) if args.stream else None, Path(args.output)):
+    for path in import_qemu(Path(args.dump), Path(args.stream) if args.stream else None, Path(args.output),
+                            force=args.force):
         print(path)
     return EXIT_OK
 
@@ -170,11 +177,15 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     _migration_options(args)  # the receiver decodes whatever the peer chose; names are checked
     caps, _ = _settings(args)
     multifd = _multifd(args, caps)
-    result = snapshot.incoming(args.uri, Path(args.output), streams.load_specs(args.specs), args.timeout,
-                               multifd=multifd)
+    mode, cpr_channel = _cpr_options(args)
+    max_ram = _size(args.max_ram, "--max-ram") if args.max_ram is not None else None
+    result = snapshot.incoming(args.uri, args.output, streams.load_specs(args.specs), args.timeout,
+                               multifd=multifd, force=args.force, mode=mode, cpr_channel=cpr_channel,
+                               max_ram=max_ram)
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
-          f"sections in {result.seconds:.2f}s; snapshot written to {args.output}")
+          f"sections in {result.seconds:.2f}s; snapshot written to {args.output}",
+          file=sys.stderr if args.output == "-" else sys.stdout)
     return EXIT_OK
 
 
@@ -183,6 +194,7 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
     from vmsd.tools.progress import Progress, summary
 
     _migration_options(args)
+    _refuse_existing_file_uri(args.uri, args.force)
     caps, params = _settings(args)
     multifd = _multifd(args, caps)
     params.setdefault("max-bandwidth", 0)  # a snapshot does not change: no reason to hold it back
@@ -193,13 +205,37 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
         parse_settings(caps, params, peer)
     except ValueError as e:
         raise ToolError(str(e)) from None
+    mode, cpr_channel = _cpr_options(args)
     info = snapshot.outgoing(Path(args.snapshot), args.uri, streams.load_specs(args.specs), args.timeout,
-                             caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer)
+                             caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer,
+                             mode=mode, cpr_channel=cpr_channel)
     if not args.json:
         print(summary(info))
     if info["status"] != "completed":
         raise ToolError(f"migration {info['status']}: {info.get('error-desc', '')}")
     return EXIT_OK
+
+
+def _cpr_options(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``--mode`` and ``--cpr-channel``: cpr-transfer needs a unix: cpr channel, no other mode takes one."""
+    if args.mode == "cpr-transfer" and not (args.cpr_channel or "").startswith("unix:"):
+        raise ToolError("--mode cpr-transfer needs --cpr-channel unix:PATH")
+    if args.mode != "cpr-transfer" and args.cpr_channel is not None:
+        raise ToolError("--cpr-channel is only for --mode cpr-transfer")
+    return args.mode, args.cpr_channel
+
+
+def _refuse_existing_file_uri(uri: str, force: bool) -> None:
+    """A ``file:`` URI naming an existing file replaces it (QEMU's way) only with ``--force``.
+
+    With an offset the file is meant to be written into (its first bytes are kept), and a FIFO or device
+    is written in place: neither is an output about to be lost.
+    """
+    from vmsd.migration.transport import FileURI, parse_uri
+
+    target = parse_uri(uri)
+    if not force and isinstance(target, FileURI) and not target.offset and os.path.isfile(target.path):
+        raise OutputExists(f"{target.path} exists")
 
 
 _MULTIFD_PARAMETERS = ("multifd-channels", "multifd-compression", "multifd-zlib-level", "multifd-zstd-level",
@@ -242,11 +278,11 @@ def _multifd(args: argparse.Namespace, caps: dict[str, bool]) -> Any:
 
 
 def _size(text: str, what: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     scale = units.get(text[-1:].upper(), 1)
     digits = text[:-1] if scale > 1 else text
     if not digits.isdigit():
-        raise ToolError(f"{what}: expected a number with an optional K/M/G suffix, got {text!r}")
+        raise ToolError(f"{what}: expected a number with an optional K/M/G/T suffix, got {text!r}")
     return int(digits) * scale
 
 
@@ -259,6 +295,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                live_only=args.live_only)
 
 
+_OUTSIDE_HELP = "let an import name a file outside the folders of the SPECs (by default refused)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmsd", description="Typed QEMU VMState descriptions and migration streams.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="*", metavar="SPEC")
     p.add_argument("-o", "--output", metavar="DIR", help="output directory (default: current directory, or vmsd.generated in the repository)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 and name the files that would change (and a missing py.typed)")
+    p.add_argument("--allow-outside-imports", action="store_true", help=_OUTSIDE_HELP)
     p.set_defaults(func=_cmd_compile)
     p = sub.add_parser("new", help="start a device package: specs, build hook, generated state, test, CI script")
     p.add_argument("path", metavar="PATH", help="folder to create (it must not exist or be empty)")
@@ -273,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_new)
     p = sub.add_parser("check", help="parse and check specs without generating code")
     p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("--allow-outside-imports", action="store_true", help=_OUTSIDE_HELP)
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("inspect", help="decode a QEMU migration stream into a tree or JSON")
     p.add_argument("stream", metavar="STREAM", help="stream file, or - for standard input")
@@ -281,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("rewrite", help="decode every section and encode it again, optionally editing fields")
     p.add_argument("stream", metavar="STREAM")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the new stream (0600), or - for standard output")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--specs", type=Path, metavar="DIR")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="e.g. mc146818rtc.cmos_data[14]=0x55")
     p.set_defaults(func=_cmd_rewrite)
@@ -297,14 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         if name == "incoming":
             p.add_argument("uri", metavar="URI")
-            p.add_argument("-o", "--output", required=True, metavar="SNAPSHOT")
+            p.add_argument("-o", "--output", required=True, metavar="SNAPSHOT",
+                           help="the snapshot (0600), or - for standard output")
+            p.add_argument("--force", action="store_true", help="replace SNAPSHOT if it exists")
             p.add_argument("--specs", type=Path, metavar="DIR")
+            p.add_argument("--max-ram", metavar="SIZE", help="refuse a peer announcing more RAM than this "
+                                                             "(K/M/G/T suffix; default: this host's memory)")
             p.set_defaults(func=_cmd_incoming)
         else:
             p.add_argument("snapshot", metavar="SNAPSHOT")
             p.add_argument("uri", metavar="URI")
             p.add_argument("--specs", type=Path, metavar="DIR")
             p.add_argument("--json", action="store_true", help="progress as JSON lines (query-migrate objects)")
+            p.add_argument("--force", action="store_true", help="replace the file a file: URI names if it exists")
             p.set_defaults(func=_cmd_outgoing)
         p.add_argument("--capability", action="append", metavar="NAME=on|off")
         p.add_argument("--parameter", action="append", metavar="NAME=VALUE")
@@ -314,10 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "(QEMU does not negotiate them)")
         p.add_argument("--uuid", help="the UUID in every multifd channel's first packet (a QEMU destination "
                                       "checks it against its -uuid; default all zeros)")
+        p.add_argument("--mode", choices=("normal", "cpr-reboot", "cpr-transfer"), default="normal",
+                       help="QEMU's migration mode; cpr-transfer hands guest RAM over as memfds on --cpr-channel "
+                            "instead of copying it (see docs/cpr.md)")
+        p.add_argument("--cpr-channel", metavar="unix:PATH",
+                       help="cpr-transfer: the unix socket of the CPR state (QEMU's 'cpr' channel); "
+                            + ("vmsd listens on it" if name == "incoming" else "the new QEMU listens on it"))
     p = sub.add_parser("import-qemu", help="skeleton specs from QEMU's -dump-vmstate output (types from a stream's trailer)")
     p.add_argument("dump", metavar="DUMP.json")
     p.add_argument("--stream", metavar="FILE", help="a migration stream whose trailer gives the field types")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true", help="replace .vmsd files of the same names in DIR")
     p.set_defaults(func=_cmd_import_qemu)
     p = sub.add_parser("demo", help="compile the bundled specs, live-migrate a Python machine to another process, "
                                     "and round-trip a real QEMU stream")
@@ -330,31 +384,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so every ``with`` and ``finally`` runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`_Terminated` while a command runs (only the main thread can take signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status.  Errors are one line on stderr, never a traceback:
+    1 for a failure, 2 for a usage error, 130/143 after SIGINT/SIGTERM (temporary files removed)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
+    prefix = f"vmsd {args.command}"
     try:
-        return int(args.func(args))
-    except VMSDError as exc:
-        print(f"vmsd {args.command}: error: {exc}", file=sys.stderr)
+        with _sigterm_raises():
+            return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    except _Terminated:
+        print(f"{prefix}: terminated", file=sys.stderr)
+        return EXIT_SIGTERM
+    except OutputExists as exc:
+        hint = " (--force replaces it)" if hasattr(args, "force") else ""
+        print(f"{prefix}: error: {exc}{hint}", file=sys.stderr)
         return EXIT_FINDINGS
-    except ToolError as exc:
-        print(f"vmsd {args.command}: error: {exc}", file=sys.stderr)
+    except (VMSDError, ToolError) as exc:
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
         return EXIT_FINDINGS
     except BrokenPipeError:
         # A reader such as `head` went away: not an error of ours.
         sys.stderr.close()
         return EXIT_OK
     except OSError as exc:  # transports: refused, timed out, disk full
-        print(f"vmsd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
         return EXIT_FINDINGS
     except ModuleNotFoundError as exc:
         if exc.name not in COMPILER_MODULES:
-            raise
-        print(f"vmsd {args.command}: needs the compiler (no module named {exc.name!r}): "
+            return _internal_error(prefix, exc)
+        print(f"{prefix}: needs the compiler (no module named {exc.name!r}): "
               "pip install 'vmsd[compiler]'", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
@@ -364,4 +450,17 @@ def main(argv: list[str] | None = None) -> int:
         if diagnostics is not None and isinstance(exc, diagnostics.SpecError):
             print(exc.render(), file=sys.stderr)
             return EXIT_FINDINGS
-        raise
+        if isinstance(exc, ValueError):  # a bad URI, setting or value given on the command line
+            print(f"{prefix}: error: {exc}", file=sys.stderr)
+            return EXIT_FINDINGS
+        return _internal_error(prefix, exc)
+
+
+def _internal_error(prefix: str, exc: Exception) -> int:
+    """A failure no check of ours anticipated: still one line (``VMSD_TRACEBACK=1`` prints the traceback)."""
+    if os.environ.get("VMSD_TRACEBACK"):
+        import traceback
+
+        traceback.print_exception(exc)
+    print(f"{prefix}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_FINDINGS

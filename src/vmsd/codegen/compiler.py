@@ -10,6 +10,8 @@ import jinja2
 import vmsd
 from vmsd.codegen.literals import comment_text, docstring_body
 from vmsd.codegen.model import ModuleBuilder, module_name
+from vmsd.grammar.ast import Pos
+from vmsd.grammar.diagnostics import Diagnostic, SpecError
 from vmsd.grammar.loader import Program, display_path, load
 from vmsd.grammar.semantic import check
 from vmsd.runtime.vmstate import API_VERSION
@@ -47,12 +49,30 @@ def _module_parts(path: str, root: str) -> tuple[str, ...]:
     return tuple(module_name(p) for p in rel.with_suffix("").parts)
 
 
+def _check_module_paths(program: Program, module_of: dict[str, tuple[str, ...]]) -> None:
+    """Two spec files must not become one module (``a-b.vmsd`` and ``a_b.vmsd``), nor a module the
+    package of others (``a.vmsd`` beside a folder ``a``): one would overwrite or hide the other."""
+    diags: list[Diagnostic] = []
+    first: dict[tuple[str, ...], str] = {}
+    packages = {parts[:i] for parts in module_of.values() for i in range(1, len(parts))}
+    for path, parts in module_of.items():
+        dotted = ".".join(parts)
+        if parts in first:
+            diags.append(Diagnostic(Pos(path, 1, 1), f"this file would be module '{dotted}', as {first[parts]} is; rename one of them"))
+        elif parts in packages:
+            diags.append(Diagnostic(Pos(path, 1, 1), f"this file would be module '{dotted}', which is also the package of other specs' modules; rename the file or the folder"))
+        first.setdefault(parts, path)
+    if diags:
+        raise SpecError(diags, program.sources)
+
+
 def render(program: Program, root: str | None = None) -> dict[tuple[str, ...], tuple[str, list[str]]]:
     """Source text and vmsd names of every module the program generates, by module path."""
     resolved = check(program)
     files = sorted(program.files)
     base = _common_root(files) if root is None else display_path(Path(root))
     module_of = {p: _module_parts(p, base) for p in files}
+    _check_module_paths(program, module_of)
     out: dict[tuple[str, ...], tuple[str, list[str]]] = {}
     template = _env().get_template("module.py.j2")
     for path in files:
@@ -61,13 +81,14 @@ def render(program: Program, root: str | None = None) -> dict[tuple[str, ...], t
     return out
 
 
-def compile_specs(specs: list[Path], root: str | None = None) -> dict[Path, str]:
+def compile_specs(specs: list[Path], root: str | None = None, outside_imports: bool = False) -> dict[Path, str]:
     """Relative output paths (``pkg/mod.py``, ``pkg/__init__.py``) and their text.
 
     Each package's ``__init__`` indexes the vmsds of its modules, so that tools
-    import only the modules a stream needs.
+    import only the modules a stream needs.  ``outside_imports`` lets specs
+    import files outside their own folders.
     """
-    modules = render(load(specs), root)
+    modules = render(load(specs, outside_imports), root)
     files: dict[Path, str] = {}
     packages: dict[tuple[str, ...], dict[str, list[str]]] = {}
     for parts, (text, names) in modules.items():

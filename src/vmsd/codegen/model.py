@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import keyword
 import re
 from collections.abc import Iterable
 
 import attrs
 
 from vmsd.grammar import ast
-from vmsd.grammar.semantic import Resolved, python_attr_name, walk_fields, walk_subsections
+from vmsd.grammar.semantic import Resolved, walk_fields, walk_subsections
 from vmsd.runtime.kinds import KINDS
 from vmsd.runtime.markers import QEMU_VM_SUBSECTION
 from vmsd.runtime.scalars import BY_NAME
@@ -25,9 +26,16 @@ _C_OPS = {"&&": "and", "||": "or"}
 _BOOL_OPS = frozenset({"&&", "||", "==", "!=", "<", "<=", ">", ">="})
 
 
-def module_name(part: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9_]", "_", part)
+def _identifier(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]", "_", text)
     return "v" + name if not name or name[0].isdigit() else name
+
+
+def module_name(part: str) -> str:
+    """The module (or package) a spec file (or folder) becomes: a keyword such as ``class`` or a name
+    such as ``__init__`` gets a trailing underscore, as it could not be imported otherwise."""
+    name = _identifier(part)
+    return name + "_" if keyword.iskeyword(name) or (name.startswith("__") and name.endswith("__")) else name
 
 
 @attrs.frozen
@@ -175,6 +183,7 @@ class ModuleBuilder:
         # Set by steps(): the Struct and targets when the fields are one simple fused run.
         self.flat_run: tuple[str, list[str], list[str], bool] | None = None
         self.imports: dict[tuple[str, ...], set[str]] = {}
+        self.methods: dict[int, str] = {}  # id of a field or subsection -> its generated method's name (per class)
 
     # -- names ---------------------------------------------------------------
     def class_ref(self, v: ast.Vmsd) -> str:
@@ -220,7 +229,18 @@ class ModuleBuilder:
     def enum_model(self, e: ast.Enum) -> EnumModel:
         return EnumModel(e.name, "IntFlag" if e.flags else "IntEnum", [(m.name, m.value, m.doc) for m in e.members], e.doc)
 
+    def method_name(self, key: int, base: str) -> str:
+        """A generated method's name, ``base`` unless another of this class has it (then ``base_2``...):
+        names made from subsection names, or from the field names unnamed fields lack, can meet."""
+        if key not in self.methods:
+            name, n = base, 2
+            while name in self.methods.values():
+                name, n = f"{base}_{n}", n + 1
+            self.methods[key] = name
+        return self.methods[key]
+
     def class_model(self, v: ast.Vmsd) -> ClassModel:
+        self.methods = {}
         known = self.r.attrs_of[id(v)]
         optional = frozenset(
             name for name, a in known.items() if not a.in_subsection and (a.field.since or a.field.exists is not None)
@@ -294,7 +314,7 @@ class ModuleBuilder:
         models: list[SubsectionModel] = []
         tables: list[str] = []
         for s in subs:
-            slug = module_name(s.name.split("/")[-1]).lower()
+            slug = self.method_name(id(s), _identifier(s.name.split("/")[-1]).lower())
             method = f"_load_sub_{slug}"
             needed: str | None = None
             test = ""  # the save-time test: a custom predicate's call, a spec predicate's expression inline
@@ -339,7 +359,7 @@ class ModuleBuilder:
         default = f"attrs.field(factory=lambda: {value})" if factory else value
         if value == "[]":
             default = "attrs.field(factory=list)"
-        name = python_attr_name(f.name)
+        name = self.r.attr(f)
         start, fill = self.fresh_value(f, name, value, factory, optional, in_subsection, sees)
         return AttrModel(name, ann, default, f.doc, start, fill, value, factory)
 
@@ -398,6 +418,8 @@ class ModuleBuilder:
             return "int", "0", False
         if f.kind == "opaque":
             return "bytes", 'b""', False
+        if f.kind == "fd":
+            return "int", "-1", False  # -1: no descriptor, as QEMU's unset fds
         target = self.r.struct_target[id(f)]
         cls = self.class_ref(target)
         if f.kind == "struct":
@@ -452,16 +474,15 @@ class ModuleBuilder:
 
     def _ref(self, ref: ast.Ref, ctx: _Ctx) -> str:
         head = ref.parts[0]
-        src = f"self.{python_attr_name(head)}"
+        field = ctx.attrs_[head]
+        src = f"self.{self.r.attr(field)}"
         if head in ctx.optional:
             src = f"_rt.opt({src}, {head!r})"
-        field = ctx.attrs_.get(head)
         for part in ref.parts[1:]:
-            assert field is not None
             target = self.r.struct_target[id(field)]
             inner = self.r.attrs_of[id(target)]
-            src += f".{python_attr_name(part)}"
             a = inner[part]
+            src += f".{a.py}"
             if not a.in_subsection and (a.field.since or a.field.exists is not None):
                 src = f"_rt.opt({src}, {part!r})"
             field = a.field
@@ -551,7 +572,7 @@ class ModuleBuilder:
         index = 0
         simple = True
         for f in run:
-            attr = f"self.{python_attr_name(f.name)}" if f.name else ""
+            attr = f"self.{self.r.attr(f)}" if f.name else ""
             value = attr
             if (since or whole) and f.name and f.name in ctx.optional:
                 absent.append(attr)
@@ -631,9 +652,13 @@ class ModuleBuilder:
         save.extend("    " + line for line in writes)
         return None
 
+    def has_method(self, f: ast.Field) -> str:
+        """The predicate of a field's ``if (...)``."""
+        return self.method_name(id(f), f"_has_{self.r.attr(f) if f.name else 'field'}")
+
     def field_steps(self, f: ast.Field, ctx: _Ctx, predicates: list[tuple[str, str]], load: list[str], save: list[str]) -> None:
         label = f.name or f.wire_name or "unused"
-        attr = f"self.{python_attr_name(f.name)}" if f.name else ""
+        attr = f"self.{self.r.attr(f)}" if f.name else ""
         conds = []
         if f.since:
             conds.append(f"version_id >= {f.since}")
@@ -641,14 +666,14 @@ class ModuleBuilder:
             if isinstance(f.exists, ast.Custom):
                 conds.append(f"self.{f.exists.method}(version_id)")
             else:
-                method = f"_has_{python_attr_name(f.name or 'field')}"
+                method = self.has_method(f)
                 predicates.append((method, self.expr(f.exists, ctx)))
                 conds.append(f"self.{method}(version_id)")
         # Only vmsd-level conditional fields are Optional; a subsection field
         # that is absent keeps its current value, as in QEMU.
         optional = bool(conds) and f.name is not None and f.name in ctx.optional
         value = f"{attr} if {attr} is not None else _rt.missing({f.name!r})"
-        local = f"_v_{python_attr_name(f.name)}" if f.name else ""
+        local = f"_v_{self.r.attr(f)}" if f.name else ""
         inner_load = self.load_field(f, attr, ctx)
         inner_save = self.save_field(f, local if optional else attr, ctx)
         load.append(f"_at = {label!r}")
@@ -688,6 +713,8 @@ class ModuleBuilder:
             return [f"{attr} = _rt.load_bitmap(r, {self.count_src(f.dims[0], ctx)})"]
         if f.kind == "opaque":
             return [f"{attr} = r.read(_rt.opaque_extent({f.info!r}, r, self))"]
+        if f.kind == "fd":
+            return [f"{attr} = r.get_fd()"]
         if KINDS[f.kind].nested:
             target = self.r.struct_target[id(f)]
             cls = self.class_ref(target)
@@ -738,7 +765,7 @@ class ModuleBuilder:
             return [*lines[:2], f"{attr} = list(buf[p : p + _n])"]
         items = f"[{conv}(x) for x in _v]" if conv else "list(_v)"
         if cols != 1:
-            tmp = f"_items_{python_attr_name(f.name or '')}"
+            tmp = f"_items_{self.r.attr(f)}"
             lines.append(f"{tmp} = {items}")
             lines.append(f"{attr} = [{tmp}[i:i + {cols}] for i in range(0, _n, {cols})]")
         else:
@@ -750,13 +777,15 @@ class ModuleBuilder:
             return [f"out += bytes({f.size})"]
         if f.kind == "validate":
             assert f.expr is not None
-            return [f"if not ({self.expr(f.expr, ctx)}):", f"    raise _rt.SaveError('validation {f.wire_name} fails for this state')"]
+            return [f"if not ({self.expr(f.expr, ctx)}):", f"    raise _rt.SaveError({f'validation {f.wire_name} fails for this state'!r})"]
         if f.kind == "bytes":
             return [*_len_check(value, self.count_src(f.dims[0], ctx), f.name), f"out += {value}"]
         if f.kind == "bitmap":
             return [f"_rt.save_bitmap(w, {value}, {self.count_src(f.dims[0], ctx)}, {f.name!r})"]
         if f.kind == "opaque":
             return [f"out += {value}"]
+        if f.kind == "fd":
+            return [f"w.put_fd({value})"]
         if KINDS[f.kind].nested:
             target = self.r.struct_target[id(f)]
             version = f.struct_version if f.struct_version is not None else target.version
@@ -786,7 +815,7 @@ class ModuleBuilder:
 
     # -- description tables ------------------------------------------------------------
     def table_entry(self, f: ast.Field, qemu_name: str, ctx: _Ctx) -> str:
-        args = [repr(qemu_name), repr(python_attr_name(f.name) if f.name else None)]
+        args = [repr(qemu_name), repr(self.r.attr(f) if f.name else None)]
         kw: dict[str, str] = {}
         flags: list[str] = []
         if f.kind == "scalar":
@@ -805,6 +834,9 @@ class ModuleBuilder:
             flags.append("VMS_BUFFER" if isinstance(f.dims[0], ast.IntLit) else "VMS_VBUFFER")
         elif f.kind == "opaque":
             info = f.info or "opaque"
+        elif f.kind == "fd":
+            info = "fd"
+            kw["elem_size"] = "4"  # QEMU describes the int32 it holds
         elif f.kind == "unused":
             info = "unused_buffer"
             kw["elem_size"] = str(f.size)
@@ -847,7 +879,7 @@ class ModuleBuilder:
                 dims.append(d.value)
             elif i == 0:
                 counter, mult = _counter(d)
-                kw["count_attr"] = repr(python_attr_name(counter))
+                kw["count_attr"] = repr(self.r.attr(ctx.attrs_[counter]))
                 if f.kind in ("bytes", "bitmap"):
                     kw["elem_size"] = "1" if f.kind == "bytes" else "0"
                 else:
@@ -867,7 +899,7 @@ class ModuleBuilder:
         if f.since:
             kw["since"] = str(f.since)
         if f.exists is not None:
-            kw["test"] = repr(f.exists.method if isinstance(f.exists, ast.Custom) else f"_has_{python_attr_name(f.name or 'field')}")
+            kw["test"] = repr(f.exists.method if isinstance(f.exists, ast.Custom) else self.has_method(f))
         if f.kind == "scalar" and not dims and "count_attr" not in kw:
             flags.insert(0, "VMS_SINGLE")
         if flags:

@@ -15,6 +15,7 @@ import contextlib
 from pathlib import Path
 
 from vmsd.codegen.compiler import compile_specs
+from vmsd.runtime.outfile import write_file
 
 MARKER = "py.typed"
 _INIT = '"""Generated vmsd modules."""\n'
@@ -44,7 +45,7 @@ def ensure_marker(output: Path, root: Path | None = None) -> Path | None:
     marker = marker_path(output, root)
     if marker is None or marker.exists():
         return None
-    marker.write_text("", encoding="utf-8")
+    write_file(marker, "")
     return marker
 
 
@@ -70,11 +71,11 @@ def write_package(root: Path, specs: str, output: str) -> list[Path]:
         target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists() or target.read_text(encoding="utf-8") != text:
-            target.write_text(text, encoding="utf-8")
+            write_file(target, text, force=True)  # generated, never edited: regenerating replaces it
             written.append(target)
     init = out_dir / "__init__.py"
     if not init.exists():
-        init.write_text(_INIT, encoding="utf-8")
+        write_file(init, _INIT)
         written.append(init)
     marker = ensure_marker(out_dir, root)
     if marker is not None:

@@ -123,6 +123,7 @@ class Vmsd:
     version_pos: Pos
     minimum_pos: Pos
     doc: str | None = None
+    class_pos: Pos | None = None  # of the name after 'class'
 
 
 @attrs.frozen

@@ -17,12 +17,18 @@ class Diagnostic:
         head = f"{self.pos.path}:{self.pos.line}:{self.pos.col}: {self.severity}: {self.message}"
         if source is None:
             return head
-        lines = source.splitlines()
+        # Lines as the parser counts them (splitlines would also split at form feeds and the like).
+        lines = source.split("\n")
         if not 1 <= self.pos.line <= len(lines):
             return head
-        text = lines[self.pos.line - 1].expandtabs(1)
-        caret = " " * (self.pos.col - 1) + "^"
-        return f"{head}\n    {text}\n    {caret}"
+        text = lines[self.pos.line - 1].rstrip("\r").expandtabs(1)
+        caret = " " * len(_shown(text[: self.pos.col - 1])) + "^"
+        return f"{head}\n    {_shown(text)}\n    {caret}"
+
+
+def _shown(text: str) -> str:
+    """Source text for a terminal: control characters (a NUL, an escape sequence) as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class SpecError(Exception):

@@ -1,13 +1,16 @@
-"""Load a spec file and everything it imports, detecting cycles."""
+"""Load a spec file and everything it imports, detecting cycles, within the limits of limits.py."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import attrs
 
 from vmsd.grammar import ast
 from vmsd.grammar.diagnostics import Diagnostic, SpecError
+from vmsd.grammar.limits import MAX_IMPORT_DEPTH, MAX_PROGRAM_BYTES, MAX_SPEC_BYTES, MAX_SPEC_FILES
 from vmsd.grammar.parser import parse
 
 
@@ -34,12 +37,57 @@ def display_path(path: Path) -> str:
         return str(resolved)
 
 
-def load(paths: list[Path]) -> Program:
+def _read_spec(path: Path) -> str:
+    """The text of a regular file of at most MAX_SPEC_BYTES; OSError or ValueError saying why not.
+
+    Opened without blocking (a FIFO would wait for a writer) and checked
+    before reading: a device such as /dev/zero never ends.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        # procfs files report size 0: the read itself is bounded.
+        data = fh.read(MAX_SPEC_BYTES + 1)
+    if len(data) > MAX_SPEC_BYTES:
+        raise ValueError(f"larger than the limit of {MAX_SPEC_BYTES >> 20} MiB")
+    return data.decode("utf-8")
+
+
+def _problem(exc: Exception, short: bool) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, OSError) and short:
+        return exc.__class__.__name__
+    return str(exc)
+
+
+def load(paths: list[Path], outside_imports: bool = False) -> Program:
+    """Parse ``paths`` and their imports.
+
+    Imports must stay inside the folders of ``paths`` (after resolving
+    symbolic links) unless ``outside_imports``; limits.py bounds the chain
+    length and the number of files.
+    """
     files: dict[str, ast.SpecFile] = {}
     targets: dict[tuple[str, str], str] = {}
     sources: dict[str, str] = {}
     diags: list[Diagnostic] = []
     roots: list[str] = []
+    folders = [p.resolve().parent for p in paths]
+    seen: set[str] = set()
+    total = [0]  # characters read so far
+
+    def refused(target: Path, via: ast.Import, stack: list[str]) -> str | None:
+        if len(stack) > MAX_IMPORT_DEPTH:
+            return f"imports nest more than {MAX_IMPORT_DEPTH} files deep"
+        if len(seen) >= MAX_SPEC_FILES:
+            return f"more than {MAX_SPEC_FILES} spec files"
+        real = target.resolve()
+        if not outside_imports and not any(real.is_relative_to(f) for f in folders):
+            return (f"cannot import '{via.path}': outside the folders of the specs given "
+                    "(--allow-outside-imports allows it)")
+        return None
 
     def visit(path: Path, stack: list[str], via: ast.Import | None) -> str:
         key = display_path(path)
@@ -48,16 +96,26 @@ def load(paths: list[Path]) -> Program:
             assert via is not None
             diags.append(Diagnostic(via.pos, f"import cycle: {cycle}"))
             return key
-        if key in files:
+        if key in seen:
             return key
+        if via is not None:
+            why = refused(path, via, stack)
+            if why is not None:
+                diags.append(Diagnostic(via.pos, why))
+                return key
+        seen.add(key)
         try:
-            source = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            source = _read_spec(path)
+        except (OSError, ValueError) as exc:
             if via is None:
-                raise SpecError([Diagnostic(ast.Pos(key, 1, 1), f"cannot read spec: {exc}")], {}) from None
-            diags.append(Diagnostic(via.pos, f"cannot import '{via.path}': {exc.__class__.__name__}"))
+                raise SpecError([Diagnostic(ast.Pos(key, 1, 1), f"cannot read spec: {_problem(exc, False)}")], {}) from None
+            diags.append(Diagnostic(via.pos, f"cannot import '{via.path}': {_problem(exc, True)}"))
             return key
         sources[key] = source
+        total[0] += len(source)
+        if total[0] > MAX_PROGRAM_BYTES:
+            raise SpecError([Diagnostic(via.pos if via else ast.Pos(key, 1, 1),
+                                        f"the specs are larger than the limit of {MAX_PROGRAM_BYTES >> 20} MiB together")], sources)
         try:
             spec = parse(source, key)
         except SpecError as exc:

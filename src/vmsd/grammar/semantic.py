@@ -7,38 +7,23 @@ here once; the code generator only reads the answers.
 
 from __future__ import annotations
 
-import keyword
-import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 
 from vmsd.grammar import ast
 from vmsd.grammar.diagnostics import Diagnostic, SpecError
+from vmsd.grammar.limits import MAX_STRUCT_DEPTH, MAX_UNUSED_BYTES
 from vmsd.grammar.loader import Program
+from vmsd.grammar.pynames import (
+    enum_member_problem,
+    member_name_problem,
+    module_name_problem,
+    python_attr_name,
+    python_class_name,
+)
 from vmsd.runtime.kinds import KINDS
 from vmsd.runtime.scalars import BY_NAME
-
-# Names the generated classes use themselves.
-RESERVED = frozenset(
-    {
-        "load", "load_into", "save", "to_bytes", "from_bytes", "pre_load", "post_load",
-        "pre_save", "post_save", "vmdesc", "VMSD", "VMSD_NAME", "VERSION_ID",
-        "MINIMUM_VERSION_ID", "version_id", "version",
-        # names the class body itself uses in defaults (a field would shadow them)
-        "attrs", "bytes", "list",
-    }
-)
-
-
-def python_class_name(vmsd_name: str) -> str:
-    parts = [p for p in re.split(r"[^A-Za-z0-9]+", vmsd_name) if p]
-    name = "".join(p[0].upper() + p[1:] for p in parts) or "Vmsd"
-    return "V" + name if name[0].isdigit() else name
-
-
-def python_attr_name(name: str) -> str:
-    return name + "_" if keyword.iskeyword(name) or keyword.issoftkeyword(name) else name
 
 
 @attrs.frozen
@@ -48,6 +33,7 @@ class Attr:
     field: ast.Field
     index: int  # position in stream order within the whole class
     in_subsection: bool
+    py: str  # the Python attribute (see vmsd.grammar.pynames)
 
 
 @attrs.define
@@ -60,12 +46,45 @@ class Resolved:
     enum_target: dict[int, ast.Enum] = attrs.Factory(dict)  # id(field) -> enum
     enum_file: dict[int, str] = attrs.Factory(dict)
     attrs_of: dict[int, dict[str, Attr]] = attrs.Factory(dict)  # id(vmsd) -> attributes by name
+    py_names: dict[int, str] = attrs.Factory(dict)  # id(field) -> its Python attribute
+    # per file: the class and enum names of the file and of the files it imports
+    module_names: dict[str, frozenset[str]] = attrs.Factory(dict)
+
+    def attr(self, f: ast.Field) -> str:
+        """The Python attribute of a named field."""
+        return self.py_names[id(f)]
 
     def vmsd_of_struct(self, f: ast.Field) -> ast.Vmsd:
         return self.struct_target[id(f)]
 
     def class_name(self, v: ast.Vmsd) -> str:
         return self.class_names[id(v)]
+
+
+class _Loaded:
+    """The fields loaded before the one being checked, by identity (a set, so each lookup is O(1)).
+
+    Subsections add their fields and take them off again when done
+    (``truncate``), so that siblings do not see each other's fields.
+    """
+
+    def __init__(self) -> None:
+        self.order: list[ast.Field] = []
+        self.ids: set[int] = set()
+
+    def append(self, f: ast.Field) -> None:
+        self.order.append(f)
+        self.ids.add(id(f))
+
+    def __contains__(self, f: ast.Field) -> bool:
+        return id(f) in self.ids
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def truncate(self, n: int) -> None:
+        while len(self.order) > n:
+            self.ids.discard(id(self.order.pop()))
 
 
 def walk_fields(fields: tuple[ast.Field, ...], subs: tuple[ast.Subsection, ...]) -> Iterator[tuple[ast.Field, bool]]:
@@ -87,43 +106,78 @@ class _Checker:
         self.p = program
         self.r = Resolved(program)
         self.diags: list[Diagnostic] = []
+        self._visible: dict[str, list[str]] = {}
+        self._vmsd_index: dict[str, tuple[dict[str, list[ast.Vmsd]], ...]] = {}
+        self._enum_index: dict[str, dict[str, ast.Enum]] = {}
 
     def error(self, pos: ast.Pos, msg: str) -> None:
         self.diags.append(Diagnostic(pos, msg))
 
     # -- scopes ------------------------------------------------------------
+    # Lookups go through per-file indexes, so that checking stays linear in the
+    # number of declarations (a scan per reference was quadratic).
     def visible_files(self, path: str) -> list[str]:
-        spec = self.p.files[path]
-        out = [path]
-        for imp in spec.imports:
-            target = self.p.import_targets.get((path, imp.path))
-            if target in self.p.files and target not in out:
-                out.append(target)
+        out = self._visible.get(path)
+        if out is None:
+            spec = self.p.files[path]
+            out, seen = [path], {path}
+            for imp in spec.imports:
+                target = self.p.import_targets.get((path, imp.path))
+                if target in self.p.files and target not in seen:
+                    out.append(target)
+                    seen.add(target)
+            self._visible[path] = out
         return out
 
+    def vmsd_index(self, path: str) -> tuple[dict[str, list[ast.Vmsd]], ...]:
+        """The file's vmsds by name, by class name and by either lowercased, in declaration order."""
+        index = self._vmsd_index.get(path)
+        if index is None:
+            index = ({}, {}, {})
+            for v in self.p.files[path].vmsds:
+                cname = self.r.class_names[id(v)]
+                index[0].setdefault(v.name, []).append(v)
+                index[1].setdefault(cname, []).append(v)
+                for key in dict.fromkeys((v.name.lower(), cname.lower())):
+                    index[2].setdefault(key, []).append(v)
+            self._vmsd_index[path] = index
+        return index
+
     def find_vmsd(self, path: str, name: str) -> ast.Vmsd | None:
-        cands = [(v, f) for f in self.visible_files(path) for v in self.p.files[f].vmsds]
-        for test in (
-            lambda v: v.name == name,
-            lambda v: self.r.class_names[id(v)] == name,
-            lambda v: name.lower() in (v.name.lower(), self.r.class_names[id(v)].lower()),
-        ):
-            hits = [v for v, _ in cands if test(v)]
+        files = self.visible_files(path)
+        for which, key in ((0, name), (1, name), (2, name.lower())):
+            found = [self.vmsd_index(f)[which].get(key, []) for f in files]
+            hits = sum(len(h) for h in found)
             if hits:
-                # The file's own declarations shadow imported ones.
-                own = [v for v in hits if self.r.vmsd_file[id(v)] == path]
-                return (own or hits)[0] if len(own) == 1 or len(hits) == 1 else None
+                # The file's own declarations (files[0]) shadow imported ones.
+                own = found[0]
+                if len(own) == 1 or hits == 1:
+                    return own[0] if own else next(h[0] for h in found if h)
+                return None
         return None
 
     def find_enum(self, path: str, name: str) -> tuple[ast.Enum, str] | None:
         for f in self.visible_files(path):
-            for e in self.p.files[f].enums:
-                if e.name == name:
-                    return e, f
+            index = self._enum_index.get(f)
+            if index is None:
+                index = {}
+                for e in self.p.files[f].enums:
+                    index.setdefault(e.name, e)
+                self._enum_index[f] = index
+            if name in index:
+                return index[name], f
         return None
 
     # -- entry ---------------------------------------------------------------
     def run(self) -> Resolved:
+        for path, spec in self.p.files.items():
+            for v in spec.vmsds:
+                self.r.class_names[id(v)] = v.class_name or python_class_name(v.name)
+                self.r.vmsd_file[id(v)] = path
+        own = {path: frozenset([*(e.name for e in spec.enums), *(self.r.class_names[id(v)] for v in spec.vmsds)])
+               for path, spec in self.p.files.items()}
+        for path in self.p.files:
+            self.r.module_names[path] = frozenset().union(*(own[f] for f in self.visible_files(path)))
         # Names are unique per file (one generated module); files that do not
         # import each other may reuse them (e.g. specs for two QEMU versions).
         for path, spec in self.p.files.items():
@@ -131,14 +185,14 @@ class _Checker:
             seen_class: dict[str, ast.Vmsd] = {}
             names: dict[str, ast.Pos] = {}
             for e in spec.enums:
-                self.check_enum(e)
+                self.check_enum(e, self.r.module_names[path])
                 if e.name in names:
                     self.error(e.pos, f"duplicate declaration '{e.name}'")
+                elif (why := module_name_problem(e.name)) is not None:
+                    self.error(e.pos, f"enum name '{e.name}' cannot be used ({why}); rename the enum")
                 names[e.name] = e.pos
             for v in spec.vmsds:
-                cname = v.class_name or python_class_name(v.name)
-                self.r.class_names[id(v)] = cname
-                self.r.vmsd_file[id(v)] = path
+                cname = self.r.class_names[id(v)]
                 # One mistake, one message: a duplicate name also clashes as a class.
                 if v.name in seen_vmsd:
                     other = seen_vmsd[v.name].pos
@@ -146,23 +200,47 @@ class _Checker:
                 elif cname in seen_class:
                     self.error(v.pos, f"vmsd '{v.name}' would generate class '{cname}', already used by vmsd '{seen_class[cname].name}'; pick another with 'class'")
                 elif cname in names:
-                    self.error(v.pos, f"duplicate declaration '{cname}'")
+                    self.error(v.class_pos or v.pos, f"duplicate declaration '{cname}'")
+                elif (why := module_name_problem(cname)) is not None:
+                    if v.class_pos is not None:
+                        self.error(v.class_pos, f"class name '{cname}' cannot be used ({why}); pick another")
+                    else:
+                        self.error(v.pos, f"vmsd '{v.name}' would generate class '{cname}' ({why}); pick another with 'class'")
                 seen_vmsd.setdefault(v.name, v)
                 seen_class.setdefault(cname, v)
                 names.setdefault(cname, v.pos)
         for path, spec in self.p.files.items():
             for v in spec.vmsds:
-                self.collect_attrs(v)
+                self.collect_attrs(path, v)
                 for f, _ in walk_fields(v.fields, v.subsections):
                     if KINDS[f.kind].nested:
                         self.check_struct_ref(path, f)
         for path, spec in self.p.files.items():
             for v in spec.vmsds:
                 self.check_vmsd(path, v)
+            self.check_imported_names(path, spec, own[path])
         self.check_struct_cycles()
         return self.r
 
-    def check_enum(self, e: ast.Enum) -> None:
+    def check_imported_names(self, path: str, spec: ast.SpecFile, own: frozenset[str]) -> None:
+        """A class or enum of another file that this file's module imports must not meet one of its own
+        names, or another imported one of that name, in the module's namespace."""
+        imported: dict[str, str] = {}
+        for v in spec.vmsds:
+            for f, _ in walk_fields(v.fields, v.subsections):
+                used = [(self.r.class_names[id(t)], self.r.vmsd_file[id(t)], f"struct '{t.name}'")
+                        for t in (self.r.struct_target.get(id(f)), self.r.key_target.get(id(f))) if t is not None]
+                if id(f) in self.r.enum_target:
+                    used.append((self.r.enum_target[id(f)].name, self.r.enum_file[id(f)], f"enum '{f.enum}'"))
+                for name, home, what in used:
+                    if home == path:
+                        continue
+                    if name in own:
+                        self.error(f.pos, f"{what} comes from {home} as '{name}', a name this file declares too; rename one of them")
+                    elif imported.setdefault(name, home) != home:
+                        self.error(f.pos, f"{what} comes from {home} as '{name}', and another '{name}' from {imported[name]}; rename one of them")
+
+    def check_enum(self, e: ast.Enum, module_names: frozenset[str]) -> None:
         base = BY_NAME[e.base]
         if not base.integer:
             self.error(e.pos, f"enum '{e.name}' must have an integer base type, not '{e.base}'")
@@ -173,12 +251,15 @@ class _Checker:
         for m in e.members:
             if m.name in seen:
                 self.error(m.pos, f"duplicate member '{m.name}' in enum '{e.name}'")
+            elif (why := enum_member_problem(m.name, module_names)) is not None:
+                self.error(m.pos, f"enum member '{m.name}' cannot be used ({why}); rename it")
             seen.add(m.name)
             if not lo <= m.value <= hi:
                 self.error(m.pos, f"value {m.value} of '{e.name}.{m.name}' is out of range for {e.base} ({lo}..{hi})")
 
-    def collect_attrs(self, v: ast.Vmsd) -> None:
+    def collect_attrs(self, path: str, v: ast.Vmsd) -> None:
         attrs_by_name: dict[str, Attr] = {}
+        by_attr: dict[str, ast.Field] = {}
         order = 0
         for f, in_sub in walk_fields(v.fields, v.subsections):
             if f.name is not None:
@@ -186,11 +267,20 @@ class _Checker:
                     first = attrs_by_name[f.name].field.pos
                     self.error(f.pos, f"duplicate field '{f.name}' in vmsd '{v.name}' (first at line {first.line})")
                     continue
-                if f.name in RESERVED:
-                    self.error(f.pos, f"field name '{f.name}' is reserved by the generated class; keep the QEMU name with 'as \"{f.name}\"' and rename the field")
-                elif f.name.startswith("_"):
+                py = python_attr_name(f.name, self.r.module_names[path])
+                if f.name.startswith("_"):
                     self.error(f.pos, f"field name '{f.name}' must not start with '_'")
-                attrs_by_name[f.name] = Attr(f, order, in_sub)
+                elif py in by_attr:
+                    other = by_attr[py]
+                    if py != f.name:
+                        self.error(f.pos, f"field '{f.name}' would be the Python attribute '{py}' (Python or the generated code uses "
+                                          f"'{f.name}'), which field '{other.name}' (line {other.pos.line}) is; rename one of them")
+                    else:
+                        self.error(f.pos, f"field '{f.name}' is the Python attribute that field '{other.name}' (line {other.pos.line}) "
+                                          f"becomes (Python or the generated code uses '{other.name}'); rename one of them")
+                by_attr.setdefault(py, f)
+                attrs_by_name[f.name] = Attr(f, order, in_sub, py)
+                self.r.py_names[id(f)] = py
             order += 1
         self.r.attrs_of[id(v)] = attrs_by_name
 
@@ -199,14 +289,17 @@ class _Checker:
             self.error(v.version_pos, f"version {v.version} is out of range (0..2147483647)")
         if v.minimum > v.version:
             self.error(v.minimum_pos, f"minimum version {v.minimum} is above version {v.version}")
-        attrs_by_name = self.r.attrs_of[id(v)]
+        py_attrs = {a.py for a in self.r.attrs_of[id(v)].values()}
         customs = self.custom_methods(v)
         for name, pos in customs.items():
-            if name in attrs_by_name or name in RESERVED:
+            if name in py_attrs:
                 self.error(pos, f"custom predicate '{name}' clashes with a field or generated name")
-        self.check_fields(path, v, v.fields, [], v.version)
+            elif (why := member_name_problem(name, self.r.module_names[path])) is not None:
+                self.error(pos, f"custom predicate '{name}' cannot be used ({why}); rename it")
+        earlier = _Loaded()
+        self.check_fields(path, v, v.fields, earlier, v.version)
         seen_subs: dict[str, ast.Pos] = {}
-        self.check_subsections(path, v, v.subsections, v.name, list(v.fields), seen_subs)
+        self.check_subsections(path, v, v.subsections, v.name, earlier, seen_subs)
 
     def custom_methods(self, v: ast.Vmsd) -> dict[str, ast.Pos]:
         out: dict[str, ast.Pos] = {}
@@ -219,7 +312,7 @@ class _Checker:
 
     def check_subsections(
         self, path: str, v: ast.Vmsd, subs: tuple[ast.Subsection, ...], parent: str,
-        earlier: list[ast.Field], seen: dict[str, ast.Pos],
+        earlier: _Loaded, seen: dict[str, ast.Pos],
     ) -> None:
         for s in subs:
             if s.name in seen:
@@ -237,11 +330,14 @@ class _Checker:
                 self.error(s.pos, f"minimum version {s.minimum} is above version {s.version}")
             if s.needed is not None:
                 self.check_condition(v, s.needed, None, None, "needed")
-            self.check_fields(path, v, s.fields, list(earlier), s.version)
-            self.check_subsections(path, v, s.subsections, s.name, earlier + list(s.fields), seen)
+            # A subsection sees the fields loaded before it in its ancestors, not its siblings'.
+            mark = len(earlier)
+            self.check_fields(path, v, s.fields, earlier, s.version)
+            self.check_subsections(path, v, s.subsections, s.name, earlier, seen)
+            earlier.truncate(mark)
 
     # -- fields ----------------------------------------------------------------
-    def check_fields(self, path: str, v: ast.Vmsd, fields: tuple[ast.Field, ...], earlier: list[ast.Field], version: int) -> None:
+    def check_fields(self, path: str, v: ast.Vmsd, fields: tuple[ast.Field, ...], earlier: _Loaded, version: int) -> None:
         for f in fields:
             what = f"'{f.name}'" if f.name else (f"validate '{f.wire_name}'" if f.kind == "validate" else "unused")
             if f.since > version:
@@ -255,6 +351,8 @@ class _Checker:
             elif f.kind == "unused":
                 if f.size <= 0:
                     self.error(f.pos, "unused size must be positive")
+                elif f.size > MAX_UNUSED_BYTES:
+                    self.error(f.pos, f"unused size {f.size} is above the limit of {MAX_UNUSED_BYTES} bytes")
             elif f.kind == "struct":
                 if f.tmp and (f.dims or f.nullable):
                     self.error(f.pos, f"tmp struct '{f.name}' must be a single struct (VMSTATE_WITH_TMP)")
@@ -269,7 +367,7 @@ class _Checker:
                 self.check_expr(v, f.expr, earlier, f, "validation")
             earlier.append(f)
 
-    def check_scalar(self, path: str, f: ast.Field, earlier: list[ast.Field], v: ast.Vmsd) -> None:
+    def check_scalar(self, path: str, f: ast.Field, earlier: _Loaded, v: ast.Vmsd) -> None:
         if len(f.dims) > 2:
             self.error(f.pos, f"arrays have at most two dimensions; '{f.name}' has {len(f.dims)}")
         for i, d in enumerate(f.dims):
@@ -329,7 +427,7 @@ class _Checker:
                 else:
                     self.r.key_target[id(f)] = key
 
-    def check_length(self, v: ast.Vmsd, f: ast.Field, d: ast.Expr, earlier: list[ast.Field], what: str) -> None:
+    def check_length(self, v: ast.Vmsd, f: ast.Field, d: ast.Expr, earlier: _Loaded, what: str) -> None:
         if isinstance(d, ast.IntLit):
             if d.value <= 0:
                 self.error(d.pos, f"array size of {what} must be positive, not {d.value}")
@@ -358,7 +456,7 @@ class _Checker:
         elif BY_NAME[target.type].varray_flag is None:
             self.error(counter.pos, f"length of {what} uses '{target.name}' of type {target.type}; QEMU counts with uint8, uint16, uint32 or int32 only")
 
-    def resolve_name(self, v: ast.Vmsd, ref: ast.Ref, earlier: list[ast.Field] | None, user: ast.Field | None, role: str) -> ast.Field | None:
+    def resolve_name(self, v: ast.Vmsd, ref: ast.Ref, earlier: _Loaded | None, user: ast.Field | None, role: str) -> ast.Field | None:
         name = ref.parts[0]
         known = self.r.attrs_of[id(v)]
         user_name = f"'{user.name}'" if user is not None and user.name else (f"validate '{user.wire_name}'" if user is not None and user.kind == "validate" else "this field")
@@ -366,7 +464,7 @@ class _Checker:
             self.error(ref.pos, f"unknown field '{name}' in {role} of {user_name}" if user is not None else f"unknown field '{name}' in {role}")
             return None
         target = known[name].field
-        if earlier is not None and not any(e is target for e in earlier):
+        if earlier is not None and target not in earlier:
             if user is not None and target is user:
                 self.error(ref.pos, f"{role} of {user_name} refers to the field itself; it may only use fields loaded before it")
             elif user is not None and user.name in known and known[name].index < known[user.name].index:
@@ -376,12 +474,12 @@ class _Checker:
             return None
         return target
 
-    def check_condition(self, v: ast.Vmsd, c: ast.Condition, earlier: list[ast.Field] | None, user: ast.Field | None, role: str) -> None:
+    def check_condition(self, v: ast.Vmsd, c: ast.Condition, earlier: _Loaded | None, user: ast.Field | None, role: str) -> None:
         if isinstance(c, ast.Custom):
             return
         self.check_expr(v, c, earlier, user, role)
 
-    def check_expr(self, v: ast.Vmsd, e: ast.Expr, earlier: list[ast.Field] | None, user: ast.Field | None, role: str) -> None:
+    def check_expr(self, v: ast.Vmsd, e: ast.Expr, earlier: _Loaded | None, user: ast.Field | None, role: str) -> None:
         if isinstance(e, ast.IntLit | ast.VersionRef):
             return
         if isinstance(e, ast.UnOp):
@@ -401,7 +499,7 @@ class _Checker:
             if target is not None and (target.kind != "scalar" or target.dims or BY_NAME[target.type].py_type == "float"):
                 self.error(e.pos, f"'{'.'.join(e.parts)}' is not an integer value and cannot be used in a {role}")
 
-    def resolve_ref(self, v: ast.Vmsd, ref: ast.Ref, earlier: list[ast.Field] | None, user: ast.Field | None, role: str) -> ast.Field | None:
+    def resolve_ref(self, v: ast.Vmsd, ref: ast.Ref, earlier: _Loaded | None, user: ast.Field | None, role: str) -> ast.Field | None:
         target = self.resolve_name(v, ast.Ref(ref.parts[:1], ref.pos), earlier, user, role)
         for part in ref.parts[1:]:
             if target is None:
@@ -418,30 +516,70 @@ class _Checker:
         return target
 
     def check_struct_cycles(self) -> None:
-        graph: dict[int, list[tuple[ast.Vmsd, ast.Field]]] = {}
+        """Plain structs must not contain themselves; nothing may nest deeper than MAX_STRUCT_DEPTH.
+
+        Iterative depth-first searches: a long chain must not exhaust Python's stack.
+        """
+        plain: dict[int, list[tuple[ast.Vmsd, ast.Field]]] = {}
+        nested: dict[int, list[tuple[ast.Vmsd, ast.Field]]] = {}
         vmsds = [v for spec in self.p.files.values() for v in spec.vmsds]
         for v in vmsds:
-            edges = []
+            plain[id(v)], nested[id(v)] = [], []
             for f, _ in walk_fields(v.fields, v.subsections):
                 t = self.r.struct_target.get(id(f))
+                if t is None:
+                    continue
+                nested[id(v)].append((t, f))
                 # Lists, maps and nullable slots may end recursion; plain structs cannot.
-                if t is not None and f.kind == "struct" and not f.nullable:
-                    edges.append((t, f))
-            graph[id(v)] = edges
-        state: dict[int, int] = {}
+                if f.kind == "struct" and not f.nullable:
+                    plain[id(v)].append((t, f))
 
-        def dfs(v: ast.Vmsd, chain: list[str]) -> None:
-            state[id(v)] = 1
-            for t, f in graph.get(id(v), []):
+        def cycle(path: list[ast.Vmsd], t: ast.Vmsd, f: ast.Field) -> None:
+            chain = [v.name for v in path]
+            self.error(f.pos, f"struct '{t.name}' contains itself: {' -> '.join([*chain, t.name])}")
+
+        _depth_first(vmsds, plain, cycle, lambda v: None)
+        # Levels of nesting below each vmsd; a cycle (reported above, or through a list) counts once.
+        depth: dict[int, int] = {}
+
+        def done(v: ast.Vmsd) -> None:
+            depth[id(v)] = max((1 + depth.get(id(t), 0) for t, _ in nested[id(v)]), default=0)
+            for t, f in nested[id(v)]:
+                if depth.get(id(t)) == MAX_STRUCT_DEPTH:
+                    self.error(f.pos, f"'{f.name}' nests structs more than {MAX_STRUCT_DEPTH} levels deep ('{t.name}' holds {MAX_STRUCT_DEPTH})")
+
+        _depth_first(vmsds, nested, lambda path, t, f: None, done)
+
+
+def _depth_first(
+    vmsds: list[ast.Vmsd],
+    edges: dict[int, list[tuple[ast.Vmsd, ast.Field]]],
+    on_cycle: Callable[[list[ast.Vmsd], ast.Vmsd, ast.Field], None],
+    on_done: Callable[[ast.Vmsd], None],
+) -> None:
+    """Visit every vmsd once, children first: ``on_cycle`` for each edge back into the current
+    path (with that path), ``on_done`` once a vmsd's children are all done."""
+    state: dict[int, int] = {}  # 1 on the current path, 2 done
+    for root in vmsds:
+        if id(root) in state:
+            continue
+        state[id(root)] = 1
+        path = [root]
+        todo = [iter(edges[id(root)])]
+        while todo:
+            for t, f in todo[-1]:
                 if state.get(id(t)) == 1:
-                    self.error(f.pos, f"struct '{t.name}' contains itself: {' -> '.join([*chain, t.name])}")
+                    on_cycle(path, t, f)
                 elif id(t) not in state:
-                    dfs(t, [*chain, t.name])
-            state[id(v)] = 2
-
-        for v in vmsds:
-            if id(v) not in state:
-                dfs(v, [v.name])
+                    state[id(t)] = 1
+                    path.append(t)
+                    todo.append(iter(edges[id(t)]))
+                    break
+            else:
+                todo.pop()
+                v = path.pop()
+                state[id(v)] = 2
+                on_done(v)
 
 
 def _pos(e: ast.Expr) -> ast.Pos:

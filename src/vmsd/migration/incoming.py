@@ -4,16 +4,25 @@ RAM records are applied straight into the blocks (and multifd packets by
 the channel threads); device sections decode with the machine's device
 classes, strictly, and replace the device objects only once the whole stream
 has loaded, so a failed load leaves the machine as it was.  With QEMU's return
-path open the source is answered ``SHUT`` with the load's status.
+path open the source is answered ``SHUT`` with the load's status -- success
+only after ``commit`` (a snapshot writer, say) has kept what was received, so
+a source is never told to drop a VM whose state was then lost.
 """
 
 from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 
 import attrs
 
+from vmsd.migration.cpr import KEEPS_RAM, MODES
+from vmsd.migration.cpr.exec import find_state
+from vmsd.migration.cpr.ram import AdoptedRam
+from vmsd.migration.cpr.state import CprError, CprState
+from vmsd.migration.cpr.transfer import receive_state
+from vmsd.migration.limits import default_max_ram
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import ChannelStats, MultifdConfig, MultifdError, MultifdReceiver, accept_all
 from vmsd.migration.ram.blocks import RamBlocks
@@ -29,7 +38,16 @@ from vmsd.migration.stream import (
     Section,
     SpecSet,
 )
-from vmsd.migration.transport import Channel, TransportError, listen, open_incoming
+from vmsd.migration.transport import (
+    Channel,
+    Listener,
+    TcpURI,
+    TransportError,
+    UnixURI,
+    listen,
+    open_incoming,
+    parse_uri,
+)
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader
 
@@ -57,45 +75,113 @@ class Incoming:
     replaces the device objects only once the whole stream has loaded.
     Without a machine (``specs`` given), blocks are created as announced and
     device sections decode with ``specs``.
+
+    ``commit`` is called with the result once the whole stream has loaded and
+    before the source is told so; if it raises, the load fails (the source
+    hears ``SHUT`` with failure and keeps the VM) and the exception propagates.
     """
 
     def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
-                 blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None) -> None:
+                 blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None, mode: str = "normal",
+                 cpr_channel: str | None = None, commit: Callable[[IncomingResult], None] | None = None,
+                 max_ram: int | None = None) -> None:
+        """``mode`` is the migration mode of the old side (QEMU's ``mode``).  In cpr-transfer the CPR state
+        arrives first on ``cpr_channel`` (a ``unix:`` URI we listen on), in cpr-exec it is found through
+        the environment; either way the RAM blocks are built on the memory it hands over (a machine
+        given here must have none of its own) and no page may come on the main channel."""
+        if mode not in MODES:
+            raise ValueError(f"migration mode '{mode}' is not one of {', '.join(MODES)}")
+        if (mode == "cpr-transfer") != (cpr_channel is not None):
+            raise ValueError("a cpr channel is what cpr-transfer needs, and only it")
+        if cpr_channel is not None and not isinstance(parse_uri(cpr_channel), UnixURI):
+            raise ValueError("the cpr channel must be a unix: socket")
+        if mode in KEEPS_RAM and multifd is not None:
+            raise ValueError(f"migration mode '{mode}' does not use multifd channels")
         if machine is None and specs is None:
             raise ValueError("an Incoming without a machine needs specs")
         if machine is not None and blocks is not None:
             raise ValueError("an Incoming into a machine uses the machine's RAM blocks")
         self.machine = machine
         self.blocks = blocks  # without a machine: where announced blocks are created (default: memfd)
+        # Without a machine or blocks: the RAM a peer may announce (default: this host's memory).
+        self.max_ram = max_ram
         self.multifd = multifd
+        self.commit = commit
         # A machine's devices bring their classes; the configuration record needs no spec.
         self.specs = specs if specs is not None else SpecSet()
         self.status = "none"
         self.error: str | None = None
+        self.mode = mode
+        self.cpr_channel = cpr_channel
+        self.cpr_state: CprState | None = None  # what the old side handed over (CPR modes)
 
     def run(self, uri: str, timeout: float = 60.0) -> IncomingResult:
-        """Accept one migration on ``uri`` and load it."""
+        """Accept one migration on ``uri`` (after the CPR state, in cpr-transfer) and load it."""
+        if self.mode == "cpr-transfer" and not isinstance(parse_uri(uri), TcpURI | UnixURI):
+            raise ValueError("in cpr-transfer the main channel is a socket (tcp: or unix:)")
         self.status = "setup"
         cfg = self.multifd
+        lst: Listener | None = None
+        channels: list[Channel] = []
         try:
-            if cfg is None:
-                ch = open_incoming(uri, timeout=timeout)
-                channels: list[Channel] = []
-            else:
-                with listen(uri) as lst:
-                    ch, channels = accept_all(lambda: lst.accept(timeout), cfg, timeout)
+            try:
+                if self.mode == "cpr-transfer":
+                    lst = self._receive_cpr_state(uri, timeout)
+                elif self.mode == "cpr-exec":
+                    self._adopt(find_state())
+                if cfg is not None:
+                    with listen(uri) as mlst:
+                        ch, channels = accept_all(lambda: mlst.accept(timeout), cfg, timeout)
+                elif lst is not None:
+                    ch = lst.accept(timeout)
+                else:
+                    ch = open_incoming(uri, timeout=timeout)
+            finally:
+                if lst is not None:
+                    lst.close()
         except (TransportError, VMSDError) as e:
             self.status, self.error = "failed", e.message
+            self._drop_cpr_state()
             raise
         with ch:
-            return self.load(ch, channels)
+            try:
+                return self.load(ch, channels)
+            finally:
+                self._drop_cpr_state()
+
+    def _receive_cpr_state(self, uri: str, timeout: float) -> Listener | None:
+        """cpr-transfer: the CPR state from the old side, then listen on ``uri``, then hang up (the signal)."""
+        assert self.cpr_channel is not None
+        with listen(self.cpr_channel, backlog=1) as clst, clst.accept(timeout) as cch:
+            self._adopt(receive_state(cch))
+            # The old side connects the main channel when it sees the hang-up: listen before it.
+            return listen(uri, backlog=1)
+
+    def _adopt(self, state: CprState) -> None:
+        """RAM blocks from now on map the memory ``state`` hands over."""
+        blocks = self.machine.ram if self.machine is not None else self.blocks
+        if blocks is None:
+            blocks = self.blocks = RamBlocks()
+        if len(blocks):
+            state.close()
+            raise CprError(f"a {self.mode} destination takes its RAM from the old side, but it already has "
+                           f"RAM blocks ({', '.join(blocks.names())})")
+        self.cpr_state = state
+        blocks.factory = AdoptedRam(state)
+
+    def _drop_cpr_state(self) -> None:
+        """Close the descriptors of the CPR state that no RAM block took (vhost, tap, ...: not ours to use)."""
+        if self.cpr_state is not None:
+            self.cpr_state.close()
 
     def load(self, ch: Channel, multifd_channels: list[Channel] | None = None) -> IncomingResult:
         """Load the stream of ``ch`` (and the pages of ``multifd_channels``, indexed by channel id)."""
         start = time.monotonic()
         m = self.machine
-        blocks = m.ram if m is not None else self.blocks if self.blocks is not None else RamBlocks()
-        loader = RamLoader(blocks, create_missing=m is None)
+        blocks = (m.ram if m is not None else self.blocks if self.blocks is not None
+                  else RamBlocks(limit=self.max_ram if self.max_ram is not None else default_max_ram()))
+        in_place = self.mode in KEEPS_RAM
+        loader = RamLoader(blocks, create_missing=m is None or in_place)
         receiver: MultifdReceiver | None = None
         if multifd_channels:
             cfg = self.multifd
@@ -111,7 +197,7 @@ class Incoming:
         def ram(sec: Section, context: RamContext) -> None:
             if sec.kind == QEMU_VM_SECTION_START:
                 ram_ids.add(sec.section_id)
-            loader.load_section(r, context)
+            loader.load_section(r, attrs.evolve(context, in_place=True) if in_place else context)
 
         dec.ram_handler = ram
         if m is not None:
@@ -129,6 +215,19 @@ class Incoming:
             sections = [rec for rec in records if isinstance(rec, Section) and rec.kind == QEMU_VM_SECTION_FULL]
             if not ram_ids:
                 raise MalformedStream("the stream carries no RAM section")
+            counters = attrs.asdict(loader.counters)
+            stats: list[ChannelStats] = []
+            named = loader.named
+            if receiver is not None:
+                receiver.close()  # every page is in: the channels' threads are done
+                stats, named = receiver.stats, named | receiver.named
+                receiver = None
+                counters["normal"] += sum(st.pages for st in stats)
+                counters["duplicate"] += sum(st.zero_pages for st in stats)
+            result = IncomingResult(dec.stream.configuration, blocks, min(ram_ids), sections, counters,
+                                    time.monotonic() - start, stats, named)
+            if self.commit is not None:
+                self.commit(result)
         except BaseException as e:
             self.status = "failed"
             cause = receiver.failure(0.5) if receiver is not None and not isinstance(e, MultifdError) else None
@@ -149,14 +248,7 @@ class Incoming:
         if dec.return_path:
             _send_shut(ch, 0)
         self.status = "completed"
-        counters = attrs.asdict(loader.counters)
-        stats = receiver.stats if receiver is not None else []
-        if receiver is not None:
-            counters["normal"] += sum(st.pages for st in stats)
-            counters["duplicate"] += sum(st.zero_pages for st in stats)
-        return IncomingResult(dec.stream.configuration, blocks, min(ram_ids), sections, counters,
-                              time.monotonic() - start, stats,
-                              loader.named | receiver.named if receiver is not None else loader.named)
+        return result
 
 
 def _drain_trailer(r: Reader) -> None:

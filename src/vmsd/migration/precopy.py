@@ -53,6 +53,11 @@ import attrs
 import numpy as np
 
 from vmsd.migration import policy
+from vmsd.migration.cpr import KEEPS_RAM, MODES
+from vmsd.migration.cpr.exec import exec_program, persist_state, unpersist_state
+from vmsd.migration.cpr.ram import ram_entries
+from vmsd.migration.cpr.state import CprError
+from vmsd.migration.cpr.transfer import await_hangup, send_state
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import (
     MultifdConfig,
@@ -75,7 +80,7 @@ from vmsd.migration.stream import (
     SavevmWriter,
     Section,
 )
-from vmsd.migration.transport import Channel, FileURI, TransportError, open_outgoing, parse_uri
+from vmsd.migration.transport import Channel, FileURI, TransportError, UnixURI, open_outgoing, parse_uri
 from vmsd.runtime.errors import VMSDError
 
 # Not 0: QEMU 7.2 finds the handler of a PART/END section by the id its START
@@ -247,7 +252,13 @@ class Migration:
     def __init__(self, machine: Machine, uri: str, capabilities: dict[str, bool] | None = None,
                  parameters: dict[str, int] | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None, timeout: float = 30.0,
-                 multifd: MultifdConfig | None = None, peer: PeerProfile | None = None) -> None:
+                 multifd: MultifdConfig | None = None, peer: PeerProfile | None = None, mode: str = "normal",
+                 cpr_channel: str | None = None, cpr_exec_command: list[str] | None = None) -> None:
+        """``mode`` is QEMU's migration mode: ``normal`` (precopy), or a CPR mode, where the machine stops
+        when the main channel connects: ``cpr-reboot`` (RAM copied, or left in shared files with
+        x-ignore-shared), ``cpr-transfer`` (RAM memfds handed to the new side over ``cpr_channel``, a
+        ``unix:`` URI, before the main stream) and ``cpr-exec`` (this process execs ``cpr_exec_command``
+        once the stream is complete; the RAM descriptors survive the exec)."""
         self.machine = machine
         self.uri = uri
         if peer is None:
@@ -256,6 +267,11 @@ class Migration:
             raise ValueError(f"the multifd configuration is for {multifd.peer}, the migration for {peer}")
         self.peer = peer
         self.capabilities, self.parameters = parse_settings(capabilities, parameters, peer)
+        _check_mode(mode, peer, uri, cpr_channel, cpr_exec_command, multifd is not None or self.capabilities["multifd"])
+        self.mode = mode
+        self.cpr_channel = cpr_channel
+        self.cpr_exec_command = list(cpr_exec_command or [])
+        self._cpr_state_fd: int | None = None  # cpr-exec: the persisted state, until the exec
         if multifd is None and self.capabilities["multifd"]:
             multifd = MultifdConfig(peer=peer)
         if multifd is not None:
@@ -279,8 +295,10 @@ class Migration:
         cache = XbzrleCache(self.parameters["xbzrle-cache-size"]) if self.capabilities["xbzrle"] else None
         self.encoder = RamEncoder(cache, zero_copy=True)  # the main channel writes pages from RAM (Channel.writev)
         self._framing = SavevmWriter()
-        # The blocks whose pages go on the wire: with x-ignore-shared, shared blocks stay where they are.
-        self._sent = [b for b in machine.ram if not (self.capabilities["x-ignore-shared"] and b.shared)]
+        # The blocks whose pages go on the wire: with x-ignore-shared, shared blocks stay where they are;
+        # in cpr-transfer and cpr-exec every block does.
+        self._sent = [] if mode in KEEPS_RAM else \
+            [b for b in machine.ram if not (self.capabilities["x-ignore-shared"] and b.shared)]
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self._channel: Channel | None = None
@@ -324,6 +342,11 @@ class Migration:
         if not blocks:
             raise MigrationError("the machine has no RAM blocks")
         cfg = self.multifd
+        if self.mode != "normal":
+            # CPR: the machine stops before the main channel connects; there is no live phase.
+            m.pause(timeout=self.timeout)
+            self._paused_here = True
+            self._hand_over()
         if cfg is not None and cfg.peer.multifd_classifies_channels:  # multifd channels first, as QEMU does
             self._open_multifd(cfg)
         self._channel = open_outgoing(self.uri, timeout=self.timeout)
@@ -350,6 +373,11 @@ class Migration:
         st = self.stats
         st.dirty_sync_count = 1
         self._set_status(MigrationStatus.ACTIVE)
+        if self.mode != "normal":
+            self._complete(todo)  # stopped already: one pass of what is not kept in place
+            if self.mode == "cpr-exec":
+                self._exec()
+            return
         while True:
             self._check_cancel()
             pending = todo.remaining() * PAGE_SIZE
@@ -542,6 +570,31 @@ class Migration:
         self._channel = None
         self._set_status(MigrationStatus.COMPLETED)  # the machine stays paused, as QEMU's source in postmigrate
 
+    def _hand_over(self) -> None:
+        """The CPR state: over the cpr channel (cpr-transfer), or into the environment (cpr-exec)."""
+        entries = ram_entries(self.machine.ram) if self.mode in KEEPS_RAM else []
+        if self.mode == "cpr-transfer":
+            assert self.cpr_channel is not None
+            with open_outgoing(self.cpr_channel, timeout=self.timeout) as cch:
+                send_state(cch, entries, self.peer)
+                await_hangup(cch, self.timeout)
+        elif self.mode == "cpr-exec":
+            self._cpr_state_fd = persist_state(entries, self.peer)
+
+    def _exec(self) -> None:
+        """Become the new program; if the exec fails, the migration has failed and the machine runs on."""
+        keep = self._cpr_state_fd
+        assert keep is not None
+        try:
+            exec_program(self.cpr_exec_command, [keep, *(b.fd for b in self.machine.ram)])
+        except CprError as e:
+            self._cpr_state_fd = None
+            unpersist_state(keep)
+            self.error = e.message
+            self._set_status(MigrationStatus.FAILED)
+            self.machine.resume()
+            self._paused_here = False
+
     def _await_shut(self, ch: Channel) -> None:
         """Wait for the destination's MIG_RP_MSG_SHUT on the return path."""
         try:
@@ -573,6 +626,9 @@ class Migration:
             self._sender.abort()
         for mch in self._multifd_channels:
             mch.abort()
+        if self._cpr_state_fd is not None:
+            unpersist_state(self._cpr_state_fd)
+            self._cpr_state_fd = None
         if self._paused_here:
             self.machine.resume()
             self._paused_here = False
@@ -622,3 +678,25 @@ class Migration:
         if self.error is not None:
             out["error-desc"] = self.error
         return out
+
+
+def _check_mode(mode: str, peer: PeerProfile, uri: str, cpr_channel: str | None,
+                cpr_exec_command: list[str] | None, multifd: bool) -> None:
+    """QEMU's rules for a migration mode, checked before anything starts."""
+    if mode not in MODES:
+        raise ValueError(f"migration mode '{mode}' is not one of {', '.join(MODES)}")
+    if mode != "normal" and mode not in peer.cpr_modes:
+        raise ValueError(f"{peer} does not know migration mode '{mode}'")
+    if mode != "normal" and multifd:
+        raise ValueError(f"migration mode '{mode}' does not use multifd channels")
+    if mode == "cpr-transfer":
+        if cpr_channel is None or not isinstance(parse_uri(cpr_channel), UnixURI):
+            raise ValueError("cpr-transfer needs a cpr channel that is a unix: socket")
+        if isinstance(parse_uri(uri), FileURI):
+            raise ValueError("cpr-transfer sends the main stream over a socket, not to a file:")
+    elif cpr_channel is not None:
+        raise ValueError(f"a cpr channel is only for cpr-transfer, not for mode '{mode}'")
+    if mode == "cpr-exec" and not cpr_exec_command:
+        raise ValueError("cpr-exec needs cpr-exec-command (the program to exec and its arguments)")
+    if mode != "cpr-exec" and cpr_exec_command:
+        raise ValueError(f"cpr-exec-command is only for cpr-exec, not for mode '{mode}'")

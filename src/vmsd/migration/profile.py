@@ -36,6 +36,11 @@ class PeerProfile:
     multifd_bare_sync: bool
     # query-migrate-parameters' max-bandwidth when nobody set it (MAX_THROTTLE, 128 MiB/s).
     max_bandwidth: int = 128 << 20
+    # The migration modes (QEMU's MigMode) besides "normal": cpr-reboot came in 8.2, cpr-transfer in
+    # 10.0, cpr-exec in 10.2.
+    cpr_modes: frozenset[str] = frozenset()
+    # The CPR state ends with the "CprState/vfio devices" subsection, always sent (10.1+); 10.0 refuses it.
+    cpr_vfio_devices: bool = False
 
     def __str__(self) -> str:
         return f"QEMU {self.version}"
@@ -45,12 +50,15 @@ PROFILES: dict[str, PeerProfile] = {
     "7.2": PeerProfile("7.2", multifd_flush_records=False, multifd_zero_pages=False,
                        multifd_classifies_channels=False, multifd_compression_mask=0x0E, multifd_bare_sync=False),
     "10.0": PeerProfile("10.0", multifd_flush_records=True, multifd_zero_pages=True,
-                        multifd_classifies_channels=True, multifd_compression_mask=0x3E, multifd_bare_sync=True),
+                        multifd_classifies_channels=True, multifd_compression_mask=0x3E, multifd_bare_sync=True,
+                        cpr_modes=frozenset({"cpr-reboot", "cpr-transfer"})),
     # On the wire as 10.0 (checked against 11.1.3: precopy and multifd both ways, none/zlib/zstd, the same
     # defaults). What 11.1 dropped vmsd never sends: command 8 (ENABLE_COLO, refused as deprecated since
-    # 10.2) and the zero-blocks capability.
+    # 10.2) and the zero-blocks capability. Its CPR state ends with the VFIO subsection (checked against
+    # the bytes 11.1.3 sends).
     "11.1": PeerProfile("11.1", multifd_flush_records=True, multifd_zero_pages=True,
-                        multifd_classifies_channels=True, multifd_compression_mask=0x3E, multifd_bare_sync=True),
+                        multifd_classifies_channels=True, multifd_compression_mask=0x3E, multifd_bare_sync=True,
+                        cpr_modes=frozenset({"cpr-reboot", "cpr-transfer", "cpr-exec"}), cpr_vfio_devices=True),
 }
 NEWEST = PROFILES["11.1"]
 

@@ -41,7 +41,8 @@ TRANSITIONS: Mapping[MigrationStatus, frozenset[MigrationStatus]] = {
     _S.SETUP: frozenset({_S.ACTIVE}) | _ENDS,
     _S.ACTIVE: frozenset({_S.DEVICE}) | _ENDS,
     _S.DEVICE: frozenset({_S.COMPLETED}) | _ENDS,
-    _S.COMPLETED: frozenset(),
+    # cpr-exec: the stream is complete before the exec, and a failed exec makes it a failure (as in QEMU).
+    _S.COMPLETED: frozenset({_S.FAILED}),
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),
 }

@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from vmsd.migration.limits import MAX_PACKAGE_DEPTH
 from vmsd.migration.ram.records import PLAIN, RAM_SECTION_VERSION, RamContext, RamPayload, read_ram, write_ram
 from vmsd.runtime.errors import (
     MalformedStream,
@@ -190,6 +191,9 @@ class Command:
     packaged: list[Any] | None = None  # records inside a PACKAGED command
     package_eof: bool = False  # the package ends with an EOF byte (QEMU stops there)
     package_tail: bytes = b""  # package bytes after that point (QEMU never reads them)
+    # This command ``count`` times back to back (``offset`` is the first): a run of
+    # identical commands is one object, so memory follows records, not bytes alone.
+    count: int = 1
 
     @property
     def name(self) -> str:
@@ -418,6 +422,8 @@ class Decoder:
         self.ram_context = PLAIN  # set from the configuration's capabilities
         self.ram_block_named = False
         self.package_eof = False  # set when a PACKAGED command's records end at an EOF byte
+        self.package_depth = 0  # PACKAGED commands around the records being read
+        self.short_data: dict[bytes, bytes] = {}
 
     def warn(self, msg: str) -> None:
         self.stream.warnings.append(msg)
@@ -499,12 +505,19 @@ class Decoder:
                 out.append(self.section(kind, at))
             elif kind == QEMU_VM_COMMAND:
                 cmd = self.command(at)
-                out.append(cmd)
+                prev = out[-1] if out else None
+                if (isinstance(prev, Command) and prev.cmd == cmd.cmd and prev.data == cmd.data
+                        and prev.packaged is None and cmd.packaged is None):
+                    prev.count += 1
+                else:
+                    out.append(cmd)
                 if cmd.cmd == 5 and not top:  # POSTCOPY_RUN ends a package
+                    self.package_eof = False  # (a package inside this one may have set it)
                     return out
             else:
                 raise MalformedStream(f"unknown savevm section type {kind}", offset=at)
             if not top and r.at_end():
+                self.package_eof = False
                 return out
 
     def command(self, at: int) -> Command:
@@ -516,6 +529,8 @@ class Decoder:
         if fixed is not None and length != fixed:
             raise MalformedStream(f"{MIG_CMD_NAMES[cmd]} received with bad length - expecting {fixed}, got {length}", offset=at)
         data = r.read(length)
+        if length <= 8:  # PINGs and the like: one bytes object per distinct value, not per command
+            data = self.short_data.setdefault(data, data)
         command = Command(cmd, at, data)
         self.return_path = self.return_path or cmd == 1  # MIG_CMD_OPEN_RETURN_PATH
         if cmd == MIG_CMD_PACKAGED:
@@ -523,12 +538,15 @@ class Decoder:
             rem = r.remaining()
             if rem is not None and size > rem:
                 raise TruncatedStream(f"PACKAGED announces {size} bytes, {rem} remain", offset=at)
+            if self.package_depth >= MAX_PACKAGE_DEPTH:
+                raise MalformedStream(f"PACKAGED commands nest more than {MAX_PACKAGE_DEPTH} deep", offset=at)
             # The package is a nested record sequence: decode it with this decoder
             # over its own bytes, so section ids, footers and trailer order carry on.
             outer = self.r
             self.r = Reader(outer.read(size))
             self.package_eof = False
             base = outer.tell() - size
+            self.package_depth += 1
             try:
                 command.packaged = self.records(top=False)
                 command.package_eof = self.package_eof
@@ -539,6 +557,7 @@ class Decoder:
                 raise
             finally:
                 self.r = outer
+                self.package_depth -= 1
         return command
 
     def section(self, kind: int, at: int) -> Section:
@@ -1020,6 +1039,11 @@ def _write_record(w: Writer, rec: Section | Command) -> None:
         else:
             w.u16(len(rec.data))
             w.write(rec.data)
+            for _ in range(rec.count - 1):
+                w.u8(QEMU_VM_COMMAND)
+                w.u16(rec.cmd)
+                w.u16(len(rec.data))
+                w.write(rec.data)
         return
     w.write(section_head(rec.kind, rec.section_id, rec.idstr, rec.instance_id, rec.version_id))
     p = rec.payload

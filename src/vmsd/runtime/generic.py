@@ -108,6 +108,8 @@ def _decode_one(r: Reader, entry: Obj) -> Any:
             raise MalformedStream("list holds more elements than its description", offset=r.tell() - 1)
     elif kind == "gtree":
         value = _decode_gtree(r, entry)
+    elif kind == "fd":
+        value = r.get_fd()  # QEMU describes it as 4 bytes; passed, it is one carrier byte
     else:
         # buffer, unused_buffer, bitmap and device-specific types: raw bytes
         value = r.read(size)
@@ -121,6 +123,9 @@ def _decode_gtree(r: Reader, entry: Obj) -> list[tuple[Any, Any]]:
     nnodes = r.u32()
     bodies = _bodies(entry)
     keyed = len(bodies) == 2 * nnodes and nnodes > 0
+    if not keyed and nnodes > len(bodies):
+        # The trailer describes each node's body; a node without one cannot be read.
+        raise MalformedStream(f"tree announces {nnodes} nodes, its description has {len(bodies)}", offset=start)
     out: list[tuple[Any, Any]] = []
     for i in range(nnodes):
         if not r.u8():
@@ -168,6 +173,8 @@ def _encode_one(w: Writer, entry: Obj, value: Any) -> None:
             w.u8(1)
             encode_body(w, b, v)
         w.u8(0)
+    elif kind == "fd":
+        w.put_fd(value)
     elif kind == "gtree":
         bodies = _bodies(entry)
         keyed = len(bodies) == 2 * len(value) and value

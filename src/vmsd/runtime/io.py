@@ -38,6 +38,23 @@ class ByteSink(Protocol):
     def write(self, data: bytes | bytearray, /) -> object: ...
 
 
+class FdSource(Protocol):
+    """Where a :class:`Reader` takes the descriptors that came with its bytes (SCM_RIGHTS)."""
+
+    def take_fd(self) -> int | None:
+        """The next descriptor received with bytes already read (the caller owns it), or None if none came."""
+
+
+class FdSink(Protocol):
+    """Where a :class:`Writer` sends a descriptor: one byte with the descriptor attached."""
+
+    def send_fd(self, data: bytes, fd: int) -> None: ...
+
+
+# The byte that carries a passed descriptor (QEMU writes a space).
+FD_CARRIER = b" "
+
+
 class SocketSource:
     """Adapts a socket to :class:`ByteSource`."""
 
@@ -54,9 +71,11 @@ _NO_SCRATCH = bytearray()
 class Reader:
     """Reads QEMU primitives from memory or from a :class:`ByteSource`."""
 
-    __slots__ = ("_base", "_scratch", "_source", "buf", "eof", "pos")
+    __slots__ = ("_base", "_scratch", "_source", "buf", "eof", "fds", "pos")
 
-    def __init__(self, data: bytes | bytearray | memoryview = b"", source: ByteSource | None = None) -> None:
+    def __init__(
+        self, data: bytes | bytearray | memoryview = b"", source: ByteSource | None = None, fds: FdSource | None = None
+    ) -> None:
         self.buf: bytes = data if type(data) is bytes else bytes(data)
         self.pos = 0
         self._base = 0
@@ -64,6 +83,9 @@ class Reader:
         # True once nothing lies beyond ``buf``: memory input, or a source that ended.
         self.eof = source is None
         self._scratch = _NO_SCRATCH  # reused receive buffer, grown on the first read from the source
+        # Descriptors (VMSTATE_FD) come from here with a carrier byte each; without
+        # it they are numbers (be32), as in QEMU's cpr-exec state.
+        self.fds = fds
 
     @classmethod
     def from_file(cls, f: ByteSource) -> Reader:
@@ -199,16 +221,30 @@ class Reader:
         """``u8 n`` then ``n`` bytes (idstrs, subsection and block names)."""
         return self.read(self.u8())
 
+    def get_fd(self) -> int:
+        """A descriptor field: the next passed descriptor (its carrier byte consumed), or a be32 number."""
+        if self.fds is None:
+            return self.s32()
+        at = self.tell()
+        if self.read(1) != FD_CARRIER:
+            raise MalformedStream(f"expected the byte {FD_CARRIER!r} carrying a descriptor", offset=at)
+        fd = self.fds.take_fd()
+        if fd is None:
+            raise MalformedStream("no descriptor came with the byte meant to carry one", offset=at)
+        return fd
+
 
 class Writer:
     """Accumulates QEMU primitives; optionally drains to a binary sink."""
 
-    __slots__ = ("_flushed", "_sink", "buf")
+    __slots__ = ("_flushed", "_sink", "buf", "fds")
 
-    def __init__(self, sink: ByteSink | None = None) -> None:
+    def __init__(self, sink: ByteSink | None = None, fds: FdSink | None = None) -> None:
         self.buf = bytearray()
         self._sink = sink
         self._flushed = 0
+        # Descriptor fields go out through this (after what is buffered); without it as be32 numbers.
+        self.fds = fds
 
     def tell(self) -> int:
         return self._flushed + len(self.buf)
@@ -242,6 +278,23 @@ class Writer:
 
     def s64(self, v: int) -> None:
         self.buf += _S64.pack(v)
+
+    def put_fd(self, fd: int) -> None:
+        """A descriptor field: sent with a carrier byte through :attr:`fds`, or written as a be32 number."""
+        if self.fds is None:
+            self.buf += _S32.pack(fd)
+            return
+        if self.buf:
+            # Everything before the descriptor goes first.  The buffer is emptied in
+            # place: generated savers hold it under another name.
+            data = bytes(self.buf)
+            self.buf.clear()
+            if self._sink is None:
+                raise ValueError("a writer passing descriptors needs a sink for the bytes around them")
+            self._sink.write(data)
+            self._flushed += len(data)
+        self.fds.send_fd(FD_CARRIER, fd)
+        self._flushed += len(FD_CARRIER)
 
     def counted_string(self, s: bytes) -> None:
         if len(s) > 255:

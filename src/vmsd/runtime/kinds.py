@@ -4,7 +4,7 @@ A field's ``kind`` (``ast.Field.kind``, ``FieldSpec.kind`` in generated
 tables) is a name from :data:`KINDS`.  The grammar's ``<kind>_field`` rules
 produce the same names (tests/test_tables.py holds the two together).
 
-Adding a kind (the next is ``fd``, QEMU's VMSTATE_FD) touches, in order:
+Adding a kind (``fd``, QEMU's VMSTATE_FD, was the last) touches, in order:
 
 1. ``grammar/vmsd.lark``: a ``<kind>_field`` rule, and an alternative of ``?field``.
 2. ``grammar/parser.py``: ``_ToAst.<kind>_field`` builds the ``ast.Field``;
@@ -59,5 +59,8 @@ KINDS: dict[str, Kind] = {
         Kind("map", nested=True, whole=True, measured=True),
         Kind("validate"),
         Kind("opaque", whole=True),
+        # A file descriptor (VMSTATE_FD); how it travels is the reader's and writer's
+        # business (vmsd.runtime.io: a be32 number, or a byte with SCM_RIGHTS).
+        Kind("fd"),
     )
 }

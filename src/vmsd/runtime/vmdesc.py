@@ -142,7 +142,7 @@ def _entry(obj: Any, f: FieldSpec, elem: Any, n: int, i: int, compress: bool) ->
             entry.append(("struct", nested))
     elif f.kind == "scalar":
         size = f.elem_size
-    elif f.kind == "unused":
+    elif f.kind in ("unused", "fd"):
         size = f.elem_size
     elif f.kind in ("bytes", "opaque"):
         size = len(elem)

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import json
 import keyword
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmsd.grammar.semantic import RESERVED, python_class_name
+from vmsd.grammar.pynames import MEMBER_RESERVED, module_name_problem, python_class_name
 from vmsd.migration.stream import find_trailer
+from vmsd.runtime.outfile import OutputError, write_file
 from vmsd.runtime.scalars import BY_INFO, BY_NAME, SCALARS
 from vmsd.runtime.vmdesc import Obj
 from vmsd.tools.errors import ToolError
@@ -44,18 +46,13 @@ class ImportQemuError(ToolError):
 _GUESS_BY_SIZE = {s.size: s.name for s in SCALARS if s.integer and not s.signed}
 _NULL_TYPES = frozenset({"nullptr", "ptr-marker"})
 
-# Identifiers a field must not take: the generated class's own names, and
-# names its class body uses (an attribute would shadow them).
-_AVOID_ATTRS = frozenset(RESERVED) | {
-    "attrs", "ClassVar", "abc", "enum", "struct", "bytes", "list", "int", "bool", "float",
-    "dict", "tuple", "str", "object", "super", "property", "staticmethod", "classmethod",
-}
-_AVOID_CLASSES = frozenset({"Reader", "Writer", "ClassVar", "None", "True", "False", "VMStateObject"})
+# Identifiers a field does not take: the compiler would give it a trailing underscore (pynames).
+_AVOID_ATTRS = MEMBER_RESERVED
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A vmsd name the grammar takes for a keyword or scalar type has to be quoted.
 _GRAMMAR_WORDS = frozenset({
     "as", "bitmap", "bytes", "class", "custom", "enum", "equal", "false", "flags", "if", "import", "info",
-    "le", "list", "map", "minimum", "needed", "opaque", "qlist", "since", "struct", "subsection", "tmp",
+    "fd", "le", "list", "map", "minimum", "needed", "opaque", "qlist", "since", "struct", "subsection", "tmp",
     "true", "unused", "validate", "version", "vmsd",
 }).union(BY_NAME)
 _TODO_EXISTS = "TODO: transcribe field_exists from the C source"
@@ -664,7 +661,7 @@ class _Importer:
     # -- class names and struct references ---------------------------------------------------
     def _name_classes(self, files: list[_File]) -> None:
         vmsd_names = {d.name for f in files for d in f.decls}
-        taken: set[str] = set(_AVOID_CLASSES)
+        taken: set[str] = set()
         self.cls: dict[int, str] = {}
         self.explicit: set[int] = set()
         for f in files:
@@ -673,7 +670,7 @@ class _Importer:
                 if keyword.iskeyword(base):
                     base += "_"
                 cname, n = base, 2
-                while cname in taken or cname.lower() in {t.lower() for t in taken}:
+                while cname in taken or cname.lower() in {t.lower() for t in taken} or module_name_problem(cname):
                     cname, n = f"{base}{n}", n + 1
                 taken.add(cname)
                 self.cls[id(d)] = cname
@@ -722,7 +719,7 @@ class _Importer:
     def _rename_class(self, d: _Desc) -> None:
         base = python_class_name(d.name) + "Vmsd"
         cname, n = base, 2
-        while cname in self.taken_classes or cname in self.vmsd_names:
+        while cname in self.taken_classes or cname in self.vmsd_names or module_name_problem(cname):
             cname, n = f"{base}{n}", n + 1
         self.taken_classes.add(cname)
         self.cls[id(d)] = cname
@@ -957,6 +954,8 @@ class _Decl:
             elif f.size == 0:
                 notes.append(f"GUESS: {g.total} bytes in the stream; the length may come from another field")
             return f"bytes {ident}[{g.total}]{wire}"
+        if t == "fd":
+            return f"fd {ident}{wire}"
         if t == "bitmap":
             notes.append(f"GUESS: {g.total * 8} bits fill the {g.total} bytes seen; the bit count comes from another field")
             return f"bitmap {ident}[{max(g.total * 8, 64)}]{wire}"
@@ -990,7 +989,7 @@ def _align(lines: Iterable[_Line]) -> list[str]:
     return out
 
 
-def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path) -> list[Path]:
+def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path, force: bool = False) -> list[Path]:
     """Write skeleton ``.vmsd`` specs for a QEMU ``-dump-vmstate`` file into ``out_dir``.
 
     CLI contract (``vmsd import-qemu DUMP.json [--stream FILE] -o DIR``):
@@ -1000,8 +999,10 @@ def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path) -> lis
       same QEMU with its JSON trailer; its field types, array lengths and wire
       sizes replace guesses for every vmsd it contains (matched by vmsd name),
       and sections of the stream the dump lacks (``cpu``, ``timer`` ...) are
-      imported from the trailer alone.  ``-o DIR``: created if missing; the
-      files written there are overwritten, others are left alone.
+      imported from the trailer alone.  ``-o DIR``: created if missing; if a
+      file to write is there already (an earlier import, edited since, say),
+      nothing is written unless ``force`` (``--force``) replaces them; other
+      files are left alone.
     * Writes one ``<vmsd>.vmsd`` per distinct top-level layout (its doc comment
       lists the QOM types sharing it) and ``common.vmsd`` (``common_2.vmsd``
       ... when two shared layouts have the same name) for nested layouts used
@@ -1021,15 +1022,18 @@ def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path) -> lis
     files = imp.plan()
     texts = {f.stem: imp.render(f) for f in files}
     out_dir = Path(out_dir)
+    written = [out_dir / f"{f.stem}.vmsd" for f in files]
+    present = [p.name for p in written if os.path.lexists(p)]
+    if present and not force:
+        raise ImportQemuError(f"{out_dir} already has {', '.join(present)} (--force replaces them)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        written = []
-        for f in files:
-            path = out_dir / f"{f.stem}.vmsd"
-            path.write_text(texts[f.stem], encoding="utf-8")
-            written.append(path)
+        for f, path in zip(files, written, strict=True):
+            write_file(path, texts[f.stem], force=force)
     except OSError as exc:
         raise ImportQemuError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+    except OutputError as exc:
+        raise ImportQemuError(str(exc)) from None
     _self_check(written)
     return written
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +32,7 @@ from vmsd.migration.incoming import Incoming
 from vmsd.migration.machine import Machine
 from vmsd.migration.precopy import Migration
 from vmsd.migration.ram.blocks import PAGE_SIZE
+from vmsd.runtime.outfile import write_file
 from vmsd.tools.progress import Progress, summary
 
 MACHINE = "vmsd-demo"
@@ -110,11 +111,11 @@ def dest_main(uri: str, ram_size: int, report: Path) -> int:
         try:
             result = incoming.run(uri, timeout=60)
         except Exception as e:  # reported to the source through the report and the return path
-            report.write_text(json.dumps({"status": "failed", "error": str(e)}))
+            write_file(report, json.dumps({"status": "failed", "error": str(e)}))
             return 1
         m.resume()
         out = {"status": "completed", "seconds": result.seconds, "ram-counters": result.counters, **digest(m)}
-        report.write_text(json.dumps(out))
+        write_file(report, json.dumps(out))
     return 0
 
 
@@ -131,7 +132,14 @@ def run(ram_size: int = 1 << 30, json_lines: bool = False, parameters: dict[str,
     print(f"\n== live migration: a {ram_size >> 20} MiB Python machine with devices 'serial' and 'i8254' "
           f"moves to another process over loopback TCP", file=out)
     uri = f"tcp:127.0.0.1:{_free_port()}"
-    report = Path(os.environ.get("TMPDIR", "/tmp")) / f"vmsd-demo-{os.getpid()}.json"
+    # A private folder of a random name: nobody can plant the report, or a link where it goes.
+    with tempfile.TemporaryDirectory(prefix="vmsd-demo-") as folder:
+        return _run(uri, ram_size, json_lines, parameters, capabilities, warmup, Path(folder) / "report.json")
+
+
+def _run(uri: str, ram_size: int, json_lines: bool, parameters: dict[str, int] | None,
+         capabilities: dict[str, bool] | None, warmup: float, report: Path) -> int:
+    out = sys.stdout
     dest = subprocess.Popen([sys.executable, "-m", "vmsd.tools.livedemo", "dest", uri, "--ram", str(ram_size),
                              "--report", str(report)], stdout=subprocess.PIPE, text=True)
     try:
@@ -185,7 +193,6 @@ def run(ram_size: int = 1 << 30, json_lines: bool = False, parameters: dict[str,
         if dest.poll() is None:
             dest.kill()
             dest.wait()
-        report.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

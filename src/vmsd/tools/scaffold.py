@@ -18,6 +18,7 @@ from pathlib import Path
 
 import vmsd
 from vmsd.codegen.package import write_package
+from vmsd.runtime.outfile import write_file
 from vmsd.tools.errors import ToolError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "device_package"
@@ -65,6 +66,6 @@ def new_package(folder: Path, name: str | None = None) -> list[Path]:
     root = folder.resolve()
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text, encoding="utf-8")
+        write_file(root / rel, text)
     generated = write_package(root, "specs", f"src/{chosen}/state")
     return sorted([*files, *(p.relative_to(root) for p in generated)])

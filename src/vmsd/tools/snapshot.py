@@ -5,8 +5,12 @@ iterations, XBZRLE pages included) and applies its RAM records straight into
 memfd-backed RAM blocks as they arrive; device sections are decoded with the
 QEMU specs.  It then writes a compact stream -- the configuration, one pass of
 RAM (zero pages and full pages), the device sections as received, EOF and a
-trailer -- to ``SNAPSHOT.partial``, renamed only when complete.  QEMU loads it
-with ``-incoming``.  ``vmsd outgoing SNAPSHOT URI`` loads a snapshot into a
+trailer -- through an :class:`~vmsd.runtime.outfile.OutputFile` (0600: it holds
+guest RAM), and only once it is durably under its name does the source hear,
+on the return path, that the load succeeded; a snapshot that cannot be written
+fails the migration, and QEMU keeps running the VM.  The output is checked
+before the first connection is accepted.  QEMU loads the snapshot with
+``-incoming``.  ``vmsd outgoing SNAPSHOT URI`` loads a snapshot into a
 paused :class:`~vmsd.migration.machine.Machine` and migrates it with the precopy
 engine to a QEMU started with ``-incoming`` (capabilities and parameters as
 QEMU names them).
@@ -14,7 +18,6 @@ QEMU names them).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,10 +26,12 @@ import numpy as np
 
 from vmsd.migration.incoming import Incoming, IncomingResult
 from vmsd.migration.iovec import Scattered, write_scattered
+from vmsd.migration.limits import default_max_ram
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import MultifdConfig
 from vmsd.migration.precopy import Migration
 from vmsd.migration.profile import PeerProfile
+from vmsd.migration.ram.blocks import RamBlocks
 from vmsd.migration.ram.records import RAM_SECTION_VERSION, RamContext
 from vmsd.migration.ram.wire import RamEncoder
 from vmsd.migration.stream import (
@@ -38,57 +43,61 @@ from vmsd.migration.stream import (
 )
 from vmsd.migration.transport import open_incoming
 from vmsd.runtime.errors import RegistryError
+from vmsd.runtime.outfile import OutputError, OutputFile
 
 _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 
 
-def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0,
-             multifd: MultifdConfig | None = None) -> IncomingResult:
-    """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads."""
-    result = Incoming(specs=specs, multifd=multifd).run(uri, timeout)
+def incoming(uri: str, output: Path | str, specs: SpecSet, timeout: float = 60.0,
+             multifd: MultifdConfig | None = None, force: bool = False, mode: str = "normal",
+             cpr_channel: str | None = None, max_ram: int | None = None) -> IncomingResult:
+    """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads.
+
+    ``output`` may be ``-`` (standard output); an existing file is replaced only with ``force``.  In
+    cpr-transfer the old side hands its RAM over as memfds on ``cpr_channel``; the snapshot's pages are
+    read from them.  ``max_ram``: the most RAM the peer may announce (default: this host's memory).
+    """
+    blocks = RamBlocks(limit=max_ram if max_ram is not None else default_max_ram())
     try:
-        write_snapshot(result, output)
+        with OutputFile(output, force=force, private=True, stdout=True) as out:
+            return Incoming(specs=specs, multifd=multifd, blocks=blocks, mode=mode, cpr_channel=cpr_channel,
+                            commit=lambda result: write_snapshot(result, out)).run(uri, timeout)
     finally:
-        result.blocks.close()
-    return result
+        blocks.close()
 
 
-def write_snapshot(result: IncomingResult, output: Path) -> None:
-    """One RAM pass (START with the block list, one PART, END) and the device sections, written atomically.
+def write_snapshot(result: IncomingResult, out: OutputFile) -> None:
+    """One RAM pass (START with the block list, one PART, END) and the device sections, committed to ``out``.
 
     With x-ignore-shared (the configuration says so), the blocks the source left in place -- those no
     page record named -- get no pages here either: a destination that shares them would refuse any.
     """
-    tmp = output.with_name(output.name + ".partial")
     enc = RamEncoder(zero_copy=True)
     conf = result.configuration.state if result.configuration is not None else None
     context = RamContext(ignore_shared=CAP_IGNORE_SHARED in capabilities_of(conf))
     sent = [b for b in result.blocks if not context.ignore_shared or b.name in result.named_blocks]
     ram_id = result.ram_section_id
     framing = SavevmWriter(footers=any(s.footer for s in result.sections) or not result.sections)
+    f = out.file
     try:
-        with open(tmp, "wb") as f:
-            f.write(framing.head(conf) + framing.start(ram_id, IDSTR_RAM, RAM_SECTION_VERSION)
-                    + enc.block_list(result.blocks, context) + enc.eos() + framing.footer(ram_id))
-            f.write(framing.part(ram_id))
-            for block in sent:
-                for start in range(0, block.npages, _PAGES_PER_WRITE):
-                    pages = np.arange(start, min(start + _PAGES_PER_WRITE, block.npages), dtype=np.int64)
-                    for buf in enc.encode(block, pages):
-                        if isinstance(buf, Scattered):  # pages straight from the received RAM
-                            f.flush()
-                            write_scattered(f.fileno(), buf)
-                        else:
-                            f.write(buf)
-            f.write(enc.eos() + framing.footer(ram_id))
-            f.write(framing.end(ram_id) + enc.eos() + framing.footer(ram_id))
-            f.write(framing.tail(result.sections))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        f.write(framing.head(conf) + framing.start(ram_id, IDSTR_RAM, RAM_SECTION_VERSION)
+                + enc.block_list(result.blocks, context) + enc.eos() + framing.footer(ram_id))
+        f.write(framing.part(ram_id))
+        for block in sent:
+            for start in range(0, block.npages, _PAGES_PER_WRITE):
+                pages = np.arange(start, min(start + _PAGES_PER_WRITE, block.npages), dtype=np.int64)
+                for buf in enc.encode(block, pages):
+                    if isinstance(buf, Scattered):  # pages straight from the received RAM
+                        f.flush()
+                        write_scattered(f.fileno(), buf)
+                    else:
+                        f.write(buf)
+        f.write(enc.eos() + framing.footer(ram_id))
+        f.write(framing.end(ram_id) + enc.eos() + framing.footer(ram_id))
+        f.write(framing.tail(result.sections))
+    except OSError as exc:
+        raise OutputError(f"cannot write {out.path}: {exc.strerror or exc}") from None
+    out.commit()
 
 
 def load_machine(snapshot: Path, specs: SpecSet) -> Machine:
@@ -115,9 +124,12 @@ def load_machine(snapshot: Path, specs: SpecSet) -> Machine:
 def outgoing(snapshot: Path, uri: str, specs: SpecSet, timeout: float = 60.0,
              capabilities: dict[str, bool] | None = None, parameters: dict[str, int] | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None,
-             multifd: MultifdConfig | None = None, peer: PeerProfile | None = None) -> dict[str, Any]:
-    """Migrate a snapshot to a peer (e.g. QEMU with ``-incoming``) with the precopy engine; its ``query-migrate``."""
+             multifd: MultifdConfig | None = None, peer: PeerProfile | None = None, mode: str = "normal",
+             cpr_channel: str | None = None) -> dict[str, Any]:
+    """Migrate a snapshot to a peer (e.g. QEMU with ``-incoming``) with the precopy engine; its ``query-migrate``.
+
+    In cpr-transfer the snapshot's RAM (loaded into memfds) is handed to the new QEMU on ``cpr_channel``."""
     with load_machine(snapshot, specs) as m:
         m.resume()  # nothing runs on it; the engine pauses it for the final stage
         return Migration(m, uri, capabilities, parameters, on_progress=on_progress, timeout=timeout,
-                         multifd=multifd, peer=peer).run()
+                         multifd=multifd, peer=peer, mode=mode, cpr_channel=cpr_channel).run()

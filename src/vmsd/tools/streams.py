@@ -5,9 +5,11 @@ from __future__ import annotations
 import enum
 import functools
 import importlib
+import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import attrs
 
@@ -33,18 +35,20 @@ def load_specs(specs_dir: Path | None) -> SpecSet:
     files = compile_specs(specs, str(specs_dir))
     import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix="vmsd-specs-"))
-    package = f"vmsd_user_specs_{abs(hash(str(specs_dir.resolve())))}"
-    for rel, text in files.items():
-        target = tmp / package / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-    (tmp / package / "__init__.py").write_text("")
-    sys.path.insert(0, str(tmp))
-    try:
-        modules = [importlib.import_module(f"{package}." + ".".join(rel.with_suffix("").parts)) for rel in files if rel.name != "__init__.py"]
-    finally:
-        sys.path.remove(str(tmp))
+    # Imported modules live on in memory: the folder is only needed while importing.
+    with tempfile.TemporaryDirectory(prefix="vmsd-specs-") as tmp:
+        package = f"vmsd_user_specs_{abs(hash(str(specs_dir.resolve())))}"
+        for rel, text in files.items():
+            target = Path(tmp) / package / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        (Path(tmp) / package / "__init__.py").write_text("")
+        sys.path.insert(0, tmp)
+        try:
+            modules = [importlib.import_module(f"{package}." + ".".join(rel.with_suffix("").parts))
+                       for rel in files if rel.name != "__init__.py"]
+        finally:
+            sys.path.remove(tmp)
     return shipped.merged(SpecSet.from_modules(modules))
 
 
@@ -125,25 +129,54 @@ def section_json(sec: Section) -> dict[str, Any]:
     return out
 
 
+def record_json(rec: Section | Command) -> dict[str, Any]:
+    if isinstance(rec, Section):
+        return section_json(rec)
+    entry: dict[str, Any] = {"type": "COMMAND", "command": rec.name, "offset": rec.offset, "data": rec.data.hex()}
+    if rec.count > 1:
+        entry["count"] = rec.count
+    if rec.packaged is not None:
+        entry["packaged"] = [section_json(r) if isinstance(r, Section) else _inner_command_json(r) for r in rec.packaged]
+    return entry
+
+
+def _inner_command_json(rec: Command) -> dict[str, Any]:
+    return {"command": rec.name, "count": rec.count} if rec.count > 1 else {"command": rec.name}
+
+
 def stream_json(stream: Stream) -> dict[str, Any]:
-    records: list[dict[str, Any]] = []
-    for rec in stream.records:
-        if isinstance(rec, Section):
-            records.append(section_json(rec))
-        else:
-            entry: dict[str, Any] = {"type": "COMMAND", "command": rec.name, "offset": rec.offset, "data": rec.data.hex()}
-            if rec.packaged is not None:
-                entry["packaged"] = [section_json(r) if isinstance(r, Section) else {"command": r.name} for r in rec.packaged]
-            records.append(entry)
     out: dict[str, Any] = {"version": stream.version}
     if stream.configuration is not None:
         out["configuration"] = plain(stream.configuration.state)
-    out["records"] = records
-    out["eof_offset"] = stream.eof_offset
+    out["records"] = [record_json(rec) for rec in stream.records]
+    out.update(_json_tail(stream))
+    return out
+
+
+def _json_tail(stream: Stream) -> dict[str, Any]:
+    out: dict[str, Any] = {"eof_offset": stream.eof_offset}
     out["trailer"] = {"offset": stream.trailer_offset, "size": len(stream.trailer_text or b"")} if stream.trailer else None
     if stream.warnings:
         out["warnings"] = stream.warnings
     return out
+
+
+def write_json(stream: Stream, out: TextIO) -> None:
+    """``json.dumps(stream_json(stream))``, compact, written a record at a time.
+
+    A stream of many small records would otherwise need all their dicts (and the
+    whole text) at once: several times the stream's own memory.
+    """
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    head = {"version": stream.version}
+    if stream.configuration is not None:
+        head["configuration"] = plain(stream.configuration.state)
+    out.write(dumps(head)[:-1] + ',"records":[')
+    for i, rec in enumerate(stream.records):
+        if i:
+            out.write(",")
+        out.write(dumps(record_json(rec)))
+    out.write("]," + dumps(_json_tail(stream))[1:])
 
 
 def _field_lines(body: Obj, values: Any, offset: int, indent: str, out: list[str]) -> int:
@@ -186,23 +219,30 @@ def _value_of(values: Any, entry: Obj) -> Any:
 
 
 def stream_tree(stream: Stream) -> str:
-    out = [f"QEVM stream version {stream.version}"]
+    return "\n".join(tree_lines(stream))
+
+
+def tree_lines(stream: Stream) -> Iterator[str]:
+    """The lines of :func:`stream_tree`, a record's at a time (its memory stays the stream's)."""
+    yield f"QEVM stream version {stream.version}"
     if stream.configuration is not None:
         state = stream.configuration.state
-        out.append(f"{stream.configuration.offset:#08x} CONFIGURATION machine={state.name.decode(errors='replace')!r}")
+        yield f"{stream.configuration.offset:#08x} CONFIGURATION machine={state.name.decode(errors='replace')!r}"
     for rec in stream.records:
+        out: list[str] = []
         _record_lines(rec, out, "")
-    out.append(f"{stream.eof_offset:#08x} EOF")
+        yield from out
+    yield f"{stream.eof_offset:#08x} EOF"
     if stream.trailer is not None:
-        out.append(f"{stream.trailer_offset:#08x} VMDESCRIPTION {len(stream.trailer_text or b'')} bytes of JSON")
+        yield f"{stream.trailer_offset:#08x} VMDESCRIPTION {len(stream.trailer_text or b'')} bytes of JSON"
     for w in stream.warnings:
-        out.append(f"warning: {w}")
-    return "\n".join(out)
+        yield f"warning: {w}"
 
 
 def _record_lines(rec: Section | Command, out: list[str], indent: str) -> None:
     if isinstance(rec, Command):
-        out.append(f"{indent}{rec.offset:#08x} COMMAND {rec.name} {rec.data.hex()}")
+        repeated = f" (repeated {rec.count} times)" if rec.count > 1 else ""
+        out.append(f"{indent}{rec.offset:#08x} COMMAND {rec.name} {rec.data.hex()}{repeated}")
         for inner in rec.packaged or []:
             _record_lines(inner, out, indent + "    ")
         return
@@ -385,4 +425,4 @@ def _short(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-__all__ = ["apply_set", "diff", "load_specs", "read_input", "rewrite", "stream_json", "stream_tree"]
+__all__ = ["apply_set", "diff", "load_specs", "read_input", "rewrite", "stream_json", "stream_tree", "tree_lines", "write_json"]

@@ -65,6 +65,9 @@ class RamContext:
 
     ignore_shared: bool = False  # x-ignore-shared: the block list carries each block's guest address
     postcopy: bool = False  # postcopy-ram: the block list carries page sizes that differ from the host's
+    # cpr-transfer and cpr-exec: every block stays where it is (the new side maps the old side's memory),
+    # so no page record may come.  The stream does not say so; the destination knows its mode.
+    in_place: bool = False
 
 
 # A stream with neither capability on.

@@ -444,6 +444,9 @@ class RamLoader:
                 found = blocks.get(name)
                 if found is None:
                     raise MalformedStream(f"can't find RAM block '{name}'", offset=at)
+                if self.context.in_place:
+                    raise MalformedStream(f"a page of RAM block '{name}' although its memory was handed over "
+                                          f"(CPR): no page may come", offset=at)
                 if found.shared and self.context.ignore_shared:
                     raise MalformedStream(f"RAM block '{name}' is shared here and x-ignore-shared is on: "
                                           f"it should not be migrated", offset=at)
@@ -600,6 +603,11 @@ def _apply_block_list(blocks: RamBlocks, announced: list[RamBlockInfo], create_m
         if have is None and (info.used_length <= 0 or info.used_length % PAGE_SIZE):
             raise MalformedStream(f"wrong block list from the peer: RAM block '{info.name}' "
                                   f"of {info.used_length:#x} bytes")
+    if blocks.limit is not None:
+        total = blocks.total() + sum(info.used_length for info in announced if info.name not in blocks)
+        if total > blocks.limit:
+            raise MalformedStream(f"the peer announces {total:#x} bytes of RAM, above the limit of "
+                                  f"{blocks.limit:#x} (max-ram)")
     for info in announced:  # new blocks keep the peer's order (QEMU's list is ordered by maximum length)
         if info.name not in blocks:
             blocks.create(info.name, info.used_length, append=True).addr = info.addr or 0

@@ -3,8 +3,9 @@
 Accepted URIs (as in QEMU's ``migrate`` / ``migrate-incoming``):
 
 ``file:PATH[,offset=N]``
-    Outgoing writes ``PATH.partial`` next to ``PATH`` and renames it on a
-    successful :meth:`Channel.close`, so a half-written file never looks
+    Outgoing writes a temporary file with a random name next to ``PATH``
+    (0600, see :mod:`vmsd.runtime.outfile`) and renames it over ``PATH`` on
+    a successful :meth:`Channel.close`, so a half-written file never looks
     complete.  ``offset`` (newer QEMU; suffixes K/M/G/T allowed) starts the
     stream at byte N: outgoing keeps the first N bytes of an existing
     ``PATH`` (zero-filled otherwise), incoming seeks there.  An existing

@@ -157,6 +157,9 @@ class Channel(Protocol):
     def shutdown_read(self) -> None:
         """Stop reading: a thread blocked reading sees the end of the stream; writing still works."""
 
+    def shutdown_write(self) -> None:
+        """End the stream for the peer (it reads end of stream) while still reading what it sends."""
+
     def close(self) -> None:
         """Close; raises :class:`TransportError` if completing the transfer failed."""
 
@@ -238,6 +241,10 @@ class BaseChannel(abc.ABC):
 
     def shutdown_read(self) -> None:  # noqa: B027 - as shutdown
         """Nothing to wake (see :meth:`shutdown`)."""
+
+    def shutdown_write(self) -> None:
+        """Only a socket can end one direction; a pipe or file ends with :meth:`close`."""
+        raise TransportError(self.name, "cannot end one direction: only a socket can", errno.EOPNOTSUPP)
 
     def close(self) -> None:
         if self.closed:

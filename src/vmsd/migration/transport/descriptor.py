@@ -176,6 +176,13 @@ class SocketChannel(DescriptorChannel):
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RD)
 
+    def shutdown_write(self) -> None:
+        self._check_open()
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise self._failure("ending the stream failed", exc) from exc
+
     def _recv(self, view: memoryview, whole: bool) -> int:
         # MSG_WAITALL: the kernel wakes us once per buffer instead of once per arriving segment,
         # which is what a multifd channel reading a packet's pages into RAM wants.

@@ -2,58 +2,45 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import stat
 
 from vmsd.migration.transport.descriptor import DescriptorChannel
 from vmsd.migration.transport.errors import TransportError, wrap
+from vmsd.runtime.outfile import OutputError, OutputFile
 
 
 class FileSink(DescriptorChannel):
-    """``file:`` outgoing: write ``PATH.partial``, rename on close, remove on failure."""
+    """``file:`` outgoing through an :class:`~vmsd.runtime.outfile.OutputFile`.
+
+    As QEMU's ``file:``, an existing file is replaced and a device or FIFO
+    written in place; a symbolic link named by the URI is followed, as
+    QEMU's open(2) does, so the file it points to is the one replaced.  The
+    stream holds guest RAM: the file is created 0600.  Renamed into place on
+    :meth:`close`, removed on failure or :meth:`abort`.
+    """
 
     def __init__(self, name: str, path: str, offset: int) -> None:
         target = os.path.realpath(path) if os.path.islink(path) else path
+        existed = os.path.isfile(target)
         try:
-            st: os.stat_result | None = os.stat(target)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            raise wrap(name, "cannot open", exc) from exc
-        self._partial: str | None = None
-        self._target = target
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            # A device or FIFO: write in place, nothing to rename.
-            try:
-                fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise wrap(name, "cannot open", exc) from exc
-            super().__init__(name, fd=fd)
-            if offset:
-                try:
-                    os.lseek(fd, offset, os.SEEK_SET)
-                except OSError as exc:
-                    self.abort()
-                    raise wrap(name, f"cannot seek to offset {offset}", exc) from exc
+            self._out = OutputFile(target, force=True, private=True, in_place=True)
+        except OutputError as exc:
+            raise TransportError(name, exc.message) from None
+        super().__init__(name, fd=self._out.fileno())
+        if not offset:
             return
-        partial = target + ".partial"
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            if self._out.in_place:
+                os.lseek(self._fd, offset, os.SEEK_SET)
+                return
+            if existed:
+                with open(target, "rb") as old:
+                    self.write(old.read(offset))
+            os.ftruncate(self._fd, offset)
+            os.lseek(self._fd, offset, os.SEEK_SET)
         except OSError as exc:
-            raise wrap(name, f"cannot create {partial}", exc) from exc
-        self._partial = partial
-        super().__init__(name, fd=fd)
-        if offset:
-            try:
-                if st is not None:
-                    with open(target, "rb") as old:
-                        self.write(old.read(offset))
-                os.ftruncate(fd, offset)
-                os.lseek(fd, offset, os.SEEK_SET)
-            except OSError as exc:
-                self.abort()
-                raise wrap(name, f"cannot prepare offset {offset}", exc) from exc
+            self.abort()
+            raise wrap(name, f"cannot prepare offset {offset}", exc) from exc
 
     def _failure(self, what: str, exc: OSError) -> TransportError:
         self.abort()  # never leave a partial file behind
@@ -66,28 +53,11 @@ class FileSink(DescriptorChannel):
         super().abort()
 
     def _release(self) -> None:
-        partial, self._partial = self._partial, None
-        if partial is None:
-            super()._release()
+        self._fd = -1  # the OutputFile's, closed by it
+        if self._aborting:
+            self._out.discard()
             return
         try:
-            if self._aborting:
-                with contextlib.suppress(OSError):
-                    super()._release()
-                os.unlink(partial)
-                return
-            os.fsync(self._fd)
-            super()._release()
-            os.replace(partial, self._target)
-        except OSError:
-            with contextlib.suppress(OSError):
-                super()._release()
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
-            raise
-        with contextlib.suppress(OSError):  # make the rename durable
-            dfd = os.open(os.path.dirname(os.path.abspath(self._target)), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            self._out.commit()
+        except OutputError as exc:
+            raise TransportError(self.name, exc.message) from None

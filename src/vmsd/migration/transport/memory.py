@@ -109,6 +109,9 @@ class MemoryChannel(BaseChannel):
     def shutdown_read(self) -> None:
         self._in.end(writing=False)
 
+    def shutdown_write(self) -> None:
+        self._out.end(writing=True)
+
     def _release(self) -> None:
         self.shutdown()
 

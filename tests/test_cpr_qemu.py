@@ -1,0 +1,164 @@
+"""cpr-transfer with QEMU 11.1 (Debian sid, vmsd.testing.qemu11) on either side of vmsd.
+
+Guest RAM is a memory-backend-memfd (cpr-transfer hands memfds over) with
+``aux-ram-share=on`` so that ROMs and firmware are memfds too; a test reads a
+QEMU's RAM through ``/proc/PID/fd``.  QEMU 11.1 runs without ACPI here: its
+piix4_pm sends a CPU hotplug subsection that vmsd's specs (7.2's) lack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from listening import wait_unix_listening
+from private_peers import Peer
+from vmsd.migration.incoming import Incoming
+from vmsd.migration.transport import open_incoming
+from vmsd.qemu.v7_2 import spec_set
+from vmsd.testing.qmp import Qemu, QMPError
+
+MEM = 64 << 20
+TIMEOUT = 30.0
+CLI = [sys.executable, "-m", "vmsd"]
+
+
+def _ram_args(backend: str = "memory-backend-memfd") -> list[str]:
+    return ["-object", f"{backend},id=ram0,size={MEM},share=on", "-machine", "memory-backend=ram0,aux-ram-share=on"]
+
+
+def _memfd_contents(pid: int, marker: str = "memfd:memory-backend-memfd") -> bytes:
+    """The guest RAM of QEMU ``pid``: its memory-backend-memfd, read through /proc."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if marker in target:
+            with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
+                return f.read(MEM)
+    raise AssertionError(f"QEMU {pid} has no descriptor of {marker}")
+
+
+def _wait(q: Qemu, want: str) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        info: dict[str, Any] = q.qmp.cmd("query-migrate")
+        if info.get("status") == want:
+            return info
+        if info.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
+            raise QMPError(f"migration: {info} {q.output()}")
+        time.sleep(0.02)
+
+
+def _wait_path(path: Path, proc: subprocess.Popen[str] | None = None) -> None:
+    wait_unix_listening(str(path), TIMEOUT, alive=lambda: proc is None or proc.poll() is None)
+
+
+def _snapshot_ram(snapshot: Path) -> dict[str, bytes]:
+    with open_incoming(f"file:{snapshot}") as ch:
+        result = Incoming(specs=spec_set()).load(ch)
+    try:
+        return {b.name: bytes(b.view) for b in result.blocks}
+    finally:
+        result.blocks.close()
+
+
+@pytest.fixture(scope="module")
+def qemu11() -> Peer:
+    return Peer.fetched("11.1")
+
+
+def test_qemu_11_1_cpr_transfer_into_vmsd_incoming(qemu11: Peer, tmp_path: Path) -> None:
+    """QEMU hands its memfds to `vmsd incoming`, which writes a snapshot from them; QEMU 11.1 loads it."""
+    main, cpr, snap = tmp_path / "main.sock", tmp_path / "cpr.sock", tmp_path / "vm.mig"
+    with qemu11.start(_ram_args(), memory="64M") as src:
+        src.qmp.cmd("cont")
+        time.sleep(0.3)  # SeaBIOS runs and leaves its mark in RAM and devices
+        vmsd = subprocess.Popen([*CLI, "incoming", f"unix:{main}", "-o", str(snap), "--mode", "cpr-transfer",
+                                 "--cpr-channel", f"unix:{cpr}", "--timeout", str(TIMEOUT)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_path(cpr, vmsd)
+            src.qmp.cmd("migrate-set-parameters", mode="cpr-transfer")
+            src.qmp.cmd("migrate", channels=[
+                {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": str(main)}},
+                {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(cpr)}}])
+            _wait(src, "completed")
+            out, err = vmsd.communicate(timeout=TIMEOUT)
+        finally:
+            if vmsd.poll() is None:
+                vmsd.kill()
+                vmsd.wait()
+        assert vmsd.returncode == 0, err
+        assert "received 0 normal and 0 zero pages" in out  # the RAM came as memfds, not as pages
+        ram = _memfd_contents(src.proc.pid)
+        assert src.qmp.cmd("query-status")["status"] == "postmigrate"
+    blocks = _snapshot_ram(snap)
+    assert blocks["ram0"] == ram
+    assert any(blocks["ram0"][:0xA0000])  # the guest ran: low RAM is not all zero
+    # A new QEMU 11.1 (memory in a file under /dev/shm this time) loads the snapshot and runs on.
+    shm = Path("/dev/shm") / f"vmsd-cpr-{os.getpid()}"
+    try:
+        args = ["-object", f"memory-backend-file,id=ram0,size={MEM},mem-path={shm},share=on",
+                "-machine", "memory-backend=ram0"]
+        with qemu11.start(args, memory="64M", incoming=f"file:{snap}") as dst:
+            deadline = time.monotonic() + TIMEOUT
+            while dst.qmp.cmd("query-migrate").get("status") != "completed":
+                assert time.monotonic() < deadline, dst.output()
+                time.sleep(0.02)
+            assert shm.read_bytes() == ram
+            dst.qmp.cmd("cont")
+            assert dst.qmp.cmd("query-status")["status"] == "running"
+    finally:
+        shm.unlink(missing_ok=True)
+
+
+def test_vmsd_outgoing_cpr_transfer_to_qemu_11_1(qemu11: Peer, tmp_path: Path) -> None:
+    """`vmsd outgoing --mode cpr-transfer` hands a snapshot's RAM to a new QEMU 11.1 as memfds."""
+    snap, main, cpr = tmp_path / "vm.mig", tmp_path / "main.sock", tmp_path / "cpr.sock"
+    with qemu11.start(_ram_args(), memory="64M") as src:
+        src.qmp.cmd("cont")
+        time.sleep(0.3)
+        src.qmp.cmd("stop")
+        src.qmp.cmd("migrate", uri=f"file:{snap}")
+        _wait(src, "completed")
+    want = _snapshot_ram(snap)
+    # The new QEMU listens on its cpr channel before it even starts its monitor: start it in a thread.
+    started: list[Qemu | BaseException] = []
+    cpr_channel = json.dumps({"channel-type": "cpr",
+                              "addr": {"transport": "socket", "type": "unix", "path": str(cpr)}})
+
+    def start() -> None:
+        try:
+            started.append(qemu11.start([*_ram_args(), "-incoming", cpr_channel], memory="64M",
+                                        incoming=f"unix:{main}"))
+        except BaseException as e:
+            started.append(e)
+
+    t = threading.Thread(target=start, daemon=True)
+    t.start()
+    _wait_path(cpr)
+    proc = subprocess.run([*CLI, "outgoing", str(snap), f"unix:{main}", "--mode", "cpr-transfer",
+                           "--cpr-channel", f"unix:{cpr}", "--peer-version", "11.1", "--timeout", str(TIMEOUT)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    t.join(TIMEOUT)
+    dst = started[0]
+    assert isinstance(dst, Qemu), dst
+    with dst:
+        assert proc.returncode == 0, proc.stderr
+        deadline = time.monotonic() + TIMEOUT
+        while dst.qmp.cmd("query-migrate").get("status") != "completed":
+            assert time.monotonic() < deadline, dst.output()
+            time.sleep(0.02)
+        assert _memfd_contents(dst.proc.pid, "memfd:vmsd:ram0") == want["ram0"]  # the memfd vmsd made
+        dst.qmp.cmd("cont")
+        assert dst.qmp.cmd("query-status")["status"] == "running"
