@@ -135,11 +135,11 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 def _cmd_diff(args: argparse.Namespace) -> int:
     from vmsd.migration.stream import read_stream
     from vmsd.tools import streams
+    from vmsd.tools.streamdiff import diff_streams
 
     specs = streams.load_specs(args.specs)
-    a = read_stream(streams.read_input(args.a), specs)
-    b = read_stream(streams.read_input(args.b), specs)
-    lines = streams.diff(a, b)
+    data_a, data_b = streams.read_input(args.a), streams.read_input(args.b)
+    lines = diff_streams(data_a, read_stream(data_a, specs), data_b, read_stream(data_b, specs))
     for line in lines:
         print(line)
     return EXIT_FINDINGS if lines else EXIT_OK
