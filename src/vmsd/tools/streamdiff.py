@@ -28,7 +28,16 @@ from vmsd.migration.ram.records import (
     RamPayload,
     RamRecord,
 )
-from vmsd.migration.stream import IDSTR_RAM, QEMU_VM_SECTION_FULL, SECTION_NAMES, Command, Section, Stream, idstr_bytes
+from vmsd.migration.stream import (
+    IDSTR_RAM,
+    QEMU_VM_SECTION_FULL,
+    SECTION_NAMES,
+    Command,
+    Section,
+    Stream,
+    idstr_bytes,
+    json_name,
+)
 from vmsd.runtime.generic import decode_body, inline_bodies
 from vmsd.runtime.io import Reader
 from vmsd.runtime.scalars import BY_INFO
@@ -176,7 +185,7 @@ def _diff_field(ea: Obj | None, x: Any, eb: Obj | None, y: Any, section: str, pa
 
 def _shape_text(shape: tuple[Any, ...]) -> str:
     kind, size, n = shape
-    return f"{kind} × {n} of {size} bytes" if n is not None else f"{kind} of {size} bytes"
+    return f"{kind}[{n}] of {size} bytes each" if n is not None else f"{kind} of {size} bytes"
 
 
 def _nested_body(entry: Obj | None, index: int) -> Obj | None:
@@ -337,16 +346,17 @@ def _same_ram_bytes(a: Stream, raw_a: dict[int, memoryview], b: Stream, raw_b: d
 def _diff_sections(a: Stream, raw_a: dict[int, memoryview], b: Stream, raw_b: dict[int, memoryview],
                    out: list[str]) -> None:
     ka, kb = _keyed(a), _keyed(b)
+    renumbered: list[str] = []
     for key, (label, sec) in ka.items():
         if key not in kb:
             out.append(f"{label}: only in A")
             continue
         other = kb[key][1]
+        if sec.section_id != other.section_id:
+            renumbered.append(f"{label}: section id {sec.section_id} -> {other.section_id}")
         if (_same_bytes(sec, raw_a, other, raw_b) and type(sec.payload) is type(other.payload)
                 and sec.generic_body == other.generic_body):
             continue  # the same bytes decoded the same way
-        if sec.section_id != other.section_id:
-            out.append(f"{label}: section id {sec.section_id} -> {other.section_id}")
         if sec.has_header and sec.version_id != other.version_id:
             out.append(f"{label}: layouts differ, section version {sec.version_id} -> {other.version_id}")
         if sec.footer != other.footer:
@@ -363,6 +373,11 @@ def _diff_sections(a: Stream, raw_a: dict[int, memoryview], b: Stream, raw_b: di
     for key, (label, _) in kb.items():
         if key not in ka:
             out.append(f"{label}: only in B")
+    # Sections are numbered in stream order: one added or left out renumbers all that follow.
+    if len(renumbered) > 3:
+        out.append(f"stream: section ids differ in {len(renumbered)} sections, the first {renumbered[0]}")
+    else:
+        out.extend(renumbered)
 
 
 def _form(t: Tree | bytes | None) -> str:
@@ -434,13 +449,16 @@ def _diff_ram(a: Stream, b: Stream, out: list[str]) -> None:
         if name not in ra.blocks:
             out.append(f"ram block {name}: only in B")
     listed: dict[str, int] = {}
+    alone = ra.blocks.keys() ^ rb.blocks.keys()  # said above: their pages are no news
     for key, rec in ra.pages.items():
-        other = rb.pages.get(key)
-        line = f"only in A ({_kind(rec)} page)" if other is None else _page_difference(rec, other, key[1])
+        if key[0] in alone:
+            continue
+        twin = rb.pages.get(key)
+        line = f"only in A ({_kind(rec)} page)" if twin is None else _page_difference(rec, twin, key[1])
         if line is not None:
             _ram_line(key, line, listed, out)
     for key, rec in rb.pages.items():
-        if key not in ra.pages:
+        if key not in ra.pages and key[0] not in alone:
             _ram_line(key, f"only in B ({_kind(rec)} page)", listed, out)
     for block, count in listed.items():
         if count > MAX_ITEMS:
@@ -492,45 +510,74 @@ def _diff_trailers(a: Stream, b: Stream, out: list[str]) -> None:
         return
     if a.trailer is None or b.trailer is None or a.trailer_text == b.trailer_text:
         return
-    da: list[Any] = a.trailer.get("devices") or []
-    db: list[Any] = b.trailer.get("devices") or []
-    for key in {k for k, _ in a.trailer} | {k for k, _ in b.trailer}:
-        if key != "devices" and a.trailer.get(key) != b.trailer.get(key):
-            out.append(f"trailer {key}: {a.trailer.get(key)!r} -> {b.trailer.get(key)!r}")
-    for i in range(max(len(da), len(db))):
-        x = da[i] if i < len(da) else None
-        y = db[i] if i < len(db) else None
-        if x == y:
-            continue
-        name = _device_label(x if x is not None else y)
-        if x is None or y is None:
-            out.append(f"trailer {name}: description only in {'A' if x is not None else 'B'}")
-            continue
-        path, p, q = _first_json_difference(x, y, "")
-        out.append(f"trailer {name}: layouts differ, description{path}: {_json(p)} -> {_json(q)}")
+    for name in dict.fromkeys([k for k, _ in a.trailer] + [k for k, _ in b.trailer]):
+        if name != "devices" and a.trailer.get(name) != b.trailer.get(name):
+            out.append(f"trailer {name}: {_json(a.trailer.get(name))} -> {_json(b.trailer.get(name))}")
+    da, db = _devices(a.trailer), _devices(b.trailer)
+    # A section only one stream has is reported as such; its description is no news.
+    alone = {(json_name(s.idstr), s.instance_id) for s in _only_in_one(a, b)}
+    for key, x in da.items():
+        y = db.get(key)
+        if y is None:
+            if key[:2] not in alone:
+                out.append(f"trailer {_device_label(key)}: description only in A")
+        elif x != y:
+            path, p, q = _first_json_difference(x, y, "")
+            out.append(f"trailer {_device_label(key)}: layouts differ, description{path}: {_json(p)} -> {_json(q)}")
+    for key in db:
+        if key not in da and key[:2] not in alone:
+            out.append(f"trailer {_device_label(key)}: description only in B")
 
 
-def _device_label(device: Any) -> str:
-    if not isinstance(device, Obj):
-        return "device"
-    name, instance = device.get("name"), device.get("instance_id")
-    return f"{name}" if instance in (0, None) else f"{name}:{instance}"
+def _devices(trailer: Obj) -> dict[tuple[Any, Any, int], Any]:
+    """The trailer's device descriptions by name, instance and occurrence."""
+    out: dict[tuple[Any, Any, int], Any] = {}
+    for device in trailer.get("devices") or []:
+        name = device.get("name") if isinstance(device, Obj) else None
+        instance = device.get("instance_id") if isinstance(device, Obj) else None
+        n = 0
+        while (name, instance, n) in out:
+            n += 1
+        out[(name, instance, n)] = device
+    return out
+
+
+def _only_in_one(a: Stream, b: Stream) -> list[Section]:
+    ka, kb = _keyed(a), _keyed(b)
+    return [sec for key, (_, sec) in ka.items() if key not in kb] + [sec for key, (_, sec) in kb.items() if key not in ka]
+
+
+def _device_label(key: tuple[Any, Any, int]) -> str:
+    name, instance, n = key
+    label = str(name) if instance in (0, None) else f"{name}:{instance}"
+    return label + (f"#{n + 1}" if n else "")
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
 
 
 def _first_json_difference(x: Any, y: Any, path: str) -> tuple[str, Any, Any]:
+    """Where two JSON values first part: a path (``.fields[3].name``) and both values there."""
     if isinstance(x, Obj) and isinstance(y, Obj):
-        for i in range(max(len(x), len(y))):
-            if i >= len(x) or i >= len(y):
-                return path, x, y
+        n = min(len(x), len(y))
+        for i in range(n):
             (kx, vx), (ky, vy) = x[i], y[i]
             if kx != ky:
                 return f"{path} key #{i}", kx, ky
             if vx != vy:
                 return _first_json_difference(vx, vy, f"{path}.{kx}")
-    if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
-        for i, (p, q) in enumerate(zip(x, y, strict=True)):
+        if len(x) > n:
+            return f"{path}.{x[n][0]}", x[n][1], _Absent()
+        if len(y) > n:
+            return f"{path}.{y[n][0]}", _Absent(), y[n][1]
+    if isinstance(x, list) and isinstance(y, list):
+        for i, (p, q) in enumerate(zip(x, y, strict=False)):
             if p != q:
                 return _first_json_difference(p, q, f"{path}[{i}]")
+        n = min(len(x), len(y))
+        return f"{path}[{n}]", x[n] if n < len(x) else _Absent(), y[n] if n < len(y) else _Absent()
     return path, x, y
 
 
