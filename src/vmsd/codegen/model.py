@@ -293,6 +293,8 @@ class ModuleBuilder:
     ) -> tuple[list[SubsectionModel], list[str]]:
         models: list[SubsectionModel] = []
         tables: list[str] = []
+        if subs:
+            parent_save.append('_at = ""')  # a subsection's fields are the object's own: no enclosing field
         for s in subs:
             slug = module_name(s.name.split("/")[-1]).lower()
             method = f"_load_sub_{slug}"
@@ -899,7 +901,8 @@ def _subsections_load(parent: str, top: bool) -> list[str]:
 
 def _len_check(value: str, n: str, name: str | None) -> list[str]:
     """The length test inline, the call (which words the error) only when it fails."""
-    return [f"if len({value}) != {n}:", f"    _rt.check_len({value}, {n}, {name!r})"]
+    check = "check_fixed_len" if n.isdigit() else "check_len"  # a literal count is the spec's, not a field's
+    return [f"if len({value}) != {n}:", f"    _rt.{check}({value}, {n}, {name!r})"]
 
 
 def _truth(e: ast.Expr, src: str) -> str:
