@@ -27,7 +27,7 @@ def blame(obj: Any, subsection: str | None, version: int, error: Exception, at: 
         return error.within(at)  # from a nested object or a check: it already says where
     try:
         found = _first_bad(obj, _fields(obj.VMSD, subsection), version)
-    except Exception:  # noqa: BLE001 - a predicate that fails here leaves the original error standing
+    except Exception:  # a predicate that fails here leaves the original error standing
         found = None
     if found is not None:
         path, problem = found
