@@ -30,10 +30,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from vmsd.codegen.compiler import compile_specs
     from vmsd.codegen.package import ensure_marker, marker_path
 
+    packages = None
     if args.specs:
+        from vmsd.bundled import specs_dir
+
         specs = [Path(s) for s in args.specs]
         out_dir = Path(args.output or ".")
         root = None
+        packages = {specs_dir(): "vmsd.generated"}  # shipped specs they import are vmsd's own classes
     else:
         repo = _repo_root()
         if repo is None:
@@ -45,7 +49,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         specs = sorted((repo / "specs").rglob("*.vmsd"))
         out_dir = Path(args.output) if args.output else repo / "src" / "vmsd" / "generated"
         root = str(repo / "specs")
-    files = compile_specs(specs, root)
+    files = compile_specs(specs, root, packages)
     stale = []
     for rel, text in sorted(files.items()):
         target = out_dir / rel

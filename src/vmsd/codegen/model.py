@@ -165,11 +165,13 @@ class _Ctx:
 
 
 class ModuleBuilder:
-    def __init__(self, resolved: Resolved, path: str, module_of: dict[str, tuple[str, ...]], tool_version: str) -> None:
+    def __init__(self, resolved: Resolved, path: str, module_of: dict[str, tuple[str, ...]], tool_version: str,
+                 absolute: frozenset[tuple[str, ...]] = frozenset()) -> None:
         self.r = resolved
         self.path = path
         self.spec = resolved.program.files[path]
         self.module_of = module_of
+        self.absolute = absolute  # modules compiled elsewhere (an installed package): imported by full name
         self.tool_version = tool_version
         self.formats = _Formats()
         # Set by steps(): the Struct and targets when the fields are one simple fused run.
@@ -195,6 +197,9 @@ class ModuleBuilder:
         here = self.module_of[self.path]
         lines = []
         for target, names in sorted(self.imports.items()):
+            if target in self.absolute:
+                lines.append(f"from {'.'.join(target)} import {', '.join(sorted(names))}")
+                continue
             common = 0
             while common < min(len(here), len(target)) - 0 and common < len(here) - 1 and here[common] == target[common]:
                 common += 1

@@ -22,6 +22,7 @@ from vmsd.migration.stream import (
     read_stream,
     write_stream,
 )
+from vmsd.runtime.errors import VMSDError
 from vmsd.runtime.vmdesc import Obj, describe
 from vmsd.runtime.vmstate import VMStateObject
 from vmsd.tools.errors import ToolError
@@ -34,12 +35,19 @@ def load_specs(specs_dir: Path | None) -> SpecSet:
     shipped = spec_set()
     if specs_dir is None:
         return shipped
+    from vmsd.bundled import specs_dir as bundled_specs
     from vmsd.codegen.compiler import compile_specs
 
     specs = sorted(specs_dir.rglob("*.vmsd"))
     if not specs:
         raise ToolError(f"no .vmsd files under {specs_dir}")
-    files = compile_specs(specs, str(specs_dir))
+    # Shipped specs imported from the folder are the shipped classes (with their Python side), not copies.
+    try:
+        files = compile_specs(specs, str(specs_dir), {bundled_specs(): "vmsd.generated"})
+    except ValueError as e:
+        if isinstance(e, VMSDError):
+            raise
+        raise ToolError(f"the specs under {specs_dir} import a file outside it that vmsd does not ship ({e})") from None
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="vmsd-specs-"))
@@ -54,7 +62,9 @@ def load_specs(specs_dir: Path | None) -> SpecSet:
         modules = [importlib.import_module(f"{package}." + ".".join(rel.with_suffix("").parts)) for rel in files if rel.name != "__init__.py"]
     finally:
         sys.path.remove(str(tmp))
-    return shipped.merged(SpecSet.from_modules(modules))
+    merged = shipped.merged(SpecSet.from_modules(modules))
+    merged.adopt_imported()
+    return merged
 
 
 def read_input(path: str) -> bytes:
