@@ -204,14 +204,22 @@ def test_bytes_no_decoded_value_shows_are_reported_by_their_field(
 
 
 def test_configuration_name_difference(real: Real, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The machine type's last character changes (pc-i440fx-7.2 -> ...-7.3)."""
+    conf = real.stream().configuration
+    assert conf is not None
+    name = bytes(conf.state.name)
+    last = len(name) - 1
+
     def edit(stream: Stream) -> None:
         assert stream.configuration is not None
-        stream.configuration.state.name = b"pc-i440fx-7.1"
+        stream.configuration.state.name = name[:-1] + bytes([name[-1] + 1])
 
     rc, lines = run_diff(real.path, edited(real, tmp_path, edit), capsys)
     assert rc == 1
-    [line] = lines
-    assert line.startswith("configuration name: byte 0xc: 0x32 -> 0x31 (1 of 13 bytes differ; from 0x4: ")
+    assert lines == [
+        f"configuration name: byte {last:#x}: {name[-1]:#04x} -> {name[-1] + 1:#04x} (1 of {len(name)} bytes differ; "
+        f"from {last - 8:#x}: {name[last - 8 : last].hex()}[{name[-1]:02x}] -> {name[last - 8 : last].hex()}[{name[-1] + 1:02x}])"
+    ]
 
 
 # ---- every single-byte change is reported --------------------------------------------------------
