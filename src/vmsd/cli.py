@@ -39,10 +39,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from vmsd.codegen.package import ensure_marker, marker_path
     from vmsd.runtime.outfile import write_file
 
+    packages = None
     if args.specs:
+        from vmsd.bundled import specs_dir
+
         specs = [Path(s) for s in args.specs]
         out_dir = Path(args.output or ".")
         root = None
+        packages = {specs_dir(): "vmsd.generated"}  # shipped specs they import are vmsd's own classes
     else:
         repo = _repo_root()
         if repo is None:
@@ -54,7 +58,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         specs = sorted((repo / "specs").rglob("*.vmsd"))
         out_dir = Path(args.output) if args.output else repo / "src" / "vmsd" / "generated"
         root = str(repo / "specs")
-    files = compile_specs(specs, root, outside_imports=args.allow_outside_imports)
+    files = compile_specs(specs, root, packages, outside_imports=args.allow_outside_imports)
     stale = []
     for rel, text in sorted(files.items()):
         target = out_dir / rel
@@ -99,10 +103,12 @@ def _cmd_new(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from vmsd.bundled import specs_dir
     from vmsd.grammar.loader import load
     from vmsd.grammar.semantic import check
 
-    check(load([Path(s) for s in args.specs], outside_imports=args.allow_outside_imports))
+    # Specs may import the ones vmsd ships (import-qemu writes such imports).
+    check(load([Path(s) for s in args.specs], outside_imports=args.allow_outside_imports, also=[specs_dir()]))
     print(f"{len(args.specs)} spec(s) ok")
     return EXIT_OK
 
@@ -141,11 +147,11 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 def _cmd_diff(args: argparse.Namespace) -> int:
     from vmsd.migration.stream import read_stream
     from vmsd.tools import streams
+    from vmsd.tools.streamdiff import diff_streams
 
     specs = streams.load_specs(args.specs)
-    a = read_stream(streams.read_input(args.a), specs)
-    b = read_stream(streams.read_input(args.b), specs)
-    lines = streams.diff(a, b)
+    data_a, data_b = streams.read_input(args.a), streams.read_input(args.b)
+    lines = diff_streams(data_a, read_stream(data_a, specs), data_b, read_stream(data_b, specs))
     for line in lines:
         print(line)
     return EXIT_FINDINGS if lines else EXIT_OK
@@ -295,7 +301,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                live_only=args.live_only)
 
 
-_OUTSIDE_HELP = "let an import name a file outside the folders of the SPECs (by default refused)"
+_OUTSIDE_HELP = "let an import name a file outside the folders of the SPECs and of the specs vmsd ships (by default refused)"
 
 
 def build_parser() -> argparse.ArgumentParser:

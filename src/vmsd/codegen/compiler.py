@@ -66,29 +66,54 @@ def _check_module_paths(program: Program, module_of: dict[str, tuple[str, ...]])
         raise SpecError(diags, program.sources)
 
 
-def render(program: Program, root: str | None = None) -> dict[tuple[str, ...], tuple[str, list[str]]]:
-    """Source text and vmsd names of every module the program generates, by module path."""
+def _compiled_module(path: str, installed: dict[Path, str]) -> tuple[str, ...] | None:
+    """The module of an already compiled spec file: under a folder of ``installed``, the package plus its
+    path there (``specs/qemu/7.2/pci.vmsd`` -> ``vmsd.generated.qemu.v7_2.pci``)."""
+    resolved = Path(path).resolve()
+    for folder, package in installed.items():
+        if resolved.is_relative_to(folder.resolve()):
+            return (*package.split("."), *_module_parts(str(resolved), str(folder.resolve())))
+    return None
+
+
+def render(
+    program: Program, root: str | None = None, installed: dict[Path, str] | None = None
+) -> dict[tuple[str, ...], tuple[str, list[str]]]:
+    """Source text and vmsd names of every module the program generates, by module path.
+
+    ``installed``: spec folders already compiled into a Python package (the bundled specs into
+    ``vmsd.generated``); files there that are imported (not asked for) come from that package, not
+    generated again."""
     resolved = check(program)
-    files = sorted(program.files)
+    compiled = {
+        p: m for p in program.files
+        if p not in program.roots and (m := _compiled_module(p, installed or {})) is not None
+    }
+    files = sorted(p for p in program.files if p not in compiled)
     base = _common_root(files) if root is None else display_path(Path(root))
-    module_of = {p: _module_parts(p, base) for p in files}
-    _check_module_paths(program, module_of)
+    generated = {p: _module_parts(p, base) for p in files}
+    _check_module_paths(program, generated)
+    module_of = {**generated, **compiled}
     out: dict[tuple[str, ...], tuple[str, list[str]]] = {}
     template = _env().get_template("module.py.j2")
     for path in files:
-        model = ModuleBuilder(resolved, path, module_of, vmsd.__version__).build()
+        model = ModuleBuilder(resolved, path, module_of, vmsd.__version__, frozenset(compiled.values())).build()
         out[module_of[path]] = (template.render(m=model, api_version=API_VERSION), [c.vmsd_name for c in model.classes])
     return out
 
 
-def compile_specs(specs: list[Path], root: str | None = None, outside_imports: bool = False) -> dict[Path, str]:
+def compile_specs(
+    specs: list[Path], root: str | None = None, installed: dict[Path, str] | None = None, outside_imports: bool = False
+) -> dict[Path, str]:
     """Relative output paths (``pkg/mod.py``, ``pkg/__init__.py``) and their text.
 
     Each package's ``__init__`` indexes the vmsds of its modules, so that tools
-    import only the modules a stream needs.  ``outside_imports`` lets specs
-    import files outside their own folders.
+    import only the modules a stream needs.  Imported files under a folder of
+    ``installed`` are not compiled (see :func:`render`); specs may import them
+    as well as files in their own folders.  ``outside_imports`` lets specs
+    import any file.
     """
-    modules = render(load(specs, outside_imports), root)
+    modules = render(load(specs, outside_imports, also=list(installed or {})), root, installed)
     files: dict[Path, str] = {}
     packages: dict[tuple[str, ...], dict[str, list[str]]] = {}
     for parts, (text, names) in modules.items():

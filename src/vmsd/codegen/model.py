@@ -173,11 +173,13 @@ class _Ctx:
 
 
 class ModuleBuilder:
-    def __init__(self, resolved: Resolved, path: str, module_of: dict[str, tuple[str, ...]], tool_version: str) -> None:
+    def __init__(self, resolved: Resolved, path: str, module_of: dict[str, tuple[str, ...]], tool_version: str,
+                 absolute: frozenset[tuple[str, ...]] = frozenset()) -> None:
         self.r = resolved
         self.path = path
         self.spec = resolved.program.files[path]
         self.module_of = module_of
+        self.absolute = absolute  # modules compiled elsewhere (an installed package): imported by full name
         self.tool_version = tool_version
         self.formats = _Formats()
         # Set by steps(): the Struct and targets when the fields are one simple fused run.
@@ -204,6 +206,9 @@ class ModuleBuilder:
         here = self.module_of[self.path]
         lines = []
         for target, names in sorted(self.imports.items()):
+            if target in self.absolute:
+                lines.append(f"from {'.'.join(target)} import {', '.join(sorted(names))}")
+                continue
             common = 0
             while common < min(len(here), len(target)) - 0 and common < len(here) - 1 and here[common] == target[common]:
                 common += 1
@@ -313,6 +318,8 @@ class ModuleBuilder:
     ) -> tuple[list[SubsectionModel], list[str]]:
         models: list[SubsectionModel] = []
         tables: list[str] = []
+        if subs:
+            parent_save.append('_at = ""')  # a subsection's fields are the object's own: no enclosing field
         for s in subs:
             slug = self.method_name(id(s), _identifier(s.name.split("/")[-1]).lower())
             method = f"_load_sub_{slug}"
@@ -931,7 +938,8 @@ def _subsections_load(parent: str, top: bool) -> list[str]:
 
 def _len_check(value: str, n: str, name: str | None) -> list[str]:
     """The length test inline, the call (which words the error) only when it fails."""
-    return [f"if len({value}) != {n}:", f"    _rt.check_len({value}, {n}, {name!r})"]
+    check = "check_fixed_len" if n.isdigit() else "check_len"  # a literal count is the spec's, not a field's
+    return [f"if len({value}) != {n}:", f"    _rt.{check}({value}, {n}, {name!r})"]
 
 
 def _truth(e: ast.Expr, src: str) -> str:

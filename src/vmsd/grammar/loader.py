@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -62,19 +63,20 @@ def _problem(exc: Exception, short: bool) -> str:
     return str(exc)
 
 
-def load(paths: list[Path], outside_imports: bool = False) -> Program:
+def load(paths: list[Path], outside_imports: bool = False, also: Sequence[Path] = ()) -> Program:
     """Parse ``paths`` and their imports.
 
-    Imports must stay inside the folders of ``paths`` (after resolving
-    symbolic links) unless ``outside_imports``; limits.py bounds the chain
-    length and the number of files.
+    Imports must stay inside the folders of ``paths`` or of ``also`` (the
+    specs vmsd ships, which user specs import) after resolving symbolic links,
+    unless ``outside_imports``; limits.py bounds the chain length and the
+    number of files.
     """
     files: dict[str, ast.SpecFile] = {}
     targets: dict[tuple[str, str], str] = {}
     sources: dict[str, str] = {}
     diags: list[Diagnostic] = []
     roots: list[str] = []
-    folders = [p.resolve().parent for p in paths]
+    folders = [*(p.resolve().parent for p in paths), *(f.resolve() for f in also)]
     seen: set[str] = set()
     total = [0]  # characters read so far
 

@@ -300,9 +300,18 @@ class SpecSet:
             if name in index:
                 for mod in index[name]:
                     importlib.import_module(f"{package}.{mod}")
-                # Modules imported on the way or earlier (shared nested vmsds) get their hooks too.
-                new = sorted(m for m in sys.modules if m.startswith(package + ".") and m not in self._seen_modules)
-                self._add_modules([sys.modules[m] for m in new])
+                self._adopt(package)
+
+    def _adopt(self, package: str) -> None:
+        # Modules imported on the way or earlier (shared nested vmsds) get their hooks too.
+        new = sorted(m for m in sys.modules if m.startswith(package + ".") and m not in self._seen_modules)
+        self._add_modules([sys.modules[m] for m in new])
+
+    def adopt_imported(self) -> None:
+        """Take in the modules of this set's packages that other code imported (specs compiled elsewhere that
+        nest shipped vmsds), so that their hooks and predicate implementations are registered."""
+        for package, _ in self._packages:
+            self._adopt(package)
 
     def get(self, name: str) -> type | None:
         # Load every module declaring ``name`` once, even when one of them came

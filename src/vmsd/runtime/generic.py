@@ -22,7 +22,7 @@ from vmsd.runtime.vmdesc import Obj
 _SCALARS: dict[str, struct.Struct] = {info: struct.Struct(">" + s.fmt) for info, (s, _) in BY_INFO.items()}
 
 
-def _bodies(entry: Obj) -> list[Obj]:
+def inline_bodies(entry: Obj) -> list[Obj]:
     """Split the repeated inline bodies of a qtailq/qlist/gtree entry."""
     out: list[Obj] = []
     for k, v in entry:
@@ -100,7 +100,7 @@ def _decode_one(r: Reader, entry: Obj) -> Any:
         value = decode_body(r, entry)
     elif kind in ("qtailq", "qlist"):
         value = []
-        for b in _bodies(entry):
+        for b in inline_bodies(entry):
             if not r.u8():
                 raise MalformedStream("list ended before its description", offset=r.tell() - 1)
             value.append(decode_body(r, b))
@@ -121,7 +121,7 @@ def _decode_one(r: Reader, entry: Obj) -> Any:
 def _decode_gtree(r: Reader, entry: Obj) -> list[tuple[Any, Any]]:
     start = r.tell()
     nnodes = r.u32()
-    bodies = _bodies(entry)
+    bodies = inline_bodies(entry)
     keyed = len(bodies) == 2 * nnodes and nnodes > 0
     if not keyed and nnodes > len(bodies):
         # The trailer describes each node's body; a node without one cannot be read.
@@ -169,14 +169,14 @@ def _encode_one(w: Writer, entry: Obj, value: Any) -> None:
     elif kind in ("vstruct", "tmp"):
         encode_body(w, entry, value)
     elif kind in ("qtailq", "qlist"):
-        for b, v in zip(_bodies(entry), value, strict=True):
+        for b, v in zip(inline_bodies(entry), value, strict=True):
             w.u8(1)
             encode_body(w, b, v)
         w.u8(0)
     elif kind == "fd":
         w.put_fd(value)
     elif kind == "gtree":
-        bodies = _bodies(entry)
+        bodies = inline_bodies(entry)
         keyed = len(bodies) == 2 * len(value) and value
         w.u32(len(value))
         for i, (key, v) in enumerate(value):

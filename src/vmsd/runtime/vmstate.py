@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
+from vmsd.runtime.blame import blame as blame  # generated savers call it as _rt.blame
 from vmsd.runtime.errors import CheckFailed, MalformedStream, RegistryError, SaveError, VersionMismatch, VMSDError
 from vmsd.runtime.io import Reader, Writer
 from vmsd.runtime.markers import NULLPTR_MARKER, QEMU_VM_SUBSECTION
@@ -317,6 +318,11 @@ def count(n: int) -> int:
 def check_len(value: Sized, n: int, name: str) -> None:
     if len(value) != n:
         raise SaveError(f"'{name}' has {len(value)} elements, its length field says {n}")
+
+
+def check_fixed_len(value: Sized, n: int, name: str) -> None:
+    if len(value) != n:
+        raise SaveError(f"'{name}' has {len(value)} elements, the spec fixes {n}")
 
 
 def flat(rows: Sequence[Sequence[Any]], n: int, m: int, name: str) -> list[Any]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmsd.grammar import ast
 from vmsd.grammar.pynames import MEMBER_RESERVED, module_name_problem, python_class_name
 from vmsd.migration.stream import find_trailer
 from vmsd.runtime.outfile import OutputError, write_file
@@ -322,6 +323,49 @@ class _File:
     decls: list[_Desc] = field(default_factory=list)
     imports: list[str] = field(default_factory=list)
     common_layer: int | None = None
+    shipped: Path | None = None  # a spec file vmsd ships: imported, never written
+
+    @property
+    def import_text(self) -> str:
+        return self.shipped.as_posix() if self.shipped is not None else f"{self.stem}.vmsd"
+
+
+@dataclass(frozen=True)
+class _ShippedVmsd:
+    name: str
+    version: int
+    class_name: str
+    fields: tuple[str, ...]  # QEMU's field names, in order
+
+
+def _qemu_field_names(v: ast.Vmsd) -> tuple[str, ...]:
+    """The names a -dump-vmstate file lists for ``v``'s fields (it lists no VMSTATE_VALIDATE)."""
+    return tuple(_unnumbered("unused" if f.kind == "unused" else (f.wire_name or f.name or "")) for f in v.fields
+                 if f.kind != "validate")
+
+
+def _unnumbered(name: str) -> str:
+    """A field name without the ``[N]`` QEMU's JSON appends to repeated names (the dump does not)."""
+    return re.sub(r"\[[0-9]+\]$", "", name)
+
+
+def _shipped_specs(root: Path | None) -> dict[Path, tuple[list[_ShippedVmsd], list[str]]]:
+    """The QEMU spec files vmsd ships under ``root`` (``qemu/X.Y/*.vmsd``): their vmsds and enum names."""
+    from vmsd.grammar.diagnostics import SpecError
+    from vmsd.grammar.parser import parse
+
+    out: dict[Path, tuple[list[_ShippedVmsd], list[str]]] = {}
+    if root is None:
+        return out
+    for path in sorted((root / "qemu").glob("*/*.vmsd")):
+        try:
+            spec = parse(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, SpecError) as exc:
+            raise ImportQemuError(f"cannot read the shipped spec {path}: {exc}") from None
+        vmsds = [_ShippedVmsd(v.name, v.version, v.class_name or python_class_name(v.name), _qemu_field_names(v))
+                 for v in spec.vmsds]
+        out[path.resolve()] = (vmsds, [e.name for e in spec.enums])
+    return out
 
 
 def _walk_fields(desc: _Desc) -> Iterator[_Field]:
@@ -370,9 +414,15 @@ def _stem(name: str) -> str:
 
 
 class _Importer:
-    def __init__(self, dump_path: Path, stream_path: Path | None) -> None:
+    def __init__(self, dump_path: Path, stream_path: Path | None, shipped_root: Path | None = None) -> None:
         self.dump_path = dump_path
         self.stream_path = stream_path
+        self.shipped_files = _shipped_specs(shipped_root)
+        # (vmsd name, version, field names) -> the shipped file declaring it
+        self.shipped_by_layout: dict[tuple[str, int, tuple[str, ...]], Path] = {}
+        for path, (vmsds, _) in self.shipped_files.items():
+            for v in vmsds:
+                self.shipped_by_layout.setdefault((v.name, v.version, v.fields), path)
         self.machine, raw_tops = _read_dump(dump_path)
         self.trailer = _Trailer(_read_trailer(stream_path) if stream_path is not None else None)
         self.canon: dict[tuple[Any, ...], _Desc] = {}
@@ -543,6 +593,13 @@ class _Importer:
     # -- placement ----------------------------------------------------------------------------
     def plan(self) -> list[_File]:
         self.tops.sort(key=lambda t: (t[0].name.lower(), t[0].from_trailer, t[1][0]))
+        # Nested layouts vmsd ships (same name, version and fields) are imported from its specs: a rough copy
+        # here would replace the shipped spec, and its Python side, wherever these files are used.
+        top_ids = {id(top) for top, _ in self.tops}
+        self.shipped: dict[int, Path] = {
+            id(d): path for d in self.canon.values()
+            if id(d) not in top_ids and (path := self.shipped_spec(d)) is not None
+        }
         by_name: dict[str, int] = {}
         for top, _ in self.tops:
             by_name[top.name] = by_name.get(top.name, 0) + 1
@@ -590,6 +647,7 @@ class _Importer:
             if not moved:
                 break
         home: dict[int, _File] = {}
+        shipped_files = self._shipped_files(all_decls, home)
         device_files: list[_File] = []
         for i, f in enumerate(files):
             f.decls = [d for d in reach[i] if id(d) not in shared and (id(d) not in tops or d is f.top)]
@@ -601,7 +659,7 @@ class _Importer:
         commons: list[_File] = []
         layer_of: dict[int, int] = {}
         for d in self._topo([all_decls[k] for k in all_decls if k in shared]):
-            k = max((layer_of[id(c)] for c in _children(d)), default=0)
+            k = max((layer_of[id(c)] for c in _children(d) if id(c) not in self.shipped), default=0)
             while k < len(commons) and any(o.name == d.name for o in commons[k].decls):
                 k += 1
             if k == len(commons):
@@ -621,11 +679,36 @@ class _Importer:
             if not f.decls and f.top is not None:
                 host = home[id(f.top)]
                 host.labels.append(f"{f.top.name}: {', '.join(f.labels)}")
-        self._name_classes([*commons, *device_files])
+        self._name_classes([*commons, *device_files], shipped_files)
         return [*commons, *device_files]
 
+    def shipped_spec(self, d: _Desc) -> Path | None:
+        """The shipped spec file declaring ``d``'s layout: its vmsd name, version and field names."""
+        return self.shipped_by_layout.get((d.name, d.version, tuple(_unnumbered(f.name) for f in d.fields)))
+
+    def _shipped_files(self, all_decls: dict[int, _Desc], home: dict[int, _File]) -> list[_File]:
+        """A file for each shipped spec some layout imports, holding every vmsd it declares (all are in
+        scope of the files importing it): the matched layouts themselves, stand-ins for the others."""
+        wanted: dict[Path, list[_Desc]] = {}
+        for d in all_decls.values():
+            for c in _children(d):
+                if id(c) in self.shipped:
+                    got = wanted.setdefault(self.shipped[id(c)], [])
+                    if all(o is not c for o in got):
+                        got.append(c)
+        out: list[_File] = []
+        for path in sorted(wanted):
+            f = _File(path.as_posix(), None, shipped=path)
+            for v in self.shipped_files[path][0]:
+                match = next((c for c in wanted[path] if c.name == v.name and c.version == v.version), None)
+                stand_in = match or _Desc(v.name, v.version, 0, [], [])
+                f.decls.append(stand_in)
+                home[id(stand_in)] = f
+            out.append(f)
+        return out
+
     def _reach(self, d: _Desc, order: list[_Desc]) -> None:
-        if any(o is d for o in order):
+        if any(o is d for o in order) or id(d) in self.shipped:
             return
         order.append(d)
         for c in _children(d):
@@ -636,7 +719,7 @@ class _Importer:
         while stack:
             d = stack.pop()
             for c in _children(d):
-                if id(c) not in shared:
+                if id(c) not in shared and id(c) not in self.shipped:
                     shared.add(id(c))
                     stack.append(c)
 
@@ -659,11 +742,20 @@ class _Importer:
         return out
 
     # -- class names and struct references ---------------------------------------------------
-    def _name_classes(self, files: list[_File]) -> None:
-        vmsd_names = {d.name for f in files for d in f.decls}
+    def _name_classes(self, files: list[_File], shipped: list[_File]) -> None:
+        vmsd_names = {d.name for f in [*files, *shipped] for d in f.decls}
         taken: set[str] = set()
         self.cls: dict[int, str] = {}
         self.explicit: set[int] = set()
+        # The names shipped files bring into scope are theirs: imported layouts keep their class names,
+        # and no class of ours takes one of them.
+        for f in shipped:
+            assert f.shipped is not None
+            vmsds, enums = self.shipped_files[f.shipped]
+            taken.update(enums)
+            for d, v in zip(f.decls, vmsds, strict=True):
+                taken.add(v.class_name)
+                self.cls[id(d)] = v.class_name
         for f in files:
             for d in f.decls:
                 base = python_class_name(d.name)
@@ -678,9 +770,9 @@ class _Importer:
                     self.explicit.add(id(d))
         self.taken_classes = taken
         self.vmsd_names = vmsd_names
-        by_stem = {f.stem: f for f in files}
+        self.by_stem = {f.stem: f for f in [*files, *shipped]}
         self.visible: dict[str, list[_Desc]] = {
-            f.stem: [*f.decls, *(d for s in f.imports for d in by_stem[s].decls)] for f in files
+            f.stem: [*f.decls, *(d for s in f.imports for d in self.by_stem[s].decls)] for f in files
         }
         # Decide every struct reference now, renaming classes where a name is ambiguous.
         self.refs: dict[tuple[str, int], str] = {}
@@ -690,13 +782,18 @@ class _Importer:
                 for d in f.decls:
                     for c in _children(d):
                         ref = self._resolve(f, c)
-                        if ref is None:
+                        if ref is not None:
+                            self.refs[(f.stem, id(c))] = ref
+                        elif id(c) not in self.shipped:  # a shipped class keeps its name (unique by `taken`)
                             self._rename_class(c)
                             changed = True
-                        else:
-                            self.refs[(f.stem, id(c))] = ref
             if not changed:
                 break
+        for f in files:
+            for d in f.decls:
+                for c in _children(d):
+                    if (f.stem, id(c)) not in self.refs:
+                        raise ImportQemuError(f"{f.stem}.vmsd: no unambiguous name for vmsd {c.name!r} (importer bug)")
 
     def _find(self, f: _File, token: str) -> _Desc | None:
         """What the checker's find_vmsd answers for ``token`` in file ``f``."""
@@ -747,9 +844,15 @@ class _Importer:
                 "# from the stream's trailer alone: fields and subsections the stream did not",
                 "# carry are missing, and field versions (since) are unknown.",
             ]
+        if any(self.by_stem[imp].shipped is not None for imp in f.imports):
+            lines.append("# Layouts vmsd ships (same vmsd name, version and fields) are imported from its specs.")
+        shipped = self.shipped_spec(f.top) if f.top is not None else None
+        if shipped is not None and f.top is not None and any(d is f.top for d in f.decls):
+            lines += [f"# vmsd ships a spec of {f.top.name} version {f.top.version} ({shipped.as_posix()}):",
+                      "# used with --specs, this file replaces it."]
         for imp in f.imports:
             lines.append("")
-            lines.append(f'import "{imp}.vmsd"')
+            lines.append(f'import "{self.by_stem[imp].import_text}"')
         return lines
 
     def render(self, f: _File) -> str:
@@ -989,7 +1092,9 @@ def _align(lines: Iterable[_Line]) -> list[str]:
     return out
 
 
-def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path, force: bool = False) -> list[Path]:
+def import_qemu(
+    dump_path: Path, stream_path: Path | None, out_dir: Path, force: bool = False, use_shipped: bool = True
+) -> list[Path]:
     """Write skeleton ``.vmsd`` specs for a QEMU ``-dump-vmstate`` file into ``out_dir``.
 
     CLI contract (``vmsd import-qemu DUMP.json [--stream FILE] -o DIR``):
@@ -1008,6 +1113,10 @@ def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path, force:
       ... when two shared layouts have the same name) for nested layouts used
       by several files; returns the written paths, common files first.  The
       CLI prints them, one per line, and exits 0.
+    * A nested layout that vmsd ships a spec of (same vmsd name and version, in the QEMU specs of
+      :func:`vmsd.bundled.specs_dir`) is not copied: the files that use it ``import`` the shipped spec
+      file (by its absolute path), so that with ``--specs`` the shipped class and its Python side
+      decode it.  ``use_shipped=False`` copies them too.
     * Every file passes ``vmsd check`` (this function checks them before
       returning).  Lines marked ``# GUESS:`` hold a type, size or count that
       was inferred; ``# TODO:`` marks predicates (``field_exists`` as
@@ -1018,7 +1127,10 @@ def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path, force:
       ``vmsd import-qemu: error: <message>`` and exits 1), never a traceback.
       Legacy (non-VMState) sections of the stream are skipped.
     """
-    imp = _Importer(Path(dump_path), Path(stream_path) if stream_path is not None else None)
+    from vmsd.bundled import specs_dir
+
+    imp = _Importer(Path(dump_path), Path(stream_path) if stream_path is not None else None,
+                    specs_dir() if use_shipped else None)
     files = imp.plan()
     texts = {f.stem: imp.render(f) for f in files}
     out_dir = Path(out_dir)
@@ -1034,16 +1146,16 @@ def import_qemu(dump_path: Path, stream_path: Path | None, out_dir: Path, force:
         raise ImportQemuError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
     except OutputError as exc:
         raise ImportQemuError(str(exc)) from None
-    _self_check(written)
+    _self_check(written, specs_dir())
     return written
 
 
-def _self_check(paths: list[Path]) -> None:
+def _self_check(paths: list[Path], shipped: Path) -> None:
     from vmsd.grammar.diagnostics import SpecError
     from vmsd.grammar.loader import load
     from vmsd.grammar.semantic import check
 
     try:
-        check(load(paths))
+        check(load(paths, also=[shipped]))
     except SpecError as exc:  # a bug of the importer: say so plainly
         raise ImportQemuError("the imported specs do not pass vmsd check (importer bug):\n" + exc.render()) from None

@@ -14,7 +14,17 @@ from typing import Any, TextIO
 import attrs
 
 from vmsd.migration.ram.records import RamPayload
-from vmsd.migration.stream import SECTION_NAMES, Command, Section, SpecSet, Stream, read_stream, write_stream
+from vmsd.migration.stream import (
+    SECTION_NAMES,
+    Command,
+    Section,
+    SpecSet,
+    Stream,
+    idstr_bytes,
+    read_stream,
+    write_stream,
+)
+from vmsd.runtime.errors import VMSDError
 from vmsd.runtime.vmdesc import Obj, describe
 from vmsd.runtime.vmstate import VMStateObject
 from vmsd.tools.errors import ToolError
@@ -27,12 +37,19 @@ def load_specs(specs_dir: Path | None) -> SpecSet:
     shipped = spec_set()
     if specs_dir is None:
         return shipped
+    from vmsd.bundled import specs_dir as bundled_specs
     from vmsd.codegen.compiler import compile_specs
 
     specs = sorted(specs_dir.rglob("*.vmsd"))
     if not specs:
         raise ToolError(f"no .vmsd files under {specs_dir}")
-    files = compile_specs(specs, str(specs_dir))
+    # Shipped specs imported from the folder are the shipped classes (with their Python side), not copies.
+    try:
+        files = compile_specs(specs, str(specs_dir), {bundled_specs(): "vmsd.generated"})
+    except ValueError as e:
+        if isinstance(e, VMSDError):
+            raise
+        raise ToolError(f"the specs under {specs_dir} include a file outside it that vmsd does not ship ({e})") from None
     import tempfile
 
     # Imported modules live on in memory: the folder is only needed while importing.
@@ -49,7 +66,9 @@ def load_specs(specs_dir: Path | None) -> SpecSet:
                        for rel in files if rel.name != "__init__.py"]
         finally:
             sys.path.remove(tmp)
-    return shipped.merged(SpecSet.from_modules(modules))
+    merged = shipped.merged(SpecSet.from_modules(modules))
+    merged.adopt_imported()
+    return merged
 
 
 def read_input(path: str) -> bytes:
@@ -259,7 +278,7 @@ def _record_lines(rec: Section | Command, out: list[str], indent: str) -> None:
         return
     source = "trailer" if rec.generic_body is not None else "spec"
     out.append(f"{head} [{rec.vmsd_name}, decoded by {source}]")
-    header_size = 1 + 4 + 1 + len(rec.idstr.encode()) + 8
+    header_size = 1 + 4 + 1 + len(idstr_bytes(rec.idstr)) + 8
     body = rec.generic_body if rec.generic_body is not None else describe(p, rec.version_id)[0]
     _field_lines(body, p, rec.offset + header_size, indent + "    ", out)
 
@@ -363,66 +382,4 @@ def rewrite(data: bytes, specs: SpecSet, sets: list[str]) -> bytes:
     return write_stream(stream)
 
 
-# ---- diff ----------------------------------------------------------------------
-
-def diff(a: Stream, b: Stream) -> list[str]:
-    out: list[str] = []
-    keyed_a = _keyed(a)
-    keyed_b = _keyed(b)
-    for key in keyed_a.keys() | keyed_b.keys():
-        label = f"{key[0]}:{key[1]} {SECTION_NAMES[key[2]]}#{key[3]}"
-        if key not in keyed_b:
-            out.append(f"{label}: only in A")
-        elif key not in keyed_a:
-            out.append(f"{label}: only in B")
-        else:
-            _diff_values(plain_payload(keyed_a[key]), plain_payload(keyed_b[key]), label, out)
-    if a.configuration is not None or b.configuration is not None:
-        ca = plain(a.configuration.state) if a.configuration else None
-        cb = plain(b.configuration.state) if b.configuration else None
-        _diff_values(ca, cb, "configuration", out)
-    return sorted(out)
-
-
-def plain_payload(sec: Section) -> Any:
-    if isinstance(sec.payload, RamPayload):
-        return {
-            f"{rec.block or ''}@{rec.offset:#x}": rec.data.hex() if len(rec.data) < 16 else hash(rec.data)
-            for rec in sec.payload.records
-        }
-    return plain(sec.payload)
-
-
-def _keyed(stream: Stream) -> dict[tuple[str, int, int, int], Section]:
-    seen: dict[tuple[str, int, int], int] = {}
-    out: dict[tuple[str, int, int, int], Section] = {}
-    for sec in stream.sections():
-        base = (sec.idstr, sec.instance_id, sec.kind)
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        out[(*base, n)] = sec
-    return out
-
-
-def _diff_values(x: Any, y: Any, path: str, out: list[str]) -> None:
-    if isinstance(x, dict) and isinstance(y, dict):
-        for k in x.keys() | y.keys():
-            if k not in y:
-                out.append(f"{path}.{k}: only in A")
-            elif k not in x:
-                out.append(f"{path}.{k}: only in B")
-            else:
-                _diff_values(x[k], y[k], f"{path}.{k}", out)
-    elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
-        for i, (p, q) in enumerate(zip(x, y, strict=True)):
-            _diff_values(p, q, f"{path}[{i}]", out)
-    elif x != y:
-        out.append(f"{path}: {_short(x)} -> {_short(y)}")
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-__all__ = ["apply_set", "diff", "load_specs", "read_input", "rewrite", "stream_json", "stream_tree", "tree_lines", "write_json"]
+__all__ = ["apply_set", "load_specs", "read_input", "rewrite", "stream_json", "stream_tree", "tree_lines", "write_json"]

@@ -112,10 +112,8 @@ class Fifo8(_rt.VMStateObject):
             out += struct.pack(f'>{len(self.data)}B', *self.data)
             _at = 'head'
             out += _S1.pack(self.head, self.num)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 Fifo8.VMSD = _schema.VmsdSpec('Fifo8', 1, 1, (

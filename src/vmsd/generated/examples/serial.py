@@ -202,6 +202,7 @@ class Serial(_rt.VMStateObject):
                 _at = 'fcr_vmstate'
                 if version_id >= 3:
                     out += _S3.pack(self.fcr_vmstate if self.fcr_vmstate is not None else _rt.missing('fcr_vmstate'))
+            _at = ""
             if self.thr_ipending != ((self.iir & 15) == 2):
                 _rt.write_subsection_header(w, b'serial/thr_ipending', 1)
                 self._save_sub_thr_ipending(w, 1)
@@ -211,10 +212,8 @@ class Serial(_rt.VMStateObject):
             if self.poll_msl >= 0:
                 _rt.write_subsection_header(w, b'serial/poll', 1)
                 self._save_sub_poll(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_thr_ipending(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -235,10 +234,8 @@ class Serial(_rt.VMStateObject):
             out = w.buf
             _at = 'thr_ipending'
             out += _S4.pack(self.thr_ipending)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'serial/thr_ipending', version_id, e, _at) from None
 
     def _load_sub_recv_fifo(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -255,10 +252,8 @@ class Serial(_rt.VMStateObject):
         try:
             _at = 'recv_fifo'
             self.recv_fifo._save_nested(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'serial/recv_fifo', version_id, e, _at) from None
 
     def _load_sub_poll(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -279,10 +274,8 @@ class Serial(_rt.VMStateObject):
             out = w.buf
             _at = 'poll_msl'
             out += _S5.pack(self.poll_msl, self.modem_status_poll)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'serial/poll', version_id, e, _at) from None
 
 
 Serial.VMSD = _schema.VmsdSpec('serial', 3, 2, (

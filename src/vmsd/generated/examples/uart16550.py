@@ -86,10 +86,8 @@ class Uart16550(_rt.VMStateObject):
             out = w.buf
             _at = 'lcr'
             out += _S0.pack(self.lcr)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 Uart16550.VMSD = _schema.VmsdSpec('uart16550', 1, 1, (

@@ -72,10 +72,8 @@ and id, never by position."""
         try:
             _at = 'fds'
             _rt.save_qlist(w, self.fds, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 CprState.VMSD = _schema.VmsdSpec('CprState', 1, 1, (

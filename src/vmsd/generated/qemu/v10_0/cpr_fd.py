@@ -115,10 +115,8 @@ in cpr-exec the descriptor's number (it survives exec)."""
             out += _S1.pack(self.id)
             _at = 'fd'
             w.put_fd(self.fd)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 CprFd.VMSD = _schema.VmsdSpec('cpr fd', 1, 1, (

@@ -100,10 +100,8 @@ tables (they may no longer be regenerated)."""
             out = w.buf
             _at = 'patched'
             out += _S0.pack(self.patched)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 AcpiBuildState.VMSD = _schema.VmsdSpec('acpi_build', 1, 1, (

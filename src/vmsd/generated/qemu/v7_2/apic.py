@@ -207,23 +207,22 @@ subsection is absent."""
             out = w.buf
             _at = 'apicbase'
             if len(self.isr) != 8:
-                _rt.check_len(self.isr, 8, 'isr')
+                _rt.check_fixed_len(self.isr, 8, 'isr')
             if len(self.tmr) != 8:
-                _rt.check_len(self.tmr, 8, 'tmr')
+                _rt.check_fixed_len(self.tmr, 8, 'tmr')
             if len(self.irr) != 8:
-                _rt.check_len(self.irr, 8, 'irr')
+                _rt.check_fixed_len(self.irr, 8, 'irr')
             if len(self.lvt) != 6:
-                _rt.check_len(self.lvt, 6, 'lvt')
+                _rt.check_fixed_len(self.lvt, 6, 'lvt')
             if len(self.icr) != 2:
-                _rt.check_len(self.icr, 2, 'icr')
+                _rt.check_fixed_len(self.icr, 2, 'icr')
             out += _S0.pack(self.apicbase, self.id, self.arb_id, self.tpr, self.spurious_vec, self.log_dest, self.dest_mode, *self.isr, *self.tmr, *self.irr, *self.lvt, self.esr, *self.icr, self.divide_conf, self.count_shift, self.initial_count, self.initial_count_load_time, self.next_time, self.timer_expiry)
+            _at = ""
             if self.wait_for_sipi != 0:
                 _rt.write_subsection_header(w, b'apic_sipi', 1)
                 self._save_sub_apic_sipi(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_apic_sipi(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -244,10 +243,8 @@ subsection is absent."""
             out = w.buf
             _at = 'sipi_vector'
             out += _S1.pack(self.sipi_vector, self.wait_for_sipi)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'apic_sipi', version_id, e, _at) from None
 
 
 APICCommonState.VMSD = _schema.VmsdSpec('apic', 3, 3, (

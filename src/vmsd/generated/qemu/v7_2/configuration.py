@@ -133,6 +133,7 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
             if len(self.name) != _rt.count(self.len):
                 _rt.check_len(self.name, _rt.count(self.len), 'name')
             out += self.name
+            _at = ""
             if self.target_page_bits_needed(version_id):
                 _rt.write_subsection_header(w, b'configuration/target-page-bits', 1)
                 self._save_sub_target_page_bits(w, 1)
@@ -142,10 +143,8 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
             if self.uuid_needed(version_id):
                 _rt.write_subsection_header(w, b'configuration/uuid', 1)
                 self._save_sub_uuid(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_target_page_bits(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -166,10 +165,8 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
             out = w.buf
             _at = 'target_page_bits'
             out += _S0.pack(self.target_page_bits)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'configuration/target-page-bits', version_id, e, _at) from None
 
     def _load_sub_capabilities(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -194,10 +191,8 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
             out += _S0.pack(self.caps_count)
             _at = 'capabilities'
             out += self.capabilities
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'configuration/capabilities', version_id, e, _at) from None
 
     def _load_sub_uuid(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -218,12 +213,10 @@ vmstate_configuration).  QEMU loads it at version 0 and saves it at 1."""
             out = w.buf
             _at = 'uuid'
             if len(self.uuid) != 16:
-                _rt.check_len(self.uuid, 16, 'uuid')
+                _rt.check_fixed_len(self.uuid, 16, 'uuid')
             out += _S1.pack(self.uuid)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'configuration/uuid', version_id, e, _at) from None
 
 
 Configuration.VMSD = _schema.VmsdSpec('configuration', 1, 0, (

@@ -1232,7 +1232,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'regs'
             if len(self.regs) != 16:
-                _rt.check_len(self.regs, 16, 'regs')
+                _rt.check_fixed_len(self.regs, 16, 'regs')
             out += _S0.pack(*self.regs, self.eip, self.eflags, self.hflags, self.fpuc, self.fpus_vmstate, self.fptag_vmstate, self.fpregs_format_vmstate)
             _at = 'fpregs'
             _rt.save_struct_array(w, self.fpregs, 8, 0, 'fpregs')
@@ -1248,13 +1248,13 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             self.idt._save_nested(w, 1)
             _at = 'sysenter_cs'
             if len(self.dr) != 8:
-                _rt.check_len(self.dr, 8, 'dr')
+                _rt.check_fixed_len(self.dr, 8, 'dr')
             out += _S1.pack(self.sysenter_cs, self.sysenter_esp, self.sysenter_eip, self.cr0, self.cr2, self.cr3, self.cr4, *self.dr, self.a20_mask, self.mxcsr)
             _at = 'xmm_regs'
             _rt.save_struct_array(w, self.xmm_regs, 16, 1, 'xmm_regs')
             _at = 'efer'
             if len(self.mtrr_fixed) != 11:
-                _rt.check_len(self.mtrr_fixed, 11, 'mtrr_fixed')
+                _rt.check_fixed_len(self.mtrr_fixed, 11, 'mtrr_fixed')
             out += _S2.pack(self.efer, self.star, self.lstar, self.cstar, self.fmask, self.kernelgsbase, self.smbase, self.pat, self.hflags2, self.vm_hsave, self.vm_vmcb, self.tsc_offset, self.intercept, self.intercept_cr_read, self.intercept_cr_write, self.intercept_dr_read, self.intercept_dr_write, self.intercept_exceptions, self.v_tpr, *self.mtrr_fixed, self.mtrr_deftype)
             _at = 'mtrr_var'
             if version_id >= 8:
@@ -1263,12 +1263,12 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             if version_id >= 12:
                 _at = 'interrupt_injected'
                 if len(self.mce_banks) != 40:
-                    _rt.check_len(self.mce_banks, 40, 'mce_banks')
+                    _rt.check_fixed_len(self.mce_banks, 40, 'mce_banks')
                 out += _S3.pack(self.interrupt_injected, self.mp_state, self.tsc, self.exception_nr, self.soft_interrupt, self.nmi_injected, self.nmi_pending, self.has_error_code, self.sipi_vector, self.mcg_cap, self.mcg_status, self.mcg_ctl, *self.mce_banks, self.tsc_aux, self.system_time_msr, self.wall_clock_msr, self.xcr0 if self.xcr0 is not None else _rt.missing('xcr0'), self.xstate_bv if self.xstate_bv is not None else _rt.missing('xstate_bv'))
             else:
                 _at = 'interrupt_injected'
                 if len(self.mce_banks) != 40:
-                    _rt.check_len(self.mce_banks, 40, 'mce_banks')
+                    _rt.check_fixed_len(self.mce_banks, 40, 'mce_banks')
                 out += _S4.pack(self.interrupt_injected, self.mp_state, self.tsc, self.exception_nr, self.soft_interrupt, self.nmi_injected, self.nmi_pending, self.has_error_code, self.sipi_vector, self.mcg_cap, self.mcg_status, self.mcg_ctl, *self.mce_banks, self.tsc_aux, self.system_time_msr, self.wall_clock_msr)
                 _at = 'xcr0'
                 if version_id >= 12:
@@ -1277,6 +1277,7 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             if version_id >= 12:
                 _v_ymmh_regs = self.ymmh_regs if self.ymmh_regs is not None else _rt.missing('ymmh_regs')
                 _rt.save_struct_array(w, _v_ymmh_regs, 16, 1, 'ymmh_regs')
+            _at = ""
             if (self.exception_pending != 0) and ((self.hflags & 2097152) != 0):
                 _rt.write_subsection_header(w, b'cpu/exception_info', 1)
                 self._save_sub_exception_info(w, 1)
@@ -1406,10 +1407,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             if self.triple_fault_pending != 0:
                 _rt.write_subsection_header(w, b'cpu/triple_fault', 1)
                 self._save_sub_triple_fault(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_exception_info(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1430,10 +1429,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'exception_pending'
             out += _S6.pack(self.exception_pending, self.exception_injected, self.exception_has_payload, self.exception_payload)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/exception_info', version_id, e, _at) from None
 
     def _load_sub_async_pf_msr(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1454,10 +1451,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'async_pf_en_msr'
             out += _S7.pack(self.async_pf_en_msr)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/async_pf_msr', version_id, e, _at) from None
 
     def _load_sub_async_pf_int_msr(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1478,10 +1473,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'async_pf_int_msr'
             out += _S7.pack(self.async_pf_int_msr)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/async_pf_int_msr', version_id, e, _at) from None
 
     def _load_sub_async_pv_eoi_msr(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1502,10 +1495,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'pv_eoi_en_msr'
             out += _S7.pack(self.pv_eoi_en_msr)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/async_pv_eoi_msr', version_id, e, _at) from None
 
     def _load_sub_steal_time_msr(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1526,10 +1517,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'steal_time_msr'
             out += _S7.pack(self.steal_time_msr)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/steal_time_msr', version_id, e, _at) from None
 
     def _load_sub_poll_control_msr(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1550,10 +1539,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'poll_control_msr'
             out += _S7.pack(self.poll_control_msr)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/poll_control_msr', version_id, e, _at) from None
 
     def _load_sub_fpop_ip_dp(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1574,10 +1561,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'fpop'
             out += _S8.pack(self.fpop, self.fpip, self.fpdp)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/fpop_ip_dp', version_id, e, _at) from None
 
     def _load_sub_msr_tsc_adjust(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1598,10 +1583,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'tsc_adjust'
             out += _S7.pack(self.tsc_adjust)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_tsc_adjust', version_id, e, _at) from None
 
     def _load_sub_msr_tscdeadline(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1622,10 +1605,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'tsc_deadline'
             out += _S7.pack(self.tsc_deadline)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_tscdeadline', version_id, e, _at) from None
 
     def _load_sub_msr_ia32_misc_enable(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1646,10 +1627,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_ia32_misc_enable'
             out += _S7.pack(self.msr_ia32_misc_enable)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_ia32_misc_enable', version_id, e, _at) from None
 
     def _load_sub_msr_ia32_feature_control(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1670,10 +1649,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_ia32_feature_control'
             out += _S7.pack(self.msr_ia32_feature_control)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_ia32_feature_control', version_id, e, _at) from None
 
     def _load_sub_msr_architectural_pmu(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1701,16 +1678,14 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_fixed_ctr_ctrl'
             if len(self.msr_fixed_counters) != 3:
-                _rt.check_len(self.msr_fixed_counters, 3, 'msr_fixed_counters')
+                _rt.check_fixed_len(self.msr_fixed_counters, 3, 'msr_fixed_counters')
             if len(self.msr_gp_counters) != 18:
-                _rt.check_len(self.msr_gp_counters, 18, 'msr_gp_counters')
+                _rt.check_fixed_len(self.msr_gp_counters, 18, 'msr_gp_counters')
             if len(self.msr_gp_evtsel) != 18:
-                _rt.check_len(self.msr_gp_evtsel, 18, 'msr_gp_evtsel')
+                _rt.check_fixed_len(self.msr_gp_evtsel, 18, 'msr_gp_evtsel')
             out += _S9.pack(self.msr_fixed_ctr_ctrl, self.msr_global_ctrl, self.msr_global_status, self.msr_global_ovf_ctrl, *self.msr_fixed_counters, *self.msr_gp_counters, *self.msr_gp_evtsel)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_architectural_pmu', version_id, e, _at) from None
 
     def _load_sub_mpx(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1735,10 +1710,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             _rt.save_struct_array(w, self.bnd_regs, 4, 1, 'bnd_regs')
             _at = 'bndcs_cfgu'
             out += _S10.pack(self.bndcs_cfgu, self.bndcs_sts, self.msr_bndcfgs)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/mpx', version_id, e, _at) from None
 
     def _load_sub_msr_hyperv_hypercall(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1759,10 +1732,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_hv_guest_os_id'
             out += _S5.pack(self.msr_hv_guest_os_id, self.msr_hv_hypercall)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_hyperv_hypercall', version_id, e, _at) from None
 
     def _load_sub_msr_hyperv_vapic(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1783,10 +1754,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_hv_vapic'
             out += _S7.pack(self.msr_hv_vapic)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_hyperv_vapic', version_id, e, _at) from None
 
     def _load_sub_msr_hyperv_time(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1807,10 +1776,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_hv_tsc'
             out += _S7.pack(self.msr_hv_tsc)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_hyperv_time', version_id, e, _at) from None
 
     def _load_sub_msr_hyperv_crash(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1832,12 +1799,10 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_hv_crash_params'
             if len(self.msr_hv_crash_params) != 5:
-                _rt.check_len(self.msr_hv_crash_params, 5, 'msr_hv_crash_params')
+                _rt.check_fixed_len(self.msr_hv_crash_params, 5, 'msr_hv_crash_params')
             out += _S11.pack(*self.msr_hv_crash_params)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_hyperv_crash', version_id, e, _at) from None
 
     def _load_sub_msr_hyperv_runtime(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1858,10 +1823,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_hv_runtime'
             out += _S7.pack(self.msr_hv_runtime)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_hyperv_runtime', version_id, e, _at) from None
 
     def _load_sub_msr_hyperv_synic(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1886,12 +1849,10 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_hv_synic_control'
             if len(self.msr_hv_synic_sint) != 16:
-                _rt.check_len(self.msr_hv_synic_sint, 16, 'msr_hv_synic_sint')
+                _rt.check_fixed_len(self.msr_hv_synic_sint, 16, 'msr_hv_synic_sint')
             out += _S12.pack(self.msr_hv_synic_control, self.msr_hv_synic_evt_page, self.msr_hv_synic_msg_page, *self.msr_hv_synic_sint)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_hyperv_synic', version_id, e, _at) from None
 
     def _load_sub_msr_hyperv_stimer(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1914,14 +1875,12 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_hv_stimer_config'
             if len(self.msr_hv_stimer_config) != 4:
-                _rt.check_len(self.msr_hv_stimer_config, 4, 'msr_hv_stimer_config')
+                _rt.check_fixed_len(self.msr_hv_stimer_config, 4, 'msr_hv_stimer_config')
             if len(self.msr_hv_stimer_count) != 4:
-                _rt.check_len(self.msr_hv_stimer_count, 4, 'msr_hv_stimer_count')
+                _rt.check_fixed_len(self.msr_hv_stimer_count, 4, 'msr_hv_stimer_count')
             out += _S13.pack(*self.msr_hv_stimer_config, *self.msr_hv_stimer_count)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_hyperv_stimer', version_id, e, _at) from None
 
     def _load_sub_msr_hyperv_reenlightenment(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1942,10 +1901,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_hv_reenlightenment_control'
             out += _S10.pack(self.msr_hv_reenlightenment_control, self.msr_hv_tsc_emulation_control, self.msr_hv_tsc_emulation_status)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_hyperv_reenlightenment', version_id, e, _at) from None
 
     def _load_sub_avx512(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -1971,16 +1928,14 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'opmask_regs'
             if len(self.opmask_regs) != 8:
-                _rt.check_len(self.opmask_regs, 8, 'opmask_regs')
+                _rt.check_fixed_len(self.opmask_regs, 8, 'opmask_regs')
             out += _S14.pack(*self.opmask_regs)
             _at = 'zmmh_regs'
             _rt.save_struct_array(w, self.zmmh_regs, 16, 1, 'zmmh_regs')
             _at = 'hi16_zmm_regs'
             _rt.save_struct_array(w, self.hi16_zmm_regs, 16, 1, 'hi16_zmm_regs')
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/avx512', version_id, e, _at) from None
 
     def _load_sub_xss(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2001,10 +1956,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'xss'
             out += _S7.pack(self.xss)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/xss', version_id, e, _at) from None
 
     def _load_sub_umwait(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2025,10 +1978,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'umwait'
             out += _S15.pack(self.umwait)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/umwait', version_id, e, _at) from None
 
     def _load_sub_tsc_khz(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2049,10 +2000,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'tsc_khz'
             out += _S16.pack(self.tsc_khz)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/tsc_khz', version_id, e, _at) from None
 
     def _load_sub_msr_smi_count(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2073,10 +2022,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_smi_count'
             out += _S7.pack(self.msr_smi_count)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_smi_count', version_id, e, _at) from None
 
     def _load_sub_pkru(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2097,10 +2044,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'pkru'
             out += _S15.pack(self.pkru)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/pkru', version_id, e, _at) from None
 
     def _load_sub_pkrs(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2121,10 +2066,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'pkrs'
             out += _S15.pack(self.pkrs)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/pkrs', version_id, e, _at) from None
 
     def _load_sub_spec_ctrl(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2145,10 +2088,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'spec_ctrl'
             out += _S7.pack(self.spec_ctrl)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/spec_ctrl', version_id, e, _at) from None
 
     def _load_sub_amd_tsc_scale_msr(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2169,10 +2110,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'amd_tsc_scale_msr'
             out += _S7.pack(self.amd_tsc_scale_msr)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/amd_tsc_scale_msr', version_id, e, _at) from None
 
     def _load_sub_mcg_ext_ctl(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2193,10 +2132,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'mcg_ext_ctl'
             out += _S7.pack(self.mcg_ext_ctl)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/mcg_ext_ctl', version_id, e, _at) from None
 
     def _load_sub_intel_pt(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2223,12 +2160,10 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_rtit_ctrl'
             if len(self.msr_rtit_addrs) != 8:
-                _rt.check_len(self.msr_rtit_addrs, 8, 'msr_rtit_addrs')
+                _rt.check_fixed_len(self.msr_rtit_addrs, 8, 'msr_rtit_addrs')
             out += _S17.pack(self.msr_rtit_ctrl, self.msr_rtit_status, self.msr_rtit_output_base, self.msr_rtit_output_mask, self.msr_rtit_cr3_match, *self.msr_rtit_addrs)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/intel_pt', version_id, e, _at) from None
 
     def _load_sub_virt_ssbd(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2249,10 +2184,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'virt_ssbd'
             out += _S7.pack(self.virt_ssbd)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/virt_ssbd', version_id, e, _at) from None
 
     def _load_sub_svn_npt(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2273,10 +2206,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'nested_cr3'
             out += _S18.pack(self.nested_cr3, self.nested_pg_mode)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/svn_npt', version_id, e, _at) from None
 
     def _load_sub_svm_guest(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2297,10 +2228,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'int_ctl'
             out += _S15.pack(self.int_ctl)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/svm_guest', version_id, e, _at) from None
 
     def _load_sub_nested_state(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2317,10 +2246,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
         try:
             _at = 'nested_state'
             self.nested_state._save_nested(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/nested_state', version_id, e, _at) from None
 
     def _load_sub_msr_tsx_ctrl(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2341,10 +2268,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'tsx_ctrl'
             out += _S15.pack(self.tsx_ctrl)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_tsx_ctrl', version_id, e, _at) from None
 
     def _load_sub_intel_sgx(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2366,12 +2291,10 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_ia32_sgxlepubkeyhash'
             if len(self.msr_ia32_sgxlepubkeyhash) != 4:
-                _rt.check_len(self.msr_ia32_sgxlepubkeyhash, 4, 'msr_ia32_sgxlepubkeyhash')
+                _rt.check_fixed_len(self.msr_ia32_sgxlepubkeyhash, 4, 'msr_ia32_sgxlepubkeyhash')
             out += _S19.pack(*self.msr_ia32_sgxlepubkeyhash)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/intel_sgx', version_id, e, _at) from None
 
     def _load_sub_pdptrs(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2393,12 +2316,10 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'pdptrs'
             if len(self.pdptrs) != 4:
-                _rt.check_len(self.pdptrs, 4, 'pdptrs')
+                _rt.check_fixed_len(self.pdptrs, 4, 'pdptrs')
             out += _S19.pack(*self.pdptrs)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/pdptrs', version_id, e, _at) from None
 
     def _load_sub_msr_xfd(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2419,10 +2340,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'msr_xfd'
             out += _S5.pack(self.msr_xfd, self.msr_xfd_err)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/msr_xfd', version_id, e, _at) from None
 
     def _load_sub_intel_amx_xtile(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2445,14 +2364,12 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'xtilecfg'
             if len(self.xtilecfg) != 64:
-                _rt.check_len(self.xtilecfg, 64, 'xtilecfg')
+                _rt.check_fixed_len(self.xtilecfg, 64, 'xtilecfg')
             if len(self.xtiledata) != 8192:
-                _rt.check_len(self.xtiledata, 8192, 'xtiledata')
+                _rt.check_fixed_len(self.xtiledata, 8192, 'xtiledata')
             out += _S20.pack(*self.xtilecfg, *self.xtiledata)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/intel_amx_xtile', version_id, e, _at) from None
 
     def _load_sub_arch_lbr(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2477,10 +2394,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out += _S5.pack(self.msr_lbr_ctl, self.msr_lbr_depth)
             _at = 'lbr_records'
             _rt.save_struct_array(w, self.lbr_records, 32, 1, 'lbr_records')
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/arch_lbr', version_id, e, _at) from None
 
     def _load_sub_triple_fault(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -2501,10 +2416,8 @@ repeated name "env.xmm_regs" per field list (env.xmm_regs[0], [1])."""
             out = w.buf
             _at = 'triple_fault_pending'
             out += _S21.pack(self.triple_fault_pending)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/triple_fault', version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -2601,10 +2514,8 @@ class SegmentCache(_rt.VMStateObject):
             out = w.buf
             _at = 'selector'
             out += _S22.pack(self.selector, self.base, self.limit, self.flags)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -2659,10 +2570,8 @@ class FPReg(_rt.VMStateObject):
         try:
             _at = 'tmp'
             self.tmp._save_nested(w, 0)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -2749,10 +2658,8 @@ class FPRegTmp(_rt.VMStateObject):
             out = w.buf
             _at = 'tmp_mant'
             out += _S23.pack(self.tmp_mant, self.tmp_exp)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -2839,10 +2746,8 @@ class XmmReg(_rt.VMStateObject):
             out = w.buf
             _at = 'q0'
             out += _S5.pack(self.q0, self.q1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -2929,10 +2834,8 @@ class YmmhReg(_rt.VMStateObject):
             out = w.buf
             _at = 'q2'
             out += _S5.pack(self.q2, self.q3)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -3029,10 +2932,8 @@ class ZmmhReg(_rt.VMStateObject):
             out = w.buf
             _at = 'q4'
             out += _S24.pack(self.q4, self.q5, self.q6, self.q7)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -3149,10 +3050,8 @@ class Hi16ZmmReg(_rt.VMStateObject):
             out = w.buf
             _at = 'q0'
             out += _S25.pack(self.q0, self.q1, self.q2, self.q3, self.q4, self.q5, self.q6, self.q7)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -3239,10 +3138,8 @@ class BndReg(_rt.VMStateObject):
             out = w.buf
             _at = 'lb'
             out += _S5.pack(self.lb, self.ub)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -3329,10 +3226,8 @@ class MtrrVar(_rt.VMStateObject):
             out = w.buf
             _at = 'base'
             out += _S5.pack(self.base, self.mask)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -3424,10 +3319,8 @@ class LbrRecord(_rt.VMStateObject):
             out = w.buf
             _at = 'from_'
             out += _S10.pack(self.from_, self.to, self.info)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -3567,16 +3460,15 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
             out = w.buf
             _at = 'flags'
             out += _S26.pack(self.flags, self.format, self.size)
+            _at = ""
             if (self.format == 0) and (self.vmxon_pa != 18446744073709551615):
                 _rt.write_subsection_header(w, b'cpu/kvm_nested_state/vmx', 1)
                 self._save_sub_vmx(w, 1)
             if (self.format == 1) and (self.size > 128):
                 _rt.write_subsection_header(w, b'cpu/kvm_nested_state/svm', 1)
                 self._save_sub_svm(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_vmx(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -3601,16 +3493,15 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
             out = w.buf
             _at = 'vmxon_pa'
             out += _S27.pack(self.vmxon_pa, self.vmcs12_pa, self.smm_flags)
+            _at = ""
             if self.size > 128:
                 _rt.write_subsection_header(w, b'cpu/kvm_nested_state/vmx/vmcs12', 1)
                 self._save_sub_vmcs12(w, 1)
             if self.size > 4224:
                 _rt.write_subsection_header(w, b'cpu/kvm_nested_state/vmx/shadow_vmcs12', 1)
                 self._save_sub_shadow_vmcs12(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/kvm_nested_state/vmx', version_id, e, _at) from None
 
     def _load_sub_vmcs12(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -3631,12 +3522,10 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
             out = w.buf
             _at = 'vmcs12'
             if len(self.vmcs12) != 4096:
-                _rt.check_len(self.vmcs12, 4096, 'vmcs12')
+                _rt.check_fixed_len(self.vmcs12, 4096, 'vmcs12')
             out += _S28.pack(*self.vmcs12)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/kvm_nested_state/vmx/vmcs12', version_id, e, _at) from None
 
     def _load_sub_shadow_vmcs12(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -3657,12 +3546,10 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
             out = w.buf
             _at = 'shadow_vmcs12'
             if len(self.shadow_vmcs12) != 4096:
-                _rt.check_len(self.shadow_vmcs12, 4096, 'shadow_vmcs12')
+                _rt.check_fixed_len(self.shadow_vmcs12, 4096, 'shadow_vmcs12')
             out += _S28.pack(*self.shadow_vmcs12)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/kvm_nested_state/vmx/shadow_vmcs12', version_id, e, _at) from None
 
     def _load_sub_svm(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -3685,12 +3572,10 @@ sent.  offsetof(data.vmx[0].vmcs12) = 128, offsetof(data.vmx[0].shadow_vmcs12)
             out = w.buf
             _at = 'vmcb_pa'
             if len(self.vmcb12) != 4096:
-                _rt.check_len(self.vmcb12, 4096, 'vmcb12')
+                _rt.check_fixed_len(self.vmcb12, 4096, 'vmcb12')
             out += _S29.pack(self.vmcb_pa, *self.vmcb12)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu/kvm_nested_state/svm', version_id, e, _at) from None
 
 
 X86CPU.VMSD = _schema.VmsdSpec('cpu', 12, 11, (

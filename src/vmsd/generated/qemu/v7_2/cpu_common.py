@@ -110,16 +110,15 @@ is -1 ("no exception pending")."""
             out = w.buf
             _at = 'halted'
             out += _S0.pack(self.halted, self.interrupt_request)
+            _at = ""
             if self.exception_index_needed(version_id):
                 _rt.write_subsection_header(w, b'cpu_common/exception_index', 1)
                 self._save_sub_exception_index(w, 1)
             if bool(self.crash_occurred):
                 _rt.write_subsection_header(w, b'cpu_common/crash_occurred', 1)
                 self._save_sub_crash_occurred(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_exception_index(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -140,10 +139,8 @@ is -1 ("no exception pending")."""
             out = w.buf
             _at = 'exception_index'
             out += _S1.pack(self.exception_index)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu_common/exception_index', version_id, e, _at) from None
 
     def _load_sub_crash_occurred(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -164,10 +161,8 @@ is -1 ("no exception pending")."""
             out = w.buf
             _at = 'crash_occurred'
             out += _S2.pack(self.crash_occurred)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'cpu_common/crash_occurred', version_id, e, _at) from None
 
 
 CPUCommon.VMSD = _schema.VmsdSpec('cpu_common', 1, 1, (

@@ -631,20 +631,21 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
                 out += bytes(4)
             _at = 'rxbuf_size'
             if len(self.tx_header) != 256:
-                _rt.check_len(self.tx_header, 256, 'tx_header')
+                _rt.check_fixed_len(self.tx_header, 256, 'tx_header')
             if len(self.tx_data) != 65536:
-                _rt.check_len(self.tx_data, 65536, 'tx_data')
+                _rt.check_fixed_len(self.tx_data, 65536, 'tx_data')
             if len(self.eeprom_data) != 64:
-                _rt.check_len(self.eeprom_data, 64, 'eeprom_data')
+                _rt.check_fixed_len(self.eeprom_data, 64, 'eeprom_data')
             if len(self.phy_reg) != 32:
-                _rt.check_len(self.phy_reg, 32, 'phy_reg')
+                _rt.check_fixed_len(self.phy_reg, 32, 'phy_reg')
             if len(self.mac_reg_ra) != 32:
-                _rt.check_len(self.mac_reg_ra, 32, 'mac_reg_ra')
+                _rt.check_fixed_len(self.mac_reg_ra, 32, 'mac_reg_ra')
             if len(self.mac_reg_mta) != 128:
-                _rt.check_len(self.mac_reg_mta, 128, 'mac_reg_mta')
+                _rt.check_fixed_len(self.mac_reg_mta, 128, 'mac_reg_mta')
             if len(self.mac_reg_vfta) != 128:
-                _rt.check_len(self.mac_reg_vfta, 128, 'mac_reg_vfta')
+                _rt.check_fixed_len(self.mac_reg_vfta, 128, 'mac_reg_vfta')
             out += _S0.pack(self.rxbuf_size, self.rxbuf_min_shift, self.eecd_val_in, self.eecd_bitnum_in, self.eecd_bitnum_out, self.eecd_reading, self.eecd_old_eecd, self.mig_ipcss, self.mig_ipcso, self.mig_ipcse, self.mig_tucss, self.mig_tucso, self.mig_tucse, self.mig_paylen, self.mig_hdr_len, self.mig_mss, self.tx_size, self.tx_tso_frames, self.tx_sum_needed, self.mig_ip, self.mig_tcp, self.tx_header, self.tx_data, *self.eeprom_data, *self.phy_reg, self.mac_reg_ctrl, self.mac_reg_eecd, self.mac_reg_eerd, self.mac_reg_gprc, self.mac_reg_gptc, self.mac_reg_icr, self.mac_reg_ics, self.mac_reg_imc, self.mac_reg_ims, self.mac_reg_ledctl, self.mac_reg_manc, self.mac_reg_mdic, self.mac_reg_mpc, self.mac_reg_pba, self.mac_reg_rctl, self.mac_reg_rdbah, self.mac_reg_rdbal, self.mac_reg_rdh, self.mac_reg_rdlen, self.mac_reg_rdt, self.mac_reg_status, self.mac_reg_swsm, self.mac_reg_tctl, self.mac_reg_tdbah, self.mac_reg_tdbal, self.mac_reg_tdh, self.mac_reg_tdlen, self.mac_reg_tdt, self.mac_reg_torh, self.mac_reg_torl, self.mac_reg_toth, self.mac_reg_totl, self.mac_reg_tpr, self.mac_reg_tpt, self.mac_reg_txdctl, self.mac_reg_wufc, self.mac_reg_vet, *self.mac_reg_ra, *self.mac_reg_mta, *self.mac_reg_vfta)
+            _at = ""
             if self.mit_state_needed(version_id):
                 _rt.write_subsection_header(w, b'e1000/mit_state', 1)
                 self._save_sub_mit_state(w, 1)
@@ -654,10 +655,8 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
             if self.tso_state_needed(version_id):
                 _rt.write_subsection_header(w, b'e1000/tx_tso_state', 1)
                 self._save_sub_tx_tso_state(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_mit_state(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -678,10 +677,8 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
             out = w.buf
             _at = 'mac_reg_rdtr'
             out += _S1.pack(self.mac_reg_rdtr, self.mac_reg_radv, self.mac_reg_tadv, self.mac_reg_itr, self.mit_irq_level)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'e1000/mit_state', version_id, e, _at) from None
 
     def _load_sub_full_mac_state(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -703,12 +700,10 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
             out = w.buf
             _at = 'mac_reg'
             if len(self.mac_reg) != 32768:
-                _rt.check_len(self.mac_reg, 32768, 'mac_reg')
+                _rt.check_fixed_len(self.mac_reg, 32768, 'mac_reg')
             out += _S2.pack(*self.mac_reg)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'e1000/full_mac_state', version_id, e, _at) from None
 
     def _load_sub_tx_tso_state(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -729,10 +724,8 @@ when the "e1000/tx_tso_state" subsection did not arrive)."""
             out = w.buf
             _at = 'tso_ipcss'
             out += _S3.pack(self.tso_ipcss, self.tso_ipcso, self.tso_ipcse, self.tso_tucss, self.tso_tucso, self.tso_tucse, self.tso_paylen, self.tso_hdr_len, self.tso_mss, self.tso_ip, self.tso_tcp)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'e1000/tx_tso_state', version_id, e, _at) from None
 
 
 E1000State.VMSD = _schema.VmsdSpec('e1000', 2, 1, (

@@ -73,10 +73,8 @@ referenced here by its class name."""
         try:
             _at = 'state'
             self.state._save_nested(w, 2)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 IsaFdc.VMSD = _schema.VmsdSpec('fdc', 2, 2, (

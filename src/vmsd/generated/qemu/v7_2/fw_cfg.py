@@ -158,16 +158,15 @@ class FWCfgState(_rt.VMStateObject):
             _at = 'cur_offset'
             if version_id >= 2:
                 out += _S1.pack(self.cur_offset if self.cur_offset is not None else _rt.missing('cur_offset'))
+            _at = ""
             if self.fw_cfg_dma_enabled(version_id):
                 _rt.write_subsection_header(w, b'fw_cfg/dma', 0)
                 self._save_sub_dma(w, 0)
             if self.fw_cfg_acpi_mr_restore(version_id):
                 _rt.write_subsection_header(w, b'fw_cfg/acpi_mr', 1)
                 self._save_sub_acpi_mr(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_dma(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -188,10 +187,8 @@ class FWCfgState(_rt.VMStateObject):
             out = w.buf
             _at = 'dma_addr'
             out += _S2.pack(self.dma_addr)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'fw_cfg/dma', version_id, e, _at) from None
 
     def _load_sub_acpi_mr(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -212,10 +209,8 @@ class FWCfgState(_rt.VMStateObject):
             out = w.buf
             _at = 'table_mr_size'
             out += _S3.pack(self.table_mr_size, self.linker_mr_size, self.rsdp_mr_size)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'fw_cfg/acpi_mr', version_id, e, _at) from None
 
 
 FWCfgState.VMSD = _schema.VmsdSpec('fw_cfg', 2, 1, (

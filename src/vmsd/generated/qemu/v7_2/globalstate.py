@@ -73,7 +73,7 @@ run state is neither "running" nor "paused".  The language has no top-level
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
             if len(self.runstate) != 100:
-                _rt.check_len(self.runstate, 100, 'runstate')
+                _rt.check_fixed_len(self.runstate, 100, 'runstate')
             out += _S0.pack(self.size, self.runstate)
 
     _FLAT: ClassVar[struct.Struct | None] = _S0
@@ -112,12 +112,10 @@ run state is neither "running" nor "paused".  The language has no top-level
             out = w.buf
             _at = 'size'
             if len(self.runstate) != 100:
-                _rt.check_len(self.runstate, 100, 'runstate')
+                _rt.check_fixed_len(self.runstate, 100, 'runstate')
             out += _S0.pack(self.size, self.runstate)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 GlobalState.VMSD = _schema.VmsdSpec('globalstate', 1, 1, (

@@ -100,10 +100,8 @@ broadcast."""
             out = w.buf
             _at = 'saved_address'
             out += _S0.pack(self.saved_address)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 I2CBus.VMSD = _schema.VmsdSpec('i2c_bus', 1, 1, (

@@ -174,10 +174,8 @@ Transcribes vmstate_pic_common ("i8259") in hw/intc/i8259_common.c (QEMU 7.2).""
             out = w.buf
             _at = 'last_irr'
             out += _S0.pack(self.last_irr, self.irr, self.imr, self.isr, self.priority_add, self.irq_base, self.read_reg_select, self.poll, self.special_mask, self.init_state, self.auto_eoi, self.rotate_on_auto_eoi, self.special_fully_nested_mode, self.init4, self.single_mode, self.elcr)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 I8259.VMSD = _schema.VmsdSpec('i8259', 1, 1, (

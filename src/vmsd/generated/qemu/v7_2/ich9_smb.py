@@ -123,10 +123,8 @@ i.e. true for every q35 machine type except pc-q35-3.1 and older."""
             if version_id >= 1 and self.need_smbus(version_id):
                 _v_smb = self.smb if self.smb is not None else _rt.missing('smb')
                 _v_smb._save_nested(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 ICH9SMB.VMSD = _schema.VmsdSpec('ich9_smb', 1, 1, (

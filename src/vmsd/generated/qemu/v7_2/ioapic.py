@@ -122,7 +122,7 @@ shared by the emulated and KVM I/O APICs (IOAPIC_NUM_PINS = 24)."""
             if version_id >= 2:
                 _at = 'id'
                 if len(self.ioredtbl) != 24:
-                    _rt.check_len(self.ioredtbl, 24, 'ioredtbl')
+                    _rt.check_fixed_len(self.ioredtbl, 24, 'ioredtbl')
                 out += _S0.pack(self.id, self.ioregsel, self.irr if self.irr is not None else _rt.missing('irr'), *self.ioredtbl)
             else:
                 _at = 'id'
@@ -132,12 +132,10 @@ shared by the emulated and KVM I/O APICs (IOAPIC_NUM_PINS = 24)."""
                     out += _S2.pack(self.irr if self.irr is not None else _rt.missing('irr'))
                 _at = 'ioredtbl'
                 if len(self.ioredtbl) != 24:
-                    _rt.check_len(self.ioredtbl, 24, 'ioredtbl')
+                    _rt.check_fixed_len(self.ioredtbl, 24, 'ioredtbl')
                 out += _S3.pack(*self.ioredtbl)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 IOAPICCommonState.VMSD = _schema.VmsdSpec('ioapic', 3, 1, (

@@ -171,12 +171,12 @@ recomputes period and re-arms the timers."""
             if version_id >= 3:
                 _at = 'cmos_data'
                 if len(self.cmos_data) != 128:
-                    _rt.check_len(self.cmos_data, 128, 'cmos_data')
+                    _rt.check_fixed_len(self.cmos_data, 128, 'cmos_data')
                 out += _S0.pack(self.cmos_data, self.cmos_index, self.periodic_timer, self.next_periodic_time, self.irq_coalesced if self.irq_coalesced is not None else _rt.missing('irq_coalesced'), self.period if self.period is not None else _rt.missing('period'), self.base_rtc if self.base_rtc is not None else _rt.missing('base_rtc'), self.last_update if self.last_update is not None else _rt.missing('last_update'), self.offset if self.offset is not None else _rt.missing('offset'), self.update_timer if self.update_timer is not None else _rt.missing('update_timer'), self.next_alarm_time if self.next_alarm_time is not None else _rt.missing('next_alarm_time'))
             else:
                 _at = 'cmos_data'
                 if len(self.cmos_data) != 128:
-                    _rt.check_len(self.cmos_data, 128, 'cmos_data')
+                    _rt.check_fixed_len(self.cmos_data, 128, 'cmos_data')
                 out += _S1.pack(self.cmos_data, self.cmos_index, self.periodic_timer, self.next_periodic_time)
                 _at = 'irq_coalesced'
                 if version_id >= 2:
@@ -184,13 +184,12 @@ recomputes period and re-arms the timers."""
                 _at = 'base_rtc'
                 if version_id >= 3:
                     out += _S3.pack(self.base_rtc if self.base_rtc is not None else _rt.missing('base_rtc'), self.last_update if self.last_update is not None else _rt.missing('last_update'), self.offset if self.offset is not None else _rt.missing('offset'), self.update_timer if self.update_timer is not None else _rt.missing('update_timer'), self.next_alarm_time if self.next_alarm_time is not None else _rt.missing('next_alarm_time'))
+            _at = ""
             if self.irq_reinject_on_ack_count != 0:
                 _rt.write_subsection_header(w, b'mc146818rtc/irq_reinject_on_ack_count', 1)
                 self._save_sub_irq_reinject_on_ack_count(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_irq_reinject_on_ack_count(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -211,10 +210,8 @@ recomputes period and re-arms the timers."""
             out = w.buf
             _at = 'irq_reinject_on_ack_count'
             out += _S4.pack(self.irq_reinject_on_ack_count)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'mc146818rtc/irq_reinject_on_ack_count', version_id, e, _at) from None
 
 
 Mc146818Rtc.VMSD = _schema.VmsdSpec('mc146818rtc', 3, 1, (

@@ -80,10 +80,8 @@ config-address register is a separate "PCIHost" section (pci.vmsd)."""
             self.parent_obj._save_nested(w, 2)
             _at = 'unused'
             out += _S0.pack()
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 MCH.VMSD = _schema.VmsdSpec('mch', 1, 1, (

@@ -140,16 +140,15 @@ their subsections are absent."""
             out = w.buf
             _at = 'write_cmd'
             out += _S0.pack(self.write_cmd, self.status, self.mode, self.pending_tmp)
+            _at = ""
             if self.outport != ((207 | ((self.status & 1) << 4)) | (self.status & 32)):
                 _rt.write_subsection_header(w, b'pckbd_outport', 1)
                 self._save_sub_pckbd_outport(w, 1)
             if self.extended_state_needed(version_id):
                 _rt.write_subsection_header(w, b'pckbd/extended_state', 0)
                 self._save_sub_extended_state(w, 0)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_pckbd_outport(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -170,10 +169,8 @@ their subsections are absent."""
             out = w.buf
             _at = 'outport'
             out += _S1.pack(self.outport)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'pckbd_outport', version_id, e, _at) from None
 
     def _load_sub_extended_state(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -194,10 +191,8 @@ their subsections are absent."""
             out = w.buf
             _at = 'migration_flags'
             out += _S2.pack(self.migration_flags, self.obsrc, self.obdata, self.cbdata)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'pckbd/extended_state', version_id, e, _at) from None
 
 
 KBDState.VMSD = _schema.VmsdSpec('pckbd', 3, 3, (

@@ -74,10 +74,8 @@ referenced here by its class name."""
         try:
             _at = 'kbd'
             self.kbd._save_nested(w, 3)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 IsaKbd.VMSD = _schema.VmsdSpec('pckbd', 3, 3, (

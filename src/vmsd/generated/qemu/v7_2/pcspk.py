@@ -108,10 +108,8 @@ documented only."""
             out = w.buf
             _at = 'data_on'
             out += _S0.pack(self.data_on, self.dummy_refresh_clock)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 Pcspk.VMSD = _schema.VmsdSpec('pcspk', 1, 1, (

@@ -111,15 +111,14 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
             _at = 'pci_irq_levels_vmstate'
             if version_id >= 3:
                 if len(self.pci_irq_levels_vmstate if self.pci_irq_levels_vmstate is not None else _rt.missing('pci_irq_levels_vmstate')) != 4:
-                    _rt.check_len(self.pci_irq_levels_vmstate if self.pci_irq_levels_vmstate is not None else _rt.missing('pci_irq_levels_vmstate'), 4, 'pci_irq_levels_vmstate')
+                    _rt.check_fixed_len(self.pci_irq_levels_vmstate if self.pci_irq_levels_vmstate is not None else _rt.missing('pci_irq_levels_vmstate'), 4, 'pci_irq_levels_vmstate')
                 out += _S0.pack(*(self.pci_irq_levels_vmstate if self.pci_irq_levels_vmstate is not None else _rt.missing('pci_irq_levels_vmstate')))
+            _at = ""
             if self.rcr != 0:
                 _rt.write_subsection_header(w, b'PIIX3/rcr', 1)
                 self._save_sub_rcr(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_rcr(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -140,10 +139,8 @@ filled by pre_save from the PCI bus IRQ levels of PIRQ A..D."""
             out = w.buf
             _at = 'rcr'
             out += _S1.pack(self.rcr)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'PIIX3/rcr', version_id, e, _at) from None
 
 
 PIIX3.VMSD = _schema.VmsdSpec('PIIX3', 3, 2, (

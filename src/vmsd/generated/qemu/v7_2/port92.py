@@ -99,10 +99,8 @@ Transcribes vmstate_port92_isa ("port92") in hw/i386/port92.c (QEMU 7.2)."""
             out = w.buf
             _at = 'outport'
             out += _S0.pack(self.outport)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 Port92.VMSD = _schema.VmsdSpec('port92', 1, 1, (

@@ -74,10 +74,8 @@ Transcribes vmstate_pvpanic_pci ("pvpanic-pci") in hw/misc/pvpanic-pci.c (QEMU 7
         try:
             _at = 'dev'
             self.dev._save_nested(w, 2)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 PVPanicPCI.VMSD = _schema.VmsdSpec('pvpanic-pci', 1, 1, (

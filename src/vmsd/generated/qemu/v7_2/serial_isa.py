@@ -73,10 +73,8 @@ Transcribes vmstate_isa_serial ("serial") in hw/char/serial-isa.c
         try:
             _at = 'state'
             self.state._save_nested(w, 3)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 IsaSerial.VMSD = _schema.VmsdSpec('serial', 3, 2, (

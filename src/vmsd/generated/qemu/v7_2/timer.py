@@ -178,13 +178,12 @@ depend on the -icount configuration, not on migrated state."""
                 _at = 'cpu_clock_offset'
                 if version_id >= 2:
                     out += _S2.pack(self.cpu_clock_offset if self.cpu_clock_offset is not None else _rt.missing('cpu_clock_offset'))
+            _at = ""
             if self.icount_state_needed(version_id):
                 _rt.write_subsection_header(w, b'timer/icount', 1)
                 self._save_sub_icount(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_icount(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -209,6 +208,7 @@ depend on the -icount configuration, not on migrated state."""
             out = w.buf
             _at = 'qemu_icount_bias'
             out += _S3.pack(self.qemu_icount_bias, self.qemu_icount)
+            _at = ""
             if self.warp_timer_state_needed(version_id):
                 _rt.write_subsection_header(w, b'timer/icount/warp_timer', 1)
                 self._save_sub_warp_timer(w, 1)
@@ -218,10 +218,8 @@ depend on the -icount configuration, not on migrated state."""
             if self.icount_shift_state_needed(version_id):
                 _rt.write_subsection_header(w, b'timer/icount/shift', 2)
                 self._save_sub_shift(w, 2)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'timer/icount', version_id, e, _at) from None
 
     def _load_sub_warp_timer(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -242,10 +240,8 @@ depend on the -icount configuration, not on migrated state."""
             out = w.buf
             _at = 'vm_clock_warp_start'
             out += _S3.pack(self.vm_clock_warp_start, self.icount_warp_timer)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'timer/icount/warp_timer', version_id, e, _at) from None
 
     def _load_sub_timers(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -266,10 +262,8 @@ depend on the -icount configuration, not on migrated state."""
             out = w.buf
             _at = 'icount_rt_timer'
             out += _S3.pack(self.icount_rt_timer, self.icount_vm_timer)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'timer/icount/timers', version_id, e, _at) from None
 
     def _load_sub_shift(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -290,10 +284,8 @@ depend on the -icount configuration, not on migrated state."""
             out = w.buf
             _at = 'icount_time_shift'
             out += _S4.pack(self.icount_time_shift, self.last_delta)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'timer/icount/shift', version_id, e, _at) from None
 
 
 Timers.VMSD = _schema.VmsdSpec('timer', 2, 1, (

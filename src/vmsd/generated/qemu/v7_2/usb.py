@@ -94,7 +94,7 @@ post_load rejects a setup_index/setup_len outside the device's data_buf."""
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
             if len(self.setup_buf) != 8:
-                _rt.check_len(self.setup_buf, 8, 'setup_buf')
+                _rt.check_fixed_len(self.setup_buf, 8, 'setup_buf')
             out += _S0.pack(self.addr, self.state, self.remote_wakeup, self.setup_state, self.setup_len, self.setup_index, *self.setup_buf)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
@@ -123,12 +123,10 @@ post_load rejects a setup_index/setup_len outside the device's data_buf."""
             out = w.buf
             _at = 'addr'
             if len(self.setup_buf) != 8:
-                _rt.check_len(self.setup_buf, 8, 'setup_buf')
+                _rt.check_fixed_len(self.setup_buf, 8, 'setup_buf')
             out += _S0.pack(self.addr, self.state, self.remote_wakeup, self.setup_state, self.setup_len, self.setup_index, *self.setup_buf)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 USBDevice.VMSD = _schema.VmsdSpec('USBDevice', 1, 1, (

@@ -87,10 +87,8 @@ The nested register state is vmstate_vga_common, also named "vga"
             self.dev._save_nested(w, 2)
             _at = 'vga'
             self.vga._save_nested(w, 2)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 PCIVGAState.VMSD = _schema.VmsdSpec('vga', 2, 2, (

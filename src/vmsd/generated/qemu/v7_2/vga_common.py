@@ -256,31 +256,30 @@ mapping from these registers."""
             out = w.buf
             _at = 'latch'
             if len(self.sr) != 8:
-                _rt.check_len(self.sr, 8, 'sr')
+                _rt.check_fixed_len(self.sr, 8, 'sr')
             if len(self.gr) != 16:
-                _rt.check_len(self.gr, 16, 'gr')
+                _rt.check_fixed_len(self.gr, 16, 'gr')
             if len(self.ar) != 21:
-                _rt.check_len(self.ar, 21, 'ar')
+                _rt.check_fixed_len(self.ar, 21, 'ar')
             if len(self.cr) != 256:
-                _rt.check_len(self.cr, 256, 'cr')
+                _rt.check_fixed_len(self.cr, 256, 'cr')
             if len(self.dac_cache) != 3:
-                _rt.check_len(self.dac_cache, 3, 'dac_cache')
+                _rt.check_fixed_len(self.dac_cache, 3, 'dac_cache')
             if len(self.palette) != 768:
-                _rt.check_len(self.palette, 768, 'palette')
+                _rt.check_fixed_len(self.palette, 768, 'palette')
             out += _S0.pack(self.latch, self.sr_index, self.sr, self.gr_index, self.gr, self.ar_index, self.ar, self.ar_flip_flop, self.cr_index, self.cr, self.msr, self.fcr, self.st00, self.st01, self.dac_state, self.dac_sub_index, self.dac_read_index, self.dac_write_index, self.dac_cache, self.palette, self.bank_offset)
             _at = 'is_vbe_vmstate'
             out += _S1.pack(self.is_vbe_vmstate)
             _at = 'vbe_index'
             if len(self.vbe_regs) != 10:
-                _rt.check_len(self.vbe_regs, 10, 'vbe_regs')
+                _rt.check_fixed_len(self.vbe_regs, 10, 'vbe_regs')
             out += _S2.pack(self.vbe_index, *self.vbe_regs, self.vbe_start_addr, self.vbe_line_offset, self.vbe_bank_mask)
+            _at = ""
             if bool(self.big_endian_fb):
                 _rt.write_subsection_header(w, b'vga.endian', 1)
                 self._save_sub_vga_endian(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_vga_endian(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -301,10 +300,8 @@ mapping from these registers."""
             out = w.buf
             _at = 'big_endian_fb'
             out += _S3.pack(self.big_endian_fb)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'vga.endian', version_id, e, _at) from None
 
 
 VGACommonState.VMSD = _schema.VmsdSpec('vga', 2, 2, (

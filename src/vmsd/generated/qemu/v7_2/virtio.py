@@ -223,6 +223,7 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
     def _save_fields(self, w: Writer, version_id: int) -> None:
         _at = ""
         try:
+            _at = ""
             if self.device_endian != 1:
                 _rt.write_subsection_header(w, b'virtio/device_endian', 1)
                 self._save_sub_device_endian(w, 1)
@@ -250,10 +251,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
             if bool(self.disabled):
                 _rt.write_subsection_header(w, b'virtio/disabled', 1)
                 self._save_sub_disabled(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_device_endian(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -274,10 +273,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
             out = w.buf
             _at = 'device_endian'
             out += _S0.pack(self.device_endian)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'virtio/device_endian', version_id, e, _at) from None
 
     def _load_sub_v64bit_features(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -298,10 +295,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
             out = w.buf
             _at = 'guest_features'
             out += _S1.pack(self.guest_features)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'virtio/64bit_features', version_id, e, _at) from None
 
     def _load_sub_virtqueues(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -316,10 +311,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         try:
             _at = 'vq'
             _rt.save_struct_array(w, self.vq, 1024, 1, 'vq')
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'virtio/virtqueues', version_id, e, _at) from None
 
     def _load_sub_ringsize(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -334,10 +327,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         try:
             _at = 'ringsize_vq'
             _rt.save_struct_array(w, self.ringsize_vq, 1024, 1, 'ringsize_vq')
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'virtio/ringsize', version_id, e, _at) from None
 
     def _load_sub_broken(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -358,10 +349,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
             out = w.buf
             _at = 'broken'
             out += _S2.pack(self.broken)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'virtio/broken', version_id, e, _at) from None
 
     def _load_sub_extra_state(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -378,10 +367,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         try:
             _at = 'extra_state'
             self.extra_state._save_nested(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'virtio/extra_state', version_id, e, _at) from None
 
     def _load_sub_started(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -402,10 +389,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
             out = w.buf
             _at = 'started'
             out += _S2.pack(self.started)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'virtio/started', version_id, e, _at) from None
 
     def _load_sub_packed_virtqueues(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -420,10 +405,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
         try:
             _at = 'packed_vq'
             _rt.save_struct_array(w, self.packed_vq, 1024, 1, 'packed_vq')
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'virtio/packed_virtqueues', version_id, e, _at) from None
 
     def _load_sub_disabled(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -444,10 +427,8 @@ field of type "virtqueue_extra_state", never visible inside "virtio")."""
             out = w.buf
             _at = 'disabled'
             out += _S2.pack(self.disabled)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'virtio/disabled', version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -534,10 +515,8 @@ class VirtQueueState(_rt.VMStateObject):
             out = w.buf
             _at = 'avail'
             out += _S3.pack(self.avail, self.used)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -639,10 +618,8 @@ class PackedVirtQueueState(_rt.VMStateObject):
             out = w.buf
             _at = 'last_avail_idx'
             out += _S4.pack(self.last_avail_idx, self.last_avail_wrap_counter, self.used_idx, self.used_wrap_counter, self.inuse)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -724,10 +701,8 @@ class VirtQueueRingSize(_rt.VMStateObject):
             out = w.buf
             _at = 'num_default'
             out += _S5.pack(self.num_default)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -814,13 +789,12 @@ interface is not disabled ("disable-modern" off, the default)."""
     def _save_fields(self, w: Writer, version_id: int) -> None:
         _at = ""
         try:
+            _at = ""
             if self.modern_state_needed(version_id):
                 _rt.write_subsection_header(w, b'virtio_pci/modern_state', 1)
                 self._save_sub_modern_state(w, 1)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
     def _load_sub_modern_state(self, r: Reader, version_id: int) -> None:
         _at = ""
@@ -846,14 +820,12 @@ interface is not disabled ("disable-modern" off, the default)."""
             out = w.buf
             _at = 'dfselect'
             if len(self.pci_guest_features) != 2:
-                _rt.check_len(self.pci_guest_features, 2, 'pci_guest_features')
+                _rt.check_fixed_len(self.pci_guest_features, 2, 'pci_guest_features')
             out += _S6.pack(self.dfselect, self.gfselect, *self.pci_guest_features)
             _at = 'vqs'
             _rt.save_struct_array(w, self.vqs, 1024, 1, 'vqs')
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, 'virtio_pci/modern_state', version_id, e, _at) from None
 
 
 # __init__, __eq__ and __repr__ are written out here rather than generated by
@@ -918,11 +890,11 @@ class VirtIOPCIQueue(_rt.VMStateObject):
     def _save_rows(objs: Sequence[Any], out: bytearray) -> None:
         for self in objs:
             if len(self.desc) != 2:
-                _rt.check_len(self.desc, 2, 'desc')
+                _rt.check_fixed_len(self.desc, 2, 'desc')
             if len(self.avail) != 2:
-                _rt.check_len(self.avail, 2, 'avail')
+                _rt.check_fixed_len(self.avail, 2, 'avail')
             if len(self.used) != 2:
-                _rt.check_len(self.used, 2, 'used')
+                _rt.check_fixed_len(self.used, 2, 'used')
             out += _S7.pack(self.num, self.enabled, *self.desc, *self.avail, *self.used)
 
     def _load_fields(self, r: Reader, version_id: int) -> None:
@@ -949,16 +921,14 @@ class VirtIOPCIQueue(_rt.VMStateObject):
             out = w.buf
             _at = 'num'
             if len(self.desc) != 2:
-                _rt.check_len(self.desc, 2, 'desc')
+                _rt.check_fixed_len(self.desc, 2, 'desc')
             if len(self.avail) != 2:
-                _rt.check_len(self.avail, 2, 'avail')
+                _rt.check_fixed_len(self.avail, 2, 'avail')
             if len(self.used) != 2:
-                _rt.check_len(self.used, 2, 'used')
+                _rt.check_fixed_len(self.used, 2, 'used')
             out += _S7.pack(self.num, self.enabled, *self.desc, *self.avail, *self.used)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 VirtIODevice.VMSD = _schema.VmsdSpec('virtio', 1, 1, (

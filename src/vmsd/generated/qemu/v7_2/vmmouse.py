@@ -115,12 +115,10 @@ post_load re-enables the pointer handler for the loaded mode."""
             out += _S0.pack(self.queue_size)
             _at = 'queue'
             if len(self.queue) != 1024:
-                _rt.check_len(self.queue, 1024, 'queue')
+                _rt.check_fixed_len(self.queue, 1024, 'queue')
             out += _S1.pack(*self.queue, self.nb_queue, self.status, self.absolute)
-        except _rt.VMSDError as e:
-            raise e.within(_at) from None
-        except (struct.error, TypeError, OverflowError) as e:
-            raise _rt.SaveError(str(e), path=_at) from None
+        except (_rt.VMSDError, struct.error, TypeError, OverflowError) as e:
+            raise _rt.blame(self, None, version_id, e, _at) from None
 
 
 VMMouse.VMSD = _schema.VmsdSpec('vmmouse', 0, 0, (

@@ -1,0 +1,660 @@
+"""What ``vmsd diff`` reports: the differences between two decoded streams, one line each.
+
+Device sections are compared as QEMU describes them (the trailer's body, or
+the typed spec's description of the decoded object), so fields carry the
+names ``vmsd inspect`` prints.  RAM is compared page by page, keyed by block
+and page offset.  When the decoded streams show no difference but the bytes
+differ (an unused field, the trailer's spelling), the first differing byte is
+reported with the record and field it falls in: two different files never
+compare equal.  The line format is documented in docs/diff.md.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+
+from vmsd.migration.ram.records import (
+    RAM_SAVE_FLAG_COMPRESS_PAGE,
+    RAM_SAVE_FLAG_PAGE,
+    RAM_SAVE_FLAG_XBZRLE,
+    RAM_SAVE_FLAG_ZERO,
+    TARGET_PAGE_SIZE,
+    RamBlockInfo,
+    RamPayload,
+    RamRecord,
+)
+from vmsd.migration.stream import (
+    IDSTR_RAM,
+    QEMU_VM_SECTION_FULL,
+    SECTION_NAMES,
+    Command,
+    Section,
+    Stream,
+    idstr_bytes,
+    json_name,
+)
+from vmsd.runtime.generic import decode_body, inline_bodies
+from vmsd.runtime.io import Reader
+from vmsd.runtime.scalars import BY_INFO
+from vmsd.runtime.vmdesc import Obj, describe
+from vmsd.runtime.vmstate import VMStateObject
+
+# Bytes shown on each side of the first difference of a buffer or page.
+WINDOW = 8
+# Differing elements listed per array, and differing pages per RAM block, before the rest is counted.
+MAX_ITEMS = 16
+
+_PAGE_FLAGS = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_COMPRESS_PAGE
+_PAGE_KIND = {RAM_SAVE_FLAG_ZERO: "zero", RAM_SAVE_FLAG_PAGE: "normal", RAM_SAVE_FLAG_XBZRLE: "xbzrle",
+              RAM_SAVE_FLAG_COMPRESS_PAGE: "compressed"}
+
+
+def diff_streams(data_a: bytes, a: Stream, data_b: bytes, b: Stream) -> list[str]:
+    """The differences between stream ``a`` (read from ``data_a``) and ``b``, in stream order.
+
+    Empty exactly when the two inputs are the same bytes."""
+    out: list[str] = []
+    if a.version != b.version:
+        out.append(f"stream: version {a.version} -> {b.version}")
+    raw_a, raw_b = _raw_records(a, data_a), _raw_records(b, data_b)
+    _diff_configuration(a, b, out)
+    _diff_sections(a, raw_a, b, raw_b, out)
+    if not _same_ram_bytes(a, raw_a, b, raw_b):
+        _diff_ram(a, b, out)
+    _diff_trailers(a, b, out)
+    if not out and data_a != data_b:
+        out.append(_hidden_difference(data_a, a, data_b))
+    return [printable(line) for line in out]
+
+
+# ---- device state as QEMU describes it ------------------------------------------------------
+
+
+@attrs.frozen
+class Tree:
+    """A decoded body: its description (fields, subsections) and its values by QEMU name, in order."""
+
+    body: Obj
+    values: Obj
+
+
+def section_tree(sec: Section) -> Tree | bytes | None:
+    """What a FULL section holds: a tree, the bytes of a legacy section, or None (RAM)."""
+    p = sec.payload
+    if isinstance(p, RamPayload) or p is None:
+        return None
+    if isinstance(p, bytes):
+        return p
+    if sec.generic_body is not None:
+        return Tree(sec.generic_body, p)
+    return object_tree(p, sec.version_id)
+
+
+def object_tree(obj: VMStateObject, version: int | None = None) -> Tree:
+    """A typed object as its trailer would describe it: the bytes it saves, read back by its description.
+
+    One comparison then serves typed and trailer-decoded sections alike, with QEMU's field names."""
+    body, _ = describe(obj, version)
+    values = decode_body(Reader(obj.save(version_id=version)), body)
+    return Tree(body, values)
+
+
+@attrs.frozen
+class _Child:
+    kind: str  # "field" or "subsection"
+    entry: Obj | None  # its description, when known
+    value: Any
+
+
+def _children(body: Obj | None, values: Obj) -> dict[str, _Child]:
+    """A body's fields and subsections by name; a repeated name (QEMU's ``tmp``, ``unused``) gets ``#2``..."""
+    fields: list[Obj] = body.get("fields", []) if body is not None else []
+    subs: list[Obj] = (body.get("subsections") or []) if body is not None else []
+    out: dict[str, _Child] = {}
+    for i, (name, value) in enumerate(values):
+        entry: Obj | None = None
+        kind = "field"
+        key = str(name)
+        if i < len(fields):
+            entry = fields[i]
+            index = entry.get("index")
+            if index is not None:
+                key += f"[{index}]"
+        elif i - len(fields) < len(subs):
+            entry, kind = subs[i - len(fields)], "subsection"
+        n = 2
+        unique = key
+        while unique in out:
+            unique, n = f"{key}#{n}", n + 1
+        out[unique] = _Child(kind, entry, value)
+    return out
+
+
+def _join(path: str, key: str) -> str:
+    if key.startswith("["):
+        return path + key
+    return f"{path}.{key}" if path else key
+
+
+def _where(section: str, path: str) -> str:
+    return f"{section} {path}" if path else section
+
+
+def _diff_tree(x: Tree, y: Tree, section: str, path: str, out: list[str]) -> None:
+    if x.body.get("vmsd_name") != y.body.get("vmsd_name"):
+        out.append(f"{_where(section, path)}: described as {x.body.get('vmsd_name')!r} -> {y.body.get('vmsd_name')!r}")
+    if x.body.get("version") != y.body.get("version"):
+        out.append(f"{_where(section, path)}: layouts differ, version {x.body.get('version')} -> {y.body.get('version')}")
+    _diff_children(x.body, x.values, y.body, y.values, section, path, out)
+
+
+def _diff_children(body_a: Obj | None, xa: Obj, body_b: Obj | None, xb: Obj, section: str, path: str,
+                   out: list[str]) -> None:
+    ca, cb = _children(body_a, xa), _children(body_b, xb)
+    for key, child in ca.items():
+        sub = _join(path, key)
+        other = cb.get(key)
+        if other is None:
+            out.append(f"{_where(section, sub)}: {child.kind} only in A (layouts differ)")
+        elif child.kind == "subsection" and other.entry is not None and child.entry is not None:
+            _diff_tree(Tree(child.entry, child.value), Tree(other.entry, other.value), section, sub, out)
+        else:
+            _diff_field(child.entry, child.value, other.entry, other.value, section, sub, out)
+    for key, child in cb.items():
+        if key not in ca:
+            out.append(f"{_where(section, _join(path, key))}: {child.kind} only in B (layouts differ)")
+
+
+def _shape(entry: Obj | None) -> tuple[Any, ...] | None:
+    if entry is None:
+        return None
+    return entry.get("type"), entry.get("size"), entry.get("array_len")
+
+
+def _diff_field(ea: Obj | None, x: Any, eb: Obj | None, y: Any, section: str, path: str, out: list[str]) -> None:
+    sa, sb = _shape(ea), _shape(eb)
+    if sa is not None and sb is not None and sa != sb:
+        out.append(f"{_where(section, path)}: layouts differ, {_shape_text(sa)} -> {_shape_text(sb)}")
+    _diff_value(ea, x, eb, y, section, path, out)
+
+
+def _shape_text(shape: tuple[Any, ...]) -> str:
+    kind, size, n = shape
+    return f"{kind}[{n}] of {size} bytes each" if n is not None else f"{kind} of {size} bytes"
+
+
+def _nested_body(entry: Obj | None, index: int) -> Obj | None:
+    """The description of a struct-like value (element ``index`` of a list) under ``entry``."""
+    if entry is None:
+        return None
+    kind = entry.get("type")
+    if kind == "struct":
+        nested = entry.get("struct")
+        return nested if isinstance(nested, Obj) else None
+    if kind in ("vstruct", "tmp"):
+        return entry
+    if kind in ("qtailq", "qlist"):
+        bodies = inline_bodies(entry)
+        return bodies[index] if index < len(bodies) else None
+    return None
+
+
+def _diff_value(ea: Obj | None, x: Any, eb: Obj | None, y: Any, section: str, path: str, out: list[str],
+                index: int = 0) -> None:
+    """Values of one field (element ``index`` of it, for a list): nested bodies, lists, bytes or scalars."""
+    if isinstance(x, Obj) and isinstance(y, Obj):
+        _diff_children(_nested_body(ea, index), x, _nested_body(eb, index), y, section, path, out)
+    elif isinstance(x, list | tuple) and isinstance(y, list | tuple):
+        _diff_list(ea, x, eb, y, section, path, out)
+    elif isinstance(x, bytes) and isinstance(y, bytes):
+        if x != y:
+            out.append(f"{_where(section, path)}: {bytes_difference(x, y)}")
+    elif not _same(x, y):
+        out.append(f"{_where(section, path)}: {_scalar(x, ea)} -> {_scalar(y, eb)}")
+
+
+def _same(x: Any, y: Any) -> bool:
+    if isinstance(x, float) and isinstance(y, float):
+        return struct.pack(">d", x) == struct.pack(">d", y)  # a NaN equals itself here
+    return type(x) is type(y) and bool(x == y)
+
+
+def _diff_list(ea: Obj | None, x: Any, eb: Obj | None, y: Any, section: str, path: str, out: list[str]) -> None:
+    where = _where(section, path)
+    if len(x) != len(y):
+        out.append(f"{where}: {len(x)} elements -> {len(y)}")
+    lines: list[str] = []
+    differing = 0
+    for i, (p, q) in enumerate(zip(x, y, strict=False)):
+        before = len(lines)
+        _diff_value(ea, p, eb, q, section, f"{path}[{i}]", lines, i)
+        if len(lines) > before:
+            differing += 1
+            if differing > MAX_ITEMS:
+                del lines[before:]
+    out.extend(lines)
+    if differing > MAX_ITEMS:
+        out.append(f"{where}: {differing - MAX_ITEMS} more differing elements not listed ({differing} in all)")
+
+
+def _scalar(v: Any, entry: Obj | None) -> str:
+    """A value for a reader: integers in hex (two's complement for negatives) with decimal beside when it
+    adds something, booleans as true/false."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        if 0 <= v < 10:
+            return str(v)
+        if v >= 0:
+            return f"{v:#x} ({v})"
+        row = BY_INFO.get(entry.get("type")) if entry is not None else None
+        bits = 8 * row[0].size if row is not None else 64
+        return f"{v & ((1 << bits) - 1):#x} ({v})"
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else f"{v} ({struct.pack('>d', v).hex()})"
+    if v is None:
+        return "absent"
+    return _json(v)
+
+
+def bytes_difference(x: bytes, y: bytes, base: int | None = None) -> str:
+    """Where two byte strings part: the first differing offset (and ``base`` + it, a page's offset in its
+    block), both values there, how many bytes differ, and both sides of a window around that offset."""
+    n = min(len(x), len(y))
+    first = first_difference(x, y)
+    differing = sum(1 for i in range(first, n) if x[i] != y[i]) + abs(len(x) - len(y))
+    if first < n:
+        block = f" (block offset {base + first:#x})" if base is not None else ""
+        head = f"byte {first:#x}{block}: {x[first]:#04x} -> {y[first]:#04x}"
+    else:
+        head = f"length {len(x)} -> {len(y)}, the first {n} bytes equal"
+    start = max(first - WINDOW, 0)
+    tail = f"{differing} of {max(len(x), len(y))} bytes differ; from {start:#x}: "
+    return f"{head} ({tail}{_window(x, start, first)} -> {_window(y, start, first)})"
+
+
+def first_difference(x: bytes, y: bytes) -> int:
+    """The first offset where ``x`` and ``y`` differ (the shorter one's length when one is a prefix)."""
+    n = min(len(x), len(y))
+    lo = 0
+    step = 1 << 16
+    # Whole slices compare in C: narrow down to one chunk before looking at single bytes.
+    while lo + step <= n and x[lo : lo + step] == y[lo : lo + step]:
+        lo += step
+    return next((i for i in range(lo, n) if x[i] != y[i]), n)
+
+
+def _window(data: bytes, start: int, mark: int) -> str:
+    """Hex bytes from ``start`` on, the byte at ``mark`` in brackets (empty brackets past the end)."""
+    before = data[start:mark].hex()
+    at = data[mark : mark + 1].hex()
+    after = data[mark + 1 : mark + 1 + WINDOW].hex()
+    return f"{before}[{at}]{after}"
+
+
+# ---- sections --------------------------------------------------------------------------------
+
+
+def section_label(sec: Section, n: int = 0) -> str:
+    """A section as the lines name it: its idstr, ``:INSTANCE`` when not 0, ``#N`` for a repeated one."""
+    label = sec.idstr if sec.instance_id == 0 else f"{sec.idstr}:{sec.instance_id}"
+    if sec.kind != QEMU_VM_SECTION_FULL:  # an iterative section: name its part
+        label += f" {SECTION_NAMES.get(sec.kind, sec.kind)}"
+    return label + (f"#{n + 1}" if n else "")
+
+
+def printable(name: str) -> str:
+    """Text made of names read from a stream, undecodable bytes and control characters escaped (``\\xae``)."""
+    raw = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in raw)
+
+
+def _keyed(stream: Stream) -> dict[tuple[str, int, int, int], tuple[str, Section]]:
+    seen: dict[tuple[str, int, int], int] = {}
+    out: dict[tuple[str, int, int, int], tuple[str, Section]] = {}
+    for sec in stream.sections():
+        base = (sec.idstr, sec.instance_id, sec.kind)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out[(*base, n)] = (section_label(sec, n), sec)
+    return out
+
+
+def _raw_records(stream: Stream, data: bytes) -> dict[int, memoryview]:
+    """The bytes of each top-level section (by ``id``): sections whose bytes are equal need no decoded
+    comparison (packaged ones are always compared)."""
+    view = memoryview(data)
+    return {id(rec): view[start:end] for start, end, rec, _ in _spans(stream) if isinstance(rec, Section)}
+
+
+def _same_bytes(sec: Section, raw_a: dict[int, memoryview], other: Section, raw_b: dict[int, memoryview]) -> bool:
+    x, y = raw_a.get(id(sec)), raw_b.get(id(other))
+    return x is not None and y is not None and x == y
+
+
+def _same_ram_bytes(a: Stream, raw_a: dict[int, memoryview], b: Stream, raw_b: dict[int, memoryview]) -> bool:
+    ra = [s for s in a.sections() if s.idstr == IDSTR_RAM]
+    rb = [s for s in b.sections() if s.idstr == IDSTR_RAM]
+    return len(ra) == len(rb) and all(_same_bytes(x, raw_a, y, raw_b) for x, y in zip(ra, rb, strict=True))
+
+
+def _diff_sections(a: Stream, raw_a: dict[int, memoryview], b: Stream, raw_b: dict[int, memoryview],
+                   out: list[str]) -> None:
+    ka, kb = _keyed(a), _keyed(b)
+    renumbered: list[str] = []
+    for key, (label, sec) in ka.items():
+        if key not in kb:
+            out.append(f"{label}: only in A")
+            continue
+        other = kb[key][1]
+        if sec.section_id != other.section_id:
+            renumbered.append(f"{label}: section id {sec.section_id} -> {other.section_id}")
+        if (_same_bytes(sec, raw_a, other, raw_b) and type(sec.payload) is type(other.payload)
+                and sec.generic_body == other.generic_body):
+            continue  # the same bytes decoded the same way
+        if sec.has_header and sec.version_id != other.version_id:
+            out.append(f"{label}: layouts differ, section version {sec.version_id} -> {other.version_id}")
+        if sec.footer != other.footer:
+            out.append(f"{label}: section footer {'present' if sec.footer else 'absent'} -> "
+                       f"{'present' if other.footer else 'absent'}")
+        ta, tb = section_tree(sec), section_tree(other)
+        if isinstance(ta, Tree) and isinstance(tb, Tree):
+            _diff_tree(ta, tb, label, "", out)
+        elif isinstance(ta, bytes) and isinstance(tb, bytes):
+            if ta != tb:
+                out.append(f"{label}: {bytes_difference(ta, tb)}")
+        elif ta is not None or tb is not None:
+            out.append(f"{label}: layouts differ, {_form(ta)} -> {_form(tb)}")
+    for key, (label, _) in kb.items():
+        if key not in ka:
+            out.append(f"{label}: only in B")
+    # Sections are numbered in stream order: one added or left out renumbers all that follow.
+    if len(renumbered) > 3:
+        out.append(f"stream: section ids differ in {len(renumbered)} sections, the first {renumbered[0]}")
+    else:
+        out.extend(renumbered)
+
+
+def _form(t: Tree | bytes | None) -> str:
+    if isinstance(t, Tree):
+        return f"described as {t.body.get('vmsd_name')!r}"
+    return "legacy bytes" if isinstance(t, bytes) else "no state"
+
+
+def _diff_configuration(a: Stream, b: Stream, out: list[str]) -> None:
+    if a.configuration is None or b.configuration is None:
+        if a.configuration is not None or b.configuration is not None:
+            out.append(f"configuration: only in {'A' if a.configuration is not None else 'B'}")
+        return
+    ta, tb = _configuration_tree(a.configuration.state), _configuration_tree(b.configuration.state)
+    _diff_tree(ta, tb, "configuration", "", out)
+
+
+def _configuration_tree(state: Any) -> Tree:
+    if isinstance(state, VMStateObject):
+        return object_tree(state)
+    # The engine's own record (no spec set): its two parts, named as QEMU's description names them.
+    values = Obj([("name", bytes(state.name)), ("capabilities", [bytes(c) for c in state.capabilities])])
+    return Tree(Obj([("vmsd_name", "configuration")]), values)
+
+
+# ---- RAM ---------------------------------------------------------------------------------------
+
+
+@attrs.define
+class _Ram:
+    blocks: dict[str, RamBlockInfo] = attrs.Factory(dict)
+    pages: dict[tuple[str, int, int], RamRecord] = attrs.Factory(dict)  # (block, offset, n-th copy)
+
+
+def _ram(stream: Stream) -> _Ram:
+    """Every page record of the stream's RAM sections under its block: a record that continues the previous
+    block is keyed by that block, not by its offset alone."""
+    ram = _Ram()
+    block = ""
+    for sec in stream.sections():
+        if sec.idstr != IDSTR_RAM or not isinstance(sec.payload, RamPayload):
+            continue
+        for rec in sec.payload.records:
+            for info in rec.blocks:
+                ram.blocks.setdefault(info.name, info)
+            if not rec.flags & _PAGE_FLAGS:
+                continue
+            if rec.block is not None:
+                block = rec.block
+            n = 0
+            while (block, rec.offset, n) in ram.pages:
+                n += 1
+            ram.pages[(block, rec.offset, n)] = rec
+    return ram
+
+
+def _diff_ram(a: Stream, b: Stream, out: list[str]) -> None:
+    ra, rb = _ram(a), _ram(b)
+    for name, info in ra.blocks.items():
+        other = rb.blocks.get(name)
+        if other is None:
+            out.append(f"ram block {name}: only in A")
+        elif info != other:
+            for field in ("used_length", "page_size", "addr"):
+                va, vb = getattr(info, field), getattr(other, field)
+                if va != vb:
+                    out.append(f"ram block {name}: {field} {_scalar(va, None)} -> {_scalar(vb, None)}")
+    for name in rb.blocks:
+        if name not in ra.blocks:
+            out.append(f"ram block {name}: only in B")
+    listed: dict[str, int] = {}
+    alone = ra.blocks.keys() ^ rb.blocks.keys()  # said above: their pages are no news
+    for key, rec in ra.pages.items():
+        if key[0] in alone:
+            continue
+        twin = rb.pages.get(key)
+        line = f"only in A ({_kind(rec)} page)" if twin is None else _page_difference(rec, twin, key[1])
+        if line is not None:
+            _ram_line(key, line, listed, out)
+    for key, rec in rb.pages.items():
+        if key not in ra.pages and key[0] not in alone:
+            _ram_line(key, f"only in B ({_kind(rec)} page)", listed, out)
+    for block, count in listed.items():
+        if count > MAX_ITEMS:
+            out.append(f"ram {block}: {count - MAX_ITEMS} more differing pages not listed ({count} in all)")
+
+
+def _ram_line(key: tuple[str, int, int], line: str, listed: dict[str, int], out: list[str]) -> None:
+    block, offset, n = key
+    listed[block] = listed.get(block, 0) + 1
+    if listed[block] <= MAX_ITEMS:
+        copy = f" (copy {n + 1})" if n else ""
+        out.append(f"ram {block} page {offset:#x}{copy}: {line}")
+
+
+def _kind(rec: RamRecord) -> str:
+    return _PAGE_KIND.get(rec.flags & _PAGE_FLAGS, f"flags {rec.flags:#x}")
+
+
+def _content(rec: RamRecord) -> bytes | None:
+    """The page as the destination gets it, for zero and normal pages."""
+    kind = rec.flags & _PAGE_FLAGS
+    if kind == RAM_SAVE_FLAG_ZERO:
+        return rec.data * TARGET_PAGE_SIZE
+    if kind == RAM_SAVE_FLAG_PAGE:
+        return rec.data
+    return None
+
+
+def _page_difference(x: RamRecord, y: RamRecord, offset: int) -> str | None:
+    kinds = f"{_kind(x)} page -> {_kind(y)} page"
+    cx, cy = _content(x), _content(y)
+    if cx is not None and cy is not None:
+        if cx == cy:
+            return None if _kind(x) == _kind(y) else f"{kinds}, same content"
+        where = bytes_difference(cx, cy, base=offset)
+        return where if _kind(x) == _kind(y) else f"{kinds}, {where}"
+    if _kind(x) == _kind(y) and x.data == y.data:
+        return None
+    prefix = f"{_kind(x)} payload" if _kind(x) == _kind(y) else kinds
+    return f"{prefix}: {bytes_difference(x.data, y.data)}"
+
+
+# ---- the trailer -------------------------------------------------------------------------------
+
+
+def _diff_trailers(a: Stream, b: Stream, out: list[str]) -> None:
+    if (a.trailer is None) != (b.trailer is None):
+        out.append(f"trailer: only in {'A' if a.trailer is not None else 'B'}")
+        return
+    if a.trailer is None or b.trailer is None or a.trailer_text == b.trailer_text:
+        return
+    for name in dict.fromkeys([k for k, _ in a.trailer] + [k for k, _ in b.trailer]):
+        if name != "devices" and a.trailer.get(name) != b.trailer.get(name):
+            out.append(f"trailer {name}: {_json(a.trailer.get(name))} -> {_json(b.trailer.get(name))}")
+    da, db = _devices(a.trailer), _devices(b.trailer)
+    # A section only one stream has is reported as such; its description is no news.
+    alone = {(json_name(s.idstr), s.instance_id) for s in _only_in_one(a, b)}
+    for key, x in da.items():
+        y = db.get(key)
+        if y is None:
+            if key[:2] not in alone:
+                out.append(f"trailer {_device_label(key)}: description only in A")
+        elif x != y:
+            path, p, q = _first_json_difference(x, y, "")
+            out.append(f"trailer {_device_label(key)}: layouts differ, description{path}: {_json(p)} -> {_json(q)}")
+    for key in db:
+        if key not in da and key[:2] not in alone:
+            out.append(f"trailer {_device_label(key)}: description only in B")
+
+
+def _devices(trailer: Obj) -> dict[tuple[Any, Any, int], Any]:
+    """The trailer's device descriptions by name, instance and occurrence."""
+    out: dict[tuple[Any, Any, int], Any] = {}
+    for device in trailer.get("devices") or []:
+        name = device.get("name") if isinstance(device, Obj) else None
+        instance = device.get("instance_id") if isinstance(device, Obj) else None
+        n = 0
+        while (name, instance, n) in out:
+            n += 1
+        out[(name, instance, n)] = device
+    return out
+
+
+def _only_in_one(a: Stream, b: Stream) -> list[Section]:
+    ka, kb = _keyed(a), _keyed(b)
+    return [sec for key, (_, sec) in ka.items() if key not in kb] + [sec for key, (_, sec) in kb.items() if key not in ka]
+
+
+def _device_label(key: tuple[Any, Any, int]) -> str:
+    name, instance, n = key
+    label = str(name) if instance in (0, None) else f"{name}:{instance}"
+    return label + (f"#{n + 1}" if n else "")
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+def _first_json_difference(x: Any, y: Any, path: str) -> tuple[str, Any, Any]:
+    """Where two JSON values first part: a path (``.fields[3].name``) and both values there."""
+    if isinstance(x, Obj) and isinstance(y, Obj):
+        n = min(len(x), len(y))
+        for i in range(n):
+            (kx, vx), (ky, vy) = x[i], y[i]
+            if kx != ky:
+                return f"{path} key #{i}", kx, ky
+            if vx != vy:
+                return _first_json_difference(vx, vy, f"{path}.{kx}")
+        if len(x) > n:
+            return f"{path}.{x[n][0]}", x[n][1], _Absent()
+        if len(y) > n:
+            return f"{path}.{y[n][0]}", _Absent(), y[n][1]
+    if isinstance(x, list) and isinstance(y, list):
+        for i, (p, q) in enumerate(zip(x, y, strict=False)):
+            if p != q:
+                return _first_json_difference(p, q, f"{path}[{i}]")
+        n = min(len(x), len(y))
+        return f"{path}[{n}]", x[n] if n < len(x) else _Absent(), y[n] if n < len(y) else _Absent()
+    return path, x, y
+
+
+def _json(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---- bytes no decoded value shows ---------------------------------------------------------------
+
+
+def _hidden_difference(data_a: bytes, a: Stream, data_b: bytes) -> str:
+    """The first byte where the inputs part, named by the record and field of ``a`` it falls in."""
+    n = min(len(data_a), len(data_b))
+    first = first_difference(data_a, data_b)
+    where = _locate(a, first)
+    if first == n:
+        return f"stream{where}: length {len(data_a)} -> {len(data_b)}, the first {n} bytes equal"
+    return (f"stream{where}: byte {first:#x}: {data_a[first]:#04x} -> {data_b[first]:#04x}, "
+            "bytes that decode to the same values")
+
+
+def _spans(stream: Stream) -> Iterator[tuple[int, int, Section | Command | None, str]]:
+    """Top-level parts of a stream with their byte ranges, in order."""
+    records = stream.records
+    ends = [r.offset for r in records[1:]] + [stream.eof_offset if stream.eof_offset is not None else 1 << 62]
+    if stream.configuration is not None:
+        yield stream.configuration.offset, records[0].offset if records else ends[-1], None, "configuration"
+    for rec, end in zip(records, ends, strict=True):
+        yield rec.offset, end, rec, ""
+    if stream.trailer_offset is not None:
+        yield stream.trailer_offset, 1 << 62, None, "trailer"
+
+
+def _locate(stream: Stream, offset: int) -> str:
+    label = ""
+    for start, end, rec, name in _spans(stream):
+        if start <= offset < end:
+            if isinstance(rec, Section):
+                label = f" in section {section_label(rec)}" + _field_at(rec, offset)
+            elif isinstance(rec, Command):
+                label = f" in command {rec.name}"
+            else:
+                label = f" in the {name}"
+    return label
+
+
+def _field_at(sec: Section, offset: int) -> str:
+    """`` field NAME`` when ``offset`` falls in a field of a FULL section (its fields' sizes laid end to end)."""
+    tree = section_tree(sec)
+    if not isinstance(tree, Tree):
+        return ""
+    at = sec.offset + 1 + 4 + 1 + len(idstr_bytes(sec.idstr)) + 8  # kind, id, idstr, instance, version
+    found = _walk_offsets(tree.body, at, offset, "")
+    return f" field {found}" if isinstance(found, str) else ""
+
+
+def _walk_offsets(body: Obj, at: int, offset: int, path: str) -> str | int | None:
+    """The field of ``body`` (laid out from ``at``) holding ``offset``; else where the body ends, or None when
+    its sizes are not counts."""
+    for entry in body.get("fields", []):
+        size = entry.get("size")
+        count = entry.get("array_len", 1)
+        if not isinstance(size, int) or not isinstance(count, int):
+            return None
+        if at <= offset < at + size * count:
+            return _join(path, str(entry.get("name")))
+        at += size * count
+    for sub in body.get("subsections") or []:
+        sub_name = str(sub.get("vmsd_name"))
+        if at <= offset < at + 2 + len(sub_name.encode()) + 4:
+            return _join(path, sub_name)
+        found = _walk_offsets(sub, at + 2 + len(sub_name.encode()) + 4, offset, _join(path, sub_name))
+        if not isinstance(found, int):
+            return found
+        at = found
+    return at
+
+
+__all__ = ["Tree", "bytes_difference", "diff_streams", "object_tree", "section_label", "section_tree"]
