@@ -40,7 +40,7 @@ def all_classes() -> list[type[VMStateObject]]:
     """
     spec_set().load_all()
     for module in qemu72.all_modules():
-        qemu72._implement(module)
+        qemu72.implement(module)
     out = []
     for mod in pkgutil.walk_packages(vmsd.generated.__path__, "vmsd.generated."):
         module = importlib.import_module(mod.name)

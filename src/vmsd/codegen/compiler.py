@@ -47,27 +47,46 @@ def _module_parts(path: str, root: str) -> tuple[str, ...]:
     return tuple(module_name(p) for p in rel.with_suffix("").parts)
 
 
+def _module_map(program: Program, root: str | None) -> dict[str, tuple[str, ...]]:
+    """The module path of each spec file of ``program``."""
+    files = sorted(program.files)
+    base = _common_root(files) if root is None else display_path(Path(root))
+    return {p: _module_parts(p, base) for p in files}
+
+
 def render(program: Program, root: str | None = None) -> dict[tuple[str, ...], tuple[str, list[str]]]:
     """Source text and vmsd names of every module the program generates, by module path."""
     resolved = check(program)
-    files = sorted(program.files)
-    base = _common_root(files) if root is None else display_path(Path(root))
-    module_of = {p: _module_parts(p, base) for p in files}
+    module_of = _module_map(program, root)
     out: dict[tuple[str, ...], tuple[str, list[str]]] = {}
     template = _env().get_template("module.py.j2")
-    for path in files:
+    for path in sorted(program.files):
         model = ModuleBuilder(resolved, path, module_of, vmsd.__version__).build()
         out[module_of[path]] = (template.render(m=model, api_version=API_VERSION), [c.vmsd_name for c in model.classes])
     return out
+
+
+def _relative_module(package: tuple[str, ...], module: tuple[str, ...]) -> str:
+    """``module`` as a name relative to ``package`` without its first dot: ``mod``, ``.sibling.mod``."""
+    common = 0
+    while common < min(len(package), len(module) - 1) and package[common] == module[common]:
+        common += 1
+    return "." * (len(package) - common) + ".".join(module[common:])
 
 
 def compile_specs(specs: list[Path], root: str | None = None) -> dict[Path, str]:
     """Relative output paths (``pkg/mod.py``, ``pkg/__init__.py``) and their text.
 
     Each package's ``__init__`` indexes the vmsds of its modules, so that tools
-    import only the modules a stream needs.
+    import only the modules a stream needs.  A spec that imports a file of
+    another package takes that file's vmsds into its own package's index
+    (named relative to it, ``.v7_2.i8254``) unless the package declares the
+    same names itself: a spec set for one QEMU version reuses the unchanged
+    specs of another by importing them.
     """
-    modules = render(load(specs), root)
+    program = load(specs)
+    modules = render(program, root)
+    module_of = _module_map(program, root)
     files: dict[Path, str] = {}
     packages: dict[tuple[str, ...], dict[str, list[str]]] = {}
     for parts, (text, names) in modules.items():
@@ -77,6 +96,17 @@ def compile_specs(specs: list[Path], root: str | None = None) -> dict[Path, str]
         index = packages.setdefault(parts[:-1], {})
         for name in names:
             index.setdefault(name, []).append(parts[-1])
+    reused: dict[tuple[str, ...], dict[str, set[str]]] = {}
+    for (importer, _), target in sorted(program.import_targets.items()):
+        package, other = module_of[importer][:-1], module_of[target]
+        if other[:-1] != package:
+            for name in modules[other][1]:
+                reused.setdefault(package, {}).setdefault(name, set()).add(_relative_module(package, other))
+    for package, names in reused.items():
+        index = packages[package]
+        for name, refs in names.items():
+            if name not in index:
+                index[name] = sorted(refs)
     template = _env().get_template("package_init.py.j2")
     for package, index in packages.items():
         if package:

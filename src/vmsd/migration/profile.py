@@ -34,6 +34,10 @@ class PeerProfile:
     # normal pages still names its compression method (9.0+); 7.2 fills a SYNC packet's fields as for
     # any packet and sets the compression flag only on packets that carry pages.
     multifd_bare_sync: bool
+    # The JSON trailer describes arrays as runs (10.0+): "index" only while more than one element is
+    # left, null slots of pointer arrays as "nullptr" entries; before, every element had its index
+    # (vmsd.runtime.vmdesc explains both).
+    vmdesc_array_runs: bool
     # query-migrate-parameters' max-bandwidth when nobody set it (MAX_THROTTLE, 128 MiB/s).
     max_bandwidth: int = 128 << 20
 
@@ -43,9 +47,11 @@ class PeerProfile:
 
 PROFILES: dict[str, PeerProfile] = {
     "7.2": PeerProfile("7.2", multifd_flush_records=False, multifd_zero_pages=False,
-                       multifd_classifies_channels=False, multifd_compression_mask=0x0E, multifd_bare_sync=False),
+                       multifd_classifies_channels=False, multifd_compression_mask=0x0E, multifd_bare_sync=False,
+                       vmdesc_array_runs=False),
     "10.0": PeerProfile("10.0", multifd_flush_records=True, multifd_zero_pages=True,
-                        multifd_classifies_channels=True, multifd_compression_mask=0x3E, multifd_bare_sync=True),
+                        multifd_classifies_channels=True, multifd_compression_mask=0x3E, multifd_bare_sync=True,
+                        vmdesc_array_runs=True),
 }
 NEWEST = PROFILES["10.0"]
 

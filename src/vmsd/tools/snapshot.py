@@ -47,14 +47,15 @@ def incoming(uri: str, output: Path, specs: SpecSet, timeout: float = 60.0,
     """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads."""
     result = Incoming(specs=specs, multifd=multifd).run(uri, timeout)
     try:
-        write_snapshot(result, output)
+        write_snapshot(result, output, specs.profile)
     finally:
         result.blocks.close()
     return result
 
 
-def write_snapshot(result: IncomingResult, output: Path) -> None:
-    """One RAM pass (START with the block list, one PART, END) and the device sections, written atomically.
+def write_snapshot(result: IncomingResult, output: Path, profile: PeerProfile | None = None) -> None:
+    """One RAM pass (START with the block list, one PART, END) and the device sections, written atomically;
+    the trailer by ``profile``'s rules (the QEMU version of the specs that decoded the sections).
 
     With x-ignore-shared (the configuration says so), the blocks the source left in place -- those no
     page record named -- get no pages here either: a destination that shares them would refuse any.
@@ -65,7 +66,7 @@ def write_snapshot(result: IncomingResult, output: Path) -> None:
     context = RamContext(ignore_shared=CAP_IGNORE_SHARED in capabilities_of(conf))
     sent = [b for b in result.blocks if not context.ignore_shared or b.name in result.named_blocks]
     ram_id = result.ram_section_id
-    framing = SavevmWriter(footers=any(s.footer for s in result.sections) or not result.sections)
+    framing = SavevmWriter(footers=any(s.footer for s in result.sections) or not result.sections, profile=profile)
     try:
         with open(tmp, "wb") as f:
             f.write(framing.head(conf) + framing.start(ram_id, IDSTR_RAM, RAM_SECTION_VERSION)
