@@ -105,7 +105,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from vmsd.migration.stream import read_stream
     from vmsd.tools import streams
 
-    stream = read_stream(streams.read_input(args.stream), streams.load_specs(args.specs))
+    data = streams.read_input(args.stream)
+    stream = read_stream(data, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data)))
     if args.json:
         # One compact document: json's C encoder only serves the unindented
         # form, several times faster on a stream's megabytes of device state.
@@ -119,7 +120,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_rewrite(args: argparse.Namespace) -> int:
     from vmsd.tools import streams
 
-    data = streams.rewrite(streams.read_input(args.stream), streams.load_specs(args.specs), args.set or [])
+    data = streams.read_input(args.stream)
+    data = streams.rewrite(data, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data)), args.set or [])
     out = Path(args.output)
     # Write beside the target and rename, so a failed rewrite never leaves a partial file.
     tmp = out.with_name(out.name + ".partial")
@@ -136,9 +138,10 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from vmsd.migration.stream import read_stream
     from vmsd.tools import streams
 
-    specs = streams.load_specs(args.specs)
-    a = read_stream(streams.read_input(args.a), specs)
-    b = read_stream(streams.read_input(args.b), specs)
+    data_a, data_b = streams.read_input(args.a), streams.read_input(args.b)
+    # Each stream with the spec set of the QEMU that wrote it, unless --qemu names one.
+    a = read_stream(data_a, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data_a)))
+    b = read_stream(data_b, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data_b)))
     lines = streams.diff(a, b)
     for line in lines:
         print(line)
@@ -170,7 +173,11 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     _migration_options(args)  # the receiver decodes whatever the peer chose; names are checked
     caps, _ = _settings(args)
     multifd = _multifd(args, caps)
-    result = snapshot.incoming(args.uri, Path(args.output), streams.load_specs(args.specs), args.timeout,
+    # A live stream cannot be looked at first: the specs are those of --qemu, else of the peer.
+    from vmsd.qemu.versions import nearest
+
+    shipped = streams.shipped_specs(args.qemu or nearest(args.peer_version))
+    result = snapshot.incoming(args.uri, Path(args.output), streams.load_specs(args.specs, shipped), args.timeout,
                                multifd=multifd)
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
@@ -193,7 +200,8 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
         parse_settings(caps, params, peer)
     except ValueError as e:
         raise ToolError(str(e)) from None
-    info = snapshot.outgoing(Path(args.snapshot), args.uri, streams.load_specs(args.specs), args.timeout,
+    specs = streams.load_specs(args.specs, snapshot.snapshot_specs(Path(args.snapshot), args.qemu))
+    info = snapshot.outgoing(Path(args.snapshot), args.uri, specs, args.timeout,
                              caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer)
     if not args.json:
         print(summary(info))
@@ -259,6 +267,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                live_only=args.live_only)
 
 
+def _qemu_option(p: argparse.ArgumentParser, default: str = "the one that wrote the stream") -> None:
+    from vmsd.qemu.versions import SPEC_SETS
+
+    p.add_argument("--qemu", metavar="VERSION", choices=list(SPEC_SETS),
+                   help=f"decode with the spec set of this QEMU version ({', '.join(SPEC_SETS)}; default: {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmsd", description="Typed QEMU VMState descriptions and migration streams.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,17 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stream", metavar="STREAM", help="stream file, or - for standard input")
     p.add_argument("--json", action="store_true", help="JSON instead of a tree")
     p.add_argument("--specs", type=Path, metavar="DIR", help="also use the .vmsd files under DIR (they take precedence)")
+    _qemu_option(p)
     p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("rewrite", help="decode every section and encode it again, optionally editing fields")
     p.add_argument("stream", metavar="STREAM")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--specs", type=Path, metavar="DIR")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="e.g. mc146818rtc.cmos_data[14]=0x55")
+    _qemu_option(p)
     p.set_defaults(func=_cmd_rewrite)
     p = sub.add_parser("diff", help="field-level differences between two streams (exit 1 when they differ)")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
     p.add_argument("--specs", type=Path, metavar="DIR")
+    _qemu_option(p)
     p.set_defaults(func=_cmd_diff)
     for name, helptext in (
         ("incoming", "receive a live migration from QEMU (URI as in -incoming) and write a snapshot QEMU loads"),
@@ -314,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(QEMU does not negotiate them)")
         p.add_argument("--uuid", help="the UUID in every multifd channel's first packet (a QEMU destination "
                                       "checks it against its -uuid; default all zeros)")
+        _qemu_option(p, "incoming: --peer-version's" if name == "incoming" else "the one that wrote the snapshot")
     p = sub.add_parser("import-qemu", help="skeleton specs from QEMU's -dump-vmstate output (types from a stream's trailer)")
     p.add_argument("dump", metavar="DUMP.json")
     p.add_argument("--stream", metavar="FILE", help="a migration stream whose trailer gives the field types")

@@ -61,6 +61,9 @@ def render(program: Program, root: str | None = None) -> dict[tuple[str, ...], t
     out: dict[tuple[str, ...], tuple[str, list[str]]] = {}
     template = _env().get_template("module.py.j2")
     for path in sorted(program.files):
+        spec = program.files[path]
+        if not spec.vmsds and not spec.enums:
+            continue  # only imports (a spec set naming the files it reuses): nothing to generate
         model = ModuleBuilder(resolved, path, module_of, vmsd.__version__).build()
         out[module_of[path]] = (template.render(m=model, api_version=API_VERSION), [c.vmsd_name for c in model.classes])
     return out
@@ -99,14 +102,15 @@ def compile_specs(specs: list[Path], root: str | None = None) -> dict[Path, str]
     reused: dict[tuple[str, ...], dict[str, set[str]]] = {}
     for (importer, _), target in sorted(program.import_targets.items()):
         package, other = module_of[importer][:-1], module_of[target]
-        if other[:-1] != package:
+        if other[:-1] != package and other in modules:
             for name in modules[other][1]:
                 reused.setdefault(package, {}).setdefault(name, set()).add(_relative_module(package, other))
-    for package, names in reused.items():
-        index = packages[package]
-        for name, refs in names.items():
-            if name not in index:
-                index[name] = sorted(refs)
+    for package, refs_by_name in reused.items():
+        for i in range(1, len(package)):
+            packages.setdefault(package[:i], {})
+        own = packages.setdefault(package, {})
+        for name, refs in refs_by_name.items():
+            own.setdefault(name, sorted(refs))
     template = _env().get_template("package_init.py.j2")
     for package, index in packages.items():
         if package:

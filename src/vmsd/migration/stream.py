@@ -301,7 +301,8 @@ class SpecSet:
                 if isinstance(value, type) and value.__dict__.get("_generated") and value.__module__ == module.__name__:
                     # A reused module may declare vmsds this set has its own version of (or none):
                     # those stay out, as do the vmsds of modules imported only as dependencies.
-                    if not self._packages or module.__name__ in self._declared_by.get(value.VMSD_NAME, ()):
+                    name: str = value.__dict__["VMSD_NAME"]
+                    if not self._packages or module.__name__ in self._declared_by.get(name, ()):
                         self._add_class(value)
 
     def _add_class(self, value: Any) -> None:

@@ -73,13 +73,15 @@ class Qemu:
 
     def __init__(self, args: list[str], machine: str = "pc", memory: str = "32", incoming: str | None = None,
                  binary: str | None = None, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, defaults: bool = False) -> None:
         """``binary`` replaces :data:`QEMU_BINARY`, ``extra_args`` go right after it (e.g. ``-L`` paths)
-        and ``env`` is added to the inherited environment."""
+        and ``env`` is added to the inherited environment.  ``defaults``: the machine's default devices
+        (no ``-nodefaults``: VGA, NIC, floppy, parallel port, CD-ROM, ...)."""
         self.dir = Path(tempfile.mkdtemp(prefix="vmsd-qemu-"))
         qmp_path = str(self.dir / "qmp.sock")
         cmd = [
-            binary or QEMU_BINARY, *(extra_args or []), "-M", machine, "-m", memory, "-nodefaults", "-nographic", "-S",
+            binary or QEMU_BINARY, *(extra_args or []), "-M", machine, "-m", memory,
+            *([] if defaults else ["-nodefaults"]), "-nographic", "-S",
             "-display", "none", "-serial", "none", "-monitor", "none",
             "-qmp", f"unix:{qmp_path},server=on,wait=off", *args,
         ]

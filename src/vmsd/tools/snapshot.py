@@ -14,6 +14,7 @@ QEMU names them).
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ from vmsd.migration.stream import (
 )
 from vmsd.migration.transport import open_incoming
 from vmsd.runtime.errors import RegistryError
+from vmsd.tools.errors import ToolError
 
 _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 
@@ -90,6 +92,19 @@ def write_snapshot(result: IncomingResult, output: Path, profile: PeerProfile | 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def snapshot_specs(snapshot: Path, qemu: str | None) -> SpecSet:
+    """The spec set of QEMU ``qemu``, else of the QEMU that wrote ``snapshot`` (read through a mapping)."""
+    from vmsd.tools.streams import shipped_specs
+
+    if qemu is not None:
+        return shipped_specs(qemu)
+    try:
+        with open(snapshot, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return shipped_specs(None, data)
+    except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
+        raise ToolError(f"cannot read {snapshot}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def load_machine(snapshot: Path, specs: SpecSet) -> Machine:

@@ -18,11 +18,21 @@ from vmsd.runtime.vmstate import VMStateObject
 from vmsd.tools.errors import ToolError
 
 
-def load_specs(specs_dir: Path | None) -> SpecSet:
-    """The shipped QEMU 7.2 specs, overridden by the .vmsd files of ``specs_dir``."""
-    from vmsd.qemu.v7_2 import spec_set
+def shipped_specs(qemu: str | None, data: Any = None) -> SpecSet:
+    """The shipped spec set of QEMU ``qemu`` (``--qemu``), else of the QEMU that wrote the stream
+    ``data`` (bytes or a mapping of a file; see :mod:`vmsd.qemu.versions`), else the oldest."""
+    from vmsd.qemu import versions
 
-    shipped = spec_set()
+    if qemu is None:
+        qemu = versions.choose(data).version if data is not None else next(iter(versions.SPEC_SETS))
+    try:
+        return versions.spec_set(qemu)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+
+
+def load_specs(specs_dir: Path | None, shipped: SpecSet) -> SpecSet:
+    """The ``shipped`` spec set, overridden by the .vmsd files of ``specs_dir``."""
     if specs_dir is None:
         return shipped
     from vmsd.codegen.compiler import compile_specs
@@ -385,4 +395,4 @@ def _short(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-__all__ = ["apply_set", "diff", "load_specs", "read_input", "rewrite", "stream_json", "stream_tree"]
+__all__ = ["apply_set", "diff", "load_specs", "read_input", "rewrite", "shipped_specs", "stream_json", "stream_tree"]
