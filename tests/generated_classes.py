@@ -9,6 +9,7 @@ import vmsd.generated
 from vmsd.generated.examples.hpet import Hpet
 from vmsd.generated.examples.kinds import Kinds
 from vmsd.qemu import v7_2 as qemu72
+from vmsd.qemu import v10_0 as qemu100
 from vmsd.qemu.v7_2 import spec_set
 from vmsd.runtime import VMStateObject, register
 from vmsd.runtime.vmstate import as_loaded_subclass, impl
@@ -35,12 +36,15 @@ def _always(self: object, version_id: int) -> bool:
 def all_classes() -> list[type[VMStateObject]]:
     """Every generated class; custom predicates without an implementation answer True.
 
-    Order matters: the QEMU 7.2 implementations first, then "as loaded" answers for
-    the ``needed`` predicates they leave open, then test stand-ins for the rest.
+    Order matters: the QEMU 7.2 and 10.0 implementations first, then "as loaded" answers
+    for the ``needed`` predicates they leave open, then test stand-ins for the rest.
     """
     spec_set().load_all()
     for module in qemu72.all_modules():
-        qemu72._implement(module)
+        qemu72.implement(module)
+    qemu100.spec_set().load_all()
+    for module in qemu100.all_modules():
+        qemu100.implement(module)
     out = []
     for mod in pkgutil.walk_packages(vmsd.generated.__path__, "vmsd.generated."):
         module = importlib.import_module(mod.name)

@@ -17,14 +17,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmsd.cli import main
+from vmsd.migration.profile import PROFILES
 from vmsd.migration.ram.records import RAM_SAVE_FLAG_PAGE, RamPayload
 from vmsd.migration.stream import Section, Stream, idstr_bytes, read_stream, write_stream
 from vmsd.qemu.v7_2 import spec_set
 from vmsd.runtime.errors import VMSDError
+from vmsd.runtime.generic import decode_body
+from vmsd.runtime.io import Reader
+from vmsd.runtime.vmdesc import describe
 from vmsd.testing.qmp import save_stream
 from vmsd.tools.streamdiff import diff_streams
 
 E1000_ROM = "0000:00:03.0/e1000.rom"
+IDE = "0000:00:01.1/ide"
 VGA_ROM = "0000:00:02.0/vga.rom"
 
 
@@ -183,6 +188,33 @@ def test_a_section_version_difference_is_a_layout_difference(
     rc, lines = run_diff(real.path, edited(real, tmp_path, edit), capsys)
     assert rc == 1
     assert "globalstate: layouts differ, section version 1 -> 0" in lines
+
+
+@pytest.mark.parametrize("rule", ["10.0", "11.1"])
+def test_array_elements_keep_their_names_in_every_trailer_rule(real: Real, rule: str) -> None:
+    """QEMU 10.0's trailer leaves the index off an array's last element, 11.1's off every element: a section
+    decoded from such a description compares element by element as the typed one does, and a changed
+    element is named by its index."""
+    profile = PROFILES[rule]
+    for change in (False, True):
+        data = real.data
+        if change:
+            edit = real.stream()
+            real.full(edit, IDE).payload.bmdma[1].addr ^= 0x1000
+            data = write_stream(edit)
+        a, b = real.stream(), read_stream(data, spec_set())
+        typed_lines = diff_streams(real.data, a, data, b)
+        sec = real.full(b, IDE)
+        body, _ = describe(sec.payload, sec.version_id, profile.vmdesc_array_runs, profile.vmdesc_element_index)
+        indexes = [e.get("index") for e in body.get("fields") if e.get("name") == "bmdma"]
+        assert indexes == ([0, None] if rule == "10.0" else [None, None])
+        sec.payload = decode_body(Reader(sec.payload.save(version_id=sec.version_id)), body)
+        sec.generic_body = body
+        assert diff_streams(real.data, a, data, b) == typed_lines
+        if change:
+            assert len(typed_lines) == 1 and typed_lines[0].startswith(f"{IDE} bmdma[1].addr: ")
+        else:
+            assert typed_lines == []
 
 
 def test_bytes_no_decoded_value_shows_are_reported_by_their_field(

@@ -456,8 +456,9 @@ def test_fields_python_needs_keep_their_wire_name(tmp_path: Path) -> None:
     assert isinstance(back.Dev_, ns["DevInner"])
     fields = dict(describe(dev)[0])["fields"]
     assert [dict(f)["name"] for f in fields] == ["self", "int", "load", "lambda", "Dev"]
-    with pytest.raises(SaveError, match=r"\bload\b"):
+    with pytest.raises(SaveError) as info:
         ns["Dev"](int_=2, load_=[1]).save()
+    assert str(info.value) == "dev.load: has 1 element, its length field int says 2"
 
 
 def test_subsections_named_alike_keep_their_own_loaders(tmp_path: Path) -> None:

@@ -117,7 +117,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from vmsd.migration.stream import read_stream
     from vmsd.tools import streams
 
-    stream = read_stream(streams.read_input(args.stream), streams.load_specs(args.specs))
+    data = streams.read_input(args.stream)
+    stream = read_stream(data, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data)))
     if args.json:
         # One compact document: json's C encoder only serves the unindented
         # form, several times faster on a stream's megabytes of device state.
@@ -135,7 +136,9 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
 
     # The output is checked before the work; a stream holds guest RAM (0600).
     with OutputFile(args.output, force=args.force, private=True, stdout=True) as out:
-        data = streams.rewrite(streams.read_input(args.stream), streams.load_specs(args.specs), args.set or [])
+        data = streams.read_input(args.stream)
+        specs = streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data))
+        data = streams.rewrite(data, specs, args.set or [])
         try:
             out.file.write(data)
         except OSError as e:
@@ -149,9 +152,11 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from vmsd.tools import streams
     from vmsd.tools.streamdiff import diff_streams
 
-    specs = streams.load_specs(args.specs)
     data_a, data_b = streams.read_input(args.a), streams.read_input(args.b)
-    lines = diff_streams(data_a, read_stream(data_a, specs), data_b, read_stream(data_b, specs))
+    # Each stream with the spec set of the QEMU that wrote it, unless --qemu names one.
+    a = read_stream(data_a, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data_a)))
+    b = read_stream(data_b, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data_b)))
+    lines = diff_streams(data_a, a, data_b, b)
     for line in lines:
         print(line)
     return EXIT_FINDINGS if lines else EXIT_OK
@@ -185,7 +190,11 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     multifd = _multifd(args, caps)
     mode, cpr_channel = _cpr_options(args)
     max_ram = _size(args.max_ram, "--max-ram") if args.max_ram is not None else None
-    result = snapshot.incoming(args.uri, args.output, streams.load_specs(args.specs), args.timeout,
+    # A live stream cannot be looked at first: the specs are those of --qemu, else of the peer.
+    from vmsd.qemu.versions import nearest
+
+    shipped = streams.shipped_specs(args.qemu or nearest(args.peer_version))
+    result = snapshot.incoming(args.uri, args.output, streams.load_specs(args.specs, shipped), args.timeout,
                                multifd=multifd, force=args.force, mode=mode, cpr_channel=cpr_channel,
                                max_ram=max_ram)
     ram = result.counters
@@ -212,7 +221,8 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ToolError(str(e)) from None
     mode, cpr_channel = _cpr_options(args)
-    info = snapshot.outgoing(Path(args.snapshot), args.uri, streams.load_specs(args.specs), args.timeout,
+    specs = streams.load_specs(args.specs, snapshot.snapshot_specs(Path(args.snapshot), args.qemu))
+    info = snapshot.outgoing(Path(args.snapshot), args.uri, specs, args.timeout,
                              caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer,
                              mode=mode, cpr_channel=cpr_channel)
     if not args.json:
@@ -304,6 +314,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 _OUTSIDE_HELP = "let an import name a file outside the folders of the SPECs and of the specs vmsd ships (by default refused)"
 
 
+def _qemu_option(p: argparse.ArgumentParser, default: str = "the one that wrote the stream") -> None:
+    from vmsd.qemu.versions import SPEC_SETS
+
+    p.add_argument("--qemu", metavar="VERSION", choices=list(SPEC_SETS),
+                   help=f"decode with the spec set of this QEMU version ({', '.join(SPEC_SETS)}; default: {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmsd", description="Typed QEMU VMState descriptions and migration streams.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -325,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stream", metavar="STREAM", help="stream file, or - for standard input")
     p.add_argument("--json", action="store_true", help="JSON instead of a tree")
     p.add_argument("--specs", type=Path, metavar="DIR", help="also use the .vmsd files under DIR (they take precedence)")
+    _qemu_option(p)
     p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("rewrite", help="decode every section and encode it again, optionally editing fields")
     p.add_argument("stream", metavar="STREAM")
@@ -332,11 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--specs", type=Path, metavar="DIR")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="e.g. mc146818rtc.cmos_data[14]=0x55")
+    _qemu_option(p)
     p.set_defaults(func=_cmd_rewrite)
     p = sub.add_parser("diff", help="field-level differences between two streams (exit 1 when they differ)")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
     p.add_argument("--specs", type=Path, metavar="DIR")
+    _qemu_option(p)
     p.set_defaults(func=_cmd_diff)
     for name, helptext in (
         ("incoming", "receive a live migration from QEMU (URI as in -incoming) and write a snapshot QEMU loads"),
@@ -373,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cpr-channel", metavar="unix:PATH",
                        help="cpr-transfer: the unix socket of the CPR state (QEMU's 'cpr' channel); "
                             + ("vmsd listens on it" if name == "incoming" else "the new QEMU listens on it"))
+        _qemu_option(p, "incoming: --peer-version's" if name == "incoming" else "the one that wrote the snapshot")
     p = sub.add_parser("import-qemu", help="skeleton specs from QEMU's -dump-vmstate output (types from a stream's trailer)")
     p.add_argument("dump", metavar="DUMP.json")
     p.add_argument("--stream", metavar="FILE", help="a migration stream whose trailer gives the field types")

@@ -76,6 +76,27 @@ def _compiled_module(path: str, installed: dict[Path, str]) -> tuple[str, ...] |
     return None
 
 
+def _module_map(
+    program: Program, root: str | None, installed: dict[Path, str] | None
+) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """The module path of each spec file of ``program``: of those to compile, and of those imported from
+    a folder of ``installed`` (already compiled there)."""
+    compiled = {
+        p: m for p in program.files
+        if p not in program.roots and (m := _compiled_module(p, installed or {})) is not None
+    }
+    files = sorted(p for p in program.files if p not in compiled)
+    base = _common_root(files) if root is None else display_path(Path(root))
+    return {p: _module_parts(p, base) for p in files}, compiled
+
+
+def _generates(program: Program, path: str) -> bool:
+    """Whether the file declares anything: one that only imports (a spec set naming the files it reuses)
+    generates no module."""
+    spec = program.files[path]
+    return bool(spec.vmsds or spec.enums)
+
+
 def render(
     program: Program, root: str | None = None, installed: dict[Path, str] | None = None
 ) -> dict[tuple[str, ...], tuple[str, list[str]]]:
@@ -85,21 +106,24 @@ def render(
     ``vmsd.generated``); files there that are imported (not asked for) come from that package, not
     generated again."""
     resolved = check(program)
-    compiled = {
-        p: m for p in program.files
-        if p not in program.roots and (m := _compiled_module(p, installed or {})) is not None
-    }
-    files = sorted(p for p in program.files if p not in compiled)
-    base = _common_root(files) if root is None else display_path(Path(root))
-    generated = {p: _module_parts(p, base) for p in files}
+    to_compile, compiled = _module_map(program, root, installed)
+    generated = {p: m for p, m in to_compile.items() if _generates(program, p)}
     _check_module_paths(program, generated)
-    module_of = {**generated, **compiled}
+    module_of = {**to_compile, **compiled}
     out: dict[tuple[str, ...], tuple[str, list[str]]] = {}
     template = _env().get_template("module.py.j2")
-    for path in files:
+    for path in sorted(generated):
         model = ModuleBuilder(resolved, path, module_of, vmsd.__version__, frozenset(compiled.values())).build()
         out[module_of[path]] = (template.render(m=model, api_version=API_VERSION), [c.vmsd_name for c in model.classes])
     return out
+
+
+def _relative_module(package: tuple[str, ...], module: tuple[str, ...]) -> str:
+    """``module`` as a name relative to ``package`` without its first dot: ``mod``, ``.sibling.mod``."""
+    common = 0
+    while common < min(len(package), len(module) - 1) and package[common] == module[common]:
+        common += 1
+    return "." * (len(package) - common) + ".".join(module[common:])
 
 
 def compile_specs(
@@ -108,12 +132,19 @@ def compile_specs(
     """Relative output paths (``pkg/mod.py``, ``pkg/__init__.py``) and their text.
 
     Each package's ``__init__`` indexes the vmsds of its modules, so that tools
-    import only the modules a stream needs.  Imported files under a folder of
+    import only the modules a stream needs.  A spec that imports a file of
+    another package takes that file's vmsds into its own package's index
+    (named relative to it, ``.v7_2.i8254``) unless the package declares the
+    same names itself: a spec set for one QEMU version reuses the unchanged
+    specs of another by importing them.  Imported files under a folder of
     ``installed`` are not compiled (see :func:`render`); specs may import them
     as well as files in their own folders.  ``outside_imports`` lets specs
     import any file.
     """
-    modules = render(load(specs, outside_imports, also=list(installed or {})), root, installed)
+    program = load(specs, outside_imports, also=list(installed or {}))
+    modules = render(program, root, installed)
+    to_compile, compiled = _module_map(program, root, installed)
+    module_of = {**to_compile, **compiled}
     files: dict[Path, str] = {}
     packages: dict[tuple[str, ...], dict[str, list[str]]] = {}
     for parts, (text, names) in modules.items():
@@ -123,6 +154,18 @@ def compile_specs(
         index = packages.setdefault(parts[:-1], {})
         for name in names:
             index.setdefault(name, []).append(parts[-1])
+    reused: dict[tuple[str, ...], dict[str, set[str]]] = {}
+    for (importer, _), target in sorted(program.import_targets.items()):
+        package, other = module_of[importer][:-1], module_of[target]
+        if other[:-1] != package and other in modules:
+            for name in modules[other][1]:
+                reused.setdefault(package, {}).setdefault(name, set()).add(_relative_module(package, other))
+    for package, refs_by_name in reused.items():
+        for i in range(1, len(package)):
+            packages.setdefault(package[:i], {})
+        own = packages.setdefault(package, {})
+        for name, refs in refs_by_name.items():
+            own.setdefault(name, sorted(refs))
     template = _env().get_template("package_init.py.j2")
     for package, index in packages.items():
         if package:

@@ -294,7 +294,7 @@ class Migration:
             if self.capabilities["auto-converge"] else None
         cache = XbzrleCache(self.parameters["xbzrle-cache-size"]) if self.capabilities["xbzrle"] else None
         self.encoder = RamEncoder(cache, zero_copy=True)  # the main channel writes pages from RAM (Channel.writev)
-        self._framing = SavevmWriter()
+        self._framing = SavevmWriter(profile=self.peer)  # the trailer by the peer's rules
         # The blocks whose pages go on the wire: with x-ignore-shared, shared blocks stay where they are;
         # in cpr-transfer and cpr-exec every block does.
         self._sent = [] if mode in KEEPS_RAM else \

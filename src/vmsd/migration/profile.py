@@ -34,6 +34,10 @@ class PeerProfile:
     # normal pages still names its compression method (9.0+); 7.2 fills a SYNC packet's fields as for
     # any packet and sets the compression flag only on packets that carry pages.
     multifd_bare_sync: bool
+    # The JSON trailer describes arrays as runs (10.0+): "index" only while more than one element is
+    # left, null slots of pointer arrays as "nullptr" entries; before, every element had its index
+    # (vmsd.runtime.vmdesc explains both).
+    vmdesc_array_runs: bool
     # query-migrate-parameters' max-bandwidth when nobody set it (MAX_THROTTLE, 128 MiB/s).
     max_bandwidth: int = 128 << 20
     # The migration modes (QEMU's MigMode) besides "normal": cpr-reboot came in 8.2, cpr-transfer in
@@ -41,6 +45,9 @@ class PeerProfile:
     cpr_modes: frozenset[str] = frozenset()
     # The CPR state ends with the "CprState/vfio devices" subsection, always sent (10.1+); 10.0 refuses it.
     cpr_vfio_devices: bool = False
+    # The JSON trailer gives an element of an array described element by element its "index" (7.2, 10.0);
+    # 11.1 gives none, only compressed runs their "array_len".
+    vmdesc_element_index: bool = True
 
     def __str__(self) -> str:
         return f"QEMU {self.version}"
@@ -48,16 +55,19 @@ class PeerProfile:
 
 PROFILES: dict[str, PeerProfile] = {
     "7.2": PeerProfile("7.2", multifd_flush_records=False, multifd_zero_pages=False,
-                       multifd_classifies_channels=False, multifd_compression_mask=0x0E, multifd_bare_sync=False),
+                       multifd_classifies_channels=False, multifd_compression_mask=0x0E, multifd_bare_sync=False,
+                       vmdesc_array_runs=False),
     "10.0": PeerProfile("10.0", multifd_flush_records=True, multifd_zero_pages=True,
                         multifd_classifies_channels=True, multifd_compression_mask=0x3E, multifd_bare_sync=True,
-                        cpr_modes=frozenset({"cpr-reboot", "cpr-transfer"})),
+                        vmdesc_array_runs=True, cpr_modes=frozenset({"cpr-reboot", "cpr-transfer"})),
     # On the wire as 10.0 (checked against 11.1.3: precopy and multifd both ways, none/zlib/zstd, the same
     # defaults). What 11.1 dropped vmsd never sends: command 8 (ENABLE_COLO, refused as deprecated since
     # 10.2) and the zero-blocks capability. Its CPR state ends with the VFIO subsection (checked against
-    # the bytes 11.1.3 sends).
+    # the bytes 11.1.3 sends). Its trailer describes arrays in 10.0's runs, without any element's index
+    # (checked against the trailers of 11.1.3's pc and q35 streams).
     "11.1": PeerProfile("11.1", multifd_flush_records=True, multifd_zero_pages=True,
                         multifd_classifies_channels=True, multifd_compression_mask=0x3E, multifd_bare_sync=True,
+                        vmdesc_array_runs=True, vmdesc_element_index=False,
                         cpr_modes=frozenset({"cpr-reboot", "cpr-transfer", "cpr-exec"}), cpr_vfio_devices=True),
 }
 NEWEST = PROFILES["11.1"]

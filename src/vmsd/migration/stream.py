@@ -10,6 +10,7 @@ on a :class:`~vmsd.runtime.io.Reader` and a :class:`~vmsd.runtime.io.Writer`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import struct
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 import attrs
 
 from vmsd.migration.limits import MAX_PACKAGE_DEPTH
+from vmsd.migration.profile import PeerProfile
 from vmsd.migration.ram.records import PLAIN, RAM_SECTION_VERSION, RamContext, RamPayload, read_ram, write_ram
 from vmsd.runtime.errors import (
     MalformedStream,
@@ -210,6 +212,8 @@ class Stream:
     trailer_text: bytes | None = None
     trailer_offset: int | None = None
     warnings: list[str] = attrs.Factory(list)
+    # The QEMU version whose writer rules a regenerated trailer follows (the spec set's); None: 7.2's.
+    profile: PeerProfile | None = None
 
     def sections(self) -> list[Section]:
         out: list[Section] = []
@@ -241,6 +245,8 @@ class SpecSet:
     so a tool pays for the devices a stream has, not for every spec shipped.
     ``on_import`` runs for each newly imported generated module, before the
     "as loaded" defaults, so that real implementations register first.
+    ``profile`` is the QEMU version the specs describe: streams read with
+    them regenerate their trailer by that version's rules.
     """
 
     def __init__(
@@ -248,28 +254,43 @@ class SpecSet:
         classes: dict[str, type] | None = None,
         packages: list[tuple[str, dict[str, tuple[str, ...]]]] | None = None,
         on_import: Callable[[Any], None] | None = None,
+        profile: PeerProfile | None = None,
     ) -> None:
         self.classes: dict[str, type] = {}
         self._packages = list(packages or [])
+        # An index names its package's modules (``mod``) and those reused from another (``.v7_2.mod``);
+        # a vmsd is this set's as declared by the modules its index names for it, and no other.
+        self._declared_by: dict[str, set[str]] = {}
+        for package, index in self._packages:
+            for name, mods in index.items():
+                self._declared_by.setdefault(name, set()).update(
+                    importlib.util.resolve_name("." + mod, package) for mod in mods)
+        # Modules under these packages get ``on_import`` (their hooks) when imported, reused or not.
+        self._hooked = tuple(sorted({m.rsplit(".", 1)[0] + "." for ms in self._declared_by.values() for m in ms}
+                                    | {package + "." for package, _ in self._packages}))
         self._on_import = on_import
+        self.profile = profile
         self._seen_modules: set[str] = set()
         self._loaded_names: set[str] = set()
         for value in (classes or {}).values():
             self._add_class(value)
 
     @classmethod
-    def from_modules(cls, modules: list[Any], on_import: Callable[[Any], None] | None = None) -> SpecSet:
-        specs = cls(on_import=on_import)
+    def from_modules(cls, modules: list[Any], on_import: Callable[[Any], None] | None = None,
+                     profile: PeerProfile | None = None) -> SpecSet:
+        specs = cls(on_import=on_import, profile=profile)
         specs._add_modules(modules)
         return specs
 
     @classmethod
-    def from_package(cls, package: str, on_import: Callable[[Any], None] | None = None) -> SpecSet:
+    def from_package(cls, package: str, on_import: Callable[[Any], None] | None = None,
+                     profile: PeerProfile | None = None) -> SpecSet:
         index = getattr(importlib.import_module(package), "VMSDS", {})
-        return cls(packages=[(package, index)], on_import=on_import)
+        return cls(packages=[(package, index)], on_import=on_import, profile=profile)
 
     def merged(self, other: SpecSet) -> SpecSet:
-        out = SpecSet(packages=other._packages + self._packages, on_import=self._on_import)
+        """``other``'s classes first, then these; the QEMU version stays this set's."""
+        out = SpecSet(packages=other._packages + self._packages, on_import=self._on_import, profile=self.profile)
         out.classes = {**self.classes, **other.classes}
         return out
 
@@ -282,7 +303,11 @@ class SpecSet:
         for module in fresh:
             for value in vars(module).values():
                 if isinstance(value, type) and value.__dict__.get("_generated") and value.__module__ == module.__name__:
-                    self._add_class(value)
+                    # A reused module may declare vmsds this set has its own version of (or none):
+                    # those stay out, as do the vmsds of modules imported only as dependencies.
+                    name: str = value.__dict__["VMSD_NAME"]
+                    if not self._packages or module.__name__ in self._declared_by.get(name, ()):
+                        self._add_class(value)
 
     def _add_class(self, value: Any) -> None:
         name = value.VMSD_NAME
@@ -299,19 +324,19 @@ class SpecSet:
         for package, index in self._packages:
             if name in index:
                 for mod in index[name]:
-                    importlib.import_module(f"{package}.{mod}")
-                self._adopt(package)
+                    importlib.import_module("." + mod, package)
+                self._adopt()
 
-    def _adopt(self, package: str) -> None:
+    def _adopt(self) -> None:
         # Modules imported on the way or earlier (shared nested vmsds) get their hooks too.
-        new = sorted(m for m in sys.modules if m.startswith(package + ".") and m not in self._seen_modules)
+        new = sorted(m for m in sys.modules if m.startswith(self._hooked) and m not in self._seen_modules)
         self._add_modules([sys.modules[m] for m in new])
 
     def adopt_imported(self) -> None:
-        """Take in the modules of this set's packages that other code imported (specs compiled elsewhere that
-        nest shipped vmsds), so that their hooks and predicate implementations are registered."""
-        for package, _ in self._packages:
-            self._adopt(package)
+        """Take in the modules of this set's packages (and of those it reuses) that other code imported
+        (specs compiled elsewhere that nest shipped vmsds), so that their hooks and predicate
+        implementations are registered."""
+        self._adopt()
 
     def get(self, name: str) -> type | None:
         # Load every module declaring ``name`` once, even when one of them came
@@ -411,7 +436,7 @@ class Decoder:
         self.in_memory = reader is None
         self.specs = specs
         self.strict_typed = strict_typed
-        self.stream = Stream()
+        self.stream = Stream(profile=specs.profile)
         # Set by a live receiver: reads one RAM section's records from ``self.r`` into its RAM.
         self.ram_handler: Callable[[Section, RamContext], None] | None = None
         # Set by a machine's receiver: the class of each (idstr, instance id) it has; others are unknown.
@@ -916,8 +941,9 @@ class SavevmWriter:
     back as they were read, oddities included, so it uses the framing functions directly.)
     """
 
-    def __init__(self, footers: bool = True) -> None:
+    def __init__(self, footers: bool = True, profile: PeerProfile | None = None) -> None:
         self.footers = footers
+        self.profile = profile  # whose rules the trailer follows (None: QEMU 7.2's)
         self._open: set[int] = set()
         self._done = False
 
@@ -958,7 +984,7 @@ class SavevmWriter:
         for sec in sections:
             sec.footer = self.footers
         self._done = True
-        return stream_tail(sections)
+        return stream_tail(sections, self.profile)
 
     def _check_open_stream(self) -> None:
         if self._done:
@@ -993,12 +1019,13 @@ def _trailer_record(desc: Obj) -> bytes:
     return bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", len(text)) + text
 
 
-def stream_tail(sections: list[Section]) -> bytes:
-    """Device sections, EOF and the trailer regenerated from their specs: the end of a live migration."""
+def stream_tail(sections: list[Section], profile: PeerProfile | None = None) -> bytes:
+    """Device sections, EOF and the trailer regenerated from their specs (by ``profile``'s rules): the end
+    of a live migration."""
     w = Writer()
     write_records(w, list(sections))
     w.u8(QEMU_VM_EOF)
-    w.write(_trailer_record(regenerate_trailer(Stream(records=list(sections)))))
+    w.write(_trailer_record(regenerate_trailer(Stream(records=list(sections), profile=profile))))
     return w.getvalue()
 
 
@@ -1083,6 +1110,8 @@ def regenerate_trailer(stream: Stream) -> Obj:
     regenerated, so that an unchanged stream rewrites byte for byte.
     """
     fulls = stream.full_sections()
+    runs = stream.profile is not None and stream.profile.vmdesc_array_runs
+    indexes = stream.profile is None or stream.profile.vmdesc_element_index
     old: Any = stream.trailer.get("devices") if stream.trailer is not None else None
     # The trailer lists the FULL sections in stream order; with another count, places do not correspond.
     old_devices: list[Any] = old if isinstance(old, list) and len(old) == len(fulls) else []
@@ -1099,7 +1128,7 @@ def regenerate_trailer(stream: Stream) -> Obj:
             elif sec.generic_body is not None:
                 head.extend(_pairs(sec.generic_body))
             else:
-                body, _ = describe(p, sec.version_id)
+                body, _ = describe(p, sec.version_id, runs, indexes)
                 head.extend(body)
         except (VMSDError, *_ENCODE_ERRORS) as e:
             raise _save_error(e, sec.idstr, sec.offset) from e

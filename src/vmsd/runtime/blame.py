@@ -12,6 +12,7 @@ error path pays for this.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,13 +44,29 @@ def _fields(spec: VmsdSpec, subsection: str | None) -> tuple[FieldSpec, ...]:
     return next(s.fields for s in spec.all_subsections() if s.name == subsection)
 
 
+def _label(f: FieldSpec) -> str:
+    """The field's name in the spec, as the generated code's error paths give it: the attribute, without
+    the underscore added to a name Python or the class needs (``load_`` is the field ``load``)."""
+    assert f.attr is not None
+    if f.attr.endswith("_") and re.sub(r"\[[0-9]+\]$", "", f.name) == f.attr[:-1]:
+        return f.attr[:-1]
+    return f.attr
+
+
+def _count_label(obj: Any, attr: str) -> str:
+    """The spec name of the field held in attribute ``attr`` (a length field: main or subsection field)."""
+    spec: VmsdSpec = obj.VMSD
+    every = [*spec.fields, *(f for s in spec.all_subsections() for f in s.fields)]
+    return next((_label(c) for c in every if c.attr == attr), attr)
+
+
 def _first_bad(obj: Any, fields: Sequence[FieldSpec], version: int) -> tuple[str, str] | None:
     for f in fields:
         if f.attr is None or f.since > version or (f.test is not None and not getattr(obj, f.test)(version)):
             continue
         value = getattr(obj, f.attr)
         if value is None and f.kind in ("scalar", "bytes"):
-            return f.attr, f"is None, but saving version {version} needs a value"
+            return _label(f), f"is None, but saving version {version} needs a value"
         problem = _check(obj, f, value)
         if problem is not None:
             return problem[0], problem[1]
@@ -57,13 +74,13 @@ def _first_bad(obj: Any, fields: Sequence[FieldSpec], version: int) -> tuple[str
 
 
 def _check(obj: Any, f: FieldSpec, value: Any) -> tuple[str, str] | None:
-    name = f.attr or f.name
+    name = _label(f)
     if f.kind == "bytes":
         n = _count(obj, f)
         if not isinstance(value, bytes | bytearray | memoryview):
             return name, f"{_show(value)} is not bytes"
         if n is not None and len(value) != n:
-            return name, f"has {_many(len(value), 'byte')}, {_fixed_or_counted(f, n)}"
+            return name, f"has {_many(len(value), 'byte')}, {_fixed_or_counted(obj, f, n)}"
         return None
     if f.kind != "scalar":
         return None  # nested objects, lists and maps name their own problems
@@ -87,7 +104,7 @@ def _check(obj: Any, f: FieldSpec, value: Any) -> tuple[str, str] | None:
     if not _sequence(value):
         return name, f"{_show(value)} is not a list of {scalar.name}"
     if n is not None and len(value) != n:
-        return name, f"has {_many(len(value), 'element')}, {_fixed_or_counted(f, n)}"
+        return name, f"has {_many(len(value), 'element')}, {_fixed_or_counted(obj, f, n)}"
     for i, x in enumerate(value):
         bad = _bad_scalar(x, scalar)
         if bad:
@@ -105,9 +122,9 @@ def _count(obj: Any, f: FieldSpec) -> int | None:
     return f.dims[0] if f.dims else None
 
 
-def _fixed_or_counted(f: FieldSpec, n: int) -> str:
+def _fixed_or_counted(obj: Any, f: FieldSpec, n: int) -> str:
     if f.count_attr is not None:
-        return f"its length field {f.count_attr} says {n}"
+        return f"its length field {_count_label(obj, f.count_attr)} says {n}"
     return f"the spec fixes {n}"
 
 

@@ -9,6 +9,22 @@ a trailer back; a number with a fraction or exponent (QEMU writes none, but a
 trailer is input) comes back as a :class:`JSONFloat` that :func:`dumps` writes
 as it was read.
 :func:`dump_vmstate` gives the static ``-dump-vmstate`` form of a class.
+
+How an array whose elements are described one by one is written changed in
+QEMU 10.0 and again later, so :func:`describe` takes the writer's rule
+(``runs`` and ``indexes``, from the peer profile of the QEMU version whose
+trailer is wanted):
+
+- before 10.0, every element of an array that cannot be compressed into one
+  ``array_len`` entry carries its ``"index"``, and a null slot of an array of
+  pointers is an empty ``"struct"``;
+- from 10.0 on (``runs``), the writer counts the elements left in the current
+  run: an element gets ``"index"`` (or a compressed run its ``"array_len"``)
+  only while more than one remain, so the last element has none; in an array
+  of pointers a change between null and non-null slots starts a new run, and
+  a null slot is a ``"nullptr"`` entry of one byte;
+- QEMU 11.1 writes runs as 10.0 does but gives no element an ``"index"``
+  (``indexes=False``): only a compressed run has its ``"array_len"``.
 """
 
 from __future__ import annotations
@@ -86,15 +102,20 @@ def _elements(value: Any, f: FieldSpec) -> list[Any]:
     return list(value)
 
 
-def describe(obj: Any, version: int | None = None) -> tuple[Obj, int]:
-    """The trailer body of ``obj`` saved at ``version`` and its size in bytes."""
+def describe(obj: Any, version: int | None = None, runs: bool = False, indexes: bool = True) -> tuple[Obj, int]:
+    """The trailer body of ``obj`` saved at ``version`` and its size in bytes.
+
+    ``runs``: describe arrays as QEMU 10.0 and later do; ``indexes=False``: without the elements'
+    ``index``, as QEMU 11.1 does (see the module's docstring).
+    """
     spec: VmsdSpec = obj.VMSD
     v = spec.version if version is None else version
-    return _body(obj, spec.name, v, spec.fields, spec.subsections)
+    return _body(obj, spec.name, v, spec.fields, spec.subsections, runs, indexes)
 
 
 def _body(
-    obj: Any, name: str, version: int, fields: tuple[FieldSpec, ...], subsections: tuple[SubsectionSpec, ...]
+    obj: Any, name: str, version: int, fields: tuple[FieldSpec, ...], subsections: tuple[SubsectionSpec, ...],
+    runs: bool, indexes: bool,
 ) -> tuple[Obj, int]:
     entries: list[Obj] = []
     total = 0
@@ -106,18 +127,13 @@ def _body(
             continue
         value = getattr(obj, f.attr) if f.attr else None
         elems = _elements(value, f) if f.attr else [None] * n
-        compress = _can_compress(f)
-        for i, elem in enumerate(elems):
-            entry, size = _entry(obj, f, elem, n, i, compress)
-            total += size
-            if not compress or i == 0:
-                entries.append(entry)
+        total += _describe_elements(obj, f, elems, n, runs, indexes, entries)
     body = Obj([("vmsd_name", name), ("version", version), ("fields", entries)])
     subs: list[Obj] = []
     for s in subsections:
         if s.needed is not None and not getattr(obj, s.needed)(version):
             continue
-        sub_body, sub_size = _body(obj, s.name, s.version, s.fields, s.subsections)
+        sub_body, sub_size = _body(obj, s.name, s.version, s.fields, s.subsections, runs, indexes)
         subs.append(sub_body)
         total += 2 + len(s.name.encode()) + 4 + sub_size
     if subs:
@@ -125,20 +141,57 @@ def _body(
     return body, total
 
 
-def _entry(obj: Any, f: FieldSpec, elem: Any, n: int, i: int, compress: bool) -> tuple[Obj, int]:
+def _describe_elements(obj: Any, f: FieldSpec, elems: list[Any], n: int, runs: bool, indexes: bool,
+                       entries: list[Obj]) -> int:
+    """Append the entries of one field's ``n`` elements as QEMU's writer does; their wire size."""
+    compress = _can_compress(f)
+    total = 0
+    if not runs:
+        for i, elem in enumerate(elems):
+            entry, size = _entry(obj, f, elem, n if n > 1 else 0, i, compress, runs, indexes)
+            total += size
+            if not compress or i == 0:
+                entries.append(entry)
+        return total
+    # vmstate_save_state_v() of QEMU 10.0: ``left`` is the number of elements the entry speaks for.
+    described = True  # whether this element still gets an entry (after a compressed one, none until a new run)
+    prev_null = False
+    for i, elem in enumerate(elems):
+        left = n - i
+        is_null = f.nullable and elem is None
+        if f.nullable and is_null != prev_null:
+            prev_null, described = is_null, True
+            left = next((j for j in range(i + 1, n) if (elems[j] is None) != is_null), n) - i
+        entry, size = _entry(obj, f, elem, left if left > 1 else 0, i, compress or is_null, runs, indexes)
+        total += size
+        if described:
+            entries.append(entry)
+            # A compressed entry stands for the rest of its run (the field's rule, not the null slot's).
+            described = not compress
+    return total
+
+
+def _entry(obj: Any, f: FieldSpec, elem: Any, n: int, i: int, compress: bool, runs: bool,
+           indexes: bool) -> tuple[Obj, int]:
+    """One element's entry; ``n`` is the count it reports (0: no ``array_len``/``index``)."""
     entry = Obj([("name", f.name)])
-    if n > 1:
-        entry.append(("array_len", n) if compress else ("index", i))
+    if n and compress:
+        entry.append(("array_len", n))
+    elif n and indexes:
+        entry.append(("index", i))
+    if f.kind == "struct" and elem is None and runs:  # QEMU 10.0's fake field for a NULL slot
+        entry.extend([("type", "nullptr"), ("size", 1)])
+        return entry, 1
     entry.append(("type", f.info))
     if f.kind == "struct":
         if elem is None:  # NULL slot of an array of pointers: QEMU's marker byte
             entry.append(("struct", Obj()))
             size = 1
         elif f.inline:
-            nested, size = describe(elem, f.struct_version)
+            nested, size = describe(elem, f.struct_version, runs, indexes)
             entry.extend(nested)
         else:
-            nested, size = describe(elem)
+            nested, size = describe(elem, None, runs, indexes)
             entry.append(("struct", nested))
     elif f.kind == "scalar":
         size = f.elem_size
@@ -152,7 +205,7 @@ def _entry(obj: Any, f: FieldSpec, elem: Any, n: int, i: int, compress: bool) ->
     elif f.kind == "list":
         size = 1
         for item in elem:
-            nested, item_size = describe(item)
+            nested, item_size = describe(item, None, runs, indexes)
             entry.extend(nested)
             size += 1 + item_size
     else:  # map: GTree
@@ -162,10 +215,10 @@ def _entry(obj: Any, f: FieldSpec, elem: Any, n: int, i: int, compress: bool) ->
             if f.key is None:
                 size += 8
             else:
-                nested, key_size = describe(key)
+                nested, key_size = describe(key, None, runs, indexes)
                 entry.extend(nested)
                 size += key_size
-            nested, item_size = describe(item)
+            nested, item_size = describe(item, None, runs, indexes)
             entry.extend(nested)
             size += item_size
     entry.append(("size", size))

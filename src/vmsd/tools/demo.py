@@ -81,7 +81,7 @@ def _qemu_round_trip() -> int:
     import shutil
 
     from vmsd.migration.stream import read_stream, write_stream
-    from vmsd.qemu.v7_2 import spec_set
+    from vmsd.qemu.versions import choose, spec_set
     from vmsd.testing.qmp import QEMU_BINARY, load_stream, save_stream
     from vmsd.tools.streams import apply_set
 
@@ -94,7 +94,9 @@ def _qemu_round_trip() -> int:
         saved = Path(tmp) / "pc.mig"
         save_stream(saved, args=["-device", "isa-serial"], run_seconds=0.5)
         data = saved.read_bytes()
-        stream = read_stream(data, spec_set())
+        chosen = choose(data)
+        print(f"   spec set: QEMU {chosen.version} (from {chosen.reason})")
+        stream = read_stream(data, spec_set(chosen.version))
         full = stream.full_sections()
         typed = [s for s in full if s.generic_body is None]
         print(f"   {len(data)} bytes, {len(stream.records)} records, {len(typed)}/{len(full)} device sections decoded by typed specs")
@@ -111,6 +113,7 @@ def _qemu_round_trip() -> int:
             q.migrate_to_file(back)
         finally:
             q.stop()
-        rtc_back = next(s for s in read_stream(back.read_bytes(), spec_set()).full_sections() if s.idstr == "mc146818rtc")
+        rtc_back = next(s for s in read_stream(back.read_bytes(), spec_set(chosen.version)).full_sections()
+                        if s.idstr == "mc146818rtc")
         print(f"   edited CMOS[0x0e] to 0x55, QEMU loaded it and saved it back as {rtc_back.payload.cmos_data[14]:#04x}")
         return 0 if same and rtc_back.payload.cmos_data[14] == 0x55 else 1

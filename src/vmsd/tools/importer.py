@@ -349,22 +349,36 @@ def _unnumbered(name: str) -> str:
     return re.sub(r"\[[0-9]+\]$", "", name)
 
 
-def _shipped_specs(root: Path | None) -> dict[Path, tuple[list[_ShippedVmsd], list[str]]]:
-    """The QEMU spec files vmsd ships under ``root`` (``qemu/X.Y/*.vmsd``): their vmsds and enum names."""
+def _shipped_specs(root: Path | None, machine: str) -> dict[Path, tuple[list[_ShippedVmsd], list[str]]]:
+    """The QEMU spec files vmsd ships under ``root`` for the dump's QEMU, with their vmsds and enum names.
+
+    That is the spec set :mod:`vmsd.qemu.versions` has for the machine type (``pc-i440fx-10.0``: 10.0's,
+    the newest not newer; the oldest for a name without a version): the files of its folder
+    ``qemu/X.Y`` and the files they import (a newer set imports the older specs it reuses).  Another
+    version's files would bring other layouts of the same vmsds into scope.
+    """
     from vmsd.grammar.diagnostics import SpecError
     from vmsd.grammar.parser import parse
+    from vmsd.qemu.versions import SPEC_SETS, machine_version, nearest
 
     out: dict[Path, tuple[list[_ShippedVmsd], list[str]]] = {}
     if root is None:
         return out
-    for path in sorted((root / "qemu").glob("*/*.vmsd")):
+    version = machine_version(machine.encode())
+    folder = root / "qemu" / (nearest(version) if version is not None else next(iter(SPEC_SETS)))
+    todo = sorted(p.resolve() for p in folder.glob("*.vmsd"))
+    while todo:
+        path = todo.pop(0)
+        if path in out:
+            continue
         try:
             spec = parse(path.read_text(encoding="utf-8"), str(path))
         except (OSError, SpecError) as exc:
             raise ImportQemuError(f"cannot read the shipped spec {path}: {exc}") from None
         vmsds = [_ShippedVmsd(v.name, v.version, v.class_name or python_class_name(v.name), _qemu_field_names(v))
                  for v in spec.vmsds]
-        out[path.resolve()] = (vmsds, [e.name for e in spec.enums])
+        out[path] = (vmsds, [e.name for e in spec.enums])
+        todo += sorted((path.parent / imp.path).resolve() for imp in spec.imports)
     return out
 
 
@@ -417,13 +431,13 @@ class _Importer:
     def __init__(self, dump_path: Path, stream_path: Path | None, shipped_root: Path | None = None) -> None:
         self.dump_path = dump_path
         self.stream_path = stream_path
-        self.shipped_files = _shipped_specs(shipped_root)
-        # (vmsd name, version, field names) -> the shipped file declaring it
+        self.machine, raw_tops = _read_dump(dump_path)
+        self.shipped_files = _shipped_specs(shipped_root, self.machine)
+        # (vmsd name, version, field names) -> the shipped file declaring it (its set's own folder first)
         self.shipped_by_layout: dict[tuple[str, int, tuple[str, ...]], Path] = {}
         for path, (vmsds, _) in self.shipped_files.items():
             for v in vmsds:
                 self.shipped_by_layout.setdefault((v.name, v.version, v.fields), path)
-        self.machine, raw_tops = _read_dump(dump_path)
         self.trailer = _Trailer(_read_trailer(stream_path) if stream_path is not None else None)
         self.canon: dict[tuple[Any, ...], _Desc] = {}
         self.decls_by_name: dict[str, list[_Desc]] = {}
@@ -1113,10 +1127,10 @@ def import_qemu(
       ... when two shared layouts have the same name) for nested layouts used
       by several files; returns the written paths, common files first.  The
       CLI prints them, one per line, and exits 0.
-    * A nested layout that vmsd ships a spec of (same vmsd name and version, in the QEMU specs of
-      :func:`vmsd.bundled.specs_dir`) is not copied: the files that use it ``import`` the shipped spec
-      file (by its absolute path), so that with ``--specs`` the shipped class and its Python side
-      decode it.  ``use_shipped=False`` copies them too.
+    * A nested layout that vmsd ships a spec of (same vmsd name, version and field names, in the QEMU
+      spec set of :func:`vmsd.bundled.specs_dir` for the dump's machine type) is not copied: the files
+      that use it ``import`` the shipped spec file (by its absolute path), so that with ``--specs`` the
+      shipped class and its Python side decode it.  ``use_shipped=False`` copies them too.
     * Every file passes ``vmsd check`` (this function checks them before
       returning).  Lines marked ``# GUESS:`` hold a type, size or count that
       was inferred; ``# TODO:`` marks predicates (``field_exists`` as

@@ -18,6 +18,7 @@ QEMU names them).
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from vmsd.migration.stream import (
 from vmsd.migration.transport import open_incoming
 from vmsd.runtime.errors import RegistryError
 from vmsd.runtime.outfile import OutputError, OutputFile
+from vmsd.tools.errors import ToolError
 
 _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 
@@ -61,13 +63,14 @@ def incoming(uri: str, output: Path | str, specs: SpecSet, timeout: float = 60.0
     try:
         with OutputFile(output, force=force, private=True, stdout=True) as out:
             return Incoming(specs=specs, multifd=multifd, blocks=blocks, mode=mode, cpr_channel=cpr_channel,
-                            commit=lambda result: write_snapshot(result, out)).run(uri, timeout)
+                            commit=lambda result: write_snapshot(result, out, specs.profile)).run(uri, timeout)
     finally:
         blocks.close()
 
 
-def write_snapshot(result: IncomingResult, out: OutputFile) -> None:
-    """One RAM pass (START with the block list, one PART, END) and the device sections, committed to ``out``.
+def write_snapshot(result: IncomingResult, out: OutputFile, profile: PeerProfile | None = None) -> None:
+    """One RAM pass (START with the block list, one PART, END) and the device sections, committed to ``out``;
+    the trailer by ``profile``'s rules (the QEMU version of the specs that decoded the sections).
 
     With x-ignore-shared (the configuration says so), the blocks the source left in place -- those no
     page record named -- get no pages here either: a destination that shares them would refuse any.
@@ -77,7 +80,7 @@ def write_snapshot(result: IncomingResult, out: OutputFile) -> None:
     context = RamContext(ignore_shared=CAP_IGNORE_SHARED in capabilities_of(conf))
     sent = [b for b in result.blocks if not context.ignore_shared or b.name in result.named_blocks]
     ram_id = result.ram_section_id
-    framing = SavevmWriter(footers=any(s.footer for s in result.sections) or not result.sections)
+    framing = SavevmWriter(footers=any(s.footer for s in result.sections) or not result.sections, profile=profile)
     f = out.file
     try:
         f.write(framing.head(conf) + framing.start(ram_id, IDSTR_RAM, RAM_SECTION_VERSION)
@@ -98,6 +101,19 @@ def write_snapshot(result: IncomingResult, out: OutputFile) -> None:
     except OSError as exc:
         raise OutputError(f"cannot write {out.path}: {exc.strerror or exc}") from None
     out.commit()
+
+
+def snapshot_specs(snapshot: Path, qemu: str | None) -> SpecSet:
+    """The spec set of QEMU ``qemu``, else of the QEMU that wrote ``snapshot`` (read through a mapping)."""
+    from vmsd.tools.streams import shipped_specs
+
+    if qemu is not None:
+        return shipped_specs(qemu)
+    try:
+        with open(snapshot, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return shipped_specs(None, data)
+    except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
+        raise ToolError(f"cannot read {snapshot}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def load_machine(snapshot: Path, specs: SpecSet) -> Machine:

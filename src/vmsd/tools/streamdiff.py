@@ -111,11 +111,29 @@ class _Child:
     value: Any
 
 
+# Entry types QEMU repeats under one name in a body that are no array's elements.
+_NOT_ELEMENTS = frozenset({"unused_buffer", "tmp"})
+
+
 def _children(body: Obj | None, values: Obj) -> dict[str, _Child]:
-    """A body's fields and subsections by name; a repeated name (QEMU's ``tmp``, ``unused``) gets ``#2``..."""
+    """A body's fields and subsections by name; a repeated name (QEMU's ``tmp``, ``unused``) gets ``#2``...
+
+    An array described element by element is ``name[i]``, numbered by its entries: QEMU 10.0 leaves
+    ``index`` off the last element of a run and off a lone null slot, 11.1 off every element
+    (vmsd.runtime.vmdesc), so an element without one is the one after the previous entry of that name,
+    and every version's elements are named as a typed object's are."""
     fields: list[Obj] = body.get("fields", []) if body is not None else []
     subs: list[Obj] = (body.get("subsections") or []) if body is not None else []
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for e in fields:
+        if e.get("type") not in _NOT_ELEMENTS:
+            name = str(e.get("name"))
+            (repeated if name in seen else seen).add(name)
+    # Arrays described element by element: a name with an index or a null slot, or repeated.
+    arrays = repeated | {str(e.get("name")) for e in fields if e.get("index") is not None or e.get("type") == "nullptr"}
     out: dict[str, _Child] = {}
+    next_index: dict[str, int] = {}  # by name: the number of its next element
     for i, (name, value) in enumerate(values):
         entry: Obj | None = None
         kind = "field"
@@ -123,6 +141,10 @@ def _children(body: Obj | None, values: Obj) -> dict[str, _Child]:
         if i < len(fields):
             entry = fields[i]
             index = entry.get("index")
+            if index is None and key in arrays:
+                index = next_index.get(key, 0)
+            if isinstance(index, int):
+                next_index[key] = index + 1
             if index is not None:
                 key += f"[{index}]"
         elif i - len(fields) < len(subs):

@@ -1,4 +1,4 @@
-"""What ``vmsd inspect``, ``vmsd rewrite`` and ``vmsd diff`` do with streams."""
+"""What ``vmsd inspect`` and ``vmsd rewrite`` do with streams (``vmsd diff``: streamdiff), and the specs they use."""
 
 from __future__ import annotations
 
@@ -30,11 +30,21 @@ from vmsd.runtime.vmstate import VMStateObject
 from vmsd.tools.errors import ToolError
 
 
-def load_specs(specs_dir: Path | None) -> SpecSet:
-    """The shipped QEMU 7.2 specs, overridden by the .vmsd files of ``specs_dir``."""
-    from vmsd.qemu.v7_2 import spec_set
+def shipped_specs(qemu: str | None, data: Any = None) -> SpecSet:
+    """The shipped spec set of QEMU ``qemu`` (``--qemu``), else of the QEMU that wrote the stream
+    ``data`` (bytes or a mapping of a file; see :mod:`vmsd.qemu.versions`), else the oldest."""
+    from vmsd.qemu import versions
 
-    shipped = spec_set()
+    if qemu is None:
+        qemu = versions.choose(data).version if data is not None else next(iter(versions.SPEC_SETS))
+    try:
+        return versions.spec_set(qemu)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+
+
+def load_specs(specs_dir: Path | None, shipped: SpecSet) -> SpecSet:
+    """The ``shipped`` spec set, overridden by the .vmsd files of ``specs_dir``."""
     if specs_dir is None:
         return shipped
     from vmsd.bundled import specs_dir as bundled_specs
@@ -382,4 +392,5 @@ def rewrite(data: bytes, specs: SpecSet, sets: list[str]) -> bytes:
     return write_stream(stream)
 
 
-__all__ = ["apply_set", "load_specs", "read_input", "rewrite", "stream_json", "stream_tree", "tree_lines", "write_json"]
+__all__ = ["apply_set", "load_specs", "read_input", "rewrite", "shipped_specs", "stream_json", "stream_tree",
+           "tree_lines", "write_json"]

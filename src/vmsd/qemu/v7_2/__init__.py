@@ -14,6 +14,7 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+from vmsd.migration.profile import PROFILES
 from vmsd.migration.stream import SpecSet
 from vmsd.runtime.errors import MalformedStream, TruncatedStream
 from vmsd.runtime.io import Reader
@@ -44,7 +45,7 @@ def spec_set() -> SpecSet:
         importlib.import_module("vmsd.qemu.v7_2.extents")
     except ModuleNotFoundError:
         pass
-    return SpecSet.from_package("vmsd.generated.qemu.v7_2", on_import=_implement)
+    return SpecSet.from_package("vmsd.generated.qemu.v7_2", on_import=implement, profile=PROFILES["7.2"])
 
 
 def all_modules() -> list[Any]:
@@ -54,9 +55,12 @@ def all_modules() -> list[Any]:
     return [importlib.import_module(m.name) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
 
 
-def _implement(module: Any) -> None:
-    """Register this file's implementations for the classes ``module`` declares."""
-    registrar = _REGISTRARS.get(module.__name__.rsplit(".", 1)[-1])
+def implement(module: Any) -> None:
+    """Register this file's implementations for the classes ``module`` declares.
+
+    Also run by newer spec sets for the 7.2 modules they reuse (their imports).
+    """
+    registrar = REGISTRARS.get(module.__name__.rsplit(".", 1)[-1])
     if registrar is not None:
         registrar(module)
 
@@ -224,7 +228,8 @@ def _register_ich9_smb(module: Any) -> None:
             return True  # false only for pc-q35-3.1 and older
 
 
-_REGISTRARS: dict[str, Callable[[Any], None]] = {
+# By generated module name; newer spec sets reuse some for their own versions of these modules.
+REGISTRARS: dict[str, Callable[[Any], None]] = {
     "piix4_pm": _register_piix4_pm,
     "ich9_smb": _register_ich9_smb,
     "configuration": _register_configuration,

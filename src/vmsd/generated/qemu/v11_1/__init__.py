@@ -4,5 +4,6 @@
 
 VMSDS: dict[str, tuple[str, ...]] = {
     'CprState': ('cpr',),
+    'cpr fd': ('.v10_0.cpr_fd',),
     'cpr vfio device': ('cpr',),
 }

@@ -1,0 +1,149 @@
+"""The shipped QEMU spec sets by version, and which one a stream was written by.
+
+A QEMU version's spec set lives in ``vmsd.qemu.vX_Y`` (its ``spec_set()``);
+:data:`SPEC_SETS` lists them, oldest first.  A stream says which to use in
+two ways, both read without decoding any section:
+
+- its machine type (the configuration record, ``pc-i440fx-10.0``): QEMU
+  knows no machine type newer than itself, so the writer is at least that
+  version (``pc``/``q35`` aliases are resolved before they are saved);
+- its JSON trailer, written by the QEMU that saved the stream: how it
+  describes arrays (the profile's ``vmdesc_array_runs``) and the field names
+  of the vmsds a set has specs for (``num_timers`` or ``num_timers_save``).
+
+:func:`choose` keeps the sets the machine type allows, drops those whose
+array rule the trailer contradicts, and takes the one whose specs name the
+trailer's fields best; on a tie, the oldest (the machine type's own version
+when it has a set).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import struct
+from typing import Any
+
+import attrs
+
+from vmsd.migration.stream import QEMU_VM_CONFIGURATION, QEMU_VM_FILE_MAGIC, SpecSet, find_trailer
+from vmsd.runtime.vmdesc import Obj
+
+# Version -> module with ``spec_set()``; oldest first.
+SPEC_SETS: dict[str, str] = {
+    "7.2": "vmsd.qemu.v7_2",
+    "10.0": "vmsd.qemu.v10_0",
+}
+
+_MACHINE_VERSION = re.compile(rb"-(\d+)\.(\d+)$")
+
+
+def _key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+def spec_set(version: str) -> SpecSet:
+    """The shipped spec set of QEMU ``version``; ValueError naming the known versions otherwise."""
+    module = SPEC_SETS.get(version)
+    if module is None:
+        raise ValueError(f"no spec set for QEMU '{version}' (known: {', '.join(SPEC_SETS)})")
+    found: SpecSet = importlib.import_module(module).spec_set()
+    return found
+
+
+def nearest(version: str) -> str:
+    """The newest version with a spec set that is not newer than ``version`` (else the oldest): the set
+    for a peer named by version (a live stream cannot be looked at before it is decoded)."""
+    older = [v for v in SPEC_SETS if _key(v) <= _key(version)]
+    return older[-1] if older else next(iter(SPEC_SETS))
+
+
+@attrs.frozen
+class Choice:
+    version: str
+    reason: str  # what in the stream decided it, for messages
+
+
+def machine_type(data: bytes) -> bytes | None:
+    """The machine type named by the stream's configuration record, if it has one."""
+    if len(data) < 13 or struct.unpack_from(">I", data)[0] != QEMU_VM_FILE_MAGIC or data[8] != QEMU_VM_CONFIGURATION:
+        return None
+    n = struct.unpack_from(">I", data, 9)[0]
+    name = data[13 : 13 + n]
+    return name if len(name) == n else None
+
+
+def machine_version(name: bytes | None) -> str | None:
+    """``pc-q35-10.0`` -> ``10.0``; None for a name without a version."""
+    m = _MACHINE_VERSION.search(name or b"")
+    return f"{int(m.group(1))}.{int(m.group(2))}" if m else None
+
+
+def array_runs(trailer: Obj) -> bool | None:
+    """Whether the trailer describes element-wise arrays as QEMU 10.0 does (True: no index on the last
+    element), as before (False: an index on each), or None when it has no such array."""
+    found: set[bool] = set()
+
+    def body(desc: Obj) -> None:
+        fields = desc.get("fields")
+        entries = [e for e in fields if isinstance(e, Obj)] if isinstance(fields, list) else []
+        for i, e in enumerate(entries):
+            if e.get("index") == 0:
+                # QEMU numbers repeated field names, so the entries named alike are this array's.
+                rest = [x for x in entries[i + 1 :] if x.get("name") == e.get("name")]
+                found.add(any(x.get("index") is None for x in rest))
+            inner = e.get("struct")
+            body(inner if isinstance(inner, Obj) else e)  # a vstruct's body sits in its entry
+        subs = desc.get("subsections")
+        for s in subs if isinstance(subs, list) else []:
+            if isinstance(s, Obj):
+                body(s)
+
+    devices = trailer.get("devices")
+    for d in devices if isinstance(devices, list) else []:
+        if isinstance(d, Obj):
+            body(d)
+    return found.pop() if len(found) == 1 else None
+
+
+def _misnamed(specs: SpecSet, trailer: Obj) -> int:
+    """How many top-level field names in the trailer's devices the set's specs of those vmsds lack."""
+    count = 0
+    devices = trailer.get("devices")
+    for d in devices if isinstance(devices, list) else []:
+        if not isinstance(d, Obj) or not isinstance(d.get("vmsd_name"), str):
+            continue
+        cls: Any = specs.get(d.get("vmsd_name"))
+        fields = d.get("fields")
+        if cls is None or not isinstance(fields, list):
+            continue
+        known = {f.name for f in cls.VMSD.fields}
+        count += sum(1 for f in fields if isinstance(f, Obj) and f.get("name") not in known)
+    return count
+
+
+def choose(data: bytes) -> Choice:
+    """The version whose spec set fits the stream ``data`` best (see the module's docstring)."""
+    versions = list(SPEC_SETS)
+    name = machine_type(data)
+    floor = machine_version(name)
+    why = []
+    if floor is not None:
+        newer = [v for v in versions if _key(v) >= _key(floor)]
+        versions = newer or versions[-1:]
+        why.append(f"machine type {name.decode(errors='replace')}" if name else "")
+    found = find_trailer(data)
+    if found is not None and len(versions) > 1:
+        trailer = found[1]
+        runs = array_runs(trailer)
+        if runs is not None:
+            fitting = [v for v in versions if spec_set(v).profile is not None
+                       and spec_set(v).profile.vmdesc_array_runs == runs]  # type: ignore[union-attr]
+            versions = fitting or versions
+        if len(versions) > 1:
+            scores = {v: _misnamed(spec_set(v), trailer) for v in versions}
+            best = min(scores.values())
+            versions = [v for v in versions if scores[v] == best]
+        why.append("the trailer")
+    reason = " and ".join(w for w in why if w) or "nothing in the stream (the oldest set)"
+    return Choice(versions[0], reason)
