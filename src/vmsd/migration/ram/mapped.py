@@ -31,6 +31,7 @@ import stat
 import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import attrs
 import numpy as np
@@ -238,11 +239,11 @@ def skip_to(r: Reader, target: int, what: str) -> None:
 
 
 def load_block(r: Reader, header: MappedRamHeader, used_length: int, fill: Callable[[Reader, int, int], None],
-               file_offset: int = 0) -> int:
+               file_offset: int = 0) -> BoolArray:
     """Read a block's bitmap from ``r``, then its present pages, each run in pieces of at most 1 MiB handed
     to ``fill(r, offset in the block, length)`` to read into RAM (forward only), and leave ``r`` where the
     stream goes on.  Absent pages are not touched (QEMU's destination leaves them as they are: zero in
-    fresh RAM).  Returns the number of pages read."""
+    fresh RAM).  Returns which pages were read."""
     npages = used_length // PAGE_SIZE
     skip_to(r, header.bitmap_offset - file_offset, "the bitmap")
     present = decode_bitmap(r.read(bitmap_size(npages)), npages)
@@ -256,7 +257,7 @@ def load_block(r: Reader, header: MappedRamHeader, used_length: int, fill: Calla
             fill(r, at, n)
             at += n
     skip_to(r, header.end(used_length) - file_offset, "the next block")
-    return int(present.sum())
+    return present
 
 
 # -- a source: pages from RAM into the file -------------------------------------------------------------------------------
@@ -264,12 +265,13 @@ class MappedRamFile:
     """The pages of a mapped-ram stream being written: every block's place in the file, the pages written so
     far, and the bitmaps written at the end (QEMU's ``file_bmap``).
 
-    ``fd`` is the file (a regular file: pages go where they belong with ``pwritev``); pages may be written
-    from several threads.  A page written earlier that is zero now has its bit cleared and its old bytes
-    left in the file, as QEMU does.
+    ``fd`` is the file (a regular file: pages go where they belong with ``pwritev``).  With ``workers`` > 1
+    (QEMU's multifd channels) runs of pages are written by that many threads; :meth:`drain` waits for them,
+    and must come between two writes of the same page (a pass ends) and before :meth:`finish`.  A page
+    written earlier that is zero now has its bit cleared and its old bytes left in the file, as QEMU does.
     """
 
-    def __init__(self, fd: int, name: str = "file") -> None:
+    def __init__(self, fd: int, name: str = "file", workers: int = 1) -> None:
         try:
             mode = os.fstat(fd).st_mode
         except OSError as e:
@@ -279,45 +281,85 @@ class MappedRamFile:
         self.fd = fd
         self.name = name
         self.headers: dict[str, MappedRamHeader] = {}
+        self.bytes_written = 0  # pages and bitmaps
         self._present: dict[str, BoolArray] = {}
         self._lock = threading.Lock()
+        self._workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mapped-ram") if workers > 1 else None
+        self._pending: list[Future[int]] = []
 
-    def place(self, name: str, used_length: int, at: int) -> MappedRamHeader:
-        """The header of block ``name`` whose header starts at file offset ``at`` (QEMU's layout)."""
-        header = MappedRamHeader.layout(at, used_length)
-        self.headers[name] = header
-        self._present[name] = np.zeros(used_length // PAGE_SIZE, dtype=np.bool_)
-        return header
+    def write_block_list(self, head: bytes, entries: list[tuple[str, int, bytes]]) -> int:
+        """At the file's position: ``head`` (the MEM_SIZE word), then for each block (name, used length,
+        its entry in the list) the entry and its header, and a jump past the block's place in the file, as
+        QEMU's ``ram_save_setup`` writes them.  Returns the bytes written."""
+        try:
+            pos = os.lseek(self.fd, 0, os.SEEK_CUR)
+            out = bytearray(head)
+            total = 0
+            for name, used_length, entry in entries:
+                out += entry
+                header = MappedRamHeader.layout(pos + len(out), used_length)
+                self.headers[name] = header
+                self._present[name] = np.zeros(used_length // PAGE_SIZE, dtype=np.bool_)
+                out += header.encode()
+                view = memoryview(out)
+                while view:
+                    view = view[os.write(self.fd, view):]
+                total += len(out)
+                pos = os.lseek(self.fd, header.end(used_length), os.SEEK_SET)
+                out = bytearray()
+        except OSError as e:
+            raise VMSDError(f"{self.name}: cannot write the RAM block list: {e.strerror}") from None
+        return total
 
-    def write_pages(self, name: str, address: int, pages: npt.NDArray[np.int64], zero: BoolArray,
-                    keep: object) -> int:
-        """Write the non-zero ``pages`` of block ``name`` (ascending) from memory at ``address`` (the
-        block's mapping, kept alive by ``keep``) to their places, one ``pwritev`` per contiguous run; mark
-        zero ones absent.  Returns the bytes written."""
+    def submit(self, name: str, address: int, pages: npt.NDArray[np.int64], zero: BoolArray, keep: object) -> None:
+        """Write the non-zero ``pages`` of block ``name`` (ascending) from memory at ``address`` (the block's
+        mapping, kept alive by ``keep``) to their places; mark the zero ones absent."""
+        if self._pool is None:
+            self.bytes_written += self._write(name, address, pages, zero, keep)
+            return
+        self._pending.append(self._pool.submit(self._write, name, address, pages, zero, keep))
+        while len(self._pending) > 2 * self._workers:  # at most two batches per thread wait
+            self.bytes_written += self._pending.pop(0).result()
+
+    def drain(self) -> None:
+        """Wait until every submitted page is written; raise the first failure."""
+        pending, self._pending = self._pending, []
+        error: BaseException | None = None
+        for f in pending:
+            try:
+                self.bytes_written += f.result()
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
+
+    def _write(self, name: str, address: int, pages: npt.NDArray[np.int64], zero: BoolArray, keep: object) -> int:
         header = self.headers[name]
-        present = self._present[name]
         normal = pages[~zero]
         written = 0
         if normal.size:
             breaks = np.flatnonzero(np.diff(normal) != 1) + 1
-            starts = np.concatenate(([0], breaks))
-            stops = np.concatenate((breaks, [normal.size]))
-            for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
-                first, n = int(normal[a]), b - a
+            starts = np.concatenate(([0], breaks)).tolist()
+            stops = np.concatenate((breaks, [normal.size])).tolist()
+            for a, b in zip(starts, stops, strict=True):
+                first, n = int(normal[a]), int(b - a)
                 iov = np.array([[address + first * PAGE_SIZE, n * PAGE_SIZE]], dtype=np.uint64)
                 try:
                     write_scattered(self.fd, Scattered(iov, (keep,)), header.pages_offset + first * PAGE_SIZE)
                 except OSError as e:
-                    what = "file is full" if e.errno == errno.ENOSPC else e.strerror
+                    what = "the file system is full" if e.errno == errno.ENOSPC else e.strerror
                     raise VMSDError(f"{self.name}: cannot write pages of RAM block '{name}': {what}") from None
                 written += n * PAGE_SIZE
         with self._lock:
+            present = self._present[name]
             present[normal] = True
             present[pages[zero]] = False
         return written
 
     def finish(self) -> int:
-        """Write every block's bitmap at its place; returns the bytes written."""
+        """Wait for the pages, then write every block's bitmap at its place; returns the bitmaps' bytes."""
+        self.drain()
         total = 0
         for name, header in self.headers.items():
             data = encode_bitmap(self._present[name])
@@ -329,4 +371,10 @@ class MappedRamFile:
                 raise VMSDError(f"{self.name}: cannot write the bitmap of RAM block '{name}': {e.strerror}") \
                     from None
             total += len(data)
+        self.bytes_written += total
         return total
+
+    def close(self) -> None:
+        """Stop the writer threads (after the writes under way)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
