@@ -214,8 +214,8 @@ class Reader:
                     os.lseek(fd, n, os.SEEK_CUR)
                     self._base += n
                     return
-            except OSError:
-                pass  # not seekable after all: read over it
+            except (OSError, OverflowError):
+                pass  # not seekable after all, or past what a file can hold: read over it (until it ends)
         while n:
             if not self._more(n):
                 raise TruncatedStream(f"expected {n} more bytes to skip, stream ended", offset=self.tell())

@@ -135,9 +135,24 @@ def read_header(r: Reader, name: str, used_length: int, file_offset: int = 0) ->
     the reader's byte 0 is in the file (``file:PATH,offset=N``), since the header's offsets are the file's."""
     at = r.tell() + file_offset
     header = MappedRamHeader.decode(r.read(HEADER_SIZE))
-    remaining = r.remaining()
-    header.check(name, used_length, at, None if remaining is None else r.tell() + file_offset + remaining)
+    header.check(name, used_length, at, _file_size(r, file_offset))
     return header
+
+
+def _file_size(r: Reader, file_offset: int) -> int | None:
+    """How long the file behind ``r`` is, in file offsets: known for memory input and for a regular file."""
+    remaining = r.remaining()
+    if remaining is not None:
+        return r.tell() + file_offset + remaining
+    fileno = getattr(r.source, "fileno", None)
+    if fileno is None:
+        return None
+    try:
+        fd = int(fileno())
+        st = os.fstat(fd) if fd >= 0 else None
+    except OSError:
+        return None
+    return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
 
 
 @attrs.define(eq=False)
