@@ -162,3 +162,155 @@ def test_vmsd_outgoing_cpr_transfer_to_qemu_11_1(qemu11: Peer, tmp_path: Path) -
         assert _memfd_contents(dst.proc.pid, "memfd:vmsd:ram0") == want["ram0"]  # the memfd vmsd made
         dst.qmp.cmd("cont")
         assert dst.qmp.cmd("query-status")["status"] == "running"
+
+
+def _memfd_inode(pid: int, marker: str = "memfd:memory-backend-memfd") -> int:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if marker in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                return os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+        except OSError:
+            continue
+    raise AssertionError(f"QEMU {pid} has no descriptor of {marker}")
+
+
+def _field(q: Qemu, tmp_path: Path, section: str, field: str) -> object:
+    """A field of ``section`` in the state ``q`` saves now (read back with vmsd)."""
+    from vmsd.migration.stream import read_stream
+
+    out = tmp_path / f"check-{q.proc.pid}.mig"
+    q.qmp.cmd("migrate", uri=f"file:{out}")
+    _wait(q, "completed")
+    stream = read_stream(out.read_bytes(), spec_set())
+    sec = next(s for s in stream.sections() if s.idstr == section)
+    return getattr(sec.payload, field)
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["as-is", "with-set"])
+def test_relay_between_two_qemu_11_1(qemu11: Peer, tmp_path: Path, edit: bool) -> None:
+    """old QEMU -> vmsd relay -> new QEMU: the memfds pass through unread (one memory, never copied), the device
+    state is decoded and, with --set, edited on the way; the new QEMU runs the guest."""
+    a, main_a, b, main_b = (tmp_path / n for n in ("a.sock", "main-a.sock", "b.sock", "main-b.sock"))
+    channel_b = json.dumps({"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(b)}})
+    started: list[Qemu | BaseException] = []
+
+    def start_new() -> None:
+        try:
+            started.append(qemu11.start([*_ram_args(), "-incoming", channel_b], memory="64M",
+                                        incoming=f"unix:{main_b}"))
+        except BaseException as e:
+            started.append(e)
+
+    with qemu11.start(_ram_args(), memory="64M") as old:
+        old.qmp.cmd("cont")
+        time.sleep(0.3)
+        t = threading.Thread(target=start_new, daemon=True)
+        t.start()
+        _wait_path(b)
+        sets = ["--set", "mc146818rtc.cmos_data[14]=0x55"] if edit else []
+        relay = subprocess.Popen([*CLI, "relay", "--mode", "cpr-transfer", "--from-cpr", f"unix:{a}",
+                                  "--from", f"unix:{main_a}", "--to-cpr", f"unix:{b}", "--to", f"unix:{main_b}",
+                                  "--peer-version", "11.1", "--timeout", str(TIMEOUT), *sets],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_path(a, relay)
+            old.qmp.cmd("migrate-set-parameters", mode="cpr-transfer")
+            old.qmp.cmd("migrate", channels=[
+                {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": str(main_a)}},
+                {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(a)}}])
+            _wait(old, "completed")
+            out, err = relay.communicate(timeout=TIMEOUT)
+        finally:
+            if relay.poll() is None:
+                relay.kill()
+                relay.wait()
+        assert relay.returncode == 0, err
+        assert "passed" in out and ("edited" in out) == edit
+        t.join(TIMEOUT)
+        new = started[0]
+        assert isinstance(new, Qemu), new
+        with new:
+            deadline = time.monotonic() + TIMEOUT
+            while new.qmp.cmd("query-migrate").get("status") != "completed":
+                assert time.monotonic() < deadline, new.output()
+                time.sleep(0.02)
+            # The very same memory object in both processes: nothing was copied.
+            assert _memfd_inode(new.proc.pid) == _memfd_inode(old.proc.pid)
+            new.qmp.cmd("cont")
+            assert new.qmp.cmd("query-status")["status"] == "running"
+            cmos = _field(new, tmp_path, "mc146818rtc", "cmos_data")
+            assert isinstance(cmos, bytes) and (cmos[14] == 0x55) == edit
+
+
+def test_relay_when_the_new_qemu_is_missing_leaves_the_old_one_running(qemu11: Peer, tmp_path: Path) -> None:
+    a, main_a, b, main_b = (tmp_path / n for n in ("a.sock", "main-a.sock", "b.sock", "main-b.sock"))
+    with qemu11.start(_ram_args(), memory="64M") as old:
+        old.qmp.cmd("cont")
+        relay = subprocess.Popen([*CLI, "relay", "--mode", "cpr-transfer", "--from-cpr", f"unix:{a}",
+                                  "--from", f"unix:{main_a}", "--to-cpr", f"unix:{b}", "--to", f"unix:{main_b}",
+                                  "--timeout", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_path(a, relay)
+        old.qmp.cmd("migrate-set-parameters", mode="cpr-transfer")
+        old.qmp.cmd("migrate", channels=[
+            {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": str(main_a)}},
+            {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(a)}}])
+        _, err = relay.communicate(timeout=TIMEOUT)
+        # Progress lines, then one error line naming the new side's socket; no traceback.
+        last = err.strip().splitlines()[-1]
+        assert relay.returncode == 1 and "Traceback" not in err, err
+        assert last.startswith("vmsd relay: error:") and str(b) in last, err
+        deadline = time.monotonic() + TIMEOUT
+        while old.qmp.cmd("query-migrate").get("status") not in ("failed", "cancelled"):
+            assert time.monotonic() < deadline, old.qmp.cmd("query-migrate")
+            time.sleep(0.02)
+        assert old.qmp.cmd("query-status")["status"] == "running"
+
+
+def test_qemu_11_1_cpr_exec_through_vmsd_cpr_exec_wrap(qemu11: Peer, tmp_path: Path) -> None:
+    """QEMU's cpr-exec-command is `vmsd cpr-exec-wrap --set ... -- QEMU ...`: same PID, the edit lands in the
+    state the new QEMU loads, RAM stays in its memfd, the guest runs on."""
+    from vmsd.testing.qmp import QMP
+
+    wrapper = qemu11.cmd[0]
+    qmp_path, state = tmp_path / "qmp.sock", tmp_path / "vm.state"
+    args = ["-M", "pc,acpi=off,memory-backend=ram0,aux-ram-share=on", "-m", "64M", "-nodefaults",
+            "-display", "none", "-serial", "none",
+            "-object", f"memory-backend-memfd,id=ram0,size={MEM},share=on",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    log_path = tmp_path / "qemu.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([wrapper, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        qmp = QMP(str(qmp_path), timeout=TIMEOUT)
+        inode = _memfd_inode(proc.pid)
+        qmp.cmd("migrate-set-parameters", **{"mode": "cpr-exec", "cpr-exec-command": [
+            *CLI, "cpr-exec-wrap", "--set", "mc146818rtc.cmos_data[14]=0x55", "--",
+            wrapper, *args, "-incoming", f"file:{state}"]})
+        qmp_path.unlink()  # the new QEMU listens there again
+        qmp.cmd("migrate", uri=f"file:{state}")
+        qmp.close()
+        deadline = time.monotonic() + TIMEOUT
+        while not qmp_path.exists():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the new QEMU never listened: " + log_path.read_text()
+            time.sleep(0.05)
+        qmp = QMP(str(qmp_path), timeout=TIMEOUT)
+        while (status := qmp.cmd("query-migrate").get("status")) not in ("completed", "failed"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        text = log_path.read_text(errors="replace")
+        assert status == "completed", text
+        assert "vmsd cpr-exec-wrap: CPR state holds" in text and "edited mc146818rtc.cmos_data[14]=0x55" in text
+        assert _memfd_inode(proc.pid) == inode  # the same process and the same guest memory
+        from vmsd.migration.stream import read_stream
+        sec = next(s for s in read_stream(state.read_bytes(), spec_set()).sections() if s.idstr == "mc146818rtc")
+        assert sec.payload.cmos_data[14] == 0x55
+        qmp.cmd("cont")
+        assert qmp.cmd("query-status")["status"] == "running"
+        qmp.cmd("quit")
+        qmp.close()
+        proc.wait(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
