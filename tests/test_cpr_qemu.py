@@ -77,8 +77,15 @@ def qemu11() -> Peer:
     return Peer.fetched("11.1")
 
 
-def test_qemu_11_1_cpr_transfer_into_vmsd_incoming(qemu11: Peer, tmp_path: Path) -> None:
-    """QEMU hands its memfds to `vmsd incoming`, which writes a snapshot from them; QEMU 11.1 loads it."""
+@pytest.fixture(scope="module", params=["10.0", "11.1"])
+def cpr_peer(request: pytest.FixtureRequest) -> Peer:
+    """A QEMU with cpr-transfer: 10.0 writes the CPR state without the VFIO subsection, 11.1 with it."""
+    return Peer.fetched(request.param)
+
+
+def test_qemu_cpr_transfer_into_vmsd_incoming(cpr_peer: Peer, tmp_path: Path) -> None:
+    """QEMU hands its memfds to `vmsd incoming`, which writes a snapshot from them; the same QEMU loads it."""
+    qemu11 = cpr_peer
     main, cpr, snap = tmp_path / "main.sock", tmp_path / "cpr.sock", tmp_path / "vm.mig"
     with qemu11.start(_ram_args(), memory="64M") as src:
         src.qmp.cmd("cont")
@@ -122,8 +129,10 @@ def test_qemu_11_1_cpr_transfer_into_vmsd_incoming(qemu11: Peer, tmp_path: Path)
         shm.unlink(missing_ok=True)
 
 
-def test_vmsd_outgoing_cpr_transfer_to_qemu_11_1(qemu11: Peer, tmp_path: Path) -> None:
-    """`vmsd outgoing --mode cpr-transfer` hands a snapshot's RAM to a new QEMU 11.1 as memfds."""
+def test_vmsd_outgoing_cpr_transfer_to_qemu(cpr_peer: Peer, tmp_path: Path) -> None:
+    """`vmsd outgoing --mode cpr-transfer` hands a snapshot's RAM to a new QEMU as memfds (in its version's
+    layout of the CPR state)."""
+    qemu11 = cpr_peer
     snap, main, cpr = tmp_path / "vm.mig", tmp_path / "main.sock", tmp_path / "cpr.sock"
     with qemu11.start(_ram_args(), memory="64M") as src:
         src.qmp.cmd("cont")
@@ -148,7 +157,8 @@ def test_vmsd_outgoing_cpr_transfer_to_qemu_11_1(qemu11: Peer, tmp_path: Path) -
     t.start()
     _wait_path(cpr)
     proc = subprocess.run([*CLI, "outgoing", str(snap), f"unix:{main}", "--mode", "cpr-transfer",
-                           "--cpr-channel", f"unix:{cpr}", "--peer-version", "11.1", "--timeout", str(TIMEOUT)],
+                           "--cpr-channel", f"unix:{cpr}", "--peer-version", qemu11.version,
+                           "--timeout", str(TIMEOUT)],
                           capture_output=True, text=True, timeout=120, check=False)
     t.join(TIMEOUT)
     dst = started[0]
@@ -186,10 +196,14 @@ def _field(q: Qemu, tmp_path: Path, section: str, field: str) -> object:
     return getattr(sec.payload, field)
 
 
-@pytest.mark.parametrize("edit", [False, True], ids=["as-is", "with-set"])
-def test_relay_between_two_qemu_11_1(qemu11: Peer, tmp_path: Path, edit: bool) -> None:
-    """old QEMU -> vmsd relay -> new QEMU: the memfds pass through unread (one memory, never copied), the device
-    state is decoded and, with --set, edited on the way; the new QEMU runs the guest."""
+@pytest.mark.parametrize(("old_version", "edit"), [("11.1", False), ("11.1", True), ("10.0", True)],
+                         ids=["11.1-as-is", "11.1-with-set", "upgrade-10.0-to-11.1-with-set"])
+def test_relay_between_two_qemus(qemu11: Peer, tmp_path: Path, old_version: str, edit: bool) -> None:
+    """old QEMU -> vmsd relay -> new QEMU 11.1: the memfds pass through unread (one memory, never copied), the
+    device state is decoded and, with --set, edited on the way; the new QEMU runs the guest.  From 10.0 this is
+    an upgrade: the relay rewrites the CPR state in 11.1's layout, the new QEMU runs 10.0's machine type."""
+    old_peer = qemu11 if old_version == "11.1" else Peer.fetched(old_version)
+    new_machine = None if old_version == "11.1" else f"pc-i440fx-{old_version}"
     a, main_a, b, main_b = (tmp_path / n for n in ("a.sock", "main-a.sock", "b.sock", "main-b.sock"))
     channel_b = json.dumps({"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(b)}})
     started: list[Qemu | BaseException] = []
@@ -197,11 +211,11 @@ def test_relay_between_two_qemu_11_1(qemu11: Peer, tmp_path: Path, edit: bool) -
     def start_new() -> None:
         try:
             started.append(qemu11.start([*_ram_args(), "-incoming", channel_b], memory="64M",
-                                        incoming=f"unix:{main_b}"))
+                                        incoming=f"unix:{main_b}", machine=new_machine))
         except BaseException as e:
             started.append(e)
 
-    with qemu11.start(_ram_args(), memory="64M") as old:
+    with old_peer.start(_ram_args(), memory="64M") as old:
         old.qmp.cmd("cont")
         time.sleep(0.3)
         t = threading.Thread(target=start_new, daemon=True)
