@@ -328,3 +328,39 @@ def test_qemu_11_1_cpr_exec_through_vmsd_cpr_exec_wrap(qemu11: Peer, tmp_path: P
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_qemu_cpr_transfer_into_a_vmsd_that_fails_keeps_the_old_qemu_running(qemu11: Peer, tmp_path: Path) -> None:
+    """A new side that fails after the old QEMU stopped (here: more RAM announced than --max-ram) answers
+    the return path with failure: the old QEMU fails its migration and runs on, its RAM untouched."""
+    main, cpr, snap = tmp_path / "main.sock", tmp_path / "cpr.sock", tmp_path / "vm.mig"
+    with qemu11.start(_ram_args(), memory="64M") as src:
+        src.qmp.cmd("cont")
+        time.sleep(0.3)
+        src.qmp.cmd("stop")  # the guest must not change RAM between the two reads
+        before = _memfd_contents(src.proc.pid)
+        vmsd = subprocess.Popen([*CLI, "incoming", f"unix:{main}", "-o", str(snap), "--mode", "cpr-transfer",
+                                 "--cpr-channel", f"unix:{cpr}", "--max-ram", "1M", "--timeout", str(TIMEOUT)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_path(cpr, vmsd)
+            src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+            src.qmp.cmd("migrate-set-parameters", mode="cpr-transfer")
+            src.qmp.cmd("migrate", channels=[
+                {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": str(main)}},
+                {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(cpr)}}])
+            _, err = vmsd.communicate(timeout=TIMEOUT)
+        finally:
+            if vmsd.poll() is None:
+                vmsd.kill()
+                vmsd.wait()
+        assert vmsd.returncode == 1 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("vmsd incoming: error:") and "RAM" in err, err
+        deadline = time.monotonic() + TIMEOUT
+        while (status := src.qmp.cmd("query-migrate").get("status")) != "failed":
+            assert status != "completed" and time.monotonic() < deadline, status
+            time.sleep(0.02)
+        assert not snap.exists()
+        assert _memfd_contents(src.proc.pid) == before
+        src.qmp.cmd("cont")
+        assert src.qmp.cmd("query-status")["status"] == "running"
