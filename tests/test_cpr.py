@@ -403,3 +403,36 @@ def test_adopted_ram_refuses_a_missing_or_wrong_descriptor() -> None:
         adopt("pc.ram", 4096)
     assert state.entries == []  # both were taken, and closed when refused
     os.close(w)
+
+
+def test_cpr_exec_wrap_starts_qemu_unchanged_whatever_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrapper may report and edit, but it never keeps QEMU from starting with what the old QEMU left."""
+    import io
+
+    from vmsd.qemu.v7_2 import spec_set
+    from vmsd.tools.cpr import cpr_exec_wrap
+
+    stream = tmp_path / "main.mig"
+    stream.write_bytes(b"QEVM\0\0\0\x03garbage")
+    argv = ["qemu-system-x86_64", "-incoming", f"file:{stream}"]
+    calls: list[tuple[str, list[str]]] = []
+    fd = os.memfd_create("state", os.MFD_CLOEXEC)
+    try:
+        w = Writer()
+        write_state(w, [CprEntry("pc.ram", 0, 77)], PEER)
+        os.write(fd, w.getvalue())
+        for env, sets in ((None, []), ("x", []), (str(fd), ["rtc.nope=1"]), (str(fd), [])):
+            if env is None:
+                monkeypatch.delenv(cpr_exec.ENV, raising=False)
+            else:
+                monkeypatch.setenv(cpr_exec.ENV, env)
+            err = io.StringIO()
+            cpr_exec_wrap(argv, spec_set(), sets, err, execvp=lambda f, a: calls.append((f, a)))
+            assert calls[-1] == (argv[0], argv)
+            assert "starting QEMU" in err.getvalue() and "Traceback" not in err.getvalue()
+        assert "pc.ram (fd 77)" in err.getvalue()  # the state was reported before the stream failed
+        assert stream.read_bytes() == b"QEVM\0\0\0\x03garbage"  # and nothing was written
+        assert os.environ[cpr_exec.ENV] == str(fd)  # left for QEMU
+        assert os.pread(fd, 4, 0) == b"QCPR"
+    finally:
+        os.close(fd)
