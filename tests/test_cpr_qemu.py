@@ -364,3 +364,50 @@ def test_qemu_cpr_transfer_into_a_vmsd_that_fails_keeps_the_old_qemu_running(qem
         assert _memfd_contents(src.proc.pid) == before
         src.qmp.cmd("cont")
         assert src.qmp.cmd("query-status")["status"] == "running"
+
+
+def test_qemu_11_1_cpr_exec_into_vmsd_incoming(qemu11: Peer, tmp_path: Path) -> None:
+    """QEMU execs `vmsd incoming --mode cpr-exec` in its place: vmsd finds the guest RAM in the inherited memfds
+    (no page in the stream) and writes a snapshot; a new QEMU 11.1 loads it with identical RAM and runs."""
+    from vmsd.testing.qmp import QMP
+
+    wrapper = qemu11.cmd[0]
+    qmp_path, state, snap = tmp_path / "qmp.sock", tmp_path / "vm.state", tmp_path / "vm.mig"
+    args = ["-M", "pc,acpi=off,memory-backend=ram0,aux-ram-share=on", "-m", "64M", "-nodefaults",
+            "-display", "none", "-serial", "none",
+            "-object", f"memory-backend-memfd,id=ram0,size={MEM},share=on",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    log_path = tmp_path / "qemu.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([wrapper, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        qmp = QMP(str(qmp_path), timeout=TIMEOUT)
+        qmp.cmd("cont")
+        time.sleep(0.3)
+        qmp.cmd("stop")
+        ram = _memfd_contents(proc.pid)
+        qmp.cmd("migrate-set-parameters", **{"mode": "cpr-exec", "cpr-exec-command": [
+            *CLI, "incoming", f"file:{state}", "-o", str(snap), "--mode", "cpr-exec"]})
+        qmp.cmd("migrate", uri=f"file:{state}")
+        qmp.close()
+        assert proc.wait(TIMEOUT) == 0, log_path.read_text()  # the same process, now vmsd, finished
+        assert "received 0 normal and 0 zero pages" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _snapshot_ram(snap)["ram0"] == ram
+    shm = Path("/dev/shm") / f"vmsd-cpr-exec-{os.getpid()}"
+    try:
+        dst_args = ["-object", f"memory-backend-file,id=ram0,size={MEM},mem-path={shm},share=on",
+                    "-machine", "memory-backend=ram0"]
+        with qemu11.start(dst_args, memory="64M", incoming=f"file:{snap}") as dst:
+            deadline = time.monotonic() + TIMEOUT
+            while dst.qmp.cmd("query-migrate").get("status") != "completed":
+                assert time.monotonic() < deadline, dst.output()
+                time.sleep(0.02)
+            assert shm.read_bytes() == ram
+            dst.qmp.cmd("cont")
+            assert dst.qmp.cmd("query-status")["status"] == "running"
+    finally:
+        shm.unlink(missing_ok=True)
