@@ -188,6 +188,20 @@ def test_incoming_loads_a_mapped_file_into_a_machine(machine: Machine, tmp_path:
         assert result.counters["normal"] == present
 
 
+def test_multifd_destination_reads_a_file_only_when_mapped(machine: Machine, tmp_path: Path) -> None:
+    """QEMU opens a file: with multifd only for mapped-ram; so does Incoming (it reads the pages itself)."""
+    from vmsd.migration.multifd import MultifdConfig
+
+    out, plain = tmp_path / "m.mig", tmp_path / "plain.mig"
+    save_mapped(machine, out)
+    assert Migration(machine, f"file:{plain}", parameters={"max-bandwidth": 0}).run()["status"] == "completed"
+    with make_machine(8 * MIB) as dst:
+        Incoming(dst, multifd=MultifdConfig()).run(f"file:{out}")
+        assert ram_of(dst) == ram_of(machine)
+    with make_machine(8 * MIB) as dst, pytest.raises(MalformedStream, match="needs a mapped-ram stream"):
+        Incoming(dst, multifd=MultifdConfig()).run(f"file:{plain}")
+
+
 def test_multifd_threads_write_the_same_file(machine: Machine, tmp_path: Path) -> None:
     save_mapped(machine, tmp_path / "one.mig")
     save_mapped(machine, tmp_path / "four.mig", channels=4)
