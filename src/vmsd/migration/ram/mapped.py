@@ -296,12 +296,11 @@ class MappedRamFile:
         self.fd = fd
         self.name = name
         self.headers: dict[str, MappedRamHeader] = {}
-        self.bytes_written = 0  # pages and bitmaps
         self._present: dict[str, BoolArray] = {}
         self._lock = threading.Lock()
         self._workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mapped-ram") if workers > 1 else None
-        self._pending: list[Future[int]] = []
+        self._pending: list[Future[None]] = []
 
     def write_block_list(self, head: bytes, entries: list[tuple[str, int, bytes]]) -> int:
         """At the file's position: ``head`` (the MEM_SIZE word), then for each block (name, used length,
@@ -331,11 +330,11 @@ class MappedRamFile:
         """Write the non-zero ``pages`` of block ``name`` (ascending) from memory at ``address`` (the block's
         mapping, kept alive by ``keep``) to their places; mark the zero ones absent."""
         if self._pool is None:
-            self.bytes_written += self._write(name, address, pages, zero, keep)
+            self._write(name, address, pages, zero, keep)
             return
         self._pending.append(self._pool.submit(self._write, name, address, pages, zero, keep))
         while len(self._pending) > 2 * self._workers:  # at most two batches per thread wait
-            self.bytes_written += self._pending.pop(0).result()
+            self._pending.pop(0).result()
 
     def drain(self) -> None:
         """Wait until every submitted page is written; raise the first failure."""
@@ -343,16 +342,15 @@ class MappedRamFile:
         error: BaseException | None = None
         for f in pending:
             try:
-                self.bytes_written += f.result()
+                f.result()
             except BaseException as e:
                 error = error or e
         if error is not None:
             raise error
 
-    def _write(self, name: str, address: int, pages: npt.NDArray[np.int64], zero: BoolArray, keep: object) -> int:
+    def _write(self, name: str, address: int, pages: npt.NDArray[np.int64], zero: BoolArray, keep: object) -> None:
         header = self.headers[name]
         normal = pages[~zero]
-        written = 0
         if normal.size:
             breaks = np.flatnonzero(np.diff(normal) != 1) + 1
             starts = np.concatenate(([0], breaks)).tolist()
@@ -365,12 +363,10 @@ class MappedRamFile:
                 except OSError as e:
                     what = "the file system is full" if e.errno == errno.ENOSPC else e.strerror
                     raise VMSDError(f"{self.name}: cannot write pages of RAM block '{name}': {what}") from None
-                written += n * PAGE_SIZE
         with self._lock:
             present = self._present[name]
             present[normal] = True
             present[pages[zero]] = False
-        return written
 
     def finish(self) -> int:
         """Wait for the pages, then write every block's bitmap at its place; returns the bitmaps' bytes."""
@@ -386,7 +382,6 @@ class MappedRamFile:
                 raise VMSDError(f"{self.name}: cannot write the bitmap of RAM block '{name}': {e.strerror}") \
                     from None
             total += len(data)
-        self.bytes_written += total
         return total
 
     def close(self) -> None:
