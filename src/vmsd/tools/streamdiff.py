@@ -3,10 +3,13 @@
 Device sections are compared as QEMU describes them (the trailer's body, or
 the typed spec's description of the decoded object), so fields carry the
 names ``vmsd inspect`` prints.  RAM is compared page by page, keyed by block
-and page offset.  When the decoded streams show no difference but the bytes
-differ (an unused field, the trailer's spelling), the first differing byte is
-reported with the record and field it falls in: two different files never
-compare equal.  The line format is documented in docs/diff.md.
+and page offset; a mapped-ram block's pages as a loader gets them (a page the
+file does not hold is zero).  When the decoded streams show no difference but
+the bytes differ (an unused field, the trailer's spelling), the first
+differing byte is reported with the record and field it falls in: two
+different files never compare equal, unless they differ only in the bytes of
+mapped-ram pages the file does not hold, which no loader reads.  The line
+format is documented in docs/diff.md.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
+from vmsd.migration.ram.mapped import PAGE_SIZE, MappedRam, runs
 from vmsd.migration.ram.records import (
     RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_PAGE,
@@ -48,6 +54,8 @@ from vmsd.runtime.vmstate import VMStateObject
 WINDOW = 8
 # Differing elements listed per array, and differing pages per RAM block, before the rest is counted.
 MAX_ITEMS = 16
+# Pages of two mapped-ram blocks compared at once (16 MiB of each file).
+_CHUNK_PAGES = 4096
 
 _PAGE_FLAGS = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_COMPRESS_PAGE
 _PAGE_KIND = {RAM_SAVE_FLAG_ZERO: "zero", RAM_SAVE_FLAG_PAGE: "normal", RAM_SAVE_FLAG_XBZRLE: "xbzrle",
@@ -57,7 +65,8 @@ _PAGE_KIND = {RAM_SAVE_FLAG_ZERO: "zero", RAM_SAVE_FLAG_PAGE: "normal", RAM_SAVE
 def diff_streams(data_a: bytes, a: Stream, data_b: bytes, b: Stream) -> list[str]:
     """The differences between stream ``a`` (read from ``data_a``) and ``b``, in stream order.
 
-    Empty exactly when the two inputs are the same bytes."""
+    Empty exactly when the two inputs are the same bytes but for those of mapped-ram pages the file does
+    not hold."""
     out: list[str] = []
     if a.version != b.version:
         out.append(f"stream: version {a.version} -> {b.version}")
@@ -68,7 +77,9 @@ def diff_streams(data_a: bytes, a: Stream, data_b: bytes, b: Stream) -> list[str
         _diff_ram(a, b, out)
     _diff_trailers(a, b, out)
     if not out and data_a != data_b:
-        out.append(_hidden_difference(data_a, a, data_b))
+        first = _first_loaded_difference(data_a, a, data_b)
+        if first is not None:
+            out.append(_hidden_difference(data_a, a, data_b, first))
     return [printable(line) for line in out]
 
 
@@ -300,7 +311,7 @@ def bytes_difference(x: bytes, y: bytes, base: int | None = None) -> str:
     return f"{head} ({tail}{_window(x, start, first)} -> {_window(y, start, first)})"
 
 
-def first_difference(x: bytes, y: bytes) -> int:
+def first_difference(x: bytes | memoryview, y: bytes | memoryview) -> int:
     """The first offset where ``x`` and ``y`` differ (the shorter one's length when one is a prefix)."""
     n = min(len(x), len(y))
     lo = 0
@@ -432,6 +443,7 @@ def _configuration_tree(state: Any) -> Tree:
 class _Ram:
     blocks: dict[str, RamBlockInfo] = attrs.Factory(dict)
     pages: dict[tuple[str, int, int], RamRecord] = attrs.Factory(dict)  # (block, offset, n-th copy)
+    mapped: dict[str, MappedRam] = attrs.Factory(dict)  # mapped-ram blocks: their pages are in the file
 
 
 def _ram(stream: Stream) -> _Ram:
@@ -445,6 +457,8 @@ def _ram(stream: Stream) -> _Ram:
         for rec in sec.payload.records:
             for info in rec.blocks:
                 ram.blocks.setdefault(info.name, info)
+                if info.mapped is not None:
+                    ram.mapped.setdefault(info.name, info.mapped)
             if not rec.flags & _PAGE_FLAGS:
                 continue
             if rec.block is not None:
@@ -472,6 +486,18 @@ def _diff_ram(a: Stream, b: Stream, out: list[str]) -> None:
             out.append(f"ram block {name}: only in B")
     listed: dict[str, int] = {}
     alone = ra.blocks.keys() ^ rb.blocks.keys()  # said above: their pages are no news
+    for name in ra.mapped.keys() & rb.mapped.keys():
+        for i, x, y in _mapped_differences(ra.mapped[name], rb.mapped[name]):
+            line = _page_difference(x, y, i * PAGE_SIZE)
+            if line is not None:
+                _ram_line((name, i * PAGE_SIZE, 0), line, listed, out)
+    # A block mapped in one stream only: its pages as records, to compare with the other's.
+    for side, opposite in ((ra, rb), (rb, ra)):
+        for name in side.mapped.keys() - opposite.mapped.keys():
+            mapped = side.mapped[name]
+            present = mapped.present()
+            for i in range(mapped.npages):
+                side.pages.setdefault((name, i * PAGE_SIZE, 0), _mapped_page(mapped, i, bool(present[i])))
     for key, rec in ra.pages.items():
         if key[0] in alone:
             continue
@@ -485,6 +511,36 @@ def _diff_ram(a: Stream, b: Stream, out: list[str]) -> None:
     for block, count in listed.items():
         if count > MAX_ITEMS:
             out.append(f"ram {block}: {count - MAX_ITEMS} more differing pages not listed ({count} in all)")
+
+
+def _page_rows(m: MappedRam) -> npt.NDArray[np.uint8]:
+    """The block's pages in the file, one row each (a view)."""
+    base = m.header.pages_offset - m.region_at
+    return np.frombuffer(m.region, dtype=np.uint8, count=m.npages * PAGE_SIZE, offset=base).reshape(-1, PAGE_SIZE)
+
+
+def _mapped_page(m: MappedRam, i: int, present: bool) -> RamRecord:
+    """Page ``i`` as a record a loader would get the same page from: zero when the file does not hold it."""
+    if not present:
+        return RamRecord(RAM_SAVE_FLAG_ZERO, i * PAGE_SIZE, data=b"\0")
+    return RamRecord(RAM_SAVE_FLAG_PAGE, i * PAGE_SIZE, data=_page_rows(m)[i].tobytes())
+
+
+def _mapped_differences(a: MappedRam, b: MappedRam) -> Iterator[tuple[int, RamRecord, RamRecord]]:
+    """The pages (of those both blocks have) a loader would get differently from ``a`` and from ``b``,
+    compared a chunk at a time (a block may be gigabytes)."""
+    pa, pb = a.present(), b.present()
+    rows_a, rows_b = _page_rows(a), _page_rows(b)
+    n = min(a.npages, b.npages)
+    for start in range(0, n, _CHUNK_PAGES):
+        stop = min(start + _CHUNK_PAGES, n)
+        xa, xb = pa[start:stop], pb[start:stop]
+        # Loaded content: the page where its bit is set, zero elsewhere.
+        ca = rows_a[start:stop] * xa[:, None].astype(np.uint8)
+        cb = rows_b[start:stop] * xb[:, None].astype(np.uint8)
+        for j in np.flatnonzero((ca != cb).any(axis=1)):
+            i = start + int(j)
+            yield i, _mapped_page(a, i, bool(pa[i])), _mapped_page(b, i, bool(pb[i]))
 
 
 def _ram_line(key: tuple[str, int, int], line: str, listed: dict[str, int], out: list[str]) -> None:
@@ -611,10 +667,32 @@ def _json(v: Any) -> str:
 # ---- bytes no decoded value shows ---------------------------------------------------------------
 
 
-def _hidden_difference(data_a: bytes, a: Stream, data_b: bytes) -> str:
-    """The first byte where the inputs part, named by the record and field of ``a`` it falls in."""
+def _stale_ranges(stream: Stream) -> list[tuple[int, int]]:
+    """File ranges of the mapped-ram pages whose bit is clear: a loader takes them as zero, unread."""
+    out: list[tuple[int, int]] = []
+    for m in _ram(stream).mapped.values():
+        for start, stop in runs(~m.present()):
+            out.append((m.header.pages_offset + start * PAGE_SIZE, m.header.pages_offset + stop * PAGE_SIZE))
+    return sorted(out)
+
+
+def _first_loaded_difference(data_a: bytes, a: Stream, data_b: bytes) -> int | None:
+    """Where the inputs first part outside ``a``'s stale mapped-ram pages (their offsets in ``b`` are the
+    same, or the bytes before them differ); None when they do not."""
+    if len(data_a) != len(data_b):
+        return first_difference(data_a, data_b)
+    va, vb = memoryview(data_a), memoryview(data_b)
+    at = 0
+    for start, stop in [*_stale_ranges(a), (len(data_a), len(data_a))]:
+        if va[at:start] != vb[at:start]:
+            return at + first_difference(va[at:start], vb[at:start])
+        at = max(at, stop)
+    return None
+
+
+def _hidden_difference(data_a: bytes, a: Stream, data_b: bytes, first: int) -> str:
+    """The byte ``first``, where the inputs part, named by the record and field of ``a`` it falls in."""
     n = min(len(data_a), len(data_b))
-    first = first_difference(data_a, data_b)
     where = _locate(a, first)
     if first == n:
         return f"stream{where}: length {len(data_a)} -> {len(data_b)}, the first {n} bytes equal"

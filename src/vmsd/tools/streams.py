@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 import attrs
 
+from vmsd.migration.ram.mapped import MappedRam
 from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import (
     SECTION_NAMES,
@@ -133,7 +134,17 @@ def _ram_summary(p: RamPayload) -> dict[str, Any]:
     pages = p.pages_by_block()
     if pages:
         out["pages"] = pages
+    mapped = {b.name: _mapped_summary(b.mapped) for b in blocks if b.mapped is not None}
+    if mapped:
+        out["mapped_ram"] = mapped
     return out
+
+
+def _mapped_summary(m: MappedRam) -> dict[str, int]:
+    """A mapped-ram block's header and how many of its pages the bitmap says are in the file."""
+    h = m.header
+    return {"version": h.version, "page_size": h.page_size, "bitmap_offset": h.bitmap_offset,
+            "pages_offset": h.pages_offset, "pages": m.npages, "in_file": int(m.present().sum())}
 
 
 def section_json(sec: Section) -> dict[str, Any]:
