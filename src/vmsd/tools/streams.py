@@ -17,7 +17,7 @@ from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import SECTION_NAMES, Command, Section, SpecSet, Stream, read_stream, write_stream
 from vmsd.runtime.vmdesc import Obj, describe
 from vmsd.runtime.vmstate import VMStateObject
-from vmsd.tools.errors import ToolError
+from vmsd.tools.errors import ToolError, UsageError
 
 
 def load_specs(specs_dir: Path | None) -> SpecSet:
@@ -29,9 +29,11 @@ def load_specs(specs_dir: Path | None) -> SpecSet:
         return shipped
     from vmsd.codegen.compiler import compile_specs
 
+    if not specs_dir.is_dir():
+        raise UsageError(f"--specs {specs_dir}: not a folder")
     specs = sorted(specs_dir.rglob("*.vmsd"))
     if not specs:
-        raise ToolError(f"no .vmsd files under {specs_dir}")
+        raise UsageError(f"--specs {specs_dir}: no .vmsd files there")
     files = compile_specs(specs, str(specs_dir))
     import tempfile
 
@@ -56,7 +58,7 @@ def read_input(path: str) -> bytes:
     try:
         return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as e:
-        raise ToolError(f"cannot read {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
 
 
 _JSON_READY = frozenset({int, bool, float, str, type(None)})
@@ -270,7 +272,7 @@ def apply_set(stream: Stream, assignment: str) -> None:
     """``SECTION[:INSTANCE].path.to[3].field=VALUE`` on a decoded section."""
     target, sep, raw = assignment.partition("=")
     if not sep:
-        raise ToolError(f"--set needs SECTION.FIELD=VALUE, got {assignment!r}")
+        raise UsageError(f"--set needs SECTION.FIELD=VALUE, got {assignment!r}")
     sections = stream.full_sections()
     match = None
     for sec in sections:
@@ -311,7 +313,7 @@ def _parse_path(path: str) -> list[str | int]:
             steps.append(name)
         steps.extend(int(i, 0) for i in indexes)
     if not steps:
-        raise ToolError("--set needs a field path after the section")
+        raise UsageError("--set needs a field path after the section")
     return steps
 
 
