@@ -270,6 +270,38 @@ def _uri(text: str) -> Any:
         raise UsageError(str(e)) from None
 
 
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from vmsd.tools import cpr, streams
+
+    _uri(args.from_uri)
+    _uri(args.to_uri)
+    try:
+        peer = peer_profile(args.peer_version)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+    report = cpr.relay_cpr_transfer(args.from_cpr, args.from_uri, args.to_cpr, args.to_uri,
+                                    streams.load_specs(args.specs), args.set or [], peer, args.timeout,
+                                    log=lambda line: print(f"vmsd relay: {line}", file=sys.stderr))
+    print(f"passed {len(report.descriptors)} descriptors and {report.sections} device sections "
+          f"({report.stream_bytes} bytes{', edited' if report.edited else ''}) to the new QEMU")
+    return EXIT_OK
+
+
+def _cmd_cpr_exec_wrap(args: argparse.Namespace) -> int:
+    from vmsd.tools import cpr, streams
+
+    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not argv:
+        raise UsageError("give the QEMU command line after --")
+    try:
+        specs = streams.load_specs(args.specs)
+    except Exception as e:  # QEMU must start even when the specs cannot be loaded
+        print(f"vmsd cpr-exec-wrap: cannot load the specs ({e}); starting QEMU unchanged", file=sys.stderr)
+        specs = None
+    cpr.cpr_exec_wrap(argv, specs, args.set or [] if specs is not None else [])
+    return 127  # only reached when QEMU could not be exec'd (cpr_exec_wrap said why)
+
+
 _MULTIFD_PARAMETERS = ("multifd-channels", "multifd-compression", "multifd-zlib-level", "multifd-zstd-level",
                        "zero-page-detection")
 
@@ -405,12 +437,39 @@ def build_parser() -> argparse.ArgumentParser:
                             "(QEMU does not negotiate them)")
         p.add_argument("--uuid", help="the UUID in every multifd channel's first packet (a QEMU destination "
                                       "checks it against its -uuid; default all zeros)")
-        p.add_argument("--mode", choices=("normal", "cpr-reboot", "cpr-transfer"), default="normal",
+        modes = ("normal", "cpr-reboot", "cpr-transfer", *(("cpr-exec",) if name == "incoming" else ()))
+        p.add_argument("--mode", choices=modes, default="normal",
                        help="QEMU's migration mode; cpr-transfer hands guest RAM over as memfds on --cpr-channel "
-                            "instead of copying it (see docs/cpr.md)")
+                            "instead of copying it"
+                            + ("; cpr-exec: vmsd is the program a QEMU exec'd (its cpr-exec-command) and takes "
+                               "over its RAM" if name == "incoming" else "") + " (see docs/cpr.md)")
         p.add_argument("--cpr-channel", metavar="unix:PATH",
                        help="cpr-transfer: the unix socket of the CPR state (QEMU's 'cpr' channel); "
                             + ("vmsd listens on it" if name == "incoming" else "the new QEMU listens on it"))
+    p = sub.add_parser("relay", help="stand between an old and a new QEMU during a CPR upgrade: pass the RAM "
+                                     "descriptors on, decode (and with --set edit) the device state")
+    p.add_argument("--mode", choices=("cpr-transfer",), required=True, help="the old QEMU's migration mode")
+    p.add_argument("--from-cpr", required=True, metavar="unix:PATH",
+                   help="where the old QEMU sends its CPR state (its cpr channel; vmsd listens)")
+    p.add_argument("--from", dest="from_uri", required=True, metavar="URI",
+                   help="where the old QEMU sends its main stream (its main channel; vmsd listens)")
+    p.add_argument("--to-cpr", required=True, metavar="unix:PATH", help="the new QEMU's cpr channel")
+    p.add_argument("--to", dest="to_uri", required=True, metavar="URI", help="the new QEMU's -incoming")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="edit the device state on the way (repeatable)")
+    p.add_argument("--specs", type=Path, metavar="DIR", help="extra .vmsd specs, overriding the shipped ones")
+    p.add_argument("--peer-version", choices=list(PROFILES), default=NEWEST.version,
+                   help="the new QEMU's version: the layout of the CPR state it reads")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for either QEMU (default 60)")
+    p.set_defaults(func=_cmd_relay)
+    p = sub.add_parser("cpr-exec-wrap", help="use as QEMU's cpr-exec-command: report (and with --set edit) what "
+                                             "the old QEMU left, then exec the new QEMU")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="edit the main stream in the new QEMU's -incoming file: (repeatable)")
+    p.add_argument("--specs", type=Path, metavar="DIR", help="extra .vmsd specs, overriding the shipped ones")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS",
+                   help="the new QEMU's command line")
+    p.set_defaults(func=_cmd_cpr_exec_wrap)
     p = sub.add_parser("import-qemu", help="skeleton specs from QEMU's -dump-vmstate output (types from a stream's trailer)")
     p.add_argument("dump", metavar="DUMP.json", help="what qemu-system-ARCH -M MACHINE -dump-vmstate DUMP.json writes")
     p.add_argument("--stream", metavar="FILE", help="a migration stream whose trailer gives the field types")
