@@ -77,7 +77,7 @@ class PageReader:
                     return False
                 idle = receive_timeout(ch.fileno()) if is_stall(e) else None
                 if idle is not None:  # the socket's SO_RCVTIMEO ran out
-                    raise stalled(ch.name, "read failed", idle) from None
+                    raise stalled(ch.name, "read failed", idle, e) from None
                 raise TransportError(ch.name, f"read failed: {e.strerror}", e.errno) from None
             if k == 0:
                 raise TransportError(ch.name, f"stream ended after {done} of {want} bytes")

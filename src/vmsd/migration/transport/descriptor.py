@@ -209,7 +209,7 @@ class SocketChannel(DescriptorChannel):
 
     def _failure(self, what: str, exc: OSError) -> TransportError:
         if self.idle_timeout is not None and is_stall(exc):
-            return stalled(self.name, what, self.idle_timeout)
+            return stalled(self.name, what, self.idle_timeout, exc)
         return super()._failure(what, exc)
 
     def _release(self) -> None:

@@ -67,13 +67,21 @@ def receive_timeout(fd: int) -> float | None:
     return sec + usec / 1e6 or None
 
 
-def stalled(name: str, what: str, seconds: float) -> TransportError:
-    """The error of a channel on which nothing moved for ``seconds``."""
-    return TransportError(name, f"{what}: nothing moved for {seconds:g}s, the idle limit (the peer or the network "
-                                "stalled)", errno.ETIMEDOUT)
+def stalled(name: str, what: str, seconds: float, exc: OSError | None = None) -> TransportError:
+    """The error of a channel on which nothing moved for ``seconds``; ``exc``, the kernel's error, may say why."""
+    why = "the peer or the network stalled"
+    if exc is not None and exc.errno in _UNREACHABLE:
+        why = exc.strerror or why
+    return TransportError(name, f"{what}: nothing moved for {seconds:g}s, the idle limit ({why})", errno.ETIMEDOUT)
+
+
+# TCP_USER_TIMEOUT ends a connection with the last soft error its retransmissions met, when there was one:
+# a cut link (no route) gives these instead of ETIMEDOUT.  An established connection gets them from nothing else.
+_UNREACHABLE = (errno.ENETUNREACH, errno.EHOSTUNREACH)
 
 
 def is_stall(exc: OSError) -> bool:
     """Whether ``exc``, from a socket with an idle limit, means the limit ran out: ``EAGAIN`` from a blocking
-    call (``SO_RCVTIMEO``/``SO_SNDTIMEO``) or ``ETIMEDOUT`` (``TCP_USER_TIMEOUT``: whichever comes first)."""
-    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ETIMEDOUT)
+    call (``SO_RCVTIMEO``/``SO_SNDTIMEO``), or ``ETIMEDOUT`` or an unreachable network (``TCP_USER_TIMEOUT``,
+    whichever comes first)."""
+    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ETIMEDOUT, *_UNREACHABLE)
