@@ -364,3 +364,94 @@ def test_qemu_cpr_transfer_into_a_vmsd_that_fails_keeps_the_old_qemu_running(qem
         assert _memfd_contents(src.proc.pid) == before
         src.qmp.cmd("cont")
         assert src.qmp.cmd("query-status")["status"] == "running"
+
+
+def test_qemu_11_1_cpr_exec_into_vmsd_incoming(qemu11: Peer, tmp_path: Path) -> None:
+    """QEMU execs `vmsd incoming --mode cpr-exec` in its place: vmsd finds the guest RAM in the inherited memfds
+    (no page in the stream) and writes a snapshot; a new QEMU 11.1 loads it with identical RAM and runs."""
+    from vmsd.testing.qmp import QMP
+
+    wrapper = qemu11.cmd[0]
+    qmp_path, state, snap = tmp_path / "qmp.sock", tmp_path / "vm.state", tmp_path / "vm.mig"
+    args = ["-M", "pc,acpi=off,memory-backend=ram0,aux-ram-share=on", "-m", "64M", "-nodefaults",
+            "-display", "none", "-serial", "none",
+            "-object", f"memory-backend-memfd,id=ram0,size={MEM},share=on",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    log_path = tmp_path / "qemu.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([wrapper, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        qmp = QMP(str(qmp_path), timeout=TIMEOUT)
+        qmp.cmd("cont")
+        time.sleep(0.3)
+        qmp.cmd("stop")
+        ram = _memfd_contents(proc.pid)
+        qmp.cmd("migrate-set-parameters", **{"mode": "cpr-exec", "cpr-exec-command": [
+            *CLI, "incoming", f"file:{state}", "-o", str(snap), "--mode", "cpr-exec"]})
+        qmp.cmd("migrate", uri=f"file:{state}")
+        qmp.close()
+        assert proc.wait(TIMEOUT) == 0, log_path.read_text()  # the same process, now vmsd, finished
+        assert "received 0 normal and 0 zero pages" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _snapshot_ram(snap)["ram0"] == ram
+    shm = Path("/dev/shm") / f"vmsd-cpr-exec-{os.getpid()}"
+    try:
+        dst_args = ["-object", f"memory-backend-file,id=ram0,size={MEM},mem-path={shm},share=on",
+                    "-machine", "memory-backend=ram0"]
+        with qemu11.start(dst_args, memory="64M", incoming=f"file:{snap}") as dst:
+            deadline = time.monotonic() + TIMEOUT
+            while dst.qmp.cmd("query-migrate").get("status") != "completed":
+                assert time.monotonic() < deadline, dst.output()
+                time.sleep(0.02)
+            assert shm.read_bytes() == ram
+            dst.qmp.cmd("cont")
+            assert dst.qmp.cmd("query-status")["status"] == "running"
+    finally:
+        shm.unlink(missing_ok=True)
+
+
+def test_qemu_cpr_reboot_with_ram_left_in_place_edited_by_vmsd(qemu11: Peer, tmp_path: Path) -> None:
+    """cpr-reboot with x-ignore-shared: QEMU 11.1 saves device state only (RAM stays in its shared file), quits;
+    `vmsd rewrite --set` edits the saved state; a new QEMU 11.1 on the same file restores it and runs."""
+    from vmsd.migration.stream import read_stream
+
+    shm = Path("/dev/shm") / f"vmsd-cpr-reboot-{os.getpid()}"
+    state, edited = tmp_path / "vm.state", tmp_path / "edited.state"
+    args = ["-object", f"memory-backend-file,id=ram0,size={MEM},mem-path={shm},share=on",
+            "-machine", "memory-backend=ram0"]
+    cap = [{"capability": "x-ignore-shared", "state": True}]
+    try:
+        with qemu11.start(args, memory="64M") as old:
+            old.qmp.cmd("cont")
+            time.sleep(0.3)
+            old.qmp.cmd("migrate-set-capabilities", capabilities=cap)
+            old.qmp.cmd("migrate-set-parameters", mode="cpr-reboot")
+            old.qmp.cmd("migrate", uri=f"file:{state}")
+            _wait(old, "completed")
+            assert old.qmp.cmd("query-status")["status"] == "postmigrate"
+        ram = shm.read_bytes()
+        assert state.stat().st_size < 1 << 20  # device state only: RAM stayed in the file
+        proc = subprocess.run([*CLI, "rewrite", str(state), "-o", str(edited), "--set",
+                               "mc146818rtc.cmos_data[14]=0x55"], capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert proc.returncode == 0, proc.stderr
+        with qemu11.start(args, memory="64M", incoming="defer") as new:
+            new.qmp.cmd("migrate-set-capabilities", capabilities=cap)
+            new.qmp.cmd("migrate-set-parameters", mode="cpr-reboot")
+            new.qmp.cmd("migrate-incoming", uri=f"file:{edited}")
+            deadline = time.monotonic() + TIMEOUT
+            while new.qmp.cmd("query-migrate").get("status") != "completed":
+                assert time.monotonic() < deadline, new.output()
+                time.sleep(0.02)
+            assert shm.read_bytes() == ram
+            new.qmp.cmd("cont")
+            assert new.qmp.cmd("query-status")["status"] == "running"
+            new.qmp.cmd("stop")
+            new.qmp.cmd("migrate-set-parameters", mode="normal")
+            assert _field(new, tmp_path, "mc146818rtc", "cmos_data")[14] == 0x55  # type: ignore[index]
+        assert read_stream(edited.read_bytes(), spec_set()).configuration is not None
+    finally:
+        shm.unlink(missing_ok=True)

@@ -404,9 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(QEMU does not negotiate them)")
         p.add_argument("--uuid", help="the UUID in every multifd channel's first packet (a QEMU destination "
                                       "checks it against its -uuid; default all zeros)")
-        p.add_argument("--mode", choices=("normal", "cpr-reboot", "cpr-transfer"), default="normal",
+        modes = ("normal", "cpr-reboot", "cpr-transfer", *(("cpr-exec",) if name == "incoming" else ()))
+        p.add_argument("--mode", choices=modes, default="normal",
                        help="QEMU's migration mode; cpr-transfer hands guest RAM over as memfds on --cpr-channel "
-                            "instead of copying it (see docs/cpr.md)")
+                            "instead of copying it"
+                            + ("; cpr-exec: vmsd is the program a QEMU exec'd (its cpr-exec-command) and takes "
+                               "over its RAM" if name == "incoming" else "") + " (see docs/cpr.md)")
         p.add_argument("--cpr-channel", metavar="unix:PATH",
                        help="cpr-transfer: the unix socket of the CPR state (QEMU's 'cpr' channel); "
                             + ("vmsd listens on it" if name == "incoming" else "the new QEMU listens on it"))

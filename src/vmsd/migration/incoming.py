@@ -11,6 +11,8 @@ a source is never told to drop a VM whose state was then lost.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -40,6 +42,7 @@ from vmsd.migration.stream import (
 )
 from vmsd.migration.transport import (
     Channel,
+    FileURI,
     Listener,
     TcpURI,
     TransportError,
@@ -135,7 +138,7 @@ class Incoming:
                     lst = self._receive_cpr_state(uri, timeout)
                 elif self.mode == "cpr-exec":
                     self._adopt(find_state())
-                if cfg is not None:
+                if cfg is not None and not isinstance(parse_uri(uri), FileURI):
                     with listen(uri) as mlst:
                         ch, channels = accept_all(lambda: mlst.accept(timeout, timeout), cfg, timeout)
                 elif lst is not None:
@@ -199,11 +202,15 @@ class Incoming:
         r = Reader(source=ch)
         dec = Decoder(b"", self.specs, strict_typed=True, enforce_checks=m is not None, reader=r)
         ram_ids: set[int] = set()
+        file_offset = _file_position(ch)
 
         def ram(sec: Section, context: RamContext) -> None:
             if sec.kind == QEMU_VM_SECTION_START:
                 ram_ids.add(sec.section_id)
-            loader.load_section(r, attrs.evolve(context, in_place=True) if in_place else context)
+            if self.multifd is not None and not multifd_channels and not context.mapped_ram:
+                # QEMU reads a file: with multifd only when it is mapped-ram (the pages' places are known)
+                raise MalformedStream("multifd from a file: needs a mapped-ram stream", offset=sec.offset)
+            loader.load_section(r, attrs.evolve(context, in_place=in_place, file_offset=file_offset))
 
         dec.ram_handler = ram
         if m is not None:
@@ -255,6 +262,16 @@ class Incoming:
             _send_shut(ch, 0)
         self.status = "completed"
         return result
+
+
+def _file_position(ch: Channel) -> int:
+    """Where in its file the stream of ``ch`` starts (``file:PATH,offset=N``): mapped-ram headers place pages
+    by file offset.  0 for anything that is not a regular file."""
+    fd = ch.fileno()
+    try:
+        return os.lseek(fd, 0, os.SEEK_CUR) if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode) else 0
+    except OSError:
+        return 0
 
 
 def _drain_trailer(r: Reader) -> None:

@@ -27,8 +27,9 @@ import numpy as np
 import numpy.typing as npt
 
 from vmsd.migration.iovec import Scattered
-from vmsd.migration.ram import xbzrle
+from vmsd.migration.ram import mapped, xbzrle
 from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock, RamBlocks, zero_pages
+from vmsd.migration.ram.mapped import MappedRamHeader
 from vmsd.migration.ram.records import (
     PLAIN,
     RAM_SAVE_FLAG_COMPRESS_PAGE,
@@ -153,6 +154,19 @@ class RamEncoder:
             base += b.used_length
         self.counters.transferred += len(out)
         return bytes(out)
+
+    def mapped_block_list(self, blocks: RamBlocks, context: RamContext, out: mapped.MappedRamFile) -> None:
+        """The MEM_SIZE record of a mapped-ram stream, written into ``out`` at its position (each entry is
+        followed by its header and the block's place in the file, so it cannot be one buffer)."""
+        entries = []
+        for b in blocks:
+            name = b.name.encode()
+            entry = bytes([len(name)]) + name + _U64.pack(b.used_length)
+            if context.ignore_shared:
+                entry += _U64.pack(b.addr)
+            entries.append((b.name, b.used_length, entry))
+        self.counters.transferred += out.write_block_list(_U64.pack(blocks.total() | RAM_SAVE_FLAG_MEM_SIZE),
+                                                          entries)
 
     def eos(self) -> bytes:
         self.counters.transferred += 8
@@ -426,11 +440,14 @@ class RamLoader:
         c = self.counters
         if flags & RAM_SAVE_FLAG_HOOK:
             raise MalformedStream("RDMA hook records are not supported", offset=at)
-        check_flags(flags, at)
+        check_flags(flags, at, self.context)
         if flags & RAM_SAVE_FLAG_MEM_SIZE:
             try:
-                _apply_block_list(blocks, read_block_list(r, offset, self.context), self.create_missing,
-                                  self.context)
+                if self.context.mapped_ram:  # each entry is followed by its pages' place in the file
+                    read_block_list(r, offset, self.context, on_mapped=self._load_mapped)
+                else:
+                    _apply_block_list(blocks, read_block_list(r, offset, self.context), self.create_missing,
+                                      self.context)
             except VMSDError as e:
                 if e.offset is None:
                     e.offset = at
@@ -493,6 +510,33 @@ class RamLoader:
                                       "7.2's (--peer-version)", offset=at)
             self.sync_hook()
         return False
+
+
+    def _load_mapped(self, r: Reader, info: RamBlockInfo, header: MappedRamHeader) -> None:
+        """One mapped-ram block: checked and created as its entry says (entries and pages alternate in the
+        file, so a later bad entry is found only after this block loaded), then its present pages read from
+        the file into it (QEMU's ``parse_ramblock_mapped_ram``)."""
+        at = r.tell()
+        _apply_block_list(self.blocks, [info], self.create_missing, self.context)
+        block = self.blocks[info.name]
+        if self.context.in_place:
+            raise MalformedStream(f"mapped-ram pages for RAM block '{info.name}' although its memory was handed "
+                                  f"over (CPR): no page may come", offset=at)
+
+        def fill(src: Reader, offset: int, n: int) -> None:
+            src.readinto(block.view[offset:offset + n])
+
+        try:
+            present = mapped.load_block(r, header, info.used_length, fill, self.context.file_offset)
+        except VMSDError as e:
+            e.message = f"mapped-ram RAM block '{info.name}': {e.message}"
+            raise
+        n = int(present.sum())
+        self.counters.normal += n
+        self.counters.duplicate += block.npages - n
+        self.named.add(info.name)
+        if self.mark_dirty:
+            block.mark_pages(np.flatnonzero(present))
 
 
 class _Receiver:
