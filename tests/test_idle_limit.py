@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_the_idle_limit_is_set_on_the_socket() -> None:
             assert receive_timeout(ch.fileno()) == 2.5
 
 
-def test_without_an_idle_limit_nothing_is_set(tmp_path: Any) -> None:
+def test_without_an_idle_limit_nothing_is_set(tmp_path: Path) -> None:
     with listen("tcp:127.0.0.1:0") as lst, open_outgoing(lst.uri, timeout=5) as out, lst.accept(5) as inc:
         for ch in (out, inc):
             assert receive_timeout(ch.fileno()) is None
