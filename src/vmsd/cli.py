@@ -341,6 +341,17 @@ def _multifd(args: argparse.Namespace, caps: dict[str, bool]) -> Any:
         raise UsageError(str(e)) from None
 
 
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type: a bad one is a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _size(text: str, what: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     scale = units.get(text[-1:].upper(), 1)
@@ -431,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=_cmd_outgoing)
         p.add_argument("--capability", action="append", metavar="NAME=on|off", help=_CAPABILITY_HELP)
         p.add_argument("--parameter", action="append", metavar="NAME=VALUE", help=_PARAMETER_HELP)
-        p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the peer (default 60)")
+        p.add_argument("--timeout", type=_seconds, default=60.0,
+                       help="seconds to wait for the peer: to connect, and whenever nothing moves on a connection "
+                            "(a cut link, a stalled peer; default 60)")
         p.add_argument("--peer-version", choices=list(PROFILES), default=NEWEST.version,
                        help="the QEMU version on the other end: its multifd layout and parameter defaults "
                             "(QEMU does not negotiate them)")
@@ -460,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--specs", type=Path, metavar="DIR", help="extra .vmsd specs, overriding the shipped ones")
     p.add_argument("--peer-version", choices=list(PROFILES), default=NEWEST.version,
                    help="the new QEMU's version: the layout of the CPR state it reads")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for either QEMU (default 60)")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for either QEMU (default 60)")
     p.set_defaults(func=_cmd_relay)
     p = sub.add_parser("cpr-exec-wrap", help="use as QEMU's cpr-exec-command: report (and with --set edit) what "
                                              "the old QEMU left, then exec the new QEMU")
