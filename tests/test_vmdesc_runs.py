@@ -14,7 +14,7 @@ from generated_classes import all_classes
 from vmsd.generated.examples.kinds import Kinds, KindsSub
 from vmsd.runtime.generic import decode_body
 from vmsd.runtime.io import Reader
-from vmsd.runtime.vmdesc import Obj, describe, dumps, loads
+from vmsd.runtime.vmdesc import Obj, array_rule, describe, dumps, loads
 from vmsd.runtime.vmstate import impl
 
 all_classes()  # test implementations of the example's custom predicates
@@ -87,3 +87,14 @@ def test_no_element_has_an_index_from_11_1() -> None:
     assert size == len(obj.save())
     drop = [[(k, v) for k, v in e if k != "index"] for e in runs.get("fields")]
     assert [list(e) for e in bare.get("fields")] == drop
+
+
+def test_the_rule_is_read_back_from_a_trailer() -> None:
+    """array_rule tells the three rules apart by what describe() writes under each; repeated unused
+    entries are no array, and a trailer without element-wise arrays tells nothing."""
+    obj = _kinds([KindsSub(a=1), None, KindsSub(a=2)])
+    for rule in ((False, True), (True, True), (True, False)):
+        body, _ = describe(obj, runs=rule[0], indexes=rule[1])
+        assert array_rule(Obj([("devices", [body])])) == rule
+    unused = Obj([("name", "unused"), ("type", "unused_buffer"), ("size", 4)])
+    assert array_rule(Obj([("devices", [Obj([("fields", [unused, unused])])])])) is None

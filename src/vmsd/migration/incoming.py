@@ -119,7 +119,13 @@ class Incoming:
         self.cpr_state: CprState | None = None  # what the old side handed over (CPR modes)
 
     def run(self, uri: str, timeout: float = 60.0) -> IncomingResult:
-        """Accept one migration on ``uri`` (after the CPR state, in cpr-transfer) and load it."""
+        """Accept one migration on ``uri`` (after the CPR state, in cpr-transfer) and load it.
+
+        ``timeout`` (seconds) bounds waiting for each connection and is the idle limit of the channels
+        (:mod:`vmsd.migration.transport.idle`): when nothing arrives for that long the load fails with
+        ``ETIMEDOUT`` instead of waiting for a source that vanished."""
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         if self.mode == "cpr-transfer" and not isinstance(parse_uri(uri), TcpURI | UnixURI):
             raise ValueError("in cpr-transfer the main channel is a socket (tcp: or unix:)")
         self.status = "setup"
@@ -134,11 +140,11 @@ class Incoming:
                     self._adopt(find_state())
                 if cfg is not None and not isinstance(parse_uri(uri), FileURI):
                     with listen(uri) as mlst:
-                        ch, channels = accept_all(lambda: mlst.accept(timeout), cfg, timeout)
+                        ch, channels = accept_all(lambda: mlst.accept(timeout, timeout), cfg, timeout)
                 elif lst is not None:
-                    ch = lst.accept(timeout)
+                    ch = lst.accept(timeout, timeout)
                 else:
-                    ch = open_incoming(uri, timeout=timeout)
+                    ch = open_incoming(uri, timeout=timeout, idle_timeout=timeout)
             finally:
                 if lst is not None:
                     lst.close()

@@ -259,7 +259,14 @@ class Migration:
         when the main channel connects: ``cpr-reboot`` (RAM copied, or left in shared files with
         x-ignore-shared), ``cpr-transfer`` (RAM memfds handed to the new side over ``cpr_channel``, a
         ``unix:`` URI, before the main stream) and ``cpr-exec`` (this process execs ``cpr_exec_command``
-        once the stream is complete; the RAM descriptors survive the exec)."""
+        once the stream is complete; the RAM descriptors survive the exec).
+
+        ``timeout`` (seconds) bounds connecting, pausing the machine, and every wait on the peer: a socket
+        channel on which nothing moves for that long fails the migration with ``ETIMEDOUT`` (its idle limit,
+        :mod:`vmsd.migration.transport.idle`), so a dead link or a stalled destination never hangs the source;
+        a link back within it loses nothing."""
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.machine = machine
         self.uri = uri
         if peer is None:
@@ -365,7 +372,7 @@ class Migration:
             self._hand_over()
         if cfg is not None and cfg.peer.multifd_classifies_channels:  # multifd channels first, as QEMU does
             self._open_multifd(cfg)
-        self._channel = open_outgoing(self.uri, timeout=self.timeout)
+        self._channel = open_outgoing(self.uri, timeout=self.timeout, idle_timeout=self.timeout)
         self._writer = _WriteBehind(self._channel)
         if cfg is not None and not cfg.peer.multifd_classifies_channels:  # the first connection is the main one
             self._open_multifd(cfg)
@@ -494,7 +501,7 @@ class Migration:
 
     def _open_multifd(self, cfg: MultifdConfig) -> None:
         for _ in range(cfg.channels):
-            self._multifd_channels.append(open_outgoing(self.uri, timeout=self.timeout))
+            self._multifd_channels.append(open_outgoing(self.uri, timeout=self.timeout, idle_timeout=self.timeout))
 
     def _start_multifd(self) -> None:
         if self.multifd is not None and self._sender is None:
@@ -647,6 +654,8 @@ class Migration:
             kind, length = struct.unpack(">HH", head)
             body = ch.read_exact(length)
         except TransportError as e:
+            if e.errno == errno.ETIMEDOUT:
+                raise MigrationError(f"the destination did not confirm the load ({e.message})") from None
             raise MigrationError(f"destination closed the return path before confirming the load ({e.message})") \
                 from None
         if kind != MIG_RP_MSG_SHUT or length != 4:

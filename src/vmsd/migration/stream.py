@@ -34,7 +34,7 @@ from vmsd.runtime.errors import (
 from vmsd.runtime.generic import decode_body, encode_body
 from vmsd.runtime.io import Reader, Writer
 from vmsd.runtime.markers import QEMU_VM_SECTION_FOOTER, QEMU_VM_SUBSECTION
-from vmsd.runtime.vmdesc import JSONFloat, Obj, describe, dumps, loads
+from vmsd.runtime.vmdesc import JSONFloat, Obj, array_rule, describe, dumps, loads
 from vmsd.runtime.vmstate import as_loaded_subclass, fresh, impl, register, reporting_checks
 
 QEMU_VM_FILE_MAGIC = 0x5145564D
@@ -1112,8 +1112,14 @@ def regenerate_trailer(stream: Stream) -> Obj:
     regenerated, so that an unchanged stream rewrites byte for byte.
     """
     fulls = stream.full_sections()
-    runs = stream.profile is not None and stream.profile.vmdesc_array_runs
-    indexes = stream.profile is None or stream.profile.vmdesc_element_index
+    # Arrays as the stream's own trailer describes them (its writer's rule, whatever set decodes it), so that
+    # an unchanged stream rewrites byte for byte; else by the profile's rules.
+    rule = array_rule(stream.trailer) if stream.trailer is not None else None
+    if rule is not None:
+        runs, indexes = rule
+    else:
+        runs = stream.profile is not None and stream.profile.vmdesc_array_runs
+        indexes = stream.profile is None or stream.profile.vmdesc_element_index
     old: Any = stream.trailer.get("devices") if stream.trailer is not None else None
     # The trailer lists the FULL sections in stream order; with another count, places do not correspond.
     old_devices: list[Any] = old if isinstance(old, list) and len(old) == len(fulls) else []

@@ -8,7 +8,8 @@ two ways, both read without decoding any section:
   knows no machine type newer than itself, so the writer is at least that
   version (``pc``/``q35`` aliases are resolved before they are saved);
 - its JSON trailer, written by the QEMU that saved the stream: how it
-  describes arrays (the profile's ``vmdesc_array_runs``) and the field names
+  describes arrays (:func:`vmsd.runtime.vmdesc.array_rule`, the profile's
+  ``vmdesc_array_runs`` and ``vmdesc_element_index``) and the field names
   of the vmsds a set has specs for (``num_timers`` or ``num_timers_save``).
 
 :func:`choose` keeps the sets the machine type allows, drops those whose
@@ -27,7 +28,7 @@ from typing import Any
 import attrs
 
 from vmsd.migration.stream import QEMU_VM_CONFIGURATION, QEMU_VM_FILE_MAGIC, SpecSet, find_trailer
-from vmsd.runtime.vmdesc import Obj
+from vmsd.runtime.vmdesc import Obj, array_rule
 
 # Version -> module with ``spec_set()``; oldest first.
 SPEC_SETS: dict[str, str] = {
@@ -79,31 +80,10 @@ def machine_version(name: bytes | None) -> str | None:
     return f"{int(m.group(1))}.{int(m.group(2))}" if m else None
 
 
-def array_runs(trailer: Obj) -> bool | None:
-    """Whether the trailer describes element-wise arrays as QEMU 10.0 does (True: no index on the last
-    element), as before (False: an index on each), or None when it has no such array."""
-    found: set[bool] = set()
-
-    def body(desc: Obj) -> None:
-        fields = desc.get("fields")
-        entries = [e for e in fields if isinstance(e, Obj)] if isinstance(fields, list) else []
-        for i, e in enumerate(entries):
-            if e.get("index") == 0:
-                # QEMU numbers repeated field names, so the entries named alike are this array's.
-                rest = [x for x in entries[i + 1 :] if x.get("name") == e.get("name")]
-                found.add(any(x.get("index") is None for x in rest))
-            inner = e.get("struct")
-            body(inner if isinstance(inner, Obj) else e)  # a vstruct's body sits in its entry
-        subs = desc.get("subsections")
-        for s in subs if isinstance(subs, list) else []:
-            if isinstance(s, Obj):
-                body(s)
-
-    devices = trailer.get("devices")
-    for d in devices if isinstance(devices, list) else []:
-        if isinstance(d, Obj):
-            body(d)
-    return found.pop() if len(found) == 1 else None
+def _rule(specs: SpecSet) -> tuple[bool, bool] | None:
+    """The trailer rule for arrays of the set's QEMU version (see :func:`vmsd.runtime.vmdesc.array_rule`)."""
+    p = specs.profile
+    return (p.vmdesc_array_runs, p.vmdesc_element_index) if p is not None else None
 
 
 def _misnamed(specs: SpecSet, trailer: Obj) -> int:
@@ -135,10 +115,9 @@ def choose(data: bytes) -> Choice:
     found = find_trailer(data)
     if found is not None and len(versions) > 1:
         trailer = found[1]
-        runs = array_runs(trailer)
-        if runs is not None:
-            fitting = [v for v in versions if spec_set(v).profile is not None
-                       and spec_set(v).profile.vmdesc_array_runs == runs]  # type: ignore[union-attr]
+        rule = array_rule(trailer)
+        if rule is not None:
+            fitting = [v for v in versions if _rule(spec_set(v)) == rule]
             versions = fitting or versions
         if len(versions) > 1:
             scores = {v: _misnamed(spec_set(v), trailer) for v in versions}

@@ -225,6 +225,53 @@ def _entry(obj: Any, f: FieldSpec, elem: Any, n: int, i: int, compress: bool, ru
     return entry, size
 
 
+# Entry types QEMU repeats under one name in a body that are no array's elements.
+NOT_ELEMENT_TYPES = frozenset({"unused_buffer", "tmp"})
+
+
+def array_rule(trailer: Obj) -> tuple[bool, bool] | None:
+    """How a trailer describes arrays element by element, as :func:`describe`'s ``(runs, indexes)``:
+    ``(False, True)`` an index on every element (before 10.0), ``(True, True)`` on all but the last of a
+    run (10.0), ``(True, False)`` on none (11.1); None when it has no such array or its arrays disagree.
+
+    An array described element by element is a run of entries of one name (QEMU numbers the names of
+    distinct fields that would repeat), without ``array_len``."""
+    found: set[tuple[bool, bool]] = set()
+
+    def body(desc: Obj) -> None:
+        fields = desc.get("fields")
+        entries = [e for e in fields if isinstance(e, Obj)] if isinstance(fields, list) else []
+        i = 0
+        while i < len(entries):
+            j = i + 1
+            while j < len(entries) and entries[j].get("name") == entries[i].get("name"):
+                j += 1
+            run = entries[i:j]
+            if (len(run) > 1 and all(e.get("array_len") is None for e in run)
+                    and not any(e.get("type") in NOT_ELEMENT_TYPES for e in run)):
+                indexed = [e.get("index") is not None for e in run]
+                if all(indexed):
+                    found.add((False, True))
+                elif any(indexed):
+                    found.add((True, True))
+                else:
+                    found.add((True, False))
+            i = j
+        for e in entries:
+            inner = e.get("struct")
+            body(inner if isinstance(inner, Obj) else e)  # a vstruct's body sits in its entry
+        subs = desc.get("subsections")
+        for s in subs if isinstance(subs, list) else []:
+            if isinstance(s, Obj):
+                body(s)
+
+    devices = trailer.get("devices")
+    for d in devices if isinstance(devices, list) else []:
+        if isinstance(d, Obj):
+            body(d)
+    return found.pop() if len(found) == 1 else None
+
+
 def dumps(value: Any) -> str:
     """JSON text exactly as QEMU's JSON writer prints it."""
     parts: list[str] = []

@@ -47,7 +47,7 @@ from vmsd.migration.stream import (
 from vmsd.runtime.generic import decode_body, inline_bodies
 from vmsd.runtime.io import Reader
 from vmsd.runtime.scalars import BY_INFO
-from vmsd.runtime.vmdesc import Obj, describe
+from vmsd.runtime.vmdesc import NOT_ELEMENT_TYPES, Obj, describe
 from vmsd.runtime.vmstate import VMStateObject
 
 # Bytes shown on each side of the first difference of a buffer or page.
@@ -122,10 +122,6 @@ class _Child:
     value: Any
 
 
-# Entry types QEMU repeats under one name in a body that are no array's elements.
-_NOT_ELEMENTS = frozenset({"unused_buffer", "tmp"})
-
-
 def _children(body: Obj | None, values: Obj) -> dict[str, _Child]:
     """A body's fields and subsections by name; a repeated name (QEMU's ``tmp``, ``unused``) gets ``#2``...
 
@@ -138,7 +134,7 @@ def _children(body: Obj | None, values: Obj) -> dict[str, _Child]:
     seen: set[str] = set()
     repeated: set[str] = set()
     for e in fields:
-        if e.get("type") not in _NOT_ELEMENTS:
+        if e.get("type") not in NOT_ELEMENT_TYPES:
             name = str(e.get("name"))
             (repeated if name in seen else seen).add(name)
     # Arrays described element by element: a name with an index or a null slot, or repeated.

@@ -28,7 +28,7 @@ from vmsd.migration.stream import (
 from vmsd.runtime.errors import VMSDError
 from vmsd.runtime.vmdesc import Obj, describe
 from vmsd.runtime.vmstate import VMStateObject
-from vmsd.tools.errors import ToolError
+from vmsd.tools.errors import ToolError, UsageError
 
 
 def shipped_specs(qemu: str | None, data: Any = None) -> SpecSet:
@@ -51,9 +51,11 @@ def load_specs(specs_dir: Path | None, shipped: SpecSet) -> SpecSet:
     from vmsd.bundled import specs_dir as bundled_specs
     from vmsd.codegen.compiler import compile_specs
 
+    if not specs_dir.is_dir():
+        raise UsageError(f"--specs {specs_dir}: not a folder")
     specs = sorted(specs_dir.rglob("*.vmsd"))
     if not specs:
-        raise ToolError(f"no .vmsd files under {specs_dir}")
+        raise UsageError(f"--specs {specs_dir}: no .vmsd files there")
     # Shipped specs imported from the folder are the shipped classes (with their Python side), not copies.
     try:
         files = compile_specs(specs, str(specs_dir), {bundled_specs(): "vmsd.generated"})
@@ -86,7 +88,7 @@ def read_input(path: str) -> bytes:
     try:
         return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as e:
-        raise ToolError(f"cannot read {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
 
 
 _JSON_READY = frozenset({int, bool, float, str, type(None)})
@@ -310,7 +312,7 @@ def apply_set(stream: Stream, assignment: str) -> None:
     """``SECTION[:INSTANCE].path.to[3].field=VALUE`` on a decoded section."""
     target, sep, raw = assignment.partition("=")
     if not sep:
-        raise ToolError(f"--set needs SECTION.FIELD=VALUE, got {assignment!r}")
+        raise UsageError(f"--set needs SECTION.FIELD=VALUE, got {assignment!r}")
     sections = stream.full_sections()
     match = None
     for sec in sections:
@@ -351,7 +353,7 @@ def _parse_path(path: str) -> list[str | int]:
             steps.append(name)
         steps.extend(int(i, 0) for i in indexes)
     if not steps:
-        raise ToolError("--set needs a field path after the section")
+        raise UsageError("--set needs a field path after the section")
     return steps
 
 

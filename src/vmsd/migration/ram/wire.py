@@ -12,6 +12,7 @@ block list, EOS) goes through a per-record path with QEMU's checks.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import select
@@ -49,6 +50,7 @@ from vmsd.migration.ram.records import (
     read_ram,
     write_ram,
 )
+from vmsd.migration.transport.idle import receive_timeout, stalled
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import ByteSource, Reader, Writer
 
@@ -549,6 +551,8 @@ class _Receiver:
         for buf in buffers:
             self.free.put(buf)
         self.fd = source.fileno()  # type: ignore[attr-defined]  # only started on a _pollable source
+        # A read of the source fails once nothing arrives for its idle limit; waiting in poll must not outlast it.
+        self.idle = receive_timeout(self.fd)
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # stop() ends a wait for input at once
         self._thread = threading.Thread(target=self._run, name="vmsd RAM receiver", daemon=True)
@@ -566,10 +570,13 @@ class _Receiver:
                     continue
                 # Wait for input without blocking for good: stop() must be able to end the thread
                 # while the peer is silent (e.g. waiting for a return-path answer).
-                ready = {fd for fd, _ in poller.poll()}
+                ready = {fd for fd, _ in poller.poll(None if self.idle is None else math.ceil(self.idle * 1000))}
                 if self._wake_r in ready or self._stop.is_set():
                     self.free.put(buf)
                     return
+                if not ready:
+                    assert self.idle is not None
+                    raise stalled(getattr(self.source, "name", f"descriptor {self.fd}"), "read failed", self.idle)
                 got = self.source.readinto(memoryview(buf)[_RESERVE:]) or 0
                 if got <= 0:
                     self.free.put(buf)

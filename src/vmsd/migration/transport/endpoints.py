@@ -28,8 +28,10 @@ class Listener:
         self._unlink = unlink
         self.closed = False
 
-    def accept(self, timeout: float | None = 30.0) -> Channel:
-        """Wait for one connection; :class:`TransportError` after ``timeout`` seconds."""
+    def accept(self, timeout: float | None = 30.0, idle_timeout: float | None = None) -> Channel:
+        """Wait for one connection; :class:`TransportError` after ``timeout`` seconds.
+
+        ``idle_timeout``: the channel's idle limit (see :class:`SocketChannel`), none by default."""
         if self.closed:
             raise TransportError(self.uri, "listener is closed", errno.EBADF)
         try:
@@ -40,7 +42,7 @@ class Listener:
                 raise TransportError(self.uri, f"no connection within {timeout:g}s", errno.ETIMEDOUT) from exc
             raise wrap(self.uri, "accept failed", exc) from exc
         conn.settimeout(None)
-        return socket_channel(self.uri, _roomy(conn))
+        return socket_channel(self.uri, _roomy(conn), idle_timeout)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -115,7 +117,7 @@ def listen(uri: str, backlog: int = 16) -> Listener:
 # ------------------------------------------------------------------ openers
 
 
-def _fd_channel(uri: str, target: FdURI) -> Channel:
+def _fd_channel(uri: str, target: FdURI, idle_timeout: float | None) -> Channel:
     fd = take_fd(uri, target)
     try:
         mode = os.fstat(fd).st_mode
@@ -129,12 +131,15 @@ def _fd_channel(uri: str, target: FdURI) -> Channel:
                 os.close(fd)
             raise wrap(uri, "bad socket", exc) from exc
         sock.settimeout(None)
-        return socket_channel(uri, _roomy(sock))
+        return socket_channel(uri, _roomy(sock), idle_timeout)
     return DescriptorChannel(uri, fd=fd)
 
 
-def open_outgoing(uri: str, timeout: float = 30.0) -> Channel:
-    """Open the sending end named by ``uri``; ``timeout`` bounds connecting."""
+def open_outgoing(uri: str, timeout: float = 30.0, idle_timeout: float | None = None) -> Channel:
+    """Open the sending end named by ``uri``; ``timeout`` bounds connecting.
+
+    ``idle_timeout`` (seconds) is the idle limit of a socket's channel (``tcp:``, ``unix:``, ``fd:``
+    naming a socket): see :class:`SocketChannel`.  Files and commands have none."""
     target = parse_uri(uri)
     if isinstance(target, FileURI):
         return FileSink(uri, target.path, target.offset)
@@ -146,7 +151,7 @@ def open_outgoing(uri: str, timeout: float = 30.0) -> Channel:
                 raise TransportError(uri, f"no connection within {timeout:g}s", errno.ETIMEDOUT) from exc
             raise wrap(uri, "cannot connect", exc) from exc
         sock.settimeout(None)
-        return SocketChannel(uri, sock=sock)
+        return SocketChannel(uri, sock=sock, idle_timeout=idle_timeout)
     if isinstance(target, UnixURI):
         sock = _roomy(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
         try:
@@ -158,18 +163,19 @@ def open_outgoing(uri: str, timeout: float = 30.0) -> Channel:
                 raise TransportError(uri, f"no connection within {timeout:g}s", errno.ETIMEDOUT) from exc
             raise wrap(uri, "cannot connect", exc) from exc
         sock.settimeout(None)
-        return socket_channel(uri, sock)
+        return socket_channel(uri, sock, idle_timeout)
     if isinstance(target, FdURI):
-        return _fd_channel(uri, target)
+        return _fd_channel(uri, target, idle_timeout)
     return CommandChannel(uri, target.command, outgoing=True, timeout=timeout)
 
 
-def open_incoming(uri: str, timeout: float = 30.0) -> Channel:
-    """Open the receiving end named by ``uri``; ``timeout`` bounds waiting for the peer."""
+def open_incoming(uri: str, timeout: float = 30.0, idle_timeout: float | None = None) -> Channel:
+    """Open the receiving end named by ``uri``; ``timeout`` bounds waiting for the peer, ``idle_timeout``
+    is as :func:`open_outgoing`'s."""
     target = parse_uri(uri)
     if isinstance(target, TcpURI | UnixURI):
         with listen(uri, backlog=1) as listener:
-            return listener.accept(timeout)
+            return listener.accept(timeout, idle_timeout)
     if isinstance(target, FileURI):
         try:
             fd = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -184,5 +190,5 @@ def open_incoming(uri: str, timeout: float = 30.0) -> Channel:
                 raise wrap(uri, f"cannot seek to offset {target.offset}", exc) from exc
         return channel
     if isinstance(target, FdURI):
-        return _fd_channel(uri, target)
+        return _fd_channel(uri, target, idle_timeout)
     return CommandChannel(uri, target.command, outgoing=False, timeout=timeout)
