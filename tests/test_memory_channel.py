@@ -138,7 +138,7 @@ def memory_transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MemoryCha
     pairs = [memory_pair(f"memory#{i}") for i in range(3)]
     ours = iter([a for a, _ in pairs])
 
-    def open_outgoing(uri: str, timeout: float = 30.0) -> Channel:
+    def open_outgoing(uri: str, timeout: float = 30.0, tls: None = None, tls_hostname: None = None) -> Channel:
         return next(ours)
 
     monkeypatch.setattr(precopy, "open_outgoing", open_outgoing)

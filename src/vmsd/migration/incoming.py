@@ -42,6 +42,7 @@ from vmsd.migration.transport import (
     Channel,
     Listener,
     TcpURI,
+    TlsConfig,
     TransportError,
     UnixURI,
     listen,
@@ -84,8 +85,12 @@ class Incoming:
     def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
                  blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None, mode: str = "normal",
                  cpr_channel: str | None = None, commit: Callable[[IncomingResult], None] | None = None,
-                 max_ram: int | None = None) -> None:
-        """``mode`` is the migration mode of the old side (QEMU's ``mode``).  In cpr-transfer the CPR state
+                 max_ram: int | None = None, tls: TlsConfig | None = None) -> None:
+        """``tls``: QEMU's ``tls-creds``; every connection (main and multifd) must then complete a TLS
+        handshake, presenting the folder's server certificate and, with ``verify_peer``, checking the
+        source's against its CA.
+
+        ``mode`` is the migration mode of the old side (QEMU's ``mode``).  In cpr-transfer the CPR state
         arrives first on ``cpr_channel`` (a ``unix:`` URI we listen on), in cpr-exec it is found through
         the environment; either way the RAM blocks are built on the memory it hands over (a machine
         given here must have none of its own) and no page may come on the main channel."""
@@ -99,6 +104,10 @@ class Incoming:
             raise ValueError(f"migration mode '{mode}' does not use multifd channels")
         if machine is None and specs is None:
             raise ValueError("an Incoming without a machine needs specs")
+        if tls is not None and mode != "normal":
+            raise ValueError(f"TLS with migration mode '{mode}' is not supported")
+        # Built now, so that a credentials folder that cannot serve fails here, before anything listens.
+        self._tls = tls.server_context() if tls is not None else None
         if machine is not None and blocks is not None:
             raise ValueError("an Incoming into a machine uses the machine's RAM blocks")
         self.machine = machine
@@ -130,12 +139,12 @@ class Incoming:
                 elif self.mode == "cpr-exec":
                     self._adopt(find_state())
                 if cfg is not None:
-                    with listen(uri) as mlst:
+                    with listen(uri, tls=self._tls) as mlst:
                         ch, channels = accept_all(lambda: mlst.accept(timeout), cfg, timeout)
                 elif lst is not None:
                     ch = lst.accept(timeout)
                 else:
-                    ch = open_incoming(uri, timeout=timeout)
+                    ch = open_incoming(uri, timeout=timeout, tls=self._tls)
             finally:
                 if lst is not None:
                     lst.close()
