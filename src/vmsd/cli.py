@@ -179,9 +179,10 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     multifd = _multifd(args, caps)
     mode, cpr_channel = _cpr_options(args)
     max_ram = _size(args.max_ram, "--max-ram") if args.max_ram is not None else None
+    tls = _tls(args)
     result = snapshot.incoming(args.uri, args.output, streams.load_specs(args.specs), args.timeout,
                                multifd=multifd, force=args.force, mode=mode, cpr_channel=cpr_channel,
-                               max_ram=max_ram, tls=_tls(args))
+                               max_ram=max_ram, tls=tls)
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
           f"sections in {result.seconds:.2f}s; snapshot written to {args.output}",
@@ -206,6 +207,7 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ToolError(str(e)) from None
     mode, cpr_channel = _cpr_options(args)
+    tls = _tls(args)
     info = snapshot.outgoing(Path(args.snapshot), args.uri, streams.load_specs(args.specs), args.timeout,
                              caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer,
                              mode=mode, cpr_channel=cpr_channel)
