@@ -210,7 +210,7 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
     tls = _tls(args)
     info = snapshot.outgoing(Path(args.snapshot), args.uri, streams.load_specs(args.specs), args.timeout,
                              caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer,
-                             mode=mode, cpr_channel=cpr_channel)
+                             mode=mode, cpr_channel=cpr_channel, tls=tls)
     if not args.json:
         print(summary(info))
     if info["status"] != "completed":

@@ -63,6 +63,7 @@ from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import (
     MultifdConfig,
     MultifdSender,
+    initial_packet,
 )
 from vmsd.migration.profile import NEWEST, PeerProfile
 from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock
@@ -484,8 +485,12 @@ class Migration:
             self._multifd_seen = total
 
     def _open_multifd(self, cfg: MultifdConfig) -> None:
-        for _ in range(cfg.channels):
-            self._multifd_channels.append(self._connect())
+        for i in range(cfg.channels):
+            ch = self._connect()
+            self._multifd_channels.append(ch)
+            # At once, as QEMU's source does: QEMU's destination reads a channel's initial packet as soon as it
+            # has the channel, in the thread that would do the next channel's TLS handshake.
+            ch.write(initial_packet(cfg.uuid, i))
 
     def _connect(self) -> Channel:
         """A connection to the destination, through a TLS handshake when configured."""
@@ -495,7 +500,7 @@ class Migration:
 
     def _start_multifd(self) -> None:
         if self.multifd is not None and self._sender is None:
-            self._sender = MultifdSender(self.multifd, self._multifd_channels)
+            self._sender = MultifdSender(self.multifd, self._multifd_channels, introduced=True)
 
     def _multifd_sync(self, now: bool) -> None:
         """A SYNC packet on every channel, then (newest layout) the MULTIFD_FLUSH record."""

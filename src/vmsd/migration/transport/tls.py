@@ -159,6 +159,8 @@ class TlsChannel(BaseChannel):
         super().__init__(name)
         self._sock = sock
         self._ahead = bytearray()  # decrypted by peek(), not read yet
+        self._heard = False  # whether the peer sent a byte yet
+        self._stopped = False  # whether we shut the socket down (then an end of stream is ours)
 
     @property
     def version(self) -> str | None:
@@ -177,9 +179,11 @@ class TlsChannel(BaseChannel):
         if not view:
             return 0
         try:
-            return self._sock.recv_into(view)
+            n = self._sock.recv_into(view)
         except OSError as exc:
             raise self._failure("read failed", exc) from None
+        self._heard = self._heard or self._silent_end(n)
+        return n
 
     def peek(self, n: int, timeout: float) -> bytes:
         self._check_open()
@@ -193,12 +197,24 @@ class TlsChannel(BaseChannel):
                 raise self._failure("read failed", exc) from None
             finally:
                 self._sock.settimeout(None)
+            self._heard = self._heard or self._silent_end(len(got))
             self._ahead += got
             # What is decrypted already comes along, as a socket's peek returns what has arrived.
             while got and len(self._ahead) < n and self._sock.pending():
                 got = self._sock.recv(min(n - len(self._ahead), self._sock.pending()))
                 self._ahead += got
         return bytes(self._ahead[:n])
+
+    def _silent_end(self, n: int) -> bool:
+        """Whether bytes came (``n``); the end of the session before the first byte is an error.
+
+        A peer that checks our certificate or name only once its handshake is done (QEMU does) hangs up
+        right after it when they do not suit it; a migration channel always carries something.
+        """
+        if n == 0 and not self._stopped:
+            raise TransportError(self.name, "the peer ended the TLS session before sending anything (did it refuse "
+                                            "our certificate, or the name it checked?)", errno.ECONNABORTED)
+        return True
 
     # ---- writing
     def write(self, data: Buffer, /) -> int:
@@ -248,6 +264,7 @@ class TlsChannel(BaseChannel):
         # On the socket under TLS, not SSLSocket.shutdown: that drops the TLS state a thread blocked in a read or
         # write is still using, and only the socket's end wakes that thread.
         if not self.closed:
+            self._stopped = True
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(self._sock, how)
 
