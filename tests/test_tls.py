@@ -23,7 +23,6 @@ from cli_process import one_line_error, run
 from listening import unix_listening, wait_listening
 from private_peers import Peer
 from test_migration import devices_of, fill, free_port, make_machine, ram_of
-from tls_certs import Pki, creds_dir, make_pki
 from vmsd.cli import main
 from vmsd.migration.incoming import Incoming, IncomingResult
 from vmsd.migration.iovec import Scattered, buffer_address
@@ -42,6 +41,7 @@ from vmsd.migration.transport import (
     open_outgoing,
 )
 from vmsd.testing.qmp import Qemu
+from vmsd.testing.tls_certs import Pki, creds_dir, make_pki
 
 MIB = 1 << 20
 TIMEOUT = 30.0

@@ -1,4 +1,4 @@
-"""Certificates for the TLS tests, made with the ``openssl`` command (part of every machine image here).
+"""Certificates for TLS tests and benchmarks, made with the ``openssl`` command (no Python package needed).
 
 :func:`make_pki` writes a CA and, signed by it, a server certificate for
 ``localhost`` / 127.0.0.1 and a client certificate, with the extensions
