@@ -161,6 +161,8 @@ class TlsChannel(BaseChannel):
         self._ahead = bytearray()  # decrypted by peek(), not read yet
         self._heard = False  # whether the peer sent a byte yet
         self._stopped = False  # whether we shut the socket down (then an end of stream is ours)
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
 
     @property
     def version(self) -> str | None:
@@ -183,7 +185,22 @@ class TlsChannel(BaseChannel):
         except OSError as exc:
             raise self._failure("read failed", exc) from None
         self._heard = self._heard or self._silent_end(n)
+        # One TLS record is at most 16 KiB: take the records that have arrived too, so that a reader asking for
+        # a megabyte is not handed it in 64 pieces (each one a call, and a reader that buffers them copies).
+        while 0 < n < len(view) and (self._sock.pending() or self._readable()):
+            try:
+                k = self._sock.recv_into(view[n:])
+            except OSError:
+                break  # the next read meets it again
+            if not k:
+                break
+            n += k
         return n
+
+    def _readable(self) -> bool:
+        """Whether bytes wait on the socket (a record that arrived whole, or the first of it: its sender sends it
+        at once)."""
+        return bool(self._poll.poll(0))
 
     def peek(self, n: int, timeout: float) -> bytes:
         self._check_open()
