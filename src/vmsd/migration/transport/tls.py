@@ -70,6 +70,9 @@ class TlsConfig:
     hostname: str | None = None
     verify_peer: bool = True
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "creds", Path(self.creds))  # a str names the folder as well
+
     def client_context(self) -> ssl.SSLContext:
         """The source's context: its certificate when the folder has one, the CA to check the destination with."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
