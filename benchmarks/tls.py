@@ -12,9 +12,10 @@ moved wrong bytes is counted as failed.
 Printed per row: wall seconds from the start of the migration until the
 source saw it complete (return path: the destination loaded everything),
 median (min-max) of ``--runs``, the rate, and the ratio plain / TLS (above 1:
-TLS is slower by that factor).
+TLS is slower by that factor).  ``--qemu`` adds the same rows for QEMU 7.2 -> QEMU 7.2 (the system's QEMU,
+paused guests, the same certificates), for scale: what TLS costs QEMU itself on this machine.
 
-    .venv/bin/python benchmarks/tls.py [--size 1G] [--runs 3] [--multifd 2,4]
+    .venv/bin/python benchmarks/tls.py [--size 1G] [--runs 3] [--multifd 2,4] [--qemu]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from vmsd.migration.multifd import MultifdConfig  # noqa: E402
 from vmsd.migration.precopy import Migration  # noqa: E402
 from vmsd.migration.ram.blocks import RamBlock  # noqa: E402
 from vmsd.migration.transport import TlsConfig  # noqa: E402
+from vmsd.testing.qmp import Qemu  # noqa: E402
 from vmsd.testing.tls_certs import creds_dir, make_pki  # noqa: E402
 
 MIB = 1 << 20
@@ -117,11 +119,47 @@ def one_run(src: Path, size: int, channels: int, creds: dict[str, Path] | None) 
         dst.unlink()
 
 
+def qemu_run(src: Path, size: int, channels: int, creds: dict[str, Path] | None) -> float | None:
+    """QEMU 7.2 -> QEMU 7.2, both paused: seconds from ``migrate`` until both report completed."""
+    dst = _shm("dst", size)
+
+    def start(ram: Path, role: str, incoming: str | None) -> Qemu:
+        args = ["-object", f"memory-backend-file,id=m,size={size},mem-path={ram},share=on",
+                "-machine", "memory-backend=m"]
+        if creds:
+            args += ["-object", f"tls-creds-x509,id=tls0,dir={creds[role]},endpoint={role},verify-peer=on"]
+        return Qemu(args, memory=f"{size // MIB}M", incoming=incoming)
+
+    try:
+        with start(dst, "server", "defer") as d, start(src, "client", None) as s:
+            for q in (d, s):
+                if channels:
+                    q.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+                    q.qmp.cmd("migrate-set-parameters", **{"multifd-channels": channels})
+                if creds:
+                    q.qmp.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+            s.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 10**12})
+            d.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+            port = d.qmp.cmd("query-migrate")["socket-address"][0]["port"]
+            t0 = time.perf_counter()
+            s.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            for q in (s, d):
+                while (status := q.qmp.cmd("query-migrate").get("status")) not in ("completed", "failed"):
+                    time.sleep(0.02)
+                if status != "completed":
+                    return None
+            wall = time.perf_counter() - t0
+        return wall if src.read_bytes() == dst.read_bytes() else None
+    finally:
+        dst.unlink()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1G", help="guest RAM, M or G suffix (default 1G)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--multifd", default="2", help="multifd channel counts to try besides the main channel, e.g. 2,4")
+    ap.add_argument("--qemu", action="store_true", help="also QEMU 7.2 -> QEMU 7.2, plain and TLS")
     ap.add_argument("--peer", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peer:
@@ -129,8 +167,8 @@ def main() -> int:
         return peer_main(uri, Path(ram), int(size), int(channels), creds)
     size = int(float(args.size[:-1]) * (GIB if args.size[-1].upper() == "G" else MIB))
     layouts = [0, *(int(c) for c in args.multifd.split(",") if c)]
-    print(f"vmsd -> vmsd on loopback, {size / MIB:g} MiB of random pages, {args.runs} runs, {ssl.OPENSSL_VERSION}")
-    print(f"{'channels':<22} {'plain s med (min-max)':>24} {'GB/s':>6} {'TLS s med (min-max)':>24} {'GB/s':>6} "
+    print(f"loopback, {size / MIB:g} MiB of random pages, {args.runs} runs, vmsd with {ssl.OPENSSL_VERSION}")
+    print(f"{'source -> destination':<22} {'plain s med (min-max)':>24} {'GB/s':>6} {'TLS s med (min-max)':>24} {'GB/s':>6} "
           f"{'TLS/plain':>9}")
     with tempfile.TemporaryDirectory(prefix="vmsd-bench-tls-") as tmp:
         pki = make_pki(Path(tmp) / "pki")
@@ -140,15 +178,17 @@ def main() -> int:
         try:
             src.write_bytes(np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes())
             all_ok = True
-            for channels in layouts:
+            rows = [("vmsd", c) for c in layouts] + ([("QEMU 7.2", c) for c in layouts] if args.qemu else [])
+            for who, channels in rows:
                 walls: dict[bool, list[float]] = {False: [], True: []}
+                run = one_run if who == "vmsd" else qemu_run
                 for _ in range(args.runs):
                     for tls in (False, True):  # interleaved: drifts of this VM hit both alike
-                        wall = one_run(src, size, channels, creds if tls else None)
+                        wall = run(src, size, channels, creds if tls else None)
                         all_ok &= wall is not None
                         if wall is not None:
                             walls[tls].append(wall)
-                name = "main channel" if not channels else f"multifd {channels} channels"
+                name = f"{who}, " + ("main channel" if not channels else f"multifd {channels} ch")
                 cells = []
                 for tls in (False, True):
                     w = walls[tls]
