@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: system packages (QEMU 7.2 is the interop peer) and
+# Set up a fresh machine: system packages (QEMU 7.2 is the interop peer, openssl) and
 # a virtualenv in .venv with vmsd installed in editable mode plus dev tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+# openssl makes the certificates of the TLS tests (vmsd.testing.tls_certs).
+missing=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq qemu-system-x86 >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # QEMU 10.0 (bookworm-backports) and 11.1 (sid, with its own glibc) are the other

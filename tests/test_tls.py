@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -305,7 +306,7 @@ def test_a_refused_destination_leaves_the_source_running_and_intact(creds: dict[
 
 @pytest.fixture
 def shm() -> Iterator[Path]:
-    d = Path("/dev/shm") / f"vmsd-tls-{free_port()}"
+    d = Path("/dev/shm") / f"vmsd-tls-{uuid.uuid4().hex[:8]}"
     d.mkdir()
     yield d
     for f in d.iterdir():
