@@ -116,6 +116,9 @@ def test_a_tls_channel_carries_bytes_both_ways_without_a_descriptor(creds: dict[
         sender.start()
         # peek keeps what it decrypted for the next read, as a socket's MSG_PEEK does
         assert peer.peek(4, 10) == b"QEVM"
+        # No descriptor carries the stream, but the socket under it tells when input arrives; what the channel
+        # decrypted already shows in buffered() (the RAM loader's read-ahead thread polls on both).
+        assert peer.input_fd() >= 0 and peer.buffered() >= 4
         assert peer.read_exact(len(payload)) == payload
         assert peer.read_exact(8 * 4096 + 1) == b"".join(pages) + b"!"
         sender.join(10)
@@ -126,6 +129,7 @@ def test_a_tls_channel_carries_bytes_both_ways_without_a_descriptor(creds: dict[
         assert info.value.errno == errno.ETIMEDOUT
         client.close()  # close_notify: the peer reads the end of the stream
         assert peer.readinto(bytearray(16)) == 0
+    assert client.input_fd() == -1 and client.buffered() == 0
 
 
 def test_shutdown_wakes_a_reader_blocked_in_tls(creds: dict[str, Path]) -> None:

@@ -200,6 +200,12 @@ class TlsChannel(BaseChannel):
             n += k
         return n
 
+    def input_fd(self) -> int:
+        return -1 if self.closed else self._sock.fileno()
+
+    def buffered(self) -> int:
+        return 0 if self.closed else len(self._ahead) + self._sock.pending()
+
     def _readable(self) -> bool:
         """Whether bytes wait on the socket (a record that arrived whole, or the first of it: its sender sends it
         at once)."""
