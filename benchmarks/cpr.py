@@ -5,7 +5,9 @@ machine: for vmsd, from ``Migration.run`` (CPR stops the machine first) to
 ``Incoming.run`` returning, and for precopy QEMU's definition (the paused
 final stage, ``downtime`` of query-migrate); for QEMU, the ``downtime`` its
 source reports (it stops when the main channel connects, after the CPR
-state).  Beside them, copying the same RAM: stop-and-copy (cpr-reboot over a
+state).  cpr-exec is timed from the old program's start of the migration to
+the new program holding the machine (its start-up included: a new Python and
+vmsd's imports, or a new QEMU seen over QMP).  Beside them, copying the same RAM: stop-and-copy (cpr-reboot over a
 socket, the whole RAM moved while stopped) and the downtime of normal
 precopy of an idle machine (only its final stage is paused).  RAM is a
 populated memfd of each size.  Prints median, min and max of several runs,
@@ -115,6 +117,83 @@ def vmsd_precopy(size: int, d: Path) -> float:
     return float(_copying(size, d, "normal")[1]["downtime"]) / 1000  # type: ignore[arg-type]
 
 
+_EXEC_CHILD = r"""
+import os, sys, time
+from vmsd.generated.examples.serial import Serial
+from vmsd.migration.incoming import Incoming
+from vmsd.migration.machine import Machine
+from vmsd.migration.precopy import Migration
+from vmsd.migration.profile import peer_profile
+
+if sys.argv[1] == "old":
+    m = Machine("bench")
+    block = m.add_ram("pc.ram", int(sys.argv[3]), prealloc=True)
+    block.bytes_[:: 1 << 16] = 0x5A
+    m.add_device("serial", Serial(divider=12))
+    os.environ["VMSD_BENCH_T0"] = repr(time.monotonic())  # CLOCK_MONOTONIC: one clock across the exec
+    info = Migration(m, "file:" + sys.argv[2], mode="cpr-exec", peer=peer_profile("11.1"),
+                     cpr_exec_command=[sys.executable, __file__, "new", sys.argv[2]]).run()
+    raise SystemExit(f"exec failed: {info}")
+m = Machine("bench")
+m.add_device("serial", Serial())
+Incoming(m, mode="cpr-exec").run("file:" + sys.argv[2])
+print(time.monotonic() - float(os.environ["VMSD_BENCH_T0"]))
+"""
+
+
+def vmsd_cpr_exec(size: int, d: Path) -> float:
+    """One process: the old program stops its machine and execs the new one, which adopts RAM and devices.
+    Includes starting Python and importing vmsd in the new program."""
+    import subprocess
+
+    script = d / "child.py"
+    script.write_text(_EXEC_CHILD)
+    out = subprocess.run([sys.executable, str(script), "old", str(d / "main.mig"), str(size)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def qemu_cpr_exec(size: int, d: Path) -> float:
+    """From `migrate` to the exec'd QEMU 11.1 reporting the incoming migration completed (QEMU's start-up
+    included), seen from outside over QMP."""
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from private_peers import Peer
+    from vmsd.testing.qmp import QMP
+
+    wrapper = Peer.fetched("11.1").cmd[0]
+    mem = f"{size >> 20}M"
+    qmp_path, state = d / "qmp.sock", d / "vm.state"
+    args = ["-M", "pc,acpi=off,memory-backend=ram0,aux-ram-share=on", "-m", mem, "-nodefaults", "-display", "none",
+            "-object", f"memory-backend-memfd,id=ram0,size={mem},share=on,prealloc=on",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    proc = subprocess.Popen([wrapper, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        qmp = QMP(str(qmp_path), timeout=120)
+        qmp.cmd("migrate-set-parameters", **{"mode": "cpr-exec",
+                                             "cpr-exec-command": [wrapper, *args, "-incoming", f"file:{state}"]})
+        qmp_path.unlink()
+        start = time.perf_counter()
+        qmp.cmd("migrate", uri=f"file:{state}")
+        qmp.close()
+        while not qmp_path.exists():  # the new QEMU listens there once it runs
+            time.sleep(0.0005)
+        qmp = QMP(str(qmp_path), timeout=60)
+        while qmp.cmd("query-migrate").get("status") != "completed":
+            time.sleep(0.0005)
+        elapsed = time.perf_counter() - start
+        qmp.cmd("quit")
+        qmp.close()
+        proc.wait(30)
+        return elapsed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def qemu_cpr_transfer(size: int, d: Path) -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from private_peers import Peer  # the tests' launcher of the private QEMU 11.1
@@ -150,9 +229,9 @@ def main() -> None:
     ap.add_argument("--no-qemu", action="store_true", help="leave out QEMU 11.1 <-> QEMU 11.1")
     args = ap.parse_args()
     cases = [("vmsd stop-and-copy", vmsd_stop_and_copy), ("vmsd cpr-transfer", vmsd_cpr_transfer),
-             ("vmsd precopy (idle)", vmsd_precopy)]
+             ("vmsd cpr-exec", vmsd_cpr_exec), ("vmsd precopy (idle)", vmsd_precopy)]
     if not args.no_qemu:
-        cases.append(("QEMU 11.1 cpr-transfer", qemu_cpr_transfer))
+        cases += [("QEMU 11.1 cpr-transfer", qemu_cpr_transfer), ("QEMU 11.1 cpr-exec", qemu_cpr_exec)]
     print(f"{'case':<24} {'GiB':>4} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'vs copying':>11}")
     for gib in (int(s) for s in args.sizes.split(",")):
         medians: dict[str, float] = {}

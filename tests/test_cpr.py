@@ -359,3 +359,80 @@ def test_find_state_refuses_a_bad_variable(monkeypatch: pytest.MonkeyPatch) -> N
         cpr_exec.find_state()
     with pytest.raises(OSError):
         os.fstat(fd)  # the state's memfd is closed either way
+
+
+def test_cpr_transfer_new_side_dies_after_the_hang_up(sockets: tuple[str, str]) -> None:
+    """The new side took the descriptors, hung up, then died on the main channel: the old side fails and runs on."""
+    main, cpr = sockets
+    src = make_machine()
+    fill(src)
+    want_ram, want_dev = ram_of(src), devices_of(src)
+    with src, listen(cpr) as clst:
+        def new_side() -> None:
+            with clst.accept(20) as cch:
+                state = receive_state(cch)
+                mlst = listen(main)
+            state.close()
+            with mlst, mlst.accept(20) as mch:
+                mch.read_exact(4)  # the stream starts ...
+                mch.abort()  # ... and the new side is gone
+
+        t = threading.Thread(target=new_side, daemon=True)
+        t.start()
+        info = Migration(src, main, mode="cpr-transfer", cpr_channel=cpr, peer=PEER, timeout=5,
+                         capabilities={"return-path": True}).run()
+        t.join(10)
+        assert info["status"] == "failed"
+        assert src.running and ram_of(src) == want_ram and devices_of(src) == want_dev
+
+
+def test_adopted_ram_refuses_a_missing_or_wrong_descriptor() -> None:
+    from vmsd.migration.cpr.ram import AdoptedRam
+    from vmsd.migration.cpr.state import CprState
+
+    r, w = os.pipe()
+    small = os.memfd_create("small", os.MFD_CLOEXEC)
+    os.ftruncate(small, 4096)
+    state = CprState([CprEntry("pipe", 0, r), CprEntry("small", 0, small)])
+    adopt = AdoptedRam(state)
+    with pytest.raises(CprError, match="not a memory file"):
+        adopt("pipe", 4096)
+    with pytest.raises(CprError, match="holds 0x1000 bytes"):
+        adopt("small", 8192)
+    with pytest.raises(CprError, match="handed over no memory"):
+        adopt("pc.ram", 4096)
+    assert state.entries == []  # both were taken, and closed when refused
+    os.close(w)
+
+
+def test_cpr_exec_wrap_starts_qemu_unchanged_whatever_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrapper may report and edit, but it never keeps QEMU from starting with what the old QEMU left."""
+    import io
+
+    from vmsd.qemu.v7_2 import spec_set
+    from vmsd.tools.cpr import cpr_exec_wrap
+
+    stream = tmp_path / "main.mig"
+    stream.write_bytes(b"QEVM\0\0\0\x03garbage")
+    argv = ["qemu-system-x86_64", "-incoming", f"file:{stream}"]
+    calls: list[tuple[str, list[str]]] = []
+    fd = os.memfd_create("state", os.MFD_CLOEXEC)
+    try:
+        w = Writer()
+        write_state(w, [CprEntry("pc.ram", 0, 77)], PEER)
+        os.write(fd, w.getvalue())
+        for env, sets in ((None, []), ("x", []), (str(fd), ["rtc.nope=1"]), (str(fd), [])):
+            if env is None:
+                monkeypatch.delenv(cpr_exec.ENV, raising=False)
+            else:
+                monkeypatch.setenv(cpr_exec.ENV, env)
+            err = io.StringIO()
+            cpr_exec_wrap(argv, spec_set(), sets, err, execvp=lambda f, a: calls.append((f, a)))
+            assert calls[-1] == (argv[0], argv)
+            assert "starting QEMU" in err.getvalue() and "Traceback" not in err.getvalue()
+        assert "pc.ram (fd 77)" in err.getvalue()  # the state was reported before the stream failed
+        assert stream.read_bytes() == b"QEVM\0\0\0\x03garbage"  # and nothing was written
+        assert os.environ[cpr_exec.ENV] == str(fd)  # left for QEMU
+        assert os.pread(fd, 4, 0) == b"QCPR"
+    finally:
+        os.close(fd)

@@ -399,8 +399,8 @@ def test_cli_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     dump.write_text(json.dumps(toy_dump()))
     assert cli.main(["import-qemu", str(dump), "-o", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "toy.vmsd").exists()
-    assert cli.main(["import-qemu", str(tmp_path / "nope.json"), "-o", str(tmp_path / "out2")]) == 1
-    assert "cannot read dump" in capsys.readouterr().err
+    assert cli.main(["import-qemu", str(tmp_path / "nope.json"), "-o", str(tmp_path / "out2")]) == 2  # usage
+    assert "cannot read" in capsys.readouterr().err
 
 
 # -- real QEMU 7.2 ---------------------------------------------------------------------------------------

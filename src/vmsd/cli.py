@@ -1,10 +1,11 @@
-"""Command line: ``vmsd compile`` and ``vmsd check``."""
+"""Command line: `vmsd COMMAND ...`, one function per command; every error is one line (exit 1, usage 2)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from typing import Any
 from vmsd.migration.profile import NEWEST, PROFILES, peer_profile
 from vmsd.runtime.errors import VMSDError
 from vmsd.runtime.outfile import OutputExists
-from vmsd.tools.errors import ToolError
+from vmsd.tools.errors import ToolError, UsageError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 # A shell's status for a process ended by SIGINT / SIGTERM (128 + the signal's number).
@@ -40,7 +41,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from vmsd.runtime.outfile import write_file
 
     if args.specs:
-        specs = [Path(s) for s in args.specs]
+        specs = [_readable(s, regular=True) for s in args.specs]
         out_dir = Path(args.output or ".")
         root = None
     else:
@@ -102,7 +103,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from vmsd.grammar.loader import load
     from vmsd.grammar.semantic import check
 
-    check(load([Path(s) for s in args.specs], outside_imports=args.allow_outside_imports))
+    check(load([_readable(s, regular=True) for s in args.specs], outside_imports=args.allow_outside_imports))
     print(f"{len(args.specs)} spec(s) ok")
     return EXIT_OK
 
@@ -127,6 +128,9 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
     from vmsd.runtime.outfile import OutputFile
     from vmsd.tools import streams
 
+    for assignment in args.set or []:  # before the stream is read: a typo costs no decoding
+        if "=" not in assignment:
+            raise UsageError(f"--set needs SECTION.FIELD=VALUE, got {assignment!r}")
     # The output is checked before the work; a stream holds guest RAM (0600).
     with OutputFile(args.output, force=args.force, private=True, stdout=True) as out:
         data = streams.rewrite(streams.read_input(args.stream), streams.load_specs(args.specs), args.set or [])
@@ -154,10 +158,26 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _cmd_import_qemu(args: argparse.Namespace) -> int:
     from vmsd.tools.importer import import_qemu
 
-    for path in import_qemu(Path(args.dump), Path(args.stream) if args.stream else None, Path(args.output),
+    for path in import_qemu(_readable(args.dump), _readable(args.stream) if args.stream else None, Path(args.output),
                             force=args.force):
         print(path)
     return EXIT_OK
+
+
+def _readable(path: str, regular: bool = False) -> Path:
+    """An input file named on the command line: one that is absent or unreadable is a usage error, not a
+    finding.  Only looked at, never opened (a FIFO would block); ``regular``: specs must be regular files."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"cannot read {path}: it is a folder")
+    if regular and not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"cannot read {path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"cannot read {path}: permission denied")
+    return Path(path)
 
 
 def _migration_options(args: argparse.Namespace) -> dict[str, str]:
@@ -166,7 +186,7 @@ def _migration_options(args: argparse.Namespace) -> dict[str, str]:
     for item in [*(args.capability or []), *(args.parameter or [])]:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise ToolError(f"expected NAME=VALUE, got {item!r}")
+            raise UsageError(f"expected NAME=VALUE, got {item!r}")
         out[name] = value
     return out
 
@@ -175,6 +195,7 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     from vmsd.tools import snapshot, streams
 
     _migration_options(args)  # the receiver decodes whatever the peer chose; names are checked
+    _uri(args.uri)
     caps, _ = _settings(args)
     multifd = _multifd(args, caps)
     mode, cpr_channel = _cpr_options(args)
@@ -195,6 +216,7 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
     from vmsd.tools.progress import Progress, summary
 
     _migration_options(args)
+    _readable(args.snapshot)
     _refuse_existing_file_uri(args.uri, args.force)
     caps, params = _settings(args)
     multifd = _multifd(args, caps)
@@ -205,7 +227,7 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
         peer = peer_profile(args.peer_version)
         parse_settings(caps, params, peer)
     except ValueError as e:
-        raise ToolError(str(e)) from None
+        raise UsageError(str(e)) from None
     mode, cpr_channel = _cpr_options(args)
     tls = _tls(args)
     info = snapshot.outgoing(Path(args.snapshot), args.uri, streams.load_specs(args.specs), args.timeout,
@@ -225,7 +247,7 @@ def _tls(args: argparse.Namespace) -> Any:
     hostname = getattr(args, "tls_hostname", None)
     if args.tls_creds is None:
         if hostname is not None:
-            raise ToolError("--tls-hostname needs --tls-creds")
+            raise UsageError("--tls-hostname needs --tls-creds")
         return None
     return TlsConfig(Path(args.tls_creds), hostname)
 
@@ -233,9 +255,9 @@ def _tls(args: argparse.Namespace) -> Any:
 def _cpr_options(args: argparse.Namespace) -> tuple[str, str | None]:
     """``--mode`` and ``--cpr-channel``: cpr-transfer needs a unix: cpr channel, no other mode takes one."""
     if args.mode == "cpr-transfer" and not (args.cpr_channel or "").startswith("unix:"):
-        raise ToolError("--mode cpr-transfer needs --cpr-channel unix:PATH")
+        raise UsageError("--mode cpr-transfer needs --cpr-channel unix:PATH")
     if args.mode != "cpr-transfer" and args.cpr_channel is not None:
-        raise ToolError("--cpr-channel is only for --mode cpr-transfer")
+        raise UsageError("--cpr-channel is only for --mode cpr-transfer")
     return args.mode, args.cpr_channel
 
 
@@ -245,11 +267,53 @@ def _refuse_existing_file_uri(uri: str, force: bool) -> None:
     With an offset the file is meant to be written into (its first bytes are kept), and a FIFO or device
     is written in place: neither is an output about to be lost.
     """
-    from vmsd.migration.transport import FileURI, parse_uri
+    from vmsd.migration.transport import FileURI
 
-    target = parse_uri(uri)
+    target = _uri(uri)
     if not force and isinstance(target, FileURI) and not target.offset and os.path.isfile(target.path):
         raise OutputExists(f"{target.path} exists")
+
+
+def _uri(text: str) -> Any:
+    """A migration URI given on the command line; a malformed one is a usage error."""
+    from vmsd.migration.transport import parse_uri
+
+    try:
+        return parse_uri(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from vmsd.tools import cpr, streams
+
+    _uri(args.from_uri)
+    _uri(args.to_uri)
+    try:
+        peer = peer_profile(args.peer_version)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+    report = cpr.relay_cpr_transfer(args.from_cpr, args.from_uri, args.to_cpr, args.to_uri,
+                                    streams.load_specs(args.specs), args.set or [], peer, args.timeout,
+                                    log=lambda line: print(f"vmsd relay: {line}", file=sys.stderr))
+    print(f"passed {len(report.descriptors)} descriptors and {report.sections} device sections "
+          f"({report.stream_bytes} bytes{', edited' if report.edited else ''}) to the new QEMU")
+    return EXIT_OK
+
+
+def _cmd_cpr_exec_wrap(args: argparse.Namespace) -> int:
+    from vmsd.tools import cpr, streams
+
+    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not argv:
+        raise UsageError("give the QEMU command line after --")
+    try:
+        specs = streams.load_specs(args.specs)
+    except Exception as e:  # QEMU must start even when the specs cannot be loaded
+        print(f"vmsd cpr-exec-wrap: cannot load the specs ({e}); starting QEMU unchanged", file=sys.stderr)
+        specs = None
+    cpr.cpr_exec_wrap(argv, specs, args.set or [] if specs is not None else [])
+    return 127  # only reached when QEMU could not be exec'd (cpr_exec_wrap said why)
 
 
 _MULTIFD_PARAMETERS = ("multifd-channels", "multifd-compression", "multifd-zlib-level", "multifd-zstd-level",
@@ -262,13 +326,13 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, bool], dict[str, int]
     for item in args.capability or []:
         name, _, value = item.partition("=")
         if value not in ("on", "off"):
-            raise ToolError(f"capability {name!r}: expected on or off, got {value!r}")
+            raise UsageError(f"capability {name!r}: expected on or off, got {value!r}")
         caps[name] = value == "on"
     params: dict[str, int] = {}
     for item in args.parameter or []:
         name, _, value = item.partition("=")
         if name in ("tls-creds", "tls-hostname", "tls-authz"):
-            raise ToolError(f"parameter {name!r}: TLS is set with --tls-creds DIR (and --tls-hostname NAME)")
+            raise UsageError(f"parameter {name!r}: TLS is set with --tls-creds DIR (and --tls-hostname NAME)")
         if name not in _MULTIFD_PARAMETERS:
             params[name] = _size(value, f"parameter {name!r}")
     return caps, params
@@ -282,7 +346,7 @@ def _multifd(args: argparse.Namespace, caps: dict[str, bool]) -> Any:
            if name in _MULTIFD_PARAMETERS}
     if not caps.pop("multifd", False):
         if raw:
-            raise ToolError(f"parameter {next(iter(raw))!r} needs --capability multifd=on")
+            raise UsageError(f"parameter {next(iter(raw))!r} needs --capability multifd=on")
         return None
     try:
         import uuid
@@ -290,7 +354,18 @@ def _multifd(args: argparse.Namespace, caps: dict[str, bool]) -> Any:
         uid = uuid.UUID(args.uuid).bytes if getattr(args, "uuid", None) else bytes(16)
         return config_from(raw, args.peer_version, uid)
     except ValueError as e:
-        raise ToolError(str(e)) from None
+        raise UsageError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type: a bad one is a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _size(text: str, what: str) -> int:
@@ -298,7 +373,7 @@ def _size(text: str, what: str) -> int:
     scale = units.get(text[-1:].upper(), 1)
     digits = text[:-1] if scale > 1 else text
     if not digits.isdigit():
-        raise ToolError(f"{what}: expected a number with an optional K/M/G/T suffix, got {text!r}")
+        raise UsageError(f"{what}: expected a number with an optional K/M/G/T suffix, got {text!r}")
     return int(digits) * scale
 
 
@@ -312,13 +387,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _OUTSIDE_HELP = "let an import name a file outside the folders of the SPECs (by default refused)"
+_SPECS_HELP = ("also use the .vmsd files under DIR for the sections they describe (they take precedence over the "
+               "shipped specs)")
+_CAPABILITY_HELP = "a QEMU migration capability, e.g. xbzrle=on or multifd=on (repeatable)"
+_PARAMETER_HELP = ("a QEMU migration parameter, e.g. max-bandwidth=100M or multifd-channels=4 "
+                   "(K/M/G/T suffixes; repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmsd", description="Typed QEMU VMState descriptions and migration streams.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compile", help="generate Python modules from .vmsd specs")
-    p.add_argument("specs", nargs="*", metavar="SPEC")
+    p.add_argument("specs", nargs="*", metavar="SPEC",
+                   help="spec files to compile, with the files they import (default, inside the vmsd repository: "
+                        "every spec under specs/)")
     p.add_argument("-o", "--output", metavar="DIR", help="output directory (default: current directory, or vmsd.generated in the repository)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 and name the files that would change (and a missing py.typed)")
     p.add_argument("--allow-outside-imports", action="store_true", help=_OUTSIDE_HELP)
@@ -328,25 +410,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="Python package name (default: the folder's name, '-' as '_')")
     p.set_defaults(func=_cmd_new)
     p = sub.add_parser("check", help="parse and check specs without generating code")
-    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="spec files to check, with the files they import")
     p.add_argument("--allow-outside-imports", action="store_true", help=_OUTSIDE_HELP)
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("inspect", help="decode a QEMU migration stream into a tree or JSON")
     p.add_argument("stream", metavar="STREAM", help="stream file, or - for standard input")
     p.add_argument("--json", action="store_true", help="JSON instead of a tree")
-    p.add_argument("--specs", type=Path, metavar="DIR", help="also use the .vmsd files under DIR (they take precedence)")
+    p.add_argument("--specs", type=Path, metavar="DIR", help=_SPECS_HELP)
     p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("rewrite", help="decode every section and encode it again, optionally editing fields")
-    p.add_argument("stream", metavar="STREAM")
+    p.add_argument("stream", metavar="STREAM", help="stream file, or - for standard input")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the new stream (0600), or - for standard output")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--specs", type=Path, metavar="DIR")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="e.g. mc146818rtc.cmos_data[14]=0x55")
+    p.add_argument("--specs", type=Path, metavar="DIR", help=_SPECS_HELP)
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="change one field before encoding, e.g. mc146818rtc.cmos_data[14]=0x55 (repeatable; "
+                        "applied in order)")
     p.set_defaults(func=_cmd_rewrite)
     p = sub.add_parser("diff", help="field-level differences between two streams (exit 1 when they differ)")
-    p.add_argument("a", metavar="A")
-    p.add_argument("b", metavar="B")
-    p.add_argument("--specs", type=Path, metavar="DIR")
+    p.add_argument("a", metavar="A", help="the first stream file (the left side of each difference), or -")
+    p.add_argument("b", metavar="B", help="the second stream file")
+    p.add_argument("--specs", type=Path, metavar="DIR", help=_SPECS_HELP)
     p.set_defaults(func=_cmd_diff)
     for name, helptext in (
         ("incoming", "receive a live migration from QEMU (URI as in -incoming) and write a snapshot QEMU loads"),
@@ -354,45 +438,77 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         if name == "incoming":
-            p.add_argument("uri", metavar="URI")
+            p.add_argument("uri", metavar="URI", help="where to listen: tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND "
+                                                      "(run by the shell) or file:PATH")
             p.add_argument("-o", "--output", required=True, metavar="SNAPSHOT",
                            help="the snapshot (0600), or - for standard output")
             p.add_argument("--force", action="store_true", help="replace SNAPSHOT if it exists")
-            p.add_argument("--specs", type=Path, metavar="DIR")
+            p.add_argument("--specs", type=Path, metavar="DIR", help=_SPECS_HELP)
             p.add_argument("--max-ram", metavar="SIZE", help="refuse a peer announcing more RAM than this "
                                                              "(K/M/G/T suffix; default: this host's memory)")
             p.set_defaults(func=_cmd_incoming)
         else:
-            p.add_argument("snapshot", metavar="SNAPSHOT")
-            p.add_argument("uri", metavar="URI")
-            p.add_argument("--specs", type=Path, metavar="DIR")
+            p.add_argument("snapshot", metavar="SNAPSHOT", help="a migration stream file (from vmsd incoming, "
+                                                                "rewrite or QEMU's migrate to file:)")
+            p.add_argument("uri", metavar="URI", help="where to send it: tcp:HOST:PORT, unix:PATH, fd:N, "
+                                                      "exec:COMMAND (run by the shell) or file:PATH")
+            p.add_argument("--specs", type=Path, metavar="DIR", help=_SPECS_HELP)
             p.add_argument("--json", action="store_true", help="progress as JSON lines (query-migrate objects)")
             p.add_argument("--force", action="store_true", help="replace the file a file: URI names if it exists")
             p.add_argument("--tls-hostname", metavar="NAME",
                            help="the name the destination's certificate must carry (default: the host of a tcp: URI)")
             p.set_defaults(func=_cmd_outgoing)
-        p.add_argument("--capability", action="append", metavar="NAME=on|off")
-        p.add_argument("--parameter", action="append", metavar="NAME=VALUE")
+        p.add_argument("--capability", action="append", metavar="NAME=on|off", help=_CAPABILITY_HELP)
+        p.add_argument("--parameter", action="append", metavar="NAME=VALUE", help=_PARAMETER_HELP)
         p.add_argument("--tls-creds", metavar="DIR",
                        help="TLS on every channel, with the certificates in DIR as QEMU's tls-creds-x509 names them "
                             "(ca-cert.pem, " + ("server-cert.pem, server-key.pem" if name == "incoming" else
                                                 "client-cert.pem, client-key.pem") + "; see docs/tls.md)")
-        p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the peer (default 60)")
+        p.add_argument("--timeout", type=_seconds, default=60.0,
+                       help="seconds to wait for the peer: to connect, and whenever nothing moves on a connection "
+                            "(a cut link, a stalled peer; default 60)")
         p.add_argument("--peer-version", choices=list(PROFILES), default=NEWEST.version,
                        help="the QEMU version on the other end: its multifd layout and parameter defaults "
                             "(QEMU does not negotiate them)")
         p.add_argument("--uuid", help="the UUID in every multifd channel's first packet (a QEMU destination "
                                       "checks it against its -uuid; default all zeros)")
-        p.add_argument("--mode", choices=("normal", "cpr-reboot", "cpr-transfer"), default="normal",
+        modes = ("normal", "cpr-reboot", "cpr-transfer", *(("cpr-exec",) if name == "incoming" else ()))
+        p.add_argument("--mode", choices=modes, default="normal",
                        help="QEMU's migration mode; cpr-transfer hands guest RAM over as memfds on --cpr-channel "
-                            "instead of copying it (see docs/cpr.md)")
+                            "instead of copying it"
+                            + ("; cpr-exec: vmsd is the program a QEMU exec'd (its cpr-exec-command) and takes "
+                               "over its RAM" if name == "incoming" else "") + " (see docs/cpr.md)")
         p.add_argument("--cpr-channel", metavar="unix:PATH",
                        help="cpr-transfer: the unix socket of the CPR state (QEMU's 'cpr' channel); "
                             + ("vmsd listens on it" if name == "incoming" else "the new QEMU listens on it"))
+    p = sub.add_parser("relay", help="stand between an old and a new QEMU during a CPR upgrade: pass the RAM "
+                                     "descriptors on, decode (and with --set edit) the device state")
+    p.add_argument("--mode", choices=("cpr-transfer",), required=True, help="the old QEMU's migration mode")
+    p.add_argument("--from-cpr", required=True, metavar="unix:PATH",
+                   help="where the old QEMU sends its CPR state (its cpr channel; vmsd listens)")
+    p.add_argument("--from", dest="from_uri", required=True, metavar="URI",
+                   help="where the old QEMU sends its main stream (its main channel; vmsd listens)")
+    p.add_argument("--to-cpr", required=True, metavar="unix:PATH", help="the new QEMU's cpr channel")
+    p.add_argument("--to", dest="to_uri", required=True, metavar="URI", help="the new QEMU's -incoming")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="edit the device state on the way (repeatable)")
+    p.add_argument("--specs", type=Path, metavar="DIR", help="extra .vmsd specs, overriding the shipped ones")
+    p.add_argument("--peer-version", choices=list(PROFILES), default=NEWEST.version,
+                   help="the new QEMU's version: the layout of the CPR state it reads")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for either QEMU (default 60)")
+    p.set_defaults(func=_cmd_relay)
+    p = sub.add_parser("cpr-exec-wrap", help="use as QEMU's cpr-exec-command: report (and with --set edit) what "
+                                             "the old QEMU left, then exec the new QEMU")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="edit the main stream in the new QEMU's -incoming file: (repeatable)")
+    p.add_argument("--specs", type=Path, metavar="DIR", help="extra .vmsd specs, overriding the shipped ones")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS",
+                   help="the new QEMU's command line")
+    p.set_defaults(func=_cmd_cpr_exec_wrap)
     p = sub.add_parser("import-qemu", help="skeleton specs from QEMU's -dump-vmstate output (types from a stream's trailer)")
-    p.add_argument("dump", metavar="DUMP.json")
+    p.add_argument("dump", metavar="DUMP.json", help="what qemu-system-ARCH -M MACHINE -dump-vmstate DUMP.json writes")
     p.add_argument("--stream", metavar="FILE", help="a migration stream whose trailer gives the field types")
-    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the .vmsd files (created)")
     p.add_argument("--force", action="store_true", help="replace .vmsd files of the same names in DIR")
     p.set_defaults(func=_cmd_import_qemu)
     p = sub.add_parser("demo", help="compile the bundled specs, live-migrate a Python machine to another process, "
@@ -400,8 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram", default="1G", help="guest RAM of the demo machine (default 1G)")
     p.add_argument("--json", action="store_true", help="progress as JSON lines (query-migrate objects) on stderr")
     p.add_argument("--live-only", action="store_true", help="only the live migration part")
-    p.add_argument("--capability", action="append", metavar="NAME=on|off")
-    p.add_argument("--parameter", action="append", metavar="NAME=VALUE")
+    p.add_argument("--capability", action="append", metavar="NAME=on|off", help=_CAPABILITY_HELP)
+    p.add_argument("--parameter", action="append", metavar="NAME=VALUE", help=_PARAMETER_HELP)
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -449,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = " (--force replaces it)" if hasattr(args, "force") else ""
         print(f"{prefix}: error: {exc}{hint}", file=sys.stderr)
         return EXIT_FINDINGS
+    except UsageError as exc:
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (VMSDError, ToolError) as exc:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return EXIT_FINDINGS

@@ -11,6 +11,8 @@ a source is never told to drop a VM whose state was then lost.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -40,6 +42,7 @@ from vmsd.migration.stream import (
 )
 from vmsd.migration.transport import (
     Channel,
+    FileURI,
     Listener,
     TcpURI,
     TlsConfig,
@@ -125,7 +128,13 @@ class Incoming:
         self.cpr_state: CprState | None = None  # what the old side handed over (CPR modes)
 
     def run(self, uri: str, timeout: float = 60.0) -> IncomingResult:
-        """Accept one migration on ``uri`` (after the CPR state, in cpr-transfer) and load it."""
+        """Accept one migration on ``uri`` (after the CPR state, in cpr-transfer) and load it.
+
+        ``timeout`` (seconds) bounds waiting for each connection and is the idle limit of the channels
+        (:mod:`vmsd.migration.transport.idle`): when nothing arrives for that long the load fails with
+        ``ETIMEDOUT`` instead of waiting for a source that vanished."""
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         if self.mode == "cpr-transfer" and not isinstance(parse_uri(uri), TcpURI | UnixURI):
             raise ValueError("in cpr-transfer the main channel is a socket (tcp: or unix:)")
         self.status = "setup"
@@ -138,13 +147,13 @@ class Incoming:
                     lst = self._receive_cpr_state(uri, timeout)
                 elif self.mode == "cpr-exec":
                     self._adopt(find_state())
-                if cfg is not None:
+                if cfg is not None and not isinstance(parse_uri(uri), FileURI):
                     with listen(uri, tls=self._tls) as mlst:
-                        ch, channels = accept_all(lambda: mlst.accept(timeout), cfg, timeout)
+                        ch, channels = accept_all(lambda: mlst.accept(timeout, timeout), cfg, timeout)
                 elif lst is not None:
-                    ch = lst.accept(timeout)
+                    ch = lst.accept(timeout, timeout)
                 else:
-                    ch = open_incoming(uri, timeout=timeout, tls=self._tls)
+                    ch = open_incoming(uri, timeout=timeout, idle_timeout=timeout, tls=self._tls)
             finally:
                 if lst is not None:
                     lst.close()
@@ -202,11 +211,15 @@ class Incoming:
         r = Reader(source=ch)
         dec = Decoder(b"", self.specs, strict_typed=True, enforce_checks=m is not None, reader=r)
         ram_ids: set[int] = set()
+        file_offset = _file_position(ch)
 
         def ram(sec: Section, context: RamContext) -> None:
             if sec.kind == QEMU_VM_SECTION_START:
                 ram_ids.add(sec.section_id)
-            loader.load_section(r, attrs.evolve(context, in_place=True) if in_place else context)
+            if self.multifd is not None and not multifd_channels and not context.mapped_ram:
+                # QEMU reads a file: with multifd only when it is mapped-ram (the pages' places are known)
+                raise MalformedStream("multifd from a file: needs a mapped-ram stream", offset=sec.offset)
+            loader.load_section(r, attrs.evolve(context, in_place=in_place, file_offset=file_offset))
 
         dec.ram_handler = ram
         if m is not None:
@@ -258,6 +271,16 @@ class Incoming:
             _send_shut(ch, 0)
         self.status = "completed"
         return result
+
+
+def _file_position(ch: Channel) -> int:
+    """Where in its file the stream of ``ch`` starts (``file:PATH,offset=N``): mapped-ram headers place pages
+    by file offset.  0 for anything that is not a regular file."""
+    fd = ch.fileno()
+    try:
+        return os.lseek(fd, 0, os.SEEK_CUR) if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode) else 0
+    except OSError:
+        return 0
 
 
 def _drain_trailer(r: Reader) -> None:

@@ -67,7 +67,8 @@ def write_scattered(fd: int, data: Scattered, at: int | None = None) -> None:
     """Write all of ``data`` to ``fd`` (at file offset ``at``: pwritev); raises OSError as os.writev would.
 
     Short writes (a signal, a file that filled up) resume where they stopped;
-    a descriptor in non-blocking mode is waited on until it takes more.
+    a descriptor in non-blocking mode is waited on until it takes more (a
+    blocking one that returns ``EAGAIN`` ran into its ``SO_SNDTIMEO``: raised).
     """
     iov = data.iov
     ends: npt.NDArray[np.uint64] | None = None  # where each piece ends, worked out on the first short write
@@ -80,7 +81,8 @@ def write_scattered(fd: int, data: Scattered, at: int | None = None) -> None:
             err = ctypes.get_errno()
             if err == errno.EINTR:
                 continue
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+            # EAGAIN from a blocking socket is its send timeout (an idle limit): the caller's failure.
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK) and not os.get_blocking(fd):
                 poller = select.poll()  # not select(): descriptors past FD_SETSIZE
                 poller.register(fd, select.POLLOUT)
                 poller.poll()

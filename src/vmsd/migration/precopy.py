@@ -67,6 +67,7 @@ from vmsd.migration.multifd import (
 )
 from vmsd.migration.profile import NEWEST, PeerProfile
 from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock
+from vmsd.migration.ram.mapped import CAP_MAPPED_RAM, MappedRamFile
 from vmsd.migration.ram.records import RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SECTION_VERSION, RamContext
 from vmsd.migration.ram.wire import RamEncoder, zero_mask
 from vmsd.migration.ram.xbzrle import XbzrleCache
@@ -110,7 +111,7 @@ PARAMETER_DEFAULTS: dict[str, int] = {
     "max-cpu-throttle": 99,
     "throttle-trigger-threshold": 50,
 }
-CAPABILITIES = ("xbzrle", "auto-converge", "return-path", "events", "multifd", "x-ignore-shared")
+CAPABILITIES = ("xbzrle", "auto-converge", "return-path", "events", "multifd", "x-ignore-shared", "mapped-ram")
 # QEMU's TLS parameters name a credentials object and a host: here they are a TlsConfig (``tls=``).
 TLS_PARAMETERS = ("tls-creds", "tls-hostname", "tls-authz")
 
@@ -278,7 +279,14 @@ class Migration:
         when the main channel connects: ``cpr-reboot`` (RAM copied, or left in shared files with
         x-ignore-shared), ``cpr-transfer`` (RAM memfds handed to the new side over ``cpr_channel``, a
         ``unix:`` URI, before the main stream) and ``cpr-exec`` (this process execs ``cpr_exec_command``
-        once the stream is complete; the RAM descriptors survive the exec)."""
+        once the stream is complete; the RAM descriptors survive the exec).
+
+        ``timeout`` (seconds) bounds connecting, pausing the machine, and every wait on the peer: a socket
+        channel on which nothing moves for that long fails the migration with ``ETIMEDOUT`` (its idle limit,
+        :mod:`vmsd.migration.transport.idle`), so a dead link or a stalled destination never hangs the source;
+        a link back within it loses nothing."""
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.machine = machine
         self.uri = uri
         if peer is None:
@@ -294,11 +302,26 @@ class Migration:
         self._cpr_state_fd: int | None = None  # cpr-exec: the persisted state, until the exec
         if multifd is None and self.capabilities["multifd"]:
             multifd = MultifdConfig(peer=peer)
+        to_file = isinstance(parse_uri(uri), FileURI)
+        mapped_ram = self.capabilities["mapped-ram"]
         if multifd is not None:
             if self.capabilities["xbzrle"]:
                 raise ValueError("capability 'xbzrle' is not compatible with capability 'multifd'")
-            if isinstance(parse_uri(uri), FileURI):
-                raise ValueError("multifd needs a socket transport (tcp: or unix:)")
+            if to_file and not mapped_ram:
+                raise ValueError("multifd needs a socket transport (tcp: or unix:), or mapped-ram to a file:")
+        # mapped-ram: pages go to their places in the file, written by as many threads as multifd has
+        # channels (QEMU's channels are the file opened again); no multifd packet exists.
+        self._mapped_workers = 0
+        self._mapped: MappedRamFile | None = None
+        if mapped_ram:
+            if not to_file:
+                raise ValueError("mapped-ram writes to a file: URI")
+            if self.capabilities["xbzrle"]:
+                raise ValueError("capability 'xbzrle' is not compatible with capability 'mapped-ram'")
+            if multifd is not None and multifd.compression != "none":
+                raise ValueError("mapped-ram does not take multifd compression")
+            self._mapped_workers = multifd.channels if multifd is not None else 1
+            multifd = None
         self.multifd = multifd
         self.tls = tls
         # Built now, so that a credentials folder that cannot serve fails here, before anything connects.
@@ -386,13 +409,24 @@ class Migration:
         self._check_cancel()
         f = self._framing
         ignore_shared = self.capabilities["x-ignore-shared"]
-        caps = (CAP_IGNORE_SHARED,) if ignore_shared else ()
+        # QEMU lists the capabilities it validates in the order of its enum: x-ignore-shared, mapped-ram.
+        caps = tuple(name for name, on in ((CAP_IGNORE_SHARED, ignore_shared), (CAP_MAPPED_RAM, self._mapped_workers))
+                     if on)
         head = [f.head(MachineConfiguration(m.name.encode(), caps))]
         if self.capabilities["return-path"]:
             head.append(f.command(MIG_CMD_OPEN_RETURN_PATH))
         head.append(f.start(RAM_SECTION_ID, IDSTR_RAM, RAM_SECTION_VERSION))
-        head.append(self.encoder.block_list(m.ram, RamContext(ignore_shared=ignore_shared)))
-        self._send(head)
+        context = RamContext(ignore_shared=ignore_shared, mapped_ram=bool(self._mapped_workers))
+        if self._mapped_workers:
+            self._send(head)
+            self._writer.flush()  # the block list is written at the file's position, past every block's place
+            self._mapped = MappedRamFile(self._channel.fileno(), self.uri, self._mapped_workers)
+            before = self.encoder.counters.transferred
+            self.encoder.mapped_block_list(m.ram, context, self._mapped)
+            self.stats.window_bytes += self.encoder.counters.transferred - before
+        else:
+            head.append(self.encoder.block_list(m.ram, context))
+            self._send(head)
         self._start_multifd()
         self._multifd_sync(True)
         self._send([self.encoder.eos(), f.footer(RAM_SECTION_ID)])
@@ -449,6 +483,17 @@ class Migration:
         """Pages on the main channel, or normal pages on the multifd channels (zero pages as the layout says)."""
         enc = self.encoder
         before = enc.counters.transferred
+        if self._mapped is not None:
+            if buffers:
+                self._send(buffers)
+            zero = zero_mask(block, pages)
+            self._mapped.submit(block.name, block.bytes_.ctypes.data, pages, zero, block)
+            written = int(pages.size - np.count_nonzero(zero))
+            enc.counters.normal += written
+            enc.counters.duplicate += int(pages.size) - written
+            enc.counters.transferred += written * PAGE_SIZE
+            self.stats.window_bytes += written * PAGE_SIZE
+            return
         sender = self._sender
         if sender is None:
             buffers += enc.encode(block, pages, age=self.stats.dirty_sync_count, last_stage=last_stage)
@@ -493,9 +538,10 @@ class Migration:
             ch.write(initial_packet(cfg.uuid, i))
 
     def _connect(self) -> Channel:
-        """A connection to the destination, through a TLS handshake when configured."""
+        """A connection to the destination (the timeout is also its idle limit), through a TLS handshake when
+        configured."""
         tls = self.tls
-        return open_outgoing(self.uri, timeout=self.timeout, tls=self._tls_context,
+        return open_outgoing(self.uri, timeout=self.timeout, idle_timeout=self.timeout, tls=self._tls_context,
                              tls_hostname=tls.hostname if tls is not None else None)
 
     def _start_multifd(self) -> None:
@@ -540,6 +586,8 @@ class Migration:
 
     def _sync(self, todo: _Pass) -> _Pass:
         """QEMU's migration_bitmap_sync: the unsent pages plus every block's dirty log."""
+        if self._mapped is not None:
+            self._mapped.drain()  # a page of this pass may be written again in the next: one after the other
         unsent = todo.unsent()
         pages: list[tuple[RamBlock, Pages]] = []
         dirtied = 0
@@ -586,6 +634,8 @@ class Migration:
             self._check_cancel()
             block, pages = got
             self._send_pages([], block, pages, last_stage=True)
+        if self._mapped is not None:
+            self.encoder.counters.transferred += self._mapped.finish()  # every page is in place: the bitmaps
         self._multifd_sync(True)
         self._send([self.encoder.eos(), self._framing.footer(RAM_SECTION_ID)])
         self.stats.downtime_bytes = self._bytes_sent() - before
@@ -600,6 +650,9 @@ class Migration:
         writer.flush()
         writer.stop()
         self._writer = None
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
         if self._sender is not None:
             self._sender.close()
             for mch in self._multifd_channels:
@@ -642,6 +695,8 @@ class Migration:
             kind, length = struct.unpack(">HH", head)
             body = ch.read_exact(length)
         except TransportError as e:
+            if e.errno == errno.ETIMEDOUT:
+                raise MigrationError(f"the destination did not confirm the load ({e.message})") from None
             raise MigrationError(f"destination closed the return path before confirming the load ({e.message})") \
                 from None
         if kind != MIG_RP_MSG_SHUT or length != 4:
@@ -655,6 +710,9 @@ class Migration:
             raise Cancelled("migration cancelled")
 
     def _fail(self, e: BaseException) -> None:
+        mapped, self._mapped = self._mapped, None
+        if mapped is not None:
+            mapped.close()  # no thread may write to the file's descriptor once it is closed (and reused)
         ch, self._channel = self._channel, None
         if ch is not None:
             ch.shutdown()  # wake the writer thread if it is blocked on a peer that stopped reading

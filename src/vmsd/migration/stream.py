@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from vmsd.migration.limits import MAX_PACKAGE_DEPTH
+from vmsd.migration.ram.mapped import CAP_MAPPED_RAM
 from vmsd.migration.ram.records import PLAIN, RAM_SECTION_VERSION, RamContext, RamPayload, read_ram, write_ram
 from vmsd.runtime.errors import (
     MalformedStream,
@@ -488,7 +489,8 @@ class Decoder:
                 obj.load_into(self.r, 0)  # QEMU loads the configuration at version 0
         except VMSDError as e:
             raise e.in_section("configuration") from None
-        self.ram_context = RamContext(ignore_shared=CAP_IGNORE_SHARED in capabilities_of(obj))
+        caps = capabilities_of(obj)
+        self.ram_context = RamContext(ignore_shared=CAP_IGNORE_SHARED in caps, mapped_ram=CAP_MAPPED_RAM in caps)
         return obj
 
     def records(self, top: bool) -> list[Section | Command]:

@@ -10,7 +10,9 @@ so a length field in hostile input never allocates more than the input holds.
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import struct
 from typing import Protocol
 
@@ -183,6 +185,43 @@ class Reader:
                 continue
             done += got
             self._base += got
+
+    def skip(self, n: int) -> None:
+        """Consume ``n`` bytes without keeping them.
+
+        Past the buffer, a source that is a regular file is sought over them (the holes of a sparse file
+        are never read); another source is read and dropped a bounded chunk at a time.  Skipping past the
+        end of a file is noticed by the next read, which then finds nothing.
+        """
+        if n < 0:
+            raise MalformedStream(f"negative length {n}", offset=self.tell())
+        avail = len(self.buf) - self.pos
+        if n <= avail:
+            self.pos += n
+            return
+        self._base += len(self.buf)
+        self.buf = b""
+        self.pos = 0
+        n -= avail
+        source = self._source
+        if self.eof or source is None:
+            raise TruncatedStream(f"expected {n} more bytes to skip, stream ended", offset=self.tell())
+        fileno = getattr(source, "fileno", None)
+        if fileno is not None:
+            try:
+                fd = int(fileno())
+                if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.lseek(fd, n, os.SEEK_CUR)
+                    self._base += n
+                    return
+            except (OSError, OverflowError):
+                pass  # not seekable after all, or past what a file can hold: read over it (until it ends)
+        while n:
+            if not self._more(n):
+                raise TruncatedStream(f"expected {n} more bytes to skip, stream ended", offset=self.tell())
+            k = min(n, len(self.buf))
+            self.pos = k
+            n -= k
 
     def peek(self, n: int) -> bytes:
         """Up to ``n`` bytes ahead without consuming (shorter at end of input)."""

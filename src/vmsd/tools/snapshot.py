@@ -18,9 +18,10 @@ QEMU names them).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -31,9 +32,10 @@ from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import MultifdConfig
 from vmsd.migration.precopy import Migration
 from vmsd.migration.profile import PeerProfile
-from vmsd.migration.ram.blocks import RamBlocks
+from vmsd.migration.ram.blocks import RamBlock, RamBlocks
+from vmsd.migration.ram.mapped import CAP_MAPPED_RAM, MappedRamFile
 from vmsd.migration.ram.records import RAM_SECTION_VERSION, RamContext
-from vmsd.migration.ram.wire import RamEncoder
+from vmsd.migration.ram.wire import RamEncoder, zero_mask
 from vmsd.migration.stream import (
     CAP_IGNORE_SHARED,
     IDSTR_RAM,
@@ -76,12 +78,21 @@ def write_snapshot(result: IncomingResult, out: OutputFile) -> None:
     """
     enc = RamEncoder(zero_copy=True)
     conf = result.configuration.state if result.configuration is not None else None
-    context = RamContext(ignore_shared=CAP_IGNORE_SHARED in capabilities_of(conf))
+    caps = capabilities_of(conf)
+    context = RamContext(ignore_shared=CAP_IGNORE_SHARED in caps, mapped_ram=CAP_MAPPED_RAM in caps)
     sent = [b for b in result.blocks if not context.ignore_shared or b.name in result.named_blocks]
     ram_id = result.ram_section_id
     framing = SavevmWriter(footers=any(s.footer for s in result.sections) or not result.sections)
     f = out.file
     try:
+        if context.mapped_ram:  # the configuration says so: the snapshot is laid out as its source was
+            _write_mapped(f, out, enc, result.blocks, sent, context, framing.head(conf)
+                          + framing.start(ram_id, IDSTR_RAM, RAM_SECTION_VERSION))
+            f.write(enc.eos() + framing.footer(ram_id))
+            f.write(framing.end(ram_id) + enc.eos() + framing.footer(ram_id))
+            f.write(framing.tail(result.sections))
+            out.commit()
+            return
         f.write(framing.head(conf) + framing.start(ram_id, IDSTR_RAM, RAM_SECTION_VERSION)
                 + enc.block_list(result.blocks, context) + enc.eos() + framing.footer(ram_id))
         f.write(framing.part(ram_id))
@@ -100,6 +111,26 @@ def write_snapshot(result: IncomingResult, out: OutputFile) -> None:
     except OSError as exc:
         raise OutputError(f"cannot write {out.path}: {exc.strerror or exc}") from None
     out.commit()
+
+
+def _write_mapped(f: BinaryIO, out: OutputFile, enc: RamEncoder, blocks: RamBlocks, sent: list[RamBlock],
+                  context: RamContext, head: bytes) -> None:
+    """``head``, then the block list of a mapped-ram stream with every non-zero page at its place and the
+    bitmaps; the file's position is then where the stream goes on."""
+    f.write(head)
+    f.flush()
+    fd = f.fileno()
+    pages = MappedRamFile(fd, str(out.path))
+    try:
+        enc.mapped_block_list(blocks, context, pages)
+        for block in sent:
+            for start in range(0, block.npages, _PAGES_PER_WRITE):
+                chunk = np.arange(start, min(start + _PAGES_PER_WRITE, block.npages), dtype=np.int64)
+                pages.submit(block.name, block.bytes_.ctypes.data, chunk, zero_mask(block, chunk), block)
+        pages.finish()
+    finally:
+        pages.close()
+    f.seek(os.lseek(fd, 0, os.SEEK_CUR))  # the buffered file learns where the block list left the descriptor
 
 
 def load_machine(snapshot: Path, specs: SpecSet) -> Machine:

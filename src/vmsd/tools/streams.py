@@ -13,11 +13,12 @@ from typing import Any, TextIO
 
 import attrs
 
+from vmsd.migration.ram.mapped import PAGE_SIZE, MappedRam
 from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import SECTION_NAMES, Command, Section, SpecSet, Stream, read_stream, write_stream
 from vmsd.runtime.vmdesc import Obj, describe
 from vmsd.runtime.vmstate import VMStateObject
-from vmsd.tools.errors import ToolError
+from vmsd.tools.errors import ToolError, UsageError
 
 
 def load_specs(specs_dir: Path | None) -> SpecSet:
@@ -29,9 +30,11 @@ def load_specs(specs_dir: Path | None) -> SpecSet:
         return shipped
     from vmsd.codegen.compiler import compile_specs
 
+    if not specs_dir.is_dir():
+        raise UsageError(f"--specs {specs_dir}: not a folder")
     specs = sorted(specs_dir.rglob("*.vmsd"))
     if not specs:
-        raise ToolError(f"no .vmsd files under {specs_dir}")
+        raise UsageError(f"--specs {specs_dir}: no .vmsd files there")
     files = compile_specs(specs, str(specs_dir))
     import tempfile
 
@@ -56,7 +59,7 @@ def read_input(path: str) -> bytes:
     try:
         return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as e:
-        raise ToolError(f"cannot read {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
 
 
 _JSON_READY = frozenset({int, bool, float, str, type(None)})
@@ -104,7 +107,17 @@ def _ram_summary(p: RamPayload) -> dict[str, Any]:
     pages = p.pages_by_block()
     if pages:
         out["pages"] = pages
+    mapped = {b.name: _mapped_summary(b.mapped) for b in blocks if b.mapped is not None}
+    if mapped:
+        out["mapped_ram"] = mapped
     return out
+
+
+def _mapped_summary(m: MappedRam) -> dict[str, int]:
+    """A mapped-ram block's header and how many of its pages the bitmap says are in the file."""
+    h = m.header
+    return {"version": h.version, "page_size": h.page_size, "bitmap_offset": h.bitmap_offset,
+            "pages_offset": h.pages_offset, "pages": m.npages, "in_file": int(m.present().sum())}
 
 
 def section_json(sec: Section) -> dict[str, Any]:
@@ -270,7 +283,7 @@ def apply_set(stream: Stream, assignment: str) -> None:
     """``SECTION[:INSTANCE].path.to[3].field=VALUE`` on a decoded section."""
     target, sep, raw = assignment.partition("=")
     if not sep:
-        raise ToolError(f"--set needs SECTION.FIELD=VALUE, got {assignment!r}")
+        raise UsageError(f"--set needs SECTION.FIELD=VALUE, got {assignment!r}")
     sections = stream.full_sections()
     match = None
     for sec in sections:
@@ -311,7 +324,7 @@ def _parse_path(path: str) -> list[str | int]:
             steps.append(name)
         steps.extend(int(i, 0) for i in indexes)
     if not steps:
-        raise ToolError("--set needs a field path after the section")
+        raise UsageError("--set needs a field path after the section")
     return steps
 
 
@@ -386,11 +399,28 @@ def diff(a: Stream, b: Stream) -> list[str]:
 
 def plain_payload(sec: Section) -> Any:
     if isinstance(sec.payload, RamPayload):
-        return {
+        out: dict[str, Any] = {
             f"{rec.block or ''}@{rec.offset:#x}": rec.data.hex() if len(rec.data) < 16 else hash(rec.data)
             for rec in sec.payload.records
         }
+        for block in sec.payload.block_list():
+            if block.mapped is not None:
+                out.update(_mapped_pages(block.name, block.mapped))
+        return out
     return plain(sec.payload)
+
+
+def _mapped_pages(name: str, m: MappedRam) -> dict[str, Any]:
+    """A mapped-ram block's pages keyed as page records are: a page absent from the file is zero, whatever
+    bytes lie at its place (those are not what a destination loads)."""
+    present = m.present()
+    base = m.header.pages_offset - m.region_at
+    region = memoryview(m.region)
+    return {
+        f"{name}@{i * PAGE_SIZE:#x}": hash(bytes(region[base + i * PAGE_SIZE:base + (i + 1) * PAGE_SIZE]))
+        if present[i] else "00"
+        for i in range(m.npages)
+    }
 
 
 def _keyed(stream: Stream) -> dict[tuple[str, int, int, int], Section]:

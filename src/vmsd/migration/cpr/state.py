@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import attrs
 
@@ -51,7 +52,7 @@ class CprState:
     """A decoded CPR state; owns the descriptors of :attr:`entries` until :meth:`close` or :meth:`take`."""
 
     entries: list[CprEntry]
-    vfio_devices: list[object] = attrs.Factory(list)  # kept as decoded, passed on unchanged
+    vfio_devices: list[Any] = attrs.Factory(list)  # kept as decoded, passed on unchanged
 
     def find(self, name: str, id_: int = 0) -> CprEntry | None:
         return next((e for e in self.entries if e.name == name and e.id == id_), None)
@@ -76,15 +77,18 @@ def close_all(fds: Iterable[int]) -> None:
             os.close(fd)
 
 
-def write_state(w: Writer, entries: Iterable[CprEntry], peer: PeerProfile) -> None:
+def write_state(w: Writer, entries: Iterable[CprEntry], peer: PeerProfile, vfio_devices: Sequence[Any] = ()) -> None:
     """Magic, version and the state in ``peer``'s layout; descriptors go out through ``w.fds`` or as numbers.
 
-    QEMU lists the most recently registered descriptor first; the order carries no meaning.
+    QEMU lists the most recently registered descriptor first; the order carries no meaning.  ``vfio_devices``
+    (as :func:`read_state` decoded them) pass on unchanged to a peer whose layout has them.
     """
     w.buf += _HEAD.pack(MAGIC, VERSION)
     fds = [CprFd(namelen=len(e.name.encode()) + 1, name=e.name.encode() + b"\0", id=e.id, fd=e.fd) for e in entries]
     if peer.cpr_vfio_devices:
-        CprState11(fds=fds, vfio_devices=[]).save(w)
+        CprState11(fds=fds, vfio_devices=list(vfio_devices)).save(w)
+    elif vfio_devices:
+        raise CprError(f"{peer} has no place for the {len(vfio_devices)} VFIO device(s) of this CPR state")
     else:
         CprState10(fds=fds).save(w)
 

@@ -10,7 +10,8 @@ side connects the main channel when it sees it.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from vmsd.migration.cpr.state import CprEntry, CprError, CprState, read_state, write_state
 from vmsd.migration.profile import PeerProfile
@@ -41,12 +42,12 @@ class _Sent:
         self.ch.send_fds(data, [fd])
 
 
-def send_state(ch: Channel, entries: Iterable[CprEntry], peer: PeerProfile) -> None:
+def send_state(ch: Channel, entries: Iterable[CprEntry], peer: PeerProfile, vfio_devices: Sequence[Any] = ()) -> None:
     """Write the CPR state with its descriptors and end this direction (the descriptors stay open here)."""
     if not ch.passes_fds:
         raise CprError(f"{ch.name}: the cpr channel must be a unix socket (it passes descriptors)")
     w = Writer(ch, fds=_Sent(ch))
-    write_state(w, entries, peer)
+    write_state(w, entries, peer, vfio_devices)
     w.flush()
     ch.shutdown_write()
 

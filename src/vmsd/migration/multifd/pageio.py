@@ -16,6 +16,7 @@ import os
 from vmsd.migration.multifd.packet import PAGES_PER_PACKET
 from vmsd.migration.ram.blocks import PAGE_SIZE, RamBlock
 from vmsd.migration.transport import Channel, TransportError
+from vmsd.migration.transport.idle import is_stall, receive_timeout, stalled
 from vmsd.runtime.errors import VMSDError
 
 
@@ -74,6 +75,9 @@ class PageReader:
                 if e.errno == errno.EINVAL and done == 0:
                     self.close()
                     return False
+                idle = receive_timeout(ch.fileno()) if is_stall(e) else None
+                if idle is not None:  # the socket's SO_RCVTIMEO ran out
+                    raise stalled(ch.name, "read failed", idle, e) from None
                 raise TransportError(ch.name, f"read failed: {e.strerror}", e.errno) from None
             if k == 0:
                 raise TransportError(ch.name, f"stream ended after {done} of {want} bytes")

@@ -10,9 +10,11 @@ only summarize a 16 GiB guest's stream never build a million page objects.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import attrs
 
+from vmsd.migration.ram.mapped import MappedRam, MappedRamHeader, read_header
 from vmsd.runtime.errors import MalformedStream
 from vmsd.runtime.io import Reader, Writer
 
@@ -49,8 +51,17 @@ def valid_flags(flags: int) -> bool:
     return flags & ~RAM_SAVE_FLAG_CONTINUE in _KINDS
 
 
-def check_flags(flags: int, at: int) -> None:
-    """Refuse a record QEMU's loader refuses (see :func:`valid_flags`), naming its offset ``at``."""
+# What QEMU's loader refuses in a mapped-ram stream: pages live in the file, never in records.
+_NOT_MAPPED = RAM_SAVE_FLAG_HOOK | RAM_SAVE_FLAG_MULTIFD_FLUSH | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE \
+    | RAM_SAVE_FLAG_ZERO
+
+
+def check_flags(flags: int, at: int, context: RamContext | None = None) -> None:
+    """Refuse a record QEMU's loader refuses (see :func:`valid_flags`; in a mapped-ram stream, any page
+    record), naming its offset ``at``."""
+    if context is not None and context.mapped_ram and flags & _NOT_MAPPED:
+        raise MalformedStream(f"RAM record with flags {flags:#x} in a mapped-ram stream (its pages are in the "
+                              f"file, not in records)", offset=at)
     if flags & ~_KNOWN:
         raise MalformedStream(f"unknown RAM record flags {flags:#x}", offset=at)
     if not valid_flags(flags):
@@ -68,6 +79,12 @@ class RamContext:
     # cpr-transfer and cpr-exec: every block stays where it is (the new side maps the old side's memory),
     # so no page record may come.  The stream does not say so; the destination knows its mode.
     in_place: bool = False
+    # mapped-ram: each block-list entry carries a header placing the block's pages in the file, and no
+    # page record may come (see vmsd.migration.ram.mapped).
+    mapped_ram: bool = False
+    # Where the stream's first byte is in its file (``file:PATH,offset=N``): mapped-ram headers hold file
+    # offsets, readers count from the stream's start.
+    file_offset: int = 0
 
 
 # A stream with neither capability on.
@@ -82,6 +99,7 @@ class RamBlockInfo:
     used_length: int
     page_size: int | None = None  # sent only with postcopy when it differs from the host page size
     addr: int | None = None  # sent only with x-ignore-shared
+    mapped: MappedRam | None = None  # mapped-ram: the block's header and its part of the file
 
 
 @attrs.define
@@ -183,7 +201,7 @@ def read_ram(r: Reader, context: RamContext = PLAIN, block_named: bool = False) 
     """Read records until EOS, as the stream's ``context`` says they are laid out.
     ``block_named``: an earlier section already named a block, so CONTINUE may come first
     (QEMU keeps its last block across the sections of one migration)."""
-    if r.remaining() is not None:  # the whole input is in memory: scan it in place
+    if r.remaining() is not None and not context.mapped_ram:  # the whole input is in memory: scan it in place
         start = r.pos
         scanned = _scan(r.buf, start, context, block_named)
         if scanned is not None:
@@ -326,7 +344,7 @@ def _read_records(r: Reader, context: RamContext, block_named: bool) -> list[Ram
         word = r.u64()
         flags = word & (TARGET_PAGE_SIZE - 1)
         offset = word & ~(TARGET_PAGE_SIZE - 1)
-        check_flags(flags, at)
+        check_flags(flags, at, context)
         rec = RamRecord(flags, offset)
         if flags & RAM_SAVE_FLAG_MEM_SIZE:
             rec.blocks = read_block_list(r, offset, context)
@@ -364,8 +382,17 @@ def read_page_payload(r: Reader, flags: int, at: int) -> bytes:
     return length.to_bytes(4, "big") + r.read(length)
 
 
-def read_block_list(r: Reader, total: int, context: RamContext) -> list[RamBlockInfo]:
-    """The MEM_SIZE record's block list (after its header word, whose offset bits are ``total``)."""
+MappedHandler = Callable[[Reader, RamBlockInfo, MappedRamHeader], None]
+
+
+def read_block_list(r: Reader, total: int, context: RamContext,
+                    on_mapped: MappedHandler | None = None) -> list[RamBlockInfo]:
+    """The MEM_SIZE record's block list (after its header word, whose offset bits are ``total``).
+
+    With mapped-ram each entry's header is checked and ``on_mapped(r, entry, header)`` must consume the
+    block's part of the file, up to where the next entry starts; by default it is kept as the entry's
+    :class:`MappedRam` (a view of the input, when that is in memory).
+    """
     blocks: list[RamBlockInfo] = []
     remaining = total
     while remaining > 0:
@@ -379,6 +406,12 @@ def read_block_list(r: Reader, total: int, context: RamContext) -> list[RamBlock
             block.page_size = r.u64()
         if context.ignore_shared:
             block.addr = r.u64()
+        if context.mapped_ram:
+            header = read_header(r, name, used, context.file_offset)
+            if on_mapped is None:
+                block.mapped = MappedRam.take(r, header, used, context.file_offset)
+            else:
+                on_mapped(r, block, header)
         blocks.append(block)
         remaining -= used
     return blocks
@@ -398,6 +431,8 @@ def write_ram(w: Writer, payload: RamPayload) -> None:
                     w.u64(b.page_size)
                 if b.addr is not None:
                     w.u64(b.addr)
+                if b.mapped is not None:
+                    b.mapped.write(w)
             continue
         if rec.block is not None:
             w.counted_string(rec.block.encode())

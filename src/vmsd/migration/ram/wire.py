@@ -12,6 +12,7 @@ block list, EOS) goes through a per-record path with QEMU's checks.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import select
@@ -26,8 +27,9 @@ import numpy as np
 import numpy.typing as npt
 
 from vmsd.migration.iovec import Scattered
-from vmsd.migration.ram import xbzrle
+from vmsd.migration.ram import mapped, xbzrle
 from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock, RamBlocks, zero_pages
+from vmsd.migration.ram.mapped import MappedRamHeader
 from vmsd.migration.ram.records import (
     PLAIN,
     RAM_SAVE_FLAG_COMPRESS_PAGE,
@@ -48,6 +50,7 @@ from vmsd.migration.ram.records import (
     read_ram,
     write_ram,
 )
+from vmsd.migration.transport.idle import receive_timeout, stalled
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import ByteSource, Reader, Writer
 
@@ -151,6 +154,19 @@ class RamEncoder:
             base += b.used_length
         self.counters.transferred += len(out)
         return bytes(out)
+
+    def mapped_block_list(self, blocks: RamBlocks, context: RamContext, out: mapped.MappedRamFile) -> None:
+        """The MEM_SIZE record of a mapped-ram stream, written into ``out`` at its position (each entry is
+        followed by its header and the block's place in the file, so it cannot be one buffer)."""
+        entries = []
+        for b in blocks:
+            name = b.name.encode()
+            entry = bytes([len(name)]) + name + _U64.pack(b.used_length)
+            if context.ignore_shared:
+                entry += _U64.pack(b.addr)
+            entries.append((b.name, b.used_length, entry))
+        self.counters.transferred += out.write_block_list(_U64.pack(blocks.total() | RAM_SAVE_FLAG_MEM_SIZE),
+                                                          entries)
 
     def eos(self) -> bytes:
         self.counters.transferred += 8
@@ -424,11 +440,14 @@ class RamLoader:
         c = self.counters
         if flags & RAM_SAVE_FLAG_HOOK:
             raise MalformedStream("RDMA hook records are not supported", offset=at)
-        check_flags(flags, at)
+        check_flags(flags, at, self.context)
         if flags & RAM_SAVE_FLAG_MEM_SIZE:
             try:
-                _apply_block_list(blocks, read_block_list(r, offset, self.context), self.create_missing,
-                                  self.context)
+                if self.context.mapped_ram:  # each entry is followed by its pages' place in the file
+                    read_block_list(r, offset, self.context, on_mapped=self._load_mapped)
+                else:
+                    _apply_block_list(blocks, read_block_list(r, offset, self.context), self.create_missing,
+                                      self.context)
             except VMSDError as e:
                 if e.offset is None:
                     e.offset = at
@@ -493,6 +512,33 @@ class RamLoader:
         return False
 
 
+    def _load_mapped(self, r: Reader, info: RamBlockInfo, header: MappedRamHeader) -> None:
+        """One mapped-ram block: checked and created as its entry says (entries and pages alternate in the
+        file, so a later bad entry is found only after this block loaded), then its present pages read from
+        the file into it (QEMU's ``parse_ramblock_mapped_ram``)."""
+        at = r.tell()
+        _apply_block_list(self.blocks, [info], self.create_missing, self.context)
+        block = self.blocks[info.name]
+        if self.context.in_place:
+            raise MalformedStream(f"mapped-ram pages for RAM block '{info.name}' although its memory was handed "
+                                  f"over (CPR): no page may come", offset=at)
+
+        def fill(src: Reader, offset: int, n: int) -> None:
+            src.readinto(block.view[offset:offset + n])
+
+        try:
+            present = mapped.load_block(r, header, info.used_length, fill, self.context.file_offset)
+        except VMSDError as e:
+            e.message = f"mapped-ram RAM block '{info.name}': {e.message}"
+            raise
+        n = int(present.sum())
+        self.counters.normal += n
+        self.counters.duplicate += block.npages - n
+        self.named.add(info.name)
+        if self.mark_dirty:
+            block.mark_pages(np.flatnonzero(present))
+
+
 class _Receiver:
     """A thread reading a byte source into a few reused buffers, ahead of the thread applying them."""
 
@@ -507,6 +553,8 @@ class _Receiver:
         self.fd = _input_fd(source)  # only started on a _pollable source
         # What the source holds already shows on no descriptor (a TLS channel's decrypted bytes).
         self._buffered: Callable[[], int] = getattr(source, "buffered", lambda: 0)
+        # A read of the source fails once nothing arrives for its idle limit; waiting in poll must not outlast it.
+        self.idle = receive_timeout(self.fd)
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # stop() ends a wait for input at once
         self._thread = threading.Thread(target=self._run, name="vmsd RAM receiver", daemon=True)
@@ -524,10 +572,15 @@ class _Receiver:
                     continue
                 # Wait for input without blocking for good: stop() must be able to end the thread
                 # while the peer is silent (e.g. waiting for a return-path answer).
-                ready = {fd for fd, _ in poller.poll(0 if self._buffered() else None)}
+                held = self._buffered()
+                wait = 0 if held else None if self.idle is None else math.ceil(self.idle * 1000)
+                ready = {fd for fd, _ in poller.poll(wait)}
                 if self._wake_r in ready or self._stop.is_set():
                     self.free.put(buf)
                     return
+                if not ready and not held:
+                    assert self.idle is not None
+                    raise stalled(getattr(self.source, "name", f"descriptor {self.fd}"), "read failed", self.idle)
                 got = self.source.readinto(memoryview(buf)[_RESERVE:]) or 0
                 if got <= 0:
                     self.free.put(buf)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from vmsd.migration.iovec import Scattered, write_scattered
 from vmsd.migration.transport.channel import BaseChannel, Buffer, Channel
 from vmsd.migration.transport.errors import TransportError, wrap
+from vmsd.migration.transport.idle import is_stall, limit_idle, stalled
 
 try:
     _IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
@@ -145,12 +146,24 @@ class DescriptorChannel(BaseChannel):
 class SocketChannel(DescriptorChannel):
     """A byte stream over a connected stream socket (``tcp:``, or ``fd:`` naming a socket).
 
-    Takes ownership of ``sock``, which must be in blocking mode.
+    Takes ownership of ``sock``, which must be in blocking mode.  With
+    ``idle_timeout`` (seconds), a read or write that moves nothing for that
+    long fails with ``ETIMEDOUT``, and so does a TCP connection whose peer
+    stops acknowledging (:mod:`vmsd.migration.transport.idle`).
     """
 
-    def __init__(self, name: str, *, sock: socket.socket) -> None:
+    def __init__(self, name: str, *, sock: socket.socket, idle_timeout: float | None = None) -> None:
         super().__init__(name, fd=sock.fileno())
         self._sock = sock
+        self.idle_timeout = idle_timeout
+        if idle_timeout is not None:
+            try:
+                limit_idle(sock, idle_timeout)
+            except BaseException as exc:
+                sock.close()  # ours already
+                if isinstance(exc, OSError):
+                    raise wrap(name, "cannot set the idle limit", exc) from exc
+                raise
 
     def peek(self, n: int, timeout: float) -> bytes:
         self._check_open()
@@ -194,6 +207,11 @@ class SocketChannel(DescriptorChannel):
     def _sendv(self, views: list[memoryview]) -> int:
         return self._sock.sendmsg(views)
 
+    def _failure(self, what: str, exc: OSError) -> TransportError:
+        if self.idle_timeout is not None and is_stall(exc):
+            return stalled(self.name, what, self.idle_timeout, exc)
+        return super()._failure(what, exc)
+
     def _release(self) -> None:
         self._fd = -1
         self._sock.close()
@@ -212,8 +230,8 @@ class UnixChannel(SocketChannel):
 
     passes_fds = True
 
-    def __init__(self, name: str, *, sock: socket.socket) -> None:
-        super().__init__(name, sock=sock)
+    def __init__(self, name: str, *, sock: socket.socket, idle_timeout: float | None = None) -> None:
+        super().__init__(name, sock=sock, idle_timeout=idle_timeout)
         self._fds: collections.deque[int] = collections.deque()  # received by reads, not taken yet
         self._fds_lock = threading.Lock()
 
@@ -296,10 +314,11 @@ def _close_all(fds: Iterable[int]) -> None:
             os.close(fd)
 
 
-def socket_channel(name: str, sock: socket.socket) -> Channel:
+def socket_channel(name: str, sock: socket.socket, idle_timeout: float | None = None) -> Channel:
     """The channel for a connected stream socket: a :class:`UnixChannel` for a unix socket (it passes
     descriptors), a :class:`SocketChannel` otherwise.  ``sock.family`` is what the kernel says
-    (SO_DOMAIN) also for a socket made from an inherited descriptor."""
+    (SO_DOMAIN) also for a socket made from an inherited descriptor.  ``idle_timeout``: as
+    :class:`SocketChannel`'s."""
     if sock.family == socket.AF_UNIX:
-        return UnixChannel(name, sock=sock)
-    return SocketChannel(name, sock=sock)
+        return UnixChannel(name, sock=sock, idle_timeout=idle_timeout)
+    return SocketChannel(name, sock=sock, idle_timeout=idle_timeout)

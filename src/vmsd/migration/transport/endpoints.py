@@ -34,9 +34,11 @@ class Listener:
         self._tls = tls
         self.closed = False
 
-    def accept(self, timeout: float | None = 30.0) -> Channel:
-        """Wait for one connection (and its TLS handshake); :class:`TransportError` after ``timeout`` seconds
-        (each), or when the handshake fails."""
+    def accept(self, timeout: float | None = 30.0, idle_timeout: float | None = None) -> Channel:
+        """Wait for one connection (and its TLS handshake, also bounded by ``timeout``); :class:`TransportError`
+        after ``timeout`` seconds, or when the handshake fails.
+
+        ``idle_timeout``: the channel's idle limit (see :class:`SocketChannel`), none by default."""
         if self.closed:
             raise TransportError(self.uri, "listener is closed", errno.EBADF)
         try:
@@ -48,8 +50,9 @@ class Listener:
             raise wrap(self.uri, "accept failed", exc) from exc
         conn.settimeout(None)
         if self._tls is not None:
-            return server_channel(self.uri, _roomy(conn), self._tls, 30.0 if timeout is None else timeout)
-        return socket_channel(self.uri, _roomy(conn))
+            return server_channel(self.uri, _roomy(conn), self._tls, 30.0 if timeout is None else timeout,
+                                  idle_timeout)
+        return socket_channel(self.uri, _roomy(conn), idle_timeout)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -143,9 +146,9 @@ def _fd_socket(uri: str, target: FdURI) -> socket.socket | Channel:
     return DescriptorChannel(uri, fd=fd)
 
 
-def _fd_channel(uri: str, target: FdURI) -> Channel:
+def _fd_channel(uri: str, target: FdURI, idle_timeout: float | None) -> Channel:
     got = _fd_socket(uri, target)
-    return socket_channel(uri, got) if isinstance(got, socket.socket) else got
+    return socket_channel(uri, got, idle_timeout) if isinstance(got, socket.socket) else got
 
 
 def _connect(uri: str, target: TcpURI | UnixURI, timeout: float) -> socket.socket:
@@ -175,9 +178,12 @@ def _tls_refused(uri: str) -> InvalidURI:
     return InvalidURI(uri, "TLS runs over a socket only (tcp:, unix:, or fd: naming a socket)")
 
 
-def open_outgoing(uri: str, timeout: float = 30.0, tls: ssl.SSLContext | None = None,
-                  tls_hostname: str | None = None) -> Channel:
+def open_outgoing(uri: str, timeout: float = 30.0, idle_timeout: float | None = None,
+                  tls: ssl.SSLContext | None = None, tls_hostname: str | None = None) -> Channel:
     """Open the sending end named by ``uri``; ``timeout`` bounds connecting (and the TLS handshake).
+
+    ``idle_timeout`` (seconds) is the idle limit of a socket's channel (``tcp:``, ``unix:``, ``fd:``
+    naming a socket): see :class:`SocketChannel`.  Files and commands have none.
 
     With ``tls`` (a client context, :meth:`TlsConfig.client_context`) the
     channel is a :class:`~vmsd.migration.transport.tls.TlsChannel` whose peer
@@ -203,23 +209,24 @@ def open_outgoing(uri: str, timeout: float = 30.0, tls: ssl.SSLContext | None = 
             raise _tls_refused(uri)
         return CommandChannel(uri, target.command, outgoing=True, timeout=timeout)
     if tls is None:
-        return socket_channel(uri, sock)
+        return socket_channel(uri, sock, idle_timeout)
     host = tls_hostname if tls_hostname is not None else target.host if isinstance(target, TcpURI) else None
-    return client_channel(uri, sock, tls, host or None, timeout)
+    return client_channel(uri, sock, tls, host or None, timeout, idle_timeout)
 
 
-def open_incoming(uri: str, timeout: float = 30.0, tls: ssl.SSLContext | None = None) -> Channel:
+def open_incoming(uri: str, timeout: float = 30.0, idle_timeout: float | None = None,
+                  tls: ssl.SSLContext | None = None) -> Channel:
     """Open the receiving end named by ``uri``; ``timeout`` bounds waiting for the peer (and the TLS handshake
-    when given a server context)."""
+    when given a server context), ``idle_timeout`` is as :func:`open_outgoing`'s."""
     target = parse_uri(uri)
     if isinstance(target, TcpURI | UnixURI):
         with listen(uri, backlog=1, tls=tls) as listener:
-            return listener.accept(timeout)
+            return listener.accept(timeout, idle_timeout)
     if tls is not None:
         if isinstance(target, FdURI):
             got = _fd_socket(uri, target)
             if isinstance(got, socket.socket):
-                return server_channel(uri, got, tls, timeout)
+                return server_channel(uri, got, tls, timeout, idle_timeout)
             got.abort()
         raise _tls_refused(uri)
     if isinstance(target, FileURI):
@@ -236,5 +243,5 @@ def open_incoming(uri: str, timeout: float = 30.0, tls: ssl.SSLContext | None = 
                 raise wrap(uri, f"cannot seek to offset {target.offset}", exc) from exc
         return channel
     if isinstance(target, FdURI):
-        return _fd_channel(uri, target)
+        return _fd_channel(uri, target, idle_timeout)
     return CommandChannel(uri, target.command, outgoing=False, timeout=timeout)

@@ -39,6 +39,7 @@ from pathlib import Path
 from vmsd.migration.iovec import Scattered
 from vmsd.migration.transport.channel import BaseChannel, Buffer
 from vmsd.migration.transport.errors import TransportError, wrap
+from vmsd.migration.transport.idle import is_stall, limit_idle, stalled
 
 CA_CERT = "ca-cert.pem"
 SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
@@ -51,6 +52,9 @@ _CRL = "ca-crl.pem"
 _GATHER = 64 << 10
 # How long closing waits for the socket to take the close_notify alert.
 _CLOSE_NOTIFY_WAIT = 5.0
+# The most one TLS write is handed: with an idle limit, a write must make progress within it, and a write of
+# megabytes over a slow link would not end in time although bytes move all along.
+_WRITE_PIECE = 256 << 10
 
 
 class TlsCredsError(ValueError):
@@ -118,27 +122,47 @@ class TlsConfig:
 
 
 def client_channel(name: str, sock: socket.socket, context: ssl.SSLContext, hostname: str | None,
-                   timeout: float) -> TlsChannel:
-    """The connecting end of ``sock`` after a TLS handshake that checked the peer against ``hostname``."""
+                   timeout: float, idle_timeout: float | None = None) -> TlsChannel:
+    """The connecting end of ``sock`` after a TLS handshake that checked the peer against ``hostname``.
+
+    ``timeout`` bounds the handshake; ``idle_timeout`` is the channel's idle limit, as a
+    :class:`~vmsd.migration.transport.SocketChannel`'s."""
     if hostname is None and context.check_hostname:
         sock.close()
         raise TransportError(name, "TLS needs a hostname to check the destination's certificate against: "
                                    "give tls-hostname", errno.EINVAL)
+    _limit(name, sock, idle_timeout)
     tls = context.wrap_socket(sock, server_hostname=hostname, do_handshake_on_connect=False)
-    return _handshake(name, tls, timeout)
+    return _handshake(name, tls, timeout, idle_timeout)
 
 
-def server_channel(name: str, sock: socket.socket, context: ssl.SSLContext, timeout: float) -> TlsChannel:
+def server_channel(name: str, sock: socket.socket, context: ssl.SSLContext, timeout: float,
+                   idle_timeout: float | None = None) -> TlsChannel:
     """The accepting end of ``sock`` after a TLS handshake (that checked the peer's certificate if asked)."""
+    _limit(name, sock, idle_timeout)
     tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-    return _handshake(name, tls, timeout)
+    return _handshake(name, tls, timeout, idle_timeout)
 
 
-def _handshake(name: str, tls: ssl.SSLSocket, timeout: float) -> TlsChannel:
+def _limit(name: str, sock: socket.socket, idle_timeout: float | None) -> None:
+    """The socket's side of the idle limit: TCP gives up on a dead peer (:func:`limit_idle`); reads and writes
+    are bounded by the TLS socket's timeout (OpenSSL would retry a read that the socket's own timeout ends)."""
+    if idle_timeout is None:
+        return
+    try:
+        limit_idle(sock, idle_timeout)
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, OSError):
+            raise wrap(name, "cannot set the idle limit", exc) from exc
+        raise
+
+
+def _handshake(name: str, tls: ssl.SSLSocket, timeout: float, idle_timeout: float | None) -> TlsChannel:
     try:
         tls.settimeout(timeout)
         tls.do_handshake()
-        tls.settimeout(None)
+        tls.settimeout(idle_timeout)
     except BaseException as exc:
         tls.close()
         if isinstance(exc, TimeoutError | socket.timeout):
@@ -146,7 +170,7 @@ def _handshake(name: str, tls: ssl.SSLSocket, timeout: float) -> TlsChannel:
         if isinstance(exc, OSError):
             raise TransportError(name, f"TLS handshake failed: {_why(exc)}", errno.EPROTO) from None
         raise
-    return TlsChannel(name, tls)
+    return TlsChannel(name, tls, idle_timeout)
 
 
 class TlsChannel(BaseChannel):
@@ -155,12 +179,16 @@ class TlsChannel(BaseChannel):
     No descriptor carries its bytes (:meth:`fileno` is -1).  :meth:`peek`
     keeps what it decrypted for the next read.  :meth:`close` ends the
     session with TLS's close_notify, which newer QEMU destinations expect on
-    every multifd channel; :meth:`abort` only drops the connection.
+    every multifd channel; :meth:`abort` only drops the connection.  With
+    ``idle_timeout``, a read or write that moves nothing for that long fails
+    with ``ETIMEDOUT``, as on a :class:`~vmsd.migration.transport.SocketChannel`
+    (``sock``'s timeout is that limit).
     """
 
-    def __init__(self, name: str, sock: ssl.SSLSocket) -> None:
+    def __init__(self, name: str, sock: ssl.SSLSocket, idle_timeout: float | None = None) -> None:
         super().__init__(name)
         self._sock = sock
+        self.idle_timeout = idle_timeout
         self._ahead = bytearray()  # decrypted by peek(), not read yet
         self._heard = False  # whether the peer sent a byte yet
         self._stopped = False  # whether we shut the socket down (then an end of stream is ours)
@@ -222,7 +250,7 @@ class TlsChannel(BaseChannel):
             except OSError as exc:
                 raise self._failure("read failed", exc) from None
             finally:
-                self._sock.settimeout(None)
+                self._sock.settimeout(self.idle_timeout)
             self._heard = self._heard or self._silent_end(len(got))
             self._ahead += got
             # What is decrypted already comes along, as a socket's peek returns what has arrived.
@@ -247,7 +275,8 @@ class TlsChannel(BaseChannel):
         self._check_open()
         view = memoryview(data).cast("B")
         try:
-            self._sock.sendall(view)
+            for at in range(0, len(view), _WRITE_PIECE):
+                self._sock.sendall(view[at:at + _WRITE_PIECE])
         except OSError as exc:
             raise self._failure("write failed", exc) from None
         return len(view)
@@ -326,6 +355,8 @@ class TlsChannel(BaseChannel):
                     select.select([], [sock], [], left)
 
     def _failure(self, what: str, exc: OSError) -> TransportError:
+        if self.idle_timeout is not None and (isinstance(exc, TimeoutError) or is_stall(exc)):
+            return stalled(self.name, what, self.idle_timeout, exc)
         if isinstance(exc, ssl.SSLError):
             return TransportError(self.name, f"{what}: {_why(exc)}", errno.EPROTO)
         return wrap(self.name, what, exc)
