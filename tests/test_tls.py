@@ -474,10 +474,11 @@ class _InThread:
 
 
 def test_cli_refuses_tls_settings_it_cannot_use(creds: dict[str, Path], tmp_path: Path) -> None:
-    code, err = run("outgoing", str(tmp_path / "none.mig"), "tcp:127.0.0.1:1", "--tls-hostname", "x")
-    assert code == 1 and one_line_error(err, "outgoing") and "--tls-hostname needs --tls-creds" in err
+    (tmp_path / "in.mig").write_bytes(b"")
+    code, err = run("outgoing", str(tmp_path / "in.mig"), "tcp:127.0.0.1:1", "--tls-hostname", "x")
+    assert code == 2 and one_line_error(err, "outgoing") and "--tls-hostname needs --tls-creds" in err
     code, err = run("incoming", "tcp:127.0.0.1:1", "-o", str(tmp_path / "o.mig"), "--parameter", "tls-creds=tls0")
-    assert code == 1 and one_line_error(err, "incoming") and "--tls-creds DIR" in err
+    assert code == 2 and one_line_error(err, "incoming") and "--tls-creds DIR" in err
     code, err = run("incoming", "tcp:127.0.0.1:1", "-o", str(tmp_path / "o.mig"), "--tls-creds", str(tmp_path))
     assert code == 1 and one_line_error(err, "incoming") and "cannot load server-cert.pem" in err
     assert not (tmp_path / "o.mig").exists()
