@@ -500,3 +500,25 @@ def test_unix_socket_with_tls_hostname(creds: dict[str, Path], tmp_path: Path) -
         assert rx.error is None and info["status"] == "completed", (info, rx.error)
         assert ram_of(src) == ram_of(dst)
 
+
+
+def test_the_idle_limit_ends_a_stalled_tls_channel(creds: dict[str, Path]) -> None:
+    """A peer that sends nothing, or reads nothing, fails the channel once nothing moved for the idle limit
+    (the TLS socket's timeout), with the idle limit's message."""
+    cfg = TlsConfig(creds["both"])
+    with listen("tcp:127.0.0.1:0", tls=cfg.server_context()) as lst:
+        box: list[Any] = []
+        accepting = threading.Thread(target=lambda: box.append(lst.accept(10, idle_timeout=0.5)))
+        accepting.start()
+        client = open_outgoing(lst.uri, 10, idle_timeout=0.5, tls=cfg.client_context())
+        accepting.join(10)
+        server = box[0]
+        with client, server:
+            client.write(b"QEVM")
+            assert server.read_exact(4) == b"QEVM"
+            with pytest.raises(TransportError, match=r"read failed: nothing moved for 0\.5s, the idle limit") as info:
+                server.read_exact(1)
+            assert info.value.errno == errno.ETIMEDOUT
+            with pytest.raises(TransportError, match=r"write failed: nothing moved for 0\.5s, the idle limit"):
+                for _ in range(1024):  # far more than the sockets hold: the peer reads nothing
+                    client.write(bytes(1 << 20))
