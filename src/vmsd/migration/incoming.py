@@ -167,7 +167,7 @@ class Incoming:
             finally:
                 self._drop_cpr_state()
 
-    def _receive_cpr_state(self, uri: str, timeout: float) -> Listener | None:
+    def _receive_cpr_state(self, uri: str, timeout: float) -> Listener:
         """cpr-transfer: the CPR state from the old side, then listen on ``uri``, then hang up (the signal)."""
         assert self.cpr_channel is not None
         with listen(self.cpr_channel, backlog=1) as clst, clst.accept(timeout) as cch:
