@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: system packages (QEMU 7.2 is the interop peer, iproute2) and
+# Set up a fresh machine: system packages (QEMU 7.2 is the interop peer, iproute2, openssl) and
 # a virtualenv in .venv with vmsd installed in editable mode plus dev tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # iproute2 (ip, tc): tests/test_network_faults.py builds two network namespaces joined by a veth pair.
+# openssl makes the certificates of the TLS tests (vmsd.testing.tls_certs).
 missing=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 { command -v ip && command -v tc; } >/dev/null 2>&1 || missing+=(iproute2)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
     $sudo apt-get update -qq

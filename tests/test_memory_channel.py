@@ -138,7 +138,8 @@ def memory_transport(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MemoryCha
     pairs = [memory_pair(f"memory#{i}") for i in range(3)]
     ours = iter([a for a, _ in pairs])
 
-    def open_outgoing(uri: str, timeout: float = 30.0, idle_timeout: float | None = None) -> Channel:
+    def open_outgoing(uri: str, timeout: float = 30.0, idle_timeout: float | None = None, tls: None = None,
+                      tls_hostname: None = None) -> Channel:
         return next(ours)  # a memory channel has no idle limit: its peer is this process
 
     monkeypatch.setattr(precopy, "open_outgoing", open_outgoing)

@@ -662,8 +662,10 @@ def _second_channel_via(mig: Migration, proxy: _Proxy) -> None:
     real_open = mig._open_multifd
 
     def open_via_proxy(c: MultifdConfig) -> None:
-        real_open(MultifdConfig(channels=1, peer=c.peer))
-        mig._multifd_channels.append(open_outgoing(f"tcp:127.0.0.1:{proxy.port}"))
+        real_open(MultifdConfig(channels=1, peer=c.peer, uuid=c.uuid))
+        ch = open_outgoing(f"tcp:127.0.0.1:{proxy.port}")
+        ch.write(initial_packet(c.uuid, 1))  # the source introduces each channel as it opens it
+        mig._multifd_channels.append(ch)
 
     mig._open_multifd = open_via_proxy  # type: ignore[method-assign]
 

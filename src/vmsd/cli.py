@@ -216,9 +216,10 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     from vmsd.qemu.versions import nearest
 
     shipped = streams.shipped_specs(args.qemu or nearest(args.peer_version))
+    tls = _tls(args)
     result = snapshot.incoming(args.uri, args.output, streams.load_specs(args.specs, shipped), args.timeout,
                                multifd=multifd, force=args.force, mode=mode, cpr_channel=cpr_channel,
-                               max_ram=max_ram)
+                               max_ram=max_ram, tls=tls)
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
           f"sections in {result.seconds:.2f}s; snapshot written to {args.output}",
@@ -244,15 +245,28 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     mode, cpr_channel = _cpr_options(args)
+    tls = _tls(args)
     specs = streams.load_specs(args.specs, snapshot.snapshot_specs(Path(args.snapshot), args.qemu))
     info = snapshot.outgoing(Path(args.snapshot), args.uri, specs, args.timeout,
                              caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer,
-                             mode=mode, cpr_channel=cpr_channel)
+                             mode=mode, cpr_channel=cpr_channel, tls=tls)
     if not args.json:
         print(summary(info))
     if info["status"] != "completed":
         raise ToolError(f"migration {info['status']}: {info.get('error-desc', '')}")
     return EXIT_OK
+
+
+def _tls(args: argparse.Namespace) -> Any:
+    """``--tls-creds DIR`` (and ``--tls-hostname NAME``) as a TlsConfig, or None."""
+    from vmsd.migration.transport import TlsConfig
+
+    hostname = getattr(args, "tls_hostname", None)
+    if args.tls_creds is None:
+        if hostname is not None:
+            raise UsageError("--tls-hostname needs --tls-creds")
+        return None
+    return TlsConfig(Path(args.tls_creds), hostname)
 
 
 def _cpr_options(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -342,6 +356,8 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, bool], dict[str, int]
     params: dict[str, int] = {}
     for item in args.parameter or []:
         name, _, value = item.partition("=")
+        if name in ("tls-creds", "tls-hostname", "tls-authz"):
+            raise UsageError(f"parameter {name!r}: TLS is set with --tls-creds DIR (and --tls-hostname NAME)")
         if name not in _MULTIFD_PARAMETERS:
             params[name] = _size(value, f"parameter {name!r}")
     return caps, params
@@ -474,9 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--specs", type=Path, metavar="DIR", help=_SPECS_HELP)
             p.add_argument("--json", action="store_true", help="progress as JSON lines (query-migrate objects)")
             p.add_argument("--force", action="store_true", help="replace the file a file: URI names if it exists")
+            p.add_argument("--tls-hostname", metavar="NAME",
+                           help="the name the destination's certificate must carry (default: the host of a tcp: URI)")
             p.set_defaults(func=_cmd_outgoing)
         p.add_argument("--capability", action="append", metavar="NAME=on|off", help=_CAPABILITY_HELP)
         p.add_argument("--parameter", action="append", metavar="NAME=VALUE", help=_PARAMETER_HELP)
+        p.add_argument("--tls-creds", metavar="DIR",
+                       help="TLS on every channel, with the certificates in DIR as QEMU's tls-creds-x509 names them "
+                            "(ca-cert.pem, " + ("server-cert.pem, server-key.pem" if name == "incoming" else
+                                                "client-cert.pem, client-key.pem") + "; see docs/tls.md)")
         p.add_argument("--timeout", type=_seconds, default=60.0,
                        help="seconds to wait for the peer: to connect, and whenever nothing moves on a connection "
                             "(a cut link, a stalled peer; default 60)")

@@ -45,6 +45,7 @@ from vmsd.migration.transport import (
     FileURI,
     Listener,
     TcpURI,
+    TlsConfig,
     TransportError,
     UnixURI,
     listen,
@@ -87,8 +88,12 @@ class Incoming:
     def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
                  blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None, mode: str = "normal",
                  cpr_channel: str | None = None, commit: Callable[[IncomingResult], None] | None = None,
-                 max_ram: int | None = None) -> None:
-        """``mode`` is the migration mode of the old side (QEMU's ``mode``).  In cpr-transfer the CPR state
+                 max_ram: int | None = None, tls: TlsConfig | None = None) -> None:
+        """``tls``: QEMU's ``tls-creds``; every connection (main and multifd) must then complete a TLS
+        handshake, presenting the folder's server certificate and, with ``verify_peer``, checking the
+        source's against its CA.
+
+        ``mode`` is the migration mode of the old side (QEMU's ``mode``).  In cpr-transfer the CPR state
         arrives first on ``cpr_channel`` (a ``unix:`` URI we listen on), in cpr-exec it is found through
         the environment; either way the RAM blocks are built on the memory it hands over (a machine
         given here must have none of its own) and no page may come on the main channel."""
@@ -102,6 +107,10 @@ class Incoming:
             raise ValueError(f"migration mode '{mode}' does not use multifd channels")
         if machine is None and specs is None:
             raise ValueError("an Incoming without a machine needs specs")
+        if tls is not None and mode != "normal":
+            raise ValueError(f"TLS with migration mode '{mode}' is not supported")
+        # Built now, so that a credentials folder that cannot serve fails here, before anything listens.
+        self._tls = tls.server_context() if tls is not None else None
         if machine is not None and blocks is not None:
             raise ValueError("an Incoming into a machine uses the machine's RAM blocks")
         self.machine = machine
@@ -139,12 +148,12 @@ class Incoming:
                 elif self.mode == "cpr-exec":
                     self._adopt(find_state())
                 if cfg is not None and not isinstance(parse_uri(uri), FileURI):
-                    with listen(uri) as mlst:
+                    with listen(uri, tls=self._tls) as mlst:
                         ch, channels = accept_all(lambda: mlst.accept(timeout, timeout), cfg, timeout)
                 elif lst is not None:
                     ch = lst.accept(timeout, timeout)
                 else:
-                    ch = open_incoming(uri, timeout=timeout, idle_timeout=timeout)
+                    ch = open_incoming(uri, timeout=timeout, idle_timeout=timeout, tls=self._tls)
             finally:
                 if lst is not None:
                     lst.close()
@@ -158,7 +167,7 @@ class Incoming:
             finally:
                 self._drop_cpr_state()
 
-    def _receive_cpr_state(self, uri: str, timeout: float) -> Listener | None:
+    def _receive_cpr_state(self, uri: str, timeout: float) -> Listener:
         """cpr-transfer: the CPR state from the old side, then listen on ``uri``, then hang up (the signal)."""
         assert self.cpr_channel is not None
         with listen(self.cpr_channel, backlog=1) as clst, clst.accept(timeout) as cch:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import queue
+import ssl
 import struct
 import threading
 import time
@@ -62,6 +63,7 @@ from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import (
     MultifdConfig,
     MultifdSender,
+    initial_packet,
 )
 from vmsd.migration.profile import NEWEST, PeerProfile
 from vmsd.migration.ram.blocks import PAGE_SIZE, Pages, RamBlock
@@ -81,7 +83,16 @@ from vmsd.migration.stream import (
     SavevmWriter,
     Section,
 )
-from vmsd.migration.transport import Channel, FileURI, TransportError, UnixURI, open_outgoing, parse_uri
+from vmsd.migration.transport import (
+    Channel,
+    FileURI,
+    TcpURI,
+    TlsConfig,
+    TransportError,
+    UnixURI,
+    open_outgoing,
+    parse_uri,
+)
 from vmsd.runtime.errors import VMSDError
 
 # Not 0: QEMU 7.2 finds the handler of a PART/END section by the id its START
@@ -101,6 +112,8 @@ PARAMETER_DEFAULTS: dict[str, int] = {
     "throttle-trigger-threshold": 50,
 }
 CAPABILITIES = ("xbzrle", "auto-converge", "return-path", "events", "multifd", "x-ignore-shared", "mapped-ram")
+# QEMU's TLS parameters name a credentials object and a host: here they are a TlsConfig (``tls=``).
+TLS_PARAMETERS = ("tls-creds", "tls-hostname", "tls-authz")
 
 
 class MigrationError(VMSDError):
@@ -123,6 +136,9 @@ def parse_settings(capabilities: dict[str, bool] | None, parameters: dict[str, i
         caps[name] = bool(on)
     params = {**PARAMETER_DEFAULTS, "max-bandwidth": peer.max_bandwidth}
     for name, value in (parameters or {}).items():
+        if name in TLS_PARAMETERS:
+            raise ValueError(f"parameter '{name}' is given as tls=TlsConfig(creds, hostname) "
+                             "(vmsd outgoing/incoming: --tls-creds DIR, --tls-hostname NAME)")
         if name not in params:
             raise ValueError(f"parameter '{name}' is not supported (supported: {', '.join(PARAMETER_DEFAULTS)})")
         if value < 0:
@@ -254,8 +270,12 @@ class Migration:
                  parameters: dict[str, int] | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None, timeout: float = 30.0,
                  multifd: MultifdConfig | None = None, peer: PeerProfile | None = None, mode: str = "normal",
-                 cpr_channel: str | None = None, cpr_exec_command: list[str] | None = None) -> None:
-        """``mode`` is QEMU's migration mode: ``normal`` (precopy), or a CPR mode, where the machine stops
+                 cpr_channel: str | None = None, cpr_exec_command: list[str] | None = None,
+                 tls: TlsConfig | None = None) -> None:
+        """``tls``: QEMU's ``tls-creds`` and ``tls-hostname``; the main channel and every multifd channel
+        then carry TLS (see :mod:`vmsd.migration.transport.tls`).
+
+        ``mode`` is QEMU's migration mode: ``normal`` (precopy), or a CPR mode, where the machine stops
         when the main channel connects: ``cpr-reboot`` (RAM copied, or left in shared files with
         x-ignore-shared), ``cpr-transfer`` (RAM memfds handed to the new side over ``cpr_channel``, a
         ``unix:`` URI, before the main stream) and ``cpr-exec`` (this process execs ``cpr_exec_command``
@@ -303,6 +323,9 @@ class Migration:
             self._mapped_workers = multifd.channels if multifd is not None else 1
             multifd = None
         self.multifd = multifd
+        self.tls = tls
+        # Built now, so that a credentials folder that cannot serve fails here, before anything connects.
+        self._tls_context = _tls_client(tls, uri, mode) if tls is not None else None
         self._sender: MultifdSender | None = None
         self._multifd_channels: list[Channel] = []
         self._multifd_seen = 0
@@ -316,7 +339,7 @@ class Migration:
         self._auto_converge = policy.AutoConverge.from_parameters(self.parameters) \
             if self.capabilities["auto-converge"] else None
         cache = XbzrleCache(self.parameters["xbzrle-cache-size"]) if self.capabilities["xbzrle"] else None
-        self.encoder = RamEncoder(cache, zero_copy=True)  # the main channel writes pages from RAM (Channel.writev)
+        self.encoder = RamEncoder(cache)  # zero-copy or not: decided by the main channel (see _migrate)
         self._framing = SavevmWriter(profile=self.peer)  # the trailer by the peer's rules
         # The blocks whose pages go on the wire: with x-ignore-shared, shared blocks stay where they are;
         # in cpr-transfer and cpr-exec every block does.
@@ -370,11 +393,18 @@ class Migration:
             m.pause(timeout=self.timeout)
             self._paused_here = True
             self._hand_over()
-        if cfg is not None and cfg.peer.multifd_classifies_channels:  # multifd channels first, as QEMU does
+        # Newer QEMU tells channels apart by their first bytes, and its source connects multifd channels first.
+        # A destination cannot look at the first bytes of a TLS channel before its handshake, so with TLS, as
+        # with 7.2, the first connection is the main one.
+        main_first = cfg is None or not cfg.peer.multifd_classifies_channels or self.tls is not None
+        if cfg is not None and not main_first:
             self._open_multifd(cfg)
-        self._channel = open_outgoing(self.uri, timeout=self.timeout, idle_timeout=self.timeout)
+        self._channel = self._connect()
+        # Pages leave from RAM by writev(2) where the channel has a descriptor; else (TLS) records are built
+        # in one buffer, which the channel encrypts anyway.
+        self.encoder.zero_copy = self._channel.fileno() >= 0
         self._writer = _WriteBehind(self._channel)
-        if cfg is not None and not cfg.peer.multifd_classifies_channels:  # the first connection is the main one
+        if cfg is not None and main_first:
             self._open_multifd(cfg)
         self._check_cancel()
         f = self._framing
@@ -500,12 +530,23 @@ class Migration:
             self._multifd_seen = total
 
     def _open_multifd(self, cfg: MultifdConfig) -> None:
-        for _ in range(cfg.channels):
-            self._multifd_channels.append(open_outgoing(self.uri, timeout=self.timeout, idle_timeout=self.timeout))
+        for i in range(cfg.channels):
+            ch = self._connect()
+            self._multifd_channels.append(ch)
+            # At once, as QEMU's source does: QEMU's destination reads a channel's initial packet as soon as it
+            # has the channel, in the thread that would do the next channel's TLS handshake.
+            ch.write(initial_packet(cfg.uuid, i))
+
+    def _connect(self) -> Channel:
+        """A connection to the destination (the timeout is also its idle limit), through a TLS handshake when
+        configured."""
+        tls = self.tls
+        return open_outgoing(self.uri, timeout=self.timeout, idle_timeout=self.timeout, tls=self._tls_context,
+                             tls_hostname=tls.hostname if tls is not None else None)
 
     def _start_multifd(self) -> None:
         if self.multifd is not None and self._sender is None:
-            self._sender = MultifdSender(self.multifd, self._multifd_channels)
+            self._sender = MultifdSender(self.multifd, self._multifd_channels, introduced=True)
 
     def _multifd_sync(self, now: bool) -> None:
         """A SYNC packet on every channel, then (newest layout) the MULTIFD_FLUSH record."""
@@ -735,6 +776,19 @@ class Migration:
         if self.error is not None:
             out["error-desc"] = self.error
         return out
+
+
+def _tls_client(tls: TlsConfig, uri: str, mode: str) -> ssl.SSLContext:
+    """The source's TLS context, after QEMU's checks: a socket transport, a name to check the peer against."""
+    target = parse_uri(uri)
+    if mode != "normal":
+        raise ValueError(f"TLS with migration mode '{mode}' is not supported")
+    if isinstance(target, FileURI):
+        raise ValueError("TLS needs a socket transport (tcp:, unix:, or fd: naming a socket), not file:")
+    if tls.verify_peer and tls.hostname is None and not (isinstance(target, TcpURI) and target.host):
+        raise ValueError(f"no hostname available for TLS on {uri}: give tls-hostname (the name the destination's "
+                         "certificate is checked against)")
+    return tls.client_context()
 
 
 def _check_mode(mode: str, peer: PeerProfile, uri: str, cpr_channel: str | None,

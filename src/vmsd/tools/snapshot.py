@@ -44,7 +44,7 @@ from vmsd.migration.stream import (
     SpecSet,
     capabilities_of,
 )
-from vmsd.migration.transport import open_incoming
+from vmsd.migration.transport import TlsConfig, open_incoming
 from vmsd.runtime.errors import RegistryError
 from vmsd.runtime.outfile import OutputError, OutputFile
 from vmsd.tools.errors import ToolError
@@ -54,18 +54,20 @@ _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 
 def incoming(uri: str, output: Path | str, specs: SpecSet, timeout: float = 60.0,
              multifd: MultifdConfig | None = None, force: bool = False, mode: str = "normal",
-             cpr_channel: str | None = None, max_ram: int | None = None) -> IncomingResult:
+             cpr_channel: str | None = None, max_ram: int | None = None,
+             tls: TlsConfig | None = None) -> IncomingResult:
     """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads.
 
     ``output`` may be ``-`` (standard output); an existing file is replaced only with ``force``.  In
     cpr-transfer the old side hands its RAM over as memfds on ``cpr_channel``; the snapshot's pages are
     read from them.  ``max_ram``: the most RAM the peer may announce (default: this host's memory).
+    ``tls``: every connection is TLS (QEMU's ``tls-creds``).
     """
     blocks = RamBlocks(limit=max_ram if max_ram is not None else default_max_ram())
     try:
         with OutputFile(output, force=force, private=True, stdout=True) as out:
             return Incoming(specs=specs, multifd=multifd, blocks=blocks, mode=mode, cpr_channel=cpr_channel,
-                            commit=lambda result: write_snapshot(result, out, specs.profile)).run(uri, timeout)
+                            commit=lambda result: write_snapshot(result, out, specs.profile), tls=tls).run(uri, timeout)
     finally:
         blocks.close()
 
@@ -172,11 +174,12 @@ def outgoing(snapshot: Path, uri: str, specs: SpecSet, timeout: float = 60.0,
              capabilities: dict[str, bool] | None = None, parameters: dict[str, int] | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None,
              multifd: MultifdConfig | None = None, peer: PeerProfile | None = None, mode: str = "normal",
-             cpr_channel: str | None = None) -> dict[str, Any]:
+             cpr_channel: str | None = None, tls: TlsConfig | None = None) -> dict[str, Any]:
     """Migrate a snapshot to a peer (e.g. QEMU with ``-incoming``) with the precopy engine; its ``query-migrate``.
 
-    In cpr-transfer the snapshot's RAM (loaded into memfds) is handed to the new QEMU on ``cpr_channel``."""
+    In cpr-transfer the snapshot's RAM (loaded into memfds) is handed to the new QEMU on ``cpr_channel``.
+    ``tls``: every connection is TLS (QEMU's ``tls-creds`` and ``tls-hostname``)."""
     with load_machine(snapshot, specs) as m:
         m.resume()  # nothing runs on it; the engine pauses it for the final stage
         return Migration(m, uri, capabilities, parameters, on_progress=on_progress, timeout=timeout,
-                         multifd=multifd, peer=peer, mode=mode, cpr_channel=cpr_channel).run()
+                         multifd=multifd, peer=peer, mode=mode, cpr_channel=cpr_channel, tls=tls).run()

@@ -63,7 +63,8 @@ class MultifdSender:
     migration thread scans the next chunk of a half-zero guest.
     """
 
-    def __init__(self, config: MultifdConfig, channels: list[Channel]) -> None:
+    def __init__(self, config: MultifdConfig, channels: list[Channel], introduced: bool = False) -> None:
+        """``introduced``: each channel's initial packet went out already (as the channel opened)."""
         self.config = config
         self.channels = channels
         self.stats = [ChannelStats(i) for i in range(len(channels))]
@@ -75,8 +76,9 @@ class MultifdSender:
         self._credits = threading.Semaphore(2 * len(channels))  # for packets with pages to send
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"multifd send {i}", daemon=True)
                          for i in range(len(channels))]
-        for i, ch in enumerate(channels):
-            ch.write(initial_packet(config.uuid, i))
+        if not introduced:
+            for i, ch in enumerate(channels):
+                ch.write(initial_packet(config.uuid, i))
         for t in self._threads:
             t.start()
 

@@ -550,7 +550,9 @@ class _Receiver:
             buffers += [bytearray(_RESERVE + _READ) for _ in range(_BUFFERS)]
         for buf in buffers:
             self.free.put(buf)
-        self.fd = source.fileno()  # type: ignore[attr-defined]  # only started on a _pollable source
+        self.fd = _input_fd(source)  # only started on a _pollable source
+        # What the source holds already shows on no descriptor (a TLS channel's decrypted bytes).
+        self._buffered: Callable[[], int] = getattr(source, "buffered", lambda: 0)
         # A read of the source fails once nothing arrives for its idle limit; waiting in poll must not outlast it.
         self.idle = receive_timeout(self.fd)
         self._stop = threading.Event()
@@ -570,11 +572,13 @@ class _Receiver:
                     continue
                 # Wait for input without blocking for good: stop() must be able to end the thread
                 # while the peer is silent (e.g. waiting for a return-path answer).
-                ready = {fd for fd, _ in poller.poll(None if self.idle is None else math.ceil(self.idle * 1000))}
+                held = self._buffered()
+                wait = 0 if held else None if self.idle is None else math.ceil(self.idle * 1000)
+                ready = {fd for fd, _ in poller.poll(wait)}
                 if self._wake_r in ready or self._stop.is_set():
                     self.free.put(buf)
                     return
-                if not ready:
+                if not ready and not held:
                     assert self.idle is not None
                     raise stalled(getattr(self.source, "name", f"descriptor {self.fd}"), "read failed", self.idle)
                 got = self.source.readinto(memoryview(buf)[_RESERVE:]) or 0
@@ -619,12 +623,17 @@ class _Receiver:
                 raise item
         return rest
 
+def _input_fd(source: ByteSource) -> int:
+    """The descriptor to poll for ``source``'s input: a channel's ``input_fd()``, a file's ``fileno()``, or -1."""
+    fd = getattr(source, "input_fd", None) or getattr(source, "fileno", None)
+    return -1 if fd is None else int(fd())
+
+
 def _pollable(source: ByteSource) -> bool:
     """Whether ``source`` has a descriptor to poll.  The receiver thread must be able to stop while the peer
-    is silent (it may be waiting for our return-path answer); a channel without one (in memory, TLS) is
-    read by the applying thread alone, record by record."""
-    fileno = getattr(source, "fileno", None)
-    return fileno is not None and int(fileno()) >= 0
+    is silent (it may be waiting for our return-path answer); a channel without one (in memory) is read by
+    the applying thread alone, record by record."""
+    return _input_fd(source) >= 0
 
 
 def _drop_page_views(e: BaseException) -> None:

@@ -28,6 +28,11 @@ Accepted URIs (as in QEMU's ``migrate`` / ``migrate-incoming``):
     stdout.  A failing command raises :class:`TransportError` with the tail
     of its stderr; the child is always reaped.
 
+Over a socket (``tcp:``, ``unix:``, ``fd:`` naming one) a channel may
+carry TLS, as QEMU's ``tls-creds`` sets up: :class:`TlsConfig` names the
+credentials folder, the openers and :func:`listen` take its contexts, and
+the channel is a :class:`TlsChannel` (see :mod:`vmsd.migration.transport.tls`).
+
 Every I/O failure raises :class:`TransportError` (an ``OSError`` naming the
 URI); a malformed URI raises :class:`InvalidURI` (a ``ValueError``).
 A :class:`Channel` is a ``readinto`` source for :class:`vmsd.runtime.io.Reader`
@@ -38,8 +43,9 @@ rules for ``fileno()`` and for passing descriptors in
 :mod:`vmsd.migration.transport.channel`.  Here it is implemented by
 :class:`DescriptorChannel` (pipes, files; ``file:`` and ``exec:`` build on
 it), :class:`SocketChannel` (``tcp:``), :class:`UnixChannel` (``unix:``,
-passes descriptors) and :class:`MemoryChannel` (:func:`memory_pair`, no
-descriptor at all, for tests and as the model of a TLS channel).
+passes descriptors), :class:`TlsChannel` (TLS over a socket, no descriptor
+carrying its bytes) and :class:`MemoryChannel` (:func:`memory_pair`, no
+descriptor at all either, for tests).
 """
 
 from vmsd.migration.transport.channel import BaseChannel, Buffer, Channel
@@ -47,6 +53,7 @@ from vmsd.migration.transport.descriptor import DescriptorChannel, SocketChannel
 from vmsd.migration.transport.endpoints import Listener, listen, open_incoming, open_outgoing
 from vmsd.migration.transport.errors import ACCEPTED, InvalidURI, TransportError
 from vmsd.migration.transport.memory import MemoryChannel, memory_pair
+from vmsd.migration.transport.tls import TlsChannel, TlsConfig, TlsCredsError
 from vmsd.migration.transport.uri import (
     URI,
     ExecURI,
@@ -74,6 +81,9 @@ __all__ = [
     "MemoryChannel",
     "SocketChannel",
     "TcpURI",
+    "TlsChannel",
+    "TlsConfig",
+    "TlsCredsError",
     "TransportError",
     "UnixChannel",
     "UnixURI",

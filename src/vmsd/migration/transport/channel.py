@@ -12,7 +12,8 @@ Descriptors (:meth:`Channel.fileno`)
 
     * the multifd receiver splices pages socket -> pipe -> RAM file
       (``os.splice(ch.fileno(), ...)``), skipping a copy through user space;
-    * the RAM loader's receiver thread (``ram.wire._Receiver``) polls it, so
+    * the RAM loader's receiver thread (``ram.wire._Receiver``) polls
+      :meth:`Channel.input_fd` (the same descriptor, where there is one), so
       that stopping the thread does not wait for the peer's next bytes;
     * the channel's own :meth:`Channel.writev` hands :class:`Scattered` pages
       to writev(2) (:func:`~vmsd.migration.iovec.write_scattered`).
@@ -21,13 +22,16 @@ Descriptors (:meth:`Channel.fileno`)
     or -1 where there is none (memory, TLS: what the kernel sees is not what
     the engine reads).  It never raises; after :meth:`Channel.close` it is -1.
     A caller that gets -1 must use the channel's methods instead: read with
-    ``readinto``/``read_full`` rather than splice, and wait for input by
-    blocking in ``readinto``.  Only :meth:`Channel.shutdown_read` (or
-    :meth:`Channel.shutdown`) wakes a thread blocked there, and it ends the
-    stream: a reader thread that must stop while keeping the stream (the RAM
-    receiver) cannot do without the descriptor's poll yet.  Reading the
-    descriptor directly also bypasses descriptor passing (below): the kernel
-    closes descriptors that arrive with bytes read that way.
+    ``readinto``/``read_full`` rather than splice.  Only
+    :meth:`Channel.shutdown_read` (or :meth:`Channel.shutdown`) wakes a
+    thread blocked in ``readinto``, and it ends the stream; a reader thread
+    that must stop while keeping the stream (the RAM receiver) waits for
+    input by polling :meth:`Channel.input_fd` instead, after taking what
+    :meth:`Channel.buffered` says the channel holds already: a TLS channel's
+    input descriptor is its socket, readable when encrypted bytes arrive.
+    Reading the descriptor directly also bypasses descriptor passing
+    (below): the kernel closes descriptors that arrive with bytes read that
+    way.
 
 Passing descriptors (:meth:`Channel.send_fds`, :meth:`Channel.recv_fds`, :meth:`Channel.take_fds`)
     Only a channel over a unix socket carries them (SCM_RIGHTS); every other
@@ -127,6 +131,14 @@ class Channel(Protocol):
     def fileno(self) -> int:
         """The descriptor carrying exactly this channel's bytes, or -1 (see the module)."""
 
+    def input_fd(self) -> int:
+        """A descriptor poll(2) finds readable when :meth:`readinto` would not wait for the peer (input that
+        :meth:`buffered` counts aside), or -1 (memory): :meth:`fileno`, or a TLS channel's socket."""
+
+    def buffered(self) -> int:
+        """How many bytes the channel holds for :meth:`readinto` already (decrypted, peeked), which
+        :meth:`input_fd` does not show."""
+
     def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
         """Write ``data`` (at least one byte) with ``fds`` attached to its first byte.
 
@@ -221,6 +233,12 @@ class BaseChannel(abc.ABC):
     # ---- descriptors
     def fileno(self) -> int:
         return -1
+
+    def input_fd(self) -> int:
+        return self.fileno()
+
+    def buffered(self) -> int:
+        return 0
 
     def send_fds(self, data: Buffer, fds: Sequence[int]) -> None:
         raise self._no_fds()

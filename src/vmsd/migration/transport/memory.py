@@ -1,4 +1,4 @@
-"""A channel pair over memory: what a socketpair gives, with no descriptor (the shape of a TLS channel)."""
+"""A channel pair over memory: what a socketpair gives, with no descriptor (as a TLS channel has none)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class MemoryChannel(BaseChannel):
     """One end of a :func:`memory_pair`: what it writes, the other end reads, and back.
 
     No descriptor (:meth:`fileno` is -1), so it stands in for channels that
-    have none (TLS) wherever the engine takes a channel.  Blocking calls wake
+    have none (:class:`~vmsd.migration.transport.tls.TlsChannel`) wherever the engine takes a channel.  Blocking calls wake
     on :meth:`shutdown`/:meth:`shutdown_read`, as on a socket.
     """
 
