@@ -116,19 +116,27 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from vmsd.migration.stream import read_stream
+    from vmsd.migration.stream import read_partial
     from vmsd.tools import streams
 
+    streams.load_hooks(args.hooks)
     data = streams.read_input(args.stream)
-    stream = read_stream(data, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data)))
+    # A damaged stream still shows what came before the damage (the error last): what a person debugging
+    # a failed migration needs first.
+    stream, error = read_partial(data, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data)))
     if args.json:
         # One compact document: json's C encoder only serves the unindented
         # form, several times faster on a stream's megabytes of device state.
-        streams.write_json(stream, sys.stdout)
+        streams.write_json(stream, sys.stdout, error)
         sys.stdout.write("\n")
     else:
-        for line in streams.tree_lines(stream):
+        for line in streams.tree_lines(stream, error):
             print(line)
+    sys.stdout.flush()
+    if error is not None:
+        raise error
+    if args.strict:
+        streams.refuse_unless_strict(stream)
     return EXIT_OK
 
 
@@ -141,9 +149,10 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
             raise UsageError(f"--set needs SECTION.FIELD=VALUE, got {assignment!r}")
     # The output is checked before the work; a stream holds guest RAM (0600).
     with OutputFile(args.output, force=args.force, private=True, stdout=True) as out:
+        streams.load_hooks(args.hooks)
         data = streams.read_input(args.stream)
         specs = streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data))
-        data = streams.rewrite(data, specs, args.set or [])
+        data = streams.rewrite(data, specs, args.set or [], strict=args.strict)
         try:
             out.file.write(data)
         except OSError as e:
@@ -157,6 +166,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from vmsd.tools import streams
     from vmsd.tools.streamdiff import diff_streams
 
+    streams.load_hooks(args.hooks)
     data_a, data_b = streams.read_input(args.a), streams.read_input(args.b)
     # Each stream with the spec set of the QEMU that wrote it, unless --qemu names one.
     a = read_stream(data_a, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data_a)))
@@ -215,6 +225,7 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     # A live stream cannot be looked at first: the specs are those of --qemu, else of the peer.
     from vmsd.qemu.versions import nearest
 
+    streams.load_hooks(args.hooks)
     shipped = streams.shipped_specs(args.qemu or nearest(args.peer_version))
     tls = _tls(args)
     result = snapshot.incoming(args.uri, args.output, streams.load_specs(args.specs, shipped), args.timeout,
@@ -246,6 +257,7 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     mode, cpr_channel = _cpr_options(args)
     tls = _tls(args)
+    streams.load_hooks(args.hooks)
     specs = streams.load_specs(args.specs, snapshot.snapshot_specs(Path(args.snapshot), args.qemu))
     info = snapshot.outgoing(Path(args.snapshot), args.uri, specs, args.timeout,
                              caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer,
@@ -426,6 +438,16 @@ def _qemu_option(p: argparse.ArgumentParser, default: str = "the one that wrote 
                    help=f"decode with the spec set of this QEMU version ({', '.join(SPEC_SETS)}; default: {default})")
 
 
+_STRICT_HELP = ("exit 1 when a section is not decoded by its typed spec or QEMU's loader of this spec set would "
+                "refuse the stream (versions, unknown subsections, failed checks; see docs/stream-errors.md)")
+
+
+def _hooks_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hooks", action="append", metavar="MODULE",
+                   help="import this Python module first (a dotted name, or a .py file): it registers the "
+                        "implementations of custom predicates and hooks of the specs (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmsd", description="Typed QEMU VMState descriptions and migration streams.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -449,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stream", metavar="STREAM", help="stream file, or - for standard input")
     p.add_argument("--json", action="store_true", help="JSON instead of a tree")
     p.add_argument("--specs", type=Path, metavar="DIR", help=_SPECS_HELP)
+    _hooks_option(p)
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     _qemu_option(p)
     p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("rewrite", help="decode every section and encode it again, optionally editing fields")
@@ -459,12 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="change one field before encoding, e.g. mc146818rtc.cmos_data[14]=0x55 (repeatable; "
                         "applied in order)")
+    _hooks_option(p)
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP + "; nothing is written then")
     _qemu_option(p)
     p.set_defaults(func=_cmd_rewrite)
     p = sub.add_parser("diff", help="field-level differences between two streams (exit 1 when they differ)")
     p.add_argument("a", metavar="A", help="the first stream file (the left side of each difference), or -")
     p.add_argument("b", metavar="B", help="the second stream file")
     p.add_argument("--specs", type=Path, metavar="DIR", help=_SPECS_HELP)
+    _hooks_option(p)
     _qemu_option(p)
     p.set_defaults(func=_cmd_diff)
     for name, helptext in (
@@ -472,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("outgoing", "migrate a snapshot to a QEMU started with -incoming (the vmsd precopy engine)"),
     ):
         p = sub.add_parser(name, help=helptext)
+        _hooks_option(p)
         if name == "incoming":
             p.add_argument("uri", metavar="URI", help="where to listen: tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND "
                                                       "(run by the shell) or file:PATH")

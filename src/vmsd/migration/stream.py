@@ -158,6 +158,17 @@ def capabilities_of(configuration: Any) -> tuple[bytes, ...]:
     return tuple(names)
 
 
+@attrs.frozen
+class Finding:
+    """A warning that a QEMU destination would have refused: a section its typed spec could not load
+    (``kind`` "fallback": decoded from the trailer instead) or a failed ``equal``/``le`` check ("check",
+    ``field`` set: the check's field as the spec names it)."""
+    idstr: str
+    kind: str
+    message: str
+    field: str | None = None
+
+
 @attrs.define
 class Configuration:
     offset: int
@@ -213,6 +224,8 @@ class Stream:
     trailer_text: bytes | None = None
     trailer_offset: int | None = None
     warnings: list[str] = attrs.Factory(list)
+    # What a QEMU destination with the same specs would have refused, among the warnings.
+    findings: list[Finding] = attrs.Factory(list)
     # The QEMU version whose writer rules a regenerated trailer follows (the spec set's); None: 7.2's.
     profile: PeerProfile | None = None
 
@@ -530,6 +543,8 @@ class Decoder:
     def records(self, top: bool) -> list[Section | Command]:
         r = self.r
         out: list[Section | Command] = []
+        if top:  # the records so far, for read_partial when a later one fails
+            self.stream.records = out
         while True:
             at = r.tell()
             kind = r.u8()
@@ -710,9 +725,15 @@ class Decoder:
                     if sec.legacy and device is not None:
                         expected = int(device.get("size", 0))
                     if expected is not None and used != expected:
-                        raise MalformedStream(f"spec read {used} bytes, the trailer describes {expected}", offset=start)
+                        where = ""
+                        if device is not None and not sec.legacy:
+                            where = layout_difference(describe(obj, sec.version_id)[0], device)
+                        raise MalformedStream(f"spec read {used} bytes, the trailer describes {expected}"
+                                              + (f": {where}" if where else ""), offset=start)
                     for msg in failed:
                         self.warn(f"section '{sec.idstr}': {msg}")
+                        field = msg.split("'")[1] if msg.startswith("check on '") else None
+                        self.stream.findings.append(Finding(sec.idstr, "check", msg, field))
                     sec.payload = obj
                     sec.vmsd_name = cls.VMSD_NAME
                     return
@@ -724,6 +745,7 @@ class Decoder:
             if device is None:
                 raise VersionMismatch(problem, offset=sec.offset)
             self.warn(f"section '{sec.idstr}': {problem}; decoded from the trailer instead")
+            self.stream.findings.append(Finding(sec.idstr, "fallback", problem))
         if device is None:
             if self.stream.trailer is None:
                 if self.trailer_by_framing():
@@ -823,6 +845,46 @@ def described_size(body: Obj) -> int | None:
     return total
 
 
+def _entry_runs(body: Obj) -> list[tuple[str, int]]:
+    """(name, wire bytes) of a body's fields; consecutive entries of one name (QEMU 10.0's runs) as one."""
+    out: list[tuple[str, int]] = []
+    for e in body.get("fields", []) or []:
+        name, size = str(e.get("name")), int(e.get("size", 0)) * int(e.get("array_len", 1))
+        if out and out[-1][0] == name:
+            out[-1] = (name, out[-1][1] + size)
+        else:
+            out.append((name, size))
+    return out
+
+
+def layout_difference(spec: Obj, trailer: Obj, prefix: str = "") -> str:
+    """The first field whose name or size differs between a spec's description and the trailer's, or a
+    subsection only one of them has, in words ("" when they agree)."""
+    mine, theirs = _entry_runs(spec), _entry_runs(trailer)
+    for i in range(max(len(mine), len(theirs))):
+        if i >= len(mine):
+            return f"the trailer has field '{prefix}{theirs[i][0]}' ({theirs[i][1]} bytes) after the spec's last"
+        if i >= len(theirs):
+            return f"the spec has field '{prefix}{mine[i][0]}' ({mine[i][1]} bytes) after the trailer's last"
+        (a, na), (b, nb) = mine[i], theirs[i]
+        if a != b:
+            return f"field {i} is '{prefix}{a}' ({na} bytes) in the spec, '{prefix}{b}' ({nb} bytes) in the trailer"
+        if na != nb:
+            return f"field '{prefix}{a}' is {na} bytes in the spec, {nb} in the trailer"
+    subs_mine = {str(s.get("vmsd_name")): s for s in spec.get("subsections", []) or []}
+    subs_theirs = {str(s.get("vmsd_name")): s for s in trailer.get("subsections", []) or []}
+    for name in subs_theirs:
+        if name not in subs_mine:
+            return f"subsection '{name}' is in the stream but the spec did not read it"
+    for name in subs_mine:
+        if name not in subs_theirs:
+            return f"the spec read subsection '{name}', which the trailer does not list"
+        inner = layout_difference(subs_mine[name], subs_theirs[name], prefix=f"{name}: ")
+        if inner:
+            return inner
+    return ""
+
+
 def validate_trailer(trailer: Any, offset: int) -> list[Obj]:
     """The trailer's device list, after checking it has the shape QEMU writes (it is input too)."""
     def fail(where: str, what: str) -> MalformedStream:
@@ -901,6 +963,16 @@ def read_stream(data: bytes, specs: SpecSet, strict_typed: bool = False, enforce
     the machine the stream came from).
     """
     return Decoder(bytes(data), specs, strict_typed, enforce_checks).run()
+
+
+def read_partial(data: bytes, specs: SpecSet) -> tuple[Stream, VMSDError | None]:
+    """:func:`read_stream` that keeps what it read: on a damaged stream, the records before the error
+    (``eof_offset`` stays None) and the error, for a tool to show both."""
+    decoder = Decoder(bytes(data), specs, False, False)
+    try:
+        return decoder.run(), None
+    except VMSDError as e:
+        return decoder.stream, e
 
 
 def stream_head(configuration: Any, version: int = QEMU_VM_FILE_VERSION) -> bytes:

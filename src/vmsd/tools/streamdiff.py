@@ -244,7 +244,7 @@ def _diff_value(ea: Obj | None, x: Any, eb: Obj | None, y: Any, section: str, pa
         if x != y:
             out.append(f"{_where(section, path)}: {bytes_difference(x, y)}")
     elif not _same(x, y):
-        out.append(f"{_where(section, path)}: {_scalar(x, ea)} -> {_scalar(y, eb)}")
+        out.append(f"{_where(section, path)}: {scalar_text(x, ea)} -> {scalar_text(y, eb)}")
 
 
 def _same(x: Any, y: Any) -> bool:
@@ -271,7 +271,7 @@ def _diff_list(ea: Obj | None, x: Any, eb: Obj | None, y: Any, section: str, pat
         out.append(f"{where}: {differing - MAX_ITEMS} more differing elements not listed ({differing} in all)")
 
 
-def _scalar(v: Any, entry: Obj | None) -> str:
+def scalar_text(v: Any, entry: Obj | None) -> str:
     """A value for a reader: integers in hex (two's complement for negatives) with decimal beside when it
     adds something, booleans as true/false."""
     if isinstance(v, bool):
@@ -476,7 +476,7 @@ def _diff_ram(a: Stream, b: Stream, out: list[str]) -> None:
             for field in ("used_length", "page_size", "addr"):
                 va, vb = getattr(info, field), getattr(other, field)
                 if va != vb:
-                    out.append(f"ram block {name}: {field} {_scalar(va, None)} -> {_scalar(vb, None)}")
+                    out.append(f"ram block {name}: {field} {scalar_text(va, None)} -> {scalar_text(vb, None)}")
     for name in rb.blocks:
         if name not in ra.blocks:
             out.append(f"ram block {name}: only in B")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import importlib
+import importlib.util
 import json
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import (
     SECTION_NAMES,
     Command,
+    Finding,
     Section,
     SpecSet,
     Stream,
@@ -29,6 +31,7 @@ from vmsd.runtime.errors import VMSDError
 from vmsd.runtime.vmdesc import Obj, describe
 from vmsd.runtime.vmstate import VMStateObject
 from vmsd.tools.errors import ToolError, UsageError
+from vmsd.tools.streamdiff import scalar_text
 
 
 def shipped_specs(qemu: str | None, data: Any = None) -> SpecSet:
@@ -42,6 +45,31 @@ def shipped_specs(qemu: str | None, data: Any = None) -> SpecSet:
         return versions.spec_set(qemu)
     except ValueError as e:
         raise ToolError(str(e)) from None
+
+
+def load_hooks(modules: list[str] | None) -> None:
+    """Import each ``--hooks`` module (a dotted name, or a path to a .py file); importing registers the
+    implementations of custom predicates and hooks it defines (``vmsd.runtime.vmstate.register``)."""
+    for name in modules or []:
+        try:
+            if name.endswith(".py") or "/" in name:
+                path = Path(name)
+                if not path.is_file():
+                    raise UsageError(f"--hooks {name}: no such file")
+                spec = importlib.util.spec_from_file_location(f"vmsd_hooks_{path.stem}", path)
+                if spec is None or spec.loader is None:
+                    raise UsageError(f"--hooks {name}: not a Python module")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except (UsageError, VMSDError):
+            raise
+        except ModuleNotFoundError as e:
+            raise UsageError(f"--hooks {name}: {e}") from None
+        except Exception as e:  # the module is the user's code: its failure is reported, not a traceback of ours
+            raise ToolError(f"--hooks {name}: importing it failed: {type(e).__name__}: {e}") from None
 
 
 def load_specs(specs_dir: Path | None, shipped: SpecSet) -> SpecSet:
@@ -160,14 +188,25 @@ def section_json(sec: Section) -> dict[str, Any]:
     }
     if isinstance(sec.payload, RamPayload):
         out["ram"] = _ram_summary(sec.payload)
-    elif sec.generic_body is not None:
+    elif sec.generic_body is not None and isinstance(sec.payload, bytes):
         out["decoded_by"] = "trailer"
+        out["legacy_bytes"] = sec.payload.hex()
+    elif sec.generic_body is not None or isinstance(sec.payload, VMStateObject):
+        out["decoded_by"] = "trailer" if sec.generic_body is not None else "spec"
         out["vmsd_name"] = sec.vmsd_name
         out["fields"] = plain(sec.payload)
-    elif isinstance(sec.payload, VMStateObject):
-        out["decoded_by"] = "spec"
-        out["vmsd_name"] = sec.vmsd_name
-        out["fields"] = plain(sec.payload)
+        # Where each field starts in the stream, by the names --set takes; absent subsections as null.
+        out["offsets"] = {line.path: (line.offset if "absent" not in line.text or line.size is not None else None)
+                          for line in _section_fields(sec)}
+    return out
+
+
+def configuration_json(state: Any) -> dict[str, Any]:
+    """The configuration record, its machine name as text (QEMU writes ASCII; other bytes escaped)."""
+    out: dict[str, Any] = plain(state)
+    name = getattr(state, "name", None)
+    if isinstance(name, bytes):
+        out["name"] = name.decode("ascii", "backslashreplace")
     return out
 
 
@@ -189,21 +228,23 @@ def _inner_command_json(rec: Command) -> dict[str, Any]:
 def stream_json(stream: Stream) -> dict[str, Any]:
     out: dict[str, Any] = {"version": stream.version}
     if stream.configuration is not None:
-        out["configuration"] = plain(stream.configuration.state)
+        out["configuration"] = configuration_json(stream.configuration.state)
     out["records"] = [record_json(rec) for rec in stream.records]
     out.update(_json_tail(stream))
     return out
 
 
-def _json_tail(stream: Stream) -> dict[str, Any]:
+def _json_tail(stream: Stream, error: VMSDError | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"eof_offset": stream.eof_offset}
+    if error is not None:
+        out["error"] = {"message": str(error), "offset": error.offset}
     out["trailer"] = {"offset": stream.trailer_offset, "size": len(stream.trailer_text or b"")} if stream.trailer else None
     if stream.warnings:
         out["warnings"] = stream.warnings
     return out
 
 
-def write_json(stream: Stream, out: TextIO) -> None:
+def write_json(stream: Stream, out: TextIO, error: VMSDError | None = None) -> None:
     """``json.dumps(stream_json(stream))``, compact, written a record at a time.
 
     A stream of many small records would otherwise need all their dicts (and the
@@ -212,43 +253,75 @@ def write_json(stream: Stream, out: TextIO) -> None:
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     head = {"version": stream.version}
     if stream.configuration is not None:
-        head["configuration"] = plain(stream.configuration.state)
+        head["configuration"] = configuration_json(stream.configuration.state)
     out.write(dumps(head)[:-1] + ',"records":[')
     for i, rec in enumerate(stream.records):
         if i:
             out.write(",")
         out.write(dumps(record_json(rec)))
-    out.write("]," + dumps(_json_tail(stream))[1:])
+    out.write("]," + dumps(_json_tail(stream, error))[1:])
 
 
-def _field_lines(body: Obj, values: Any, offset: int, indent: str, out: list[str]) -> int:
-    """Print fields with their offsets, walking the description's sizes."""
-    entries = body.get("fields", [])
-    for entry in entries:
+@attrs.frozen
+class FieldLine:
+    """One line of a section's tree: a field (``entry`` its description), a struct header, or a subsection."""
+    depth: int
+    offset: int
+    path: str  # as --set and diff name it, below the section
+    text: str
+    size: int | None = None  # wire bytes of a field
+
+
+def field_lines(body: Obj, values: Any, offset: int, spec: Any = None, depth: int = 0,
+                prefix: str = "") -> Iterator[FieldLine]:
+    """The fields of a section with their offsets, walking the description's sizes; ``spec`` (a typed
+    section's VmsdSpec) adds the subsections it did not send."""
+    for entry in body.get("fields", []):
         name = entry.get("name")
         size = int(entry.get("size", 0))
         count = int(entry.get("array_len", 1))
         value = _value_of(values, entry)
-        if entry.get("type") == "struct" and isinstance(entry.get("struct"), Obj) and entry.get("struct"):
-            out.append(f"{indent}{offset:#08x} {name}: struct {entry.get('struct').get('vmsd_name')}")
-            items = value if isinstance(value, list) and "array_len" in [k for k, _ in entry] else [value]
-            for item in items:
-                offset = _field_lines(entry.get("struct"), item, offset, indent + "    ", out)
+        path = f"{prefix}{name}"
+        struct_body = entry.get("struct")
+        if entry.get("type") == "struct" and isinstance(struct_body, Obj) and struct_body:
+            is_array = "array_len" in [k for k, _ in entry]
+            items = value if is_array and isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                at = f"{path}[{i}]" if is_array else path
+                yield FieldLine(depth, offset, at, f"{at}: struct {struct_body.get('vmsd_name')}")
+                for line in field_lines(struct_body, item, offset, None, depth + 1, f"{at}."):
+                    offset = max(offset, line.offset + (line.size or 0))
+                    yield line
             continue
-        shown = plain(value)
-        text = str(shown)
-        if len(text) > 100:
-            text = text[:97] + "..."
-        out.append(f"{indent}{offset:#08x} {name} ({entry.get('type')}, {size * count} bytes) = {text}")
+        text = _value_text(value, entry)
+        yield FieldLine(depth, offset, path, f"{path} ({entry.get('type')}, {size * count} bytes) = {text}",
+                        size * count)
         offset += size * count
+    sent = set()
     for sub in body.get("subsections", []) or []:
         name = sub.get("vmsd_name")
+        sent.add(name)
+        yield FieldLine(depth, offset, f"{prefix}{name}", f"subsection {name} v{sub.get('version')}")
         offset += 2 + len(name.encode()) + 4
-        out.append(f"{indent}subsection {name} v{sub.get('version')}")
-        offset = _field_lines(sub, values, offset, indent + "    ", out)
-    return offset
+        for line in field_lines(sub, values, offset, None, depth + 1, prefix):
+            offset = max(offset, line.offset + (line.size or 0))
+            yield line
+    for sub in spec.subsections if spec is not None else ():
+        if sub.name not in sent:
+            yield FieldLine(depth, offset, f"{prefix}{sub.name}", f"subsection {sub.name}: absent (not sent)")
 
 
+def _value_text(value: Any, entry: Obj) -> str:
+    """Integers in hex with decimal beside (as diff shows them), lists of them in hex; the rest as JSON."""
+    if isinstance(value, int) and not isinstance(value, enum.Enum):
+        return scalar_text(value, entry)
+    if isinstance(value, enum.Enum):
+        return f"{value.name} ({scalar_text(int(value.value), entry)})"
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        text = "[" + ", ".join(str(v) if 0 <= v < 10 else hex(v) for v in value) + "]"
+    else:
+        text = str(plain(value))
+    return text if len(text) <= 100 else text[:97] + "..."
 def _value_of(values: Any, entry: Obj) -> Any:
     name = entry.get("name")
     if isinstance(values, Obj):
@@ -264,8 +337,50 @@ def stream_tree(stream: Stream) -> str:
     return "\n".join(tree_lines(stream))
 
 
-def tree_lines(stream: Stream) -> Iterator[str]:
-    """The lines of :func:`stream_tree`, a record's at a time (its memory stays the stream's)."""
+# Checks that compare a stream with the destination machine's own configuration.  vmsd has no machine: it
+# compares with the spec's default, so these fail on every normal stream and say nothing about it.
+MACHINE_CHECKS = {
+    ("PCIBUS", "nirq"): "the PCI bus's number of interrupt lines is set by the machine's chipset (4 on pc's "
+                        "PIIX3); QEMU compares it with its own machine's, vmsd has no machine to compare with",
+}
+
+
+def machine_check(finding: Finding) -> str | None:
+    """Why a failed check is no problem of the stream, for the checks of :data:`MACHINE_CHECKS`."""
+    if finding.kind != "check" or finding.field is None:
+        return None
+    return MACHINE_CHECKS.get((finding.idstr.rsplit("/", 1)[-1], finding.field))
+
+
+def strict_problems(stream: Stream) -> list[str]:
+    """Why QEMU's loader with the same spec set would refuse the stream, or a section is not decoded by a
+    typed spec (``--strict``); empty when neither."""
+    out: list[str] = []
+    fallbacks = {(f.idstr, f.message) for f in stream.findings if f.kind == "fallback"}
+    for idstr, message in sorted(fallbacks):
+        out.append(f"section '{idstr}': {message}")
+    failed = {i for i, _ in fallbacks}
+    for sec in stream.full_sections():
+        if sec.generic_body is not None and sec.idstr not in failed:
+            out.append(f"section '{sec.idstr}' (instance {sec.instance_id}) has no typed spec: decoded from the "
+                       "trailer")
+    for f in stream.findings:
+        if f.kind == "check" and machine_check(f) is None:
+            out.append(f"section '{f.idstr}': {f.message}")
+    return out
+
+
+def _notes(stream: Stream) -> Iterator[str]:
+    """The warnings, with the failed checks of :data:`MACHINE_CHECKS` as explained notes instead."""
+    benign = {f"section '{f.idstr}': {f.message}": why for f in stream.findings if (why := machine_check(f))}
+    for w in stream.warnings:
+        why = benign.get(w)
+        yield f"note: {w}: expected, {why}" if why else f"warning: {w}"
+
+
+def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
+    """The lines of :func:`stream_tree`, a record's at a time (its memory stays the stream's); with the
+    ``error`` of a damaged stream (:func:`vmsd.migration.stream.read_partial`), the records before it."""
     yield f"QEVM stream version {stream.version}"
     if stream.configuration is not None:
         state = stream.configuration.state
@@ -274,11 +389,15 @@ def tree_lines(stream: Stream) -> Iterator[str]:
         out: list[str] = []
         _record_lines(rec, out, "")
         yield from out
+    if error is not None:
+        yield from _notes(stream)
+        at = f"{error.offset:#08x} " if error.offset is not None else ""
+        yield f"{at}ERROR (the stream is damaged here; the records above were read before it)"
+        return
     yield f"{stream.eof_offset:#08x} EOF"
     if stream.trailer is not None:
         yield f"{stream.trailer_offset:#08x} VMDESCRIPTION {len(stream.trailer_text or b'')} bytes of JSON"
-    for w in stream.warnings:
-        yield f"warning: {w}"
+    yield from _notes(stream)
 
 
 def _record_lines(rec: Section | Command, out: list[str], indent: str) -> None:
@@ -301,9 +420,18 @@ def _record_lines(rec: Section | Command, out: list[str], indent: str) -> None:
         return
     source = "trailer" if rec.generic_body is not None else "spec"
     out.append(f"{head} [{rec.vmsd_name}, decoded by {source}]")
+    for line in _section_fields(rec):
+        out.append(f"{indent}{'    ' * (line.depth + 1)}{line.offset:#08x} {line.text}"
+                   if line.size is not None or "absent" not in line.text
+                   else f"{indent}{'    ' * (line.depth + 1)}{line.text}")
+
+
+def _section_fields(rec: Section) -> Iterator[FieldLine]:
+    p = rec.payload
     header_size = 1 + 4 + 1 + len(idstr_bytes(rec.idstr)) + 8
-    body = rec.generic_body if rec.generic_body is not None else describe(p, rec.version_id)[0]
-    _field_lines(body, p, rec.offset + header_size, indent + "    ", out)
+    if rec.generic_body is not None:
+        return field_lines(rec.generic_body, p, rec.offset + header_size)
+    return field_lines(describe(p, rec.version_id)[0], p, rec.offset + header_size, p.VMSD)
 
 
 # ---- --set ------------------------------------------------------------------
@@ -398,8 +526,18 @@ def _set(holder: Any, step: str | int, value: Any, assignment: str) -> None:
         setattr(holder, step, type(current)(value) if isinstance(current, enum.Enum) else value)
 
 
-def rewrite(data: bytes, specs: SpecSet, sets: list[str]) -> bytes:
+def refuse_unless_strict(stream: Stream) -> None:
+    """``--strict``: a :class:`ToolError` naming the first problem of :func:`strict_problems` (and how many)."""
+    problems = strict_problems(stream)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ToolError(f"strict: {problems[0]}{more}")
+
+
+def rewrite(data: bytes, specs: SpecSet, sets: list[str], strict: bool = False) -> bytes:
     stream = read_stream(data, specs)
+    if strict:
+        refuse_unless_strict(stream)
     for s in sets:
         apply_set(stream, s)
     return write_stream(stream)
