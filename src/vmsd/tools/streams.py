@@ -303,7 +303,8 @@ def field_lines(body: Obj, values: Any, offset: int, spec: Any = None, depth: in
         sent.add(name)
         yield FieldLine(depth, offset, f"{prefix}{name}", f"subsection {name} v{sub.get('version')}")
         offset += 2 + len(name.encode()) + 4
-        for line in field_lines(sub, values, offset, None, depth + 1, prefix):
+        inner = values.get(name) if isinstance(values, Obj) else values  # a typed object holds them all
+        for line in field_lines(sub, inner, offset, None, depth + 1, f"{prefix}{name}."):
             offset = max(offset, line.offset + (line.size or 0))
             yield line
     for sub in spec.subsections if spec is not None else ():
@@ -437,26 +438,103 @@ def _section_fields(rec: Section) -> Iterator[FieldLine]:
 # ---- --set ------------------------------------------------------------------
 
 def apply_set(stream: Stream, assignment: str) -> None:
-    """``SECTION[:INSTANCE].path.to[3].field=VALUE`` on a decoded section."""
+    """``SECTION[:INSTANCE].FIELD_PATH=VALUE`` on a decoded section (docs/names.md): the names inspect
+    and diff print; a typed section also takes its Python attribute names (``cpu.eip``)."""
     target, sep, raw = assignment.partition("=")
     if not sep:
         raise UsageError(f"--set needs SECTION.FIELD=VALUE, got {assignment!r}")
-    sections = stream.full_sections()
-    match = None
-    for sec in sections:
-        for name in (f"{sec.idstr}:{sec.instance_id}.", f"{sec.idstr}."):
-            if target.startswith(name) and (match is None or len(name) > len(match[1])):
-                if name.endswith(":0.") or ":" not in name or name == f"{sec.idstr}:{sec.instance_id}.":
-                    match = (sec, name)
-    if match is None:
-        raise ToolError(f"--set {assignment!r}: no section matches (sections: {', '.join(sorted({s.idstr for s in sections}))})")
-    sec, prefix = match
-    path = target[len(prefix) :]
-    steps = _parse_path(path)
+    sec, path = find_section(stream, target, f"--set {assignment!r}")
+    steps = _resolve(sec.payload, path, assignment)
+    if not steps:
+        raise UsageError("--set needs a field path after the section")
     sec.payload = _assign(sec.payload, steps, _parse_value(raw), assignment)
 
 
-def _assign(holder: Any, steps: list[str | int], value: Any, assignment: str) -> Any:
+def find_section(stream: Stream, target: str, what: str) -> tuple[Section, str]:
+    """The FULL section a name starts with, and the rest of the name: ``IDSTR:INSTANCE``, or ``IDSTR`` when
+    the stream has one instance of it, followed by ``.`` or a space (diff prints a space)."""
+    sections = [s for s in stream.full_sections() if not isinstance(s.payload, RamPayload)]
+    instances: dict[str, list[Section]] = {}
+    for sec in sections:
+        instances.setdefault(sec.idstr, []).append(sec)
+    best: tuple[int, Section | None, str] | None = None  # (length of the name, section or None: ambiguous, name)
+    for idstr, secs in instances.items():
+        names = [(f"{idstr}:{s.instance_id}", s) for s in secs]
+        names.append((idstr, secs[0] if len(secs) == 1 else None))
+        for name, sec in names:
+            if target.startswith(name) and target[len(name) : len(name) + 1] in (".", " ", "["):
+                if best is None or len(name) > best[0]:
+                    best = (len(name), sec, name)
+    if best is None:
+        raise ToolError(f"{what}: no section matches (sections: {', '.join(sorted(instances))})")
+    length, found, name = best
+    if found is None:
+        ids = ", ".join(f"{name}:{s.instance_id}" for s in instances[name])
+        raise ToolError(f"{what}: the stream has several instances of {name!r}: name one ({ids})")
+    rest = target[length:]
+    return found, rest[1:] if rest[:1] in (".", " ") else rest
+
+
+def _names(holder: Any) -> dict[str, str | tuple[str, int] | None]:
+    """The names a path step may use below ``holder``: QEMU's (as inspect prints them) first, then a typed
+    object's attribute names; a repeated name of a trailer body (``tmp``) is ``tmp#2`` from its second."""
+    if isinstance(holder, Obj):
+        out: dict[str, str | tuple[str, int] | None] = {}
+        seen: dict[str, int] = {}
+        for i, (key, _) in enumerate(holder):
+            n = seen[key] = seen.get(key, 0) + 1
+            out[key if n == 1 else f"{key}#{n}"] = (key, i)
+        return out
+    if isinstance(holder, VMStateObject):
+        cls: Any = type(holder)
+        names: dict[str, str | tuple[str, int] | None] = {}
+        # A subsection's fields are attributes of the object itself: its name is a step that stays put.
+        names.update((sub.name, None) for sub in cls.VMSD.all_subsections())
+        for f in cls.VMSD.all_fields():
+            if f.attr is not None:
+                names.setdefault(f.name, f.attr)
+        for a in attrs.fields(cls):
+            names.setdefault(a.name, a.name)
+        return names
+    return {}
+
+
+def _resolve(holder: Any, path: str, assignment: str) -> list[Any]:
+    """The steps (attribute names, (key, position) of trailer bodies, indices) a field path names.
+
+    QEMU's names hold dots (``env.eip``), so each step takes the longest name that the path continues."""
+    steps: list[Any] = []
+    rest = path
+    while rest:
+        if rest[0] == ".":
+            rest = rest[1:]
+            continue
+        if rest[0] == "[":
+            close = rest.find("]")
+            try:
+                index = int(rest[1:close], 0) if close > 0 else None
+            except ValueError:
+                index = None
+            if index is None:
+                raise UsageError(f"--set {assignment!r}: a bad index at {rest!r}")
+            steps.append(index)
+            holder = _get(holder, index, assignment)
+            rest = rest[close + 1 :]
+            continue
+        names = _names(holder)
+        fits = [n for n in names if rest.startswith(n) and rest[len(n) : len(n) + 1] in ("", ".", "[")]
+        if not fits:
+            raise ToolError(f"--set {assignment!r}: no field {rest!r} (inspect prints the names --set takes)")
+        name = max(fits, key=len)
+        step = names[name]
+        if step is not None:
+            steps.append(step)
+            holder = _get(holder, step, assignment)
+        rest = rest[len(name) :]
+    return steps
+
+
+def _assign(holder: Any, steps: list[Any], value: Any, assignment: str) -> Any:
     """Set the value at ``steps`` below ``holder``; returns the holder (new for bytes)."""
     step = steps[0]
     if len(steps) > 1:
@@ -471,18 +549,6 @@ def _assign(holder: Any, steps: list[str | int], value: Any, assignment: str) ->
         return bytes(edited)
     _set(holder, step, value, assignment)
     return holder
-
-
-def _parse_path(path: str) -> list[str | int]:
-    steps: list[str | int] = []
-    for part in path.replace("]", "").split("."):
-        name, *indexes = part.split("[")
-        if name:
-            steps.append(name)
-        steps.extend(int(i, 0) for i in indexes)
-    if not steps:
-        raise UsageError("--set needs a field path after the section")
-    return steps
 
 
 def _parse_value(raw: str) -> Any:
@@ -500,28 +566,25 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def _get(holder: Any, step: str | int, assignment: str) -> Any:
+def _get(holder: Any, step: str | int | tuple[str, int], assignment: str) -> Any:
     try:
         if isinstance(step, int):
             return holder[step]
-        if isinstance(holder, Obj):
-            if step not in [k for k, _ in holder]:
-                raise KeyError(step)
-            return holder.get(step)
+        if isinstance(step, tuple):  # a trailer body's field by position
+            return holder[step[1]][1]
         return getattr(holder, step)
     except (KeyError, IndexError, AttributeError, TypeError):
         raise ToolError(f"--set {assignment!r}: no field {step!r}") from None
 
 
-def _set(holder: Any, step: str | int, value: Any, assignment: str) -> None:
+def _set(holder: Any, step: str | int | tuple[str, int], value: Any, assignment: str) -> None:
     current = _get(holder, step, assignment)
     if isinstance(current, bytes) and isinstance(value, int):
         raise ToolError(f"--set {assignment!r}: the field holds bytes; give a bytes literal like b'\\x01'")
     if isinstance(step, int):
         holder[step] = value
-    elif isinstance(holder, Obj):
-        i = [k for k, _ in holder].index(step)
-        holder[i] = (step, value)
+    elif isinstance(step, tuple):
+        holder[step[1]] = (step[0], value)
     else:
         setattr(holder, step, type(current)(value) if isinstance(current, enum.Enum) else value)
 
