@@ -119,11 +119,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from vmsd.migration.stream import read_partial
     from vmsd.tools import streams
 
-    streams.load_hooks(args.hooks)
     data = streams.read_input(args.stream)
+    specs = streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data))
+    streams.load_hooks(args.hooks)
     # A damaged stream still shows what came before the damage (the error last): what a person debugging
     # a failed migration needs first.
-    stream, error = read_partial(data, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data)))
+    stream, error = read_partial(data, specs)
     if args.json:
         # One compact document: json's C encoder only serves the unindented
         # form, several times faster on a stream's megabytes of device state.
@@ -149,9 +150,9 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
             raise UsageError(f"--set needs SECTION.FIELD=VALUE, got {assignment!r}")
     # The output is checked before the work; a stream holds guest RAM (0600).
     with OutputFile(args.output, force=args.force, private=True, stdout=True) as out:
-        streams.load_hooks(args.hooks)
         data = streams.read_input(args.stream)
         specs = streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data))
+        streams.load_hooks(args.hooks)
         data = streams.rewrite(data, specs, args.set or [], strict=args.strict)
         try:
             out.file.write(data)
@@ -166,11 +167,12 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from vmsd.tools import streams
     from vmsd.tools.streamdiff import diff_streams
 
-    streams.load_hooks(args.hooks)
     data_a, data_b = streams.read_input(args.a), streams.read_input(args.b)
     # Each stream with the spec set of the QEMU that wrote it, unless --qemu names one.
-    a = read_stream(data_a, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data_a)))
-    b = read_stream(data_b, streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data_b)))
+    specs_a = streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data_a))
+    specs_b = streams.load_specs(args.specs, streams.shipped_specs(args.qemu, data_b))
+    streams.load_hooks(args.hooks)
+    a, b = read_stream(data_a, specs_a), read_stream(data_b, specs_b)
     lines = diff_streams(data_a, a, data_b, b)
     for line in lines:
         print(line)
@@ -225,10 +227,11 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     # A live stream cannot be looked at first: the specs are those of --qemu, else of the peer.
     from vmsd.qemu.versions import nearest
 
-    streams.load_hooks(args.hooks)
     shipped = streams.shipped_specs(args.qemu or nearest(args.peer_version))
     tls = _tls(args)
-    result = snapshot.incoming(args.uri, args.output, streams.load_specs(args.specs, shipped), args.timeout,
+    specs = streams.load_specs(args.specs, shipped)
+    streams.load_hooks(args.hooks)
+    result = snapshot.incoming(args.uri, args.output, specs, args.timeout,
                                multifd=multifd, force=args.force, mode=mode, cpr_channel=cpr_channel,
                                max_ram=max_ram, tls=tls)
     ram = result.counters
@@ -257,8 +260,8 @@ def _cmd_outgoing(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     mode, cpr_channel = _cpr_options(args)
     tls = _tls(args)
-    streams.load_hooks(args.hooks)
     specs = streams.load_specs(args.specs, snapshot.snapshot_specs(Path(args.snapshot), args.qemu))
+    streams.load_hooks(args.hooks)
     info = snapshot.outgoing(Path(args.snapshot), args.uri, specs, args.timeout,
                              caps, params, on_progress=Progress(json_lines=args.json), multifd=multifd, peer=peer,
                              mode=mode, cpr_channel=cpr_channel, tls=tls)

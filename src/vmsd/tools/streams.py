@@ -49,7 +49,9 @@ def shipped_specs(qemu: str | None, data: Any = None) -> SpecSet:
 
 def load_hooks(modules: list[str] | None) -> None:
     """Import each ``--hooks`` module (a dotted name, or a path to a .py file); importing registers the
-    implementations of custom predicates and hooks it defines (``vmsd.runtime.vmstate.register``)."""
+    implementations of custom predicates and hooks it defines (``vmsd.runtime.vmstate.register``).
+
+    After :func:`load_specs`: the module may import the ``--specs`` classes (:data:`USER_SPECS`)."""
     for name in modules or []:
         try:
             if name.endswith(".py") or "/" in name:
@@ -70,6 +72,9 @@ def load_hooks(modules: list[str] | None) -> None:
             raise UsageError(f"--hooks {name}: {e}") from None
         except Exception as e:  # the module is the user's code: its failure is reported, not a traceback of ours
             raise ToolError(f"--hooks {name}: importing it failed: {type(e).__name__}: {e}") from None
+
+
+USER_SPECS = "vmsd_specs"  # the package --hooks modules import --specs classes from
 
 
 def load_specs(specs_dir: Path | None, shipped: SpecSet) -> SpecSet:
@@ -107,6 +112,12 @@ def load_specs(specs_dir: Path | None, shipped: SpecSet) -> SpecSet:
                        for rel in files if rel.name != "__init__.py"]
         finally:
             sys.path.remove(tmp)
+    # A --hooks module imports the classes of DIR/dev.vmsd as vmsd_specs.dev (the package's own name
+    # differs by folder, so that two folders in one process do not mix).
+    for name in [m for m in sys.modules if m == USER_SPECS or m.startswith(USER_SPECS + ".")]:
+        del sys.modules[name]
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        sys.modules[USER_SPECS + name[len(package):]] = sys.modules[name]
     merged = shipped.merged(SpecSet.from_modules(modules))
     merged.adopt_imported()
     return merged
