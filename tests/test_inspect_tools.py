@@ -276,7 +276,7 @@ def test_registers_in_hex_with_decimal(real: Real, capsys: pytest.CaptureFixture
 def test_struct_array_elements_carry_their_index(real: Real, capsys: pytest.CaptureFixture[str]) -> None:
     cpu = next(s for s in real.stream().full_sections() if s.idstr == "cpu").payload
     _, tree, _ = run(capsys, "inspect", str(real.path))
-    for i, seg in enumerate(cpu.segs):
+    for i in range(len(cpu.segs)):
         assert f" env.segs[{i}]: struct segment" in tree
         assert f" env.segs[{i}].base (uint64, 8 bytes) = " in tree
     assert f" env.segs[{len(cpu.segs)}]" not in tree

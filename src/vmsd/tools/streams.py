@@ -262,7 +262,7 @@ def write_json(stream: Stream, out: TextIO, error: VMSDError | None = None) -> N
     whole text) at once: several times the stream's own memory.
     """
     dumps = json.JSONEncoder(separators=(",", ":")).encode
-    head = {"version": stream.version}
+    head: dict[str, Any] = {"version": stream.version}
     if stream.configuration is not None:
         head["configuration"] = configuration_json(stream.configuration.state)
     out.write(dumps(head)[:-1] + ',"records":[')
@@ -470,12 +470,12 @@ def find_section(stream: Stream, target: str, what: str) -> tuple[Section, str]:
         instances.setdefault(sec.idstr, []).append(sec)
     best: tuple[int, Section | None, str] | None = None  # (length of the name, section or None: ambiguous, name)
     for idstr, secs in instances.items():
-        names = [(f"{idstr}:{s.instance_id}", s) for s in secs]
+        names: list[tuple[str, Section | None]] = [(f"{idstr}:{s.instance_id}", s) for s in secs]
         names.append((idstr, secs[0] if len(secs) == 1 else None))
-        for name, sec in names:
+        for name, candidate in names:
             if target.startswith(name) and target[len(name) : len(name) + 1] in (".", " ", "["):
                 if best is None or len(name) > best[0]:
-                    best = (len(name), sec, name)
+                    best = (len(name), candidate, name)
     if best is None:
         raise ToolError(f"{what}: no section matches (sections: {', '.join(sorted(instances))})")
     length, found, name = best
