@@ -617,5 +617,20 @@ def rewrite(data: bytes, specs: SpecSet, sets: list[str], strict: bool = False) 
     return write_stream(stream)
 
 
-__all__ = ["apply_set", "load_specs", "read_input", "rewrite", "shipped_specs", "stream_json", "stream_tree",
-           "tree_lines", "write_json"]
+__all__ = [
+    "apply_set",
+    "configuration_json",
+    "field_lines",
+    "find_section",
+    "load_hooks",
+    "load_specs",
+    "read_input",
+    "refuse_unless_strict",
+    "rewrite",
+    "shipped_specs",
+    "stream_json",
+    "stream_tree",
+    "strict_problems",
+    "tree_lines",
+    "write_json",
+]
