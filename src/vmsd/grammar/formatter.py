@@ -1,0 +1,305 @@
+"""The canonical layout of a .vmsd file (``vmsd fmt``; docs/spec-format.md describes it).
+
+The text is parsed twice: once by :func:`vmsd.grammar.parser.parse`, which
+reports a bad spec with its usual located error and enforces the limits of
+:mod:`vmsd.grammar.limits`, and once by a parser that keeps every token and
+hands over the comments the grammar otherwise ignores.  The second parse's
+tree says where each declaration, field and closing brace starts; each
+becomes one output line of its tokens with canonical spacing.  Comments are
+put back by position: one after code on its line stays at the end of that
+code's output line, one on a line of its own goes before the next line.
+The result is parsed again and must describe the same declarations, so a
+formatting bug can never change what a spec means.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import threading
+from importlib import resources
+from typing import Any
+
+import attrs
+import lark
+from lark import Token, Tree
+
+from vmsd.grammar import ast
+from vmsd.grammar.parser import parse
+
+INDENT = "    "
+# A subsection header longer than this breaks before ``needed``.
+MAX_HEADER = 100
+# Continuation lines of a header are indented this much more than the header.
+CONTINUATION = 2 * INDENT
+
+_FIELDS = frozenset({
+    "scalar_field", "bytes_field", "unused_field", "struct_field", "bitmap_field",
+    "list_field", "map_field", "validate_field", "opaque_field", "fd_field",
+})
+# Field parts after the name: the third column of an aligned block.
+_CLAUSES = frozenset({"wire_name", "enum_ref", "default", "check", "since", "struct_version", "info", "exists"})
+_OPEN = frozenset({"(", "[", "."})
+_CLOSE = frozenset({")", "]", ",", ".", "[", "?"})
+
+
+class _Comments:
+    """Collects the ignored ``#`` comments of the parse in progress (one parse at a time)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tokens: list[Token] = []
+
+    def add(self, tok: Token) -> Token:
+        self.tokens.append(tok)
+        return tok
+
+
+_COMMENTS = _Comments()
+
+
+@functools.cache
+def _layout_parser() -> lark.Lark:
+    text = resources.files("vmsd.grammar").joinpath("vmsd.lark").read_text(encoding="utf-8")
+    return lark.Lark(text, parser="lalr", keep_all_tokens=True, maybe_placeholders=False,
+                     lexer_callbacks={"COMMENT": _COMMENTS.add})
+
+
+def _tokens(node: Tree[Token] | Token) -> list[Token]:
+    """The tokens under ``node`` in text order (iteratively: expression trees are deep here)."""
+    out: list[Token] = []
+    stack: list[Tree[Token] | Token] = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Token):
+            out.append(item)
+        else:
+            stack.extend(reversed(item.children))
+    return out
+
+
+def _generic(tok: Token) -> bool:
+    """``<`` or ``>`` of ``list<T>`` / ``map<K, T>``, not a comparison."""
+    return tok in ("<", ">") and tok.type not in ("REL_OP", "SHIFT_OP")
+
+
+def _join(tokens: list[Token]) -> str:
+    out: list[str] = []
+    prev: Token | None = None
+    for tok in tokens:
+        if prev is not None and not _tight(prev, tok):
+            out.append(" ")
+        out.append(str(tok))
+        prev = tok
+    return "".join(out)
+
+
+def _tight(a: Token, b: Token) -> bool:
+    """No space between ``a`` and ``b``."""
+    if a in _OPEN or b in _CLOSE or a.type in ("UNARY_OP", "SIGN"):
+        return True
+    if _generic(a) and a == "<" or _generic(b):
+        return True
+    # len(x), custom(name)
+    return b == "(" and (a.type == "NAME" or a == "custom")
+
+
+@attrs.define
+class _Line:
+    """One output line: a declaration header, a field, a doc comment, a brace."""
+
+    depth: int
+    cells: list[str]  # one cell, or three aligned columns of a field
+    tokens: list[Token]
+    field: bool = False
+    doc: bool = False
+    closing: bool = False
+    before: list[Token] = attrs.Factory(list)  # own-line comments
+    trailing: list[Token] = attrs.Factory(list)
+    blank: bool = False  # a blank line before it in the source
+    blank_before: list[bool] = attrs.Factory(list)  # the same for each comment of ``before``
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[_Line] = []
+
+    def add(self, depth: int, tokens: list[Token], cells: list[str] | None = None, **kw: Any) -> None:
+        self.lines.append(_Line(depth, cells or [_join(tokens)], tokens, **kw))
+
+    def item(self, node: Tree[Token] | Token, depth: int) -> None:
+        if isinstance(node, Token):  # a doc comment
+            self.add(depth, [node], [str(node).rstrip()], doc=True)
+        elif node.data in _FIELDS:
+            # validate "label" (expr) is not aligned: the label is no name
+            cells = _field_cells(node) if node.data != "validate_field" else [_join(_tokens(node))]
+            self.add(depth, _tokens(node), cells, field=True)
+        elif node.data in ("vmsd_decl", "subsection", "enum_decl"):
+            self.block(node, depth)
+        elif node.data == "enum_member":
+            *docs, name, equal, value = node.children
+            for doc in docs:
+                self.item(doc, depth)
+            self.add(depth, _tokens(node)[len(docs):], [str(name), _join(_tokens(equal) + _tokens(value))], field=True)
+        else:  # import
+            self.add(depth, _tokens(node))
+
+    def block(self, node: Tree[Token], depth: int) -> None:
+        kids = node.children
+        brace = next(i for i, k in enumerate(kids) if isinstance(k, Token) and k == "{")
+        head = [t for k in kids[:brace + 1] for t in _tokens(k)]
+        self.add(depth, head)
+        for kid in kids[brace + 1:-1]:
+            self.item(kid, depth + 1)
+        close = kids[-1]
+        assert isinstance(close, Token)
+        self.add(depth, [close], closing=True)
+
+
+def _field_cells(node: Tree[Token]) -> list[str]:
+    """Kind (through ``>`` of list<T>), name with its dimensions, then the clauses."""
+    kids = node.children
+    end = next((i for i, k in enumerate(kids) if isinstance(k, Tree) and k.data in _CLAUSES
+                or isinstance(k, Token) and k.type == "TMP"), len(kids))
+    names = [i for i, k in enumerate(kids[:end]) if isinstance(k, Token) and k.type == "NAME"]
+    name = names[-1] if names else 1  # unused N, validate "label" (expr)
+    kind = next((i + 1 for i, k in enumerate(kids[:name]) if isinstance(k, Token) and k == ">"), 1)
+    parts = [kids[:kind], kids[kind:end], kids[end:]]
+    return [_join([t for k in part for t in _tokens(k)]) for part in parts]
+
+
+def _place_comments(lines: list[_Line], comments: list[Token]) -> list[Token]:
+    """Attach each comment to a line; those after the last line are returned."""
+    code = [(t.line or 0, t.column or 0, i) for i, line in enumerate(lines) for t in line.tokens]
+    code.sort()
+    keys = [(c[0], c[1]) for c in code]
+    tail: list[Token] = []
+    for com in comments:
+        at = bisect.bisect(keys, (com.line or 0, com.column or 0))
+        if at and code[at - 1][0] == com.line:
+            lines[code[at - 1][2]].trailing.append(com)
+        elif at < len(code):
+            lines[code[at][2]].before.append(com)
+        else:
+            tail.append(com)
+    return tail
+
+
+def _blank_lines(lines: list[_Line], comments: list[Token]) -> None:
+    """Mark the lines and own-line comments that follow a blank line of the source."""
+    ends = sorted({t.end_line or 0 for line in lines for t in line.tokens} | {c.end_line or 0 for c in comments})
+
+    def gap(first: int) -> bool:
+        i = bisect.bisect_left(ends, first)
+        return i > 0 and first - ends[i - 1] >= 2
+
+    for line in lines:
+        line.blank_before = [gap(c.line or 0) for c in line.before]
+        line.blank = gap(min(t.line or 0 for t in line.tokens))
+
+
+def _aligned(lines: list[_Line]) -> list[str]:
+    """Each line's code; the fields of a run (one body's fields and doc comments,
+    up to a blank line, a subsection or a brace) in columns: kind, name, clauses."""
+    texts = [" ".join(c for c in line.cells if c) for line in lines]
+    run: list[int] = []
+    for n, line in enumerate([*lines, None]):
+        if line is not None and (line.doc or line.field) and not line.blank and not any(line.blank_before) and (
+                not run or line.depth == lines[run[0]].depth):
+            run.append(n)
+            continue
+        _columns([lines[k] for k in run if lines[k].field], texts, [k for k in run if lines[k].field])
+        run = [n] if line is not None and (line.doc or line.field) else []
+    return texts
+
+
+def _columns(run: list[_Line], texts: list[str], where: list[int]) -> None:
+    """Pad the cells of ``run`` in place in ``texts``; a kind such as ``map<K, T>``
+    longer than the keywords above and below it does not widen the column."""
+    kinds = [len(line.cells[0]) for line in run if len(line.cells) > 2 and "<" not in line.cells[0]]
+    width = max(kinds, default=0) + 1
+    heads = [line.cells[0] + " " * max(1, width - len(line.cells[0])) + line.cells[1] if len(line.cells) > 2
+             else line.cells[0] for line in run]
+    clause = max((len(h) for h, line in zip(heads, run) if len(line.cells) > 2 and line.cells[2]), default=0) + 1
+    for n, head, line in zip(where, heads, run):
+        if len(line.cells) == 2:  # an enum member
+            texts[n] = head + " " + line.cells[1]
+        elif len(line.cells) > 2:
+            texts[n] = (head.ljust(clause) + line.cells[2]) if line.cells[2] else head.rstrip()
+
+
+def _header(text: str, depth: int) -> list[str]:
+    pad = INDENT * depth
+    at = text.find(" needed ")
+    if len(pad) + len(text) <= MAX_HEADER or not text.startswith("subsection ") or at < 0:
+        return [pad + text]
+    return [pad + text[:at], pad + CONTINUATION + text[at + 1:]]
+
+
+def _render(lines: list[_Line], tail: list[Token]) -> str:
+    texts = _aligned(lines)
+    out: list[str] = []
+    # Trailing comments of consecutive lines share a column.
+    column: dict[int, int] = {}
+    run: list[int] = []
+    for n, line in enumerate([*lines, None]):
+        if line is not None and line.trailing and not line.before and not line.blank and run:
+            run.append(n)
+            continue
+        width = max((len(INDENT * lines[k].depth) + len(texts[k]) for k in run), default=0)
+        column.update((k, width + 2) for k in run)
+        run = [n] if line is not None and line.trailing else []
+    prev_open = True
+    for n, line in enumerate(lines):
+        pad = INDENT * (line.depth + (1 if line.closing else 0))
+        for com, blank in zip(line.before, line.blank_before):
+            if blank and not prev_open:
+                out.append("")
+            out.append(pad + str(com).rstrip())
+            prev_open = False
+        if line.blank and not prev_open and not line.closing:
+            out.append("")
+        rows = _header(texts[n], line.depth) if not line.field else [INDENT * line.depth + texts[n]]
+        if line.trailing:
+            first, *more = line.trailing
+            rows[-1] = rows[-1].ljust(column[n]) + str(first).rstrip()
+            rows.extend(INDENT * line.depth + str(c).rstrip() for c in more)
+        out.extend(rows)
+        prev_open = texts[n].endswith("{")
+    if tail:
+        if out and tail[0].line and _gap_before(lines, tail[0]):
+            out.append("")
+        out.extend(str(c).rstrip() for c in tail)
+    return "\n".join(out) + "\n" if out else ""
+
+
+def _gap_before(lines: list[_Line], com: Token) -> bool:
+    last = max((t.end_line or 0 for line in lines for t in [*line.tokens, *line.trailing]), default=0)
+    return last > 0 and (com.line or 0) - last >= 2
+
+
+def format_source(source: str, path: str) -> str:
+    """The canonical text of a spec; :class:`~vmsd.grammar.diagnostics.SpecError` if it does not parse."""
+    before = parse(source, path)
+    with _COMMENTS.lock:
+        _COMMENTS.tokens = []
+        try:
+            tree = _layout_parser().parse(source)
+        finally:
+            comments, _COMMENTS.tokens = _COMMENTS.tokens, []
+    lines = _Lines()
+    for item in tree.children:
+        lines.item(item, 0)
+    tail = _place_comments(lines.lines, comments)
+    _blank_lines(lines.lines, comments)
+    text = _render(lines.lines, tail)
+    if _meaning(parse(text, path)) != _meaning(before):
+        raise AssertionError(f"vmsd fmt would change the meaning of {path}; please report this")
+    return text
+
+
+def _meaning(spec: ast.SpecFile) -> Any:
+    """The declarations of a parsed file without positions or text."""
+    return attrs.asdict(spec, filter=lambda a, v: not isinstance(v, ast.Pos) and a.name != "source"
+                        and not a.name.endswith("pos"))
+
