@@ -98,7 +98,7 @@ def _tight(a: Token, b: Token) -> bool:
     """No space between ``a`` and ``b``."""
     if a in _OPEN or b in _CLOSE or a.type in ("UNARY_OP", "SIGN"):
         return True
-    if _generic(a) and a == "<" or _generic(b):
+    if (_generic(a) and a == "<") or _generic(b):
         return True
     # len(x), custom(name)
     return b == "(" and (a.type == "NAME" or a == "custom")
@@ -159,8 +159,8 @@ class _Lines:
 def _field_cells(node: Tree[Token]) -> list[str]:
     """Kind (through ``>`` of list<T>), name with its dimensions, then the clauses."""
     kids = node.children
-    end = next((i for i, k in enumerate(kids) if isinstance(k, Tree) and k.data in _CLAUSES
-                or isinstance(k, Token) and k.type == "TMP"), len(kids))
+    end = next((i for i, k in enumerate(kids) if (isinstance(k, Tree) and k.data in _CLAUSES)
+                or (isinstance(k, Token) and k.type == "TMP")), len(kids))
     names = [i for i, k in enumerate(kids[:end]) if isinstance(k, Token) and k.type == "NAME"]
     name = names[-1] if names else 1  # unused N, validate "label" (expr)
     kind = next((i + 1 for i, k in enumerate(kids[:name]) if isinstance(k, Token) and k == ">"), 1)
@@ -185,8 +185,8 @@ def _place_comments(lines: list[_Line], comments: list[Token]) -> list[Token]:
     return tail
 
 
-def _blank_lines(lines: list[_Line], comments: list[Token]) -> None:
-    """Mark the lines and own-line comments that follow a blank line of the source."""
+def _blank_lines(lines: list[_Line], comments: list[Token], tail: list[Token]) -> list[bool]:
+    """Mark the lines and own-line comments that follow a blank line of the source; the same for ``tail``."""
     ends = sorted({t.end_line or 0 for line in lines for t in line.tokens} | {c.end_line or 0 for c in comments})
 
     def gap(first: int) -> bool:
@@ -196,6 +196,7 @@ def _blank_lines(lines: list[_Line], comments: list[Token]) -> None:
     for line in lines:
         line.blank_before = [gap(c.line or 0) for c in line.before]
         line.blank = gap(min(t.line or 0 for t in line.tokens))
+    return [gap(c.line or 0) for c in tail]
 
 
 def _aligned(lines: list[_Line]) -> list[str]:
@@ -220,8 +221,8 @@ def _columns(run: list[_Line], texts: list[str], where: list[int]) -> None:
     width = max(kinds, default=0) + 1
     heads = [line.cells[0] + " " * max(1, width - len(line.cells[0])) + line.cells[1] if len(line.cells) > 2
              else line.cells[0] for line in run]
-    clause = max((len(h) for h, line in zip(heads, run) if len(line.cells) > 2 and line.cells[2]), default=0) + 1
-    for n, head, line in zip(where, heads, run):
+    clause = max((len(h) for h, line in zip(heads, run, strict=True) if len(line.cells) > 2 and line.cells[2]), default=0) + 1
+    for n, head, line in zip(where, heads, run, strict=True):
         if len(line.cells) == 2:  # an enum member
             texts[n] = head + " " + line.cells[1]
         elif len(line.cells) > 2:
@@ -236,46 +237,43 @@ def _header(text: str, depth: int) -> list[str]:
     return [pad + text[:at], pad + CONTINUATION + text[at + 1:]]
 
 
-def _render(lines: list[_Line], tail: list[Token]) -> str:
+def _render(lines: list[_Line], tail: list[Token], tail_blank: list[bool]) -> str:
     texts = _aligned(lines)
-    out: list[str] = []
-    # Trailing comments of consecutive lines share a column.
+    rows = [_header(texts[n], line.depth) if not line.field else [INDENT * line.depth + texts[n]]
+            for n, line in enumerate(lines)]
+    # Trailing comments of consecutive fields (or imports) of one body share a column.
     column: dict[int, int] = {}
     run: list[int] = []
     for n, line in enumerate([*lines, None]):
-        if line is not None and line.trailing and not line.before and not line.blank and run:
+        if (line is not None and line.trailing and not line.before and not line.blank and run
+                and (lines[run[-1]].depth, lines[run[-1]].field) == (line.depth, line.field) and not line.closing):
             run.append(n)
             continue
-        width = max((len(INDENT * lines[k].depth) + len(texts[k]) for k in run), default=0)
+        width = max((len(rows[k][-1]) for k in run), default=0)
         column.update((k, width + 2) for k in run)
         run = [n] if line is not None and line.trailing else []
+    out: list[str] = []
     prev_open = True
     for n, line in enumerate(lines):
         pad = INDENT * (line.depth + (1 if line.closing else 0))
-        for com, blank in zip(line.before, line.blank_before):
+        for com, blank in zip(line.before, line.blank_before, strict=True):
             if blank and not prev_open:
                 out.append("")
             out.append(pad + str(com).rstrip())
             prev_open = False
         if line.blank and not prev_open and not line.closing:
             out.append("")
-        rows = _header(texts[n], line.depth) if not line.field else [INDENT * line.depth + texts[n]]
         if line.trailing:
             first, *more = line.trailing
-            rows[-1] = rows[-1].ljust(column[n]) + str(first).rstrip()
-            rows.extend(INDENT * line.depth + str(c).rstrip() for c in more)
-        out.extend(rows)
+            rows[n][-1] = rows[n][-1].ljust(column[n]) + str(first).rstrip()
+            rows[n].extend(INDENT * line.depth + str(c).rstrip() for c in more)
+        out.extend(rows[n])
         prev_open = texts[n].endswith("{")
-    if tail:
-        if out and tail[0].line and _gap_before(lines, tail[0]):
+    for com, blank in zip(tail, tail_blank, strict=True):
+        if blank and out:
             out.append("")
-        out.extend(str(c).rstrip() for c in tail)
+        out.append(str(com).rstrip())
     return "\n".join(out) + "\n" if out else ""
-
-
-def _gap_before(lines: list[_Line], com: Token) -> bool:
-    last = max((t.end_line or 0 for line in lines for t in [*line.tokens, *line.trailing]), default=0)
-    return last > 0 and (com.line or 0) - last >= 2
 
 
 def format_source(source: str, path: str) -> str:
@@ -291,8 +289,7 @@ def format_source(source: str, path: str) -> str:
     for item in tree.children:
         lines.item(item, 0)
     tail = _place_comments(lines.lines, comments)
-    _blank_lines(lines.lines, comments)
-    text = _render(lines.lines, tail)
+    text = _render(lines.lines, tail, _blank_lines(lines.lines, comments, tail))
     if _meaning(parse(text, path)) != _meaning(before):
         raise AssertionError(f"vmsd fmt would change the meaning of {path}; please report this")
     return text
