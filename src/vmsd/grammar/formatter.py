@@ -115,7 +115,7 @@ class _Line:
     doc: bool = False
     closing: bool = False
     before: list[Token] = attrs.Factory(list)  # own-line comments
-    trailing: list[Token] = attrs.Factory(list)
+    trailing: list[Token] = attrs.Factory(list)  # at most one
     blank: bool = False  # a blank line before it in the source
     blank_before: list[bool] = attrs.Factory(list)  # the same for each comment of ``before``
 
@@ -169,34 +169,38 @@ def _field_cells(node: Tree[Token]) -> list[str]:
 
 
 def _place_comments(lines: list[_Line], comments: list[Token]) -> list[Token]:
-    """Attach each comment to a line; those after the last line are returned."""
-    code = [(t.line or 0, t.column or 0, i) for i, line in enumerate(lines) for t in line.tokens]
-    code.sort()
+    """Attach each comment to a line, keeping their order; those after the last line are returned.
+
+    A comment after the last token of a line's code, on the same source line, ends that
+    line; any other goes on a line of its own before the next line (a comment inside a
+    construct written over several lines: before the construct).
+    """
+    code = sorted((t.line or 0, t.column or 0, i) for i, line in enumerate(lines) for t in line.tokens)
     keys = [(c[0], c[1]) for c in code]
     tail: list[Token] = []
     for com in comments:
         at = bisect.bisect(keys, (com.line or 0, com.column or 0))
-        if at and code[at - 1][0] == com.line:
+        after = code[at][2] if at < len(code) else None
+        if at and code[at - 1][0] == com.line and code[at - 1][2] != after:
             lines[code[at - 1][2]].trailing.append(com)
-        elif at < len(code):
-            lines[code[at][2]].before.append(com)
         else:
-            tail.append(com)
+            (lines[after].before if after is not None else tail).append(com)
     return tail
 
 
 def _blank_lines(lines: list[_Line], comments: list[Token], tail: list[Token]) -> list[bool]:
     """Mark the lines and own-line comments that follow a blank line of the source; the same for ``tail``."""
-    ends = sorted({t.end_line or 0 for line in lines for t in line.tokens} | {c.end_line or 0 for c in comments})
+    ends = sorted((t.end_line or 0, t.end_column or 0) for t in [*(t for line in lines for t in line.tokens), *comments])
 
-    def gap(first: int) -> bool:
-        i = bisect.bisect_left(ends, first)
-        return i > 0 and first - ends[i - 1] >= 2
+    def gap(tok: Token) -> bool:
+        """Whether a blank line separates ``tok`` from the token or comment before it."""
+        i = bisect.bisect_left(ends, (tok.line or 0, tok.column or 0))
+        return i > 0 and (tok.line or 0) - ends[i - 1][0] >= 2
 
     for line in lines:
-        line.blank_before = [gap(c.line or 0) for c in line.before]
-        line.blank = gap(min(t.line or 0 for t in line.tokens))
-    return [gap(c.line or 0) for c in tail]
+        line.blank_before = [gap(c) for c in line.before]
+        line.blank = gap(min(line.tokens, key=lambda t: (t.line or 0, t.column or 0)))
+    return [gap(c) for c in tail]
 
 
 def _aligned(lines: list[_Line]) -> list[str]:
@@ -222,9 +226,10 @@ def _columns(run: list[_Line], texts: list[str], where: list[int]) -> None:
     heads = [line.cells[0] + " " * max(1, width - len(line.cells[0])) + line.cells[1] if len(line.cells) > 2
              else line.cells[0] for line in run]
     clause = max((len(h) for h, line in zip(heads, run, strict=True) if len(line.cells) > 2 and line.cells[2]), default=0) + 1
+    member = max((len(line.cells[0]) for line in run if len(line.cells) == 2), default=0) + 1
     for n, head, line in zip(where, heads, run, strict=True):
         if len(line.cells) == 2:  # an enum member
-            texts[n] = head + " " + line.cells[1]
+            texts[n] = head.ljust(member) + line.cells[1]
         elif len(line.cells) > 2:
             texts[n] = (head.ljust(clause) + line.cells[2]) if line.cells[2] else head.rstrip()
 
@@ -264,9 +269,7 @@ def _render(lines: list[_Line], tail: list[Token], tail_blank: list[bool]) -> st
         if line.blank and not prev_open and not line.closing:
             out.append("")
         if line.trailing:
-            first, *more = line.trailing
-            rows[n][-1] = rows[n][-1].ljust(column[n]) + str(first).rstrip()
-            rows[n].extend(INDENT * line.depth + str(c).rstrip() for c in more)
+            rows[n][-1] = rows[n][-1].ljust(column[n]) + str(line.trailing[0]).rstrip()
         out.extend(rows[n])
         prev_open = texts[n].endswith("{")
     for com, blank in zip(tail, tail_blank, strict=True):
