@@ -58,24 +58,46 @@ class _Comments:
 _COMMENTS = _Comments()
 
 
+# Rules whose layout is their tokens in a row: the parser hands them over as a flat
+# list instead of a tree (an expression is a dozen nested rules per operand here).
+_FLAT = ("expr", "or_expr", "and_expr", "bor_expr", "xor_expr", "band_expr", "eq_expr", "rel_expr", "shift_expr",
+         "add_expr", "mul_expr", "unary", "atom", "or_", "and_", "bor", "bxor", "band", "binop", "unop", "int_lit",
+         "version_ref", "len_call", "ref", "condition", "cond_expr", "cond_custom", "length", "dims", "signed_int",
+         "signed_float", "needed", "class_clause", "vmsd_name", "map_key")
+
+
+def _flat(children: list[Any]) -> list[Token]:
+    out: list[Token] = []
+    for child in children:
+        if isinstance(child, list):
+            out.extend(child)
+        else:
+            out.append(child)
+    return out
+
+
+class _Flatten(lark.Transformer[Token, Any]):
+    pass
+
+
+for _rule in _FLAT:
+    setattr(_Flatten, _rule, staticmethod(_flat))
+
+
 @functools.cache
 def _layout_parser() -> lark.Lark:
     text = resources.files("vmsd.grammar").joinpath("vmsd.lark").read_text(encoding="utf-8")
     return lark.Lark(text, parser="lalr", keep_all_tokens=True, maybe_placeholders=False,
-                     lexer_callbacks={"COMMENT": _COMMENTS.add})
+                     lexer_callbacks={"COMMENT": _COMMENTS.add}, transformer=_Flatten())
 
 
-def _tokens(node: Tree[Token] | Token) -> list[Token]:
-    """The tokens under ``node`` in text order (iteratively: expression trees are deep here)."""
-    out: list[Token] = []
-    stack: list[Tree[Token] | Token] = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Token):
-            out.append(item)
-        else:
-            stack.extend(reversed(item.children))
-    return out
+def _tokens(node: Tree[Token] | list[Token] | Token) -> list[Token]:
+    """The tokens under ``node`` in text order."""
+    if isinstance(node, Token):
+        return [node]
+    if isinstance(node, list):
+        return node
+    return _flat([_tokens(child) for child in node.children])
 
 
 def _generic(tok: Token) -> bool:
@@ -281,7 +303,15 @@ def _render(lines: list[_Line], tail: list[Token], tail_blank: list[bool]) -> st
 
 def format_source(source: str, path: str) -> str:
     """The canonical text of a spec; :class:`~vmsd.grammar.diagnostics.SpecError` if it does not parse."""
-    before = parse(source, path)
+    parse(source, path)  # a spec error, or a limit exceeded, as the compiler reports it
+    text = _layout(source)
+    # One parse tree at a time: memory stays a small multiple of the spec's size.
+    if _meaning(parse(text, path)) != _meaning(parse(source, path)):
+        raise AssertionError(f"vmsd fmt would change the meaning of {path}; please report this")
+    return text
+
+
+def _layout(source: str) -> str:
     with _COMMENTS.lock:
         _COMMENTS.tokens = []
         try:
@@ -292,10 +322,7 @@ def format_source(source: str, path: str) -> str:
     for item in tree.children:
         lines.item(item, 0)
     tail = _place_comments(lines.lines, comments)
-    text = _render(lines.lines, tail, _blank_lines(lines.lines, comments, tail))
-    if _meaning(parse(text, path)) != _meaning(before):
-        raise AssertionError(f"vmsd fmt would change the meaning of {path}; please report this")
-    return text
+    return _render(lines.lines, tail, _blank_lines(lines.lines, comments, tail))
 
 
 def _meaning(spec: ast.SpecFile) -> Any:
