@@ -66,6 +66,8 @@ def test_errors_are_one_line_and_exit_1(tmp_path: Path, args: list[str], says: s
     (["check", "{tmp}"], "cannot read {tmp}: it is a folder"),
     (["check", "/dev/null"], "cannot read /dev/null: not a regular file"),
     (["compile", "-o", "{tmp}/out", "{tmp}/absent.vmsd"], "cannot read {tmp}/absent.vmsd"),
+    (["fmt", "{tmp}/absent.vmsd"], "cannot read {tmp}/absent.vmsd: No such file or directory"),
+    (["fmt", "--check", "/dev/null"], "cannot read /dev/null: not a regular file"),
     (["import-qemu", "{tmp}/absent.json", "-o", "{tmp}/out"], "cannot read {tmp}/absent.json"),
     (["demo", "--ram", "lots"], "--ram: expected a number"),
     (["incoming", "tcp:127.0.0.1:1"], "the following arguments are required: -o/--output"),

@@ -60,7 +60,8 @@ def test_inspect_real_qemu_stream(bare: Path, tmp_path: Path) -> None:
     assert "FULL mc146818rtc" in tree and "[mc146818rtc, decoded by spec]" in tree
 
 
-@pytest.mark.parametrize("argv", [["compile", "serial.vmsd", "-o", "out"], ["check", "serial.vmsd"], ["demo"]])
+@pytest.mark.parametrize("argv", [["compile", "serial.vmsd", "-o", "out"], ["check", "serial.vmsd"], ["fmt", "serial.vmsd"],
+                                  ["demo"]])
 def test_compiler_commands_name_the_extra(bare: Path, tmp_path: Path, argv: list[str]) -> None:
     (tmp_path / "serial.vmsd").write_text((ROOT / "specs" / "examples" / "serial.vmsd").read_text())
     proc = run([bare / "vmsd", *argv], tmp_path)

@@ -51,11 +51,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     else:
         repo = _repo_root()
         if repo is None:
-            from vmsd.bundled import specs_dir
-
-            print(f"vmsd compile: no SPEC given and not inside the vmsd repository (the bundled specs are under "
-                  f"{specs_dir()})", file=sys.stderr)
-            return EXIT_USAGE
+            return _outside_repo("compile")
         specs = sorted((repo / "specs").rglob("*.vmsd"))
         out_dir = Path(args.output) if args.output else repo / "src" / "vmsd" / "generated"
         root = str(repo / "specs")
@@ -85,6 +81,52 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if written is not None:
         print(f"wrote {written}")
     return EXIT_OK
+
+
+def _outside_repo(command: str) -> int:
+    """Refuse a bare ``vmsd compile`` / ``vmsd fmt`` outside the vmsd repository."""
+    from vmsd.bundled import specs_dir
+
+    print(f"vmsd {command}: no SPEC given and not inside the vmsd repository (the bundled specs are under "
+          f"{specs_dir()})", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _cmd_fmt(args: argparse.Namespace) -> int:
+    from vmsd.grammar.diagnostics import Diagnostic, SpecError
+    from vmsd.grammar.formatter import format_source
+    from vmsd.grammar.loader import display_path, read_spec
+    from vmsd.runtime.outfile import write_file
+
+    repo = _repo_root()
+    if args.specs:
+        specs = [_readable(s, regular=True) for s in args.specs]
+    elif repo is None:
+        return _outside_repo("fmt")
+    else:
+        specs = sorted((repo / "specs").rglob("*.vmsd"))
+    diagnostics: list[Diagnostic] = []
+    sources: dict[str, str] = {}
+    changed = 0
+    for path in specs:
+        try:
+            source = read_spec(path, display_path(path))
+            text = format_source(source, display_path(path))
+        except SpecError as exc:  # the others are still formatted; the errors come together at the end
+            diagnostics.extend(exc.diagnostics)
+            sources.update(exc.sources)
+            continue
+        if text == source:
+            continue
+        changed += 1
+        if args.check:
+            print(f"would reformat: {path}")
+        else:
+            write_file(path, text, force=True)  # the spec is ours to rewrite: replacing it is what fmt is for
+            print(f"reformatted: {path}")
+    if diagnostics:
+        raise SpecError(diagnostics, sources)
+    return EXIT_FINDINGS if args.check and changed else EXIT_OK
 
 
 def _cmd_new(args: argparse.Namespace) -> int:
@@ -470,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", metavar="SPEC", help="spec files to check, with the files they import")
     p.add_argument("--allow-outside-imports", action="store_true", help=_OUTSIDE_HELP)
     p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("fmt", help="lay out .vmsd specs canonically (docs/spec-format.md), comments kept")
+    p.add_argument("specs", nargs="*", metavar="SPEC",
+                   help="spec files to rewrite in place (default, inside the vmsd repository: every spec under specs/)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 and name the files that would change")
+    p.set_defaults(func=_cmd_fmt)
     p = sub.add_parser("inspect", help="decode a QEMU migration stream into a tree or JSON")
     p.add_argument("stream", metavar="STREAM", help="stream file, or - for standard input")
     p.add_argument("--json", action="store_true", help="JSON instead of a tree")

@@ -55,6 +55,14 @@ def _read_spec(path: Path) -> str:
     return data.decode("utf-8")
 
 
+def read_spec(path: Path, key: str) -> str:
+    """The text of a spec asked for by name (``key`` in messages); :class:`SpecError` saying why it cannot be read."""
+    try:
+        return _read_spec(path)
+    except (OSError, ValueError) as exc:
+        raise SpecError([Diagnostic(ast.Pos(key, 1, 1), f"cannot read spec: {_problem(exc, False)}")], {}) from None
+
+
 def _problem(exc: Exception, short: bool) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return "not UTF-8 text"
@@ -106,13 +114,14 @@ def load(paths: list[Path], outside_imports: bool = False, also: Sequence[Path] 
                 diags.append(Diagnostic(via.pos, why))
                 return key
         seen.add(key)
-        try:
-            source = _read_spec(path)
-        except (OSError, ValueError) as exc:
-            if via is None:
-                raise SpecError([Diagnostic(ast.Pos(key, 1, 1), f"cannot read spec: {_problem(exc, False)}")], {}) from None
-            diags.append(Diagnostic(via.pos, f"cannot import '{via.path}': {_problem(exc, True)}"))
-            return key
+        if via is None:
+            source = read_spec(path, key)
+        else:
+            try:
+                source = _read_spec(path)
+            except (OSError, ValueError) as exc:
+                diags.append(Diagnostic(via.pos, f"cannot import '{via.path}': {_problem(exc, True)}"))
+                return key
         sources[key] = source
         total[0] += len(source)
         if total[0] > MAX_PROGRAM_BYTES:
