@@ -34,6 +34,7 @@ from vmsd.runtime.vmdesc import Obj, array_rule
 SPEC_SETS: dict[str, str] = {
     "7.2": "vmsd.qemu.v7_2",
     "10.0": "vmsd.qemu.v10_0",
+    "11.1": "vmsd.qemu.v11_1",
 }
 
 _MACHINE_VERSION = re.compile(rb"-(\d+)\.(\d+)$")
