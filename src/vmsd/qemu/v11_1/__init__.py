@@ -39,8 +39,17 @@ def all_modules() -> list[Any]:
     return [importlib.import_module(m.name) for m in pkgutil.walk_packages(pkg.__path__, PACKAGE + ".")]
 
 
+# Modules whose implementations are registered: each once, whichever spec set loads it first.
+_IMPLEMENTED: set[str] = set()
+
+
 def implement(module: Any) -> None:
     """Register the implementations for the classes ``module`` declares (an 11.1, 10.0 or 7.2 module)."""
+    # Once per module: another spec set reusing it may have come first, and registering again would undo
+    # what was registered on top since (a SpecSet's as-loaded predicates).
+    if module.__name__ in _IMPLEMENTED:
+        return
+    _IMPLEMENTED.add(module.__name__)
     if not module.__name__.startswith(PACKAGE + "."):
         # A reused module: 10.0's own implementations, which hand 7.2 modules to 7.2's.
         if module.__name__.startswith(_REUSED_10_0):

@@ -55,11 +55,20 @@ def all_modules() -> list[Any]:
     return [importlib.import_module(m.name) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
 
 
+# Modules whose implementations are registered: each once, whichever spec set loads it first.
+_IMPLEMENTED: set[str] = set()
+
+
 def implement(module: Any) -> None:
     """Register this file's implementations for the classes ``module`` declares.
 
     Also run by newer spec sets for the 7.2 modules they reuse (their imports).
     """
+    # Once per module: another spec set reusing it may have come first, and registering again would undo
+    # what was registered on top since (a SpecSet's as-loaded predicates).
+    if module.__name__ in _IMPLEMENTED:
+        return
+    _IMPLEMENTED.add(module.__name__)
     registrar = REGISTRARS.get(module.__name__.rsplit(".", 1)[-1])
     if registrar is not None:
         registrar(module)
