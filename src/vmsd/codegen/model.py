@@ -83,6 +83,7 @@ class ClassModel:
     doc: str | None
     attrs: list[AttrModel]
     abstract_methods: list[str]
+    abstract_counts: list[str]  # properties named by custom() array lengths
     predicates: list[tuple[str, str]]  # (method, expression source)
     load: list[str]
     save: list[str]
@@ -148,7 +149,7 @@ class ModuleModel:
 
     @property
     def uses_abc(self) -> bool:
-        return any(c.abstract_methods for c in self.classes)
+        return any(c.abstract_methods or c.abstract_counts for c in self.classes)
 
 
 class _Formats:
@@ -253,7 +254,10 @@ class ModuleBuilder:
         ctx = _Ctx({n: a.field for n, a in known.items()}, optional, frozenset(n for n, a in known.items() if a.in_subsection))
         # Code outside the spec (extents, custom presence tests) runs mid-load
         # and may look at fields not loaded yet: they hold their defaults.
-        sees = any(f.kind == "opaque" or isinstance(f.exists, ast.Custom) for f, _ in walk_fields(v.fields, v.subsections))
+        counts = _custom_counts(v)
+        sees = bool(counts) or any(
+            f.kind == "opaque" or isinstance(f.exists, ast.Custom) for f, _ in walk_fields(v.fields, v.subsections)
+        )
         attr_models = [
             self.attr_model(a.field, a.field.name in optional, a.in_subsection, sees) for a in known.values() if a.field.name
         ]
@@ -291,6 +295,7 @@ class ModuleBuilder:
             doc=v.doc,
             attrs=attr_models,
             abstract_methods=abstract,
+            abstract_counts=counts,
             predicates=predicates,
             load=load,
             save=save,
@@ -305,6 +310,8 @@ class ModuleBuilder:
 
     def peeks(self, v: ast.Vmsd, seen: frozenset[int] = frozenset()) -> bool:
         """Whether loading ``v`` may run a custom predicate (which may ask for the reader)."""
+        if _custom_counts(v):
+            return True
         for f, _ in walk_fields(v.fields, v.subsections):
             if isinstance(f.exists, ast.Custom):
                 return True
@@ -703,6 +710,8 @@ class ModuleBuilder:
     def count_src(self, d: ast.Expr, ctx: _Ctx) -> str:
         if isinstance(d, ast.IntLit):
             return str(d.value)
+        if isinstance(d, ast.LenCall):  # custom(name): the registered class's property
+            return f"_rt.count(self.{d.ref.parts[0]})"
         if isinstance(d, ast.Ref):
             return f"_rt.count({self._ref(d, ctx)})"
         assert isinstance(d, ast.BinOp)
@@ -884,6 +893,9 @@ class ModuleBuilder:
         for i, d in enumerate(f.dims):
             if isinstance(d, ast.IntLit):
                 dims.append(d.value)
+            elif i == 0 and isinstance(d, ast.LenCall):
+                kw["count_attr"] = repr(d.ref.parts[0])
+                flags.append("VMS_VARRAY_UINT32")  # QEMU's VARRAY_POINTER_UINT32: the count is configuration
             elif i == 0:
                 counter, mult = _counter(d)
                 kw["count_attr"] = repr(self.r.attr(ctx.attrs_[counter]))
@@ -984,6 +996,16 @@ def _counter(d: ast.Expr) -> tuple[str, int]:
         return d.left.parts[0], d.right.value
     assert isinstance(d.right, ast.Ref) and isinstance(d.left, ast.IntLit)
     return d.right.parts[0], d.left.value
+
+
+def _custom_counts(v: ast.Vmsd) -> list[str]:
+    """The properties ``v``'s struct arrays take their lengths from (``devs[custom(dev_count)]``)."""
+    names: list[str] = []
+    for f, _ in walk_fields(v.fields, v.subsections):
+        d = f.dims[0] if f.dims else None
+        if isinstance(d, ast.LenCall) and d.function == "custom" and d.ref.parts[0] not in names:
+            names.append(d.ref.parts[0])
+    return names
 
 
 def _int_dim(d: ast.Expr) -> int:

@@ -38,7 +38,9 @@ class Ref:
 class LenCall:
     ref: Ref
     pos: Pos
-    function: str = "len"  # the only function; anything else is reported by the checker
+    # "len", or "custom" as a whole struct array length (a property of the registered class);
+    # anything else is reported by the checker
+    function: str = "len"
 
 
 @attrs.frozen

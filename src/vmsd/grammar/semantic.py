@@ -434,6 +434,14 @@ class _Checker:
             elif d.value > 1 << 31:
                 self.error(d.pos, f"array size of {what} is out of range")
             return
+        if isinstance(d, ast.LenCall) and d.function == "custom":
+            # A count the stream does not carry (device configuration, e.g. the possible CPUs of
+            # VMSTATE_STRUCT_VARRAY_POINTER_UINT32(devs, dev_count)): a property of the registered class.
+            if f.kind != "struct":
+                self.error(d.pos, f"custom() gives the length of a struct array only, not of {what}")
+            elif len(d.ref.parts) != 1:
+                self.error(d.ref.pos, f"custom() names one property, not '{'.'.join(d.ref.parts)}'")
+            return
         counter: ast.Ref | None = None
         if isinstance(d, ast.Ref):
             counter = d
@@ -489,7 +497,7 @@ class _Checker:
             self.check_expr(v, e.right, earlier, user, role)
         elif isinstance(e, ast.LenCall):
             if e.function != "len":
-                self.error(e.pos, f"unknown function '{e.function}'; expressions have only len()")
+                self.error(e.pos, f"unknown function '{e.function}'; expressions have only len() (and a struct array's length custom())")
                 return
             target = self.resolve_ref(v, e.ref, earlier, user, role)
             if target is not None and not (target.dims or KINDS[target.kind].measured):

@@ -12,10 +12,10 @@ two ways, both read without decoding any section:
   ``vmdesc_array_runs`` and ``vmdesc_element_index``) and the field names
   of the vmsds a set has specs for (``num_timers`` or ``num_timers_save``).
 
-:func:`choose` keeps the sets the machine type allows, drops those whose
-array rule the trailer contradicts, and takes the one whose specs name the
-trailer's fields best; on a tie, the oldest (the machine type's own version
-when it has a set).
+:func:`choose` keeps the sets the machine type allows, takes those whose
+specs name the trailer's fields best, among them those whose array rule the
+trailer follows, and then the oldest (the machine type's own version when it
+has a set).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from vmsd.runtime.vmdesc import Obj, array_rule
 SPEC_SETS: dict[str, str] = {
     "7.2": "vmsd.qemu.v7_2",
     "10.0": "vmsd.qemu.v10_0",
+    "11.1": "vmsd.qemu.v11_1",
 }
 
 _MACHINE_VERSION = re.compile(rb"-(\d+)\.(\d+)$")
@@ -115,14 +116,15 @@ def choose(data: bytes) -> Choice:
     found = find_trailer(data)
     if found is not None and len(versions) > 1:
         trailer = found[1]
+        # Field names first: they say which layouts encoded the sections.  The array rule only says who
+        # wrote the description, which need not be the QEMU whose layouts these are (vmsd outgoing describes
+        # a 7.2 snapshot's sections by its peer's rule), so it only breaks a tie.
+        scores = {v: _misnamed(spec_set(v), trailer) for v in versions}
+        best = min(scores.values())
+        versions = [v for v in versions if scores[v] == best]
         rule = array_rule(trailer)
-        if rule is not None:
-            fitting = [v for v in versions if _rule(spec_set(v)) == rule]
-            versions = fitting or versions
-        if len(versions) > 1:
-            scores = {v: _misnamed(spec_set(v), trailer) for v in versions}
-            best = min(scores.values())
-            versions = [v for v in versions if scores[v] == best]
+        if rule is not None and len(versions) > 1:
+            versions = [v for v in versions if _rule(spec_set(v)) == rule] or versions
         why.append("the trailer")
     reason = " and ".join(w for w in why if w) or "nothing in the stream (the oldest set)"
     return Choice(versions[0], reason)

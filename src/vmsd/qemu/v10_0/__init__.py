@@ -41,8 +41,17 @@ def all_modules() -> list[Any]:
     return [importlib.import_module(m.name) for m in pkgutil.walk_packages(pkg.__path__, PACKAGE + ".")]
 
 
+# Modules whose implementations are registered: each once, whichever spec set loads it first.
+_IMPLEMENTED: set[str] = set()
+
+
 def implement(module: Any) -> None:
     """Register the implementations for the classes ``module`` declares (a 10.0 or a reused 7.2 module)."""
+    # Once per module: another spec set reusing it may have come first, and registering again would undo
+    # what was registered on top since (a SpecSet's as-loaded predicates).
+    if module.__name__ in _IMPLEMENTED:
+        return
+    _IMPLEMENTED.add(module.__name__)
     if module.__name__.startswith(_REUSED):
         v7_2.implement(module)
         return

@@ -55,11 +55,20 @@ def all_modules() -> list[Any]:
     return [importlib.import_module(m.name) for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
 
 
+# Modules whose implementations are registered: each once, whichever spec set loads it first.
+_IMPLEMENTED: set[str] = set()
+
+
 def implement(module: Any) -> None:
     """Register this file's implementations for the classes ``module`` declares.
 
     Also run by newer spec sets for the 7.2 modules they reuse (their imports).
     """
+    # Once per module: another spec set reusing it may have come first, and registering again would undo
+    # what was registered on top since (a SpecSet's as-loaded predicates).
+    if module.__name__ in _IMPLEMENTED:
+        return
+    _IMPLEMENTED.add(module.__name__)
     registrar = REGISTRARS.get(module.__name__.rsplit(".", 1)[-1])
     if registrar is not None:
         registrar(module)
@@ -221,6 +230,41 @@ def _register_piix4_pm(module: Any) -> None:
             return self.acpi_hotplug_bridge(version_id)  # x-not-migrate-acpi-index is off on 7.2
 
 
+# A CPU hot-plug array ends where two bytes cannot begin an element (is_inserting and is_removing,
+# bools 0 or 1): a section footer (0x7E) or the next subsection (0x05) of piix4_pm and ich9_pm.
+# The exception is ich9_pm without its pcihp subsection (pc-q35-6.0 and older): chip_config then
+# follows, whose bytes can look like elements; such a stream fails and falls back to its trailer.
+_CPUHP_ELEMENT = 10
+_CPUHP_MAX = 1 << 16  # above any machine's possible CPUs (x86: 4096); bounds the look-ahead
+_CPUHP_STEP = 16  # elements peeked at a time: a live stream must not be asked for bytes far past the array
+
+
+def _cpuhp_count(r: Reader) -> int:
+    """How many "CPU hotplug device state" elements lie ahead of ``r`` (see above)."""
+    n = 0
+    while n < _CPUHP_MAX:
+        ahead = r.peek(_CPUHP_ELEMENT * (n + _CPUHP_STEP) + 2)
+        while n < _CPUHP_MAX:
+            pair = ahead[_CPUHP_ELEMENT * n : _CPUHP_ELEMENT * n + 2]
+            if len(pair) < 2:
+                break
+            if pair[0] > 1 or pair[1] > 1:
+                return n
+            n += 1
+        if len(ahead) < _CPUHP_ELEMENT * n + 2:  # the input ends: what is left is no whole element
+            return n
+    raise MalformedStream(f"CPU hot-plug state with more than {_CPUHP_MAX} CPUs", offset=r.tell())
+
+
+def _register_acpi(module: Any) -> None:
+    @register
+    class CPUHotplug(module.CPUHotplugState):  # type: ignore[misc]
+        @property
+        def dev_count(self) -> int:
+            # The destination's possible CPUs: measured while loading, the array's length otherwise.
+            return _cpuhp_count(current_reader()) if loading() else len(self.devs)
+
+
 def _register_ich9_smb(module: Any) -> None:
     @register
     class ICH9SMBState(module.ICH9SMB):  # type: ignore[misc]
@@ -231,6 +275,7 @@ def _register_ich9_smb(module: Any) -> None:
 # By generated module name; newer spec sets reuse some for their own versions of these modules.
 REGISTRARS: dict[str, Callable[[Any], None]] = {
     "piix4_pm": _register_piix4_pm,
+    "acpi": _register_acpi,
     "ich9_smb": _register_ich9_smb,
     "configuration": _register_configuration,
     "pci": _register_pci,
