@@ -50,8 +50,10 @@ def instances(draw: st.DrawFn, cls: type, depth: int = 0) -> Any:
     bitmap_only = {f.count_attr for f in fields if f.kind == "bitmap"} - {
         f.count_attr for f in fields if f.kind != "bitmap"
     }
-    # Counters first: every variable-length field then draws exactly that many elements.
-    for name in sorted(c for c in counters if c and c not in checked):
+    # Counters first: every variable-length field then draws exactly that many elements.  A count from
+    # device configuration (``custom(NAME)``, a read-only property of the registered class) follows the
+    # array instead.
+    for name in sorted(c for c in counters if c and c not in checked and not _derived(obj, c)):
         setattr(obj, name, draw(st.integers(0, 200 if name in bitmap_only else MAX_ELEMS)))
     for f in fields:
         if f.attr is None or f.attr in counters:
@@ -61,6 +63,12 @@ def instances(draw: st.DrawFn, cls: type, depth: int = 0) -> Any:
     if fixup is not None:
         fixup(obj, draw)
     return obj
+
+
+def _derived(obj: Any, name: str) -> bool:
+    """Whether ``name`` is a count the class derives (a property without a setter)."""
+    prop = getattr(type(obj), name, None)
+    return isinstance(prop, property) and prop.fset is None
 
 
 def _pci_config(obj: Any, draw: st.DrawFn) -> None:
@@ -132,6 +140,8 @@ def _value(obj: Any, f: FieldSpec, checked: dict[str, str], depth: int) -> st.Se
     if f.kind == "struct":
         if f.nullable:
             return st.just(current)
+        if f.count_attr is not None and _derived(obj, f.count_attr):
+            return st.lists(nested, max_size=4)
         if f.count_attr is not None:
             n = max(getattr(obj, f.count_attr), 0) * f.multiply
             return st.lists(nested, min_size=n, max_size=n)
