@@ -10,6 +10,7 @@ and vmsd use the same ones.
 from __future__ import annotations
 
 import errno
+import hashlib
 import threading
 import time
 import uuid
@@ -416,8 +417,11 @@ def test_qemu_refuses_vmsd_incoming_it_cannot_trust(creds: dict[str, Path], shm:
         src.qmp.cmd("cont")
         assert src.qmp.cmd("query-status")["status"] == "running"
         src.qmp.cmd("stop")
-        # Nothing ran but the BIOS in low memory: the high part of the guest RAM is as it was.
-        assert (shm / "src").read_bytes()[32 * MIB:] == content[32 * MIB:]
+        # Nothing ran but the BIOS, which writes low memory and its tables at the top of RAM: what lies
+        # between is as it was (compared by digest: a failing byte comparison of 28 MiB would take pytest
+        # minutes to explain).
+        after = (shm / "src").read_bytes()
+        assert hashlib.sha256(after[32 * MIB:60 * MIB]).hexdigest() == hashlib.sha256(content[32 * MIB:60 * MIB]).hexdigest()
     code, err = incoming.result()
     # QEMU checks the certificate once its side of the handshake is done, then hangs up.
     assert code == 1 and one_line_error(err, "incoming"), err
