@@ -30,7 +30,8 @@ IMPORTED = frozenset({"abc", "attrs", "enum", "struct", "Any", "ClassVar", "Self
 # Builtins a generated class body or ``__init__`` reads (annotations, defaults, decorators): a field or a
 # predicate of that name would shadow them in the class.
 CLASS_BUILTINS = frozenset(
-    {"bool", "bytearray", "bytes", "classmethod", "float", "int", "list", "object", "range", "staticmethod", "str", "tuple"}
+    {"bool", "bytearray", "bytes", "classmethod", "float", "int", "list", "object", "property", "range", "staticmethod",
+     "str", "tuple"}
 )
 
 # Builtins read only inside generated methods, where the spec's fields are attributes of ``self``.
