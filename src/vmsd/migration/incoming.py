@@ -34,7 +34,6 @@ from vmsd.migration.stream import (
     MIG_RP_MSG_SHUT,
     QEMU_VM_SECTION_FULL,
     QEMU_VM_SECTION_START,
-    QEMU_VM_VMDESCRIPTION,
     Configuration,
     Decoder,
     Section,
@@ -78,7 +77,9 @@ class Incoming:
     decoded with the devices' classes, strictly (versions, checks, sizes), and
     replaces the device objects only once the whole stream has loaded.
     Without a machine (``specs`` given), blocks are created as announced and
-    device sections decode with ``specs``.
+    device sections decode with ``specs``; a section none of them describes
+    (or describes at its version) is kept as received and decoded by the JSON
+    trailer that follows EOF, as ``vmsd inspect`` decodes it.
 
     ``commit`` is called with the result once the whole stream has loaded and
     before the source is told so; if it raises, the load fails (the source
@@ -233,7 +234,7 @@ class Incoming:
                 if name != m.name:
                     raise MalformedStream(f"Machine type received is '{name}' and local is '{m.name}'")
             records = dec.records(top=True)
-            _drain_trailer(r)
+            dec.finish_live()  # the trailer, and by it the sections no spec describes
             sections = [rec for rec in records if isinstance(rec, Section) and rec.kind == QEMU_VM_SECTION_FULL]
             if not ram_ids:
                 raise MalformedStream("the stream carries no RAM section")
@@ -281,20 +282,6 @@ def _file_position(ch: Channel) -> int:
         return os.lseek(fd, 0, os.SEEK_CUR) if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode) else 0
     except OSError:
         return 0
-
-
-def _drain_trailer(r: Reader) -> None:
-    """Read the JSON trailer after EOF, as QEMU's destination does.
-
-    Closing with it unread would make the kernel answer the source's last
-    writes with a reset, and the source would report a failed migration.
-    """
-    if r.peek(1) != bytes([QEMU_VM_VMDESCRIPTION]):
-        return  # end of input, or a source that sends no trailer
-    r.u8()
-    left = r.u32()
-    while left:
-        left -= len(r.read(min(left, 1 << 20)))
 
 
 def _send_shut(ch: Channel, status: int) -> None:

@@ -12,6 +12,15 @@ import os
 # (postcopy's device state); each level is decoded recursively.
 MAX_PACKAGE_DEPTH = 8
 
+# A device section of a live stream that no spec describes is held until the
+# trailer arrives (vmsd.migration.undescribed); QEMU's x86 device sections are
+# kilobytes (guest memory, VGA's included, travels as RAM).
+MAX_UNDESCRIBED_SECTION = 64 << 20
+
+# The JSON trailer of a live stream, read whole when a section waits for it;
+# QEMU's for a machine with hundreds of devices is well under a megabyte.
+MAX_LIVE_TRAILER = 64 << 20
+
 
 def default_max_ram() -> int:
     """RAM a receiver without a machine creates for a peer, unless told otherwise: this host's memory.

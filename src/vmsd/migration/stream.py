@@ -19,10 +19,11 @@ from typing import Any
 
 import attrs
 
-from vmsd.migration.limits import MAX_PACKAGE_DEPTH
+from vmsd.migration.limits import MAX_LIVE_TRAILER, MAX_PACKAGE_DEPTH
 from vmsd.migration.profile import PeerProfile
 from vmsd.migration.ram.mapped import CAP_MAPPED_RAM
 from vmsd.migration.ram.records import PLAIN, RAM_SECTION_VERSION, RamContext, RamPayload, read_ram, write_ram
+from vmsd.migration.undescribed import NoTrailer, decode_kept, read_to_footer
 from vmsd.runtime.errors import (
     MalformedStream,
     RegistryError,
@@ -435,10 +436,12 @@ def parse_trailer(text: bytes, offset: int) -> Any:
 class Decoder:
     """Decodes a stream's records; :func:`read_stream` runs it over a whole stream in memory.
 
-    A live receiver passes a streaming ``reader`` (no trailer is known in
-    advance, so sections decode from their specs only), sets ``ram_handler``
-    to apply RAM sections in place, and calls :meth:`read_header` and
-    :meth:`records` itself; it stops at EOF as QEMU's destination does.
+    A live receiver passes a streaming ``reader``, sets ``ram_handler`` to
+    apply RAM sections in place, and calls :meth:`read_header`,
+    :meth:`records` (up to EOF, where QEMU's destination stops) and
+    :meth:`finish_live`.  No trailer is known before EOF, so sections decode
+    from their specs; one that no spec describes (without ``section_classes``)
+    is kept as received and decoded by the trailer in :meth:`finish_live`.
     """
 
     def __init__(self, data: bytes, specs: SpecSet, strict_typed: bool, enforce_checks: bool,
@@ -472,6 +475,8 @@ class Decoder:
         self.package_eof = False  # set when a PACKAGED command's records end at an EOF byte
         self.package_depth = 0  # PACKAGED commands around the records being read
         self.short_data: dict[bytes, bytes] = {}
+        # Live: sections no spec describes, with where their payload starts, until the trailer comes.
+        self.kept: list[tuple[Section, int]] = []
 
     def warn(self, msg: str) -> None:
         self.stream.warnings.append(msg)
@@ -743,6 +748,9 @@ class Decoder:
                     problem = str(e)
                     self.r.pos -= self.r.tell() - start
             if device is None:
+                if self.keeps_raw():
+                    self.keep_raw(sec, problem)
+                    return
                 raise VersionMismatch(problem, offset=sec.offset)
             self.warn(f"section '{sec.idstr}': {problem}; decoded from the trailer instead")
             self.stream.findings.append(Finding(sec.idstr, "fallback", problem))
@@ -751,7 +759,10 @@ class Decoder:
                 if self.trailer_by_framing():
                     self.payload(sec)  # again, with the trailer: nothing of the section was read yet
                     return
-                no_spec = f"no spec for section '{sec.idstr}' (instance {sec.instance_id}, version {sec.version_id})"
+                if self.keeps_raw():
+                    self.keep_raw(sec, None)
+                    return
+                no_spec = _no_spec(sec)
                 broken = self.broken_trailer
                 if broken is not None:
                     at, problem = broken
@@ -773,6 +784,74 @@ class Decoder:
             if isinstance(e, VMSDError):
                 raise
             raise MalformedStream(f"the trailer's description of this section is malformed ({e})", offset=start) from None
+
+    def keeps_raw(self) -> bool:
+        """Whether a section no spec describes waits for the trailer: on a live stream whose receiver has no
+        fixed set of devices (a machine's receiver refuses it, as QEMU does)."""
+        return not self.in_memory and self.section_classes is None
+
+    def keep_raw(self, sec: Section, problem: str | None) -> None:
+        """Keep ``sec``'s payload as received, up to its footer, for :meth:`finish_live`."""
+        if not self.footers:
+            raise RegistryError(f"{_no_spec(sec)}: without section footers its end cannot be found before the "
+                                "trailer that describes it arrives", offset=sec.offset)
+        iterative = {i for i, s in self.open_sections.items() if s.kind == QEMU_VM_SECTION_START}
+        start = self.r.tell()
+        try:
+            sec.payload = read_to_footer(self.r, sec.section_id, iterative, set(MIG_CMD_NAMES))
+        except NoTrailer:
+            raise RegistryError(f"{_no_spec(sec)} and the stream has no trailer to describe it",
+                                offset=sec.offset) from None
+        self.kept.append((sec, start))
+        if problem is not None:
+            self.warn(f"section '{sec.idstr}': {problem}; decoded from the trailer instead")
+            self.stream.findings.append(Finding(sec.idstr, "fallback", problem))
+
+    def finish_live(self) -> None:
+        """After EOF on a live stream: read the trailer, as QEMU's destination does, and decode by it the
+        sections kept as received.
+
+        The trailer is read even when nothing needs it: closing with it unread would make the kernel
+        answer the source's last writes with a reset, and the source would report a failed migration.
+        """
+        r = self.r
+        nxt = r.peek(1)
+        if nxt != bytes([QEMU_VM_VMDESCRIPTION]):
+            if self.kept and nxt:
+                raise MalformedStream(f"expected the vmdescription trailer (0x06) after EOF, found byte {nxt[0]:#x}; "
+                                      f"it would describe section '{self.kept[0][0].idstr}', which has no spec",
+                                      offset=r.tell())
+            if self.kept:
+                sec = self.kept[0][0]
+                raise RegistryError(f"{_no_spec(sec)} and the stream has no trailer to describe it",
+                                    offset=sec.offset, section=sec.idstr)
+            return  # end of input, or a source that sends no trailer
+        at = r.tell()
+        r.u8()
+        left = r.u32()
+        if not self.kept:
+            while left:
+                left -= len(r.read(min(left, 1 << 20)))
+            return
+        if left > MAX_LIVE_TRAILER:
+            raise MalformedStream(f"the trailer announces {left} bytes, above the limit of {MAX_LIVE_TRAILER}",
+                                  offset=at)
+        text = r.read(left)
+        self.stream.trailer = parse_trailer(text, at)
+        self.trailer_devices = validate_trailer(self.stream.trailer, at)
+        self.stream.trailer_text, self.stream.trailer_offset = text, at
+        self.next_device = 0
+        for sec, start in self.kept:
+            try:
+                device = self.trailer_device(sec)
+                if device is None:
+                    raise RegistryError(f"{_no_spec(sec)} and the trailer does not describe it", offset=sec.offset)
+                sec.payload = decode_kept(sec.payload, start, device)
+            except VMSDError as e:
+                raise e.in_section(sec.idstr) from None
+            sec.generic_body = device
+            sec.vmsd_name = device.get("vmsd_name")
+            sec.legacy = sec.vmsd_name is None
 
     def trailer_by_framing(self) -> bool:
         """Look for the trailer by its framing; True when one was found and taken.
@@ -818,6 +897,10 @@ class Decoder:
                 self.next_device = i + 1
                 return d
         return None
+
+
+def _no_spec(sec: Section) -> str:
+    return f"no spec for section '{sec.idstr}' (instance {sec.instance_id}, version {sec.version_id})"
 
 
 def idstr_bytes(idstr: str) -> bytes:

@@ -134,6 +134,16 @@ class Reader:
         self.pos = 0
         self._base = offset
 
+    def take_buffered(self) -> bytes:
+        """Consume and return every byte buffered, reading once from the source first when none is (which
+        blocks until some input arrives); empty at end of input.  For a caller that scans ahead for a
+        pattern and hands back the rest with :meth:`rebuffer`."""
+        if self.pos >= len(self.buf) and not self._more(65536):
+            return b""
+        data = self.buf[self.pos :]
+        self.pos = len(self.buf)
+        return data
+
     def prefetch(self, n: int) -> None:
         """With fewer than ``n`` bytes buffered, read once from the source (up to ``n`` bytes).
 

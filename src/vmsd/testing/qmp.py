@@ -93,8 +93,9 @@ class Qemu:
         try:
             self.qmp = QMP(qmp_path)
         except Exception:
+            output = self.output()
             self.stop()
-            raise QMPError(f"QEMU did not start: {self.output()}") from None
+            raise QMPError(f"QEMU did not start: {output}") from None
 
     def output(self) -> str:
         self.log.flush()
@@ -155,13 +156,13 @@ def save_stream(path: Path, args: list[str] | None = None, machine: str = "pc", 
 
 
 def load_stream(path: Path, args: list[str] | None = None, machine: str = "pc", timeout: float = 60.0,
-                capabilities: dict[str, bool] | None = None) -> Qemu:
+                capabilities: dict[str, bool] | None = None, nodefaults: bool = True) -> Qemu:
     """A QEMU that loaded ``path`` with ``-incoming`` (and ``capabilities`` set first, as a destination
     must for x-ignore-shared); the caller inspects it and stops it.
 
     Raises :class:`QMPError` with QEMU's own messages when the load fails.
     """
-    q = Qemu(list(args or []), machine=machine, incoming="defer")
+    q = Qemu(list(args or []), machine=machine, incoming="defer", nodefaults=nodefaults)
     try:
         if capabilities:
             q.qmp.cmd("migrate-set-capabilities",

@@ -82,9 +82,7 @@ def read_device_stream(ch: Channel, specs: SpecSet) -> tuple[bytes, bool]:
     dec = Decoder(b"", specs, strict_typed=False, enforce_checks=False, reader=r)
     dec.read_header()
     dec.records(top=True)
-    if r.peek(1) == bytes([savevm.QEMU_VM_VMDESCRIPTION]):
-        r.u8()
-        r.read(r.u32())
+    dec.finish_live()
     return bytes(rec.data[:r.tell()]), dec.return_path
 
 
