@@ -184,7 +184,8 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_qemu72_default_devices_into_vmsd_incoming(shm: Path, tmp_path: Path) -> None:
+def test_qemu72_default_devices_into_vmsd_incoming(shm: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """QEMU 7.2 with its default devices and a watchdog, return path on: `vmsd incoming` takes the watchdog
     from the trailer, writes a snapshot QEMU loads with identical RAM and the same watchdog state."""
     snapshot, saved = tmp_path / "snap.mig", tmp_path / "saved.mig"
@@ -201,6 +202,7 @@ def test_qemu72_default_devices_into_vmsd_incoming(shm: Path, tmp_path: Path) ->
         receiver.join(60)
         assert result == [0]
         source_bytes = (shm / "source").read_bytes()
+    assert "warning" not in capsys.readouterr().err  # the right spec set was named
     ours = read_stream(snapshot.read_bytes(), spec_set())
     assert WATCHDOG_IDSTR in [s.idstr for s in ours.full_sections() if s.generic_body is not None]
     dest = load_stream(snapshot, args=[*_ram_args(shm / "dest"), *WATCHDOG], nodefaults=False)
@@ -245,3 +247,20 @@ def test_private_peer_default_devices_into_vmsd_incoming(private_peer: Peer, shm
             time.sleep(0.02)
         assert (shm / "dest").read_bytes() == source_bytes
 
+
+
+def test_incoming_warns_when_the_trailer_fits_another_spec_set(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A live stream is decoded with the set the options name (default: the newest QEMU's); QEMU 7.2's
+    trailer, arriving after EOF, shows that 7.2's fits, and incoming says so."""
+    port = _port()
+    receiver, result = _incoming(port, tmp_path / "snap.mig")
+    with Qemu([]) as src:
+        wait_listening(port, alive=receiver.is_alive)
+        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        src.wait_migration(60)
+        receiver.join(60)
+    assert result == [0]
+    err = capsys.readouterr().err
+    assert "the stream fits QEMU 7.2's specs (machine type pc-i440fx-7.2 and the trailer)" in err
+    assert "Pass --peer-version 7.2" in err

@@ -11,12 +11,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmsd.migration.profile import NEWEST, PROFILES, peer_profile
 from vmsd.runtime.errors import VMSDError
 from vmsd.runtime.outfile import OutputExists
 from vmsd.tools.errors import ToolError, UsageError
+
+if TYPE_CHECKING:
+    from vmsd.migration.incoming import IncomingResult
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 # A shell's status for a process ended by SIGINT / SIGTERM (128 + the signal's number).
@@ -276,11 +279,27 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     result = snapshot.incoming(args.uri, args.output, specs, args.timeout,
                                multifd=multifd, force=args.force, mode=mode, cpr_channel=cpr_channel,
                                max_ram=max_ram, tls=tls)
+    _check_spec_set(result, args.qemu or nearest(args.peer_version), "--qemu" if args.qemu else "--peer-version")
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
           f"sections in {result.seconds:.2f}s; snapshot written to {args.output}",
           file=sys.stderr if args.output == "-" else sys.stdout)
     return EXIT_OK
+
+
+def _check_spec_set(result: IncomingResult, used: str, option: str) -> None:
+    """Warn when the trailer that arrived after EOF shows that another QEMU version's specs fit the stream:
+    a live stream is decoded before it can be looked at, with the set the options name."""
+    from vmsd.qemu.versions import choose_by
+
+    if result.trailer is None:
+        return
+    conf = result.configuration
+    fits = choose_by(bytes(conf.state.name) if conf is not None else None, result.trailer)
+    if fits.version != used:
+        print(f"vmsd incoming: warning: the stream fits QEMU {fits.version}'s specs ({fits.reason}), but its device "
+              f"sections were decoded with QEMU {used}'s ({option}); the snapshot describes them as QEMU {used} "
+              f"does. Pass --peer-version {fits.version} to keep the source's layouts.", file=sys.stderr)
 
 
 def _cmd_outgoing(args: argparse.Namespace) -> int:

@@ -53,6 +53,7 @@ from vmsd.migration.transport import (
 )
 from vmsd.runtime.errors import MalformedStream, VMSDError
 from vmsd.runtime.io import Reader
+from vmsd.runtime.vmdesc import Obj
 
 
 @attrs.define
@@ -67,6 +68,7 @@ class IncomingResult:
     seconds: float
     channels: list[ChannelStats] = attrs.Factory(list)  # multifd, by channel id
     named_blocks: set[str] = attrs.Factory(set)  # blocks some page record named (see RamLoader.named)
+    trailer: Obj | None = None  # the source's JSON trailer, when it sent a valid one
 
 
 class Incoming:
@@ -248,7 +250,7 @@ class Incoming:
                 counters["normal"] += sum(st.pages for st in stats)
                 counters["duplicate"] += sum(st.zero_pages for st in stats)
             result = IncomingResult(dec.stream.configuration, blocks, min(ram_ids), sections, counters,
-                                    time.monotonic() - start, stats, named)
+                                    time.monotonic() - start, stats, named, dec.stream.trailer)
             if self.commit is not None:
                 self.commit(result)
         except BaseException as e:

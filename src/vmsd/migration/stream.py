@@ -808,8 +808,8 @@ class Decoder:
             self.stream.findings.append(Finding(sec.idstr, "fallback", problem))
 
     def finish_live(self) -> None:
-        """After EOF on a live stream: read the trailer, as QEMU's destination does, and decode by it the
-        sections kept as received.
+        """After EOF on a live stream: read the trailer (kept in ``stream.trailer`` when it is valid), as
+        QEMU's destination does, and decode by it the sections kept as received.
 
         The trailer is read even when nothing needs it: closing with it unread would make the kernel
         answer the source's last writes with a reset, and the source would report a failed migration.
@@ -829,17 +829,24 @@ class Decoder:
         at = r.tell()
         r.u8()
         left = r.u32()
-        if not self.kept:
+        if left > MAX_LIVE_TRAILER:
+            if self.kept:
+                raise MalformedStream(f"the trailer announces {left} bytes, above the limit of {MAX_LIVE_TRAILER}",
+                                      offset=at)
             while left:
                 left -= len(r.read(min(left, 1 << 20)))
             return
-        if left > MAX_LIVE_TRAILER:
-            raise MalformedStream(f"the trailer announces {left} bytes, above the limit of {MAX_LIVE_TRAILER}",
-                                  offset=at)
         text = r.read(left)
-        self.stream.trailer = parse_trailer(text, at)
-        self.trailer_devices = validate_trailer(self.stream.trailer, at)
-        self.stream.trailer_text, self.stream.trailer_offset = text, at
+        try:
+            trailer = parse_trailer(text, at)
+            self.trailer_devices = validate_trailer(trailer, at)
+        except MalformedStream:
+            if self.kept:
+                raise
+            return  # QEMU's destination never looks at it; it only tells the tools who wrote the stream
+        self.stream.trailer, self.stream.trailer_text, self.stream.trailer_offset = trailer, text, at
+        if not self.kept:
+            return
         self.next_device = 0
         for sec, start in self.kept:
             try:

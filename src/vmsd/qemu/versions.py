@@ -105,17 +105,20 @@ def _misnamed(specs: SpecSet, trailer: Obj) -> int:
 
 def choose(data: bytes) -> Choice:
     """The version whose spec set fits the stream ``data`` best (see the module's docstring)."""
+    found = find_trailer(data)
+    return choose_by(machine_type(data), found[1] if found is not None else None)
+
+
+def choose_by(name: bytes | None, trailer: Obj | None) -> Choice:
+    """:func:`choose` for a stream whose machine type ``name`` and ``trailer`` are known (a live one, after EOF)."""
     versions = list(SPEC_SETS)
-    name = machine_type(data)
     floor = machine_version(name)
     why = []
     if floor is not None:
         newer = [v for v in versions if _key(v) >= _key(floor)]
         versions = newer or versions[-1:]
         why.append(f"machine type {name.decode(errors='replace')}" if name else "")
-    found = find_trailer(data)
-    if found is not None and len(versions) > 1:
-        trailer = found[1]
+    if trailer is not None and len(versions) > 1:
         # Field names first: they say which layouts encoded the sections.  The array rule only says who
         # wrote the description, which need not be the QEMU whose layouts these are (vmsd outgoing describes
         # a 7.2 snapshot's sections by its peer's rule), so it only breaks a tie.
