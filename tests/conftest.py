@@ -1,5 +1,6 @@
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,3 +32,14 @@ def no_leaked_fds() -> Iterator[None]:
     yield
     leaked = open_fds() - before
     assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """A folder under /dev/shm for guest RAM files both QEMUs map (memory-backend-file,share=on), removed after."""
+    d = Path("/dev/shm") / f"vmsd-test-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    yield d
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()

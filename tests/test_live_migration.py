@@ -9,8 +9,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,16 +21,6 @@ from vmsd.qemu.v7_2 import spec_set
 from vmsd.testing.qmp import Qemu, load_stream
 
 MEM = "32M"
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path("/dev/shm") / f"vmsd-test-{uuid.uuid4().hex[:8]}"
-    d.mkdir()
-    yield d
-    for f in d.iterdir():
-        f.unlink()
-    d.rmdir()
 
 
 def _ram_args(path: Path) -> list[str]:

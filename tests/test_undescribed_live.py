@@ -11,8 +11,6 @@ import io
 import struct
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -154,16 +152,6 @@ def test_damaged_streams_raise_only_our_errors_and_never_other_values(streams: d
 
 # --- live, from real QEMUs ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path("/dev/shm") / f"vmsd-test-{uuid.uuid4().hex[:8]}"
-    d.mkdir()
-    yield d
-    for f in d.iterdir():
-        f.unlink()
-    d.rmdir()
-
-
 def _ram_args(path: Path) -> list[str]:
     return ["-object", f"memory-backend-file,id=m,size=32M,mem-path={path},share=on", "-machine", "memory-backend=m"]
 
@@ -174,6 +162,15 @@ def _incoming(port: int, snapshot: Path, *extra: str) -> tuple[threading.Thread,
         main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snapshot), "--timeout", "30", *extra])))
     receiver.start()
     return receiver, result
+
+
+def _migrate(src: Qemu, port: int, receiver: threading.Thread, result: list[int]) -> None:
+    """Migrate ``src`` to the `vmsd incoming` of ``receiver`` and wait until both are done, successfully."""
+    wait_listening(port, alive=receiver.is_alive)
+    src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    src.wait_migration(60)
+    receiver.join(60)
+    assert result == [0]
 
 
 def _port() -> int:
@@ -196,11 +193,7 @@ def test_qemu72_default_devices_into_vmsd_incoming(shm: Path, tmp_path: Path,
         src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
         src.qmp.cmd("cont")
         time.sleep(0.3)
-        wait_listening(port, alive=receiver.is_alive)
-        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-        src.wait_migration(60)
-        receiver.join(60)
-        assert result == [0]
+        _migrate(src, port, receiver, result)
         source_bytes = (shm / "source").read_bytes()
     assert "warning" not in capsys.readouterr().err  # the right spec set was named
     ours = read_stream(snapshot.read_bytes(), spec_set())
@@ -229,11 +222,7 @@ def test_private_peer_default_devices_into_vmsd_incoming(private_peer: Peer, shm
     receiver, result = _incoming(port, snapshot, "--peer-version", private_peer.version)
     args = [*_ram_args(shm / "source"), *WATCHDOG]
     with private_peer.start(args, memory="32M", nodefaults=False) as src:
-        wait_listening(port, alive=receiver.is_alive)
-        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-        src.wait_migration(60)
-        receiver.join(60)
-        assert result == [0]
+        _migrate(src, port, receiver, result)
         source_bytes = (shm / "source").read_bytes()
     kept = [s for s in read_stream(snapshot.read_bytes(), SpecSet()).full_sections() if s.idstr == WATCHDOG_IDSTR]
     assert len(kept) == 1
@@ -256,11 +245,7 @@ def test_incoming_warns_when_the_trailer_fits_another_spec_set(tmp_path: Path,
     port = _port()
     receiver, result = _incoming(port, tmp_path / "snap.mig")
     with Qemu([]) as src:
-        wait_listening(port, alive=receiver.is_alive)
-        src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-        src.wait_migration(60)
-        receiver.join(60)
-    assert result == [0]
+        _migrate(src, port, receiver, result)
     err = capsys.readouterr().err
     assert "the stream fits QEMU 7.2's specs (machine type pc-i440fx-7.2 and the trailer)" in err
     assert "Pass --peer-version 7.2" in err
