@@ -33,11 +33,13 @@ from vmsd.testing.compat_matrix import (
     CONFIGURATIONS,
     VERSIONS,
     Case,
+    CompatRunError,
     Outcome,
     cases,
     failing_section,
     load_stream,
     record,
+    save_source_stream,
     table,
 )
 
@@ -95,6 +97,13 @@ def test_a_refused_stream_is_seen_with_its_section(migrations: Migrations) -> No
     assert not outcome.loads
     assert outcome.section == "configuration"
     assert "Machine type received is 'pc-i440fx-7.2' and local is 'pc-q35-7.2'" in outcome.error
+
+
+def test_a_qemu_that_cannot_start_is_a_harness_error(tmp_path: Path) -> None:
+    """Not an outcome: a machine type a version lacks stops the run with QEMU's own reason."""
+    with pytest.raises(CompatRunError, match=r"QEMU 7\.2 \(pc-i440fx-99\.0\) did not start: .*unsupported machine type"):
+        save_source_stream("7.2", "pc-i440fx-99.0", tmp_path / "stream")
+    assert not (tmp_path / "stream").exists()
 
 
 @pytest.mark.parametrize(("error", "section"), [
