@@ -106,11 +106,11 @@ class _ClassConverter:
         for f in fields:
             if f.kind == "validate":
                 continue  # VMSTATE_VALIDATE puts nothing on the wire
-            whole = KINDS[f.kind].whole
+            kind = KINDS[f.kind]
             count: int | None = 1
-            if not whole and f.count_attr is not None:
-                count = None
-            elif not whole and f.dims:
+            if f.count_attr is not None or (kind.measured and f.kind != "bytes"):
+                count = None  # a count from another field, or a list or tree measured as it goes
+            elif not kind.whole and f.dims:
                 count = 1
                 for d in f.dims:
                     count *= d
@@ -161,7 +161,10 @@ def _dump(text: str, data: bytes) -> Side:
         where = f"{text}: device type {key!r}"
         if not isinstance(value, dict) or not isinstance(value.get("Description"), dict):
             raise ToolError(f"{where}: no 'Description' object")
-        desc = _dump_desc(value["Description"], where, key)
+        try:
+            desc = _dump_desc(value["Description"], where, key)
+        except RecursionError:
+            raise ToolError(f"{where}: descriptions nested too deeply") from None
         sections.append(Section(key, desc.name, desc.version, desc))
         _index(desc, descs)
     return Side(text, "dump", None, descs, sections, machine=machine, complete=True)
