@@ -20,7 +20,9 @@ Where two fields differ, the bytes decide:
 
 A subsection or field under a condition that only one side has is a "fail" worded with that condition
 ("fails when <predicate> holds"): spec sets and dumps describe every state a QEMU may save, and the
-load fails for the states where it holds.  A stream SOURCE answers it: what it carries.
+load fails for the states where it holds.  A stream SOURCE answers it: what it carries (and DEST's field
+tests as the saving QEMU evaluated them: a conditional field the stream does not carry is one whose test
+is false).
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ SWITCHOVER_START_MACHINES_AFTER = "9.2"
 CAPABILITY_SINCE = {"x-ignore-shared": "4.0", "mapped-ram": "9.0"}
 
 _MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
-_NUMBERED = re.compile(r"\[\d+\]$")
 _WORD = re.compile(r"[A-Za-z0-9]+")
 # How far (fields on each side) two runs of fields are followed to find where their bytes line up again.
 _ALIGN_WINDOW = 16
@@ -158,6 +159,7 @@ class _Ctx:
     section: str
     path: str = ""  # field path prefix inside the section ("timer." or "hpet/offset.")
     when: str | None = None  # the condition under which this part is on the wire at all
+    actual: bool = False  # SOURCE is what one stream carried (see _fields)
 
 
 def _section(sec: Section, dst: Desc) -> list[Finding]:
@@ -196,6 +198,7 @@ def _compare(src: Desc, sv: int, dst: Desc, dv: int, ctx: _Ctx, out: list[Findin
             out.append(Finding(INFO, ctx.section, where, f"nested '{src.name}' is version {sv} in SOURCE and {dv} in "
                                                          "DEST: QEMU saves and loads a nested description at its own "
                                                          "version, so only the layouts below matter"))
+    ctx = attrs.evolve(ctx, actual=src.actual)
     _fields(src.wire_fields(sv), dst.wire_fields(dv), ctx, out)
     _subsections(src, dst, ctx, out)
 
@@ -221,27 +224,27 @@ def _bytes_agree(a: Field, b: Field) -> bool:
     return a.size == b.size
 
 
-def _key(name: str) -> str:
-    """A field's name without the number vmsd's specs and QEMU's trailers give repeated names (``unused[1]``)."""
-    return _NUMBERED.sub("", name)
-
-
 def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> None:
     i = j = 0
     while i < len(s) and j < len(d):
         a, b = s[i], d[j]
-        if _key(a.name) == _key(b.name) and _bytes_agree(a, b):
+        if a.name == b.name and _bytes_agree(a, b):
             _pair(a, b, ctx, out)
             i, j = i + 1, j + 1
             continue
+        # A stream answers DEST's field tests too: the QEMU that saved it evaluated the same tests on the same
+        # device, so a conditional field it does not carry here is one whose test is false.
+        if ctx.actual and b.cond is not None:
+            j += 1
+            continue
         # Fields moved into a struct of their own keep their bytes (the static checker's substructs).
-        if _wraps(b, _key(a.name)):
+        if _wraps(b, a.name):
             assert b.struct is not None
             out.append(Finding(INFO, ctx.section, ctx.path + b.name, f"DEST nests '{a.name}' and what follows in "
                                                                      f"'{b.name}' (same bytes)"))
             d = d[:j] + b.struct.wire_fields(b.struct.version) + d[j + 1:]
             continue
-        if _wraps(a, _key(b.name)):
+        if _wraps(a, b.name):
             assert a.struct is not None
             out.append(Finding(INFO, ctx.section, ctx.path + a.name, f"SOURCE nests '{b.name}' and what follows in "
                                                                      f"'{a.name}'; DEST has them flat (same bytes)"))
@@ -276,18 +279,19 @@ def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> No
     for extra in s[i:]:
         _missing(extra, "SOURCE sends", "after DEST's last field", ctx, out)
     for extra in d[j:]:
-        _missing(extra, "DEST reads", "after SOURCE's last field", ctx, out)
+        if not (ctx.actual and extra.cond is not None):
+            _missing(extra, "DEST reads", "after SOURCE's last field", ctx, out)
 
 
 def _wraps(f: Field, name: str) -> bool:
     if f.struct is None or f.count != 1 or f.struct.subsections:
         return False
     inner = f.struct.wire_fields(f.struct.version)
-    return bool(inner) and _key(inner[0].name) == name
+    return bool(inner) and inner[0].name == name
 
 
 def _find(fields: list[Field], start: int, name: str) -> int | None:
-    return next((k for k in range(start, len(fields)) if _key(fields[k].name) == _key(name)), None)
+    return next((k for k in range(start, len(fields)) if fields[k].name == name), None)
 
 
 def _describe(f: Field) -> str:
@@ -321,7 +325,7 @@ def _window(s: list[Field], i: int, d: list[Field], j: int) -> tuple[int, int] |
     if aligned is not None and aligned not in candidates:
         candidates.append(aligned)
     for i2, j2 in candidates:
-        if (i2 == len(s) and j2 == len(d)) or (i2 < len(s) and j2 < len(d) and _key(s[i2].name) == _key(d[j2].name)):
+        if (i2 == len(s) and j2 == len(d)) or (i2 < len(s) and j2 < len(d) and s[i2].name == d[j2].name):
             return i2, j2
     return candidates[0] if candidates else None
 
@@ -399,7 +403,9 @@ def _regrouped(a: list[Field], b: list[Field], ctx: _Ctx, out: list[Finding]) ->
 def _pair(a: Field, b: Field, ctx: _Ctx, out: list[Finding]) -> None:
     """Two fields of one name at one position."""
     name = ctx.path + a.name
-    if a.cond is None and b.cond is not None:
+    if ctx.actual:
+        pass  # the stream carries it, so DEST's test holds for it (see _fields)
+    elif a.cond is None and b.cond is not None:
         _fail(out, ctx, name, f"SOURCE always sends it; DEST reads it only when its {_cond(b.cond)} holds")
     elif a.cond is not None and b.cond is None:
         _fail(out, _Ctx(ctx.section, ctx.path, _join(ctx.when, f"SOURCE's {_cond(a.cond)} does not hold")),

@@ -17,6 +17,7 @@ import inspect
 import json
 import re
 import struct
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,11 @@ def _dump_desc(d: dict[str, Any], where: str, origin: str, needed: str | None = 
     for f in raw:
         if not isinstance(f, dict) or not isinstance(f.get("field"), str):
             raise ToolError(f"{where}: a field without a 'field' name")
+    # Names that repeat in one description are numbered (``unused[1]``), as QEMU's trailers and vmsd's
+    # specs name them.
+    repeats = Counter(f["field"] for f in raw)
+    seen: Counter[str] = Counter()
+    for f in raw:
         fw = f"{where}, field {f['field']!r}"
         nested = f.get("Description")
         sub = _dump_desc(nested, fw, origin) if isinstance(nested, dict) else None
@@ -215,7 +221,9 @@ def _dump_desc(d: dict[str, Any], where: str, origin: str, needed: str | None = 
         # another field has size 0.
         size = None if sub is not None else _int(f, "size", fw) or None
         cond = "its field_exists test" if f.get("field_exists") is True else None
-        fields.append(Field(f["field"], size, count, _int(f, "version_id", fw, 0), cond, None, sub, unused,
+        name_n = f["field"] if repeats[f["field"]] == 1 else f"{f['field']}[{seen[f['field']]}]"
+        seen[f["field"]] += 1
+        fields.append(Field(name_n, size, count, _int(f, "version_id", fw, 0), cond, None, sub, unused,
                             c_size=True))
     subsections = []
     for s in subs:
