@@ -250,14 +250,17 @@ def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> No
                                                                      f"'{a.name}'; DEST has them flat (same bytes)"))
             s = s[:i] + a.struct.wire_fields(a.struct.version) + s[i + 1:]
             continue
-        k = _find(d, j + 1, a.name)
-        m = _find(s, i + 1, b.name)
-        if k is not None and (m is None or k - j <= m - i):
+        # Same bytes under other names, when both sides go on alike after them, come first; then a field only
+        # one side has (found again further on by name; padding names say nothing); then same bytes anyway.
+        window, confident = _window(s, i, d, j)
+        k = None if a.unused else _find(d, j + 1, a.name)
+        m = None if b.unused else _find(s, i + 1, b.name)
+        if not confident and k is not None and (m is None or k - j <= m - i):
             for extra in d[j:k]:
                 _missing(extra, "DEST reads", "that SOURCE does not send", ctx, out)
             j = k
             continue
-        if m is not None:
+        if not confident and m is not None:
             for extra in s[i:m]:
                 _missing(extra, "SOURCE sends", "that DEST does not read", ctx, out)
             i = m
@@ -268,7 +271,6 @@ def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> No
             _pair(a, b, ctx, out)
             i, j = i + 1, j + 1
             continue
-        window = _window(s, i, d, j)
         if window is None:
             _fail(out, ctx, ctx.path + a.name, f"SOURCE sends {_describe(a)} where DEST reads {_describe(b)}; "
                                                "the rest of this part cannot be lined up")
@@ -312,12 +314,13 @@ def _join(a: str | None, b: str | None) -> str | None:
     return " and ".join(x for x in (a, b) if x) or None
 
 
-def _window(s: list[Field], i: int, d: list[Field], j: int) -> tuple[int, int] | None:
-    """Ends of the runs from ``i`` and ``j`` that cover the same bytes, or None.
+def _window(s: list[Field], i: int, d: list[Field], j: int) -> tuple[tuple[int, int] | None, bool]:
+    """Ends of the runs from ``i`` and ``j`` that cover the same bytes (or None), and whether both sides go
+    on with fields of one name after them (or both end there).
 
     Candidates: one field for another of agreeing size (a dump knows no counts, so no byte sums
     either), then the shortest runs with equal byte sums, taking an unknown count as 1.  The first
-    after which both sides go on with fields of one name (or both end) wins, else the first."""
+    after which both sides go on alike wins, else the first."""
     candidates = []
     if s[i].struct is None and d[j].struct is None and _bytes_agree(s[i], d[j]):
         candidates.append((i + 1, j + 1))
@@ -326,8 +329,8 @@ def _window(s: list[Field], i: int, d: list[Field], j: int) -> tuple[int, int] |
         candidates.append(aligned)
     for i2, j2 in candidates:
         if (i2 == len(s) and j2 == len(d)) or (i2 < len(s) and j2 < len(d) and s[i2].name == d[j2].name):
-            return i2, j2
-    return candidates[0] if candidates else None
+            return (i2, j2), True
+    return (candidates[0] if candidates else None), False
 
 
 def _assumed_bytes(f: Field) -> int | None:
@@ -377,6 +380,8 @@ def _regrouped(a: list[Field], b: list[Field], ctx: _Ctx, out: list[Finding]) ->
     known = [f.wire_bytes() for f in a]
     nbytes = f"{sum(n for n in known if n is not None)} bytes" if None not in known else "bytes"
     field = ctx.path + a[0].name
+    if all(f.unused for f in a) and all(f.unused for f in b):
+        return  # padding for padding (renumbered where another padding field came or went)
     if all(f.unused for f in b):
         out.append(Finding(INFO, ctx.section, field, f"DEST ignores these {nbytes} (unused): {names_a}"))
         return
