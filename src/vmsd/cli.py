@@ -224,6 +224,22 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_FINDINGS if lines else EXIT_OK
 
 
+def _cmd_compat(args: argparse.Namespace) -> int:
+    from vmsd.tools.compat import compat
+    from vmsd.tools.compat.report import json_text, text_lines, verdict
+
+    for side in (args.source, args.dest):
+        if not side.startswith("qemu:") and not os.path.isdir(side):
+            _readable(side)
+    findings = compat(args.source, args.dest, args.machine)
+    if args.json:
+        print(json_text(args.source, args.dest, findings))
+    else:
+        for line in text_lines(args.source, args.dest, findings):
+            print(line)
+    return EXIT_FINDINGS if verdict(findings) == "incompatible" else EXIT_OK
+
+
 def _cmd_import_qemu(args: argparse.Namespace) -> int:
     from vmsd.tools.importer import import_qemu
 
@@ -638,6 +654,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS",
                    help="the new QEMU's command line")
     p.set_defaults(func=_cmd_cpr_exec_wrap)
+    p = sub.add_parser("compat", help="can a QEMU described by DEST load what SOURCE saves? (exit 1 when it would "
+                                      "fail; docs/compat.md)")
+    p.add_argument("source", metavar="SOURCE",
+                   help="what saves: qemu:VERSION (a shipped spec set), a folder of .vmsd specs, a QEMU "
+                        "-dump-vmstate JSON file, or a migration stream file")
+    p.add_argument("dest", metavar="DEST",
+                   help="what loads: qemu:VERSION, a folder of .vmsd specs, or a -dump-vmstate JSON file")
+    p.add_argument("--machine", metavar="TYPE",
+                   help="the machine type the migration uses (e.g. pc-i440fx-7.2; a stream names its own): "
+                        "DEST's QEMU must know it, and it decides whether QEMU 10.0+ sends SWITCHOVER_START")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: source, dest, verdict and findings (category, section, field, message)")
+    p.set_defaults(func=_cmd_compat)
     p = sub.add_parser("import-qemu", help="skeleton specs from QEMU's -dump-vmstate output (types from a stream's trailer)")
     p.add_argument("dump", metavar="DUMP.json", help="what qemu-system-ARCH -M MACHINE -dump-vmstate DUMP.json writes")
     p.add_argument("--stream", metavar="FILE", help="a migration stream whose trailer gives the field types")

@@ -7,6 +7,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import linecache
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,11 @@ def load_specs(specs_dir: Path | None, shipped: SpecSet) -> SpecSet:
                        for rel in files if rel.name != "__init__.py"]
         finally:
             sys.path.remove(tmp)
+        # The folder goes away; its sources stay readable (``inspect``: vmsd compat prints predicates).
+        # An entry without a modification time is one linecache never drops as stale.
+        for rel, text in files.items():
+            name = str(Path(tmp) / package / rel)
+            linecache.cache[name] = (len(text), None, text.splitlines(keepends=True), name)
     # A --hooks module imports the classes of DIR/dev.vmsd as vmsd_specs.dev (the package's own name
     # differs by folder, so that two folders in one process do not mix).
     for name in [m for m in sys.modules if m == USER_SPECS or m.startswith(USER_SPECS + ".")]:
