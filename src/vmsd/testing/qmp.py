@@ -155,13 +155,16 @@ def save_stream(path: Path, args: list[str] | None = None, machine: str = "pc", 
 
 
 def load_stream(path: Path, args: list[str] | None = None, machine: str = "pc", timeout: float = 60.0,
-                capabilities: dict[str, bool] | None = None) -> Qemu:
+                capabilities: dict[str, bool] | None = None, command: tuple[list[str], dict[str, str]] | None = None
+                ) -> Qemu:
     """A QEMU that loaded ``path`` with ``-incoming`` (and ``capabilities`` set first, as a destination
-    must for x-ignore-shared); the caller inspects it and stops it.
+    must for x-ignore-shared); the caller inspects it and stops it.  ``command``: another QEMU than
+    :data:`QEMU_BINARY`, as its argv start and extra environment (a private peer's).
 
     Raises :class:`QMPError` with QEMU's own messages when the load fails.
     """
-    q = Qemu(list(args or []), machine=machine, incoming="defer")
+    cmd, env = command if command is not None else ([QEMU_BINARY], {})
+    q = Qemu(list(args or []), machine=machine, incoming="defer", binary=cmd[0], extra_args=cmd[1:], env=env)
     try:
         if capabilities:
             q.qmp.cmd("migrate-set-capabilities",

@@ -54,7 +54,7 @@ VMSDS: dict[str, tuple[str, ...]] = {
     'i8259': ('.v10_0.i8259',),
     'ich9_ahci': ('.v10_0.ahci',),
     'ich9_pm': ('ich9_lpc',),
-    'ich9_smb': ('.v7_2.ich9_smb',),
+    'ich9_smb': ('ich9_smb',),
     'ide': ('.v7_2.ide',),
     'ide bmdma': ('.v7_2.ide',),
     'ide_bus': ('.v7_2.ide',),
