@@ -142,12 +142,16 @@ class Qemu:
 
 
 def save_stream(path: Path, args: list[str] | None = None, machine: str = "pc", run_seconds: float = 0.0,
-                globals_: list[str] | None = None) -> None:
-    """Start QEMU with ``args``, optionally let the BIOS run, and save its state to ``path``."""
+                globals_: list[str] | None = None, command: tuple[list[str], dict[str, str]] | None = None,
+                nodefaults: bool = True) -> None:
+    """Start QEMU with ``args``, optionally let the BIOS run, and save its state to ``path``.  ``command``:
+    another QEMU than :data:`QEMU_BINARY`, as its argv start and extra environment (a private peer's);
+    ``nodefaults=False`` keeps the machine's default devices."""
     extra = list(args or [])
     for g in globals_ or []:
         extra += ["-global", g]
-    with Qemu(extra, machine=machine) as q:
+    cmd, env = command if command is not None else ([QEMU_BINARY], {})
+    with Qemu(extra, machine=machine, binary=cmd[0], extra_args=cmd[1:], env=env, nodefaults=nodefaults) as q:
         if run_seconds:
             q.qmp.cmd("cont")
             time.sleep(run_seconds)
@@ -156,13 +160,17 @@ def save_stream(path: Path, args: list[str] | None = None, machine: str = "pc", 
 
 
 def load_stream(path: Path, args: list[str] | None = None, machine: str = "pc", timeout: float = 60.0,
-                capabilities: dict[str, bool] | None = None, nodefaults: bool = True) -> Qemu:
+                capabilities: dict[str, bool] | None = None, command: tuple[list[str], dict[str, str]] | None = None,
+                nodefaults: bool = True) -> Qemu:
     """A QEMU that loaded ``path`` with ``-incoming`` (and ``capabilities`` set first, as a destination
-    must for x-ignore-shared); the caller inspects it and stops it.
+    must for x-ignore-shared); the caller inspects it and stops it.  ``command``: another QEMU than
+    :data:`QEMU_BINARY`, as its argv start and extra environment (a private peer's).
 
     Raises :class:`QMPError` with QEMU's own messages when the load fails.
     """
-    q = Qemu(list(args or []), machine=machine, incoming="defer", nodefaults=nodefaults)
+    cmd, env = command if command is not None else ([QEMU_BINARY], {})
+    q = Qemu(list(args or []), machine=machine, incoming="defer", binary=cmd[0], extra_args=cmd[1:], env=env,
+             nodefaults=nodefaults)
     try:
         if capabilities:
             q.qmp.cmd("migrate-set-capabilities",
