@@ -49,6 +49,23 @@ def test_check_mode_names_stale_files(tmp_path: Path, capsys: pytest.CaptureFixt
     assert str(out / "dev.py") in capsys.readouterr().out
 
 
+def test_modules_of_removed_specs_are_orphans(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A module generated from a spec that is gone would still be imported: --check names it, compile removes
+    it; a file vmsd did not generate is left alone."""
+    old, new = tmp_path / "old.vmsd", tmp_path / "new.vmsd"
+    old.write_text("vmsd old version 1 minimum 1 { uint8 a }\n")
+    new.write_text("vmsd new version 1 minimum 1 { uint8 a }\n")
+    out = tmp_path / "out"
+    assert main(["compile", "-o", str(out), str(old), str(new)]) == 0
+    (out / "mine.py").write_text("# a module of the project's own\n")
+    capsys.readouterr()
+    assert main(["compile", "-o", str(out), "--check", str(new)]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"orphan: {out / 'old.py'} (no spec generates it any more)"]
+    assert main(["compile", "-o", str(out), str(new)]) == 0
+    assert not (out / "old.py").exists() and (out / "mine.py").exists() and (out / "new.py").exists()
+    assert main(["compile", "-o", str(out), "--check", str(new)]) == 0
+
+
 def test_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.vmsd"
     good.write_text("vmsd good version 1 minimum 1 { uint32 x }\n")
