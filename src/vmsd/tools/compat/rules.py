@@ -233,8 +233,9 @@ def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> No
             i, j = i + 1, j + 1
             continue
         # A stream answers DEST's field tests too: the QEMU that saved it evaluated the same tests on the same
-        # device, so a conditional field it does not carry here is one whose test is false.
-        if ctx.actual and b.cond is not None:
+        # device, so a conditional field it does not carry here is one whose test is false; an array it does
+        # not carry had no elements (QEMU describes none then).
+        if ctx.actual and (b.cond is not None or b.varying):
             j += 1
             continue
         # Fields moved into a struct of their own keep their bytes (the static checker's substructs).
@@ -281,7 +282,7 @@ def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> No
     for extra in s[i:]:
         _missing(extra, "SOURCE sends", "after DEST's last field", ctx, out)
     for extra in d[j:]:
-        if not (ctx.actual and extra.cond is not None):
+        if not (ctx.actual and (extra.cond is not None or extra.varying)):
             _missing(extra, "DEST reads", "after SOURCE's last field", ctx, out)
 
 
