@@ -26,8 +26,10 @@ from vmsd.migration.stream import (
 )
 from vmsd.qemu.versions import spec_set
 from vmsd.testing.qmp import QEMU_BINARY, Qemu
-from vmsd.tools.compat import compat
+from vmsd.tools.compat import compat, model
 from vmsd.tools.compat.model import CHANGED, FAIL, INFO, Finding
+from vmsd.tools.compat.rules import check
+from vmsd.tools.compat.sources import load_side, with_source_dump
 
 DEV_V2 = """
 vmsd "dev" version 2 minimum 1 class Dev {
@@ -161,6 +163,67 @@ def test_stream_source_answers_with_the_subsections_it_carries(tmp_path: Path) -
     [f] = _only(compat(carrying, dst), FAIL, CHANGED)
     assert (f.section, f.field) == ("hpet", "hpet/rtc_irq_level")
     assert f.message == "DEST has no subsection 'hpet/rtc_irq_level' (this stream carries it)"
+
+
+def _dump_file(path: Path, fields: list[tuple[str, int, bool]]) -> str:
+    """A -dump-vmstate file with one device type "dev": fields as (name, size, has a field_exists test)."""
+    desc = {"name": "dev", "version_id": 1, "minimum_version_id": 1, "Subsections": [],
+            "Fields": [{"field": n, "version_id": 0, "field_exists": c, "size": size} for n, size, c in fields]}
+    path.write_text(json.dumps({"dev": {"Name": "dev", "version_id": 1, "minimum_version_id": 1, "Description": desc}}))
+    return str(path)
+
+
+def _carried(names: list[str]) -> model.Side:
+    """A stream SOURCE carrying one section "dev" with these one-byte fields."""
+    desc = model.Desc("dev", 1, 1, tuple(model.Field(n, 1, 1, type="uint8") for n in names), actual=True)
+    return model.Side("s.mig", "stream", None, {"dev": [desc]}, [model.Section("dev", "dev", 1, desc)],
+                      stream=model.StreamFacts())
+
+
+# Shaped like QEMU's esp across 7.2, 10.0 and 11.1: tests on the version the stream carries decide which
+# fields a destination reads, and a newer QEMU renamed a field it reads only from old streams (mig_cmd).
+OLD = [("x", 1, False), ("cmd", 1, True), ("lun", 1, True)]
+NEW = [("x", 1, False), ("mig_cmd", 1, True), ("lun", 1, True), ("drq", 1, False)]
+NEWER = [*NEW, ("asc", 1, True)]
+
+
+def test_source_dump_tells_tests_of_dest_from_fields_the_stream_left_out(tmp_path: Path) -> None:
+    old, new, newer = (_dump_file(tmp_path / f"{n}.json", f) for n, f in (("old", OLD), ("new", NEW), ("newer", NEWER)))
+    # NEW saved x, lun, drq (its mig_cmd test false).  OLD has no mig_cmd: its own test decides cmd, and on
+    # QEMU's esp it holds, so OLD reads cmd and lun from the bytes of lun and drq: it loads, meaning changed.
+    stream = _carried(["x", "lun", "drq"])
+    findings = check(with_source_dump(stream, load_side(new, "--source-dump")), load_side(old, "DEST"), None)
+    assert [(f.category, f.field, f.message) for f in _only(findings, FAIL, CHANGED)] == [
+        (CHANGED, "lun", "DEST reads another field, 'cmd', from these 1 bytes"),
+        (CHANGED, "drq", "DEST reads another field, 'lun', from these 1 bytes")]
+    # Without the saving QEMU's dump, a conditional field the stream does not carry counts as a false test.
+    [f] = _only(check(stream, load_side(old, "DEST"), None), FAIL, CHANGED)
+    assert (f.category, f.field) == (FAIL, "drq")
+    # NEWER saved x, lun, drq, asc: NEW has mig_cmd too and skips it as NEWER did; asc is one byte too many.
+    stream = _carried(["x", "lun", "drq", "asc"])
+    [f] = _only(check(with_source_dump(stream, load_side(newer, "--source-dump")), load_side(new, "DEST"), None),
+                FAIL, CHANGED)
+    assert (f.category, f.field, f.message) == (FAIL, "asc", "SOURCE sends 'asc' (1 bytes) after DEST's last field")
+    # OLD saved x, cmd, lun: NEW reads mig_cmd from cmd (a rename) and then drq, which OLD never sends.
+    stream = _carried(["x", "cmd", "lun"])
+    findings = check(with_source_dump(stream, load_side(old, "--source-dump")), load_side(new, "DEST"), None)
+    assert [(f.category, f.field) for f in findings if f.section == "dev"] == [(INFO, "cmd"), (FAIL, "drq")]
+
+
+def test_source_dump_knows_an_empty_array_from_a_missing_field(tmp_path: Path) -> None:
+    # A variable array with no elements leaves no trace in a stream (memory hot-plug slots' devs).
+    fields = [("x", 1, False), ("devs", 0, False)]
+    dump = load_side(_dump_file(tmp_path / "d.json", fields), "DEST")
+    stream = _carried(["x"])
+    assert [f.field for f in _only(check(stream, dump, None), FAIL)] == ["devs"]
+    source_dump = load_side(_dump_file(tmp_path / "s.json", fields), "--source-dump")
+    assert _only(check(with_source_dump(stream, source_dump), dump, None), FAIL, CHANGED) == []
+
+
+def test_source_dump_needs_a_stream_and_a_dump(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dump = _dump_file(tmp_path / "d.json", OLD)
+    assert main(["compat", dump, dump, "--source-dump", dump]) == 2
+    assert "only a stream SOURCE can use it" in capsys.readouterr().err
 
 
 def test_stream_commands_and_machine_type_against_a_version(tmp_path: Path,

@@ -252,7 +252,9 @@ def _cmd_compat(args: argparse.Namespace) -> int:
     for side in (args.source, args.dest):
         if not side.startswith("qemu:") and not os.path.isdir(side):
             _readable(side)
-    findings = compat(args.source, args.dest, args.machine)
+    if args.source_dump is not None:
+        _readable(args.source_dump)
+    findings = compat(args.source, args.dest, args.machine, args.source_dump)
     if args.json:
         print(json_text(args.source, args.dest, findings))
     else:
@@ -685,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine", metavar="TYPE",
                    help="the machine type the migration uses (e.g. pc-i440fx-7.2; a stream names its own): "
                         "DEST's QEMU must know it, and it decides whether QEMU 10.0+ sends SWITCHOVER_START")
+    p.add_argument("--source-dump", metavar="FILE",
+                   help="with a stream SOURCE: the -dump-vmstate file of the QEMU that saved it (same machine "
+                        "type), so that the fields it left out are known and DEST's own tests are told from them")
     p.add_argument("--json", action="store_true",
                    help="one JSON object: source, dest, verdict and findings (category, section, field, message)")
     p.set_defaults(func=_cmd_compat)

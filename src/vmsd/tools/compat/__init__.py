@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from vmsd.tools.compat.model import Finding
 from vmsd.tools.compat.rules import check
-from vmsd.tools.compat.sources import load_side
+from vmsd.tools.compat.sources import load_side, with_source_dump
 
 
-def compat(source: str, dest: str, machine: str | None = None) -> list[Finding]:
-    """The findings for SOURCE ``source`` and DEST ``dest`` as named on the command line."""
-    return check(load_side(source, "SOURCE"), load_side(dest, "DEST"), machine)
+def compat(source: str, dest: str, machine: str | None = None, source_dump: str | None = None) -> list[Finding]:
+    """The findings for SOURCE ``source`` and DEST ``dest`` as named on the command line; ``source_dump``
+    is the -dump-vmstate file of the QEMU that saved a stream SOURCE (``--source-dump``)."""
+    src = load_side(source, "SOURCE")
+    if source_dump is not None:
+        src = with_source_dump(src, load_side(source_dump, "--source-dump"))
+    return check(src, load_side(dest, "DEST"), machine)

@@ -51,6 +51,9 @@ class Desc:
     needed: str | None = None  # of a subsection: when it is sent, in words; None: always
     origin: str = ""  # where it came from, for messages (a dump's device type)
     actual: bool = False  # what one stream carried: its subsections are those sent, nothing more
+    # Of a stream's description, with the saving QEMU's -dump-vmstate given: the fields that QEMU's
+    # description has and the stream does not carry (a test that was false, an empty array).  None: not known.
+    left_out: frozenset[str] | None = None
 
     def wire_fields(self, version: int) -> list[Field]:
         """The fields a section of this description carries at ``version`` (QEMU's ``version_id <= v``)."""

@@ -160,6 +160,7 @@ class _Ctx:
     path: str = ""  # field path prefix inside the section ("timer." or "hpet/offset.")
     when: str | None = None  # the condition under which this part is on the wire at all
     actual: bool = False  # SOURCE is what one stream carried (see _fields)
+    left_out: frozenset[str] | None = None  # fields the saving QEMU has and the stream does not carry
 
 
 def _section(sec: Section, dst: Desc) -> list[Finding]:
@@ -198,7 +199,7 @@ def _compare(src: Desc, sv: int, dst: Desc, dv: int, ctx: _Ctx, out: list[Findin
             out.append(Finding(INFO, ctx.section, where, f"nested '{src.name}' is version {sv} in SOURCE and {dv} in "
                                                          "DEST: QEMU saves and loads a nested description at its own "
                                                          "version, so only the layouts below matter"))
-    ctx = attrs.evolve(ctx, actual=src.actual)
+    ctx = attrs.evolve(ctx, actual=src.actual, left_out=src.left_out)
     _fields(src.wire_fields(sv), dst.wire_fields(dv), ctx, out)
     _subsections(src, dst, ctx, out)
 
@@ -233,9 +234,11 @@ def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> No
             i, j = i + 1, j + 1
             continue
         # A stream answers DEST's field tests too: the QEMU that saved it evaluated the same tests on the same
-        # device, so a conditional field it does not carry here is one whose test is false; an array it does
-        # not carry had no elements (QEMU describes none then).
-        if ctx.actual and (b.cond is not None or b.varying):
+        # device, so a field it has and does not carry is one whose test is false (or an empty array).  Which
+        # fields it has, its dump says (``left_out``); without it every conditional field it does not carry
+        # here is taken as one whose test is false, and every varying array as one with no elements (QEMU
+        # describes none then).
+        if ctx.actual and (b.name in ctx.left_out if ctx.left_out is not None else b.cond is not None or b.varying):
             j += 1
             continue
         # Fields moved into a struct of their own keep their bytes (the static checker's substructs).
@@ -256,6 +259,11 @@ def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> No
         window, confident = _window(s, i, d, j)
         k = None if a.unused else _find(d, j + 1, a.name)
         m = None if b.unused else _find(s, i + 1, b.name)
+        # A conditional field of DEST that the saving QEMU does not have at all: its test is DEST's own
+        # (often one on the version the stream carries, QEMU's esp), so the bytes decide, not the names:
+        # DEST reads it from what the stream has at that position.
+        if window is not None and ctx.actual and ctx.left_out is not None and b.cond is not None:
+            k = m = None
         if not confident and k is not None and (m is None or k - j <= m - i):
             for extra in d[j:k]:
                 _missing(extra, "DEST reads", "that SOURCE does not send", ctx, out)
@@ -282,7 +290,8 @@ def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> No
     for extra in s[i:]:
         _missing(extra, "SOURCE sends", "after DEST's last field", ctx, out)
     for extra in d[j:]:
-        if not (ctx.actual and (extra.cond is not None or extra.varying)):
+        if not (ctx.actual and (extra.cond is not None or extra.varying
+                                or (ctx.left_out is not None and extra.name in ctx.left_out))):
             _missing(extra, "DEST reads", "after SOURCE's last field", ctx, out)
 
 

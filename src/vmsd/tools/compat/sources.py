@@ -313,3 +313,42 @@ def _body_desc(body: Obj, version: int | None) -> Desc:
     subs = tuple(_body_desc(s, None) for s in body.get("subsections", []) or [] if isinstance(s, Obj))
     subs = tuple(attrs.evolve(s, needed=SENT) for s in subs)
     return Desc(name, version, version, tuple(fields), subs, actual=True)
+
+
+def with_source_dump(src: Side, dump: Side) -> Side:
+    """A stream SOURCE whose descriptions know which fields the saving QEMU has and left out.
+
+    A stream carries only the fields whose test held (and arrays with elements); the saving QEMU's dump
+    lists all of them.  A field it lists and the stream does not carry is one that DEST, which runs the
+    same test on the same name, skips too; one it does not list at all is new to DEST, and its test is
+    DEST's alone (see rules._fields)."""
+    if src.kind != "stream":
+        raise UsageError(f"--source-dump {dump.label}: only a stream SOURCE can use it ({src.label} is no stream)")
+    if dump.kind != "dump":
+        raise UsageError(f"--source-dump {dump.label}: not a -dump-vmstate file")
+    known: dict[str, frozenset[str]] = {}
+
+    def learn(desc: Desc) -> None:
+        known[desc.name] = known.get(desc.name, frozenset()) | {f.name for f in desc.fields}
+        for f in desc.fields:
+            if f.struct is not None:
+                learn(f.struct)
+        for sub in desc.subsections:
+            learn(sub)
+
+    for found in dump.descs.values():
+        for d in found:
+            learn(d)
+
+    def mark(desc: Desc) -> Desc:
+        fields = tuple(attrs.evolve(f, struct=mark(f.struct)) if f.struct is not None else f for f in desc.fields)
+        subs = tuple(mark(s) for s in desc.subsections)
+        names = known.get(desc.name)
+        left_out = None if names is None else names - {f.name for f in desc.fields}
+        return attrs.evolve(desc, fields=fields, subsections=subs, left_out=left_out)
+
+    sections = [attrs.evolve(s, desc=mark(s.desc)) for s in src.sections]
+    descs: dict[str, list[Desc]] = {}
+    for s in sections:
+        descs.setdefault(s.desc.name, []).append(s.desc)
+    return attrs.evolve(src, sections=sections, descs=descs)
