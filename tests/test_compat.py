@@ -290,16 +290,6 @@ def test_truncated_stream_is_one_error_line(tmp_path: Path, capsys: pytest.Captu
 
 # ---- the shipped spec sets against the dumps of the binaries they describe ----
 
-# Where a shipped spec deliberately leaves out what QEMU describes (each spec says why), as
-# (section, field): these findings are the specs' known approximations, nothing else may show.
-KNOWN_SPEC_APPROXIMATIONS = {
-    # memory hot-plug slots: dev_count is device configuration (-m slots=), not migrated; the specs
-    # cover machines without hot-pluggable memory (specs/qemu/7.2/acpi.vmsd).
-    ("ICH9LPC", "pm.ich9_pm/memhp.acpi_memory_hotplug.devs"),
-    ("piix4_pm", "piix4_pm/memhp.acpi_memory_hotplug.devs"),
-    # xhci's ev_buffer is sent only when xhci_er_full(), never true (specs/qemu/7.2/xhci.vmsd).
-    ("xhci", "xhci.intr.ev_buffer"),
-}
 # QEMU 11.1 migrates ich9_smb's irq_enabled and smb unconditionally; the 11.1 set reuses 7.2's spec,
 # whose test (ich9_vmstate_need_smbus) is true for every machine type 11.1 has, so the bytes agree.
 KNOWN_11_1 = {("ich9_smb", "irq_enabled"), ("ich9_smb", "smb")}
@@ -327,12 +317,37 @@ def dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_shipped_set_agrees_with_its_qemu_dump(dumps: dict[str, Path], version: str) -> None:
     findings = compat(f"qemu:{version}", str(dumps[version]))
     bad = {(f.section, f.field) for f in _only(findings, FAIL, CHANGED)}
-    known = KNOWN_SPEC_APPROXIMATIONS | (KNOWN_11_1 if version == "11.1" else set())
+    known = KNOWN_11_1 if version == "11.1" else set()
     assert bad <= known, [f for f in findings if (f.section, f.field) in bad - known]
-    assert ("xhci", "xhci.intr.ev_buffer") in bad  # the comparison does reach nested structs
     # Sections the dump cannot show (no device type registers them) are named, not checked.
     [skipped] = [f for f in findings if f.message.startswith("not checked")]
     assert "cpu" in skipped.message and "globalstate" in skipped.message
+
+
+def _field(desc: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The first field called ``name`` in ``desc`` or the descriptions nested in it (depth first)."""
+    for f in desc.get("Fields", []):
+        if f["field"] == name:
+            return f  # type: ignore[no-any-return]
+        found = _field(f["Description"], name) if "Description" in f else None
+        if found is not None:
+            return found
+    return None
+
+
+def test_shipped_set_comparison_reaches_nested_structs(dumps: dict[str, Path], tmp_path: Path) -> None:
+    # xhci's event queue sits two structs deep (xhci-core, xhci-intr); a field only the dump has there must show.
+    dumped = json.loads(dumps["7.2"].read_text())
+    xhcis = [e["Description"] for e in dumped.values() if isinstance(e, dict) and e.get("Description", {}).get("name") == "xhci"]
+    assert xhcis
+    for desc in xhcis:
+        queue = _field(desc, "ev_buffer")
+        assert queue is not None
+        queue["Description"]["Fields"].insert(0, {"field": "extra", "version_id": 0, "field_exists": False, "size": 4})
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(dumped))
+    bad = {(f.section, f.field) for f in _only(compat("qemu:7.2", str(edited)), FAIL, CHANGED)}
+    assert bad == {("xhci", "xhci.intr.ev_buffer.extra")}
 
 
 def test_dumps_of_7_2_and_10_0_for_pc_i440fx_7_2(dumps: dict[str, Path]) -> None:

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,3 +199,24 @@ def test_spec_text_stays_text_in_generated_code(tmp_path: Path, doc: str) -> Non
     assert "vmsd_injected" not in sys.modules
     cls, enum = namespace["Evil"], namespace["Mode"]
     assert cls.__doc__ == enum.__doc__ == enum.ON.__doc__ == doc  # type: ignore[attr-defined]
+
+
+def test_field_under_if_0_is_none_and_never_built(tmp_path: Path) -> None:
+    """A field QEMU describes but never sends (``if (0)``) holds None from the start, in a constructed object and
+    after a load, and takes no bytes either way; a field under another test keeps its default."""
+    spec = tmp_path / "queue.vmsd"
+    spec.write_text("vmsd event version 1 minimum 1 {\n    uint64 ptr\n}\n"
+                    "vmsd queue version 1 minimum 1 {\n    uint8 head\n    uint32 put if (0)\n"
+                    "    struct event events[5632] if (0)\n    uint32 tail if (head != 0)\n}\n")
+    out = tmp_path / "out"
+    assert main(["compile", "-o", str(out), str(spec)]) == 0
+    namespace: dict[str, Any] = {}
+    module = out / "queue.py"
+    exec(compile(module.read_text(), str(module), "exec"), namespace)
+    queue = namespace["Queue"]
+    fresh = queue(head=1)
+    assert (fresh.put, fresh.events, fresh.tail) == (None, None, 0)
+    saved = fresh.save()
+    assert saved == bytes([1, 0, 0, 0, 0])  # head and tail only
+    loaded = queue.load(saved)
+    assert (loaded.head, loaded.put, loaded.events, loaded.tail) == (1, None, None, 0)

@@ -230,30 +230,33 @@ def _register_piix4_pm(module: Any) -> None:
             return self.acpi_hotplug_bridge(version_id)  # x-not-migrate-acpi-index is off on 7.2
 
 
-# A CPU hot-plug array ends where two bytes cannot begin an element (is_inserting and is_removing,
-# bools 0 or 1): a section footer (0x7E) or the next subsection (0x05) of piix4_pm and ich9_pm.
-# The exception is ich9_pm without its pcihp subsection (pc-q35-6.0 and older): chip_config then
-# follows, whose bytes can look like elements; such a stream fails and falls back to its trailer.
-_CPUHP_ELEMENT = 10
-_CPUHP_MAX = 1 << 16  # above any machine's possible CPUs (x86: 4096); bounds the look-ahead
-_CPUHP_STEP = 16  # elements peeked at a time: a live stream must not be asked for bytes far past the array
+# The hot-plug arrays whose length is device configuration (possible CPUs, memory slots) have
+# 10-byte elements that begin with two bools (CPU: is_inserting, is_removing; memory slot:
+# is_enabled, is_inserting), so an array ends where two bytes cannot begin an element: a section
+# footer (0x7E) or the next subsection (0x05) of piix4_pm and ich9_pm.  The exception is ich9_pm
+# with none of its later subsections (pc-q35-6.0 and older, or TCO off, for the memory slots):
+# chip_config then follows, whose bytes can look like elements; such a stream fails and falls
+# back to its trailer.
+_HOTPLUG_ELEMENT = 10
+_HOTPLUG_MAX = 1 << 16  # above any machine's possible CPUs (x86: 4096) or memory slots (256)
+_HOTPLUG_STEP = 16  # elements peeked at a time: a live stream must not be asked for bytes far past the array
 
 
-def _cpuhp_count(r: Reader) -> int:
-    """How many "CPU hotplug device state" elements lie ahead of ``r`` (see above)."""
+def _hotplug_count(r: Reader, what: str) -> int:
+    """How many hot-plug status elements (see above) lie ahead of ``r``."""
     n = 0
-    while n < _CPUHP_MAX:
-        ahead = r.peek(_CPUHP_ELEMENT * (n + _CPUHP_STEP) + 2)
-        while n < _CPUHP_MAX:
-            pair = ahead[_CPUHP_ELEMENT * n : _CPUHP_ELEMENT * n + 2]
+    while n < _HOTPLUG_MAX:
+        ahead = r.peek(_HOTPLUG_ELEMENT * (n + _HOTPLUG_STEP) + 2)
+        while n < _HOTPLUG_MAX:
+            pair = ahead[_HOTPLUG_ELEMENT * n : _HOTPLUG_ELEMENT * n + 2]
             if len(pair) < 2:
                 break
             if pair[0] > 1 or pair[1] > 1:
                 return n
             n += 1
-        if len(ahead) < _CPUHP_ELEMENT * n + 2:  # the input ends: what is left is no whole element
+        if len(ahead) < _HOTPLUG_ELEMENT * n + 2:  # the input ends: what is left is no whole element
             return n
-    raise MalformedStream(f"CPU hot-plug state with more than {_CPUHP_MAX} CPUs", offset=r.tell())
+    raise MalformedStream(f"{what} hot-plug state with more than {_HOTPLUG_MAX} elements", offset=r.tell())
 
 
 def _register_acpi(module: Any) -> None:
@@ -262,7 +265,14 @@ def _register_acpi(module: Any) -> None:
         @property
         def dev_count(self) -> int:
             # The destination's possible CPUs: measured while loading, the array's length otherwise.
-            return _cpuhp_count(current_reader()) if loading() else len(self.devs)
+            return _hotplug_count(current_reader(), "CPU") if loading() else len(self.devs)
+
+    @register
+    class MemoryHotplug(module.MemHotplugState):  # type: ignore[misc]
+        @property
+        def dev_count(self) -> int:
+            # The destination's memory slots: measured while loading, the array's length otherwise.
+            return _hotplug_count(current_reader(), "memory") if loading() else len(self.devs)
 
 
 def _register_ich9_smb(module: Any) -> None:

@@ -30,6 +30,9 @@ class Field:
     struct: Desc | None = None  # nested description (struct, vstruct, tmp)
     unused: bool = False  # VMSTATE_UNUSED padding
     c_size: bool = False  # ``size`` is the C field's (a dump's), which some types do not put on the wire as is
+    # Its count is another field's or the device configuration's (a spec's ``x[count]``, ``x[custom(N)]``): it
+    # may be 0, and a stream's description then has no entry for it.
+    varying: bool = False
 
     def wire_bytes(self) -> int | None:
         """Bytes of all elements; None when a size or the count is not fixed."""

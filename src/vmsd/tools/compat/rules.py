@@ -236,8 +236,9 @@ def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> No
         # A stream answers DEST's field tests too: the QEMU that saved it evaluated the same tests on the same
         # device, so a field it has and does not carry is one whose test is false (or an empty array).  Which
         # fields it has, its dump says (``left_out``); without it every conditional field it does not carry
-        # here is taken as one whose test is false.
-        if ctx.actual and (b.name in ctx.left_out if ctx.left_out is not None else b.cond is not None):
+        # here is taken as one whose test is false, and every varying array as one with no elements (QEMU
+        # describes none then).
+        if ctx.actual and (b.name in ctx.left_out if ctx.left_out is not None else b.cond is not None or b.varying):
             j += 1
             continue
         # Fields moved into a struct of their own keep their bytes (the static checker's substructs).
@@ -289,7 +290,8 @@ def _fields(s: list[Field], d: list[Field], ctx: _Ctx, out: list[Finding]) -> No
     for extra in s[i:]:
         _missing(extra, "SOURCE sends", "after DEST's last field", ctx, out)
     for extra in d[j:]:
-        if not (ctx.actual and (extra.cond is not None or (ctx.left_out is not None and extra.name in ctx.left_out))):
+        if not (ctx.actual and (extra.cond is not None or extra.varying
+                                or (ctx.left_out is not None and extra.name in ctx.left_out))):
             _missing(extra, "DEST reads", "after SOURCE's last field", ctx, out)
 
 

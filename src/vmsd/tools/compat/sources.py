@@ -120,7 +120,8 @@ class _ClassConverter:
                 nested = self.desc(f.struct, f.struct_version if f.inline else None)
             out.append(Field(
                 f.name, f.elem_size or None if f.kind != "struct" else None, count, f.since,
-                predicate_text(cls, f.test) if f.test else None, f.info, nested, f.kind == "unused"))
+                predicate_text(cls, f.test) if f.test else None, f.info, nested, f.kind == "unused",
+                varying=f.count_attr is not None))
         return tuple(out)
 
 
