@@ -21,7 +21,7 @@ from vmsd.migration.stream import SpecSet, Stream, layout_difference, read_strea
 from vmsd.qemu.v7_2 import spec_set
 from vmsd.runtime.vmdesc import Obj, describe
 from vmsd.testing.qmp import save_stream
-from vmsd.tools.streams import strict_problems
+from vmsd.tools.streams import stream_json, strict_problems
 
 E1000 = "0000:00:03.0/e1000"
 
@@ -260,6 +260,27 @@ def test_a_trailer_decoded_section_is_editable(real: Real, tmp_path: Path, capsy
                "--set", "port92.outport=2")[0] == 0
     rc, lines, _ = run(capsys, "diff", str(real.path), str(out))
     assert rc == 1 and lines.splitlines() == ["port92 outport: 0 -> 2"]
+
+
+def test_json_fields_are_the_same_for_a_typed_and_a_trailer_decoded_section(real: Real) -> None:
+    """The same stream read with its specs and with none (every section from the trailer): each section the
+    specs decode has the same ``fields`` and ``offsets`` both ways, by the scheme's names."""
+    typed, bare = stream_json(real.stream()), stream_json(read_stream(real.data, SpecSet()))
+    pairs = [(a, b) for a, b in zip(typed["records"], bare["records"], strict=True) if a.get("decoded_by") == "spec"]
+    assert len(pairs) > 20 and all(b["decoded_by"] == "trailer" for _, b in pairs if b["idstr"] != "slirp")
+    for a, b in pairs:
+        if a["idstr"] == "slirp":
+            # A legacy save_state section: QEMU describes it as one buffer, only the spec knows its fields.
+            assert "fields" not in b and b["legacy_bytes"]
+            continue
+        assert a["fields"] == b["fields"], a["idstr"]
+        assert {k: v for k, v in a["offsets"].items() if v is not None} == b["offsets"], a["idstr"]
+    cpu = next(a for a, _ in pairs if a["idstr"] == "cpu")
+    obj = next(s for s in real.stream().full_sections() if s.idstr == "cpu").payload
+    assert cpu["fields"]["env.eip"] == obj.eip and cpu["fields"]["env.segs"][1]["base"] == obj.segs[1].base
+    assert "eip" not in cpu["fields"]  # the typed class's attribute names are gone from the JSON
+    sent = [k for k in cpu["fields"] if k.startswith("cpu/")]
+    assert sent and all(isinstance(cpu["fields"][k], dict) for k in sent)
 
 
 # ---- what inspect shows ----------------------------------------------------------------------------------

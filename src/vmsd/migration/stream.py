@@ -1175,6 +1175,17 @@ def _pairs(obj: Obj) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in obj if k not in ("name", "instance_id")]
 
 
+def description_rule(stream: Stream) -> tuple[bool, bool]:
+    """How typed sections of ``stream`` describe arrays element by element (:func:`describe`'s ``runs`` and
+    ``indexes``): as the stream's own trailer does (its writer's rule, whatever set decodes it), so that an
+    unchanged stream rewrites byte for byte; else by the profile's rules."""
+    rule = array_rule(stream.trailer) if stream.trailer is not None else None
+    if rule is not None:
+        return rule
+    return (stream.profile is not None and stream.profile.vmdesc_array_runs,
+            stream.profile is None or stream.profile.vmdesc_element_index)
+
+
 def regenerate_trailer(stream: Stream) -> Obj:
     """The trailer QEMU would write: typed sections described from their specs.
 
@@ -1184,14 +1195,7 @@ def regenerate_trailer(stream: Stream) -> Obj:
     regenerated, so that an unchanged stream rewrites byte for byte.
     """
     fulls = stream.full_sections()
-    # Arrays as the stream's own trailer describes them (its writer's rule, whatever set decodes it), so that
-    # an unchanged stream rewrites byte for byte; else by the profile's rules.
-    rule = array_rule(stream.trailer) if stream.trailer is not None else None
-    if rule is not None:
-        runs, indexes = rule
-    else:
-        runs = stream.profile is not None and stream.profile.vmdesc_array_runs
-        indexes = stream.profile is None or stream.profile.vmdesc_element_index
+    runs, indexes = description_rule(stream)
     old: Any = stream.trailer.get("devices") if stream.trailer is not None else None
     # The trailer lists the FULL sections in stream order; with another count, places do not correspond.
     old_devices: list[Any] = old if isinstance(old, list) and len(old) == len(fulls) else []

@@ -20,17 +20,20 @@ from vmsd.migration.stream import (
     SECTION_NAMES,
     Command,
     Finding,
+    MachineConfiguration,
     Section,
     SpecSet,
     Stream,
+    description_rule,
     idstr_bytes,
     read_stream,
     write_stream,
 )
 from vmsd.runtime.errors import VMSDError
-from vmsd.runtime.vmdesc import Obj, describe
+from vmsd.runtime.vmdesc import Obj
 from vmsd.runtime.vmstate import VMStateObject
 from vmsd.tools.errors import ToolError, UsageError
+from vmsd.tools.sectiontree import Tree, children, join, nested_body, section_tree
 from vmsd.tools.streamdiff import scalar_text
 
 
@@ -188,7 +191,8 @@ def _mapped_summary(m: MappedRam) -> dict[str, int]:
             "pages_offset": h.pages_offset, "pages": m.npages, "in_file": int(m.present().sum())}
 
 
-def section_json(sec: Section) -> dict[str, Any]:
+def section_json(sec: Section, rule: tuple[bool, bool] = (False, True)) -> dict[str, Any]:
+    """A section for ``inspect --json``; ``rule``: the stream's :func:`description_rule`."""
     out: dict[str, Any] = {
         "type": SECTION_NAMES[sec.kind],
         "section_id": sec.section_id,
@@ -205,15 +209,20 @@ def section_json(sec: Section) -> dict[str, Any]:
     elif sec.generic_body is not None or isinstance(sec.payload, VMStateObject):
         out["decoded_by"] = "trailer" if sec.generic_body is not None else "spec"
         out["vmsd_name"] = sec.vmsd_name
-        out["fields"] = plain(sec.payload)
-        # Where each field starts in the stream, by the names --set takes; absent subsections as null.
+        tree = section_tree(sec, rule)
+        assert isinstance(tree, Tree)  # a decoded section, neither RAM nor legacy bytes
+        out["fields"] = fields_json(tree.body, tree.values)
+        # Where each field starts in the stream, by the same names; absent subsections as null.
         out["offsets"] = {line.path: (line.offset if "absent" not in line.text or line.size is not None else None)
-                          for line in _section_fields(sec)}
+                          for line in _section_fields(sec, rule)}
     return out
 
 
 def configuration_json(state: Any) -> dict[str, Any]:
     """The configuration record, its machine name as text (QEMU writes ASCII; other bytes escaped)."""
+    if isinstance(state, MachineConfiguration):  # a spec set without a configuration spec
+        return {"name": state.name.decode("ascii", "backslashreplace"),
+                "capabilities": [c.decode("ascii", "backslashreplace") for c in state.capabilities]}
     out: dict[str, Any] = plain(state)
     name = getattr(state, "name", None)
     if isinstance(name, bytes):
@@ -221,14 +230,15 @@ def configuration_json(state: Any) -> dict[str, Any]:
     return out
 
 
-def record_json(rec: Section | Command) -> dict[str, Any]:
+def record_json(rec: Section | Command, rule: tuple[bool, bool] = (False, True)) -> dict[str, Any]:
     if isinstance(rec, Section):
-        return section_json(rec)
+        return section_json(rec, rule)
     entry: dict[str, Any] = {"type": "COMMAND", "command": rec.name, "offset": rec.offset, "data": rec.data.hex()}
     if rec.count > 1:
         entry["count"] = rec.count
     if rec.packaged is not None:
-        entry["packaged"] = [section_json(r) if isinstance(r, Section) else _inner_command_json(r) for r in rec.packaged]
+        entry["packaged"] = [section_json(r, rule) if isinstance(r, Section) else _inner_command_json(r)
+                             for r in rec.packaged]
     return entry
 
 
@@ -240,7 +250,8 @@ def stream_json(stream: Stream) -> dict[str, Any]:
     out: dict[str, Any] = {"version": stream.version}
     if stream.configuration is not None:
         out["configuration"] = configuration_json(stream.configuration.state)
-    out["records"] = [record_json(rec) for rec in stream.records]
+    rule = description_rule(stream)
+    out["records"] = [record_json(rec, rule) for rec in stream.records]
     out.update(_json_tail(stream))
     return out
 
@@ -266,10 +277,11 @@ def write_json(stream: Stream, out: TextIO, error: VMSDError | None = None) -> N
     if stream.configuration is not None:
         head["configuration"] = configuration_json(stream.configuration.state)
     out.write(dumps(head)[:-1] + ',"records":[')
+    rule = description_rule(stream)
     for i, rec in enumerate(stream.records):
         if i:
             out.write(",")
-        out.write(dumps(record_json(rec)))
+        out.write(dumps(record_json(rec, rule)))
     out.write("]," + dumps(_json_tail(stream, error))[1:])
 
 
@@ -283,66 +295,84 @@ class FieldLine:
     size: int | None = None  # wire bytes of a field
 
 
-def field_lines(body: Obj, values: Any, offset: int, spec: Any = None, depth: int = 0,
+def field_lines(body: Obj, values: Obj, offset: int, spec: Any = None, depth: int = 0,
                 prefix: str = "") -> Iterator[FieldLine]:
-    """The fields of a section with their offsets, walking the description's sizes; ``spec`` (a typed
-    section's VmsdSpec) adds the subsections it did not send."""
-    for entry in body.get("fields", []):
-        name = entry.get("name")
-        size = int(entry.get("size", 0))
-        count = int(entry.get("array_len", 1))
-        value = _value_of(values, entry)
-        path = f"{prefix}{name}"
-        struct_body = entry.get("struct")
-        if entry.get("type") == "struct" and isinstance(struct_body, Obj) and struct_body:
-            is_array = "array_len" in [k for k, _ in entry]
-            items = value if is_array and isinstance(value, list) else [value]
+    """The fields of a section's tree (:mod:`vmsd.tools.sectiontree`) with their offsets, walking the
+    description's sizes; ``spec`` (a typed section's VmsdSpec) adds the subsections it did not send.
+
+    Values that stop early (a section cut by damage) end the walk where they stop."""
+    sent = set()
+    for key, child in children(body, values).items():
+        path = join(prefix, key)
+        entry = child.entry
+        if entry is None:
+            continue  # more values than the description has entries: none on a decoded section
+        if child.kind == "subsection":
+            name = str(entry.get("vmsd_name"))
+            sent.add(name)
+            yield FieldLine(depth, offset, path, f"subsection {name} v{entry.get('version')}")
+            offset += 2 + len(name.encode()) + 4
+            for line in field_lines(entry, child.value, offset, None, depth + 1, path):
+                offset = max(offset, line.offset + (line.size or 0))
+                yield line
+            continue
+        struct_body = entry.get("struct") if entry.get("type") == "struct" else None
+        if isinstance(struct_body, Obj) and struct_body:
+            is_array = isinstance(child.value, list) and not isinstance(child.value, Obj)
+            items = child.value if is_array else [child.value]
             for i, item in enumerate(items):
                 at = f"{path}[{i}]" if is_array else path
                 yield FieldLine(depth, offset, at, f"{at}: struct {struct_body.get('vmsd_name')}")
-                for line in field_lines(struct_body, item, offset, None, depth + 1, f"{at}."):
-                    offset = max(offset, line.offset + (line.size or 0))
-                    yield line
+                if isinstance(item, Obj):
+                    for line in field_lines(struct_body, item, offset, None, depth + 1, at):
+                        offset = max(offset, line.offset + (line.size or 0))
+                        yield line
             continue
-        text = _value_text(value, entry)
-        yield FieldLine(depth, offset, path, f"{path} ({entry.get('type')}, {size * count} bytes) = {text}",
-                        size * count)
-        offset += size * count
-    sent = set()
-    for sub in body.get("subsections", []) or []:
-        name = sub.get("vmsd_name")
-        sent.add(name)
-        yield FieldLine(depth, offset, f"{prefix}{name}", f"subsection {name} v{sub.get('version')}")
-        offset += 2 + len(name.encode()) + 4
-        inner = values.get(name) if isinstance(values, Obj) else values  # a typed object holds them all
-        for line in field_lines(sub, inner, offset, None, depth + 1, f"{prefix}{name}."):
-            offset = max(offset, line.offset + (line.size or 0))
-            yield line
+        size = int(entry.get("size", 0)) * int(entry.get("array_len", 1))
+        yield FieldLine(depth, offset, path, f"{path} ({entry.get('type')}, {size} bytes) = "
+                        f"{_value_text(child.value, entry)}", size)
+        offset += size
     for sub in spec.subsections if spec is not None else ():
         if sub.name not in sent:
-            yield FieldLine(depth, offset, f"{prefix}{sub.name}", f"subsection {sub.name}: absent (not sent)")
+            yield FieldLine(depth, offset, join(prefix, sub.name), f"subsection {sub.name}: absent (not sent)")
 
 
 def _value_text(value: Any, entry: Obj) -> str:
     """Integers in hex with decimal beside (as diff shows them), lists of them in hex; the rest as JSON."""
-    if isinstance(value, int) and not isinstance(value, enum.Enum):
+    if isinstance(value, int):
         return scalar_text(value, entry)
-    if isinstance(value, enum.Enum):
-        return f"{value.name} ({scalar_text(int(value.value), entry)})"
     if isinstance(value, list) and value and all(type(v) is int for v in value):
         text = "[" + ", ".join(str(v) if 0 <= v < 10 else hex(v) for v in value) + "]"
     else:
-        text = str(plain(value))
+        shown = _json_value(entry, value)
+        text = shown if isinstance(shown, str) else str(shown)
     return text if len(text) <= 100 else text[:97] + "..."
-def _value_of(values: Any, entry: Obj) -> Any:
-    name = entry.get("name")
-    if isinstance(values, Obj):
-        return values.get(name)
-    if isinstance(values, VMStateObject):
-        for f in values.VMSD.all_fields():
-            if f.name == name and f.attr is not None:
-                return getattr(values, f.attr)
-    return None
+
+
+def fields_json(body: Obj | None, values: Obj) -> dict[str, Any]:
+    """A section's values for ``inspect --json``, keyed by the names of docs/names.md: a struct or a
+    subsection is an object, an array of them a list; buffers and uint8 arrays are hex strings."""
+    out: dict[str, Any] = {}
+    for key, child in children(body, values).items():
+        if child.kind == "subsection":
+            out[key] = fields_json(child.entry, child.value)
+        else:
+            out[key] = _json_value(child.entry, child.value)
+    return out
+
+
+def _json_value(entry: Obj | None, value: Any, index: int = 0) -> Any:
+    if isinstance(value, Obj):
+        return fields_json(nested_body(entry, index), value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list | tuple):
+        if entry is not None and entry.get("type") == "uint8" and all(type(v) is int for v in value):
+            return bytes(value).hex()
+        if set(map(type, value)) <= _JSON_READY:
+            return value  # register arrays: long lists of plain ints, kept whole
+        return [_json_value(entry, v, i) for i, v in enumerate(value)]
+    return plain(value)
 
 
 def stream_tree(stream: Stream) -> str:
@@ -397,9 +427,10 @@ def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
     if stream.configuration is not None:
         state = stream.configuration.state
         yield f"{stream.configuration.offset:#08x} CONFIGURATION machine={state.name.decode(errors='replace')!r}"
+    rule = description_rule(stream)
     for rec in stream.records:
         out: list[str] = []
-        _record_lines(rec, out, "")
+        _record_lines(rec, out, "", rule)
         yield from out
     if error is not None:
         yield from _notes(stream)
@@ -412,12 +443,12 @@ def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
     yield from _notes(stream)
 
 
-def _record_lines(rec: Section | Command, out: list[str], indent: str) -> None:
+def _record_lines(rec: Section | Command, out: list[str], indent: str, rule: tuple[bool, bool]) -> None:
     if isinstance(rec, Command):
         repeated = f" (repeated {rec.count} times)" if rec.count > 1 else ""
         out.append(f"{indent}{rec.offset:#08x} COMMAND {rec.name} {rec.data.hex()}{repeated}")
         for inner in rec.packaged or []:
-            _record_lines(inner, out, indent + "    ")
+            _record_lines(inner, out, indent + "    ", rule)
         return
     head = f"{indent}{rec.offset:#08x} {SECTION_NAMES[rec.kind]} {rec.idstr} id={rec.section_id}"
     if rec.has_header:
@@ -432,18 +463,18 @@ def _record_lines(rec: Section | Command, out: list[str], indent: str) -> None:
         return
     source = "trailer" if rec.generic_body is not None else "spec"
     out.append(f"{head} [{rec.vmsd_name}, decoded by {source}]")
-    for line in _section_fields(rec):
+    for line in _section_fields(rec, rule):
         out.append(f"{indent}{'    ' * (line.depth + 1)}{line.offset:#08x} {line.text}"
                    if line.size is not None or "absent" not in line.text
                    else f"{indent}{'    ' * (line.depth + 1)}{line.text}")
 
 
-def _section_fields(rec: Section) -> Iterator[FieldLine]:
-    p = rec.payload
+def _section_fields(rec: Section, rule: tuple[bool, bool]) -> Iterator[FieldLine]:
+    tree = section_tree(rec, rule)
+    assert isinstance(tree, Tree)  # a decoded section, neither RAM nor legacy bytes
     header_size = 1 + 4 + 1 + len(idstr_bytes(rec.idstr)) + 8
-    if rec.generic_body is not None:
-        return field_lines(rec.generic_body, p, rec.offset + header_size)
-    return field_lines(describe(p, rec.version_id)[0], p, rec.offset + header_size, p.VMSD)
+    spec = rec.payload.VMSD if rec.generic_body is None else None
+    return field_lines(tree.body, tree.values, rec.offset + header_size, spec)
 
 
 # ---- --set ------------------------------------------------------------------
