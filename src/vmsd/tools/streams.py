@@ -19,6 +19,7 @@ from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import (
     SECTION_NAMES,
     Command,
+    Damage,
     Finding,
     MachineConfiguration,
     Section,
@@ -260,6 +261,9 @@ def _json_tail(stream: Stream, error: VMSDError | None = None) -> dict[str, Any]
     out: dict[str, Any] = {"eof_offset": stream.eof_offset}
     if error is not None:
         out["error"] = {"message": str(error), "offset": error.offset}
+        if stream.damage is not None:
+            out["error"]["section"] = stream.damage.section.idstr
+            out["error"]["field"] = stream.damage.field
     out["trailer"] = {"offset": stream.trailer_offset, "size": len(stream.trailer_text or b"")} if stream.trailer else None
     if stream.warnings:
         out["warnings"] = stream.warnings
@@ -282,7 +286,17 @@ def write_json(stream: Stream, out: TextIO, error: VMSDError | None = None) -> N
         if i:
             out.write(",")
         out.write(dumps(record_json(rec, rule)))
+    if error is not None and stream.damage is not None:
+        out.write(("," if stream.records else "") + dumps(damage_json(stream.damage, rule)))
     out.write("]," + dumps(_json_tail(stream, error))[1:])
+
+
+def damage_json(damage: Damage, rule: tuple[bool, bool]) -> dict[str, Any]:
+    """The section a damaged stream's error is in, as far as it was read (marked ``partial``)."""
+    out = section_json(damage.section, rule)
+    out["decoded_by"] = "spec" if damage.by_spec else "trailer"
+    out["partial"] = True
+    return out
 
 
 @attrs.frozen
@@ -433,9 +447,17 @@ def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
         _record_lines(rec, out, "", rule)
         yield from out
     if error is not None:
+        damage = stream.damage
+        if damage is not None:
+            out = []
+            _record_lines(damage.section, out, "", rule, "spec" if damage.by_spec else "trailer")
+            out[0] += "" if damage.whole else " cut short by the error below"
+            yield from out
         yield from _notes(stream)
         at = f"{error.offset:#08x} " if error.offset is not None else ""
-        yield f"{at}ERROR (the stream is damaged here; the records above were read before it)"
+        field = f" in {damage.field}" if damage is not None and damage.field else ""
+        yield (f"{at}ERROR{field}: {error.message} (the stream is damaged here; the records above were read "
+               "before it)")
         return
     yield f"{stream.eof_offset:#08x} EOF"
     if stream.trailer is not None:
@@ -443,7 +465,10 @@ def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
     yield from _notes(stream)
 
 
-def _record_lines(rec: Section | Command, out: list[str], indent: str, rule: tuple[bool, bool]) -> None:
+def _record_lines(rec: Section | Command, out: list[str], indent: str, rule: tuple[bool, bool],
+                  source: str | None = None) -> None:
+    """The lines of a record; ``source`` says what decoded a section (default: whether it has a trailer
+    body), for a damaged section read again by its spec's description."""
     if isinstance(rec, Command):
         repeated = f" (repeated {rec.count} times)" if rec.count > 1 else ""
         out.append(f"{indent}{rec.offset:#08x} COMMAND {rec.name} {rec.data.hex()}{repeated}")
@@ -461,7 +486,7 @@ def _record_lines(rec: Section | Command, out: list[str], indent: str, rule: tup
     if rec.generic_body is not None and isinstance(p, bytes):
         out.append(f"{head} legacy, {len(p)} bytes")
         return
-    source = "trailer" if rec.generic_body is not None else "spec"
+    source = source or ("trailer" if rec.generic_body is not None else "spec")
     out.append(f"{head} [{rec.vmsd_name}, decoded by {source}]")
     for line in _section_fields(rec, rule):
         out.append(f"{indent}{'    ' * (line.depth + 1)}{line.offset:#08x} {line.text}"
