@@ -330,13 +330,15 @@ def field_lines(body: Obj, values: Obj, offset: int, spec: Any = None, depth: in
                 offset = max(offset, line.offset + (line.size or 0))
                 yield line
             continue
-        struct_body = entry.get("struct") if entry.get("type") == "struct" else None
+        kind = entry.get("type")
+        # A struct's body is under "struct"; a tmp's or vstruct's entry is its body.
+        struct_body = entry.get("struct") if kind == "struct" else entry if kind in ("tmp", "vstruct") else None
         if isinstance(struct_body, Obj) and struct_body:
             is_array = isinstance(child.value, list) and not isinstance(child.value, Obj)
             items = child.value if is_array else [child.value]
             for i, item in enumerate(items):
                 at = f"{path}[{i}]" if is_array else path
-                yield FieldLine(depth, offset, at, f"{at}: struct {struct_body.get('vmsd_name')}")
+                yield FieldLine(depth, offset, at, f"{at}: {kind} {struct_body.get('vmsd_name')}")
                 if isinstance(item, Obj):
                     for line in field_lines(struct_body, item, offset, None, depth + 1, at):
                         offset = max(offset, line.offset + (line.size or 0))
@@ -397,7 +399,8 @@ def stream_tree(stream: Stream) -> str:
 # compares with the spec's default, so these fail on every normal stream and say nothing about it.
 MACHINE_CHECKS = {
     ("PCIBUS", "nirq"): "the PCI bus's number of interrupt lines is set by the machine's chipset (4 on pc's "
-                        "PIIX3); QEMU compares it with its own machine's, vmsd has no machine to compare with",
+                        "PIIX3, 8 on q35's ICH9); QEMU compares it with its own machine's, vmsd has no machine "
+                        "to compare with",
 }
 
 
@@ -551,6 +554,13 @@ def _names(holder: Any) -> dict[str, str | tuple[str, int] | None]:
         for i, (key, _) in enumerate(holder):
             n = seen[key] = seen.get(key, 0) + 1
             out[key if n == 1 else f"{key}#{n}"] = (key, i)
+        # A name the body repeats is an array described element by element, as inspect and diff name it
+        # (vmsd.tools.sectiontree.children): name[i] is its i-th entry.
+        count: dict[str, int] = {}
+        for i, (key, _) in enumerate(holder):
+            if seen[key] > 1:
+                k = count[key] = count.get(key, -1) + 1
+                out.setdefault(f"{key}[{k}]", (key, i))
         return out
     if isinstance(holder, VMStateObject):
         cls: Any = type(holder)
@@ -588,9 +598,18 @@ def _resolve(holder: Any, path: str, assignment: str) -> list[Any]:
             holder = _get(holder, index, assignment)
             rest = rest[close + 1 :]
             continue
+        if isinstance(holder, list) and not isinstance(holder, Obj) and len(holder) == 1:
+            # QEMU describes an array of one struct as the struct alone (no index): so does inspect.
+            steps.append(0)
+            holder = holder[0]
         names = _names(holder)
         fits = [n for n in names if rest.startswith(n) and rest[len(n) : len(n) + 1] in ("", ".", "[")]
         if not fits:
+            if isinstance(holder, VMStateObject) and any(
+                    f.kind == "unused" and f.name == rest for f in holder.VMSD.all_fields()):
+                # inspect prints them (the trailer describes them); a typed object has no value to edit.
+                raise ToolError(f"--set {assignment!r}: {rest!r} is unused bytes (VMSTATE_UNUSED): QEMU skips "
+                                "them on load and the typed spec keeps none, so there is nothing to set")
             raise ToolError(f"--set {assignment!r}: no field {rest!r} (inspect prints the names --set takes)")
         name = max(fits, key=len)
         step = names[name]
@@ -648,12 +667,24 @@ def _set(holder: Any, step: str | int | tuple[str, int], value: Any, assignment:
     current = _get(holder, step, assignment)
     if isinstance(current, bytes) and isinstance(value, int):
         raise ToolError(f"--set {assignment!r}: the field holds bytes; give a bytes literal like b'\\x01'")
+    value = _rows_like(current, value)
     if isinstance(step, int):
         holder[step] = value
     elif isinstance(step, tuple):
         holder[step[1]] = (step[0], value)
     else:
         setattr(holder, step, type(current)(value) if isinstance(current, enum.Enum) else value)
+
+
+def _rows_like(current: Any, value: Any) -> Any:
+    """A flat list for a two-dimensional array (QEMU describes it, and inspect shows it, flat) cut into
+    rows as the typed field holds it; any other value as given."""
+    if (isinstance(current, list) and current and all(isinstance(row, list) for row in current)
+            and isinstance(value, list) and value and not any(isinstance(v, list) for v in value)):
+        width = len(current[0])
+        if width and len(value) == width * len(current):
+            return [value[i : i + width] for i in range(0, len(value), width)]
+    return value
 
 
 def refuse_unless_strict(stream: Stream) -> None:
