@@ -1265,7 +1265,8 @@ def regenerate_trailer(stream: Stream) -> Obj:
     gave the entry in its place, when that entry describes it exactly as
     regenerated, so that an unchanged stream rewrites byte for byte.
     """
-    fulls = stream.full_sections()
+    # RAM is iterative in QEMU, never described; a stream may still carry it in a FULL section.
+    fulls = [s for s in stream.full_sections() if not isinstance(s.payload, RamPayload)]
     runs, indexes = description_rule(stream)
     old: Any = stream.trailer.get("devices") if stream.trailer is not None else None
     # The trailer lists the FULL sections in stream order; with another count, places do not correspond.
