@@ -21,7 +21,7 @@ from vmsd.migration.stream import SpecSet, Stream, layout_difference, read_strea
 from vmsd.qemu.v7_2 import spec_set
 from vmsd.runtime.vmdesc import Obj, describe
 from vmsd.testing.qmp import save_stream
-from vmsd.tools.streams import strict_problems
+from vmsd.tools.streams import stream_json, strict_problems
 
 E1000 = "0000:00:03.0/e1000"
 
@@ -262,6 +262,27 @@ def test_a_trailer_decoded_section_is_editable(real: Real, tmp_path: Path, capsy
     assert rc == 1 and lines.splitlines() == ["port92 outport: 0 -> 2"]
 
 
+def test_json_fields_are_the_same_for_a_typed_and_a_trailer_decoded_section(real: Real) -> None:
+    """The same stream read with its specs and with none (every section from the trailer): each section the
+    specs decode has the same ``fields`` and ``offsets`` both ways, by the scheme's names."""
+    typed, bare = stream_json(real.stream()), stream_json(read_stream(real.data, SpecSet()))
+    pairs = [(a, b) for a, b in zip(typed["records"], bare["records"], strict=True) if a.get("decoded_by") == "spec"]
+    assert len(pairs) > 20 and all(b["decoded_by"] == "trailer" for _, b in pairs if b["idstr"] != "slirp")
+    for a, b in pairs:
+        if a["idstr"] == "slirp":
+            # A legacy save_state section: QEMU describes it as one buffer, only the spec knows its fields.
+            assert "fields" not in b and b["legacy_bytes"]
+            continue
+        assert a["fields"] == b["fields"], a["idstr"]
+        assert {k: v for k, v in a["offsets"].items() if v is not None} == b["offsets"], a["idstr"]
+    cpu = next(a for a, _ in pairs if a["idstr"] == "cpu")
+    obj = next(s for s in real.stream().full_sections() if s.idstr == "cpu").payload
+    assert cpu["fields"]["env.eip"] == obj.eip and cpu["fields"]["env.segs"][1]["base"] == obj.segs[1].base
+    assert "eip" not in cpu["fields"]  # the typed class's attribute names are gone from the JSON
+    sent = [k for k in cpu["fields"] if k.startswith("cpu/")]
+    assert sent and all(isinstance(cpu["fields"][k], dict) for k in sent)
+
+
 # ---- what inspect shows ----------------------------------------------------------------------------------
 
 def test_registers_in_hex_with_decimal(real: Real, capsys: pytest.CaptureFixture[str]) -> None:
@@ -307,26 +328,76 @@ def test_json_has_the_machine_name_and_field_offsets(real: Real, capsys: pytest.
     assert absent and all("/" in k for k in absent)
 
 
-@pytest.mark.parametrize("where", ["e1000", "cpu"])
-def test_a_damaged_stream_shows_the_tree_up_to_the_error(
-        real: Real, where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    stream = real.stream()
-    idstr = E1000 if where == "e1000" else "cpu"
-    sec = next(s for s in stream.full_sections() if s.idstr == idstr)
-    cut = sec.offset + 40
+def _section_lines(tree: str, idstr: str) -> list[str]:
+    """The lines of section ``idstr`` in an inspect tree: its header and the indented lines below it."""
+    lines = tree.splitlines()
+    at = next(i for i, line in enumerate(lines) if f" FULL {idstr} id=" in line)
+    end = next((i for i in range(at + 1, len(lines)) if not lines[i].startswith(" ")), len(lines))
+    return lines[at:end]
+
+
+@pytest.mark.parametrize(("idstr", "field", "into", "failed", "last"), [
+    # inside a struct array's element: the element's fields before it are shown
+    ("cpu", "env.segs[1].base", 3, "env.segs[1].base", " env.segs[1].selector (uint32, 4 bytes) = "),
+    # inside a subsection, in its 41st register: the subsection is shown begun (an array cut short is not)
+    (E1000, "e1000/full_mac_state.mac_reg", 4 * 40 + 2, "e1000/full_mac_state.mac_reg[40]",
+     " subsection e1000/full_mac_state v1"),
+])
+def test_a_cut_stream_shows_the_section_up_to_the_field_it_ends_in(
+        real: Real, idstr: str, field: str, into: int, failed: str, last: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    whole = _json(real, capsys)
+    rec = next(r for r in whole["records"] if r.get("idstr") == idstr)  # type: ignore[attr-defined]
+    cut = rec["offsets"][field] + into
     path = tmp_path / "cut.mig"
     path.write_bytes(real.data[:cut])
     rc, out, err = run(capsys, "inspect", str(path))
-    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("vmsd inspect: error: ")
-    lines = out.splitlines()
-    assert lines[-1].endswith("ERROR (the stream is damaged here; the records above were read before it)")
-    before = [s for s in stream.full_sections() if s.offset < sec.offset and s.idstr != "ram"]
-    assert before and all(f" FULL {s.idstr} id={s.section_id} " in out for s in before)
-    assert f" FULL {idstr} id=" not in out
-    rc, out, _ = run(capsys, "inspect", "--json", str(path))
-    doc = json.loads(out)
-    assert rc == 1 and doc["error"]["offset"] <= cut and doc["eof_offset"] is None
-    assert [r["idstr"] for r in doc["records"] if r.get("type") == "FULL"] == [s.idstr for s in before]
+    assert rc == 1 and err.startswith(f"vmsd inspect: error: section '{idstr}': {failed}: ") and " ended " in err
+    assert f" ERROR in {failed}: " in out.splitlines()[-1]
+    # The section's lines up to the cut, each as the whole stream's tree prints it (offset, path, value).
+    _, full_tree, _ = run(capsys, "inspect", str(real.path))
+    partial, full = _section_lines(out, idstr), _section_lines(full_tree, idstr)
+    assert partial[0].endswith("decoded by spec] cut short by the error below")
+    assert partial[0].split(" [")[0] == full[0].split(" [")[0]
+    assert 10 < len(partial) - 1 < len(full) - 1 and set(partial[1:]) <= set(full[1:])
+    shown = {line.split()[1] for line in partial[1:] if line.strip().startswith("0x")}
+    assert all(rec["offsets"][p] < cut for p in shown if p in rec["offsets"])
+    assert last in partial[-1]
+    # --json: the records before, then this section marked partial, with the field values read.
+    rc, text, _ = run(capsys, "inspect", "--json", str(path))
+    doc = json.loads(text)
+    last = doc["records"][-1]
+    assert rc == 1 and last["idstr"] == idstr and last["partial"] is True and last["decoded_by"] == "spec"
+    assert doc["error"]["section"] == idstr and doc["error"]["field"] == failed and doc["eof_offset"] is None
+    assert last["offsets"] and all(rec["offsets"][k] == v for k, v in last["offsets"].items())
+    assert {k: v for k, v in last["fields"].items() if k in rec["fields"] and not isinstance(v, dict | list)} == {
+        k: rec["fields"][k] for k, v in last["fields"].items() if not isinstance(v, dict | list)}
+    before = [r["idstr"] for r in whole["records"] if r.get("type") == "FULL" and r["offset"] < rec["offset"]]
+    assert [r["idstr"] for r in doc["records"] if r.get("type") == "FULL"] == [*before, idstr]
+
+
+def test_a_damaged_length_field_shows_what_it_made_the_spec_read(
+        real: Real, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """hpet's timer count says 200 (it sent 3) in a stream without a trailer to fall back on: the spec reads
+    200 timers from the bytes after them, and the footer is not where it should be."""
+    stream = real.stream()
+    whole = _json(real, capsys)
+    rec = next(r for r in whole["records"] if r.get("idstr") == "hpet")  # type: ignore[attr-defined]
+    assert rec["fields"]["num_timers"] == 3
+    data = bytearray(real.data[: stream.eof_offset + 1])  # without the trailer
+    data[rec["offsets"]["num_timers"]] = 200
+    path = tmp_path / "damaged.mig"
+    path.write_bytes(bytes(data))
+    rc, out, err = run(capsys, "inspect", str(path))
+    assert rc == 1 and err.startswith("vmsd inspect: error: section 'hpet': missing section footer for hpet")
+    lines = _section_lines(out, "hpet")
+    assert any(line.endswith(" num_timers (uint8, 1 bytes) = 0xc8 (200)") for line in lines)
+    assert sum(": struct hpet_timer" in line for line in lines) == 200
+    assert out.splitlines()[-1].split(" ERROR: ")[1].startswith("missing section footer for hpet")
+    rc, text, _ = run(capsys, "inspect", "--json", str(path))
+    doc = json.loads(text)
+    assert rc == 1 and doc["records"][-1]["partial"] and doc["records"][-1]["fields"]["num_timers"] == 200
+    assert len(doc["records"][-1]["fields"]["timer"]) == 200 and doc["error"]["field"] is None
 
 
 def test_rewrite_is_still_byte_identical(real: Real) -> None:

@@ -215,6 +215,21 @@ class Command:
         return MIG_CMD_NAMES.get(self.cmd, f"MIG_CMD_{self.cmd:#x}")
 
 
+@attrs.frozen
+class Damage:
+    """Where :func:`read_partial` stopped inside a FULL section: the section with what was read of it before
+    the error (``payload`` an Obj of values by ``generic_body``, the trailer's description or, when
+    ``by_spec``, the typed spec's), and the path of the field the error is in (docs/names.md), if known.
+    ``whole``: the section was read whole, the error is in its footer.  ``error``: where reading it again
+    found the input to end, when the original error is about the same end (a typed spec reads a run of
+    fields at once; this names the field)."""
+    section: Section
+    field: str | None
+    by_spec: bool
+    whole: bool = False
+    error: VMSDError | None = None
+
+
 @attrs.define
 class Stream:
     version: int = QEMU_VM_FILE_VERSION
@@ -229,6 +244,7 @@ class Stream:
     findings: list[Finding] = attrs.Factory(list)
     # The QEMU version whose writer rules a regenerated trailer follows (the spec set's); None: 7.2's.
     profile: PeerProfile | None = None
+    damage: Damage | None = None  # set by read_partial when it stopped inside a section
 
     def sections(self) -> list[Section]:
         out: list[Section] = []
@@ -477,6 +493,8 @@ class Decoder:
         self.short_data: dict[bytes, bytes] = {}
         # Live: sections no spec describes, with where their payload starts, until the trailer comes.
         self.kept: list[tuple[Section, int]] = []
+        self.keep_damage = False  # read_partial: keep what a failed section held (Stream.damage)
+        self.typed_attempt: Any = None  # the typed object the current section is being loaded into
 
     def warn(self, msg: str) -> None:
         self.stream.warnings.append(msg)
@@ -635,12 +653,58 @@ class Decoder:
             if start is None:
                 raise MalformedStream(f"unknown savevm section {section_id}", offset=at)
             sec = Section(kind, section_id, at, start.idstr, start.instance_id, start.version_id)
+        self.typed_attempt = None
         try:
             self.payload(sec)
             self.footer(sec)
         except VMSDError as e:
+            if self.keep_damage and self.r is self.top and sec.kind == QEMU_VM_SECTION_FULL:
+                self.stream.damage = self.damage(sec, e)
             raise e.in_section(sec.idstr) from None
         return sec
+
+    def damage(self, sec: Section, error: VMSDError) -> Damage | None:
+        """What ``sec`` held before ``error``: its values read again by its description (the trailer's, or
+        the typed spec's of the object as far as it was loaded), up to the error's offset."""
+        whole = sec.payload is not None  # the section was read whole; its footer is damaged
+        by_spec = sec.generic_body is None
+        body = sec.generic_body
+        start = sec.offset + 1 + 4 + 1 + len(idstr_bytes(sec.idstr)) + 8
+        if error.offset is None or error.offset < start or (body is None and self.typed_attempt is None and not whole):
+            return None
+        # Read again up to where the error is, or to the end of an input cut short.
+        end = len(self.data) if isinstance(error, TruncatedStream) else error.offset
+        r = Reader(self.data[:end])
+        if body is None:
+            # The typed object as far as the bytes before the error load it (its other fields at their
+            # defaults), described with every subsection: the stream says which it carries.
+            obj = sec.payload  # read whole, but its values may not save (a failed check): read again below
+            if not whole:
+                obj = impl(type(self.typed_attempt))()
+                r.pos = start
+                try:
+                    with reporting_checks():
+                        obj.load_into(r, sec.version_id)
+                except VMSDError:
+                    pass
+            try:
+                body = describe(obj, sec.version_id, *description_rule(self.stream), every_subsection=True)[0]
+            except Exception:  # a predicate that fails on a half-loaded object: no fields to show
+                return None
+        r.pos = start
+        field = None
+        again: VMSDError | None = None
+        try:
+            values = decode_body(r, body, optional_subsections=by_spec)
+        except VMSDError as e:
+            values = e.partial if e.partial is not None else Obj()
+            # The field the error's offset falls in, by its scheme name (the typed spec's error names
+            # its own attributes, under the vmsd's name).
+            if e.offset is not None and start <= e.offset <= end:
+                field = e.path
+                again = e if isinstance(e, TruncatedStream) and end == len(self.data) else None
+        return Damage(attrs.evolve(sec, payload=values, generic_body=body, vmsd_name=body.get("vmsd_name")), field,
+                      by_spec, whole, again)
 
     def footer(self, sec: Section) -> None:
         r = self.r
@@ -717,7 +781,7 @@ class Decoder:
             start = self.r.tell()
             problem = self.typed_problem(cls, sec)
             if problem is None:
-                obj = fresh(cls)
+                obj = self.typed_attempt = fresh(cls)
                 try:
                     failed: list[str] = []
                     if self.enforce_checks:
@@ -1057,11 +1121,18 @@ def read_stream(data: bytes, specs: SpecSet, strict_typed: bool = False, enforce
 
 def read_partial(data: bytes, specs: SpecSet) -> tuple[Stream, VMSDError | None]:
     """:func:`read_stream` that keeps what it read: on a damaged stream, the records before the error
-    (``eof_offset`` stays None) and the error, for a tool to show both."""
+    (``eof_offset`` stays None), what was read of the section it is in (``damage``), and the error, naming
+    the field by its scheme name when it is in a section's fields, for a tool to show all three."""
     decoder = Decoder(bytes(data), specs, False, False)
+    decoder.keep_damage = True
     try:
         return decoder.run(), None
     except VMSDError as e:
+        damage = decoder.stream.damage
+        if damage is not None and damage.error is not None:
+            return decoder.stream, damage.error.in_section(damage.section.idstr)
+        if damage is not None and damage.field is not None:
+            e.path = damage.field  # the name inspect, --set and diff use (docs/names.md)
         return decoder.stream, e
 
 
@@ -1265,6 +1336,17 @@ def _pairs(obj: Obj) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in obj if k not in ("name", "instance_id")]
 
 
+def description_rule(stream: Stream) -> tuple[bool, bool]:
+    """How typed sections of ``stream`` describe arrays element by element (:func:`describe`'s ``runs`` and
+    ``indexes``): as the stream's own trailer does (its writer's rule, whatever set decodes it), so that an
+    unchanged stream rewrites byte for byte; else by the profile's rules."""
+    rule = array_rule(stream.trailer) if stream.trailer is not None else None
+    if rule is not None:
+        return rule
+    return (stream.profile is not None and stream.profile.vmdesc_array_runs,
+            stream.profile is None or stream.profile.vmdesc_element_index)
+
+
 def regenerate_trailer(stream: Stream) -> Obj:
     """The trailer QEMU would write: typed sections described from their specs.
 
@@ -1273,15 +1355,9 @@ def regenerate_trailer(stream: Stream) -> Obj:
     gave the entry in its place, when that entry describes it exactly as
     regenerated, so that an unchanged stream rewrites byte for byte.
     """
-    fulls = stream.full_sections()
-    # Arrays as the stream's own trailer describes them (its writer's rule, whatever set decodes it), so that
-    # an unchanged stream rewrites byte for byte; else by the profile's rules.
-    rule = array_rule(stream.trailer) if stream.trailer is not None else None
-    if rule is not None:
-        runs, indexes = rule
-    else:
-        runs = stream.profile is not None and stream.profile.vmdesc_array_runs
-        indexes = stream.profile is None or stream.profile.vmdesc_element_index
+    # RAM is iterative in QEMU, never described; a stream may still carry it in a FULL section.
+    fulls = [s for s in stream.full_sections() if not isinstance(s.payload, RamPayload)]
+    runs, indexes = description_rule(stream)
     old: Any = stream.trailer.get("devices") if stream.trailer is not None else None
     # The trailer lists the FULL sections in stream order; with another count, places do not correspond.
     old_devices: list[Any] = old if isinstance(old, list) and len(old) == len(fulls) else []

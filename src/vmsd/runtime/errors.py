@@ -8,6 +8,8 @@ section idstr and the field path (``cpu/xmm_regs[3]``).  Errors that mean
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class VMSDError(Exception):
     """Base of all vmsd runtime errors."""
@@ -25,6 +27,9 @@ class VMSDError(Exception):
         self.offset = offset
         self.section = section
         self.path = path
+        # Set by the interpretive decoder (vmsd.runtime.generic): what it had read of the value it was
+        # decoding when this error stopped it, for a tool to show a damaged section up to the error.
+        self.partial: Any = None
 
     def within(self, name: str) -> VMSDError:
         """Prefix the field path with an enclosing field or vmsd name."""

@@ -33,31 +33,54 @@ def inline_bodies(entry: Obj) -> list[Obj]:
     return out
 
 
-def decode_body(r: Reader, body: Obj) -> Obj:
-    """Read the fields and subsections ``body`` describes; values by QEMU name."""
+def decode_body(r: Reader, body: Obj, optional_subsections: bool = False) -> Obj:
+    """Read the fields and subsections ``body`` describes; values by QEMU name.
+
+    ``optional_subsections``: a described subsection the stream does not carry next is skipped (``body``
+    lists all a spec has, not those a trailer says were sent).
+
+    On an error, its ``partial`` holds the values read before it, the failing struct's (or array of
+    structs') own as its last value; a scalar array cut short is left out."""
     values = Obj()
     for entry in body.get("fields", []):
         name = entry.get("name")
         try:
             values.append((name, _decode_entry(r, entry)))
         except VMSDError as e:
+            _keep_partial(e, values, name)
             raise e.within(name) from None
     for sub in body.get("subsections", []) or []:
         sub_name = sub.get("vmsd_name")
-        at = r.tell()
-        if r.u8() != QEMU_VM_SUBSECTION:
-            raise MalformedStream(f"expected subsection '{sub_name}'", offset=at)
-        got = r.counted_string().decode(errors="replace")
-        if got != sub_name:
-            raise MalformedStream(f"expected subsection '{sub_name}', found '{got}'", offset=at)
-        version = r.u32()
+        if optional_subsections and not _subsection_next(r, sub_name):
+            continue
         try:
-            sub_values = decode_body(r, sub)
+            at = r.tell()
+            if r.u8() != QEMU_VM_SUBSECTION:
+                raise MalformedStream(f"expected subsection '{sub_name}'", offset=at)
+            got = r.counted_string().decode(errors="replace")
+            if got != sub_name:
+                raise MalformedStream(f"expected subsection '{sub_name}', found '{got}'", offset=at)
+            version = r.u32()
+            sub_values = decode_body(r, sub, optional_subsections)
             sub_values.wire_version = version  # QEMU reads only its low byte; a rewrite keeps all four
             values.append((sub_name, sub_values))
         except VMSDError as e:
+            _keep_partial(e, values, sub_name, True)
             raise e.within(sub_name) from None
     return values
+
+
+def _subsection_next(r: Reader, name: str) -> bool:
+    raw = name.encode()
+    return r.peek(2 + len(raw)) == bytes([QEMU_VM_SUBSECTION, len(raw)]) + raw
+
+
+def _keep_partial(e: VMSDError, values: Obj, name: str, started: bool = False) -> None:
+    """``e.partial`` becomes ``values``, with what was read of the failed value (if anything, or if
+    ``started``: a subsection whose header was read) under ``name``."""
+    if e.partial or (started and e.partial is not None):
+        values.append((name, e.partial))
+    e.partial = values
 
 
 def _decode_entry(r: Reader, entry: Obj) -> Any:
@@ -68,14 +91,17 @@ def _decode_entry(r: Reader, entry: Obj) -> Any:
     left = r.remaining()
     if not isinstance(n, int) or not isinstance(size, int) or n < 0 or size < 0:
         raise MalformedStream(f"array_len {n!r} and size {size!r} are not counts", offset=r.tell())
-    # The description comes from the input too: it may not claim more than the bytes hold.
-    if left is not None and (n * size > left or (size == 0 and n > left + 1)):
+    # The description comes from the input too: it may not claim more than the bytes hold.  Elements of
+    # some bytes each end the loop where the bytes do, at the element they run out in; empty ones cannot.
+    if left is not None and size == 0 and n > left + 1:
         raise MalformedStream(f"{n} elements of {size} bytes described, {left} bytes remain", offset=r.tell())
     out = []
     for i in range(n):
         try:
             out.append(_decode_one(r, entry))
         except VMSDError as e:
+            done = [*out, e.partial] if e.partial is not None else out
+            e.partial = done if any(isinstance(v, Obj) for v in done) else None
             raise e.within(f"[{i}]") from None
     return out
 
@@ -98,16 +124,12 @@ def _decode_one(r: Reader, entry: Obj) -> Any:
         value = decode_body(r, nested)
     elif kind in ("vstruct", "tmp"):
         value = decode_body(r, entry)
-    elif kind in ("qtailq", "qlist"):
-        value = []
-        for b in inline_bodies(entry):
-            if not r.u8():
-                raise MalformedStream("list ended before its description", offset=r.tell() - 1)
-            value.append(decode_body(r, b))
-        if r.u8():
-            raise MalformedStream("list holds more elements than its description", offset=r.tell() - 1)
-    elif kind == "gtree":
-        value = _decode_gtree(r, entry)
+    elif kind in ("qtailq", "qlist", "gtree"):
+        try:
+            value = _decode_gtree(r, entry) if kind == "gtree" else _decode_list(r, entry)
+        except VMSDError as e:
+            e.partial = None  # an element's values are not the list's: the list is left out
+            raise
     elif kind == "fd":
         value = r.get_fd()  # QEMU describes it as 4 bytes; passed, it is one carrier byte
     else:
@@ -115,6 +137,17 @@ def _decode_one(r: Reader, entry: Obj) -> Any:
         value = r.read(size)
     if r.tell() - start != size:
         raise MalformedStream(f"description says {size} bytes, decoding used {r.tell() - start}", offset=start)
+    return value
+
+
+def _decode_list(r: Reader, entry: Obj) -> list[Obj]:
+    value = []
+    for b in inline_bodies(entry):
+        if not r.u8():
+            raise MalformedStream("list ended before its description", offset=r.tell() - 1)
+        value.append(decode_body(r, b))
+    if r.u8():
+        raise MalformedStream("list holds more elements than its description", offset=r.tell() - 1)
     return value
 
 

@@ -102,20 +102,23 @@ def _elements(value: Any, f: FieldSpec) -> list[Any]:
     return list(value)
 
 
-def describe(obj: Any, version: int | None = None, runs: bool = False, indexes: bool = True) -> tuple[Obj, int]:
+def describe(obj: Any, version: int | None = None, runs: bool = False, indexes: bool = True,
+             every_subsection: bool = False) -> tuple[Obj, int]:
     """The trailer body of ``obj`` saved at ``version`` and its size in bytes.
 
     ``runs``: describe arrays as QEMU 10.0 and later do; ``indexes=False``: without the elements'
-    ``index``, as QEMU 11.1 does (see the module's docstring).
+    ``index``, as QEMU 11.1 does (see the module's docstring).  ``every_subsection``: all the spec's
+    subsections, needed or not (to read a stream whose subsections say which were sent:
+    ``decode_body(..., optional_subsections=True)``).
     """
     spec: VmsdSpec = obj.VMSD
     v = spec.version if version is None else version
-    return _body(obj, spec.name, v, spec.fields, spec.subsections, runs, indexes)
+    return _body(obj, spec.name, v, spec.fields, spec.subsections, runs, indexes, every_subsection)
 
 
 def _body(
     obj: Any, name: str, version: int, fields: tuple[FieldSpec, ...], subsections: tuple[SubsectionSpec, ...],
-    runs: bool, indexes: bool,
+    runs: bool, indexes: bool, every_subsection: bool = False,
 ) -> tuple[Obj, int]:
     entries: list[Obj] = []
     total = 0
@@ -131,9 +134,9 @@ def _body(
     body = Obj([("vmsd_name", name), ("version", version), ("fields", entries)])
     subs: list[Obj] = []
     for s in subsections:
-        if s.needed is not None and not getattr(obj, s.needed)(version):
+        if not every_subsection and s.needed is not None and not getattr(obj, s.needed)(version):
             continue
-        sub_body, sub_size = _body(obj, s.name, s.version, s.fields, s.subsections, runs, indexes)
+        sub_body, sub_size = _body(obj, s.name, s.version, s.fields, s.subsections, runs, indexes, every_subsection)
         subs.append(sub_body)
         total += 2 + len(s.name.encode()) + 4 + sub_size
     if subs:

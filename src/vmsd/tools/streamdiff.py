@@ -44,11 +44,10 @@ from vmsd.migration.stream import (
     idstr_bytes,
     json_name,
 )
-from vmsd.runtime.generic import decode_body, inline_bodies
-from vmsd.runtime.io import Reader
 from vmsd.runtime.scalars import BY_INFO
-from vmsd.runtime.vmdesc import NOT_ELEMENT_TYPES, Obj, describe
+from vmsd.runtime.vmdesc import Obj
 from vmsd.runtime.vmstate import VMStateObject
+from vmsd.tools.sectiontree import Tree, children, join, nested_body, object_tree, section_tree
 
 # Bytes shown on each side of the first difference of a buffer or page.
 WINDOW = 8
@@ -86,90 +85,6 @@ def diff_streams(data_a: bytes, a: Stream, data_b: bytes, b: Stream) -> list[str
 # ---- device state as QEMU describes it ------------------------------------------------------
 
 
-@attrs.frozen
-class Tree:
-    """A decoded body: its description (fields, subsections) and its values by QEMU name, in order."""
-
-    body: Obj
-    values: Obj
-
-
-def section_tree(sec: Section) -> Tree | bytes | None:
-    """What a FULL section holds: a tree, the bytes of a legacy section, or None (RAM)."""
-    p = sec.payload
-    if isinstance(p, RamPayload) or p is None:
-        return None
-    if isinstance(p, bytes):
-        return p
-    if sec.generic_body is not None:
-        return Tree(sec.generic_body, p)
-    return object_tree(p, sec.version_id)
-
-
-def object_tree(obj: VMStateObject, version: int | None = None) -> Tree:
-    """A typed object as its trailer would describe it: the bytes it saves, read back by its description.
-
-    One comparison then serves typed and trailer-decoded sections alike, with QEMU's field names."""
-    body, _ = describe(obj, version)
-    values = decode_body(Reader(obj.save(version_id=version)), body)
-    return Tree(body, values)
-
-
-@attrs.frozen
-class _Child:
-    kind: str  # "field" or "subsection"
-    entry: Obj | None  # its description, when known
-    value: Any
-
-
-def _children(body: Obj | None, values: Obj) -> dict[str, _Child]:
-    """A body's fields and subsections by name; a repeated name (QEMU's ``tmp``, ``unused``) gets ``#2``...
-
-    An array described element by element is ``name[i]``, numbered by its entries: QEMU 10.0 leaves
-    ``index`` off the last element of a run and off a lone null slot, 11.1 off every element
-    (vmsd.runtime.vmdesc), so an element without one is the one after the previous entry of that name,
-    and every version's elements are named as a typed object's are."""
-    fields: list[Obj] = body.get("fields", []) if body is not None else []
-    subs: list[Obj] = (body.get("subsections") or []) if body is not None else []
-    seen: set[str] = set()
-    repeated: set[str] = set()
-    for e in fields:
-        if e.get("type") not in NOT_ELEMENT_TYPES:
-            name = str(e.get("name"))
-            (repeated if name in seen else seen).add(name)
-    # Arrays described element by element: a name with an index or a null slot, or repeated.
-    arrays = repeated | {str(e.get("name")) for e in fields if e.get("index") is not None or e.get("type") == "nullptr"}
-    out: dict[str, _Child] = {}
-    next_index: dict[str, int] = {}  # by name: the number of its next element
-    for i, (name, value) in enumerate(values):
-        entry: Obj | None = None
-        kind = "field"
-        key = str(name)
-        if i < len(fields):
-            entry = fields[i]
-            index = entry.get("index")
-            if index is None and key in arrays:
-                index = next_index.get(key, 0)
-            if isinstance(index, int):
-                next_index[key] = index + 1
-            if index is not None:
-                key += f"[{index}]"
-        elif i - len(fields) < len(subs):
-            entry, kind = subs[i - len(fields)], "subsection"
-        n = 2
-        unique = key
-        while unique in out:
-            unique, n = f"{key}#{n}", n + 1
-        out[unique] = _Child(kind, entry, value)
-    return out
-
-
-def _join(path: str, key: str) -> str:
-    if key.startswith("["):
-        return path + key
-    return f"{path}.{key}" if path else key
-
-
 def _where(section: str, path: str) -> str:
     return f"{section} {path}" if path else section
 
@@ -179,14 +94,14 @@ def _diff_tree(x: Tree, y: Tree, section: str, path: str, out: list[str]) -> Non
         out.append(f"{_where(section, path)}: described as {x.body.get('vmsd_name')!r} -> {y.body.get('vmsd_name')!r}")
     if x.body.get("version") != y.body.get("version"):
         out.append(f"{_where(section, path)}: layouts differ, version {x.body.get('version')} -> {y.body.get('version')}")
-    _diff_children(x.body, x.values, y.body, y.values, section, path, out)
+    _diffchildren(x.body, x.values, y.body, y.values, section, path, out)
 
 
-def _diff_children(body_a: Obj | None, xa: Obj, body_b: Obj | None, xb: Obj, section: str, path: str,
+def _diffchildren(body_a: Obj | None, xa: Obj, body_b: Obj | None, xb: Obj, section: str, path: str,
                    out: list[str]) -> None:
-    ca, cb = _children(body_a, xa), _children(body_b, xb)
+    ca, cb = children(body_a, xa), children(body_b, xb)
     for key, child in ca.items():
-        sub = _join(path, key)
+        sub = join(path, key)
         other = cb.get(key)
         if other is None:
             out.append(f"{_where(section, sub)}: {child.kind} only in A (layouts differ)")
@@ -196,7 +111,7 @@ def _diff_children(body_a: Obj | None, xa: Obj, body_b: Obj | None, xb: Obj, sec
             _diff_field(child.entry, child.value, other.entry, other.value, section, sub, out)
     for key, child in cb.items():
         if key not in ca:
-            out.append(f"{_where(section, _join(path, key))}: {child.kind} only in B (layouts differ)")
+            out.append(f"{_where(section, join(path, key))}: {child.kind} only in B (layouts differ)")
 
 
 def _shape(entry: Obj | None) -> tuple[Any, ...] | None:
@@ -217,27 +132,11 @@ def _shape_text(shape: tuple[Any, ...]) -> str:
     return f"{kind}[{n}] of {size} bytes each" if n is not None else f"{kind} of {size} bytes"
 
 
-def _nested_body(entry: Obj | None, index: int) -> Obj | None:
-    """The description of a struct-like value (element ``index`` of a list) under ``entry``."""
-    if entry is None:
-        return None
-    kind = entry.get("type")
-    if kind == "struct":
-        nested = entry.get("struct")
-        return nested if isinstance(nested, Obj) else None
-    if kind in ("vstruct", "tmp"):
-        return entry
-    if kind in ("qtailq", "qlist"):
-        bodies = inline_bodies(entry)
-        return bodies[index] if index < len(bodies) else None
-    return None
-
-
 def _diff_value(ea: Obj | None, x: Any, eb: Obj | None, y: Any, section: str, path: str, out: list[str],
                 index: int = 0) -> None:
     """Values of one field (element ``index`` of it, for a list): nested bodies, lists, bytes or scalars."""
     if isinstance(x, Obj) and isinstance(y, Obj):
-        _diff_children(_nested_body(ea, index), x, _nested_body(eb, index), y, section, path, out)
+        _diffchildren(nested_body(ea, index), x, nested_body(eb, index), y, section, path, out)
     elif isinstance(x, list | tuple) and isinstance(y, list | tuple):
         _diff_list(ea, x, eb, y, section, path, out)
     elif isinstance(x, bytes) and isinstance(y, bytes):
@@ -740,17 +639,17 @@ def _walk_offsets(body: Obj, at: int, offset: int, path: str) -> str | int | Non
         if not isinstance(size, int) or not isinstance(count, int):
             return None
         if at <= offset < at + size * count:
-            return _join(path, str(entry.get("name")))
+            return join(path, str(entry.get("name")))
         at += size * count
     for sub in body.get("subsections") or []:
         sub_name = str(sub.get("vmsd_name"))
         if at <= offset < at + 2 + len(sub_name.encode()) + 4:
-            return _join(path, sub_name)
-        found = _walk_offsets(sub, at + 2 + len(sub_name.encode()) + 4, offset, _join(path, sub_name))
+            return join(path, sub_name)
+        found = _walk_offsets(sub, at + 2 + len(sub_name.encode()) + 4, offset, join(path, sub_name))
         if not isinstance(found, int):
             return found
         at = found
     return at
 
 
-__all__ = ["Tree", "bytes_difference", "diff_streams", "object_tree", "section_label", "section_tree"]
+__all__ = ["bytes_difference", "diff_streams", "section_label"]

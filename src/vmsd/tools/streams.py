@@ -20,18 +20,22 @@ from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import (
     SECTION_NAMES,
     Command,
+    Damage,
     Finding,
+    MachineConfiguration,
     Section,
     SpecSet,
     Stream,
+    description_rule,
     idstr_bytes,
     read_stream,
     write_stream,
 )
 from vmsd.runtime.errors import VMSDError
-from vmsd.runtime.vmdesc import Obj, describe
+from vmsd.runtime.vmdesc import Obj
 from vmsd.runtime.vmstate import VMStateObject
 from vmsd.tools.errors import ToolError, UsageError
+from vmsd.tools.sectiontree import Tree, children, join, nested_body, section_tree
 from vmsd.tools.streamdiff import scalar_text
 
 
@@ -194,7 +198,8 @@ def _mapped_summary(m: MappedRam) -> dict[str, int]:
             "pages_offset": h.pages_offset, "pages": m.npages, "in_file": int(m.present().sum())}
 
 
-def section_json(sec: Section) -> dict[str, Any]:
+def section_json(sec: Section, rule: tuple[bool, bool] = (False, True)) -> dict[str, Any]:
+    """A section for ``inspect --json``; ``rule``: the stream's :func:`description_rule`."""
     out: dict[str, Any] = {
         "type": SECTION_NAMES[sec.kind],
         "section_id": sec.section_id,
@@ -211,15 +216,20 @@ def section_json(sec: Section) -> dict[str, Any]:
     elif sec.generic_body is not None or isinstance(sec.payload, VMStateObject):
         out["decoded_by"] = "trailer" if sec.generic_body is not None else "spec"
         out["vmsd_name"] = sec.vmsd_name
-        out["fields"] = plain(sec.payload)
-        # Where each field starts in the stream, by the names --set takes; absent subsections as null.
+        tree = section_tree(sec, rule)
+        assert isinstance(tree, Tree)  # a decoded section, neither RAM nor legacy bytes
+        out["fields"] = fields_json(tree.body, tree.values)
+        # Where each field starts in the stream, by the same names; absent subsections as null.
         out["offsets"] = {line.path: (line.offset if "absent" not in line.text or line.size is not None else None)
-                          for line in _section_fields(sec)}
+                          for line in _section_fields(sec, rule)}
     return out
 
 
 def configuration_json(state: Any) -> dict[str, Any]:
     """The configuration record, its machine name as text (QEMU writes ASCII; other bytes escaped)."""
+    if isinstance(state, MachineConfiguration):  # a spec set without a configuration spec
+        return {"name": state.name.decode("ascii", "backslashreplace"),
+                "capabilities": [c.decode("ascii", "backslashreplace") for c in state.capabilities]}
     out: dict[str, Any] = plain(state)
     name = getattr(state, "name", None)
     if isinstance(name, bytes):
@@ -227,14 +237,15 @@ def configuration_json(state: Any) -> dict[str, Any]:
     return out
 
 
-def record_json(rec: Section | Command) -> dict[str, Any]:
+def record_json(rec: Section | Command, rule: tuple[bool, bool] = (False, True)) -> dict[str, Any]:
     if isinstance(rec, Section):
-        return section_json(rec)
+        return section_json(rec, rule)
     entry: dict[str, Any] = {"type": "COMMAND", "command": rec.name, "offset": rec.offset, "data": rec.data.hex()}
     if rec.count > 1:
         entry["count"] = rec.count
     if rec.packaged is not None:
-        entry["packaged"] = [section_json(r) if isinstance(r, Section) else _inner_command_json(r) for r in rec.packaged]
+        entry["packaged"] = [section_json(r, rule) if isinstance(r, Section) else _inner_command_json(r)
+                             for r in rec.packaged]
     return entry
 
 
@@ -246,7 +257,8 @@ def stream_json(stream: Stream) -> dict[str, Any]:
     out: dict[str, Any] = {"version": stream.version}
     if stream.configuration is not None:
         out["configuration"] = configuration_json(stream.configuration.state)
-    out["records"] = [record_json(rec) for rec in stream.records]
+    rule = description_rule(stream)
+    out["records"] = [record_json(rec, rule) for rec in stream.records]
     out.update(_json_tail(stream))
     return out
 
@@ -255,6 +267,9 @@ def _json_tail(stream: Stream, error: VMSDError | None = None) -> dict[str, Any]
     out: dict[str, Any] = {"eof_offset": stream.eof_offset}
     if error is not None:
         out["error"] = {"message": str(error), "offset": error.offset}
+        if stream.damage is not None:
+            out["error"]["section"] = stream.damage.section.idstr
+            out["error"]["field"] = stream.damage.field
     out["trailer"] = {"offset": stream.trailer_offset, "size": len(stream.trailer_text or b"")} if stream.trailer else None
     if stream.warnings:
         out["warnings"] = stream.warnings
@@ -272,11 +287,22 @@ def write_json(stream: Stream, out: TextIO, error: VMSDError | None = None) -> N
     if stream.configuration is not None:
         head["configuration"] = configuration_json(stream.configuration.state)
     out.write(dumps(head)[:-1] + ',"records":[')
+    rule = description_rule(stream)
     for i, rec in enumerate(stream.records):
         if i:
             out.write(",")
-        out.write(dumps(record_json(rec)))
+        out.write(dumps(record_json(rec, rule)))
+    if error is not None and stream.damage is not None:
+        out.write(("," if stream.records else "") + dumps(damage_json(stream.damage, rule)))
     out.write("]," + dumps(_json_tail(stream, error))[1:])
+
+
+def damage_json(damage: Damage, rule: tuple[bool, bool]) -> dict[str, Any]:
+    """The section a damaged stream's error is in, as far as it was read (marked ``partial``)."""
+    out = section_json(damage.section, rule)
+    out["decoded_by"] = "spec" if damage.by_spec else "trailer"
+    out["partial"] = True
+    return out
 
 
 @attrs.frozen
@@ -289,66 +315,86 @@ class FieldLine:
     size: int | None = None  # wire bytes of a field
 
 
-def field_lines(body: Obj, values: Any, offset: int, spec: Any = None, depth: int = 0,
+def field_lines(body: Obj, values: Obj, offset: int, spec: Any = None, depth: int = 0,
                 prefix: str = "") -> Iterator[FieldLine]:
-    """The fields of a section with their offsets, walking the description's sizes; ``spec`` (a typed
-    section's VmsdSpec) adds the subsections it did not send."""
-    for entry in body.get("fields", []):
-        name = entry.get("name")
-        size = int(entry.get("size", 0))
-        count = int(entry.get("array_len", 1))
-        value = _value_of(values, entry)
-        path = f"{prefix}{name}"
-        struct_body = entry.get("struct")
-        if entry.get("type") == "struct" and isinstance(struct_body, Obj) and struct_body:
-            is_array = "array_len" in [k for k, _ in entry]
-            items = value if is_array and isinstance(value, list) else [value]
+    """The fields of a section's tree (:mod:`vmsd.tools.sectiontree`) with their offsets, walking the
+    description's sizes; ``spec`` (a typed section's VmsdSpec) adds the subsections it did not send.
+
+    Values that stop early (a section cut by damage) end the walk where they stop."""
+    sent = set()
+    for key, child in children(body, values).items():
+        path = join(prefix, key)
+        entry = child.entry
+        if entry is None:
+            continue  # more values than the description has entries: none on a decoded section
+        if child.kind == "subsection":
+            name = str(entry.get("vmsd_name"))
+            sent.add(name)
+            yield FieldLine(depth, offset, path, f"subsection {name} v{entry.get('version')}")
+            offset += 2 + len(name.encode()) + 4
+            for line in field_lines(entry, child.value, offset, None, depth + 1, path):
+                offset = max(offset, line.offset + (line.size or 0))
+                yield line
+            continue
+        kind = entry.get("type")
+        # A struct's body is under "struct"; a tmp's or vstruct's entry is its body.
+        struct_body = entry.get("struct") if kind == "struct" else entry if kind in ("tmp", "vstruct") else None
+        if isinstance(struct_body, Obj) and struct_body:
+            is_array = isinstance(child.value, list) and not isinstance(child.value, Obj)
+            items = child.value if is_array else [child.value]
             for i, item in enumerate(items):
                 at = f"{path}[{i}]" if is_array else path
-                yield FieldLine(depth, offset, at, f"{at}: struct {struct_body.get('vmsd_name')}")
-                for line in field_lines(struct_body, item, offset, None, depth + 1, f"{at}."):
-                    offset = max(offset, line.offset + (line.size or 0))
-                    yield line
+                yield FieldLine(depth, offset, at, f"{at}: {kind} {struct_body.get('vmsd_name')}")
+                if isinstance(item, Obj):
+                    for line in field_lines(struct_body, item, offset, None, depth + 1, at):
+                        offset = max(offset, line.offset + (line.size or 0))
+                        yield line
             continue
-        text = _value_text(value, entry)
-        yield FieldLine(depth, offset, path, f"{path} ({entry.get('type')}, {size * count} bytes) = {text}",
-                        size * count)
-        offset += size * count
-    sent = set()
-    for sub in body.get("subsections", []) or []:
-        name = sub.get("vmsd_name")
-        sent.add(name)
-        yield FieldLine(depth, offset, f"{prefix}{name}", f"subsection {name} v{sub.get('version')}")
-        offset += 2 + len(name.encode()) + 4
-        inner = values.get(name) if isinstance(values, Obj) else values  # a typed object holds them all
-        for line in field_lines(sub, inner, offset, None, depth + 1, f"{prefix}{name}."):
-            offset = max(offset, line.offset + (line.size or 0))
-            yield line
+        size = int(entry.get("size", 0)) * int(entry.get("array_len", 1))
+        yield FieldLine(depth, offset, path, f"{path} ({entry.get('type')}, {size} bytes) = "
+                        f"{_value_text(child.value, entry)}", size)
+        offset += size
     for sub in spec.subsections if spec is not None else ():
         if sub.name not in sent:
-            yield FieldLine(depth, offset, f"{prefix}{sub.name}", f"subsection {sub.name}: absent (not sent)")
+            yield FieldLine(depth, offset, join(prefix, sub.name), f"subsection {sub.name}: absent (not sent)")
 
 
 def _value_text(value: Any, entry: Obj) -> str:
     """Integers in hex with decimal beside (as diff shows them), lists of them in hex; the rest as JSON."""
-    if isinstance(value, int) and not isinstance(value, enum.Enum):
+    if isinstance(value, int):
         return scalar_text(value, entry)
-    if isinstance(value, enum.Enum):
-        return f"{value.name} ({scalar_text(int(value.value), entry)})"
     if isinstance(value, list) and value and all(type(v) is int for v in value):
         text = "[" + ", ".join(str(v) if 0 <= v < 10 else hex(v) for v in value) + "]"
     else:
-        text = str(plain(value))
+        shown = _json_value(entry, value)
+        text = shown if isinstance(shown, str) else str(shown)
     return text if len(text) <= 100 else text[:97] + "..."
-def _value_of(values: Any, entry: Obj) -> Any:
-    name = entry.get("name")
-    if isinstance(values, Obj):
-        return values.get(name)
-    if isinstance(values, VMStateObject):
-        for f in values.VMSD.all_fields():
-            if f.name == name and f.attr is not None:
-                return getattr(values, f.attr)
-    return None
+
+
+def fields_json(body: Obj | None, values: Obj) -> dict[str, Any]:
+    """A section's values for ``inspect --json``, keyed by the names of docs/names.md: a struct or a
+    subsection is an object, an array of them a list; buffers and uint8 arrays are hex strings."""
+    out: dict[str, Any] = {}
+    for key, child in children(body, values).items():
+        if child.kind == "subsection":
+            out[key] = fields_json(child.entry, child.value)
+        else:
+            out[key] = _json_value(child.entry, child.value)
+    return out
+
+
+def _json_value(entry: Obj | None, value: Any, index: int = 0) -> Any:
+    if isinstance(value, Obj):
+        return fields_json(nested_body(entry, index), value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list | tuple):
+        if entry is not None and entry.get("type") == "uint8" and all(type(v) is int for v in value):
+            return bytes(value).hex()
+        if set(map(type, value)) <= _JSON_READY:
+            return value  # register arrays: long lists of plain ints, kept whole
+        return [_json_value(entry, v, i) for i, v in enumerate(value)]
+    return plain(value)
 
 
 def stream_tree(stream: Stream) -> str:
@@ -359,7 +405,8 @@ def stream_tree(stream: Stream) -> str:
 # compares with the spec's default, so these fail on every normal stream and say nothing about it.
 MACHINE_CHECKS = {
     ("PCIBUS", "nirq"): "the PCI bus's number of interrupt lines is set by the machine's chipset (4 on pc's "
-                        "PIIX3); QEMU compares it with its own machine's, vmsd has no machine to compare with",
+                        "PIIX3, 8 on q35's ICH9); QEMU compares it with its own machine's, vmsd has no machine "
+                        "to compare with",
 }
 
 
@@ -403,14 +450,23 @@ def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
     if stream.configuration is not None:
         state = stream.configuration.state
         yield f"{stream.configuration.offset:#08x} CONFIGURATION machine={state.name.decode(errors='replace')!r}"
+    rule = description_rule(stream)
     for rec in stream.records:
         out: list[str] = []
-        _record_lines(rec, out, "")
+        _record_lines(rec, out, "", rule)
         yield from out
     if error is not None:
+        damage = stream.damage
+        if damage is not None:
+            out = []
+            _record_lines(damage.section, out, "", rule, "spec" if damage.by_spec else "trailer")
+            out[0] += "" if damage.whole else " cut short by the error below"
+            yield from out
         yield from _notes(stream)
         at = f"{error.offset:#08x} " if error.offset is not None else ""
-        yield f"{at}ERROR (the stream is damaged here; the records above were read before it)"
+        field = f" in {damage.field}" if damage is not None and damage.field else ""
+        yield (f"{at}ERROR{field}: {error.message} (the stream is damaged here; the records above were read "
+               "before it)")
         return
     yield f"{stream.eof_offset:#08x} EOF"
     if stream.trailer is not None:
@@ -418,12 +474,15 @@ def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
     yield from _notes(stream)
 
 
-def _record_lines(rec: Section | Command, out: list[str], indent: str) -> None:
+def _record_lines(rec: Section | Command, out: list[str], indent: str, rule: tuple[bool, bool],
+                  source: str | None = None) -> None:
+    """The lines of a record; ``source`` says what decoded a section (default: whether it has a trailer
+    body), for a damaged section read again by its spec's description."""
     if isinstance(rec, Command):
         repeated = f" (repeated {rec.count} times)" if rec.count > 1 else ""
         out.append(f"{indent}{rec.offset:#08x} COMMAND {rec.name} {rec.data.hex()}{repeated}")
         for inner in rec.packaged or []:
-            _record_lines(inner, out, indent + "    ")
+            _record_lines(inner, out, indent + "    ", rule)
         return
     head = f"{indent}{rec.offset:#08x} {SECTION_NAMES[rec.kind]} {rec.idstr} id={rec.section_id}"
     if rec.has_header:
@@ -436,20 +495,20 @@ def _record_lines(rec: Section | Command, out: list[str], indent: str) -> None:
     if rec.generic_body is not None and isinstance(p, bytes):
         out.append(f"{head} legacy, {len(p)} bytes")
         return
-    source = "trailer" if rec.generic_body is not None else "spec"
+    source = source or ("trailer" if rec.generic_body is not None else "spec")
     out.append(f"{head} [{rec.vmsd_name}, decoded by {source}]")
-    for line in _section_fields(rec):
+    for line in _section_fields(rec, rule):
         out.append(f"{indent}{'    ' * (line.depth + 1)}{line.offset:#08x} {line.text}"
                    if line.size is not None or "absent" not in line.text
                    else f"{indent}{'    ' * (line.depth + 1)}{line.text}")
 
 
-def _section_fields(rec: Section) -> Iterator[FieldLine]:
-    p = rec.payload
+def _section_fields(rec: Section, rule: tuple[bool, bool]) -> Iterator[FieldLine]:
+    tree = section_tree(rec, rule)
+    assert isinstance(tree, Tree)  # a decoded section, neither RAM nor legacy bytes
     header_size = 1 + 4 + 1 + len(idstr_bytes(rec.idstr)) + 8
-    if rec.generic_body is not None:
-        return field_lines(rec.generic_body, p, rec.offset + header_size)
-    return field_lines(describe(p, rec.version_id)[0], p, rec.offset + header_size, p.VMSD)
+    spec = rec.payload.VMSD if rec.generic_body is None else None
+    return field_lines(tree.body, tree.values, rec.offset + header_size, spec)
 
 
 # ---- --set ------------------------------------------------------------------
@@ -501,6 +560,13 @@ def _names(holder: Any) -> dict[str, str | tuple[str, int] | None]:
         for i, (key, _) in enumerate(holder):
             n = seen[key] = seen.get(key, 0) + 1
             out[key if n == 1 else f"{key}#{n}"] = (key, i)
+        # A name the body repeats is an array described element by element, as inspect and diff name it
+        # (vmsd.tools.sectiontree.children): name[i] is its i-th entry.
+        count: dict[str, int] = {}
+        for i, (key, _) in enumerate(holder):
+            if seen[key] > 1:
+                k = count[key] = count.get(key, -1) + 1
+                out.setdefault(f"{key}[{k}]", (key, i))
         return out
     if isinstance(holder, VMStateObject):
         cls: Any = type(holder)
@@ -538,9 +604,18 @@ def _resolve(holder: Any, path: str, assignment: str) -> list[Any]:
             holder = _get(holder, index, assignment)
             rest = rest[close + 1 :]
             continue
+        if isinstance(holder, list) and not isinstance(holder, Obj) and len(holder) == 1:
+            # QEMU describes an array of one struct as the struct alone (no index): so does inspect.
+            steps.append(0)
+            holder = holder[0]
         names = _names(holder)
         fits = [n for n in names if rest.startswith(n) and rest[len(n) : len(n) + 1] in ("", ".", "[")]
         if not fits:
+            if isinstance(holder, VMStateObject) and any(
+                    f.kind == "unused" and f.name == rest for f in holder.VMSD.all_fields()):
+                # inspect prints them (the trailer describes them); a typed object has no value to edit.
+                raise ToolError(f"--set {assignment!r}: {rest!r} is unused bytes (VMSTATE_UNUSED): QEMU skips "
+                                "them on load and the typed spec keeps none, so there is nothing to set")
             raise ToolError(f"--set {assignment!r}: no field {rest!r} (inspect prints the names --set takes)")
         name = max(fits, key=len)
         step = names[name]
@@ -598,12 +673,24 @@ def _set(holder: Any, step: str | int | tuple[str, int], value: Any, assignment:
     current = _get(holder, step, assignment)
     if isinstance(current, bytes) and isinstance(value, int):
         raise ToolError(f"--set {assignment!r}: the field holds bytes; give a bytes literal like b'\\x01'")
+    value = _rows_like(current, value)
     if isinstance(step, int):
         holder[step] = value
     elif isinstance(step, tuple):
         holder[step[1]] = (step[0], value)
     else:
         setattr(holder, step, type(current)(value) if isinstance(current, enum.Enum) else value)
+
+
+def _rows_like(current: Any, value: Any) -> Any:
+    """A flat list for a two-dimensional array (QEMU describes it, and inspect shows it, flat) cut into
+    rows as the typed field holds it; any other value as given."""
+    if (isinstance(current, list) and current and all(isinstance(row, list) for row in current)
+            and isinstance(value, list) and value and not any(isinstance(v, list) for v in value)):
+        width = len(current[0])
+        if width and len(value) == width * len(current):
+            return [value[i : i + width] for i in range(0, len(value), width)]
+    return value
 
 
 def refuse_unless_strict(stream: Stream) -> None:
