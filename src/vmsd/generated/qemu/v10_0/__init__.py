@@ -72,7 +72,7 @@ VMSDS: dict[str, tuple[str, ...]] = {
     'mtrr_var': ('.v7_2.cpu',),
     'ncq state': ('.v7_2.ahci',),
     'packed_virtqueue_state': ('.v7_2.virtio',),
-    'parallel_isa': ('parallel',),
+    'parallel_isa': ('.v7_2.parallel',),
     'pci_status': ('.v7_2.piix4_pm',),
     'pckbd': ('.v7_2.pckbd', '.v7_2.pckbd_isa',),
     'pcspk': ('.v7_2.pcspk',),

@@ -69,7 +69,7 @@ VMSDS: dict[str, tuple[str, ...]] = {
     'msix': ('.v7_2.pci', '.v7_2.xhci',),
     'mtrr_var': ('.v7_2.cpu',),
     'packed_virtqueue_state': ('.v7_2.virtio',),
-    'parallel_isa': ('.v10_0.parallel',),
+    'parallel_isa': ('.v7_2.parallel',),
     'pci_status': ('piix4_pm',),
     'pckbd': ('.v7_2.pckbd', '.v7_2.pckbd_isa',),
     'pcspk': ('.v7_2.pcspk',),

@@ -70,6 +70,7 @@ VMSDS: dict[str, tuple[str, ...]] = {
     'mtrr_var': ('cpu',),
     'ncq state': ('ahci',),
     'packed_virtqueue_state': ('virtio',),
+    'parallel_isa': ('parallel',),
     'pci_status': ('piix4_pm',),
     'pckbd': ('pckbd', 'pckbd_isa',),
     'pcspk': ('pcspk',),
