@@ -29,6 +29,7 @@ trailer is wanted):
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from vmsd.runtime.kinds import KINDS
@@ -56,6 +57,8 @@ class Obj(list[tuple[str, Any]]):
 
     # Set on decoded subsection values: the version word the stream carried.
     wire_version: int
+    # Set on a typed object's field entries whose values are enum members: their enum (describe()).
+    enum: type[enum.Enum]
 
     def get(self, key: str, default: Any = None) -> Any:
         for k, v in self:
@@ -186,6 +189,8 @@ def _entry(obj: Any, f: FieldSpec, elem: Any, n: int, i: int, compress: bool, ru
         entry.extend([("type", "nullptr"), ("size", 1)])
         return entry, 1
     entry.append(("type", f.info))
+    if isinstance(elem, enum.Enum):  # for tools that show values by name; not part of the JSON
+        entry.enum = type(elem)
     if f.kind == "struct":
         if elem is None:  # NULL slot of an array of pointers: QEMU's marker byte
             entry.append(("struct", Obj()))

@@ -360,7 +360,14 @@ def field_lines(body: Obj, values: Obj, offset: int, spec: Any = None, depth: in
 
 
 def _value_text(value: Any, entry: Obj) -> str:
-    """Integers in hex with decimal beside (as diff shows them), lists of them in hex; the rest as JSON."""
+    """Integers in hex with decimal beside (as diff shows them), enum members by name, lists of them in hex;
+    the rest as JSON."""
+    names: type[enum.Enum] | None = getattr(entry, "enum", None)
+    if names is not None and type(value) is int:
+        try:
+            return f"{names(value).name} ({value})"
+        except ValueError:
+            pass  # a value outside the enum is kept as read
     if isinstance(value, int):
         return scalar_text(value, entry)
     if isinstance(value, list) and value and all(type(v) is int for v in value):
