@@ -14,7 +14,7 @@ import importlib.util
 import json
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -214,11 +214,91 @@ class Command:
         return MIG_CMD_NAMES.get(self.cmd, f"MIG_CMD_{self.cmd:#x}")
 
 
+# A run of identical commands at most this many wire bytes long is cheaper kept as bytes in a
+# CommandRun than as a Command object (about 130 bytes with its offset and data).
+_SMALL_RUN_BYTES = 64
+
+
+@attrs.define
+class CommandRun:
+    """Commands back to back whose packages (if any) hold only commands, kept as their wire bytes.
+
+    A stream of thousands of different small commands would otherwise cost a Command object (over
+    100 bytes) per 5 to 20 bytes of input; kept as bytes, such records cost what they take on the
+    wire.  :meth:`commands` decodes them again, one at a time, as the decoder would have built them
+    (a run of identical neighbours as one Command with a ``count``), so that tools show the same
+    records whichever way they were kept.  ``offset``: of the first command, counted as the
+    record's own reader counts (a package's records from the package's first byte).
+    """
+
+    offset: int
+    raw: bytearray
+    count: int  # commands in ``raw`` (those of its packages not included)
+    depth: int = 0  # PACKAGED commands around the run
+
+    @property
+    def name(self) -> str:
+        return "commands"
+
+    def commands(self) -> Iterator[Command]:
+        """The commands, identical neighbours folded (offsets from :attr:`offset`)."""
+        dec = Decoder(b"", SpecSet(), False, False, reader=Reader(bytes(self.raw)))
+        dec.package_depth = self.depth
+        r = dec.r
+        prev: Command | None = None
+        while not r.at_end():
+            at = r.tell()
+            r.u8()  # QEMU_VM_COMMAND: nothing else is kept in a run
+            cmd = dec.command(at)
+            cmd.offset += self.offset
+            if prev is not None and prev.packaged is None and cmd.packaged is None and (prev.cmd, prev.data) == (
+                    cmd.cmd, cmd.data):
+                prev.count += 1
+                continue
+            if prev is not None:
+                yield prev
+            prev = cmd
+        if prev is not None:
+            yield prev
+
+
+def command_bytes(cmd: Command) -> bytes:
+    """A command's wire bytes, ``count`` times (its package encoded as read)."""
+    w = Writer()
+    _write_record(w, cmd)
+    return w.getvalue()
+
+
+def _keeps_only_commands(cmd: Command) -> bool:
+    return cmd.packaged is None or all(isinstance(r, CommandRun) or (isinstance(r, Command) and _keeps_only_commands(r))
+                                       for r in cmd.packaged)
+
+
+def append_command(out: list[Section | Command | CommandRun], cmd: Command, depth: int) -> None:
+    """Add a command just read to the records read before it: a run of identical plain commands is one
+    Command with a ``count``; commands that are not worth an object each go into a CommandRun."""
+    prev = out[-1] if out else None
+    if isinstance(prev, CommandRun) and _keeps_only_commands(cmd):
+        prev.raw += command_bytes(cmd)
+        prev.count += 1
+        return
+    if isinstance(prev, Command) and prev.packaged is None and cmd.packaged is None and prev.cmd == cmd.cmd \
+            and prev.data == cmd.data:
+        prev.count += 1
+        return
+    if isinstance(prev, Command) and _keeps_only_commands(prev) and _keeps_only_commands(cmd):
+        before = command_bytes(prev)
+        if len(before) <= _SMALL_RUN_BYTES or prev.packaged is not None:
+            out[-1] = CommandRun(prev.offset, bytearray(before) + command_bytes(cmd), prev.count + 1, depth)
+            return
+    out.append(cmd)
+
+
 @attrs.define
 class Stream:
     version: int = QEMU_VM_FILE_VERSION
     configuration: Configuration | None = None
-    records: list[Section | Command] = attrs.Factory(list)
+    records: list[Section | Command | CommandRun] = attrs.Factory(list)
     eof_offset: int | None = None
     trailer: Obj | None = None  # parsed JSON trailer
     trailer_text: bytes | None = None
@@ -234,7 +314,7 @@ class Stream:
         for rec in self.records:
             if isinstance(rec, Section):
                 out.append(rec)
-            elif rec.packaged:
+            elif isinstance(rec, Command) and rec.packaged:
                 out.extend(r for r in rec.packaged if isinstance(r, Section))
         return out
 
@@ -471,7 +551,6 @@ class Decoder:
         self.ram_block_named = False
         self.package_eof = False  # set when a PACKAGED command's records end at an EOF byte
         self.package_depth = 0  # PACKAGED commands around the records being read
-        self.short_data: dict[bytes, bytes] = {}
 
     def warn(self, msg: str) -> None:
         self.stream.warnings.append(msg)
@@ -540,9 +619,9 @@ class Decoder:
         self.ram_context = RamContext(ignore_shared=CAP_IGNORE_SHARED in caps, mapped_ram=CAP_MAPPED_RAM in caps)
         return obj
 
-    def records(self, top: bool) -> list[Section | Command]:
+    def records(self, top: bool) -> list[Section | Command | CommandRun]:
         r = self.r
-        out: list[Section | Command] = []
+        out: list[Section | Command | CommandRun] = []
         if top:  # the records so far, for read_partial when a later one fails
             self.stream.records = out
         while True:
@@ -556,12 +635,7 @@ class Decoder:
                 out.append(self.section(kind, at))
             elif kind == QEMU_VM_COMMAND:
                 cmd = self.command(at)
-                prev = out[-1] if out else None
-                if (isinstance(prev, Command) and prev.cmd == cmd.cmd and prev.data == cmd.data
-                        and prev.packaged is None and cmd.packaged is None):
-                    prev.count += 1
-                else:
-                    out.append(cmd)
+                append_command(out, cmd, self.package_depth)
                 if cmd.cmd == 5 and not top:  # POSTCOPY_RUN ends a package
                     self.package_eof = False  # (a package inside this one may have set it)
                     return out
@@ -580,8 +654,6 @@ class Decoder:
         if fixed is not None and length != fixed:
             raise MalformedStream(f"{MIG_CMD_NAMES[cmd]} received with bad length - expecting {fixed}, got {length}", offset=at)
         data = r.read(length)
-        if length <= 8:  # PINGs and the like: one bytes object per distinct value, not per command
-            data = self.short_data.setdefault(data, data)
         command = Command(cmd, at, data)
         self.return_path = self.return_path or cmd == 1  # MIG_CMD_OPEN_RETURN_PATH
         if cmd == MIG_CMD_PACKAGED:
@@ -1122,7 +1194,7 @@ def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
     return w.getvalue()
 
 
-def write_records(w: Writer, records: list[Section | Command]) -> None:
+def write_records(w: Writer, records: list[Section | Command | CommandRun]) -> None:
     """Sections and commands, each with its header and (when set) footer."""
     for rec in records:
         try:
@@ -1132,7 +1204,10 @@ def write_records(w: Writer, records: list[Section | Command]) -> None:
             raise _save_error(e, name, rec.offset) from e
 
 
-def _write_record(w: Writer, rec: Section | Command) -> None:
+def _write_record(w: Writer, rec: Section | Command | CommandRun) -> None:
+    if isinstance(rec, CommandRun):
+        w.write(rec.raw)
+        return
     if isinstance(rec, Command):
         w.u8(QEMU_VM_COMMAND)
         w.u16(rec.cmd)

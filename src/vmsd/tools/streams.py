@@ -19,6 +19,7 @@ from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import (
     SECTION_NAMES,
     Command,
+    CommandRun,
     Finding,
     Section,
     SpecSet,
@@ -221,26 +222,38 @@ def configuration_json(state: Any) -> dict[str, Any]:
     return out
 
 
-def record_json(rec: Section | Command) -> dict[str, Any]:
+def _commands(rec: Command | CommandRun) -> Iterator[Command]:
+    return rec.commands() if isinstance(rec, CommandRun) else iter((rec,))
+
+
+def record_json(rec: Section | Command | CommandRun) -> Iterator[dict[str, Any]]:
+    """The JSON entries of a record: one, or one per command of a :class:`CommandRun`."""
     if isinstance(rec, Section):
-        return section_json(rec)
-    entry: dict[str, Any] = {"type": "COMMAND", "command": rec.name, "offset": rec.offset, "data": rec.data.hex()}
-    if rec.count > 1:
-        entry["count"] = rec.count
-    if rec.packaged is not None:
-        entry["packaged"] = [section_json(r) if isinstance(r, Section) else _inner_command_json(r) for r in rec.packaged]
-    return entry
+        yield section_json(rec)
+        return
+    for cmd in _commands(rec):
+        entry: dict[str, Any] = {"type": "COMMAND", "command": cmd.name, "offset": cmd.offset, "data": cmd.data.hex()}
+        if cmd.count > 1:
+            entry["count"] = cmd.count
+        if cmd.packaged is not None:
+            entry["packaged"] = [e for r in cmd.packaged for e in _inner_json(r)]
+        yield entry
 
 
-def _inner_command_json(rec: Command) -> dict[str, Any]:
-    return {"command": rec.name, "count": rec.count} if rec.count > 1 else {"command": rec.name}
+def _inner_json(rec: Section | Command | CommandRun) -> Iterator[dict[str, Any]]:
+    """A packaged record's entries: a section's, or each command's name (and count)."""
+    if isinstance(rec, Section):
+        yield section_json(rec)
+        return
+    for cmd in _commands(rec):
+        yield {"command": cmd.name, "count": cmd.count} if cmd.count > 1 else {"command": cmd.name}
 
 
 def stream_json(stream: Stream) -> dict[str, Any]:
     out: dict[str, Any] = {"version": stream.version}
     if stream.configuration is not None:
         out["configuration"] = configuration_json(stream.configuration.state)
-    out["records"] = [record_json(rec) for rec in stream.records]
+    out["records"] = [entry for rec in stream.records for entry in record_json(rec)]
     out.update(_json_tail(stream))
     return out
 
@@ -266,10 +279,13 @@ def write_json(stream: Stream, out: TextIO, error: VMSDError | None = None) -> N
     if stream.configuration is not None:
         head["configuration"] = configuration_json(stream.configuration.state)
     out.write(dumps(head)[:-1] + ',"records":[')
-    for i, rec in enumerate(stream.records):
-        if i:
-            out.write(",")
-        out.write(dumps(record_json(rec)))
+    first = True
+    for rec in stream.records:
+        for entry in record_json(rec):
+            if not first:
+                out.write(",")
+            first = False
+            out.write(dumps(entry))
     out.write("]," + dumps(_json_tail(stream, error))[1:])
 
 
@@ -398,9 +414,7 @@ def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
         state = stream.configuration.state
         yield f"{stream.configuration.offset:#08x} CONFIGURATION machine={state.name.decode(errors='replace')!r}"
     for rec in stream.records:
-        out: list[str] = []
-        _record_lines(rec, out, "")
-        yield from out
+        yield from _record_lines(rec, "")
     if error is not None:
         yield from _notes(stream)
         at = f"{error.offset:#08x} " if error.offset is not None else ""
@@ -412,12 +426,13 @@ def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
     yield from _notes(stream)
 
 
-def _record_lines(rec: Section | Command, out: list[str], indent: str) -> None:
-    if isinstance(rec, Command):
-        repeated = f" (repeated {rec.count} times)" if rec.count > 1 else ""
-        out.append(f"{indent}{rec.offset:#08x} COMMAND {rec.name} {rec.data.hex()}{repeated}")
-        for inner in rec.packaged or []:
-            _record_lines(inner, out, indent + "    ")
+def _record_lines(rec: Section | Command | CommandRun, indent: str) -> Iterator[str]:
+    if not isinstance(rec, Section):
+        for cmd in _commands(rec):
+            repeated = f" (repeated {cmd.count} times)" if cmd.count > 1 else ""
+            yield f"{indent}{cmd.offset:#08x} COMMAND {cmd.name} {cmd.data.hex()}{repeated}"
+            for inner in cmd.packaged or []:
+                yield from _record_lines(inner, indent + "    ")
         return
     head = f"{indent}{rec.offset:#08x} {SECTION_NAMES[rec.kind]} {rec.idstr} id={rec.section_id}"
     if rec.has_header:
@@ -425,17 +440,17 @@ def _record_lines(rec: Section | Command, out: list[str], indent: str) -> None:
     p = rec.payload
     if isinstance(p, RamPayload):
         summary = _ram_summary(p)
-        out.append(f"{head} ram: {summary}")
+        yield f"{head} ram: {summary}"
         return
     if rec.generic_body is not None and isinstance(p, bytes):
-        out.append(f"{head} legacy, {len(p)} bytes")
+        yield f"{head} legacy, {len(p)} bytes"
         return
     source = "trailer" if rec.generic_body is not None else "spec"
-    out.append(f"{head} [{rec.vmsd_name}, decoded by {source}]")
+    yield f"{head} [{rec.vmsd_name}, decoded by {source}]"
     for line in _section_fields(rec):
-        out.append(f"{indent}{'    ' * (line.depth + 1)}{line.offset:#08x} {line.text}"
-                   if line.size is not None or "absent" not in line.text
-                   else f"{indent}{'    ' * (line.depth + 1)}{line.text}")
+        yield (f"{indent}{'    ' * (line.depth + 1)}{line.offset:#08x} {line.text}"
+               if line.size is not None or "absent" not in line.text
+               else f"{indent}{'    ' * (line.depth + 1)}{line.text}")
 
 
 def _section_fields(rec: Section) -> Iterator[FieldLine]:
