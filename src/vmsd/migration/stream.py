@@ -1157,11 +1157,15 @@ def _save_error(e: Exception, section: str | None, offset: int | None) -> VMSDEr
     return SaveError(f"cannot encode: {e}", offset=offset, section=section)
 
 
-def _trailer_record(desc: Obj) -> bytes:
+def _json_text(value: Any) -> str:
     try:
-        text = dumps(desc).encode()
+        return dumps(value)
     except _ENCODE_ERRORS as e:
         raise SaveError(f"cannot write the trailer: {e}") from e
+
+
+def _trailer_record(desc: Obj) -> bytes:
+    text = _json_text(desc).encode()
     return bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", len(text)) + text
 
 
@@ -1171,7 +1175,7 @@ def stream_tail(sections: list[Section], profile: PeerProfile | None = None) -> 
     w = Writer()
     write_records(w, list(sections))
     w.u8(QEMU_VM_EOF)
-    w.write(_trailer_record(regenerate_trailer(Stream(records=list(sections), profile=profile))))
+    w.write(_regenerated_record(Stream(records=list(sections), profile=profile)))
     return w.getvalue()
 
 
@@ -1190,7 +1194,7 @@ def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
     write_records(w, stream.records)
     w.u8(QEMU_VM_EOF)
     if trailer is not False and (stream.trailer is not None or isinstance(trailer, Obj)):
-        w.write(_trailer_record(trailer if isinstance(trailer, Obj) else regenerate_trailer(stream)))
+        w.write(_trailer_record(trailer) if isinstance(trailer, Obj) else _regenerated_record(stream))
     return w.getvalue()
 
 
@@ -1251,7 +1255,38 @@ def _pairs(obj: Obj) -> list[tuple[str, Any]]:
 
 
 def regenerate_trailer(stream: Stream) -> Obj:
-    """The trailer QEMU would write: typed sections described from their specs.
+    """The trailer QEMU would write: typed sections described from their specs (see :func:`_trailer_parts`)."""
+    out = Obj()
+    devices: list[Obj] = []
+    for key, value in _trailer_parts(stream):
+        out.append((key, value))
+        if key == "devices":
+            devices.extend(value)
+            out[-1] = (key, devices)
+    return out
+
+
+def _regenerated_record(stream: Stream) -> bytes:
+    """The trailer record of :func:`regenerate_trailer`, its text made a device at a time: the devices'
+    descriptions (several times the size of the sections they describe) are never all built at once."""
+    pieces: list[bytes] = []
+    for i, (key, value) in enumerate(_trailer_parts(stream)):
+        head = ("{" if i == 0 else ", ") + _json_text(key) + ": "
+        if key != "devices":
+            pieces.append((head + _json_text(value)).encode())
+            continue
+        pieces.append((head + "[").encode())
+        for j, device in enumerate(value):
+            pieces.append(((", " if j else "") + _json_text(device)).encode())
+        pieces.append(b"]")
+    pieces.append(b"}")
+    size = sum(map(len, pieces))
+    return bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", size) + b"".join(pieces)
+
+
+def _trailer_parts(stream: Stream) -> Iterator[tuple[str, Any]]:
+    """The trailer's top-level pairs in order; the value of "devices" is an iterator that describes each
+    FULL section when it is reached.
 
     A JSON name cannot hold an idstr's bytes that are not UTF-8 (QEMU writes
     U+FFFD for them).  Such a section keeps the name the stream's own trailer
@@ -1270,7 +1305,15 @@ def regenerate_trailer(stream: Stream) -> Obj:
     old: Any = stream.trailer.get("devices") if stream.trailer is not None else None
     # The trailer lists the FULL sections in stream order; with another count, places do not correspond.
     old_devices: list[Any] = old if isinstance(old, list) and len(old) == len(fulls) else []
-    devices: list[Obj] = []
+    if stream.trailer is not None and stream.trailer.get("configuration") is not None:
+        yield "configuration", stream.trailer.get("configuration")
+    # As read, when it was read: written again, a value that is not QEMU's integer would change.
+    page_size = stream.trailer.get("page_size") if stream.trailer is not None else None
+    yield "page_size", page_size if page_size is not None else stream.page_size
+    yield "devices", _devices(fulls, old_devices, runs, indexes)
+
+
+def _devices(fulls: list[Section], old_devices: list[Any], runs: bool, indexes: bool) -> Iterator[Obj]:
     for i, sec in enumerate(fulls):
         try:
             name = json_name(sec.idstr)
@@ -1292,12 +1335,4 @@ def regenerate_trailer(stream: Stream) -> Obj:
             if (isinstance(was, Obj) and isinstance(was.get("name"), str)
                     and was.get("instance_id") == sec.instance_id and _pairs(was) == _pairs(head)):
                 head[0] = ("name", was.get("name"))
-        devices.append(head)
-    out = Obj()
-    if stream.trailer is not None and stream.trailer.get("configuration") is not None:
-        out.append(("configuration", stream.trailer.get("configuration")))
-    # As read, when it was read: written again, a value that is not QEMU's integer would change.
-    page_size = stream.trailer.get("page_size") if stream.trailer is not None else None
-    out.append(("page_size", page_size if page_size is not None else stream.page_size))
-    out.append(("devices", devices))
-    return out
+        yield head
