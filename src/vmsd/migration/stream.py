@@ -14,7 +14,7 @@ import importlib.util
 import json
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -230,11 +230,91 @@ class Damage:
     error: VMSDError | None = None
 
 
+# A run of identical commands at most this many wire bytes long is cheaper kept as bytes in a
+# CommandRun than as a Command object (about 130 bytes with its offset and data).
+_SMALL_RUN_BYTES = 64
+
+
+@attrs.define
+class CommandRun:
+    """Commands back to back whose packages (if any) hold only commands, kept as their wire bytes.
+
+    A stream of thousands of different small commands would otherwise cost a Command object (over
+    100 bytes) per 5 to 20 bytes of input; kept as bytes, such records cost what they take on the
+    wire.  :meth:`commands` decodes them again, one at a time, as the decoder would have built them
+    (a run of identical neighbours as one Command with a ``count``), so that tools show the same
+    records whichever way they were kept.  ``offset``: of the first command, counted as the
+    record's own reader counts (a package's records from the package's first byte).
+    """
+
+    offset: int
+    raw: bytearray
+    count: int  # commands in ``raw`` (those of its packages not included)
+    depth: int = 0  # PACKAGED commands around the run
+
+    @property
+    def name(self) -> str:
+        return "commands"
+
+    def commands(self) -> Iterator[Command]:
+        """The commands, identical neighbours folded (offsets from :attr:`offset`)."""
+        dec = Decoder(b"", SpecSet(), False, False, reader=Reader(bytes(self.raw)))
+        dec.package_depth = self.depth
+        r = dec.r
+        prev: Command | None = None
+        while not r.at_end():
+            at = r.tell()
+            r.u8()  # QEMU_VM_COMMAND: nothing else is kept in a run
+            cmd = dec.command(at)
+            cmd.offset += self.offset
+            if prev is not None and prev.packaged is None and cmd.packaged is None and (prev.cmd, prev.data) == (
+                    cmd.cmd, cmd.data):
+                prev.count += 1
+                continue
+            if prev is not None:
+                yield prev
+            prev = cmd
+        if prev is not None:
+            yield prev
+
+
+def command_bytes(cmd: Command) -> bytes:
+    """A command's wire bytes, ``count`` times (its package encoded as read)."""
+    w = Writer()
+    _write_record(w, cmd)
+    return w.getvalue()
+
+
+def _keeps_only_commands(cmd: Command) -> bool:
+    return cmd.packaged is None or all(isinstance(r, CommandRun) or (isinstance(r, Command) and _keeps_only_commands(r))
+                                       for r in cmd.packaged)
+
+
+def append_command(out: list[Section | Command | CommandRun], cmd: Command, depth: int) -> None:
+    """Add a command just read to the records read before it: a run of identical plain commands is one
+    Command with a ``count``; commands that are not worth an object each go into a CommandRun."""
+    prev = out[-1] if out else None
+    if isinstance(prev, CommandRun) and _keeps_only_commands(cmd):
+        prev.raw += command_bytes(cmd)
+        prev.count += 1
+        return
+    if isinstance(prev, Command) and prev.packaged is None and cmd.packaged is None and prev.cmd == cmd.cmd \
+            and prev.data == cmd.data:
+        prev.count += 1
+        return
+    if isinstance(prev, Command) and _keeps_only_commands(prev) and _keeps_only_commands(cmd):
+        before = command_bytes(prev)
+        if len(before) <= _SMALL_RUN_BYTES or prev.packaged is not None:
+            out[-1] = CommandRun(prev.offset, bytearray(before) + command_bytes(cmd), prev.count + 1, depth)
+            return
+    out.append(cmd)
+
+
 @attrs.define
 class Stream:
     version: int = QEMU_VM_FILE_VERSION
     configuration: Configuration | None = None
-    records: list[Section | Command] = attrs.Factory(list)
+    records: list[Section | Command | CommandRun] = attrs.Factory(list)
     eof_offset: int | None = None
     trailer: Obj | None = None  # parsed JSON trailer
     trailer_text: bytes | None = None
@@ -251,7 +331,7 @@ class Stream:
         for rec in self.records:
             if isinstance(rec, Section):
                 out.append(rec)
-            elif rec.packaged:
+            elif isinstance(rec, Command) and rec.packaged:
                 out.extend(r for r in rec.packaged if isinstance(r, Section))
         return out
 
@@ -490,7 +570,6 @@ class Decoder:
         self.ram_block_named = False
         self.package_eof = False  # set when a PACKAGED command's records end at an EOF byte
         self.package_depth = 0  # PACKAGED commands around the records being read
-        self.short_data: dict[bytes, bytes] = {}
         # Live: sections no spec describes, with where their payload starts, until the trailer comes.
         self.kept: list[tuple[Section, int]] = []
         self.keep_damage = False  # read_partial: keep what a failed section held (Stream.damage)
@@ -563,9 +642,9 @@ class Decoder:
         self.ram_context = RamContext(ignore_shared=CAP_IGNORE_SHARED in caps, mapped_ram=CAP_MAPPED_RAM in caps)
         return obj
 
-    def records(self, top: bool) -> list[Section | Command]:
+    def records(self, top: bool) -> list[Section | Command | CommandRun]:
         r = self.r
-        out: list[Section | Command] = []
+        out: list[Section | Command | CommandRun] = []
         if top:  # the records so far, for read_partial when a later one fails
             self.stream.records = out
         while True:
@@ -579,12 +658,7 @@ class Decoder:
                 out.append(self.section(kind, at))
             elif kind == QEMU_VM_COMMAND:
                 cmd = self.command(at)
-                prev = out[-1] if out else None
-                if (isinstance(prev, Command) and prev.cmd == cmd.cmd and prev.data == cmd.data
-                        and prev.packaged is None and cmd.packaged is None):
-                    prev.count += 1
-                else:
-                    out.append(cmd)
+                append_command(out, cmd, self.package_depth)
                 if cmd.cmd == 5 and not top:  # POSTCOPY_RUN ends a package
                     self.package_eof = False  # (a package inside this one may have set it)
                     return out
@@ -603,8 +677,6 @@ class Decoder:
         if fixed is not None and length != fixed:
             raise MalformedStream(f"{MIG_CMD_NAMES[cmd]} received with bad length - expecting {fixed}, got {length}", offset=at)
         data = r.read(length)
-        if length <= 8:  # PINGs and the like: one bytes object per distinct value, not per command
-            data = self.short_data.setdefault(data, data)
         command = Command(cmd, at, data)
         self.return_path = self.return_path or cmd == 1  # MIG_CMD_OPEN_RETURN_PATH
         if cmd == MIG_CMD_PACKAGED:
@@ -1246,11 +1318,15 @@ def _save_error(e: Exception, section: str | None, offset: int | None) -> VMSDEr
     return SaveError(f"cannot encode: {e}", offset=offset, section=section)
 
 
-def _trailer_record(desc: Obj) -> bytes:
+def _json_text(value: Any) -> str:
     try:
-        text = dumps(desc).encode()
+        return dumps(value)
     except _ENCODE_ERRORS as e:
         raise SaveError(f"cannot write the trailer: {e}") from e
+
+
+def _trailer_record(desc: Obj) -> bytes:
+    text = _json_text(desc).encode()
     return bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", len(text)) + text
 
 
@@ -1260,7 +1336,7 @@ def stream_tail(sections: list[Section], profile: PeerProfile | None = None) -> 
     w = Writer()
     write_records(w, list(sections))
     w.u8(QEMU_VM_EOF)
-    w.write(_trailer_record(regenerate_trailer(Stream(records=list(sections), profile=profile))))
+    w.write(_regenerated_record(Stream(records=list(sections), profile=profile)))
     return w.getvalue()
 
 
@@ -1279,11 +1355,11 @@ def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
     write_records(w, stream.records)
     w.u8(QEMU_VM_EOF)
     if trailer is not False and (stream.trailer is not None or isinstance(trailer, Obj)):
-        w.write(_trailer_record(trailer if isinstance(trailer, Obj) else regenerate_trailer(stream)))
+        w.write(_trailer_record(trailer) if isinstance(trailer, Obj) else _regenerated_record(stream))
     return w.getvalue()
 
 
-def write_records(w: Writer, records: list[Section | Command]) -> None:
+def write_records(w: Writer, records: list[Section | Command | CommandRun]) -> None:
     """Sections and commands, each with its header and (when set) footer."""
     for rec in records:
         try:
@@ -1293,7 +1369,10 @@ def write_records(w: Writer, records: list[Section | Command]) -> None:
             raise _save_error(e, name, rec.offset) from e
 
 
-def _write_record(w: Writer, rec: Section | Command) -> None:
+def _write_record(w: Writer, rec: Section | Command | CommandRun) -> None:
+    if isinstance(rec, CommandRun):
+        w.write(rec.raw)
+        return
     if isinstance(rec, Command):
         w.u8(QEMU_VM_COMMAND)
         w.u16(rec.cmd)
@@ -1348,7 +1427,38 @@ def description_rule(stream: Stream) -> tuple[bool, bool]:
 
 
 def regenerate_trailer(stream: Stream) -> Obj:
-    """The trailer QEMU would write: typed sections described from their specs.
+    """The trailer QEMU would write: typed sections described from their specs (see :func:`_trailer_parts`)."""
+    out = Obj()
+    devices: list[Obj] = []
+    for key, value in _trailer_parts(stream):
+        out.append((key, value))
+        if key == "devices":
+            devices.extend(value)
+            out[-1] = (key, devices)
+    return out
+
+
+def _regenerated_record(stream: Stream) -> bytes:
+    """The trailer record of :func:`regenerate_trailer`, its text made a device at a time: the devices'
+    descriptions (several times the size of the sections they describe) are never all built at once."""
+    pieces: list[bytes] = []
+    for i, (key, value) in enumerate(_trailer_parts(stream)):
+        head = ("{" if i == 0 else ", ") + _json_text(key) + ": "
+        if key != "devices":
+            pieces.append((head + _json_text(value)).encode())
+            continue
+        pieces.append((head + "[").encode())
+        for j, device in enumerate(value):
+            pieces.append(((", " if j else "") + _json_text(device)).encode())
+        pieces.append(b"]")
+    pieces.append(b"}")
+    size = sum(map(len, pieces))
+    return bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", size) + b"".join(pieces)
+
+
+def _trailer_parts(stream: Stream) -> Iterator[tuple[str, Any]]:
+    """The trailer's top-level pairs in order; the value of "devices" is an iterator that describes each
+    FULL section when it is reached.
 
     A JSON name cannot hold an idstr's bytes that are not UTF-8 (QEMU writes
     U+FFFD for them).  Such a section keeps the name the stream's own trailer
@@ -1361,7 +1471,15 @@ def regenerate_trailer(stream: Stream) -> Obj:
     old: Any = stream.trailer.get("devices") if stream.trailer is not None else None
     # The trailer lists the FULL sections in stream order; with another count, places do not correspond.
     old_devices: list[Any] = old if isinstance(old, list) and len(old) == len(fulls) else []
-    devices: list[Obj] = []
+    if stream.trailer is not None and stream.trailer.get("configuration") is not None:
+        yield "configuration", stream.trailer.get("configuration")
+    # As read, when it was read: written again, a value that is not QEMU's integer would change.
+    page_size = stream.trailer.get("page_size") if stream.trailer is not None else None
+    yield "page_size", page_size if page_size is not None else stream.page_size
+    yield "devices", _devices(fulls, old_devices, runs, indexes)
+
+
+def _devices(fulls: list[Section], old_devices: list[Any], runs: bool, indexes: bool) -> Iterator[Obj]:
     for i, sec in enumerate(fulls):
         try:
             name = json_name(sec.idstr)
@@ -1383,12 +1501,4 @@ def regenerate_trailer(stream: Stream) -> Obj:
             if (isinstance(was, Obj) and isinstance(was.get("name"), str)
                     and was.get("instance_id") == sec.instance_id and _pairs(was) == _pairs(head)):
                 head[0] = ("name", was.get("name"))
-        devices.append(head)
-    out = Obj()
-    if stream.trailer is not None and stream.trailer.get("configuration") is not None:
-        out.append(("configuration", stream.trailer.get("configuration")))
-    # As read, when it was read: written again, a value that is not QEMU's integer would change.
-    page_size = stream.trailer.get("page_size") if stream.trailer is not None else None
-    out.append(("page_size", page_size if page_size is not None else stream.page_size))
-    out.append(("devices", devices))
-    return out
+        yield head

@@ -39,6 +39,7 @@ from vmsd.migration.stream import (
     QEMU_VM_SECTION_FULL,
     SECTION_NAMES,
     Command,
+    CommandRun,
     Section,
     Stream,
     idstr_bytes,
@@ -595,7 +596,7 @@ def _hidden_difference(data_a: bytes, a: Stream, data_b: bytes, first: int) -> s
             "bytes that decode to the same values")
 
 
-def _spans(stream: Stream) -> Iterator[tuple[int, int, Section | Command | None, str]]:
+def _spans(stream: Stream) -> Iterator[tuple[int, int, Section | Command | CommandRun | None, str]]:
     """Top-level parts of a stream with their byte ranges, in order."""
     records = stream.records
     ends = [r.offset for r in records[1:]] + [stream.eof_offset if stream.eof_offset is not None else 1 << 62]
@@ -615,6 +616,11 @@ def _locate(stream: Stream, offset: int) -> str:
                 label = f" in section {section_label(rec)}" + _field_at(rec, offset)
             elif isinstance(rec, Command):
                 label = f" in command {rec.name}"
+            elif isinstance(rec, CommandRun):
+                for cmd in rec.commands():
+                    if cmd.offset > offset:
+                        break
+                    label = f" in command {cmd.name}"
             else:
                 label = f" in the {name}"
     return label

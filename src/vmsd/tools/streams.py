@@ -20,6 +20,7 @@ from vmsd.migration.ram.records import RamPayload
 from vmsd.migration.stream import (
     SECTION_NAMES,
     Command,
+    CommandRun,
     Damage,
     Finding,
     MachineConfiguration,
@@ -237,20 +238,32 @@ def configuration_json(state: Any) -> dict[str, Any]:
     return out
 
 
-def record_json(rec: Section | Command, rule: tuple[bool, bool] = (False, True)) -> dict[str, Any]:
+def _commands(rec: Command | CommandRun) -> Iterator[Command]:
+    return rec.commands() if isinstance(rec, CommandRun) else iter((rec,))
+
+
+def record_json(rec: Section | Command | CommandRun, rule: tuple[bool, bool] = (False, True)
+                ) -> Iterator[dict[str, Any]]:
+    """The JSON entries of a record: one, or one per command of a :class:`CommandRun`."""
     if isinstance(rec, Section):
-        return section_json(rec, rule)
-    entry: dict[str, Any] = {"type": "COMMAND", "command": rec.name, "offset": rec.offset, "data": rec.data.hex()}
-    if rec.count > 1:
-        entry["count"] = rec.count
-    if rec.packaged is not None:
-        entry["packaged"] = [section_json(r, rule) if isinstance(r, Section) else _inner_command_json(r)
-                             for r in rec.packaged]
-    return entry
+        yield section_json(rec, rule)
+        return
+    for cmd in _commands(rec):
+        entry: dict[str, Any] = {"type": "COMMAND", "command": cmd.name, "offset": cmd.offset, "data": cmd.data.hex()}
+        if cmd.count > 1:
+            entry["count"] = cmd.count
+        if cmd.packaged is not None:
+            entry["packaged"] = [e for r in cmd.packaged for e in _inner_json(r, rule)]
+        yield entry
 
 
-def _inner_command_json(rec: Command) -> dict[str, Any]:
-    return {"command": rec.name, "count": rec.count} if rec.count > 1 else {"command": rec.name}
+def _inner_json(rec: Section | Command | CommandRun, rule: tuple[bool, bool]) -> Iterator[dict[str, Any]]:
+    """A packaged record's entries: a section's, or each command's name (and count)."""
+    if isinstance(rec, Section):
+        yield section_json(rec, rule)
+        return
+    for cmd in _commands(rec):
+        yield {"command": cmd.name, "count": cmd.count} if cmd.count > 1 else {"command": cmd.name}
 
 
 def stream_json(stream: Stream) -> dict[str, Any]:
@@ -258,7 +271,7 @@ def stream_json(stream: Stream) -> dict[str, Any]:
     if stream.configuration is not None:
         out["configuration"] = configuration_json(stream.configuration.state)
     rule = description_rule(stream)
-    out["records"] = [record_json(rec, rule) for rec in stream.records]
+    out["records"] = [entry for rec in stream.records for entry in record_json(rec, rule)]
     out.update(_json_tail(stream))
     return out
 
@@ -288,12 +301,15 @@ def write_json(stream: Stream, out: TextIO, error: VMSDError | None = None) -> N
         head["configuration"] = configuration_json(stream.configuration.state)
     out.write(dumps(head)[:-1] + ',"records":[')
     rule = description_rule(stream)
-    for i, rec in enumerate(stream.records):
-        if i:
-            out.write(",")
-        out.write(dumps(record_json(rec, rule)))
+    first = True
+    for rec in stream.records:
+        for entry in record_json(rec, rule):
+            if not first:
+                out.write(",")
+            first = False
+            out.write(dumps(entry))
     if error is not None and stream.damage is not None:
-        out.write(("," if stream.records else "") + dumps(damage_json(stream.damage, rule)))
+        out.write(("" if first else ",") + dumps(damage_json(stream.damage, rule)))
     out.write("]," + dumps(_json_tail(stream, error))[1:])
 
 
@@ -459,14 +475,11 @@ def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
         yield f"{stream.configuration.offset:#08x} CONFIGURATION machine={state.name.decode(errors='replace')!r}"
     rule = description_rule(stream)
     for rec in stream.records:
-        out: list[str] = []
-        _record_lines(rec, out, "", rule)
-        yield from out
+        yield from _record_lines(rec, "", rule)
     if error is not None:
         damage = stream.damage
         if damage is not None:
-            out = []
-            _record_lines(damage.section, out, "", rule, "spec" if damage.by_spec else "trailer")
+            out = list(_record_lines(damage.section, "", rule, "spec" if damage.by_spec else "trailer"))
             out[0] += "" if damage.whole else " cut short by the error below"
             yield from out
         yield from _notes(stream)
@@ -481,15 +494,16 @@ def tree_lines(stream: Stream, error: VMSDError | None = None) -> Iterator[str]:
     yield from _notes(stream)
 
 
-def _record_lines(rec: Section | Command, out: list[str], indent: str, rule: tuple[bool, bool],
-                  source: str | None = None) -> None:
+def _record_lines(rec: Section | Command | CommandRun, indent: str, rule: tuple[bool, bool],
+                  source: str | None = None) -> Iterator[str]:
     """The lines of a record; ``source`` says what decoded a section (default: whether it has a trailer
     body), for a damaged section read again by its spec's description."""
-    if isinstance(rec, Command):
-        repeated = f" (repeated {rec.count} times)" if rec.count > 1 else ""
-        out.append(f"{indent}{rec.offset:#08x} COMMAND {rec.name} {rec.data.hex()}{repeated}")
-        for inner in rec.packaged or []:
-            _record_lines(inner, out, indent + "    ", rule)
+    if not isinstance(rec, Section):
+        for cmd in _commands(rec):
+            repeated = f" (repeated {cmd.count} times)" if cmd.count > 1 else ""
+            yield f"{indent}{cmd.offset:#08x} COMMAND {cmd.name} {cmd.data.hex()}{repeated}"
+            for inner in cmd.packaged or []:
+                yield from _record_lines(inner, indent + "    ", rule)
         return
     head = f"{indent}{rec.offset:#08x} {SECTION_NAMES[rec.kind]} {rec.idstr} id={rec.section_id}"
     if rec.has_header:
@@ -497,17 +511,17 @@ def _record_lines(rec: Section | Command, out: list[str], indent: str, rule: tup
     p = rec.payload
     if isinstance(p, RamPayload):
         summary = _ram_summary(p)
-        out.append(f"{head} ram: {summary}")
+        yield f"{head} ram: {summary}"
         return
     if rec.generic_body is not None and isinstance(p, bytes):
-        out.append(f"{head} legacy, {len(p)} bytes")
+        yield f"{head} legacy, {len(p)} bytes"
         return
     source = source or ("trailer" if rec.generic_body is not None else "spec")
-    out.append(f"{head} [{rec.vmsd_name}, decoded by {source}]")
+    yield f"{head} [{rec.vmsd_name}, decoded by {source}]"
     for line in _section_fields(rec, rule):
-        out.append(f"{indent}{'    ' * (line.depth + 1)}{line.offset:#08x} {line.text}"
-                   if line.size is not None or "absent" not in line.text
-                   else f"{indent}{'    ' * (line.depth + 1)}{line.text}")
+        yield (f"{indent}{'    ' * (line.depth + 1)}{line.offset:#08x} {line.text}"
+               if line.size is not None or "absent" not in line.text
+               else f"{indent}{'    ' * (line.depth + 1)}{line.text}")
 
 
 def _section_fields(rec: Section, rule: tuple[bool, bool]) -> Iterator[FieldLine]:

@@ -18,6 +18,7 @@ import json
 import re
 import struct
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,14 @@ def _dump_desc(d: dict[str, Any], where: str, origin: str, needed: str | None = 
 
 
 def _stream(text: str, data: bytes) -> Side:
-    from vmsd.migration.stream import QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_START, Command, json_name, read_stream
+    from vmsd.migration.stream import (
+        QEMU_VM_SECTION_FULL,
+        QEMU_VM_SECTION_START,
+        Command,
+        CommandRun,
+        json_name,
+        read_stream,
+    )
     from vmsd.qemu.versions import choose, machine_type, spec_set
 
     choice = choose(data)
@@ -254,9 +262,10 @@ def _stream(text: str, data: bytes) -> Side:
     for rec in stream.records:
         inner = rec.packaged if isinstance(rec, Command) and rec.packaged else [rec]
         for r in inner:
-            if isinstance(r, Command):
-                if r.name not in facts.commands:
-                    facts.commands.append(r.name)
+            if isinstance(r, Command | CommandRun):
+                for command in _command_names(r):
+                    if command not in facts.commands:
+                        facts.commands.append(command)
                 continue
             if r.kind not in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
                 continue
@@ -284,6 +293,17 @@ def _stream(text: str, data: bytes) -> Side:
     name = machine_type(data)
     machine = name.decode(errors="replace") if name else None
     return Side(text, "stream", choice.version, descs, sections, machine=machine, stream=facts)
+
+
+def _command_names(rec: Any) -> Iterator[str]:
+    """The names of a command, of the commands of a CommandRun (kept as bytes), and of those in their packages."""
+    from vmsd.migration.stream import CommandRun
+
+    for cmd in rec.commands() if isinstance(rec, CommandRun) else [rec]:
+        yield cmd.name
+        for inner in cmd.packaged or []:
+            if not hasattr(inner, "kind"):  # a package's commands; its sections are read as records above
+                yield from _command_names(inner)
 
 
 def _body_desc(body: Obj, version: int | None) -> Desc:
