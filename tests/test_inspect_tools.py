@@ -20,7 +20,7 @@ from vmsd.cli import main
 from vmsd.migration.stream import SpecSet, Stream, layout_difference, read_stream, write_stream
 from vmsd.qemu.v7_2 import spec_set
 from vmsd.runtime.vmdesc import Obj, describe
-from vmsd.testing.qmp import save_stream
+from vmsd.testing.qmp import Qemu, save_stream
 from vmsd.tools.streams import stream_json, strict_problems
 
 E1000 = "0000:00:03.0/e1000"
@@ -311,6 +311,21 @@ def test_absent_subsections_are_marked(real: Real, capsys: pytest.CaptureFixture
     for sub in sec.payload.VMSD.subsections:
         assert (f"subsection {sub.name}: absent (not sent)" in tree) == (sub.name not in sent)
         assert (f"subsection {sub.name} v" in tree) == (sub.name in sent)
+
+
+def test_json_configuration_uses_qemus_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The configuration record by QEMU's names, only what the stream carries, with the capabilities as names."""
+    path = tmp_path / "caps.mig"
+    with Qemu([]) as q:
+        q.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        q.migrate_to_file(path)
+    code, out, _ = run(capsys, "inspect", "--json", str(path))
+    assert code == 0
+    conf = json.loads(out)["configuration"]
+    assert conf["name"] == "pc-i440fx-7.2" and conf["len"] == len("pc-i440fx-7.2")
+    assert conf["capabilities"] == ["x-ignore-shared"]
+    assert conf["configuration/capabilities"]["caps_count"] == 1
+    assert "target_page_bits" not in conf and "configuration/target-page-bits" not in conf  # 7.2 sends none
 
 
 def test_json_has_the_machine_name_and_field_offsets(real: Real, capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,6 +27,7 @@ from vmsd.migration.stream import (
     Section,
     SpecSet,
     Stream,
+    capabilities_of,
     description_rule,
     idstr_bytes,
     read_stream,
@@ -36,7 +37,7 @@ from vmsd.runtime.errors import VMSDError
 from vmsd.runtime.vmdesc import Obj
 from vmsd.runtime.vmstate import VMStateObject
 from vmsd.tools.errors import ToolError, UsageError
-from vmsd.tools.sectiontree import Tree, children, join, nested_body, section_tree
+from vmsd.tools.sectiontree import Tree, children, join, nested_body, object_tree, section_tree
 from vmsd.tools.streamdiff import scalar_text
 
 
@@ -227,14 +228,16 @@ def section_json(sec: Section, rule: tuple[bool, bool] = (False, True)) -> dict[
 
 
 def configuration_json(state: Any) -> dict[str, Any]:
-    """The configuration record, its machine name as text (QEMU writes ASCII; other bytes escaped)."""
+    """The configuration record by QEMU's names (docs/names.md), only what the stream carries, with the
+    machine name as text (QEMU writes ASCII; other bytes escaped) and ``capabilities`` as a list of names."""
     if isinstance(state, MachineConfiguration):  # a spec set without a configuration spec
-        return {"name": state.name.decode("ascii", "backslashreplace"),
-                "capabilities": [c.decode("ascii", "backslashreplace") for c in state.capabilities]}
-    out: dict[str, Any] = plain(state)
-    name = getattr(state, "name", None)
-    if isinstance(name, bytes):
-        out["name"] = name.decode("ascii", "backslashreplace")
+        out: dict[str, Any] = {"name": state.name}
+    else:
+        tree = object_tree(state, 0)  # QEMU saves and loads the configuration at version 0
+        out = fields_json(tree.body, tree.values)
+        out["name"] = bytes(state.name)
+    out["name"] = out["name"].decode("ascii", "backslashreplace")
+    out["capabilities"] = [c.decode("ascii", "backslashreplace") for c in capabilities_of(state)]
     return out
 
 
