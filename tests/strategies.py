@@ -65,6 +65,32 @@ def instances(draw: st.DrawFn, cls: type, depth: int = 0) -> Any:
     return obj
 
 
+def configuration_of(obj: Any) -> dict[tuple[str, str], int] | None:
+    """The counts ``obj`` (at any depth) takes from device configuration, by (vmsd name, property), as
+    vmsd.runtime.vmstate.device_configuration takes them; None when two objects of one vmsd disagree.
+
+    The bytes alone cannot always give such a count (QEMU knows it from its machine), so a round trip
+    loads with the counts the drawn object has."""
+    out: dict[tuple[str, str], int] = {}
+
+    def walk(o: Any) -> bool:
+        spec = getattr(type(o), "VMSD", None)
+        if spec is None:
+            return True
+        for f in spec.all_fields():
+            value = getattr(o, f.attr, None) if f.attr else None
+            if f.count_attr is not None and _derived(o, f.count_attr) and isinstance(value, list):
+                key = (type(o).VMSD_NAME, f.count_attr)
+                if out.setdefault(key, len(value)) != len(value):
+                    return False
+            for item in value if isinstance(value, list) else [value]:
+                if not walk(item):
+                    return False
+        return True
+
+    return out if walk(obj) else None
+
+
 def _derived(obj: Any, name: str) -> bool:
     """Whether ``name`` is a count the class derives (a property without a setter)."""
     prop = getattr(type(obj), name, None)

@@ -7,12 +7,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from generated_classes import all_classes
-from strategies import instances
+from strategies import configuration_of, instances
 from vmsd.runtime import SaveError, VMSDError, VMStateObject
 from vmsd.runtime.generic import decode_body, encode_body
 from vmsd.runtime.io import Reader, Writer
 from vmsd.runtime.vmdesc import describe, dumps, loads
-from vmsd.runtime.vmstate import impl
+from vmsd.runtime.vmstate import device_configuration, impl
 
 CLASSES = all_classes()
 IDS = [c.__name__ for c in CLASSES]
@@ -50,11 +50,15 @@ def test_load_save_round_trip(cls: type, data: st.DataObject) -> None:
     itself.
     """
     drawn = data.draw(instances(cls))
-    x = cls.load(_save(drawn))  # type: ignore[attr-defined]
-    assert type(x) is impl(cls)
-    b = x.save()
-    assert cls.load(b) == x, "load(save(x)) == x"  # type: ignore[attr-defined]
-    assert cls.load(b).save() == b, "save(load(b)) == b"  # type: ignore[attr-defined]
+    configuration = configuration_of(drawn)
+    assume(configuration is not None)
+    assert configuration is not None
+    with device_configuration(configuration):
+        x = cls.load(_save(drawn))  # type: ignore[attr-defined]
+        assert type(x) is impl(cls)
+        b = x.save()
+        assert cls.load(b) == x, "load(save(x)) == x"  # type: ignore[attr-defined]
+        assert cls.load(b).save() == b, "save(load(b)) == b"  # type: ignore[attr-defined]
     if not _lossy(cls):
         assert x == drawn
 
@@ -66,10 +70,15 @@ def test_fresh_load_equals_load_into_defaults(cls: type, data: st.DataObject) ->
     """``load`` starts from a bare instance (no defaults for fields the loader
     always assigns, subsection defaults built only when absent); the result
     must equal loading into a fully defaulted object, and every attribute set."""
-    wire = _save(data.draw(instances(cls)))
-    quick = cls.load(wire)  # type: ignore[attr-defined]
-    full = impl(cls)()
-    full.load_into(wire)
+    drawn = data.draw(instances(cls))
+    configuration = configuration_of(drawn)
+    assume(configuration is not None)
+    assert configuration is not None
+    wire = _save(drawn)
+    with device_configuration(configuration):
+        quick = cls.load(wire)  # type: ignore[attr-defined]
+        full = impl(cls)()
+        full.load_into(wire)
     assert quick == full
     assert repr(quick) == repr(full)  # repr reads every attribute, at every depth
 

@@ -289,6 +289,29 @@ def loading() -> bool:
     return _CURRENT_READER.get(None) is not None
 
 
+# What the destination's machine knows and the stream does not carry: counts that QEMU takes from
+# device configuration (possible CPUs, memory slots), by (vmsd name, property name).
+_CONFIGURATION: contextvars.ContextVar[dict[tuple[str, str], int] | None] = contextvars.ContextVar(
+    "vmsd_device_configuration", default=None)
+
+
+@contextlib.contextmanager
+def device_configuration(values: dict[tuple[str, str], int]) -> Iterator[None]:
+    """Within this block, :func:`configured` answers from ``values``: a load then uses the counts a
+    machine would have instead of working them out from the bytes (which cannot always tell)."""
+    token = _CONFIGURATION.set(dict(values))
+    try:
+        yield
+    finally:
+        _CONFIGURATION.reset(token)
+
+
+def configured(obj: Any, name: str) -> int | None:
+    """The value :func:`device_configuration` gives property ``name`` of ``obj``'s vmsd, if it does."""
+    values = _CONFIGURATION.get()
+    return None if values is None else values.get((type(obj).VMSD_NAME, name))
+
+
 def check_version(name: str, v: int, version: int, minimum: int, offset: int | None) -> None:
     if v > version:
         raise VersionMismatch(f"{name}: incoming version_id {v} is too new for local version_id {version}", offset=offset)

@@ -18,7 +18,7 @@ from vmsd.migration.profile import PROFILES
 from vmsd.migration.stream import SpecSet
 from vmsd.runtime.errors import MalformedStream, TruncatedStream
 from vmsd.runtime.io import Reader
-from vmsd.runtime.vmstate import current_reader, loading, register, register_extent
+from vmsd.runtime.vmstate import configured, current_reader, loading, register, register_extent
 
 
 def _capabilities_extent(r: Reader, obj: Any) -> int:
@@ -236,7 +236,7 @@ def _register_piix4_pm(module: Any) -> None:
 # footer (0x7E) or the next subsection (0x05) of piix4_pm and ich9_pm.  The exception is ich9_pm
 # with none of its later subsections (pc-q35-6.0 and older, or TCO off, for the memory slots):
 # chip_config then follows, whose bytes can look like elements; such a stream fails and falls
-# back to its trailer.
+# back to its trailer, unless the count is given (vmsd.runtime.vmstate.device_configuration).
 _HOTPLUG_ELEMENT = 10
 _HOTPLUG_MAX = 1 << 16  # above any machine's possible CPUs (x86: 4096) or memory slots (256)
 _HOTPLUG_STEP = 16  # elements peeked at a time: a live stream must not be asked for bytes far past the array
@@ -259,20 +259,28 @@ def _hotplug_count(r: Reader, what: str) -> int:
     raise MalformedStream(f"{what} hot-plug state with more than {_HOTPLUG_MAX} elements", offset=r.tell())
 
 
+def _configured_count(obj: Any, what: str) -> int:
+    if not loading():
+        return len(obj.devs)
+    n = configured(obj, "dev_count")
+    return n if n is not None else _hotplug_count(current_reader(), what)
+
+
 def _register_acpi(module: Any) -> None:
     @register
     class CPUHotplug(module.CPUHotplugState):  # type: ignore[misc]
         @property
         def dev_count(self) -> int:
-            # The destination's possible CPUs: measured while loading, the array's length otherwise.
-            return _hotplug_count(current_reader(), "CPU") if loading() else len(self.devs)
+            # The destination's possible CPUs: configured, else measured while loading, else the array's length.
+            return _configured_count(self, "CPU")
 
     @register
     class MemoryHotplug(module.MemHotplugState):  # type: ignore[misc]
         @property
         def dev_count(self) -> int:
-            # The destination's memory slots: measured while loading, the array's length otherwise.
-            return _hotplug_count(current_reader(), "memory") if loading() else len(self.devs)
+            # The destination's memory slots: configured, else measured while loading, else the array's length.
+            return _configured_count(self, "memory")
+
 
 
 def _register_ich9_smb(module: Any) -> None:
