@@ -53,7 +53,7 @@ class _Comments:
         self.tokens: list[Token] = []
 
     def add(self, tok: Token) -> Token:
-        self.tokens.append(tok)
+        self.tokens.append(_slim(tok))
         return tok
 
 
@@ -86,11 +86,20 @@ for _rule in _FLAT:
     setattr(_Flatten, _rule, staticmethod(_flat))
 
 
+def _slim(tok: Token) -> Token:
+    """``tok`` without what the layout does not use: its offsets and the matched text kept beside its
+    own (the parse holds every token of the file at once)."""
+    tok.value = tok.start_pos = tok.end_pos = None
+    return tok
+
+
 @functools.cache
 def _layout_parser() -> lark.Lark:
     text = resources.files("vmsd.grammar").joinpath("vmsd.lark").read_text(encoding="utf-8")
-    return lark.Lark(text, parser="lalr", keep_all_tokens=True, maybe_placeholders=False,
-                     lexer_callbacks={"COMMENT": _COMMENTS.add}, transformer=_Flatten())
+    options: dict[str, Any] = {"parser": "lalr", "keep_all_tokens": True, "maybe_placeholders": False}
+    terminals = [t.name for t in lark.Lark(text, **options).terminals]
+    callbacks = {name: _COMMENTS.add if name == "COMMENT" else _slim for name in terminals}
+    return lark.Lark(text, **options, lexer_callbacks=callbacks, transformer=_Flatten())
 
 
 def _tokens(node: Tree[Token] | list[Token] | Token) -> list[Token]:
