@@ -39,9 +39,8 @@ def _repo_root() -> Path | None:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from vmsd.codegen.compiler import compile_specs
-    from vmsd.codegen.package import ensure_marker, marker_path
-    from vmsd.runtime.outfile import write_file
+    from vmsd.codegen.compiler import generate
+    from vmsd.codegen.package import ensure_marker, marker_path, update
 
     packages = None
     if args.specs:
@@ -58,20 +57,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         specs = sorted((repo / "specs").rglob("*.vmsd"))
         out_dir = Path(args.output) if args.output else repo / "src" / "vmsd" / "generated"
         root = str(repo / "specs")
-    files = compile_specs(specs, root, packages, outside_imports=args.allow_outside_imports)
-    stale = []
-    for rel, text in sorted(files.items()):
-        target = out_dir / rel
-        current = target.read_text(encoding="utf-8") if target.exists() else None
-        if current == text:
-            continue
-        stale.append(target)
-        if not args.check:
-            # Generated modules are regenerated, never edited: replacing them is what compile is for.
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_file(target, text, force=True)
+    made, stale = update(out_dir, generate(specs, root, packages, outside_imports=args.allow_outside_imports),
+                         write=not args.check)
     # A module generated from a spec that was since moved or removed would still be imported by name.
-    orphans = _orphans(out_dir, {Path(rel).as_posix() for rel in files})
+    orphans = _orphans(out_dir, {rel.as_posix() for rel in made})
     # Output inside a package makes it typed for consumers: the marker goes to its top-level package (PEP 561).
     if args.check:
         for target in stale:
@@ -86,7 +75,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     for target in orphans:
         target.unlink()
         print(f"removed {target} (no spec generates it any more)")
-    print(f"wrote {len(stale)} of {len(files)} files under {out_dir}")
+    print(f"wrote {len(stale)} of {len(made)} files under {out_dir}")
     written = ensure_marker(out_dir)
     if written is not None:
         print(f"wrote {written}")

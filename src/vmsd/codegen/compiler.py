@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
+import attrs
 import jinja2
 
 import vmsd
@@ -97,10 +99,25 @@ def _generates(program: Program, path: str) -> bool:
     return bool(spec.vmsds or spec.enums)
 
 
-def render(
-    program: Program, root: str | None = None, installed: dict[Path, str] | None = None
-) -> dict[tuple[str, ...], tuple[str, list[str]]]:
-    """Source text and vmsd names of every module the program generates, by module path.
+@attrs.frozen
+class Generated:
+    """One file ``vmsd compile`` makes: where it goes, relative to the output folder, and its text."""
+
+    path: Path
+    # The text in pieces, rendered again at each call: a module's text is tens of times its spec, so a
+    # caller writes or compares it as it comes instead of holding it.
+    pieces: Callable[[], Iterator[str]]
+
+    def text(self) -> str:
+        return "".join(self.pieces())
+
+
+def _modules(
+    program: Program, root: str | None, installed: dict[Path, str] | None
+) -> Iterator[tuple[tuple[str, ...], list[str], Callable[[], Iterator[str]]]]:
+    """Module path, vmsd names and text of every module the program generates, one module at a time:
+    each module's model lives only until the next is asked for.  Everything that can find fault with the
+    specs runs before the first module is yielded.
 
     ``installed``: spec folders already compiled into a Python package (the bundled specs into
     ``vmsd.generated``); files there that are imported (not asked for) come from that package, not
@@ -110,12 +127,16 @@ def render(
     generated = {p: m for p, m in to_compile.items() if _generates(program, p)}
     _check_module_paths(program, generated)
     module_of = {**to_compile, **compiled}
-    out: dict[tuple[str, ...], tuple[str, list[str]]] = {}
     template = _env().get_template("module.py.j2")
-    for path in sorted(generated):
-        model = ModuleBuilder(resolved, path, module_of, vmsd.__version__, frozenset(compiled.values())).build()
-        out[module_of[path]] = (template.render(m=model, api_version=API_VERSION), [c.vmsd_name for c in model.classes])
-    return out
+    absolute = frozenset(compiled.values())
+
+    def modules() -> Iterator[tuple[tuple[str, ...], list[str], Callable[[], Iterator[str]]]]:
+        for path in sorted(generated):
+            model = ModuleBuilder(resolved, path, module_of, vmsd.__version__, absolute).build()
+            names = [c.vmsd_name for c in model.classes]
+            yield module_of[path], names, functools.partial(template.generate, m=model, api_version=API_VERSION)
+
+    return modules()
 
 
 def _relative_module(package: tuple[str, ...], module: tuple[str, ...]) -> str:
@@ -129,7 +150,14 @@ def _relative_module(package: tuple[str, ...], module: tuple[str, ...]) -> str:
 def compile_specs(
     specs: list[Path], root: str | None = None, installed: dict[Path, str] | None = None, outside_imports: bool = False
 ) -> dict[Path, str]:
-    """Relative output paths (``pkg/mod.py``, ``pkg/__init__.py``) and their text.
+    """Relative output paths (``pkg/mod.py``, ``pkg/__init__.py``) and their text (see :func:`generate`)."""
+    return {g.path: g.text() for g in generate(specs, root, installed, outside_imports)}
+
+
+def generate(
+    specs: list[Path], root: str | None = None, installed: dict[Path, str] | None = None, outside_imports: bool = False
+) -> Iterator[Generated]:
+    """The files compiling ``specs`` makes, one at a time; a spec error is raised here, before any.
 
     Each package's ``__init__`` indexes the vmsds of its modules, so that tools
     import only the modules a stream needs.  A spec that imports a file of
@@ -137,38 +165,44 @@ def compile_specs(
     (named relative to it, ``.v7_2.i8254``) unless the package declares the
     same names itself: a spec set for one QEMU version reuses the unchanged
     specs of another by importing them.  Imported files under a folder of
-    ``installed`` are not compiled (see :func:`render`); specs may import them
+    ``installed`` are not compiled (see :func:`_modules`); specs may import them
     as well as files in their own folders.  ``outside_imports`` lets specs
     import any file.
     """
     program = load(specs, outside_imports, also=list(installed or {}))
-    modules = render(program, root, installed)
+    modules = _modules(program, root, installed)
     to_compile, compiled = _module_map(program, root, installed)
     module_of = {**to_compile, **compiled}
-    files: dict[Path, str] = {}
-    packages: dict[tuple[str, ...], dict[str, list[str]]] = {}
-    for parts, (text, names) in modules.items():
-        files[Path(*parts).with_suffix(".py")] = text
-        for i in range(1, len(parts)):
-            packages.setdefault(parts[:i], {})
-        index = packages.setdefault(parts[:-1], {})
-        for name in names:
-            index.setdefault(name, []).append(parts[-1])
-    reused: dict[tuple[str, ...], dict[str, set[str]]] = {}
-    for (importer, _), target in sorted(program.import_targets.items()):
-        package, other = module_of[importer][:-1], module_of[target]
-        if other[:-1] != package and other in modules:
-            for name in modules[other][1]:
-                reused.setdefault(package, {}).setdefault(name, set()).add(_relative_module(package, other))
-    for package, refs_by_name in reused.items():
-        for i in range(1, len(package)):
-            packages.setdefault(package[:i], {})
-        own = packages.setdefault(package, {})
-        for name, refs in refs_by_name.items():
-            own.setdefault(name, sorted(refs))
-    template = _env().get_template("package_init.py.j2")
-    for package, index in packages.items():
-        if package:
-            items = sorted((name, sorted(mods)) for name, mods in index.items())
-            files[Path(*package) / "__init__.py"] = template.render(tool_version=vmsd.__version__, index=items)
-    return files
+    import_targets = sorted(program.import_targets.items())
+
+    def files() -> Iterator[Generated]:
+        names_of: dict[tuple[str, ...], list[str]] = {}
+        packages: dict[tuple[str, ...], dict[str, list[str]]] = {}
+        for parts, names, pieces in modules:
+            names_of[parts] = names
+            yield Generated(Path(*parts).with_suffix(".py"), pieces)
+            for i in range(1, len(parts)):
+                packages.setdefault(parts[:i], {})
+            index = packages.setdefault(parts[:-1], {})
+            for name in names:
+                index.setdefault(name, []).append(parts[-1])
+        reused: dict[tuple[str, ...], dict[str, set[str]]] = {}
+        for (importer, _), target in import_targets:
+            package, other = module_of[importer][:-1], module_of[target]
+            if other[:-1] != package and other in names_of:
+                for name in names_of[other]:
+                    reused.setdefault(package, {}).setdefault(name, set()).add(_relative_module(package, other))
+        for package, refs_by_name in reused.items():
+            for i in range(1, len(package)):
+                packages.setdefault(package[:i], {})
+            own = packages.setdefault(package, {})
+            for name, refs in refs_by_name.items():
+                own.setdefault(name, sorted(refs))
+        template = _env().get_template("package_init.py.j2")
+        for package, index in packages.items():
+            if package:
+                items = sorted((name, sorted(mods)) for name, mods in index.items())
+                text = template.render(tool_version=vmsd.__version__, index=items)
+                yield Generated(Path(*package) / "__init__.py", functools.partial(iter, (text,)))
+
+    return files()

@@ -12,9 +12,10 @@ there; a file the author already has is left as it is (it may say
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from vmsd.codegen.compiler import compile_specs
+from vmsd.codegen.compiler import Generated, generate
 from vmsd.runtime.outfile import write_file
 
 MARKER = "py.typed"
@@ -62,17 +63,10 @@ def write_package(root: Path, specs: str, output: str) -> list[Path]:
     found = sorted(spec_dir.rglob("*.vmsd"))
     if not found:
         raise ValueError(f"no .vmsd files under {spec_dir}")
+    out_dir = root / output
     with contextlib.chdir(root):
         spec_root = str(spec_dir.relative_to(root)) if spec_dir.is_relative_to(root) else None
-        files = compile_specs(found, spec_root)
-    out_dir = root / output
-    written: list[Path] = []
-    for rel, text in files.items():
-        target = out_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists() or target.read_text(encoding="utf-8") != text:
-            write_file(target, text, force=True)  # generated, never edited: regenerating replaces it
-            written.append(target)
+        _, written = update(out_dir, generate(found, spec_root), write=True)
     init = out_dir / "__init__.py"
     if not init.exists():
         write_file(init, _INIT)
@@ -81,3 +75,34 @@ def write_package(root: Path, specs: str, output: str) -> list[Path]:
     if marker is not None:
         written.append(marker)
     return written
+
+
+def update(out_dir: Path, files: Iterable[Generated], write: bool) -> tuple[list[Path], list[Path]]:
+    """Compare each generated file with what ``out_dir`` holds, writing those that differ when ``write``.
+
+    Returns the relative paths generated and the targets that differed (sorted).  A file's text is
+    compared and written as it is rendered, never held whole.
+    """
+    made: list[Path] = []
+    stale: list[Path] = []
+    for g in files:
+        made.append(g.path)
+        target = out_dir / g.path
+        if _holds(target, g.pieces()):
+            continue
+        stale.append(target)
+        if write:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_file(target, g.pieces(), force=True)  # generated, never edited: regenerating replaces it
+    return made, sorted(stale)
+
+
+def _holds(target: Path, pieces: Iterator[str]) -> bool:
+    """Whether ``target`` exists and its text (read as ``Path.read_text`` does) is the pieces'."""
+    if not target.exists():
+        return False
+    with open(target, encoding="utf-8") as f:
+        for piece in pieces:
+            if f.read(len(piece)) != piece:
+                return False
+        return f.read(1) == ""

@@ -8,7 +8,8 @@ tree says where each declaration, field and closing brace starts; each
 becomes one output line of its tokens with canonical spacing.  Comments are
 put back by position: one after code on its line stays at the end of that
 code's output line, one on a line of its own goes before the next line.
-The result is parsed again and must describe the same declarations, so a
+The result is parsed again and must describe the same declarations (the
+two parses' digests are compared, one parse alive at a time), so a
 formatting bug can never change what a spec means.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import threading
 from importlib import resources
 from typing import Any
@@ -51,7 +53,7 @@ class _Comments:
         self.tokens: list[Token] = []
 
     def add(self, tok: Token) -> Token:
-        self.tokens.append(tok)
+        self.tokens.append(_slim(tok))
         return tok
 
 
@@ -84,11 +86,20 @@ for _rule in _FLAT:
     setattr(_Flatten, _rule, staticmethod(_flat))
 
 
+def _slim(tok: Token) -> Token:
+    """``tok`` without what the layout does not use: its offsets and the matched text kept beside its
+    own (the parse holds every token of the file at once)."""
+    tok.value = tok.start_pos = tok.end_pos = None
+    return tok
+
+
 @functools.cache
 def _layout_parser() -> lark.Lark:
     text = resources.files("vmsd.grammar").joinpath("vmsd.lark").read_text(encoding="utf-8")
-    return lark.Lark(text, parser="lalr", keep_all_tokens=True, maybe_placeholders=False,
-                     lexer_callbacks={"COMMENT": _COMMENTS.add}, transformer=_Flatten())
+    options: dict[str, Any] = {"parser": "lalr", "keep_all_tokens": True, "maybe_placeholders": False}
+    terminals = [t.name for t in lark.Lark(text, **options).terminals]
+    callbacks = {name: _COMMENTS.add if name == "COMMENT" else _slim for name in terminals}
+    return lark.Lark(text, **options, lexer_callbacks=callbacks, transformer=_Flatten())
 
 
 def _tokens(node: Tree[Token] | list[Token] | Token) -> list[Token]:
@@ -303,10 +314,11 @@ def _render(lines: list[_Line], tail: list[Token], tail_blank: list[bool]) -> st
 
 def format_source(source: str, path: str) -> str:
     """The canonical text of a spec; :class:`~vmsd.grammar.diagnostics.SpecError` if it does not parse."""
-    parse(source, path)  # a spec error, or a limit exceeded, as the compiler reports it
+    # A spec error, or a limit exceeded, as the compiler reports it.  One parse's declarations at a time,
+    # and of each only a digest kept: memory stays a small multiple of the spec's size.
+    meaning = _meaning(parse(source, path))
     text = _layout(source)
-    # One parse tree at a time: memory stays a small multiple of the spec's size.
-    if _meaning(parse(text, path)) != _meaning(parse(source, path)):
+    if _meaning(parse(text, path)) != meaning:
         raise AssertionError(f"vmsd fmt would change the meaning of {path}; please report this")
     return text
 
@@ -325,8 +337,30 @@ def _layout(source: str) -> str:
     return _render(lines.lines, tail, _blank_lines(lines.lines, comments, tail))
 
 
-def _meaning(spec: ast.SpecFile) -> Any:
-    """The declarations of a parsed file without positions or text."""
-    return attrs.asdict(spec, filter=lambda a, v: not isinstance(v, ast.Pos) and a.name != "source"
-                        and not a.name.endswith("pos"))
+def _meaning(spec: ast.SpecFile) -> bytes:
+    """A digest of the declarations of a parsed file, without positions or text."""
+    digest = hashlib.sha256()
+    _digest(digest, spec)
+    return digest.digest()
 
+
+def _digest(digest: Any, value: Any) -> None:
+    """Feed ``value`` to ``digest`` unambiguously: the type and every attribute but positions and the
+    source for AST nodes, each item of a tuple, ``repr`` for the rest.  Recursion follows the nesting
+    of declarations and expressions, which the parser's limits bound."""
+    if attrs.has(type(value)):
+        digest.update(type(value).__name__.encode() + b"(")
+        for a in attrs.fields(type(value)):
+            item = getattr(value, a.name)
+            if a.name != "source" and not a.name.endswith("pos") and not isinstance(item, ast.Pos):
+                digest.update(a.name.encode() + b"=")
+                _digest(digest, item)
+        digest.update(b")")
+    elif isinstance(value, tuple):
+        digest.update(b"[")
+        for item in value:
+            _digest(digest, item)
+            digest.update(b",")
+        digest.update(b"]")
+    else:
+        digest.update(repr(value).encode() + b";")

@@ -38,6 +38,10 @@ def display_path(path: Path) -> str:
         return str(resolved)
 
 
+# Bytes read at a time past the size a spec's file states.
+_CHUNK = 64 << 10
+
+
 def _read_spec(path: Path) -> str:
     """The text of a regular file of at most MAX_SPEC_BYTES; OSError or ValueError saying why not.
 
@@ -45,11 +49,21 @@ def _read_spec(path: Path) -> str:
     before reading: a device such as /dev/zero never ends.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise ValueError("not a regular file")
-        # procfs files report size 0: the read itself is bounded.
-        data = fh.read(MAX_SPEC_BYTES + 1)
+        # read(n) sets aside n bytes first: asking for the limit would cost 4 MiB for every spec.  The
+        # size stated is only a hint (procfs files say 0, a file may grow), so reading goes on in
+        # chunks until the end or one byte past the limit.
+        data = bytearray()
+        want = min(info.st_size, MAX_SPEC_BYTES) + 1
+        while len(data) <= MAX_SPEC_BYTES:
+            chunk = fh.read(want)
+            if not chunk:
+                break
+            data += chunk
+            want = min(_CHUNK, MAX_SPEC_BYTES + 1 - len(data))
     if len(data) > MAX_SPEC_BYTES:
         raise ValueError(f"larger than the limit of {MAX_SPEC_BYTES >> 20} MiB")
     return data.decode("utf-8")

@@ -528,19 +528,20 @@ class _Checker:
 
         Iterative depth-first searches: a long chain must not exhaust Python's stack.
         """
+        # Only vmsds holding structs have entries: most vmsds hold none, and each entry costs more than the
+        # text of a small vmsd.
         plain: dict[int, list[tuple[ast.Vmsd, ast.Field]]] = {}
         nested: dict[int, list[tuple[ast.Vmsd, ast.Field]]] = {}
         vmsds = [v for spec in self.p.files.values() for v in spec.vmsds]
         for v in vmsds:
-            plain[id(v)], nested[id(v)] = [], []
             for f, _ in walk_fields(v.fields, v.subsections):
                 t = self.r.struct_target.get(id(f))
                 if t is None:
                     continue
-                nested[id(v)].append((t, f))
+                nested.setdefault(id(v), []).append((t, f))
                 # Lists, maps and nullable slots may end recursion; plain structs cannot.
                 if f.kind == "struct" and not f.nullable:
-                    plain[id(v)].append((t, f))
+                    plain.setdefault(id(v), []).append((t, f))
 
         def cycle(path: list[ast.Vmsd], t: ast.Vmsd, f: ast.Field) -> None:
             chain = [v.name for v in path]
@@ -551,8 +552,10 @@ class _Checker:
         depth: dict[int, int] = {}
 
         def done(v: ast.Vmsd) -> None:
-            depth[id(v)] = max((1 + depth.get(id(t), 0) for t, _ in nested[id(v)]), default=0)
-            for t, f in nested[id(v)]:
+            below = nested.get(id(v), ())
+            if below:
+                depth[id(v)] = max(1 + depth.get(id(t), 0) for t, _ in below)
+            for t, f in below:
                 if depth.get(id(t)) == MAX_STRUCT_DEPTH:
                     self.error(f.pos, f"'{f.name}' nests structs more than {MAX_STRUCT_DEPTH} levels deep ('{t.name}' holds {MAX_STRUCT_DEPTH})")
 
@@ -565,11 +568,12 @@ def _depth_first(
     on_cycle: Callable[[list[ast.Vmsd], ast.Vmsd, ast.Field], None],
     on_done: Callable[[ast.Vmsd], None],
 ) -> None:
-    """Visit every vmsd once, children first: ``on_cycle`` for each edge back into the current
-    path (with that path), ``on_done`` once a vmsd's children are all done."""
+    """Visit every vmsd with edges, and those they reach, once, children first: ``on_cycle`` for each
+    edge back into the current path (with that path), ``on_done`` once a vmsd's children are all done.
+    A vmsd without edges that none reaches is not visited: it has no children and is in no cycle."""
     state: dict[int, int] = {}  # 1 on the current path, 2 done
     for root in vmsds:
-        if id(root) in state:
+        if id(root) in state or id(root) not in edges:
             continue
         state[id(root)] = 1
         path = [root]
@@ -581,7 +585,7 @@ def _depth_first(
                 elif id(t) not in state:
                     state[id(t)] = 1
                     path.append(t)
-                    todo.append(iter(edges[id(t)]))
+                    todo.append(iter(edges.get(id(t), ())))
                     break
             else:
                 todo.pop()

@@ -38,6 +38,7 @@ import os
 import secrets
 import stat
 import sys
+from collections.abc import Iterable
 from types import TracebackType
 from typing import BinaryIO
 
@@ -209,11 +210,16 @@ class OutputFile:
         self.discard()  # after commit a no-op; otherwise whatever was written is not kept
 
 
-def write_file(path: str | os.PathLike[str], data: bytes | str, *, force: bool = False, private: bool = False) -> None:
-    """Write ``data`` (text as UTF-8) to ``path`` through an :class:`OutputFile`."""
+def write_file(path: str | os.PathLike[str], data: bytes | str | Iterable[str], *, force: bool = False,
+               private: bool = False) -> None:
+    """Write ``data`` (text as UTF-8, or text in pieces) to ``path`` through an :class:`OutputFile`."""
     with OutputFile(path, force=force, private=private) as out:
         try:
-            out.file.write(data.encode() if isinstance(data, str) else data)
+            if isinstance(data, bytes | str):
+                out.file.write(data.encode() if isinstance(data, str) else data)
+            else:
+                for piece in data:
+                    out.file.write(piece.encode())
         except OSError as exc:
             raise OutputError(f"cannot write {out.path}: {_why(exc)}") from None
         out.commit()
