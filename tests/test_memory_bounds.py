@@ -19,6 +19,7 @@ import pytest
 
 import hostile_inputs
 from vmsd.cli import main
+from vmsd.migration.limits import MAX_RAM_BLOCKS
 
 N = 32 << 10
 
@@ -42,6 +43,11 @@ STREAM_BOUNDS = {
 }
 # A live destination has no trailer: sections only it describes are refused, as QEMU refuses them.
 TRAILER_ONLY = {"trailer-described sections", "one section, many fields", "one section, many subsections"}
+# incoming creates a memfd and its mapping per announced block (about 2 KiB of memory each): a count limit
+# bounds them instead (test_incoming_memory_for_blocks_is_bounded_by_their_limit).
+COUNTED_BLOCKS = {"many RAM blocks", "zero pages of many blocks"}
+# incoming's memory for the most RAM blocks it takes (MAX_RAM_BLOCKS one-page blocks), in bytes per block.
+BLOCK_BOUND = 2600
 # compile and fmt keep Lark's tree of the whole spec (and fmt its tokens) while they work.
 SPEC_BOUNDS = {"many vmsds": 190, "many fields": 180, "long docs": 10, "many comments": 95}
 
@@ -95,6 +101,8 @@ def test_stream_tools_memory_follows_the_input(kind: str, tool: str, tmp_path: P
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     if tool == "incoming" and kind in TRAILER_ONLY:
         pytest.skip("a live destination has no trailer to decode these sections by")
+    if tool == "incoming" and kind in COUNTED_BLOCKS:
+        pytest.skip("bounded by the count of blocks, not by the input's size")
     maker = hostile_inputs.STREAMS[kind]
     ram = tool == "incoming"  # a destination needs a RAM section first
 
@@ -103,6 +111,22 @@ def test_stream_tools_memory_follows_the_input(kind: str, tool: str, tmp_path: P
 
     slope, _ = _slope(make, STREAM_TOOLS[tool], "in.mig", tmp_path, monkeypatch)
     assert slope <= STREAM_BOUNDS[kind], (kind, tool, slope)
+
+
+@pytest.mark.parametrize("kind", sorted(COUNTED_BLOCKS))
+def test_incoming_memory_for_blocks_is_bounded_by_their_limit(kind: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the limit of blocks, incoming's memory is a bound per block; one block more is refused."""
+    path, out = tmp_path / "in.mig", str(tmp_path / "out")
+    per_block = {"many RAM blocks": 14, "zero pages of many blocks": 29}[kind]
+    argv = ["incoming", f"file:{path}", "-o", out, "--force"]
+    path.write_bytes(hostile_inputs.STREAMS[kind](per_block))
+    _peak(argv, monkeypatch)  # imports and caches: not the blocks' cost
+    path.write_bytes(hostile_inputs.STREAMS[kind](per_block * MAX_RAM_BLOCKS))
+    peak = _peak(argv, monkeypatch)
+    assert peak <= BLOCK_BOUND * MAX_RAM_BLOCKS, (kind, peak / MAX_RAM_BLOCKS)
+    path.write_bytes(hostile_inputs.STREAMS[kind](per_block * (MAX_RAM_BLOCKS + 1)))
+    assert main(argv) == 1
 
 
 @pytest.mark.parametrize("tool", SPEC_TOOLS)
