@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import hostile_inputs
 from vmsd.cli import EXIT_FINDINGS, main
 from vmsd.migration.limits import MAX_PACKAGE_DEPTH
 from vmsd.migration.ram.blocks import RamBlocks
@@ -197,6 +198,38 @@ def test_announced_ram_above_the_limit_is_refused_before_any_block_exists() -> N
         assert blocks.names() == ["pc.ram", "vga.vram"] and blocks.total() == 48 << 20
     finally:
         blocks.close()
+
+
+def test_ram_blocks_above_their_limit_are_refused_before_any_block_exists() -> None:
+    blocks = RamBlocks(limit=64 << 20, max_blocks=2)
+    loader = RamLoader(blocks, create_missing=True)
+    with pytest.raises(MalformedStream) as info:
+        loader.load_section(Reader(_mem_size([(b"a", 4096), (b"b", 4096), (b"c", 4096)])), PLAIN)
+    assert "announces 3 RAM blocks, above the limit of 2 (max-ram-blocks)" in info.value.message
+    assert len(blocks) == 0
+    loader.load_section(Reader(_mem_size([(b"a", 4096), (b"b", 4096)])), PLAIN)
+    try:
+        assert blocks.names() == ["a", "b"]
+        # The blocks it has count: a later list naming them again adds none, a new one is one too many.
+        loader.load_section(Reader(_mem_size([(b"a", 4096), (b"b", 4096)])), PLAIN)
+        with pytest.raises(MalformedStream):
+            loader.load_section(Reader(_mem_size([(b"c", 4096)])), PLAIN)
+        assert blocks.names() == ["a", "b"]
+    finally:
+        blocks.close()
+
+
+def test_incoming_refuses_more_ram_blocks_than_max_ram_blocks(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path, out = tmp_path / "in.mig", tmp_path / "out.mig"
+    path.write_bytes(hostile_inputs.many_ram_blocks(14 * 20))  # 20 one-page blocks
+    argv = ["incoming", f"file:{path}", "-o", str(out), "--max-ram-blocks"]
+    assert main([*argv, "19"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "announces 20 RAM blocks, above the limit of 19 (max-ram-blocks)" in err[0], err
+    assert not out.exists()
+    assert main([*argv, "20"]) == 0 and out.exists()
+    assert main(["incoming", f"file:{path}", "-o", str(out), "--force", "--max-ram-blocks", "0"]) == 2
 
 
 def test_incoming_takes_max_ram_with_suffixes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmsd.migration.limits import MAX_RAM_BLOCKS
 from vmsd.migration.profile import NEWEST, PROFILES, peer_profile
 from vmsd.runtime.errors import VMSDError
 from vmsd.runtime.outfile import OutputExists
@@ -297,6 +298,8 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     multifd = _multifd(args, caps)
     mode, cpr_channel = _cpr_options(args)
     max_ram = _size(args.max_ram, "--max-ram") if args.max_ram is not None else None
+    if args.max_ram_blocks < 1:
+        raise UsageError("--max-ram-blocks: expected a positive number")
     # A live stream cannot be looked at first: the specs are those of --qemu, else of the peer.
     from vmsd.qemu.versions import nearest
 
@@ -306,7 +309,7 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     streams.load_hooks(args.hooks)
     result = snapshot.incoming(args.uri, args.output, specs, args.timeout,
                                multifd=multifd, force=args.force, mode=mode, cpr_channel=cpr_channel,
-                               max_ram=max_ram, tls=tls)
+                               max_ram=max_ram, tls=tls, max_ram_blocks=args.max_ram_blocks)
     _check_spec_set(result, args.qemu or nearest(args.peer_version), "--qemu" if args.qemu else "--peer-version")
     ram = result.counters
     print(f"received {ram['normal']} normal and {ram['duplicate']} zero pages, {len(result.sections)} device "
@@ -606,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--specs", type=Path, metavar="DIR", help=_SPECS_HELP)
             p.add_argument("--max-ram", metavar="SIZE", help="refuse a peer announcing more RAM than this "
                                                              "(K/M/G/T suffix; default: this host's memory)")
+            p.add_argument("--max-ram-blocks", type=int, default=MAX_RAM_BLOCKS, metavar="N",
+                           help=f"refuse a peer announcing more RAM blocks than this (default: {MAX_RAM_BLOCKS})")
             p.set_defaults(func=_cmd_incoming)
         else:
             p.add_argument("snapshot", metavar="SNAPSHOT", help="a migration stream file (from vmsd incoming, "

@@ -24,7 +24,7 @@ from vmsd.migration.cpr.exec import find_state
 from vmsd.migration.cpr.ram import AdoptedRam
 from vmsd.migration.cpr.state import CprError, CprState
 from vmsd.migration.cpr.transfer import receive_state
-from vmsd.migration.limits import default_max_ram
+from vmsd.migration.limits import MAX_RAM_BLOCKS, default_max_ram
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import ChannelStats, MultifdConfig, MultifdError, MultifdReceiver, accept_all
 from vmsd.migration.ram.blocks import RamBlocks
@@ -91,7 +91,8 @@ class Incoming:
     def __init__(self, machine: Machine | None = None, specs: SpecSet | None = None,
                  blocks: RamBlocks | None = None, multifd: MultifdConfig | None = None, mode: str = "normal",
                  cpr_channel: str | None = None, commit: Callable[[IncomingResult], None] | None = None,
-                 max_ram: int | None = None, tls: TlsConfig | None = None) -> None:
+                 max_ram: int | None = None, tls: TlsConfig | None = None,
+                 max_ram_blocks: int = MAX_RAM_BLOCKS) -> None:
         """``tls``: QEMU's ``tls-creds``; every connection (main and multifd) must then complete a TLS
         handshake, presenting the folder's server certificate and, with ``verify_peer``, checking the
         source's against its CA.
@@ -120,6 +121,7 @@ class Incoming:
         self.blocks = blocks  # without a machine: where announced blocks are created (default: memfd)
         # Without a machine or blocks: the RAM a peer may announce (default: this host's memory).
         self.max_ram = max_ram
+        self.max_ram_blocks = max_ram_blocks  # likewise, how many blocks (docs/limits.md)
         self.multifd = multifd
         self.commit = commit
         # A machine's devices bring their classes; the configuration record needs no spec.
@@ -200,7 +202,8 @@ class Incoming:
         start = time.monotonic()
         m = self.machine
         blocks = (m.ram if m is not None else self.blocks if self.blocks is not None
-                  else RamBlocks(limit=self.max_ram if self.max_ram is not None else default_max_ram()))
+                  else RamBlocks(limit=self.max_ram if self.max_ram is not None else default_max_ram(),
+                                 max_blocks=self.max_ram_blocks))
         in_place = self.mode in KEEPS_RAM
         loader = RamLoader(blocks, create_missing=m is None or in_place)
         receiver: MultifdReceiver | None = None

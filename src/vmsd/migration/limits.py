@@ -22,6 +22,12 @@ MAX_UNDESCRIBED_SECTION = 64 << 20
 MAX_LIVE_TRAILER = 64 << 20
 
 
+# RAM blocks a peer may announce to a receiver that creates them (a memfd, a mapping and their bookkeeping
+# each, about 2 KiB of memory besides the RAM): QEMU sets no count, but a PC machine has a dozen or two
+# (RAM, firmware, option ROMs, video memory, ACPI tables) and a large one a few dozen.
+MAX_RAM_BLOCKS = 4096
+
+
 def default_max_ram() -> int:
     """RAM a receiver without a machine creates for a peer, unless told otherwise: this host's memory.
 

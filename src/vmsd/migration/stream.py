@@ -713,7 +713,8 @@ class Decoder:
             idstr_raw = r.counted_string()
             if not idstr_raw:
                 raise MalformedStream("unable to read section idstr", offset=at)
-            idstr = idstr_raw.decode("utf-8", "surrogateescape")
+            # Interned: a stream of many sections of one device holds its name once, not once per section.
+            idstr = sys.intern(idstr_raw.decode("utf-8", "surrogateescape"))
             try:
                 instance_id, version_id = r.u32(), r.u32()
             except VMSDError as e:

@@ -28,7 +28,7 @@ import numpy as np
 
 from vmsd.migration.incoming import Incoming, IncomingResult
 from vmsd.migration.iovec import Scattered, write_scattered
-from vmsd.migration.limits import default_max_ram
+from vmsd.migration.limits import MAX_RAM_BLOCKS, default_max_ram
 from vmsd.migration.machine import Machine
 from vmsd.migration.multifd import MultifdConfig
 from vmsd.migration.precopy import Migration
@@ -55,15 +55,16 @@ _PAGES_PER_WRITE = 4096  # 16 MiB of normal pages per write
 def incoming(uri: str, output: Path | str, specs: SpecSet, timeout: float = 60.0,
              multifd: MultifdConfig | None = None, force: bool = False, mode: str = "normal",
              cpr_channel: str | None = None, max_ram: int | None = None,
-             tls: TlsConfig | None = None) -> IncomingResult:
+             tls: TlsConfig | None = None, max_ram_blocks: int = MAX_RAM_BLOCKS) -> IncomingResult:
     """Receive a migration (with multifd channels when configured) and write a snapshot QEMU loads.
 
     ``output`` may be ``-`` (standard output); an existing file is replaced only with ``force``.  In
     cpr-transfer the old side hands its RAM over as memfds on ``cpr_channel``; the snapshot's pages are
-    read from them.  ``max_ram``: the most RAM the peer may announce (default: this host's memory).
+    read from them.  ``max_ram``: the most RAM the peer may announce (default: this host's memory);
+    ``max_ram_blocks``: the most RAM blocks.
     ``tls``: every connection is TLS (QEMU's ``tls-creds``).
     """
-    blocks = RamBlocks(limit=max_ram if max_ram is not None else default_max_ram())
+    blocks = RamBlocks(limit=max_ram if max_ram is not None else default_max_ram(), max_blocks=max_ram_blocks)
     try:
         with OutputFile(output, force=force, private=True, stdout=True) as out:
             return Incoming(specs=specs, multifd=multifd, blocks=blocks, mode=mode, cpr_channel=cpr_channel,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterator
+from itertools import chain, pairwise, zip_longest
 from typing import Any
 
 import attrs
@@ -70,12 +71,11 @@ def diff_streams(data_a: bytes, a: Stream, data_b: bytes, b: Stream) -> list[str
     out: list[str] = []
     if a.version != b.version:
         out.append(f"stream: version {a.version} -> {b.version}")
-    raw_a, raw_b = _raw_records(a, data_a), _raw_records(b, data_b)
     _diff_configuration(a, b, out)
-    _diff_sections(a, raw_a, b, raw_b, out)
-    if not _same_ram_bytes(a, raw_a, b, raw_b):
+    alone = _diff_sections(a, data_a, b, data_b, out)
+    if not _same_ram_bytes(a, data_a, b, data_b):
         _diff_ram(a, b, out)
-    _diff_trailers(a, b, out)
+    _diff_trailers(a, b, alone, out)
     if not out and data_a != data_b:
         first = _first_loaded_difference(data_a, a, data_b)
         if first is not None:
@@ -243,70 +243,99 @@ def printable(name: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in raw)
 
 
-def _keyed(stream: Stream) -> dict[tuple[str, int, int, int], tuple[str, Section]]:
+_Key = tuple[str, int, int, int]  # idstr, instance, kind, occurrence: a section's partner has the same
+_Found = tuple[Section, memoryview | None]
+
+
+def _with_bytes(stream: Stream, data: bytes) -> Iterator[_Found]:
+    """The stream's sections in order, each with its bytes when it is a top-level one (a view made when the
+    section is reached: the tool holds the views of the pair it compares, not one per section)."""
+    view = memoryview(data)
+    for start, end, rec, _ in _spans(stream):
+        if isinstance(rec, Section):
+            yield rec, view[start:end]
+        elif isinstance(rec, Command) and rec.packaged:
+            yield from ((r, None) for r in rec.packaged if isinstance(r, Section))
+
+
+def _numbered(stream: Stream, data: bytes) -> Iterator[tuple[_Key, Section, memoryview | None]]:
+    """:func:`_with_bytes` with each section's key: the n-th section of an idstr, instance and kind in one
+    stream is compared with the n-th of the other."""
     seen: dict[tuple[str, int, int], int] = {}
-    out: dict[tuple[str, int, int, int], tuple[str, Section]] = {}
-    for sec in stream.sections():
+    for sec, raw in _with_bytes(stream, data):
         base = (sec.idstr, sec.instance_id, sec.kind)
         n = seen.get(base, 0)
         seen[base] = n + 1
-        out[(*base, n)] = (section_label(sec, n), sec)
-    return out
+        yield (*base, n), sec, raw
 
 
-def _raw_records(stream: Stream, data: bytes) -> dict[int, memoryview]:
-    """The bytes of each top-level section (by ``id``): sections whose bytes are equal need no decoded
-    comparison (packaged ones are always compared)."""
-    view = memoryview(data)
-    return {id(rec): view[start:end] for start, end, rec, _ in _spans(stream) if isinstance(rec, Section)}
-
-
-def _same_bytes(sec: Section, raw_a: dict[int, memoryview], other: Section, raw_b: dict[int, memoryview]) -> bool:
-    x, y = raw_a.get(id(sec)), raw_b.get(id(other))
+def _same_bytes(x: memoryview | None, y: memoryview | None) -> bool:
+    """Whether two sections are the same bytes (packaged ones, which have none here, are always compared)."""
     return x is not None and y is not None and x == y
 
 
-def _same_ram_bytes(a: Stream, raw_a: dict[int, memoryview], b: Stream, raw_b: dict[int, memoryview]) -> bool:
-    ra = [s for s in a.sections() if s.idstr == IDSTR_RAM]
-    rb = [s for s in b.sections() if s.idstr == IDSTR_RAM]
-    return len(ra) == len(rb) and all(_same_bytes(x, raw_a, y, raw_b) for x, y in zip(ra, rb, strict=True))
+def _same_ram_bytes(a: Stream, data_a: bytes, b: Stream, data_b: bytes) -> bool:
+    ra = ((s, raw) for s, raw in _with_bytes(a, data_a) if s.idstr == IDSTR_RAM)
+    rb = ((s, raw) for s, raw in _with_bytes(b, data_b) if s.idstr == IDSTR_RAM)
+    return all(x is not None and y is not None and _same_bytes(x[1], y[1]) for x, y in zip_longest(ra, rb))
 
 
-def _diff_sections(a: Stream, raw_a: dict[int, memoryview], b: Stream, raw_b: dict[int, memoryview],
-                   out: list[str]) -> None:
-    ka, kb = _keyed(a), _keyed(b)
+def _diff_sections(a: Stream, data_a: bytes, b: Stream, data_b: bytes, out: list[str]) -> set[tuple[str, int]]:
+    """Lines for the sections of ``a`` and ``b``, paired by key, walking both streams together: B's sections
+    are held only while one of A's is looked for further on.  Returns the (trailer name, instance) of the
+    sections only one stream has."""
+    later_b = _numbered(b, data_b)
+    passed: dict[_Key, _Found] = {}  # B's sections passed over, in B's order
+    alone: set[tuple[str, int]] = set()
     renumbered: list[str] = []
-    for key, (label, sec) in ka.items():
-        if key not in kb:
+    renumbered_count = 0
+    for key, sec, raw in _numbered(a, data_a):
+        label = section_label(sec, key[3])
+        found = passed.pop(key, None)
+        if found is None:
+            for key_b, other, raw_b in later_b:
+                if key_b == key:
+                    found = other, raw_b
+                    break
+                passed[key_b] = other, raw_b
+        if found is None:
             out.append(f"{label}: only in A")
+            alone.add((json_name(sec.idstr), sec.instance_id))
             continue
-        other = kb[key][1]
+        other, raw_b = found
         if sec.section_id != other.section_id:
-            renumbered.append(f"{label}: section id {sec.section_id} -> {other.section_id}")
-        if (_same_bytes(sec, raw_a, other, raw_b) and type(sec.payload) is type(other.payload)
+            renumbered_count += 1
+            if len(renumbered) <= 3:
+                renumbered.append(f"{label}: section id {sec.section_id} -> {other.section_id}")
+        if (_same_bytes(raw, raw_b) and type(sec.payload) is type(other.payload)
                 and sec.generic_body == other.generic_body):
             continue  # the same bytes decoded the same way
-        if sec.has_header and sec.version_id != other.version_id:
-            out.append(f"{label}: layouts differ, section version {sec.version_id} -> {other.version_id}")
-        if sec.footer != other.footer:
-            out.append(f"{label}: section footer {'present' if sec.footer else 'absent'} -> "
-                       f"{'present' if other.footer else 'absent'}")
-        ta, tb = section_tree(sec), section_tree(other)
-        if isinstance(ta, Tree) and isinstance(tb, Tree):
-            _diff_tree(ta, tb, label, "", out)
-        elif isinstance(ta, bytes) and isinstance(tb, bytes):
-            if ta != tb:
-                out.append(f"{label}: {bytes_difference(ta, tb)}")
-        elif ta is not None or tb is not None:
-            out.append(f"{label}: layouts differ, {_form(ta)} -> {_form(tb)}")
-    for key, (label, _) in kb.items():
-        if key not in ka:
-            out.append(f"{label}: only in B")
+        _diff_pair(label, sec, other, out)
+    for key_b, (other, _) in chain(passed.items(), ((k, (s, r)) for k, s, r in later_b)):
+        out.append(f"{section_label(other, key_b[3])}: only in B")
+        alone.add((json_name(other.idstr), other.instance_id))
     # Sections are numbered in stream order: one added or left out renumbers all that follow.
-    if len(renumbered) > 3:
-        out.append(f"stream: section ids differ in {len(renumbered)} sections, the first {renumbered[0]}")
+    if renumbered_count > 3:
+        out.append(f"stream: section ids differ in {renumbered_count} sections, the first {renumbered[0]}")
     else:
         out.extend(renumbered)
+    return alone
+
+
+def _diff_pair(label: str, sec: Section, other: Section, out: list[str]) -> None:
+    if sec.has_header and sec.version_id != other.version_id:
+        out.append(f"{label}: layouts differ, section version {sec.version_id} -> {other.version_id}")
+    if sec.footer != other.footer:
+        out.append(f"{label}: section footer {'present' if sec.footer else 'absent'} -> "
+                   f"{'present' if other.footer else 'absent'}")
+    ta, tb = section_tree(sec), section_tree(other)
+    if isinstance(ta, Tree) and isinstance(tb, Tree):
+        _diff_tree(ta, tb, label, "", out)
+    elif isinstance(ta, bytes) and isinstance(tb, bytes):
+        if ta != tb:
+            out.append(f"{label}: {bytes_difference(ta, tb)}")
+    elif ta is not None or tb is not None:
+        out.append(f"{label}: layouts differ, {_form(ta)} -> {_form(tb)}")
 
 
 def _form(t: Tree | bytes | None) -> str:
@@ -478,7 +507,8 @@ def _page_difference(x: RamRecord, y: RamRecord, offset: int) -> str | None:
 # ---- the trailer -------------------------------------------------------------------------------
 
 
-def _diff_trailers(a: Stream, b: Stream, out: list[str]) -> None:
+def _diff_trailers(a: Stream, b: Stream, alone: set[tuple[str, int]], out: list[str]) -> None:
+    """``alone``: the sections only one stream has; their descriptions are no news."""
     if (a.trailer is None) != (b.trailer is None):
         out.append(f"trailer: only in {'A' if a.trailer is not None else 'B'}")
         return
@@ -488,8 +518,6 @@ def _diff_trailers(a: Stream, b: Stream, out: list[str]) -> None:
         if name != "devices" and a.trailer.get(name) != b.trailer.get(name):
             out.append(f"trailer {name}: {_json(a.trailer.get(name))} -> {_json(b.trailer.get(name))}")
     da, db = _devices(a.trailer), _devices(b.trailer)
-    # A section only one stream has is reported as such; its description is no news.
-    alone = {(json_name(s.idstr), s.instance_id) for s in _only_in_one(a, b)}
     for key, x in da.items():
         y = db.get(key)
         if y is None:
@@ -514,11 +542,6 @@ def _devices(trailer: Obj) -> dict[tuple[Any, Any, int], Any]:
             n += 1
         out[(name, instance, n)] = device
     return out
-
-
-def _only_in_one(a: Stream, b: Stream) -> list[Section]:
-    ka, kb = _keyed(a), _keyed(b)
-    return [sec for key, (_, sec) in ka.items() if key not in kb] + [sec for key, (_, sec) in kb.items() if key not in ka]
 
 
 def _device_label(key: tuple[Any, Any, int]) -> str:
@@ -599,11 +622,13 @@ def _hidden_difference(data_a: bytes, a: Stream, data_b: bytes, first: int) -> s
 def _spans(stream: Stream) -> Iterator[tuple[int, int, Section | Command | CommandRun | None, str]]:
     """Top-level parts of a stream with their byte ranges, in order."""
     records = stream.records
-    ends = [r.offset for r in records[1:]] + [stream.eof_offset if stream.eof_offset is not None else 1 << 62]
+    last = stream.eof_offset if stream.eof_offset is not None else 1 << 62
     if stream.configuration is not None:
-        yield stream.configuration.offset, records[0].offset if records else ends[-1], None, "configuration"
-    for rec, end in zip(records, ends, strict=True):
-        yield rec.offset, end, rec, ""
+        yield stream.configuration.offset, records[0].offset if records else last, None, "configuration"
+    # Each record ends where the next one starts (no list of the ends: a stream may have millions).
+    for rec, nxt in pairwise(chain(records, (None,))):
+        if rec is not None:
+            yield rec.offset, nxt.offset if nxt is not None else last, rec, ""
     if stream.trailer_offset is not None:
         yield stream.trailer_offset, 1 << 62, None, "trailer"
 

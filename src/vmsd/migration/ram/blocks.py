@@ -372,10 +372,13 @@ def _set_bits(bitmap: npt.NDArray[np.uint64], start: int, stop: int) -> None:
 class RamBlocks:
     """RAM blocks by name, iterated in QEMU's RAM-list order."""
 
-    def __init__(self, factory: Callable[[str, int], RamBlock] = RamBlock.memfd, limit: int | None = None) -> None:
+    def __init__(self, factory: Callable[[str, int], RamBlock] = RamBlock.memfd, limit: int | None = None,
+                 max_blocks: int | None = None) -> None:
         self._blocks: list[RamBlock] = []
         # Bytes the blocks a peer announces may reach together (None: no bound, the caller's RAM).
         self.limit = limit
+        # How many blocks there may be once a peer's are created (None: no bound).
+        self.max_blocks = max_blocks
         self._max: list[int] = []
         self._by_name: dict[str, RamBlock] = {}
         self.factory = factory  # makes the blocks a MEM_SIZE record announces

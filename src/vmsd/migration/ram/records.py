@@ -9,6 +9,7 @@ only summarize a 16 GiB guest's stream never build a million page objects.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 
@@ -187,9 +188,10 @@ class RamPayload:
         return f"RamPayload({self.record_count} records)"
 
 
-@attrs.define
+@attrs.frozen
 class _Summary:
-    """What the scanner learned about a section without building records."""
+    """What the scanner learned about a section without building records (never changed: empty ones are
+    shared; readers copy ``blocks`` and ``pages``)."""
 
     count: int
     blocks: list[RamBlockInfo]
@@ -207,13 +209,16 @@ def read_ram(r: Reader, context: RamContext = PLAIN, block_named: bool = False) 
         if scanned is not None:
             end, summary = scanned
             r.take(end - start)
-            return RamPayload(raw=r.buf[start:end], summary=summary)
+            raw = r.buf[start:end]
+            # Iterations with nothing dirty send a section holding only EOS: such sections share one bytes object.
+            return RamPayload(raw=_EOS_ONLY if raw == _EOS_ONLY else raw, summary=summary)
     # Streaming input, or something the scanner does not accept: the exact
     # parser says what is wrong, and where.
     return RamPayload(_read_records(r, context, block_named))
 
 
 _U64 = struct.Struct(">Q")
+_EOS_ONLY = struct.pack(">Q", RAM_SAVE_FLAG_EOS)
 _U32 = struct.Struct(">I")
 _PAGE_KINDS = (
     (RAM_SAVE_FLAG_ZERO, "zero"),
@@ -305,8 +310,17 @@ def _scan(buf: bytes, pos: int, context: RamContext, block_named: bool) -> tuple
                 for name, counts in pages.items()
                 if any(counts)
             }
+            if not blocks and not summary:
+                # Sections of no block and no page (EOS, flushes) share a summary: a stream of them costs
+                # a few objects per section, not a list and a dict each.
+                return pos, _empty_summary(count, context)
             return pos, _Summary(count, blocks, summary, context)
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_summary(count: int, context: RamContext) -> _Summary:
+    return _Summary(count, [], {}, context)
 
 
 _ZERO_CONTINUE = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE

@@ -668,6 +668,11 @@ def _apply_block_list(blocks: RamBlocks, announced: list[RamBlockInfo], create_m
         if total > blocks.limit:
             raise MalformedStream(f"the peer announces {total:#x} bytes of RAM, above the limit of "
                                   f"{blocks.limit:#x} (max-ram)")
+    if blocks.max_blocks is not None:
+        count = len(blocks) + len({info.name for info in announced if info.name not in blocks})
+        if count > blocks.max_blocks:
+            raise MalformedStream(f"the peer announces {count} RAM blocks, above the limit of {blocks.max_blocks} "
+                                  "(max-ram-blocks)")
     for info in announced:  # new blocks keep the peer's order (QEMU's list is ordered by maximum length)
         if info.name not in blocks:
             blocks.create(info.name, info.used_length, append=True).addr = info.addr or 0
