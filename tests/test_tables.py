@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import re
 import struct
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vmsd.codegen.compiler import render
-from vmsd.grammar.loader import load, load_text
+from vmsd.codegen.compiler import compile_specs
+from vmsd.grammar.loader import load
 from vmsd.grammar.parser import _parser
 from vmsd.grammar.semantic import walk_fields
 from vmsd.runtime.generic import decode_body, encode_body
@@ -96,7 +97,10 @@ def test_qemu_scalar_type_names_map_back_to_one_row_each() -> None:
 
 
 def _compile(source: str) -> types.ModuleType:
-    ((text, _),) = render(load_text(source, "probe.vmsd")).values()
+    with tempfile.TemporaryDirectory() as d:
+        spec = Path(d) / "probe.vmsd"
+        spec.write_text(source)
+        text = compile_specs([spec], d)[Path("probe.py")]
     module = types.ModuleType("probe")
     exec(compile(text, "probe.py", "exec"), module.__dict__)
     return module
