@@ -1286,13 +1286,20 @@ class SavevmWriter:
 
     def tail(self, sections: list[Section]) -> bytes:
         """The device (FULL) sections, EOF and the trailer regenerated from their specs; the stream ends."""
+        out = bytearray()
+        self.write_tail(out.extend, sections)
+        return bytes(out)
+
+    def write_tail(self, write: Callable[[bytes], object], sections: list[Section]) -> None:
+        """:meth:`tail` handed to ``write`` a piece at a time (a section, the EOF, a device's description):
+        a snapshot of millions of tiny sections is never built whole in memory."""
         self._check_open_stream()
         if self._open:
             raise SaveError(f"EOF while section(s) {sorted(self._open)} have not ended")
         for sec in sections:
             sec.footer = self.footers
         self._done = True
-        return stream_tail(sections, self.profile)
+        write_stream_tail(write, sections, self.profile)
 
     def _check_open_stream(self) -> None:
         if self._done:
@@ -1331,14 +1338,34 @@ def _trailer_record(desc: Obj) -> bytes:
     return bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", len(text)) + text
 
 
-def stream_tail(sections: list[Section], profile: PeerProfile | None = None) -> bytes:
+# Bytes of sections gathered before :func:`write_stream_tail` hands them on.
+_TAIL_CHUNK = 1 << 16
+
+
+def write_stream_tail(write: Callable[[bytes], object], sections: list[Section],
+                      profile: PeerProfile | None = None) -> None:
     """Device sections, EOF and the trailer regenerated from their specs (by ``profile``'s rules): the end
-    of a live migration."""
+    of a live migration, handed to ``write`` in pieces of at most about 64 KiB or one device's description.
+
+    The trailer's length comes before its text: the descriptions are made twice, once to count their
+    bytes and once to write them, so that only one is ever held."""
     w = Writer()
-    write_records(w, list(sections))
+    for sec in sections:
+        write_records(w, [sec])
+        if len(w.buf) >= _TAIL_CHUNK:
+            write(bytes(w.buf))
+            w.buf.clear()
     w.u8(QEMU_VM_EOF)
-    w.write(_regenerated_record(Stream(records=list(sections), profile=profile)))
-    return w.getvalue()
+    write(bytes(w.buf))
+    stream = Stream(records=list(sections), profile=profile)
+    size = sum(map(len, _regenerated_pieces(stream)))
+    write(bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", size))
+    written = 0
+    for piece in _regenerated_pieces(stream):
+        written += len(piece)
+        write(piece)
+    if written != size:  # a description that changed between the passes: the length written is wrong
+        raise SaveError(f"the regenerated trailer changed while written ({size} bytes counted, {written} made)")
 
 
 def write_stream(stream: Stream, trailer: bool | Obj = True) -> bytes:
@@ -1442,19 +1469,22 @@ def regenerate_trailer(stream: Stream) -> Obj:
 def _regenerated_record(stream: Stream) -> bytes:
     """The trailer record of :func:`regenerate_trailer`, its text made a device at a time: the devices'
     descriptions (several times the size of the sections they describe) are never all built at once."""
-    pieces: list[bytes] = []
+    text = b"".join(_regenerated_pieces(stream))
+    return bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", len(text)) + text
+
+
+def _regenerated_pieces(stream: Stream) -> Iterator[bytes]:
+    """The text of :func:`regenerate_trailer` in pieces: the top-level pairs, one device at a time."""
     for i, (key, value) in enumerate(_trailer_parts(stream)):
         head = ("{" if i == 0 else ", ") + _json_text(key) + ": "
         if key != "devices":
-            pieces.append((head + _json_text(value)).encode())
+            yield (head + _json_text(value)).encode()
             continue
-        pieces.append((head + "[").encode())
+        yield (head + "[").encode()
         for j, device in enumerate(value):
-            pieces.append(((", " if j else "") + _json_text(device)).encode())
-        pieces.append(b"]")
-    pieces.append(b"}")
-    size = sum(map(len, pieces))
-    return bytes([QEMU_VM_VMDESCRIPTION]) + struct.pack(">I", size) + b"".join(pieces)
+            yield ((", " if j else "") + _json_text(device)).encode()
+        yield b"]"
+    yield b"}"
 
 
 def _trailer_parts(stream: Stream) -> Iterator[tuple[str, Any]]:

@@ -94,7 +94,7 @@ def write_snapshot(result: IncomingResult, out: OutputFile, profile: PeerProfile
                           + framing.start(ram_id, IDSTR_RAM, RAM_SECTION_VERSION))
             f.write(enc.eos() + framing.footer(ram_id))
             f.write(framing.end(ram_id) + enc.eos() + framing.footer(ram_id))
-            f.write(framing.tail(result.sections))
+            framing.write_tail(f.write, result.sections)
             out.commit()
             return
         f.write(framing.head(conf) + framing.start(ram_id, IDSTR_RAM, RAM_SECTION_VERSION)
@@ -111,7 +111,7 @@ def write_snapshot(result: IncomingResult, out: OutputFile, profile: PeerProfile
                         f.write(buf)
         f.write(enc.eos() + framing.footer(ram_id))
         f.write(framing.end(ram_id) + enc.eos() + framing.footer(ram_id))
-        f.write(framing.tail(result.sections))
+        framing.write_tail(f.write, result.sections)
     except OSError as exc:
         raise OutputError(f"cannot write {out.path}: {exc.strerror or exc}") from None
     out.commit()

@@ -298,7 +298,8 @@ def write_json(stream: Stream, out: TextIO, error: VMSDError | None = None) -> N
     A stream of many small records would otherwise need all their dicts (and the
     whole text) at once: several times the stream's own memory.
     """
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    encoder = json.JSONEncoder(separators=(",", ":"))
+    dumps = encoder.encode
     head: dict[str, Any] = {"version": stream.version}
     if stream.configuration is not None:
         head["configuration"] = configuration_json(stream.configuration.state)
@@ -310,10 +311,31 @@ def write_json(stream: Stream, out: TextIO, error: VMSDError | None = None) -> N
             if not first:
                 out.write(",")
             first = False
-            out.write(dumps(entry))
+            if isinstance(rec, Section):
+                _write_entry(out, encoder, entry)
+            else:  # commands' entries are small: one string each is cheaper than its pieces
+                out.write(dumps(entry))
     if error is not None and stream.damage is not None:
         out.write(("" if first else ",") + dumps(damage_json(stream.damage, rule)))
     out.write("]," + dumps(_json_tail(stream, error))[1:])
+
+
+_JSON_PIECE = 1 << 12  # characters of an entry's text gathered before they are written
+
+
+def _write_entry(out: TextIO, encoder: json.JSONEncoder, entry: dict[str, Any]) -> None:
+    """``encoder.encode(entry)`` written in pieces of about 4 KiB: one section (RAM listing thousands of
+    blocks, a device of thousands of fields) can be most of the stream, its text several times that."""
+    pieces: list[str] = []
+    size = 0
+    for piece in encoder.iterencode(entry):
+        pieces.append(piece)
+        size += len(piece)
+        if size >= _JSON_PIECE:
+            out.write("".join(pieces))
+            pieces.clear()
+            size = 0
+    out.write("".join(pieces))
 
 
 def damage_json(damage: Damage, rule: tuple[bool, bool]) -> dict[str, Any]:
