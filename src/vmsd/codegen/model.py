@@ -15,11 +15,12 @@ lists.  Memory is the checked spec plus one class's fixed parts.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import keyword
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 import attrs
@@ -637,9 +638,11 @@ class ModuleBuilder:
             run.clear()
 
         for f in fields:
-            tables.append(self.table_entry(f, names[id(f)], ctx))
+            tables.append(self.table_entry(f, names.get(id(f)) or _wire_base(f), ctx))
             if self.fusable(f):
                 run.append(f)
+                yield [], [], tables, []  # a long run's table entries are not held until it ends
+                tables = []
                 continue
             flush()
             runs.append(None)
@@ -678,6 +681,7 @@ class ModuleBuilder:
         fmt = ">"
         size = 0
         targets: list[str] = []  # per value-producing field: how to assign from _v
+        assigned: list[str] = []  # what each of ``targets`` assigns to
         values: list[str] = []
         checks: list[str] = []
         absent: list[str] = []  # attributes set to None below ``since``
@@ -698,6 +702,7 @@ class ModuleBuilder:
                 fmt += f"{n}s"
                 size += n
                 targets.append(f"{attr} = _v[{index}]")
+                assigned.append(attr)
                 values.append(value)
                 checks.extend(_len_check(value, str(n), f.name))
                 index += 1
@@ -712,16 +717,19 @@ class ModuleBuilder:
             size += total * width
             if not dims:
                 targets.append(f"{attr} = _v[{index}]")
+                assigned.append(attr)
                 values.append(value)
             elif len(dims) == 1:
                 simple = False
                 targets.append(f"{attr} = list(_v[{index}:{index + total}])")
+                assigned.append(attr)
                 values.append(f"*{value}" if value == attr else f"*({value})")
                 checks.extend(_len_check(value, str(total), f.name))
             else:
                 simple = False
                 rows, cols = dims
                 targets.append(f"{attr} = [list(_v[i:i + {cols}]) for i in range({index}, {index + total}, {cols})]")
+                assigned.append(attr)
                 values.append(f"*_rt.flat({value}, {rows}, {cols}, {f.name!r})")
             index += total
         const = self.formats.get(fmt)
@@ -731,10 +739,9 @@ class ModuleBuilder:
         if byte_list:
             # A uint8 array alone (an IDE drive's 128 KiB buffer): list() of the
             # bytes, four times faster than unpacking and copying a tuple.
-            unpack.append(f"{targets[0].split(' = ')[0]} = list(buf[p : p + {size}])")
+            unpack.append(f"{assigned[0]} = list(buf[p : p + {size}])")
         elif simple and index:
-            names = [t.split(" = ")[0] for t in targets]
-            unpack.append(f"({', '.join(names)},) = {const}.unpack_from(buf, p)")
+            unpack.append(f"({', '.join(assigned)},) = {const}.unpack_from(buf, p)")
         elif index:
             unpack.append(f"_v = {const}.unpack_from(buf, p)")
             unpack.extend(targets)
@@ -754,7 +761,7 @@ class ModuleBuilder:
         if not since:
             load.extend(reads)
             save.extend(writes)
-            return (const, [t.split(" = ")[0] for t in targets], writes, simple) if index else None
+            return (const, assigned, writes, simple) if index else None
         load.append(f"if version_id >= {since}:")
         load.extend("    " + line for line in reads)
         if absent:
@@ -1064,29 +1071,30 @@ def _truth(e: ast.Expr, src: str) -> str:
     return f"bool({src})"
 
 
-def _qemu_names(fields: Iterable[ast.Field]) -> dict[int, str]:
-    """QEMU numbers repeated field names ``name[0]``, ``name[1]`` in its JSON."""
-    base: dict[int, str] = {}
-    for f in fields:
-        if f.wire_name is not None and f.kind != "validate":
-            base[id(f)] = f.wire_name
-        elif f.kind == "unused":
-            base[id(f)] = "unused"
-        elif f.kind == "validate":
-            base[id(f)] = f.wire_name or "validate"
-        else:
-            base[id(f)] = f.name or ""
-    totals: dict[str, int] = {}
-    for name in base.values():
-        totals[name] = totals.get(name, 0) + 1
+def _wire_base(f: ast.Field) -> str:
+    """The name QEMU's JSON gives ``f``, before numbering."""
+    if f.wire_name is not None and f.kind != "validate":
+        return f.wire_name
+    if f.kind == "unused":
+        return "unused"
+    if f.kind == "validate":
+        return f.wire_name or "validate"
+    return f.name or ""
+
+
+def _qemu_names(fields: tuple[ast.Field, ...]) -> dict[int, str]:
+    """QEMU numbers repeated field names ``name[0]``, ``name[1]`` in its JSON: the numbered names, by id
+    of field, of those whose name repeats (the others' is their :func:`_wire_base`)."""
+    totals = collections.Counter(_wire_base(f) for f in fields)
+    repeated = {name for name, n in totals.items() if n > 1}
+    del totals
     seen: dict[str, int] = {}
     out: dict[int, str] = {}
-    for key, name in base.items():
-        if totals[name] > 1:
-            out[key] = f"{name}[{seen.get(name, 0)}]"
+    for f in fields:
+        name = _wire_base(f)
+        if name in repeated:
+            out[id(f)] = f"{name}[{seen.get(name, 0)}]"
             seen[name] = seen.get(name, 0) + 1
-        else:
-            out[key] = name
     return out
 
 
