@@ -215,6 +215,7 @@ class ModuleBuilder:
         self.flat_run: tuple[str, list[str], list[str], bool] | None = None
         self.imports: dict[tuple[str, ...], set[str]] = {}
         self.methods: dict[int, str] = {}  # id of a field or subsection -> its generated method's name (per class)
+        self.method_names: set[str] = set()  # the values of ``methods``
         self.buffered: dict[int, bool] = {}  # id of a fields tuple -> whether its save statements use ``out``
 
     # -- names ---------------------------------------------------------------
@@ -280,9 +281,10 @@ class ModuleBuilder:
         names made from subsection names, or from the field names unnamed fields lack, can meet."""
         if key not in self.methods:
             name, n = base, 2
-            while name in self.methods.values():
+            while name in self.method_names:
                 name, n = f"{base}_{n}", n + 1
             self.methods[key] = name
+            self.method_names.add(name)
         return self.methods[key]
 
     def class_model(self, v: ast.Vmsd) -> ClassModel:
@@ -291,7 +293,8 @@ class ModuleBuilder:
         Making it goes over them once: methods and Struct formats are named, in the order they
         appear, and imports noted before the templates ask for any."""
         methods: dict[int, str] = {}
-        self.methods = methods
+        method_names: set[str] = set()
+        self.methods, self.method_names = methods, method_names
         known = self.r.attrs_of[id(v)]
         optional = frozenset(
             name for name, a in known.items() if not a.in_subsection and (a.field.since or a.field.exists is not None)
@@ -309,7 +312,7 @@ class ModuleBuilder:
             return (self.attr_model(a.field, a.field.name in optional, a.in_subsection, sees) for a in named)
 
         def chunks() -> Iterator[tuple[list[str], list[str], list[str], list[tuple[str, str]]]]:
-            self.methods = methods
+            self.methods, self.method_names = methods, method_names
             return self.step_chunks(v.fields, ctx)
 
         abstract: list[str] = []
