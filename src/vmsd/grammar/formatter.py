@@ -111,10 +111,7 @@ def _flat(children: list[Any]) -> list[Token]:
 
 
 def _field(children: list[Any]) -> _Line:
-    tokens = _flat([_tokens(child) for child in children])
-    cells = _field_cells(children) if str(tokens[0]) != "validate" else None
-    # validate "label" (expr) is not aligned: the label is no name
-    return _make_line(tokens, cells, field=True)
+    return _make_line(_flat([_tokens(child) for child in children]), _field_cells(children), field=True)
 
 
 def _items(kids: list[Any]) -> list[_Line]:
@@ -136,18 +133,20 @@ def _block(children: list[Any]) -> list[_Line]:
     return [head, *_items(children[brace + 1:-1]), _make_line([children[-1]], closing=True)]
 
 
-def _enum_member(children: list[Any]) -> list[_Line]:
-    *docs, name, equal, value = children
-    member = _make_line([name, *_tokens(equal), *_tokens(value)], [str(name), _join(_tokens(equal) + _tokens(value))],
-                        field=True)
-    return [*_items(docs), member]
-
-
 class _Layout(lark.Transformer[Token, Any]):
     """Made into lines as the parser reduces, so that the file's tokens are never all alive at once."""
 
     def import_decl(self, children: list[Token]) -> _Line:
         return _make_line(children)
+
+    def validate_field(self, children: list[Any]) -> _Line:
+        """validate "label" (expr) is not aligned: the label is no name."""
+        return _make_line(_flat([_tokens(child) for child in children]), field=True)
+
+    def enum_member(self, children: list[Any]) -> list[_Line]:
+        *docs, name, equal, value = children
+        rest = _tokens(equal) + _tokens(value)
+        return [*_items(docs), _make_line([name, *rest], [str(name), _join(rest)], field=True)]
 
     def start(self, children: list[Any]) -> list[_Line]:
         return _items(children)
@@ -162,11 +161,10 @@ _FLAT = ("expr", "or_expr", "and_expr", "bor_expr", "xor_expr", "band_expr", "eq
 
 for _rule in _FLAT:
     setattr(_Layout, _rule, staticmethod(_flat))
-for _rule in _FIELDS:
+for _rule in _FIELDS - {"validate_field"}:
     setattr(_Layout, _rule, staticmethod(_field))
 for _rule in ("vmsd_decl", "subsection", "enum_decl"):
     setattr(_Layout, _rule, staticmethod(_block))
-_Layout.enum_member = staticmethod(_enum_member)  # type: ignore[attr-defined]
 
 
 @functools.cache
@@ -352,7 +350,7 @@ def _render(lines: list[_Line], tail: list[tuple[str, bool]]) -> str:
         if line.blank and not prev_open and not line.closing:
             out.append("")
         out.append(rows[n])
-        # a doc comment ending in "{" counts as an opening line too (as it always has: the layout is stable)
+        # a doc comment ending in "{" has always counted as an opening line: kept, so that no laid-out spec changes
         prev_open = line.opens or (line.doc and line.cells[0].endswith("{"))
     for com, blank in tail:
         if blank and out:
