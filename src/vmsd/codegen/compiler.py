@@ -133,7 +133,7 @@ def _modules(
     def modules() -> Iterator[tuple[tuple[str, ...], list[str], Callable[[], Iterator[str]]]]:
         for path in sorted(generated):
             model = ModuleBuilder(resolved, path, module_of, vmsd.__version__, absolute).build()
-            names = [c.vmsd_name for c in model.classes]
+            names = [v.name for v in program.files[path].vmsds]
             yield module_of[path], names, functools.partial(template.generate, m=model, api_version=API_VERSION)
 
     return modules()

@@ -4,15 +4,24 @@ The model turns checked AST declarations into Python names, annotations,
 defaults, precompiled ``struct`` formats (consecutive fixed-size scalars are
 fused into one format) and the statement lists of ``_load_fields`` and
 ``_save_fields``.  Templates only loop over what is built here.
+
+What a template prints per field (attributes, statements, predicates, field
+specs) is not kept: a :class:`Replay` makes it again each time the template
+goes over it, and the module's classes are made one at a time for each of
+the template's two passes over them.  A first pass over every class names
+their methods and formats and notes their imports, which the module's header
+lists.  Memory is the checked spec plus one class's fixed parts.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import keyword
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 import attrs
 
@@ -21,6 +30,8 @@ from vmsd.grammar.semantic import Resolved, walk_fields, walk_subsections
 from vmsd.runtime.kinds import KINDS
 from vmsd.runtime.markers import QEMU_VM_SUBSECTION
 from vmsd.runtime.scalars import BY_NAME
+
+T = TypeVar("T")
 
 _C_OPS = {"&&": "and", "||": "or"}
 _BOOL_OPS = frozenset({"&&", "||", "==", "!=", "<", "<=", ">", ">="})
@@ -36,6 +47,21 @@ def module_name(part: str) -> str:
     such as ``__init__`` gets a trailing underscore, as it could not be imported otherwise."""
     name = _identifier(part)
     return name + "_" if keyword.iskeyword(name) or (name.startswith("__") and name.endswith("__")) else name
+
+
+@attrs.frozen
+class Replay(Generic[T]):
+    """A sequence made again each time it is gone over: what a template prints once or a few times per
+    field is never all held (a module's code is tens of times its spec)."""
+
+    make: Callable[[], Iterator[T]]
+    size: int
+
+    def __iter__(self) -> Iterator[T]:
+        return self.make()
+
+    def __bool__(self) -> bool:
+        return self.size > 0
 
 
 @attrs.frozen
@@ -81,19 +107,30 @@ class ClassModel:
     version: int
     minimum: int
     doc: str | None
-    attrs: list[AttrModel]
+    attrs: Replay[AttrModel]
     abstract_methods: list[str]
     abstract_counts: list[str]  # properties named by custom() array lengths
-    predicates: list[tuple[str, str]]  # (method, expression source)
-    load: list[str]
-    save: list[str]
+    predicates: Replay[tuple[str, str]]  # (method, expression source)
+    load: Replay[str]
+    save: Replay[str]
     subsections: list[SubsectionModel]
-    table: str  # source of the VmsdSpec expression
+    table_fields: Replay[str]  # sources of the VmsdSpec's FieldSpecs
+    subsection_specs: list[str]  # sources of its SubsectionSpecs
     flat_struct: str | None = None  # the one Struct of a state that is a single fused run
     flat_targets: tuple[str, ...] = ()
     flat_defaults: tuple[str, ...] = ()  # default value source of each flat target
     row_writes: tuple[str, ...] = ()  # a state that is one fused run: the statements writing it (to ``out``)
     peeks: bool = False  # custom predicates here or in nested structs may look at the reader
+
+    @property
+    def table_head(self) -> str:
+        """Source of the VmsdSpec expression up to its field specs (one a line after it)."""
+        return f"_schema.VmsdSpec({self.vmsd_name!r}, {self.version}, {self.minimum}, ("
+
+    @property
+    def table_tail(self) -> str:
+        """Source of the VmsdSpec expression after its field specs."""
+        return "), (" + "".join(f"\n    {t}," for t in self.subsection_specs) + ("\n" if self.subsection_specs else "") + "))"
 
     @property
     def fresh(self) -> list[tuple[str, str]]:
@@ -128,15 +165,10 @@ class ModuleModel:
     imports: list[str]
     structs: list[tuple[str, str]]  # (constant, format)
     enums: list[EnumModel]
-    classes: list[ClassModel]
-
-    @property
-    def uses_flat(self) -> bool:
-        return any(c.flat_struct for c in self.classes)
-
-    @property
-    def uses_rows(self) -> bool:
-        return any(c.row_writes for c in self.classes)
+    classes: Replay[ClassModel]  # made again for each of the template's two passes, one class at a time
+    uses_flat: bool
+    uses_rows: bool
+    uses_abc: bool
 
     @property
     def typing_names(self) -> list[str]:
@@ -146,10 +178,6 @@ class ModuleModel:
         if self.classes:
             names.append("Self")
         return names
-
-    @property
-    def uses_abc(self) -> bool:
-        return any(c.abstract_methods or c.abstract_counts for c in self.classes)
 
 
 class _Formats:
@@ -187,6 +215,8 @@ class ModuleBuilder:
         self.flat_run: tuple[str, list[str], list[str], bool] | None = None
         self.imports: dict[tuple[str, ...], set[str]] = {}
         self.methods: dict[int, str] = {}  # id of a field or subsection -> its generated method's name (per class)
+        self.method_names: set[str] = set()  # the values of ``methods``
+        self.buffered: dict[int, bool] = {}  # id of a fields tuple -> whether its save statements use ``out``
 
     # -- names ---------------------------------------------------------------
     def class_ref(self, v: ast.Vmsd) -> str:
@@ -221,7 +251,15 @@ class ModuleBuilder:
     # -- module ----------------------------------------------------------------
     def build(self) -> ModuleModel:
         enums = [self.enum_model(e) for e in self.spec.enums]
-        classes = [self.class_model(v) for v in self.spec.vmsds]
+        # A first pass over the classes names their methods and Struct formats and notes their imports
+        # (the module's header lists these) without keeping them.
+        uses_flat = uses_rows = uses_abc = False
+        for v in self.spec.vmsds:
+            c = self.class_model(v)
+            uses_flat = uses_flat or bool(c.flat_struct)
+            uses_rows = uses_rows or bool(c.row_writes)
+            uses_abc = uses_abc or bool(c.abstract_methods or c.abstract_counts)
+        vmsds = self.spec.vmsds
         return ModuleModel(
             spec_path=self.path,
             spec_hash=hashlib.sha256(self.spec.source.encode()).hexdigest(),
@@ -229,7 +267,10 @@ class ModuleBuilder:
             imports=self.import_lines(),
             structs=[(const, fmt) for fmt, const in self.formats.by_format.items()],
             enums=enums,
-            classes=classes,
+            classes=Replay(lambda: (self.class_model(v) for v in vmsds), len(vmsds)),
+            uses_flat=uses_flat,
+            uses_rows=uses_rows,
+            uses_abc=uses_abc,
         )
 
     def enum_model(self, e: ast.Enum) -> EnumModel:
@@ -240,13 +281,20 @@ class ModuleBuilder:
         names made from subsection names, or from the field names unnamed fields lack, can meet."""
         if key not in self.methods:
             name, n = base, 2
-            while name in self.methods.values():
+            while name in self.method_names:
                 name, n = f"{base}_{n}", n + 1
             self.methods[key] = name
+            self.method_names.add(name)
         return self.methods[key]
 
     def class_model(self, v: ast.Vmsd) -> ClassModel:
-        self.methods = {}
+        """The model of ``v``'s class; its per-field parts are made again each time they are gone over.
+
+        Making it goes over them once: methods and Struct formats are named, in the order they
+        appear, and imports noted before the templates ask for any."""
+        methods: dict[int, str] = {}
+        method_names: set[str] = set()
+        self.methods, self.method_names = methods, method_names
         known = self.r.attrs_of[id(v)]
         optional = frozenset(
             name for name, a in known.items() if not a.in_subsection and (a.field.since or a.field.exists is not None)
@@ -258,11 +306,15 @@ class ModuleBuilder:
         sees = bool(counts) or any(
             f.kind == "opaque" or isinstance(f.exists, ast.Custom) for f, _ in walk_fields(v.fields, v.subsections)
         )
-        attr_models = [
-            self.attr_model(a.field, a.field.name in optional, a.in_subsection, sees) for a in known.values() if a.field.name
-        ]
-        defaults = {a.name: a.default for a in attr_models}
-        predicates: list[tuple[str, str]] = []
+        named = [a for a in known.values() if a.field.name]
+
+        def attr_models() -> Iterator[AttrModel]:
+            return (self.attr_model(a.field, a.field.name in optional, a.in_subsection, sees) for a in named)
+
+        def chunks() -> Iterator[tuple[list[str], list[str], list[str], list[tuple[str, str]]]]:
+            self.methods, self.method_names = methods, method_names
+            return self.step_chunks(v.fields, ctx)
+
         abstract: list[str] = []
         for f, _ in walk_fields(v.fields, v.subsections):
             if isinstance(f.exists, ast.Custom) and f.exists.method not in abstract:
@@ -270,37 +322,58 @@ class ModuleBuilder:
         for s in walk_subsections(v.subsections):
             if isinstance(s.needed, ast.Custom) and s.needed.method not in abstract:
                 abstract.append(s.needed.method)
-        load, save, table_fields = self.steps(v.fields, ctx, predicates)
+        for _ in attr_models():
+            pass
+        sizes = [0, 0, 0, 0]  # load, save and table lines, predicates
+        for more_load, more_save, more_tables, more_predicates in chunks():
+            for i, n in enumerate((len(more_load), len(more_save), len(more_tables), len(more_predicates))):
+                sizes[i] += n
         # A "flat" state is one fused run of single scalars: arrays of it load
         # with one iter_unpack over all elements.
         run = self.flat_run if not v.subsections else None
         flat = run if run is not None and run[3] else None
-        if v.subsections:
-            load.append('_at = ""')
-            load.extend(_subsections_load(v.name, True))
-        subs, sub_tables = self.subsections(v.subsections, v.name, ctx, predicates, save)
-        table = (
-            f"_schema.VmsdSpec({v.name!r}, {v.version}, {v.minimum}, (\n"
-            + "".join(f"    {t},\n" for t in table_fields)
-            + "), ("
-            + "".join(f"\n    {t}," for t in sub_tables)
-            + ("\n" if sub_tables else "")
-            + "))"
-        )
+        load_tail = ['_at = ""', *_subsections_load(v.name, True)] if v.subsections else []
+        sub_predicates: list[tuple[str, str]] = []
+        save_tail: list[str] = []
+        subs, sub_tables = self.subsections(v.subsections, v.name, ctx, sub_predicates, save_tail)
+        save_head = ["out = w.buf"] if self.buffered[id(v.fields)] else []
+
+        def load() -> Iterator[str]:
+            for chunk in chunks():
+                yield from chunk[0]
+            yield from load_tail
+
+        def save() -> Iterator[str]:
+            yield from save_head
+            for chunk in chunks():
+                yield from chunk[1]
+            yield from save_tail
+
+        def table() -> Iterator[str]:
+            for chunk in chunks():
+                yield from chunk[2]
+
+        def predicates() -> Iterator[tuple[str, str]]:
+            for chunk in chunks():
+                yield from chunk[3]
+            yield from sub_predicates
+
+        defaults = {a.name: a.default for a in attr_models()} if flat else {}
         return ClassModel(
             name=self.r.class_name(v),
             vmsd_name=v.name,
             version=v.version,
             minimum=v.minimum,
             doc=v.doc,
-            attrs=attr_models,
+            attrs=Replay(attr_models, len(named)),
             abstract_methods=abstract,
             abstract_counts=counts,
-            predicates=predicates,
-            load=load,
-            save=save,
+            predicates=Replay(predicates, sizes[3] + len(sub_predicates)),
+            load=Replay(load, sizes[0] + len(load_tail)),
+            save=Replay(save, len(save_head) + sizes[1] + len(save_tail)),
             subsections=subs,
-            table=table,
+            table_fields=Replay(table, sizes[2]),
+            subsection_specs=sub_tables,
             flat_struct=flat[0] if flat else None,
             flat_targets=tuple(flat[1]) if flat else (),
             flat_defaults=tuple(defaults[t.removeprefix("self.")] for t in flat[1]) if flat else (),
@@ -510,13 +583,35 @@ class ModuleBuilder:
     def steps(
         self, fields: tuple[ast.Field, ...], ctx: _Ctx, predicates: list[tuple[str, str]]
     ) -> tuple[list[str], list[str], list[str]]:
+        """The load and save statements and table entries of ``fields``, all at once; their predicates
+        are appended to ``predicates``."""
         load: list[str] = []
-        save: list[str] = ["out = w.buf"]
+        save: list[str] = []
         tables: list[str] = []
+        for more_load, more_save, more_tables, more_predicates in self.step_chunks(fields, ctx):
+            load += more_load
+            save += more_save
+            tables += more_tables
+            predicates += more_predicates
+        if self.buffered[id(fields)]:
+            save.insert(0, "out = w.buf")
+        return load, save, tables
+
+    def step_chunks(
+        self, fields: tuple[ast.Field, ...], ctx: _Ctx
+    ) -> Iterator[tuple[list[str], list[str], list[str], list[tuple[str, str]]]]:
+        """The load and save statements, table entries and predicates of ``fields``, a field or a fused
+        run at a time: made again each time a template goes over them, a huge vmsd's statements are
+        never all held.  The save statements start with ``out = w.buf`` when ``self.buffered`` says so
+        for ``fields``, which is known once this has run through."""
+        load: list[str] = []
+        save: list[str] = []
+        tables: list[str] = []
+        predicates: list[tuple[str, str]] = []
         run: list[ast.Field] = []
         names = _qemu_names(fields)
         runs: list[tuple[str, list[str], list[str], bool] | None] = []
-
+        buffered = False
         def flush() -> None:
             if not run:
                 return
@@ -546,18 +641,23 @@ class ModuleBuilder:
             run.clear()
 
         for f in fields:
-            tables.append(self.table_entry(f, names[id(f)], ctx))
+            tables.append(self.table_entry(f, names.get(id(f)) or _wire_base(f), ctx))
             if self.fusable(f):
                 run.append(f)
+                yield [], [], tables, []  # a long run's table entries are not held until it ends
+                tables = []
                 continue
             flush()
             runs.append(None)
             self.field_steps(f, ctx, predicates, load, save)
+            buffered = buffered or _writes_out(save)
+            yield load, save, tables, predicates
+            load, save, tables, predicates = [], [], [], []
         flush()
         self.flat_run = runs[0] if len(runs) == 1 else None
-        if not any(line.lstrip().startswith("out +=") for line in save):
-            save.remove("out = w.buf")
-        return load, save, tables
+        self.buffered[id(fields)] = buffered or _writes_out(save)
+        yield load, save, tables, predicates
+
 
     def fusable(self, f: ast.Field) -> bool:
         """Whether ``f`` joins a fused run: fixed size and plain, present
@@ -584,6 +684,7 @@ class ModuleBuilder:
         fmt = ">"
         size = 0
         targets: list[str] = []  # per value-producing field: how to assign from _v
+        assigned: list[str] = []  # what each of ``targets`` assigns to
         values: list[str] = []
         checks: list[str] = []
         absent: list[str] = []  # attributes set to None below ``since``
@@ -604,6 +705,7 @@ class ModuleBuilder:
                 fmt += f"{n}s"
                 size += n
                 targets.append(f"{attr} = _v[{index}]")
+                assigned.append(attr)
                 values.append(value)
                 checks.extend(_len_check(value, str(n), f.name))
                 index += 1
@@ -618,16 +720,19 @@ class ModuleBuilder:
             size += total * width
             if not dims:
                 targets.append(f"{attr} = _v[{index}]")
+                assigned.append(attr)
                 values.append(value)
             elif len(dims) == 1:
                 simple = False
                 targets.append(f"{attr} = list(_v[{index}:{index + total}])")
+                assigned.append(attr)
                 values.append(f"*{value}" if value == attr else f"*({value})")
                 checks.extend(_len_check(value, str(total), f.name))
             else:
                 simple = False
                 rows, cols = dims
                 targets.append(f"{attr} = [list(_v[i:i + {cols}]) for i in range({index}, {index + total}, {cols})]")
+                assigned.append(attr)
                 values.append(f"*_rt.flat({value}, {rows}, {cols}, {f.name!r})")
             index += total
         const = self.formats.get(fmt)
@@ -637,10 +742,9 @@ class ModuleBuilder:
         if byte_list:
             # A uint8 array alone (an IDE drive's 128 KiB buffer): list() of the
             # bytes, four times faster than unpacking and copying a tuple.
-            unpack.append(f"{targets[0].split(' = ')[0]} = list(buf[p : p + {size}])")
+            unpack.append(f"{assigned[0]} = list(buf[p : p + {size}])")
         elif simple and index:
-            names = [t.split(" = ")[0] for t in targets]
-            unpack.append(f"({', '.join(names)},) = {const}.unpack_from(buf, p)")
+            unpack.append(f"({', '.join(assigned)},) = {const}.unpack_from(buf, p)")
         elif index:
             unpack.append(f"_v = {const}.unpack_from(buf, p)")
             unpack.extend(targets)
@@ -660,7 +764,7 @@ class ModuleBuilder:
         if not since:
             load.extend(reads)
             save.extend(writes)
-            return (const, [t.split(" = ")[0] for t in targets], writes, simple) if index else None
+            return (const, assigned, writes, simple) if index else None
         load.append(f"if version_id >= {since}:")
         load.extend("    " + line for line in reads)
         if absent:
@@ -930,6 +1034,11 @@ class ModuleBuilder:
         return f"_schema.FieldSpec({', '.join(args + [f'{k}={v}' for k, v in kw.items()])})"
 
 
+def _writes_out(save: list[str]) -> bool:
+    """Whether save statements append to ``out`` (the writer's buffer, then fetched first)."""
+    return any(line.lstrip().startswith("out +=") for line in save)
+
+
 def _take(size: int) -> list[str]:
     """``buf, p = r.take(size)`` with the common case (bytes already buffered) inline: no call."""
     return [
@@ -965,29 +1074,30 @@ def _truth(e: ast.Expr, src: str) -> str:
     return f"bool({src})"
 
 
-def _qemu_names(fields: Iterable[ast.Field]) -> dict[int, str]:
-    """QEMU numbers repeated field names ``name[0]``, ``name[1]`` in its JSON."""
-    base: dict[int, str] = {}
-    for f in fields:
-        if f.wire_name is not None and f.kind != "validate":
-            base[id(f)] = f.wire_name
-        elif f.kind == "unused":
-            base[id(f)] = "unused"
-        elif f.kind == "validate":
-            base[id(f)] = f.wire_name or "validate"
-        else:
-            base[id(f)] = f.name or ""
-    totals: dict[str, int] = {}
-    for name in base.values():
-        totals[name] = totals.get(name, 0) + 1
+def _wire_base(f: ast.Field) -> str:
+    """The name QEMU's JSON gives ``f``, before numbering."""
+    if f.wire_name is not None and f.kind != "validate":
+        return f.wire_name
+    if f.kind == "unused":
+        return "unused"
+    if f.kind == "validate":
+        return f.wire_name or "validate"
+    return f.name or ""
+
+
+def _qemu_names(fields: tuple[ast.Field, ...]) -> dict[int, str]:
+    """QEMU numbers repeated field names ``name[0]``, ``name[1]`` in its JSON: the numbered names, by id
+    of field, of those whose name repeats (the others' is their :func:`_wire_base`)."""
+    totals = collections.Counter(_wire_base(f) for f in fields)
+    repeated = {name for name, n in totals.items() if n > 1}
+    del totals
     seen: dict[str, int] = {}
     out: dict[int, str] = {}
-    for key, name in base.items():
-        if totals[name] > 1:
-            out[key] = f"{name}[{seen.get(name, 0)}]"
+    for f in fields:
+        name = _wire_base(f)
+        if name in repeated:
+            out[id(f)] = f"{name}[{seen.get(name, 0)}]"
             seen[name] = seen.get(name, 0) + 1
-        else:
-            out[key] = name
     return out
 
 

@@ -3,11 +3,13 @@
 The text is parsed twice: once by :func:`vmsd.grammar.parser.parse`, which
 reports a bad spec with its usual located error and enforces the limits of
 :mod:`vmsd.grammar.limits`, and once by a parser that keeps every token and
-hands over the comments the grammar otherwise ignores.  The second parse's
-tree says where each declaration, field and closing brace starts; each
-becomes one output line of its tokens with canonical spacing.  Comments are
-put back by position: one after code on its line stays at the end of that
-code's output line, one on a line of its own goes before the next line.
+hands over the comments the grammar otherwise ignores.  That second parser
+makes each declaration header, field, doc comment and closing brace into
+one output line of its tokens with canonical spacing as soon as it has
+reduced it, keeping only the line's text and where it starts and ends: the
+file's tokens are never all alive at once.  Comments are put back by
+position: one after code on its line stays at the end of that code's
+output line, one on a line of its own goes before the next line.
 The result is parsed again and must describe the same declarations (the
 two parses' digests are compared, one parse alive at a time), so a
 formatting bug can never change what a spec means.
@@ -15,7 +17,6 @@ formatting bug can never change what a spec means.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import hashlib
 import threading
@@ -46,26 +47,57 @@ _CLOSE = frozenset({")", "]", ",", ".", "[", "?"})
 
 
 class _Comments:
-    """Collects the ignored ``#`` comments of the parse in progress (one parse at a time)."""
+    """Collects the ignored ``#`` comments of the parse in progress (one parse at a time), as
+    (position, text) pairs."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.tokens: list[Token] = []
+        self.found: list[tuple[int, str]] = []
 
     def add(self, tok: Token) -> Token:
-        self.tokens.append(_slim(tok))
+        self.found.append((_pos(tok), str(tok).rstrip()))
         return tok
 
 
 _COMMENTS = _Comments()
 
 
-# Rules whose layout is their tokens in a row: the parser hands them over as a flat
-# list instead of a tree (an expression is a dozen nested rules per operand here).
-_FLAT = ("expr", "or_expr", "and_expr", "bor_expr", "xor_expr", "band_expr", "eq_expr", "rel_expr", "shift_expr",
-         "add_expr", "mul_expr", "unary", "atom", "or_", "and_", "bor", "bxor", "band", "binop", "unop", "int_lit",
-         "version_ref", "len_call", "ref", "condition", "cond_expr", "cond_custom", "length", "dims", "signed_int",
-         "signed_float", "needed", "class_clause", "vmsd_name", "map_key")
+def _pos(tok: Token) -> int:
+    """The line and column of ``tok`` in one int that sorts like the pair (no token spans lines)."""
+    return ((tok.line or 0) << 32) | (tok.column or 0)
+
+
+def _line_of(pos: int) -> int:
+    return pos >> 32
+
+
+@attrs.define
+class _Line:
+    """One output line: a declaration header, a field, a doc comment, a brace.
+
+    Built as soon as the parser has its tokens, which are then dropped: only the
+    text of its cells and the positions comments are placed by stay.
+    """
+
+    cells: list[str]  # one cell, or three aligned columns of a field (two of an enum member)
+    start: int  # _pos of its first token
+    last: int  # _pos of its last token
+    # _pos of every token when they span source lines (a comment may sit between them)
+    spread: tuple[int, ...] | None = None
+    field: bool = False
+    doc: bool = False
+    opens: bool = False
+    closing: bool = False
+    depth: int = 0
+    before: list[tuple[str, bool]] | None = None  # own-line comments, each with a blank line before it
+    trailing: str | None = None
+    blank: bool = False  # a blank line before it in the source
+
+
+def _make_line(tokens: list[Token], cells: list[str] | None = None, **kw: Any) -> _Line:
+    start, last = _pos(tokens[0]), _pos(tokens[-1])
+    spread = tuple(_pos(t) for t in tokens) if _line_of(start) != _line_of(last) else None
+    return _Line(cells or [_join(tokens)], start, last, spread, **kw)
 
 
 def _flat(children: list[Any]) -> list[Token]:
@@ -78,28 +110,68 @@ def _flat(children: list[Any]) -> list[Token]:
     return out
 
 
-class _Flatten(lark.Transformer[Token, Any]):
-    pass
+def _field(children: list[Any]) -> _Line:
+    return _make_line(_flat([_tokens(child) for child in children]), _field_cells(children), field=True)
 
+
+def _items(kids: list[Any]) -> list[_Line]:
+    """The lines of a body's members (or of the file's items), in text order."""
+    out: list[_Line] = []
+    for kid in kids:
+        if isinstance(kid, Token):  # a doc comment
+            out.append(_make_line([kid], [str(kid).rstrip()], doc=True))
+        elif isinstance(kid, list):  # a block or an enum member
+            out.extend(kid)
+        else:
+            out.append(kid)
+    return out
+
+
+def _block(children: list[Any]) -> list[_Line]:
+    brace = next(i for i, k in enumerate(children) if isinstance(k, Token) and k == "{")
+    head = _make_line(_flat([_tokens(k) for k in children[:brace + 1]]), opens=True)
+    return [head, *_items(children[brace + 1:-1]), _make_line([children[-1]], closing=True)]
+
+
+class _Layout(lark.Transformer[Token, Any]):
+    """Made into lines as the parser reduces, so that the file's tokens are never all alive at once."""
+
+    def import_decl(self, children: list[Token]) -> _Line:
+        return _make_line(children)
+
+    def validate_field(self, children: list[Any]) -> _Line:
+        """validate "label" (expr) is not aligned: the label is no name."""
+        return _make_line(_flat([_tokens(child) for child in children]), field=True)
+
+    def enum_member(self, children: list[Any]) -> list[_Line]:
+        *docs, name, equal, value = children
+        rest = _tokens(equal) + _tokens(value)
+        return [*_items(docs), _make_line([name, *rest], [str(name), _join(rest)], field=True)]
+
+    def start(self, children: list[Any]) -> list[_Line]:
+        return _items(children)
+
+
+# Rules whose layout is their tokens in a row: the parser hands them over as a flat
+# list instead of a tree (an expression is a dozen nested rules per operand here).
+_FLAT = ("expr", "or_expr", "and_expr", "bor_expr", "xor_expr", "band_expr", "eq_expr", "rel_expr", "shift_expr",
+         "add_expr", "mul_expr", "unary", "atom", "or_", "and_", "bor", "bxor", "band", "binop", "unop", "int_lit",
+         "version_ref", "len_call", "ref", "condition", "cond_expr", "cond_custom", "length", "dims", "signed_int",
+         "signed_float", "needed", "class_clause", "vmsd_name", "map_key")
 
 for _rule in _FLAT:
-    setattr(_Flatten, _rule, staticmethod(_flat))
-
-
-def _slim(tok: Token) -> Token:
-    """``tok`` without what the layout does not use: its offsets and the matched text kept beside its
-    own (the parse holds every token of the file at once)."""
-    tok.value = tok.start_pos = tok.end_pos = None
-    return tok
+    setattr(_Layout, _rule, staticmethod(_flat))
+for _rule in _FIELDS - {"validate_field"}:
+    setattr(_Layout, _rule, staticmethod(_field))
+for _rule in ("vmsd_decl", "subsection", "enum_decl"):
+    setattr(_Layout, _rule, staticmethod(_block))
 
 
 @functools.cache
 def _layout_parser() -> lark.Lark:
     text = resources.files("vmsd.grammar").joinpath("vmsd.lark").read_text(encoding="utf-8")
     options: dict[str, Any] = {"parser": "lalr", "keep_all_tokens": True, "maybe_placeholders": False}
-    terminals = [t.name for t in lark.Lark(text, **options).terminals]
-    callbacks = {name: _COMMENTS.add if name == "COMMENT" else _slim for name in terminals}
-    return lark.Lark(text, **options, lexer_callbacks=callbacks, transformer=_Flatten())
+    return lark.Lark(text, **options, lexer_callbacks={"COMMENT": _COMMENTS.add}, transformer=_Layout())
 
 
 def _tokens(node: Tree[Token] | list[Token] | Token) -> list[Token]:
@@ -137,103 +209,73 @@ def _tight(a: Token, b: Token) -> bool:
     return b == "(" and (a.type == "NAME" or a == "custom")
 
 
-@attrs.define
-class _Line:
-    """One output line: a declaration header, a field, a doc comment, a brace."""
-
-    depth: int
-    cells: list[str]  # one cell, or three aligned columns of a field
-    tokens: list[Token]
-    field: bool = False
-    doc: bool = False
-    closing: bool = False
-    before: list[Token] = attrs.Factory(list)  # own-line comments
-    trailing: list[Token] = attrs.Factory(list)  # at most one
-    blank: bool = False  # a blank line before it in the source
-    blank_before: list[bool] = attrs.Factory(list)  # the same for each comment of ``before``
-
-
-class _Lines:
-    def __init__(self) -> None:
-        self.lines: list[_Line] = []
-
-    def add(self, depth: int, tokens: list[Token], cells: list[str] | None = None, **kw: Any) -> None:
-        self.lines.append(_Line(depth, cells or [_join(tokens)], tokens, **kw))
-
-    def item(self, node: Tree[Token] | Token, depth: int) -> None:
-        if isinstance(node, Token):  # a doc comment
-            self.add(depth, [node], [str(node).rstrip()], doc=True)
-        elif node.data in _FIELDS:
-            # validate "label" (expr) is not aligned: the label is no name
-            cells = _field_cells(node) if node.data != "validate_field" else [_join(_tokens(node))]
-            self.add(depth, _tokens(node), cells, field=True)
-        elif node.data in ("vmsd_decl", "subsection", "enum_decl"):
-            self.block(node, depth)
-        elif node.data == "enum_member":
-            *docs, name, equal, value = node.children
-            for doc in docs:
-                self.item(doc, depth)
-            self.add(depth, _tokens(node)[len(docs):], [str(name), _join(_tokens(equal) + _tokens(value))], field=True)
-        else:  # import
-            self.add(depth, _tokens(node))
-
-    def block(self, node: Tree[Token], depth: int) -> None:
-        kids = node.children
-        brace = next(i for i, k in enumerate(kids) if isinstance(k, Token) and k == "{")
-        head = [t for k in kids[:brace + 1] for t in _tokens(k)]
-        self.add(depth, head)
-        for kid in kids[brace + 1:-1]:
-            self.item(kid, depth + 1)
-        close = kids[-1]
-        assert isinstance(close, Token)
-        self.add(depth, [close], closing=True)
-
-
-def _field_cells(node: Tree[Token]) -> list[str]:
+def _field_cells(kids: list[Any]) -> list[str]:
     """Kind (through ``>`` of list<T>), name with its dimensions, then the clauses."""
-    kids = node.children
     end = next((i for i, k in enumerate(kids) if (isinstance(k, Tree) and k.data in _CLAUSES)
                 or (isinstance(k, Token) and k.type == "TMP")), len(kids))
     names = [i for i, k in enumerate(kids[:end]) if isinstance(k, Token) and k.type == "NAME"]
-    name = names[-1] if names else 1  # unused N, validate "label" (expr)
+    name = names[-1] if names else 1  # unused N
     kind = next((i + 1 for i, k in enumerate(kids[:name]) if isinstance(k, Token) and k == ">"), 1)
     parts = [kids[:kind], kids[kind:end], kids[end:]]
     return [_join([t for k in part for t in _tokens(k)]) for part in parts]
 
 
-def _place_comments(lines: list[_Line], comments: list[Token]) -> list[Token]:
-    """Attach each comment to a line, keeping their order; those after the last line are returned.
+def _depths(lines: list[_Line]) -> None:
+    """Each line's depth of nesting, from the braces before it."""
+    depth = 0
+    for line in lines:
+        depth -= line.closing
+        line.depth = depth
+        depth += line.opens
+
+
+def _place_comments(lines: list[_Line], comments: list[tuple[int, str]]) -> list[tuple[str, bool]]:
+    """Attach each comment to a line, keeping their order, and mark the lines and own-line comments that
+    follow a blank line of the source; the comments after the last line are returned.
 
     A comment after the last token of a line's code, on the same source line, ends that
     line; any other goes on a line of its own before the next line (a comment inside a
-    construct written over several lines: before the construct).
+    construct written over several lines: before the construct).  A blank line separates
+    a line or comment from the token or comment before it when their source lines are
+    two or more apart.
     """
-    code = sorted((t.line or 0, t.column or 0, i) for i, line in enumerate(lines) for t in line.tokens)
-    keys = [(c[0], c[1]) for c in code]
-    tail: list[Token] = []
-    for com in comments:
-        at = bisect.bisect(keys, (com.line or 0, com.column or 0))
-        after = code[at][2] if at < len(code) else None
-        if at and code[at - 1][0] == com.line and code[at - 1][2] != after:
-            lines[code[at - 1][2]].trailing.append(com)
+    tail: list[tuple[str, bool]] = []
+    at = 0  # the first line that starts after the comment in hand
+    last_comment = 0  # _pos of the comment before it, 0 for none
+
+    def gap(pos: int, prev: int) -> bool:
+        return prev > 0 and _line_of(pos) - _line_of(prev) >= 2
+
+    def passed() -> int:
+        """_pos of the last token of the lines passed, or of the comment before, whichever is later."""
+        return max(lines[at - 1].last if at else 0, last_comment)
+
+    for pos, text in comments:
+        while at < len(lines) and lines[at].start < pos:
+            lines[at].blank = gap(lines[at].start, passed())
+            at += 1
+        spread = lines[at - 1].spread if at and pos < lines[at - 1].last else None
+        if spread is not None:  # between two tokens of a line written over several source lines
+            entry = (text, gap(pos, max(max(p for p in spread if p < pos), last_comment)))
+            target: _Line | None = lines[at - 1]
+        elif at and _line_of(lines[at - 1].last) == _line_of(pos):
+            lines[at - 1].trailing = text
+            last_comment = pos
+            continue
         else:
-            (lines[after].before if after is not None else tail).append(com)
+            entry = (text, gap(pos, passed()))
+            target = lines[at] if at < len(lines) else None
+        if target is None:
+            tail.append(entry)
+        elif target.before is None:
+            target.before = [entry]
+        else:
+            target.before.append(entry)
+        last_comment = pos
+    while at < len(lines):
+        lines[at].blank = gap(lines[at].start, passed())
+        at += 1
     return tail
-
-
-def _blank_lines(lines: list[_Line], comments: list[Token], tail: list[Token]) -> list[bool]:
-    """Mark the lines and own-line comments that follow a blank line of the source; the same for ``tail``."""
-    ends = sorted((t.end_line or 0, t.end_column or 0) for t in [*(t for line in lines for t in line.tokens), *comments])
-
-    def gap(tok: Token) -> bool:
-        """Whether a blank line separates ``tok`` from the token or comment before it."""
-        i = bisect.bisect_left(ends, (tok.line or 0, tok.column or 0))
-        return i > 0 and (tok.line or 0) - ends[i - 1][0] >= 2
-
-    for line in lines:
-        line.blank_before = [gap(c) for c in line.before]
-        line.blank = gap(min(line.tokens, key=lambda t: (t.line or 0, t.column or 0)))
-    return [gap(c) for c in tail]
 
 
 def _aligned(lines: list[_Line]) -> list[str]:
@@ -242,7 +284,7 @@ def _aligned(lines: list[_Line]) -> list[str]:
     texts = [" ".join(c for c in line.cells if c) for line in lines]
     run: list[int] = []
     for n, line in enumerate([*lines, None]):
-        if line is not None and (line.doc or line.field) and not line.blank and not any(line.blank_before) and (
+        if line is not None and (line.doc or line.field) and not line.blank and not any(b for _, b in line.before or ()) and (
                 not run or line.depth == lines[run[0]].depth):
             run.append(n)
             continue
@@ -267,48 +309,53 @@ def _columns(run: list[_Line], texts: list[str], where: list[int]) -> None:
             texts[n] = (head.ljust(clause) + line.cells[2]) if line.cells[2] else head.rstrip()
 
 
-def _header(text: str, depth: int) -> list[str]:
+def _header(text: str, depth: int) -> str:
+    """A header line, broken before ``needed`` (the two lines in one string) when it is too long."""
     pad = INDENT * depth
     at = text.find(" needed ")
     if len(pad) + len(text) <= MAX_HEADER or not text.startswith("subsection ") or at < 0:
-        return [pad + text]
-    return [pad + text[:at], pad + CONTINUATION + text[at + 1:]]
+        return pad + text
+    return pad + text[:at] + "\n" + pad + CONTINUATION + text[at + 1:]
 
 
-def _render(lines: list[_Line], tail: list[Token], tail_blank: list[bool]) -> str:
-    texts = _aligned(lines)
-    rows = [_header(texts[n], line.depth) if not line.field else [INDENT * line.depth + texts[n]]
-            for n, line in enumerate(lines)]
+def _last_row(row: str) -> int:
+    """The length of the last line of ``row``."""
+    return len(row) - row.rfind("\n") - 1
+
+
+def _render(lines: list[_Line], tail: list[tuple[str, bool]]) -> str:
+    rows = _aligned(lines)
+    for n, code in enumerate(lines):
+        rows[n] = _header(rows[n], code.depth) if not code.field else INDENT * code.depth + rows[n]
     # Trailing comments of consecutive fields (or imports) of one body share a column.
-    column: dict[int, int] = {}
     run: list[int] = []
     for n, line in enumerate([*lines, None]):
         if (line is not None and line.trailing and not line.before and not line.blank and run
                 and (lines[run[-1]].depth, lines[run[-1]].field) == (line.depth, line.field) and not line.closing):
             run.append(n)
             continue
-        width = max((len(rows[k][-1]) for k in run), default=0)
-        column.update((k, width + 2) for k in run)
+        width = max((_last_row(rows[k]) for k in run), default=0) + 2
+        for k in run:
+            rows[k] = rows[k] + " " * (width - _last_row(rows[k])) + (lines[k].trailing or "")
         run = [n] if line is not None and line.trailing else []
     out: list[str] = []
     prev_open = True
     for n, line in enumerate(lines):
         pad = INDENT * (line.depth + (1 if line.closing else 0))
-        for com, blank in zip(line.before, line.blank_before, strict=True):
+        for com, blank in line.before or ():
             if blank and not prev_open:
                 out.append("")
-            out.append(pad + str(com).rstrip())
+            out.append(pad + com)
             prev_open = False
         if line.blank and not prev_open and not line.closing:
             out.append("")
-        if line.trailing:
-            rows[n][-1] = rows[n][-1].ljust(column[n]) + str(line.trailing[0]).rstrip()
-        out.extend(rows[n])
-        prev_open = texts[n].endswith("{")
-    for com, blank in zip(tail, tail_blank, strict=True):
+        out.append(rows[n])
+        # a doc comment ending in "{" has always counted as an opening line: kept, so that no laid-out spec changes
+        prev_open = line.opens or (line.doc and line.cells[0].endswith("{"))
+    for com, blank in tail:
         if blank and out:
             out.append("")
-        out.append(str(com).rstrip())
+        out.append(com)
     return "\n".join(out) + "\n" if out else ""
 
 
@@ -325,16 +372,15 @@ def format_source(source: str, path: str) -> str:
 
 def _layout(source: str) -> str:
     with _COMMENTS.lock:
-        _COMMENTS.tokens = []
+        _COMMENTS.found = []
         try:
-            tree = _layout_parser().parse(source)
+            lines: list[_Line] = _layout_parser().parse(source)  # type: ignore[assignment]
         finally:
-            comments, _COMMENTS.tokens = _COMMENTS.tokens, []
-    lines = _Lines()
-    for item in tree.children:
-        lines.item(item, 0)
-    tail = _place_comments(lines.lines, comments)
-    return _render(lines.lines, tail, _blank_lines(lines.lines, comments, tail))
+            comments, _COMMENTS.found = _COMMENTS.found, []
+    _depths(lines)
+    tail = _place_comments(lines, comments)
+    del comments
+    return _render(lines, tail)
 
 
 def _meaning(spec: ast.SpecFile) -> bytes:
