@@ -75,25 +75,18 @@ def read_to_footer(r: Reader, section_id: int, iterative: set[int], commands: se
 
 def _record_follows(after: bytearray, iterative: set[int], commands: set[int]) -> bool | None:
     """Whether ``after`` starts a record that may follow a section; None when more bytes are needed to tell."""
-    need = 1
-    if after[:1] == bytes([_EOF]):  # and the trailer: 0x06, its length, and JSON's opening brace
-        need = 7
-    elif after[:1] == bytes([_COMMAND]):
-        need = 3
-    elif after[:1] in (bytes([_PART]), bytes([_END])):
-        need = 5
-    elif after[:1] in (bytes([_START]), bytes([_FULL])):
-        need = 6 + (after[5] if len(after) > 5 else 0) + 8
-    if len(after) < need:
+    if not after:
         return None
     kind = after[0]
-    if kind == _EOF:
-        return after[1] == _VMDESCRIPTION and after[6:7] == b"{"
+    if kind == _EOF:  # and the trailer: 0x06, its length, and JSON's opening brace
+        return None if len(after) < 7 else after[1] == _VMDESCRIPTION and after[6:7] == b"{"
     if kind == _COMMAND:
-        return int.from_bytes(after[1:3], "big") in commands
+        return None if len(after) < 3 else int.from_bytes(after[1:3], "big") in commands
     if kind in (_PART, _END):
-        return int.from_bytes(after[1:5], "big") in iterative
-    if kind in (_START, _FULL):
+        return None if len(after) < 5 else int.from_bytes(after[1:5], "big") in iterative
+    if kind in (_START, _FULL):  # kind, section id, idstr length and idstr, instance, version
+        if len(after) < 6 or len(after) < 6 + after[5] + 8:
+            return None
         idstr = after[6 : 6 + after[5]]
         return len(idstr) > 0 and all(0x20 <= b < 0x7F for b in idstr)
     return False
