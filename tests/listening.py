@@ -1,11 +1,21 @@
-"""Wait until a TCP port is listening, without connecting to it (a one-shot listener accepts only one peer)."""
+"""Loopback TCP ports for tests: a free one, and waiting until one listens without connecting to it (a one-shot
+listener accepts only one peer)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's state column
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def is_listening(port: int) -> bool:

@@ -9,23 +9,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
 
 from cli_process import one_line_error, run, vmsd
-from listening import wait_listening
+from listening import free_port, wait_listening
 from test_migration import MIB, fill, make_machine
 from vmsd.migration.precopy import Migration
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize(("args", "says"), [
@@ -86,7 +79,7 @@ def test_usage_errors_exit_2(tmp_path: Path, args: list[str], says: str) -> None
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_while_waiting_for_a_source(tmp_path: Path, sig: signal.Signals, status: int) -> None:
-    port = _free_port()
+    port = free_port()
     proc = vmsd("incoming", f"tcp:127.0.0.1:{port}", "-o", str(tmp_path / "snap.mig"), "--timeout", "120")
     try:
         wait_listening(port, alive=lambda: proc.poll() is None)

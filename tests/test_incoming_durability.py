@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -21,16 +20,10 @@ from typing import Any
 import pytest
 
 from cli_process import HELD, one_line_error, vmsd
-from listening import wait_listening
+from listening import free_port, wait_listening
 from vmsd.testing.qmp import QEMU_BINARY, Qemu
 
 pytestmark = pytest.mark.skipif(shutil.which(QEMU_BINARY) is None, reason=f"{QEMU_BINARY} not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -77,7 +70,7 @@ def _still_runs(src: Qemu) -> None:
 
 
 def test_success_is_confirmed_with_the_snapshot_in_place(source: Qemu, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "snap.mig"
     proc = _receiver(port, out)
     source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
@@ -91,7 +84,7 @@ def test_success_is_confirmed_with_the_snapshot_in_place(source: Qemu, tmp_path:
 def test_output_folder_removed_fails_the_source_which_runs_on(source: Qemu, tmp_path: Path) -> None:
     folder = tmp_path / "out"
     folder.mkdir()
-    port = _free_port()
+    port = free_port()
     proc = _receiver(port, folder / "snap.mig")
     shutil.rmtree(folder)  # after vmsd checked it, before the state arrives
     source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
@@ -111,7 +104,7 @@ def test_full_disk_fails_the_source_which_runs_on(source: Qemu, tmp_path: Path) 
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
-        port = _free_port()
+        port = free_port()
         proc = _receiver(port, small / "snap.mig")
         source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         assert _finished(source)["status"] == "failed"
@@ -126,7 +119,7 @@ def test_full_disk_fails_the_source_which_runs_on(source: Qemu, tmp_path: Path) 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_the_snapshot_write(source: Qemu, tmp_path: Path, sig: signal.Signals, status: int) -> None:
-    port = _free_port()
+    port = free_port()
     proc = _receiver(port, tmp_path / "snap.mig", hold_commit=True)
     source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     assert proc.stderr is not None
@@ -146,7 +139,7 @@ def test_signal_during_the_snapshot_write(source: Qemu, tmp_path: Path, sig: sig
 
 def test_sigterm_mid_transfer(source: Qemu, tmp_path: Path) -> None:
     source.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 100_000})  # about 100 KB/s: it stays mid-way
-    port = _free_port()
+    port = free_port()
     proc = _receiver(port, tmp_path / "snap.mig")
     source.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     deadline = time.monotonic() + 60

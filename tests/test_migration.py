@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from listening import free_port
 from vmsd.generated.examples.i8254 import I8254, PitChannel
 from vmsd.generated.examples.serial import Serial
 from vmsd.migration.incoming import Incoming, IncomingResult
@@ -62,12 +63,6 @@ def ram_of(m: Machine) -> dict[str, bytes]:
 
 def devices_of(m: Machine) -> dict[str, bytes]:
     return {d.idstr: d.state.save(version_id=d.version_id) for d in m.devices.values()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Receiver:

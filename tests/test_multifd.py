@@ -22,9 +22,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from listening import wait_listening
+from listening import free_port, wait_listening
 from private_peers import Peer
-from test_migration import Dirtier, devices_of, fill, free_port, make_machine, ram_of
+from test_migration import Dirtier, devices_of, fill, make_machine, ram_of
 from vmsd.cli import main
 from vmsd.migration.incoming import Incoming, IncomingResult
 from vmsd.migration.machine import Machine

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from cli_process import vmsd_binary
-from listening import wait_listening
-from test_migration import MIB, free_port, make_machine
+from listening import free_port, wait_listening
+from test_migration import MIB, make_machine
 from vmsd.cli import main
 from vmsd.migration.precopy import Migration
 from vmsd.migration.stream import read_stream

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from cli_process import one_line_error, run
-from listening import unix_listening, wait_listening
+from listening import free_port, unix_listening, wait_listening
 from private_peers import Peer
-from test_migration import devices_of, fill, free_port, make_machine, ram_of
+from test_migration import devices_of, fill, make_machine, ram_of
 from vmsd.cli import main
 from vmsd.migration.incoming import Incoming, IncomingResult
 from vmsd.migration.iovec import Scattered, buffer_address

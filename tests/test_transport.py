@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from listening import free_port
 from vmsd.migration.stream import read_stream
 from vmsd.migration.transport import (
     Channel,
@@ -503,13 +504,6 @@ def test_exec_abort_kills_child() -> None:
 # ----------------------------------------------------------------- real QEMU
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.parametrize("scheme", ["tcp", "unix"])
 def test_qemu_migrates_into_our_incoming(scheme: str, tmp_path: Path) -> None:
     uri = "tcp:127.0.0.1:0" if scheme == "tcp" else f"unix:{tmp_path}/qemu-out.sock"
@@ -525,7 +519,7 @@ def test_qemu_migrates_into_our_incoming(scheme: str, tmp_path: Path) -> None:
 def test_qemu_accepts_our_outgoing(tmp_path: Path) -> None:
     saved = tmp_path / "saved.mig"
     save_stream(saved)
-    port = _free_port()
+    port = free_port()
     with Qemu([], incoming="defer") as q:
         q.qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         with open_outgoing(f"tcp:127.0.0.1:{port}", timeout=10) as ch, saved.open("rb") as f:

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from listening import wait_listening
+from listening import free_port, wait_listening
 from private_peers import Peer
-from vmsd.cli import main
+from test_live_migration import ram_args, vmsd_incoming
 from vmsd.migration.stream import Decoder, SpecSet, Stream, read_stream, section_footer
 from vmsd.migration.undescribed import decode_kept
 from vmsd.qemu.v7_2 import spec_set
@@ -152,17 +152,6 @@ def test_damaged_streams_raise_only_our_errors_and_never_other_values(streams: d
 
 # --- live, from real QEMUs ---------------------------------------------------------------------------------
 
-def _ram_args(path: Path) -> list[str]:
-    return ["-object", f"memory-backend-file,id=m,size=32M,mem-path={path},share=on", "-machine", "memory-backend=m"]
-
-
-def _incoming(port: int, snapshot: Path, *extra: str) -> tuple[threading.Thread, list[int]]:
-    result: list[int] = []
-    receiver = threading.Thread(target=lambda: result.append(
-        main(["incoming", f"tcp:127.0.0.1:{port}", "-o", str(snapshot), "--timeout", "30", *extra])))
-    receiver.start()
-    return receiver, result
-
 
 def _migrate(src: Qemu, port: int, receiver: threading.Thread, result: list[int]) -> None:
     """Migrate ``src`` to the `vmsd incoming` of ``receiver`` and wait until both are done, successfully."""
@@ -173,22 +162,14 @@ def _migrate(src: Qemu, port: int, receiver: threading.Thread, result: list[int]
     assert result == [0]
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_qemu72_default_devices_into_vmsd_incoming(shm: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """QEMU 7.2 with its default devices and a watchdog, return path on: `vmsd incoming` takes the watchdog
     from the trailer, writes a snapshot QEMU loads with identical RAM and the same watchdog state."""
     snapshot, saved = tmp_path / "snap.mig", tmp_path / "saved.mig"
-    port = _port()
-    receiver, result = _incoming(port, snapshot, "--peer-version", "7.2")
-    args = [*_ram_args(shm / "source"), *WATCHDOG]
+    port = free_port()
+    receiver, result = vmsd_incoming(port, snapshot, "--peer-version", "7.2")
+    args = [*ram_args(shm / "source"), *WATCHDOG]
     with Qemu(args, nodefaults=False) as src:
         src.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
         src.qmp.cmd("cont")
@@ -198,7 +179,7 @@ def test_qemu72_default_devices_into_vmsd_incoming(shm: Path, tmp_path: Path,
     assert "warning" not in capsys.readouterr().err  # the right spec set was named
     ours = read_stream(snapshot.read_bytes(), spec_set())
     assert WATCHDOG_IDSTR in [s.idstr for s in ours.full_sections() if s.generic_body is not None]
-    dest = load_stream(snapshot, args=[*_ram_args(shm / "dest"), *WATCHDOG], nodefaults=False)
+    dest = load_stream(snapshot, args=[*ram_args(shm / "dest"), *WATCHDOG], nodefaults=False)
     try:
         assert (shm / "dest").read_bytes() == source_bytes
         dest.migrate_to_file(saved)  # what QEMU took from the snapshot, as QEMU writes it
@@ -218,15 +199,15 @@ def _full_of(stream: Stream, idstr: str) -> tuple[object, object]:
 def test_private_peer_default_devices_into_vmsd_incoming(private_peer: Peer, shm: Path, tmp_path: Path) -> None:
     """QEMU 10.0 and 11.1 likewise, each with its own spec set (--peer-version), and back into the same QEMU."""
     snapshot = tmp_path / "snap.mig"
-    port = _port()
-    receiver, result = _incoming(port, snapshot, "--peer-version", private_peer.version)
-    args = [*_ram_args(shm / "source"), *WATCHDOG]
+    port = free_port()
+    receiver, result = vmsd_incoming(port, snapshot, "--peer-version", private_peer.version)
+    args = [*ram_args(shm / "source"), *WATCHDOG]
     with private_peer.start(args, memory="32M", nodefaults=False) as src:
         _migrate(src, port, receiver, result)
         source_bytes = (shm / "source").read_bytes()
     kept = [s for s in read_stream(snapshot.read_bytes(), SpecSet()).full_sections() if s.idstr == WATCHDOG_IDSTR]
     assert len(kept) == 1
-    with private_peer.start([*_ram_args(shm / "dest"), *WATCHDOG], memory="32M", nodefaults=False,
+    with private_peer.start([*ram_args(shm / "dest"), *WATCHDOG], memory="32M", nodefaults=False,
                             incoming="defer") as dest:
         dest.qmp.cmd("migrate-incoming", uri=f"exec:cat {snapshot}")
         deadline = time.monotonic() + 30
@@ -237,13 +218,12 @@ def test_private_peer_default_devices_into_vmsd_incoming(private_peer: Peer, shm
         assert (shm / "dest").read_bytes() == source_bytes
 
 
-
 def test_incoming_warns_when_the_trailer_fits_another_spec_set(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """A live stream is decoded with the set the options name (default: the newest QEMU's); QEMU 7.2's
     trailer, arriving after EOF, shows that 7.2's fits, and incoming says so."""
-    port = _port()
-    receiver, result = _incoming(port, tmp_path / "snap.mig")
+    port = free_port()
+    receiver, result = vmsd_incoming(port, tmp_path / "snap.mig")
     with Qemu([]) as src:
         _migrate(src, port, receiver, result)
     err = capsys.readouterr().err
